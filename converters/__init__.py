@@ -1,0 +1,1 @@
+"""Model conversion: export, quantise, evaluate, fit to targets, build signed bundles."""

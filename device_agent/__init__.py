@@ -1,0 +1,1 @@
+"""EdgeFleet device_agent (see ../shared/ARCHITECTURE.md); grows with its issue."""

@@ -1,0 +1,1 @@
+"""The one ``edgefleet`` command, composed of each package's sub-commands."""

@@ -1,0 +1,237 @@
+"""``edgefleet bundle``: pack, sign, inspect and verify signed model bundles."""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from edgefleet.common import (
+    bundle_errors,
+    console,
+    fail,
+    load_signing_key,
+    print_json,
+    read_file,
+    write_file,
+)
+from firmware_bundles import (
+    BundleContents,
+    TargetCatalogue,
+    TrustedRoot,
+    add_signature,
+    build,
+    bundle_id,
+    created_at_from_env,
+    open_bundle,
+    verify,
+)
+from firmware_bundles.signing import parse_json
+
+bundle_app = typer.Typer(help="Pack, sign, inspect and verify model bundles.", no_args_is_help=True)
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+CatalogueOpt = Annotated[
+    Path | None,
+    typer.Option(envvar="EDGEFLEET_CATALOGUE", help="Target catalogue TOML (default: built in)."),
+]
+
+
+def load_catalogue(path: Path | None) -> TargetCatalogue:
+    """The operator's catalogue file if given, else the built-in one."""
+    with bundle_errors(f"{path}: " if path else ""):
+        if path is None:
+            return TargetCatalogue.load_default()
+        return TargetCatalogue.from_bytes(read_file(path, "catalogue"))
+
+
+@bundle_app.command("pack")
+def bundle_pack(
+    manifest: Annotated[Path, typer.Option(help="Manifest draft (JSON): every field but 'files'.")],
+    file: Annotated[
+        list[str], typer.Option(help="File to include: PATH or NAME=PATH. Repeatable.")
+    ],
+    key: Annotated[list[Path], typer.Option(help="Release key to sign with. Repeatable.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Bundle file to write.")],
+    created_at: Annotated[
+        str | None,
+        typer.Option(help="ISO 8601 build time; else the draft's, else SOURCE_DATE_EPOCH."),
+    ] = None,
+    json_out: JsonFlag = False,
+) -> None:
+    """Pack files and a signed manifest into a deterministic bundle.
+
+    Packing never reads the clock: the build time comes from --created-at, the draft, or
+    SOURCE_DATE_EPOCH, so the same inputs give byte-identical bundles.
+    """
+    draft: Any = parse_or_fail(read_file(manifest, "manifest draft"), manifest)
+    if not isinstance(draft, dict):
+        fail(f"{manifest}: manifest draft must be a JSON object", 2)
+    files: dict[str, bytes] = {}
+    for item in file:
+        name, sep, path = item.partition("=")
+        src = Path(path if sep else item)
+        arcname = name if sep else src.name
+        if arcname in files:
+            fail(f"--file {item!r}: {arcname} given twice", 2)
+        files[arcname] = read_file(src, "file")
+    with bundle_errors():
+        env_time = created_at_from_env(os.environ)
+    if created_at is not None:
+        draft["created_at"] = created_at
+    elif "created_at" not in draft:
+        if env_time is None:
+            fail(
+                "no build time: pass --created-at, set created_at in the draft,"
+                " or set SOURCE_DATE_EPOCH",
+                2,
+            )
+        draft["created_at"] = env_time.isoformat()
+    keys = [load_signing_key(p) for p in key]
+    with bundle_errors(f"{manifest}: "):
+        data = build(draft, files, keys)
+    write_file(out, data)
+    ident = bundle_id(data)
+    if json_out:
+        print_json({"bundle": str(out), "sha256": ident, "bytes": len(data)})
+    else:
+        console.print(f"packed {out}: {len(data)} bytes, sha256 {ident}")
+
+
+def parse_or_fail(data: bytes, path: Path) -> Any:
+    """Parse JSON, exiting with the file's name on error."""
+    with bundle_errors(f"{path}: "):
+        return parse_json(data, "manifest draft")
+
+
+@bundle_app.command("sign")
+def bundle_sign(
+    bundle: Annotated[Path, typer.Argument(help="Bundle to add a signature to.")],
+    key: Annotated[list[Path], typer.Option(help="Release key to sign with. Repeatable.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="New bundle file.")],
+    json_out: JsonFlag = False,
+) -> None:
+    """Add release signatures. The result is a new bundle with a new SHA-256."""
+    data = read_file(bundle, "bundle")
+    with bundle_errors(f"{bundle}: "):
+        for path in key:
+            data = add_signature(data, load_signing_key(path))
+    write_file(out, data)
+    ident = bundle_id(data)
+    if json_out:
+        print_json({"bundle": str(out), "sha256": ident, "bytes": len(data)})
+    else:
+        console.print(f"signed {out}: sha256 {ident}")
+
+
+def _summary(contents: BundleContents) -> dict[str, Any]:
+    m = contents.manifest
+    return {
+        "sha256": contents.id,
+        "bytes": contents.size,
+        "name": m.name,
+        "version": m.version,
+        "release_counter": m.release_counter,
+        "created_at": m.created_at.isoformat(),
+        "targets": [t.target_id for t in m.targets],
+        "format": m.runtime.format,
+        "precision": m.runtime.precision,
+        "quantisation": m.quantisation.scheme,
+        "op_types": m.runtime.op_types,
+        "ram_estimate_bytes": m.runtime.ram_estimate.bytes,
+        "metrics": m.metrics,
+        "files": [f.to_dict() for f in m.files],
+        "signatures": [s.keyid for s in contents.envelope.signatures],
+    }
+
+
+def _print_summary(summary: dict[str, Any], title: str) -> None:
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column("field", style="bold")
+    table.add_column("value", overflow="fold")
+    for key in (
+        "name",
+        "version",
+        "release_counter",
+        "sha256",
+        "bytes",
+        "created_at",
+        "targets",
+        "format",
+        "precision",
+        "quantisation",
+        "ram_estimate_bytes",
+    ):
+        value = summary[key]
+        table.add_row(key, ", ".join(value) if isinstance(value, list) else str(value))
+    table.add_row("metrics", ", ".join(f"{k}={v:g}" for k, v in summary["metrics"].items()))
+    for f in summary["files"]:
+        table.add_row("file", f"{f['path']}  {f['length']} B  {f['sha256'][:16]}…")
+    for s in summary["signatures"]:
+        table.add_row("signed by", s)
+    console.print(table)
+
+
+@bundle_app.command("inspect")
+def bundle_inspect(
+    bundle: Annotated[Path, typer.Argument(help="Bundle file.")],
+    json_out: JsonFlag = False,
+) -> None:
+    """Show a bundle's manifest and files without trusting it (files are still hash-checked)."""
+    data = read_file(bundle, "bundle")
+    with bundle_errors(f"{bundle}: "):
+        contents = open_bundle(data, with_id=True)
+    summary = _summary(contents)
+    if json_out:
+        print_json({**summary, "manifest": contents.manifest.to_dict()})
+    else:
+        _print_summary(summary, f"{bundle}")
+
+
+@bundle_app.command("verify")
+def bundle_verify(
+    bundle: Annotated[Path, typer.Argument(help="Bundle file.")],
+    root: Annotated[Path, typer.Option(help="Trusted root.json to verify against.")],
+    target: Annotated[
+        str | None, typer.Option(help="Also check the bundle is built for and fits this target.")
+    ] = None,
+    catalogue: CatalogueOpt = None,
+    json_out: JsonFlag = False,
+) -> None:
+    """Verify release signatures, every file's hash and length, and optionally target fit.
+
+    Exits 0 when the bundle is trusted, 1 with the reason when it is not.
+    """
+    data = read_file(bundle, "bundle")
+    root_bytes = read_file(root, "root")
+    now = datetime.now(UTC)
+    try:
+        with bundle_errors(f"{root}: "):
+            trusted = TrustedRoot.from_pinned(root_bytes, now)
+        with bundle_errors(f"{bundle}: "):
+            verified = verify(
+                data,
+                trusted.root,
+                target_id=target,
+                catalogue=load_catalogue(catalogue) if target else None,
+                with_id=True,
+            )
+    except typer.Exit:
+        if json_out:
+            print_json({"ok": False, "bundle": str(bundle)})
+        raise
+    summary = _summary(verified.contents)
+    if json_out:
+        print_json({"ok": True, **summary, "release_keys": sorted(verified.release_keyids)})
+    else:
+        role = trusted.root.roles["release"]
+        console.print(
+            f"[green]verified[/] {bundle}: {summary['name']} {summary['version']}"
+            f" (release counter {summary['release_counter']}), sha256 {summary['sha256']},"
+            f" {len(verified.release_keyids)} of {role.threshold} release signature(s) needed"
+            + (f", fits {target}" if target else "")
+        )

@@ -1,0 +1,27 @@
+"""The ``edgefleet`` command: each package's sub-commands under one roof."""
+
+from __future__ import annotations
+
+import typer
+
+from edgefleet.bundle_cli import bundle_app
+from edgefleet.keys_cli import keys_app, root_app
+
+app = typer.Typer(
+    name="edgefleet",
+    help="Put ML models onto fleets of small devices: convert, sign, roll out, watch.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(keys_app, name="keys")
+app.add_typer(root_app, name="root")
+app.add_typer(bundle_app, name="bundle")
+
+
+def main() -> None:
+    """Entry point of the ``edgefleet`` console script."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""Shared CLI plumbing: file reading with clear errors, JSON output, error exits."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, NoReturn
+
+import typer
+from rich.console import Console
+
+from firmware_bundles import BundleError, SigningKey
+
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
+
+#: Exit code when verification or validation fails (usage errors exit 2, as with click).
+EXIT_FAILED = 1
+
+
+def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
+    """Print ``error: message`` to stderr and exit with ``code``."""
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def read_file(path: Path, what: str) -> bytes:
+    """Read a file, exiting with a message naming ``what`` if it cannot be read."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        fail(f"{what} {path} does not exist", 2)
+    except IsADirectoryError:
+        fail(f"{what} {path} is a directory", 2)
+    except OSError as exc:
+        fail(f"cannot read {what} {path}: {exc.strerror}", 2)
+
+
+def write_file(path: Path, data: bytes, *, private: bool = False, force: bool = True) -> None:
+    """Write a file atomically (temp file and rename); ``private`` files get mode 0600."""
+    if path.exists() and not force:
+        fail(f"{path} exists; pass --force to overwrite it", 2)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load_signing_key(path: Path) -> SigningKey:
+    """Load a private key file, exiting with a clear message if it is missing or not a key."""
+    data = read_file(path, "key file")
+    try:
+        return SigningKey.from_pem(data)
+    except BundleError as exc:
+        fail(f"{path}: {exc}", 2)
+
+
+def print_json(value: Any) -> None:
+    """Print ``value`` as indented JSON on stdout (machine-readable, no colour)."""
+    sys.stdout.write(json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
+
+
+@contextmanager
+def bundle_errors(prefix: str = "") -> Iterator[None]:
+    """Turn our format errors into a one-line message and exit code 1."""
+    try:
+        yield
+    except BundleError as exc:
+        fail(f"{prefix}{exc}")

@@ -1,0 +1,225 @@
+"""Every body that crosses between server and agent, or agent and device, defined once.
+
+The server and the agent never import each other; they meet here. Signed ones (the director's
+assignment) travel in an :class:`~firmware_bundles.signing.Envelope`.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from firmware_bundles.errors import ExpiredError, RollbackError, SchemaError
+from firmware_bundles.manifest import Sha256, check_semver
+from firmware_bundles.root import Root
+from firmware_bundles.schema import Document
+from firmware_bundles.signing import Envelope, SigningKey
+
+_ID = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+_NONCE = r"^[0-9a-f]{32,128}$"
+
+
+def _utc(v: datetime) -> datetime:
+    if v.tzinfo is None:
+        raise ValueError("timestamps must carry a timezone (UTC)")
+    return v.astimezone(UTC)
+
+
+class CapabilityReport(Document):
+    """What a device is and can hold, sent at enrollment and when it changes."""
+
+    hardware_id: str = Field(pattern=_ID)
+    generation: str
+    platform: str
+    firmware_version: str
+    onnxruntime_version: str | None = None
+    free_flash_bytes: int = Field(ge=0)
+    free_ram_bytes: int = Field(ge=0)
+    links: list[Literal["ble", "serial", "https"]] = Field(default_factory=list)
+
+    @field_validator("firmware_version")
+    @classmethod
+    def _fw(cls, v: str) -> str:
+        return check_semver(v)
+
+
+SlotStatus = Literal["empty", "installing", "self-test", "active", "failed", "reverted"]
+
+
+class InstalledModel(Document):
+    """One model's state on a device."""
+
+    model: str
+    version: str | None = None
+    bundle_sha256: Sha256 | None = None
+    release_counter: int = Field(default=0, ge=0)
+    active_slot: Literal["a", "b"] | None = None
+    slots: dict[Literal["a", "b"], SlotStatus] = Field(default_factory=dict)
+    last_install: Literal["ok", "self-test-failed", "verify-failed", "download-failed"] | None = (
+        None
+    )
+    last_error: str | None = None
+
+
+class CheckInRequest(Document):
+    """A device's periodic report of its state, asking what it should run."""
+
+    device_id: str = Field(pattern=_ID)
+    nonce: str = Field(pattern=_NONCE)
+    firmware_version: str
+    installed: list[InstalledModel] = Field(default_factory=list)
+    capabilities: CapabilityReport | None = None
+
+
+class Assignment(Document):
+    """The director's word that one device should run one bundle now."""
+
+    type: Literal["assignment"] = Field(default="assignment", alias="_type")
+    device_id: str = Field(pattern=_ID)
+    hardware_id: str = Field(pattern=_ID)
+    model: str
+    version: str
+    bundle_sha256: Sha256
+    bundle_length: int = Field(gt=0)
+    release_counter: int = Field(ge=0)
+    download_url: str
+    issued_at: datetime
+    expires_at: datetime
+    nonce: str = Field(pattern=_NONCE)
+
+    _check_times = field_validator("issued_at", "expires_at")(_utc)
+
+    @model_validator(mode="after")
+    def _order(self) -> Assignment:
+        if self.expires_at <= self.issued_at:
+            raise ValueError("expires_at must be after issued_at")
+        return self
+
+    def sign(self, key: SigningKey) -> Envelope:
+        """An envelope of this assignment signed by the director ``key``."""
+        envelope = Envelope(signed=self.to_dict())
+        envelope.sign(key)
+        return envelope
+
+
+def verify_assignment(
+    data: bytes,
+    root: Root,
+    *,
+    device_id: str,
+    hardware_id: str,
+    nonce: str,
+    now: datetime,
+    min_release_counter: int = 0,
+) -> Assignment:
+    """Check a director-signed assignment as a device must before acting on it.
+
+    Raises:
+        SchemaError: If malformed, or addressed to another device or hardware id, or carrying
+            another nonce (a replay).
+        ThresholdError: If the director's signature threshold is not met.
+        ExpiredError: If expired at ``now``.
+        RollbackError: If its release counter is below ``min_release_counter``.
+    """
+    envelope = Envelope.from_bytes(data, "assignment")
+    root.verify(envelope, "director")
+    assignment = Assignment.from_dict(envelope.signed)
+    if assignment.device_id != device_id:
+        raise SchemaError(
+            "assignment",
+            [f"addressed to device {assignment.device_id}, not {device_id}"],
+            ["device_id"],
+        )
+    if assignment.hardware_id != hardware_id:
+        raise SchemaError(
+            "assignment",
+            [f"for hardware {assignment.hardware_id}, this device is {hardware_id}"],
+            ["hardware_id"],
+        )
+    if assignment.nonce != nonce:
+        raise SchemaError("assignment", ["nonce differs from the one sent (replay?)"], ["nonce"])
+    if now >= assignment.expires_at:
+        raise ExpiredError(f"assignment expired at {assignment.expires_at.isoformat()}")
+    if assignment.release_counter < min_release_counter:
+        raise RollbackError(
+            f"release counter {assignment.release_counter} is below {min_release_counter},"
+            f" the highest seen for {assignment.model}"
+        )
+    return assignment
+
+
+class CheckInResponse(Document):
+    """The server's answer to a check-in: signed assignments, and why any model has none."""
+
+    #: Envelopes of signed :class:`Assignment` s, verified by the device with
+    #: :func:`verify_assignment`.
+    assignments: list[dict[str, Any]] = Field(default_factory=list)
+    withheld: dict[str, str] = Field(default_factory=dict)
+    next_check_in_s: int = Field(default=3600, ge=1)
+
+
+class LatencySketch(Document):
+    """A mergeable latency sketch in DDSketch's log-bucket form.
+
+    Values (seconds) map to bucket ``ceil(log(v) / log(gamma))`` with
+    ``gamma = (1 + a) / (1 - a)`` for relative accuracy ``a``. Merging adds counts per bucket, so
+    merges are associative and commutative and any order gives the same sketch.
+    """
+
+    relative_accuracy: float = Field(gt=0, lt=1)
+    bins: dict[int, int] = Field(default_factory=dict)
+    zero_count: int = Field(default=0, ge=0)
+    count: int = Field(default=0, ge=0)
+    sum: float = 0.0
+    min: float | None = None
+    max: float | None = None
+
+
+class HistogramCounts(Document):
+    """Counts on a manifest histogram's bins (same layout: under, bins, over or unseen)."""
+
+    name: str
+    counts: list[int]
+
+
+class TelemetryWindow(Document):
+    """Aggregates of one model version on one device over one event-time window."""
+
+    device_id: str = Field(pattern=_ID)
+    model: str
+    version: str
+    bundle_sha256: Sha256
+    window_start: datetime
+    window_s: int = Field(gt=0, le=86400)
+    inference_count: int = Field(ge=0)
+    error_count: int = Field(default=0, ge=0)
+    selftest_failure_count: int = Field(default=0, ge=0)
+    latency: LatencySketch
+    outputs: list[HistogramCounts] = Field(default_factory=list)
+    inputs: list[HistogramCounts] = Field(default_factory=list)
+    feedback: dict[str, int] = Field(default_factory=dict)
+    labels: dict[str, dict[str, int]] = Field(default_factory=dict)
+
+    _check_start = field_validator("window_start")(_utc)
+
+
+class TelemetryBatch(Document):
+    """One upload: windows plus the idempotency key that makes replays no-ops."""
+
+    device_id: str = Field(pattern=_ID)
+    boot_epoch: int = Field(ge=0)
+    sequence: int = Field(ge=0)
+    windows: list[TelemetryWindow]
+    dropped_windows: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _same_device(self) -> TelemetryBatch:
+        if any(w.device_id != self.device_id for w in self.windows):
+            raise ValueError("every window must belong to the batch's device")
+        return self
+
+    @property
+    def idempotency_key(self) -> tuple[str, int, int]:
+        return (self.device_id, self.boot_epoch, self.sequence)

@@ -1,0 +1,1 @@
+"""EdgeFleet hil (see ../shared/ARCHITECTURE.md); grows with its issue."""

@@ -1,0 +1,1 @@
+"""EdgeFleet server (see ../shared/ARCHITECTURE.md); grows with its issue."""

@@ -1,0 +1,261 @@
+"""The keys, root and bundle commands as a user runs them: outputs, exit codes, clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import MODEL_BYTES, manifest_draft
+from typer.testing import CliRunner
+
+from edgefleet.cli import app
+
+REPO = Path(__file__).resolve().parent.parent
+runner = CliRunner()
+
+
+def run(*args: str) -> tuple[int, str]:
+    result = runner.invoke(app, list(args))
+    return result.exit_code, result.output
+
+
+@pytest.fixture()
+def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    for name in ("root", "rel1", "rel2", "dir", "hil"):
+        code, out = run("keys", "generate", "--out", f"{name}.pem")
+        assert code == 0, out
+    code, out = run(
+        "root",
+        "init",
+        "--out",
+        "root.json",
+        "--root-key",
+        "root.pem",
+        "--release-key",
+        "rel1.pem.pub",
+        "--release-key",
+        "rel2.pem.pub",
+        "--director-key",
+        "dir.pem.pub",
+        "--hil-key",
+        "hil.pem.pub",
+        "--threshold",
+        "release=2",
+    )
+    assert code == 0, out
+    Path("model.onnx").write_bytes(MODEL_BYTES)
+    Path("draft.json").write_text(json.dumps(manifest_draft()))
+    return tmp_path
+
+
+def pack(*keys: str, out: str = "b.efb") -> tuple[int, str]:
+    key_args = [a for k in keys for a in ("--key", k)]
+    return run(
+        "bundle",
+        "pack",
+        "--manifest",
+        "draft.json",
+        "--file",
+        "model.onnx",
+        *key_args,
+        "--out",
+        out,
+    )
+
+
+def test_private_key_is_0600(workspace: Path) -> None:
+    assert stat.S_IMODE(os.stat("rel1.pem").st_mode) == 0o600
+
+
+def test_keys_generate_refuses_to_overwrite(workspace: Path) -> None:
+    code, out = run("keys", "generate", "--out", "rel1.pem")
+    assert code == 2 and "exists; pass --force" in out
+
+
+def test_pack_sign_inspect_verify(workspace: Path) -> None:
+    assert pack("rel1.pem")[0] == 0
+    code, out = run("bundle", "verify", "b.efb", "--root", "root.json")
+    assert code == 1
+    assert "signature threshold not met for role release: 1 of 2" in out
+    code, out = run("bundle", "sign", "b.efb", "--key", "rel2.pem", "--out", "b2.efb", "--json")
+    assert code == 0
+    signed = json.loads(out)
+    assert signed["sha256"] != json.loads(run("bundle", "inspect", "b.efb", "--json")[1])["sha256"]
+    code, out = run(
+        "bundle", "verify", "b2.efb", "--root", "root.json", "--json", "--target", "phone-android"
+    )
+    assert code == 0, out
+    report = json.loads(out)
+    assert report["ok"] is True and report["sha256"] == signed["sha256"]
+    assert len(report["release_keys"]) == 2
+    code, out = run("bundle", "inspect", "b2.efb", "--json")
+    assert json.loads(out)["manifest"]["name"] == "wrist-activity"
+
+
+def test_verify_for_a_target_it_was_not_built_for(workspace: Path) -> None:
+    pack("rel1.pem", "rel2.pem")
+    code, out = run("bundle", "verify", "b.efb", "--root", "root.json", "--target", "ring-gen3")
+    assert code == 1 and "not for ring-gen3" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["bundle", "verify", "missing.efb", "--root", "root.json"],
+            "bundle missing.efb does not exist",
+        ),
+        (["bundle", "verify", "draft.json", "--root", "root.json"], "not a bundle archive"),
+        (["bundle", "verify", "model.onnx", "--root", "draft.json"], "invalid root"),
+        (
+            [
+                "bundle",
+                "pack",
+                "--manifest",
+                "model.onnx",
+                "--file",
+                "model.onnx",
+                "--key",
+                "rel1.pem",
+                "--out",
+                "x.efb",
+            ],
+            "not valid JSON",
+        ),
+        (
+            [
+                "bundle",
+                "pack",
+                "--manifest",
+                "draft.json",
+                "--file",
+                "model.onnx",
+                "--key",
+                "rel1.pem.pub",
+                "--out",
+                "x.efb",
+            ],
+            "not a PEM private key",
+        ),
+        (
+            [
+                "bundle",
+                "pack",
+                "--manifest",
+                "draft.json",
+                "--file",
+                "nope.onnx",
+                "--key",
+                "rel1.pem",
+                "--out",
+                "x.efb",
+            ],
+            "file nope.onnx does not exist",
+        ),
+        (["root", "init", "--out", "r.json", "--root-key", "root.pem"], "no keys for role"),
+        (
+            [
+                "root",
+                "init",
+                "--out",
+                "r.json",
+                "--root-key",
+                "root.pem",
+                "--release-key",
+                "rel1.pem",
+                "--director-key",
+                "dir.pem",
+                "--hil-key",
+                "hil.pem",
+                "--threshold",
+                "release=3",
+            ],
+            "threshold 3 exceeds",
+        ),
+    ],
+    ids=[
+        "missing-bundle",
+        "not-a-bundle",
+        "root-not-a-root",
+        "draft-not-json",
+        "public-key-to-sign",
+        "missing-file",
+        "root-without-roles",
+        "threshold-too-high",
+    ],
+)
+def test_bad_input_gets_a_clear_error(workspace: Path, args: list[str], message: str) -> None:
+    code, out = run(*args)
+    assert code != 0
+    assert message in out
+
+
+def test_pack_without_build_time_says_how_to_give_one(
+    workspace: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("SOURCE_DATE_EPOCH", raising=False)
+    draft = manifest_draft()
+    del draft["created_at"]
+    Path("draft.json").write_text(json.dumps(draft))
+    code, out = pack("rel1.pem")
+    assert code == 2 and "SOURCE_DATE_EPOCH" in out
+
+
+def test_root_rotate_and_verify_chain(workspace: Path) -> None:
+    run("keys", "generate", "--out", "root2.pem")
+    code, out = run(
+        "root",
+        "rotate",
+        "root.json",
+        "--out",
+        "2.root.json",
+        "--root-key",
+        "root2.pem",
+        "--sign-key",
+        "root2.pem",
+    )
+    assert code == 0 and "not yet accepted" in out
+    code, out = run("root", "verify", "--trusted", "root.json", "2.root.json")
+    assert code == 1 and "role root: 0 of 1" in out
+    assert run("root", "sign", "2.root.json", "--key", "root.pem")[0] == 0
+    code, out = run("root", "verify", "--trusted", "root.json", "2.root.json", "--json")
+    assert code == 0 and json.loads(out)["version"] == 2
+
+
+def test_help_explains_each_command() -> None:
+    for group in ("keys", "root", "bundle"):
+        proc = subprocess.run(
+            [sys.executable, "-m", "edgefleet", group, "--help"],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            check=True,
+        )
+        assert "Commands" in proc.stdout
+
+
+def test_demo_short_mode_runs(tmp_path: Path) -> None:
+    """The demo behind `make demo`, in its short mode, so it cannot silently break."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "demo" / "run_demo.py"),
+            "--short",
+            "--out",
+            str(tmp_path / "demo"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "identical to digits.efb: True" in proc.stdout
+    assert "built and verified" in proc.stdout
+    assert "not for ring-gen4" in proc.stdout

@@ -1,0 +1,172 @@
+"""Manifest, root and message schemas: unknown or missing fields are errors naming the field."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from conftest import MODEL_BYTES, NOW, Keys, manifest_draft
+
+from firmware_bundles import SchemaError, build
+from firmware_bundles.bundle import file_entries
+from firmware_bundles.errors import ExpiredError, RollbackError, ThresholdError
+from firmware_bundles.manifest import Manifest, semver_key
+from firmware_bundles.messages import Assignment, TelemetryBatch, verify_assignment
+
+FILES = {"model.onnx": MODEL_BYTES}
+
+
+def full(**changes: Any) -> dict[str, Any]:
+    return {**manifest_draft(), "files": file_entries(FILES), **changes}
+
+
+def without(key: str) -> dict[str, Any]:
+    doc = full()
+    del doc[key]
+    return doc
+
+
+SCHEMA_CASES = [
+    ("unknown-top-level", {**full(), "colour": "red"}, "unknown field 'colour'"),
+    ("missing-release-counter", without("release_counter"), "missing field 'release_counter'"),
+    ("missing-created-at", without("created_at"), "missing field 'created_at'"),
+    ("not-semver", full(version="1.2"), "not a semantic version"),
+    ("negative-counter", full(release_counter=-1), "release_counter"),
+    ("naive-created-at", full(created_at="2026-01-01T00:00:00"), "timezone"),
+    (
+        "bad-format",
+        full(runtime={**manifest_draft()["runtime"], "format": "tflite"}),
+        "runtime.format",
+    ),
+    (
+        "unsorted-ops",
+        full(runtime={**manifest_draft()["runtime"], "op_types": ["MatMul", "Add"]}),
+        "sorted",
+    ),
+    (
+        "histogram-count-mismatch",
+        full(
+            reference_histograms={
+                "inputs": [{"name": "x", "kind": "numeric", "edges": [0.0, 1.0], "counts": [1, 2]}],
+                "outputs": [],
+            }
+        ),
+        "needs 3 counts",
+    ),
+    (
+        "nested-unknown",
+        full(quantisation={"scheme": "float32", "quantised_ops": 0, "bits": 8}),
+        "unknown field 'quantisation.bits'",
+    ),
+    (
+        "bad-sha",
+        full(files=[{"path": "model.onnx", "sha256": "xyz", "length": 1}]),
+        "files.0.sha256",
+    ),
+    ("model-file-not-listed", full(files=[]), "model_file 'model.onnx' is not in files"),
+]
+
+
+@pytest.mark.parametrize(
+    ("doc", "message"), [c[1:] for c in SCHEMA_CASES], ids=[c[0] for c in SCHEMA_CASES]
+)
+def test_bad_manifest_names_the_field(doc: dict[str, Any], message: str) -> None:
+    with pytest.raises(SchemaError, match=message):
+        Manifest.from_dict(doc)
+
+
+def test_manifest_round_trips_bytes() -> None:
+    m = Manifest.from_dict(full())
+    assert Manifest.from_bytes(m.to_bytes()) == m
+
+
+def test_build_refuses_draft_with_files(keys: Keys) -> None:
+    with pytest.raises(SchemaError, match="files"):
+        build(full(), FILES, keys.release)
+
+
+def test_semver_ordering() -> None:
+    assert semver_key("1.0.0-rc.1") < semver_key("1.0.0") < semver_key("1.10.0")
+
+
+# -- the signed director assignment -------------------------------------------------------------
+
+NONCE = "ab" * 16
+
+
+def assignment(**changes: Any) -> Assignment:
+    doc = {
+        "device_id": "ring-0001",
+        "hardware_id": "ring-gen3",
+        "model": "wrist-activity",
+        "version": "1.2.3",
+        "bundle_sha256": "0" * 64,
+        "bundle_length": 1234,
+        "release_counter": 7,
+        "download_url": "/v1/bundles/" + "0" * 64,
+        "issued_at": NOW.isoformat(),
+        "expires_at": (NOW + timedelta(hours=1)).isoformat(),
+        "nonce": NONCE,
+    }
+    doc.update(changes)
+    return Assignment.from_dict(doc)
+
+
+def check(keys: Keys, signed_by: Any = None, **expect: Any) -> Assignment:
+    root, _ = keys.make_root()
+    env = assignment().sign(signed_by or keys.director[0])
+    args: dict[str, Any] = {
+        "device_id": "ring-0001",
+        "hardware_id": "ring-gen3",
+        "nonce": NONCE,
+        "now": NOW,
+        "min_release_counter": 0,
+    }
+    args.update(expect)
+    return verify_assignment(env.to_bytes(), root, **args)
+
+
+ASSIGNMENT_CASES = [
+    ("release-key-not-director", {"signed_by": "release"}, ThresholdError, "role director"),
+    ("wrong-device", {"device_id": "ring-0002"}, SchemaError, "addressed to device"),
+    ("wrong-hardware", {"hardware_id": "ring-gen4"}, SchemaError, "for hardware"),
+    ("replayed-nonce", {"nonce": "cd" * 16}, SchemaError, "nonce"),
+    ("expired", {"now": NOW + timedelta(hours=2)}, ExpiredError, "expired"),
+    ("rollback", {"min_release_counter": 8}, RollbackError, "below 8"),
+]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [c[1:] for c in ASSIGNMENT_CASES],
+    ids=[c[0] for c in ASSIGNMENT_CASES],
+)
+def test_bad_assignment_is_refused(
+    keys: Keys, kwargs: dict[str, Any], error: type[Exception], message: str
+) -> None:
+    if kwargs.get("signed_by") == "release":
+        kwargs = {**kwargs, "signed_by": keys.release[0]}
+    with pytest.raises(error, match=message):
+        check(keys, **kwargs)
+
+
+def test_good_assignment_verifies(keys: Keys) -> None:
+    assert check(keys).release_counter == 7
+
+
+def test_telemetry_batch_refuses_foreign_windows() -> None:
+    window = {
+        "device_id": "ring-0002",
+        "model": "m",
+        "version": "1.0.0",
+        "bundle_sha256": "0" * 64,
+        "window_start": NOW.isoformat(),
+        "window_s": 3600,
+        "inference_count": 3,
+        "latency": {"relative_accuracy": 0.01},
+    }
+    with pytest.raises(SchemaError, match="batch's device"):
+        TelemetryBatch.from_dict(
+            {"device_id": "ring-0001", "boot_epoch": 1, "sequence": 1, "windows": [window]}
+        )
