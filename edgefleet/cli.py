@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from edgefleet.bundle_cli import bundle_app
+from edgefleet.convert_cli import convert_command
 from edgefleet.keys_cli import keys_app, root_app
 
 app = typer.Typer(
@@ -16,6 +17,7 @@ app = typer.Typer(
 app.add_typer(keys_app, name="keys")
 app.add_typer(root_app, name="root")
 app.add_typer(bundle_app, name="bundle")
+app.command("convert")(convert_command)
 
 
 def main() -> None:

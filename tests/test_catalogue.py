@@ -81,6 +81,7 @@ def test_fit_reasons_are_all_reported() -> None:
     draft["runtime"] = {
         **draft["runtime"],
         "op_types": ["Add", "TreeEnsembleClassifier"],
+        "format": "ort",
         "ram_estimate": {"bytes": 10**6, "method": "t"},
     }
     manifest = Manifest.from_dict({**draft, "files": file_entries({"model.onnx": MODEL_BYTES})})
@@ -91,6 +92,6 @@ def test_fit_reasons_are_all_reported() -> None:
         "over the 163840 byte budget by 36160",
         "RAM",
         "TreeEnsembleClassifier",
-        "format onnx, target wants ort",
+        "format ort, target wants onnx",
     ):
         assert reason in text

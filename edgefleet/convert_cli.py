@@ -1,0 +1,154 @@
+"""``edgefleet convert``: a trained model in, one signed bundle per device target out."""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from edgefleet.bundle_cli import load_catalogue
+from edgefleet.common import bundle_errors, console, fail, load_signing_key, print_json
+from firmware_bundles import BundleError, created_at_from_env
+
+
+def convert_command(
+    model: Annotated[
+        Path, typer.Argument(help="sklearn .joblib/.pkl, PyTorch .pt2/TorchScript, or .onnx.")
+    ],
+    name: Annotated[str, typer.Option(help="Model name, e.g. wrist-activity.")],
+    version: Annotated[str, typer.Option(help="Semantic version X.Y.Z of this build.")],
+    targets: Annotated[
+        str, typer.Option(help="Comma-separated target ids, e.g. ring-gen3,phone-android.")
+    ],
+    train: Annotated[Path, typer.Option(help="Training data (.npz X/y, or CSV/Parquet).")],
+    eval_data: Annotated[Path, typer.Option("--eval", help="Held-out data for accuracy checks.")],
+    key: Annotated[list[Path], typer.Option(help="Release signing key. Repeatable.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for bundles and report.")],
+    calibration: Annotated[
+        Path | None, typer.Option(help="Calibration data for static int8 (default: training data).")
+    ] = None,
+    release_counter: Annotated[
+        int, typer.Option(min=0, help="Anti-rollback floor for this model name.")
+    ] = 0,
+    accuracy_budget: Annotated[
+        float,
+        typer.Option(
+            help="Allowed loss: accuracy fraction (0.01 = 1 point) or relative MAE increase."
+        ),
+    ] = 0.01,
+    label_column: Annotated[str | None, typer.Option(help="Label column for CSV/Parquet.")] = None,
+    catalogue: Annotated[
+        Path | None, typer.Option(envvar="EDGEFLEET_CATALOGUE", help="Target catalogue TOML.")
+    ] = None,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Machine-readable report on stdout.")
+    ] = False,
+) -> None:
+    """Convert a trained model into the smallest signed bundle per target that holds its accuracy.
+
+    Exports to ONNX with preprocessing inside, checks parity with the original, builds float32,
+    fp16, int8 dynamic and int8 static variants, evaluates each on --eval, and picks per target the
+    smallest variant inside the target's limits and the accuracy budget. The build time comes from
+    SOURCE_DATE_EPOCH (else now); the same inputs and SOURCE_DATE_EPOCH give identical bundles.
+    Exits 1 if any target could not be built (the others are still written).
+    """
+    from converters.errors import ConverterError
+    from converters.pipeline import ConvertOptions, convert
+
+    keys = [load_signing_key(p) for p in key]
+    with bundle_errors():
+        created = created_at_from_env(os.environ) or datetime.now(UTC).replace(microsecond=0)
+    options = ConvertOptions(
+        name=name,
+        version=version,
+        targets=[t.strip() for t in targets.split(",") if t.strip()],
+        keys=keys,
+        out_dir=out,
+        created_at=created,
+        release_counter=release_counter,
+        budget=accuracy_budget,
+        label_column=label_column,
+        catalogue=load_catalogue(catalogue),
+    )
+    try:
+        with Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+            disable=json_out,
+        ) as bar:
+            task = bar.add_task("starting", total=None)
+            report = convert(
+                model,
+                train,
+                eval_data,
+                options,
+                calibration,
+                progress=lambda msg: bar.update(task, description=msg),
+            )
+    except (ConverterError, BundleError) as exc:
+        fail(str(exc))
+    if json_out:
+        print_json(report.to_dict())
+    else:
+        _print(report)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+def _print(report: object) -> None:
+    from converters.pipeline import ConvertReport
+
+    assert isinstance(report, ConvertReport)
+    metric = report.metric_name
+    table = Table(title=f"{report.name} {report.version}: variants on held-out data ({metric})")
+    for col in (
+        "variant",
+        "bytes",
+        "ratio",
+        metric,
+        "q-ops",
+        "RAM est.",
+        "1-sample ms",
+        "batch ms",
+        "note",
+    ):
+        table.add_column(col, justify="left" if col in ("variant", "note") else "right")
+    for v in report.variants:
+        if v.error:
+            table.add_row(v.name, "-", "-", "-", "-", "-", "-", "-", f"failed: {v.error[:60]}")
+            continue
+        table.add_row(
+            v.name,
+            str(v.model_bytes),
+            f"{v.model_bytes / report.float_bytes:.2f}",
+            f"{v.metric:.4f}",
+            str(v.quantised_ops),
+            str(v.ram_bytes),
+            f"{v.single_ms:.3f}",
+            f"{v.batch_ms:.2f}",
+            "same as float" if v.same_as_float else "",
+        )
+    console.print(table)
+    targets = Table(title="Bundles per target")
+    for col in ("target", "variant", "bundle bytes", metric, "sha256 / reason"):
+        targets.add_column(col, overflow="fold")
+    for t in report.targets:
+        if t.ok:
+            targets.add_row(
+                t.target_id, t.variant or "", str(t.bundle_bytes), f"{t.metric:.4f}", t.sha256 or ""
+            )
+        else:
+            targets.add_row(t.target_id, "[red]none[/]", "-", "-", t.reason or "")
+    console.print(targets)
+    console.print(
+        f"parity of float ONNX vs original: max diff {report.parity_max_diff:.2e};"
+        f" report: build-report.json beside the bundles"
+    )

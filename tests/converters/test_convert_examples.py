@@ -1,0 +1,148 @@
+"""Each example converts for a ring, a phone and a Pi; bundles verify, hold accuracy, reproduce.
+
+Accuracy is measured here, by running the bundle's own model file in ONNX Runtime on the eval
+data, not through the converter's evaluator.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import joblib
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from converters.pipeline import ConvertOptions, ConvertReport, convert
+from firmware_bundles import SigningKey, TargetCatalogue, TrustedRoot, verify
+from firmware_bundles import open_bundle as verify_plain
+
+from .conftest import EXAMPLES
+
+TARGETS = ["ring-gen3", "phone-android", "devboard-rpi4"]
+BUILD_TIME = datetime(2026, 1, 1, tzinfo=UTC)
+BUDGET = 0.01
+
+
+def run_convert(example: str, directory: Path, keys: list[SigningKey], out: Path) -> ConvertReport:
+    options = ConvertOptions(
+        name=example,
+        version="1.0.0",
+        targets=TARGETS,
+        keys=keys,
+        out_dir=out,
+        created_at=BUILD_TIME,
+        release_counter=3,
+        budget=BUDGET,
+    )
+    return convert(
+        directory / EXAMPLES[example][1],
+        directory / "train.npz",
+        directory / "eval.npz",
+        options,
+        directory / "calibration.npz",
+    )
+
+
+@pytest.fixture(scope="module")
+def reports(
+    examples: dict[str, Path],
+    release_keys: list[SigningKey],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> dict[str, tuple[ConvertReport, ConvertReport]]:
+    result = {}
+    for name, directory in examples.items():
+        first = run_convert(name, directory, release_keys, tmp_path_factory.mktemp(f"{name}-1"))
+        second = run_convert(name, directory, release_keys, tmp_path_factory.mktemp(f"{name}-2"))
+        result[name] = (first, second)
+    return result
+
+
+def original_accuracy(example: str, directory: Path) -> float:
+    """The trained model's own accuracy, from the framework that trained it."""
+    held_out = np.load(directory / "eval.npz")
+    if example == "wearable-cnn":
+        import torch
+
+        program = torch.export.load(str(directory / "model.pt2"))
+        with torch.no_grad():
+            logits = program.module()(torch.from_numpy(held_out["X"]))
+        return float((logits.argmax(dim=1).numpy() == held_out["y"]).mean())
+    model: Any = joblib.load(directory / "model.joblib")
+    return float(model.score(held_out["X"], held_out["y"]))
+
+
+def bundle_accuracy(model_bytes: bytes, class_labels: list[Any], directory: Path) -> float:
+    held_out = np.load(directory / "eval.npz")
+    session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+    # One sample per run, as on a device (dynamic int8 depends on the batch's other rows).
+    probabilities = np.concatenate(
+        [session.run(["probabilities"], {"input": row[None]})[0] for row in held_out["X"]]
+    )
+    predicted = np.asarray(class_labels)[probabilities.argmax(axis=1)]
+    return float((predicted == held_out["y"]).mean())
+
+
+@pytest.mark.parametrize("example", ["digits-mlp", "wearable-cnn"])
+def test_every_target_gets_a_verified_bundle_within_budget(
+    example: str,
+    reports: dict[str, Any],
+    examples: dict[str, Path],
+    trusted_root: TrustedRoot,
+) -> None:
+    report, _ = reports[example]
+    reference = original_accuracy(example, examples[example])
+    catalogue = TargetCatalogue.load_default()
+    for target in report.targets:
+        assert target.ok, target.reason
+        data = Path(target.bundle).read_bytes()
+        verified = verify(data, trusted_root.root, target_id=target.target_id, catalogue=catalogue)
+        manifest = verified.manifest
+        assert manifest.release_counter == 3
+        labels = manifest.outputs[0].class_labels
+        accuracy = bundle_accuracy(
+            verified.file(manifest.runtime.model_file), list(labels or []), examples[example]
+        )
+        assert accuracy >= reference - BUDGET - 1e-9, (target.target_id, accuracy, reference)
+        assert manifest.metrics["accuracy"] == pytest.approx(accuracy, abs=1e-6)
+
+
+def test_quantised_models_are_small_and_really_quantised(reports: dict[str, Any]) -> None:
+    for example in ("digits-mlp", "wearable-cnn"):
+        report, _ = reports[example]
+        phone = next(t for t in report.targets if t.target_id == "phone-android")
+        chosen = next(v for v in report.variants if v.name == phone.variant)
+        assert chosen.scheme.startswith("int8") and chosen.quantised_ops > 0
+        assert chosen.model_bytes <= 0.35 * report.float_bytes, (example, chosen.model_bytes)
+        assert report.float_metric - chosen.metric <= 0.01
+
+
+def test_ring_gets_micro_runtime_ops_only(reports: dict[str, Any]) -> None:
+    report, _ = reports["wearable-cnn"]
+    ring = next(t for t in report.targets if t.target_id == "ring-gen3")
+    assert ring.ok
+    contents = verify_plain(Path(ring.bundle).read_bytes())
+    micro = TargetCatalogue.load_default().get("ring-gen3")
+    assert all(micro.allows_op(op) for op in contents.manifest.runtime.op_types)
+    assert "Conv" in contents.manifest.runtime.op_types
+    assert contents.manifest.runtime.ram_estimate.bytes <= micro.ram_arena_bytes
+
+
+def test_converting_twice_gives_identical_bundles(reports: dict[str, Any]) -> None:
+    for example, (first, second) in reports.items():
+        assert [t.sha256 for t in first.targets] == [t.sha256 for t in second.targets], example
+
+
+def test_tree_ensemble_fails_for_the_ring_and_builds_elsewhere(reports: dict[str, Any]) -> None:
+    report, _ = reports["cancer-trees"]
+    by_target = {t.target_id: t for t in report.targets}
+    ring = by_target["ring-gen3"]
+    assert not ring.ok
+    assert "float32: op TreeEnsembleClassifier not allowed" in ring.reason
+    assert by_target["phone-android"].ok and by_target["devboard-rpi4"].ok
+    # ORT cannot quantise ai.onnx.ml ops: those variants say so rather than claim to be int8.
+    int8 = [v for v in report.variants if v.scheme.startswith("int8") and not v.error]
+    assert int8 and all(v.same_as_float and v.quantised_ops == 0 for v in int8)
+    assert by_target["phone-android"].variant == "float32"
