@@ -35,6 +35,7 @@ test: lint typecheck pytest
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_verify.py
+	$(BIN)/python bench/bench_convert.py
 
 clean:
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache

@@ -181,7 +181,7 @@ def convert(
         task=exported.task,
         metric_name="accuracy" if exported.task == "classification" else "mae",
         float_metric=float_metric,
-        float_bytes=len(exported.model),
+        float_bytes=len(variants[0].model),
         parity_max_diff=parity,
         variants=reports,
         targets=targets,
@@ -440,7 +440,7 @@ def _bundle(
                 metric_name: round(chosen.metric, 6),
                 f"float_{metric_name}": round(float_metric, 6),
                 "model_bytes": float(len(model_file)),
-                "float_model_bytes": float(len(exported.model)),
+                "float_model_bytes": float(len(shared["_float_model"])),
             },
             "self_test": _self_test(model_file or graph_model, held_out.x, chosen.precision),
         }

@@ -201,9 +201,12 @@ def _normalise(model: bytes) -> bytes:
 
 
 def compact(model: bytes) -> bytes:
-    """Shrink graph overhead without touching the maths: short tensor names (graph inputs and
-    outputs keep theirs), no node names, doc strings, value_info or metadata. On a 5k-parameter
-    int8 model the names alone were as large as the weights."""
+    """Shrink graph overhead without touching the maths.
+
+    Short tensor names (graph inputs and outputs keep theirs); no node names, doc strings,
+    value_info or node metadata (torch's exporter stores stack traces per node). On a
+    5k-parameter int8 model the names alone were as large as the weights.
+    """
     proto = onnx.load_from_string(model)
     graph = proto.graph
     keep = {v.name for v in graph.input} | {v.name for v in graph.output}
@@ -223,6 +226,7 @@ def compact(model: bytes) -> bytes:
         node.output[:] = [short(o) for o in node.output]
         node.name = ""
         node.doc_string = ""
+        del node.metadata_props[:]  # torch's exporter stores stack traces per node
     del graph.value_info[:]
     graph.doc_string = ""
     proto.doc_string = ""

@@ -123,7 +123,7 @@ def _print(report: object) -> None:
         table.add_column(col, justify="left" if col in ("variant", "note") else "right")
     for v in report.variants:
         if v.error:
-            table.add_row(v.name, "-", "-", "-", "-", "-", "-", "-", f"failed: {v.error[:60]}")
+            table.add_row(v.name, "-", "-", "-", "-", "-", "-", "-", f"skipped: {v.error[:48]}")
             continue
         table.add_row(
             v.name,

@@ -259,3 +259,5 @@ def test_demo_short_mode_runs(tmp_path: Path) -> None:
     assert "identical to digits.efb: True" in proc.stdout
     assert "built and verified" in proc.stdout
     assert "not for ring-gen4" in proc.stdout
+    # The converter part: the wearable CNN's ring bundle verified for the ring.
+    assert "wearable-demo 1.0.0" in proc.stdout and "fits ring-gen3" in proc.stdout
