@@ -21,10 +21,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from conftest import manifest_draft
-
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from firmware_bundles import SigningKey, build, new_root, verify
+from tests.conftest import manifest_draft
 
 
 def timed(fn: object, repeat: int) -> list[float]:

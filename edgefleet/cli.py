@@ -7,6 +7,7 @@ import typer
 from edgefleet.bundle_cli import bundle_app
 from edgefleet.convert_cli import convert_command
 from edgefleet.keys_cli import keys_app, root_app
+from edgefleet.server_cli import register as register_server
 
 app = typer.Typer(
     name="edgefleet",
@@ -18,6 +19,7 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(root_app, name="root")
 app.add_typer(bundle_app, name="bundle")
 app.command("convert")(convert_command)
+register_server(app)
 
 
 def main() -> None:

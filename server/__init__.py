@@ -1,1 +1,1 @@
-"""EdgeFleet server (see ../shared/ARCHITECTURE.md); grows with its issue."""
+"""The fleet server: registry, devices, signed assignments, downloads and telemetry ingest."""

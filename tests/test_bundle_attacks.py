@@ -8,7 +8,6 @@ from collections.abc import Callable
 from datetime import timedelta
 
 import pytest
-from conftest import MODEL_BYTES, NOW, Keys, manifest_draft
 
 from firmware_bundles import (
     ArchiveLimits,
@@ -31,6 +30,7 @@ from firmware_bundles.bundle import file_entries
 from firmware_bundles.manifest import Manifest
 from firmware_bundles.root import Root, sign_root
 from firmware_bundles.signing import Envelope
+from tests.conftest import MODEL_BYTES, NOW, Keys, manifest_draft
 
 
 def craft(members: list[tuple[str, bytes, bytes]], keys: Keys, listed: dict[str, bytes]) -> bytes:

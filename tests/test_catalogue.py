@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from conftest import MODEL_BYTES, manifest_draft
 
 from firmware_bundles import CatalogueError, TargetCatalogue
 from firmware_bundles.bundle import file_entries
 from firmware_bundles.manifest import Manifest
+from tests.conftest import MODEL_BYTES, manifest_draft
 
 REQUIRED = [
     "ring-gen3",

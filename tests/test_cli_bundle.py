@@ -10,10 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import MODEL_BYTES, manifest_draft
 from typer.testing import CliRunner
 
 from edgefleet.cli import app
+from tests.conftest import MODEL_BYTES, manifest_draft
 
 REPO = Path(__file__).resolve().parent.parent
 runner = CliRunner()

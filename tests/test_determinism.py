@@ -9,9 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import MODEL_BYTES, Keys, manifest_draft
-
 from firmware_bundles import build
+from tests.conftest import MODEL_BYTES, Keys, manifest_draft
 
 REPO = Path(__file__).resolve().parent.parent
 

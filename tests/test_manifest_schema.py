@@ -6,13 +6,13 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from conftest import MODEL_BYTES, NOW, Keys, manifest_draft
 
 from firmware_bundles import SchemaError, build
 from firmware_bundles.bundle import file_entries
 from firmware_bundles.errors import ExpiredError, RollbackError, ThresholdError
 from firmware_bundles.manifest import Manifest, semver_key
 from firmware_bundles.messages import Assignment, TelemetryBatch, verify_assignment
+from tests.conftest import MODEL_BYTES, NOW, Keys, manifest_draft
 
 FILES = {"model.onnx": MODEL_BYTES}
 

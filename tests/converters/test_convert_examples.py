@@ -18,8 +18,7 @@ import pytest
 from converters.pipeline import ConvertOptions, ConvertReport, convert
 from firmware_bundles import SigningKey, TargetCatalogue, TrustedRoot, verify
 from firmware_bundles import open_bundle as verify_plain
-
-from .conftest import EXAMPLES
+from tests.converters.conftest import EXAMPLES
 
 TARGETS = ["ring-gen3", "phone-android", "devboard-rpi4"]
 BUILD_TIME = datetime(2026, 1, 1, tzinfo=UTC)

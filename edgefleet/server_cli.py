@@ -1,0 +1,428 @@
+"""Server commands: ``serve`` and ``db upgrade``, and the HTTP clients (publish, release, ...)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from edgefleet.common import console, fail, print_json, read_file, write_file
+
+ServerOpt = Annotated[str, typer.Option(envvar="EDGEFLEET_SERVER", help="Server URL.")]
+TokenOpt = Annotated[str, typer.Option(envvar="EDGEFLEET_TOKEN", help="API token.")]
+JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+DataDirOpt = Annotated[Path, typer.Option(envvar="EDGEFLEET_DATA_DIR", help="Data directory.")]
+DbOpt = Annotated[
+    str | None,
+    typer.Option(
+        envvar="EDGEFLEET_DATABASE_URL",
+        help="postgresql+psycopg://... (default: SQLite in the data directory).",
+    ),
+]
+
+db_app = typer.Typer(help="Database migrations.", no_args_is_help=True)
+models_app = typer.Typer(help="Models, versions and bundles in the registry.", no_args_is_help=True)
+devices_app = typer.Typer(help="Enrolled devices.", no_args_is_help=True)
+tokens_app = typer.Typer(help="API tokens and enrollment tokens.", no_args_is_help=True)
+cohorts_app = typer.Typer(help="Device cohorts.", no_args_is_help=True)
+
+
+def _settings(data_dir: Path, database_url: str | None, **extra: Any) -> Any:
+    from server.config import Settings
+
+    return Settings(
+        data_dir=data_dir,
+        database_url=database_url,
+        **{k: v for k, v in extra.items() if v is not None},
+    )
+
+
+@db_app.command("upgrade")
+def db_upgrade(data_dir: DataDirOpt = Path("edgefleet-data"), database_url: DbOpt = None) -> None:
+    """Migrate the database to the schema this version of EdgeFleet needs."""
+    from server.db import upgrade
+
+    settings = _settings(data_dir, database_url)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    revision = upgrade(settings.resolved_database_url())
+    console.print(f"database at revision {revision}")
+
+
+def init_trust(data_dir: Path) -> list[str]:
+    """Create a local root and keys in ``data_dir`` if absent; returns what was created."""
+    from datetime import UTC, datetime, timedelta
+
+    from firmware_bundles import SigningKey, new_root, sign_root
+
+    keys_dir = data_dir / "keys"
+    created = []
+    keys = {}
+    for role in ("root", "release", "director", "hil"):
+        path = keys_dir / f"{role}.pem"
+        if path.exists():
+            keys[role] = SigningKey.from_pem(path.read_bytes())
+        else:
+            keys[role] = SigningKey.generate()
+            write_file(path, keys[role].to_pem(), private=True)
+            created.append(str(path))
+    root_path = data_dir / "root.json"
+    if not root_path.exists():
+        root = new_root(
+            version=1,
+            expires=datetime.now(UTC) + timedelta(days=365),
+            role_keys={r: [k.public] for r, k in keys.items()},
+            thresholds={},
+        )
+        write_file(root_path, sign_root(root, [keys["root"]]).to_bytes())
+        created.append(str(root_path))
+    return created
+
+
+def serve(
+    data_dir: DataDirOpt = Path("edgefleet-data"),
+    database_url: DbOpt = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8080,
+    root: Annotated[
+        Path | None, typer.Option(envvar="EDGEFLEET_ROOT_PATH", help="Trusted root.json.")
+    ] = None,
+    director_key: Annotated[
+        Path | None,
+        typer.Option(envvar="EDGEFLEET_DIRECTOR_KEY_PATH", help="Director private key."),
+    ] = None,
+    init: Annotated[
+        bool,
+        typer.Option(
+            "--init",
+            help="Create a local root and keys in the data directory if absent (for a first try).",
+        ),
+    ] = False,
+    workers: Annotated[int, typer.Option(help="Worker processes.")] = 1,
+    log_level: Annotated[str, typer.Option(help="info logs one JSON line per request.")] = "info",
+) -> None:
+    """Run the fleet server (SQLite and blobs in the data directory unless --database-url)."""
+    import uvicorn
+
+    from server.app import build_state, create_app, ensure_admin_token
+    from server.db import make_engine, upgrade
+    from server.errors import ConfigError
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    if init:
+        for path in init_trust(data_dir):
+            console.print(f"created {path}")
+        console.print(
+            f"trusted root: {data_dir / 'root.json'}; release key for `edgefleet bundle"
+            f" pack --key`: {data_dir / 'keys' / 'release.pem'}"
+        )
+    settings = _settings(data_dir, database_url, root_path=root, director_key_path=director_key)
+    url = settings.resolved_database_url()
+    if database_url is None and _is_empty(make_engine(url)):
+        upgrade(url)  # the embedded default creates its schema on first start
+    try:
+        state = build_state(settings)
+    except ConfigError as exc:
+        fail(str(exc), 2)
+    token = ensure_admin_token(state)
+    if token:
+        console.print(f"first start: admin token (shown once) [bold]{token}[/]")
+    logging.basicConfig(
+        level=getattr(logging, log_level.upper(), logging.INFO),
+        format="%(message)s",
+        stream=sys.stdout,
+    )
+    console.print(f"serving on http://{host}:{port} (data in {data_dir})")
+    if workers != 1:
+        fail("--workers > 1: run several `edgefleet serve` processes behind a load balancer", 2)
+    uvicorn.run(create_app(state), host=host, port=port, log_level="warning")
+
+
+def _is_empty(engine: Any) -> bool:
+    from sqlalchemy import inspect
+
+    return not inspect(engine).get_table_names()
+
+
+# -- clients ------------------------------------------------------------------------------------
+
+
+def _client(server: str, token: str) -> Any:
+    import httpx
+
+    return httpx.Client(base_url=server, headers={"Authorization": f"Bearer {token}"}, timeout=60.0)
+
+
+def _call(server: str, token: str, method: str, path: str, **kwargs: Any) -> Any:
+    import httpx
+
+    try:
+        with _client(server, token) as client:
+            response = client.request(method, path, **kwargs)
+    except httpx.HTTPError as exc:
+        fail(f"cannot reach {server}: {exc}")
+    if response.status_code >= 400:
+        try:
+            detail = response.json().get("detail", response.text)
+        except ValueError:
+            detail = response.text
+        fail(f"{method} {path}: HTTP {response.status_code}: {detail}")
+    return response.json()
+
+
+def publish(
+    bundle: Annotated[list[Path], typer.Argument(help="Bundle file(s).")],
+    server: ServerOpt = "http://127.0.0.1:8080",
+    token: TokenOpt = "",
+    json_out: JsonFlag = False,
+) -> None:
+    """Upload bundles; the server verifies each against its trusted root and catalogue."""
+    results = [
+        _call(
+            server,
+            token,
+            "POST",
+            "/v1/bundles",
+            content=read_file(p, "bundle"),
+            headers={"Content-Type": "application/x-tar"},
+        )
+        for p in bundle
+    ]
+    if json_out:
+        print_json(results)
+    for r in [] if json_out else results:
+        console.print(f"published {r['model']} {r['version']} for {r['target_id']}: {r['sha256']}")
+
+
+def release(
+    model: str,
+    version: str,
+    target: Annotated[
+        str | None,
+        typer.Option(help="Only this target (default: every target it has a bundle for)."),
+    ] = None,
+    server: ServerOpt = "http://127.0.0.1:8080",
+    token: TokenOpt = "",
+    json_out: JsonFlag = False,
+) -> None:
+    """Make a published version current (publishing alone assigns nothing)."""
+    r = _call(
+        server,
+        token,
+        "POST",
+        f"/v1/models/{model}/versions/{version}/release",
+        json={"target": target},
+    )
+    print_json(r) if json_out else console.print(
+        f"released {model} {version} for {', '.join(r['released_for'])}"
+    )
+
+
+def withdraw(
+    model: str,
+    version: str,
+    server: ServerOpt = "http://127.0.0.1:8080",
+    token: TokenOpt = "",
+    json_out: JsonFlag = False,
+) -> None:
+    """Stop assigning a version; its devices get the previous released version."""
+    r = _call(server, token, "POST", f"/v1/models/{model}/versions/{version}/withdraw")
+    print_json(r) if json_out else console.print(f"withdrew {model} {version}")
+
+
+def pin(
+    device: str,
+    model: str,
+    version: Annotated[str, typer.Argument(help="Version, or 'none' to unpin.")],
+    server: ServerOpt = "http://127.0.0.1:8080",
+    token: TokenOpt = "",
+    json_out: JsonFlag = False,
+) -> None:
+    """Hold one device on a version of a model."""
+    r = _call(
+        server,
+        token,
+        "PUT",
+        f"/v1/devices/{device}/pins/{model}",
+        json={"version": None if version == "none" else version},
+    )
+    print_json(r) if json_out else console.print(f"pinned {device} to {model} {version}")
+
+
+@models_app.command("list")
+def models_list(
+    server: ServerOpt = "http://127.0.0.1:8080", token: TokenOpt = "", json_out: JsonFlag = False
+) -> None:
+    models = _call(server, token, "GET", "/v1/models")
+    if json_out:
+        print_json(models)
+        return
+    table = Table("model", "version", "counter", "released for", "bundles", "withdrawn")
+    for m in models:
+        for v in m["versions"]:
+            table.add_row(
+                m["name"],
+                v["version"],
+                str(v["release_counter"]),
+                ", ".join(v["released_for"]),
+                ", ".join(b["target_id"] for b in v["bundles"]),
+                str(v["withdrawn"]),
+            )
+    console.print(table)
+
+
+@models_app.command("show")
+def models_show(
+    name: str,
+    server: ServerOpt = "http://127.0.0.1:8080",
+    token: TokenOpt = "",
+    json_out: JsonFlag = False,
+) -> None:
+    print_json(_call(server, token, "GET", f"/v1/models/{name}"))
+
+
+@devices_app.command("list")
+def devices_list(
+    server: ServerOpt = "http://127.0.0.1:8080", token: TokenOpt = "", json_out: JsonFlag = False
+) -> None:
+    devices = _call(server, token, "GET", "/v1/devices")
+    if json_out:
+        print_json(devices)
+        return
+    table = Table("device", "hardware id", "firmware", "relay", "last seen", "revoked")
+    for d in devices:
+        table.add_row(
+            d["id"],
+            d["hardware_id"],
+            d["firmware_version"],
+            d["relay_id"] or "",
+            d["last_seen"] or "never",
+            str(d["revoked"]),
+        )
+    console.print(table)
+
+
+@devices_app.command("show")
+def devices_show(
+    device: str,
+    server: ServerOpt = "http://127.0.0.1:8080",
+    token: TokenOpt = "",
+    json_out: JsonFlag = False,
+) -> None:
+    print_json(_call(server, token, "GET", f"/v1/devices/{device}"))
+
+
+@devices_app.command("revoke")
+def devices_revoke(
+    device: str,
+    server: ServerOpt = "http://127.0.0.1:8080",
+    token: TokenOpt = "",
+    json_out: JsonFlag = False,
+) -> None:
+    r = _call(server, token, "POST", f"/v1/devices/{device}/revoke")
+    print_json(r) if json_out else console.print(f"revoked {device}")
+
+
+@tokens_app.command("create")
+def tokens_create(
+    name: str,
+    role: Annotated[str, typer.Option(help="admin, publisher, operator or viewer.")],
+    server: ServerOpt = "http://127.0.0.1:8080",
+    token: TokenOpt = "",
+    json_out: JsonFlag = False,
+) -> None:
+    """Create an API token (printed once)."""
+    r = _call(server, token, "POST", "/v1/tokens", json={"name": name, "role": role})
+    print_json(r) if json_out else console.print(f"token {r['id']} ({role}): {r['token']}")
+
+
+@tokens_app.command("revoke")
+def tokens_revoke(
+    token_id: int,
+    server: ServerOpt = "http://127.0.0.1:8080",
+    token: TokenOpt = "",
+    json_out: JsonFlag = False,
+) -> None:
+    r = _call(server, token, "DELETE", f"/v1/tokens/{token_id}")
+    print_json(r) if json_out else console.print(f"revoked token {token_id}")
+
+
+@tokens_app.command("enroll")
+def tokens_enroll(
+    cohort: Annotated[str | None, typer.Option(help="Cohort to join.")] = None,
+    max_uses: Annotated[int, typer.Option(help="Devices it may enroll.")] = 1,
+    ttl_s: Annotated[int | None, typer.Option(help="Seconds it stays valid.")] = None,
+    server: ServerOpt = "http://127.0.0.1:8080",
+    token: TokenOpt = "",
+    json_out: JsonFlag = False,
+) -> None:
+    """Create a device enrollment token."""
+    r = _call(
+        server,
+        token,
+        "POST",
+        "/v1/enrollment-tokens",
+        json={"cohort": cohort, "max_uses": max_uses, "ttl_s": ttl_s},
+    )
+    print_json(r) if json_out else console.print(f"enrollment token: {r['token']}")
+
+
+@cohorts_app.command("create")
+def cohorts_create(
+    name: str,
+    member: Annotated[list[str] | None, typer.Option(help="Device id (repeatable).")] = None,
+    where: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Filter KEY=VALUE: generation, platform, hardware_id, firmware_min,"
+            " firmware_below."
+        ),
+    ] = None,
+    server: ServerOpt = "http://127.0.0.1:8080",
+    token: TokenOpt = "",
+    json_out: JsonFlag = False,
+) -> None:
+    """Create a cohort of static members and/or an attribute filter."""
+    flt = {}
+    for item in where or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            fail(f"--where {item!r}: expected KEY=VALUE", 2)
+        flt[key] = value
+    r = _call(
+        server,
+        token,
+        "POST",
+        "/v1/cohorts",
+        json={"name": name, "filter": flt or None, "members": member or []},
+    )
+    print_json(r) if json_out else console.print(f"created cohort {name}")
+
+
+@cohorts_app.command("list")
+def cohorts_list(
+    server: ServerOpt = "http://127.0.0.1:8080", token: TokenOpt = "", json_out: JsonFlag = False
+) -> None:
+    cohorts = _call(server, token, "GET", "/v1/cohorts")
+    if json_out:
+        print_json(cohorts)
+        return
+    for c in cohorts:
+        console.print(f"{c['name']}: {len(c['devices'])} devices, filter {c['filter']}")
+
+
+def register(app: typer.Typer) -> None:
+    """Mount the server commands on the ``edgefleet`` app."""
+    app.command("serve")(serve)
+    app.command("publish")(publish)
+    app.command("release")(release)
+    app.command("withdraw")(withdraw)
+    app.command("pin")(pin)
+    app.add_typer(db_app, name="db")
+    app.add_typer(models_app, name="models")
+    app.add_typer(devices_app, name="devices")
+    app.add_typer(tokens_app, name="tokens")
+    app.add_typer(cohorts_app, name="cohorts")

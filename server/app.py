@@ -1,0 +1,151 @@
+"""The FastAPI application: state at start-up, error mapping, health, metrics, root chain, logs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from sqlalchemy import text
+from sqlmodel import Session, select
+
+from server.auth import hash_token, new_token
+from server.config import Settings
+from server.db import check_schema, make_engine
+from server.errors import ApiError
+from server.models import ApiToken
+from server.routes import admin, devices, registry, telemetry
+from server.state import BlobStore, ServerState, load_catalogue, load_trust
+
+log = logging.getLogger("edgefleet.server")
+
+
+def build_state(settings: Settings) -> ServerState:
+    """Open the database (refusing a schema that is behind) and load trust material.
+
+    Raises:
+        ConfigError: If anything needed to serve is missing or wrong.
+    """
+    engine = make_engine(settings.resolved_database_url())
+    check_schema(engine)
+    trusted, chain, director = load_trust(settings)
+    return ServerState(
+        settings=settings,
+        engine=engine,
+        trusted=trusted,
+        root_chain=chain,
+        director_key=director,
+        catalogue=load_catalogue(settings),
+        blobs=BlobStore(settings.blob_dir),
+    )
+
+
+def ensure_admin_token(state: ServerState) -> str | None:
+    """On first start (no API token yet), create an admin token and return it, once."""
+    with Session(state.engine) as session:
+        if session.exec(select(ApiToken.id)).first() is not None:
+            return None
+        token = new_token("api")
+        session.add(
+            ApiToken(
+                name="admin",
+                role="admin",
+                token_hash=hash_token(token),
+                created_at=datetime.now(UTC),
+            )
+        )
+        session.commit()
+        return token
+
+
+def create_app(state: ServerState) -> FastAPI:
+    """The application for ``state``."""
+    app = FastAPI(
+        title="EdgeFleet fleet server",
+        version="0.1.0",
+        description="Registry, devices, signed assignments, downloads and telemetry.",
+    )
+    app.state.fleet = state
+    metrics = CollectorRegistry()
+    requests = Counter(
+        "edgefleet_http_requests_total", "HTTP requests", ["route", "status"], registry=metrics
+    )
+    latency = Histogram(
+        "edgefleet_http_request_seconds", "HTTP request latency", ["route"], registry=metrics
+    )
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse({"detail": exc.reason}, status_code=exc.status)
+
+    @app.middleware("http")
+    async def _observe(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        elapsed = time.perf_counter() - start
+        requests.labels(path, str(response.status_code)).inc()
+        latency.labels(path).observe(elapsed)
+        if log.isEnabledFor(logging.INFO):
+            log.info(
+                json.dumps(
+                    {
+                        "ts": datetime.now(UTC).isoformat(),
+                        "method": request.method,
+                        "path": request.url.path,
+                        "status": response.status_code,
+                        "range": request.headers.get("range"),
+                        "bytes": response.headers.get("content-length"),
+                        "ms": round(elapsed * 1e3, 2),
+                    }
+                )
+            )
+        return response
+
+    @app.get("/healthz", tags=["health"])
+    def healthz() -> dict[str, str]:
+        """The process is up."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"], response_model=None)
+    def readyz() -> dict[str, Any] | JSONResponse:
+        """The database answers."""
+        try:
+            with state.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+        except Exception as exc:  # any driver error means not ready
+            return JSONResponse(
+                {"status": "unavailable", "reason": str(exc)[:200]}, status_code=503
+            )
+        return {"status": "ready", "root_version": state.trusted.root.version}
+
+    @app.get("/metrics", tags=["health"], response_model=None)
+    def prometheus() -> Response:
+        return Response(generate_latest(metrics), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/roots/{version}.json", tags=["trust"], response_model=None)
+    def root_version(version: int) -> Response:
+        """Every version of the trusted root, so devices can follow rotations."""
+        data = state.root_chain.get(version)
+        if data is None:
+            raise ApiError(404, f"no root version {version}; newest is {max(state.root_chain)}")
+        return Response(data, media_type="application/json")
+
+    for router in (registry.router, devices.router, telemetry.router, admin.router):
+        app.include_router(router)
+    return app

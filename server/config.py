@@ -1,0 +1,43 @@
+"""Server settings (pydantic-settings): environment variables ``EDGEFLEET_*`` or arguments."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Everything the server is configured with; limits carry their unit in the name."""
+
+    model_config = SettingsConfigDict(env_prefix="EDGEFLEET_", extra="ignore")
+
+    data_dir: Path = Path("edgefleet-data")
+    #: SQLAlchemy URL; default: SQLite file ``fleet.db`` in the data directory.
+    database_url: str | None = None
+    #: Trusted root the server verifies bundles against (default: data_dir/root.json).
+    root_path: Path | None = None
+    #: Director private key that signs assignments (default: data_dir/keys/director.pem).
+    director_key_path: Path | None = None
+    #: Target catalogue TOML (default: the one shipped with firmware_bundles).
+    catalogue_path: Path | None = None
+    assignment_ttl_s: int = 24 * 3600
+    next_check_in_s: int = 3600
+    max_bundle_upload_bytes: int = 256 * 1024 * 1024
+    max_telemetry_batch_bytes: int = 4 * 1024 * 1024
+    max_windows_per_batch: int = 1000
+    enrollment_token_ttl_s: int = 7 * 24 * 3600
+
+    def resolved_database_url(self) -> str:
+        """The database URL, defaulting to SQLite in the data directory."""
+        return self.database_url or f"sqlite:///{(self.data_dir / 'fleet.db').resolve()}"
+
+    def resolved_root_path(self) -> Path:
+        return self.root_path or self.data_dir / "root.json"
+
+    def resolved_director_key_path(self) -> Path:
+        return self.director_key_path or self.data_dir / "keys" / "director.pem"
+
+    @property
+    def blob_dir(self) -> Path:
+        return self.data_dir / "blobs"

@@ -1,0 +1,227 @@
+"""Devices: enrollment (direct, or a ring through its phone), cohorts, and check-in.
+
+Check-in answers each device with a director-signed assignment per model, chosen only among
+bundles built for its hardware id whose firmware range and size fit it; a model it cannot run
+gets no assignment and a reason.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlmodel import Session, select
+
+from firmware_bundles.manifest import FirmwareRange
+from firmware_bundles.messages import Assignment, CapabilityReport, CheckInRequest, CheckInResponse
+from server.auth import hash_token, new_token
+from server.errors import ApiError
+from server.models import Bundle, Cohort, CohortMember, Device, EnrollmentToken, ModelVersion, Pin
+from server.registry import current_versions
+from server.state import ServerState
+
+
+def create_enrollment_token(
+    *, session: Session, cohort: str | None, ttl_s: int, max_uses: int
+) -> str:
+    """A new enrollment token (returned once; only its hash is kept).
+
+    Raises:
+        ApiError: 404 if the cohort does not exist; 400 on a bad limit.
+    """
+    if cohort is not None and session.get(Cohort, cohort) is None:
+        raise ApiError(404, f"no cohort {cohort!r}")
+    if max_uses < 1 or ttl_s < 1:
+        raise ApiError(400, "max_uses and ttl_s must be at least 1")
+    token = new_token("enroll")
+    session.add(
+        EnrollmentToken(
+            token_hash=hash_token(token),
+            cohort=cohort,
+            max_uses=max_uses,
+            expires_at=datetime.now(UTC) + timedelta(seconds=ttl_s),
+        )
+    )
+    session.commit()
+    return token
+
+
+def enroll(
+    *,
+    session: Session,
+    state: ServerState,
+    enroll_token: str,
+    device_id: str,
+    capabilities: CapabilityReport,
+    relay_id: str | None = None,
+) -> str:
+    """Enroll a device and return its credential (shown once).
+
+    Raises:
+        ApiError: 401 for a bad, expired or used-up token; 409 if the id is taken; 400 if the
+            hardware id is not in the catalogue.
+    """
+    now = datetime.now(UTC)
+    token = session.exec(
+        select(EnrollmentToken).where(EnrollmentToken.token_hash == hash_token(enroll_token))
+    ).first()
+    if token is None or token.revoked:
+        raise ApiError(401, "enrollment token is not valid")
+    if token.expires_at <= now:
+        raise ApiError(401, "enrollment token has expired")
+    if token.uses >= token.max_uses:
+        raise ApiError(401, f"enrollment token is used up ({token.max_uses} uses)")
+    if session.get(Device, device_id) is not None:
+        raise ApiError(409, f"device {device_id} is already enrolled")
+    if capabilities.hardware_id not in state.catalogue.targets:
+        raise ApiError(
+            400,
+            f"unknown hardware id {capabilities.hardware_id!r}; known: "
+            + ", ".join(sorted(state.catalogue.targets)),
+        )
+    credential = new_token("device")
+    token.uses += 1
+    session.add(token)
+    session.add(
+        Device(
+            id=device_id,
+            hardware_id=capabilities.hardware_id,
+            generation=capabilities.generation,
+            platform=capabilities.platform,
+            firmware_version=capabilities.firmware_version,
+            onnxruntime_version=capabilities.onnxruntime_version,
+            free_flash_bytes=capabilities.free_flash_bytes,
+            free_ram_bytes=capabilities.free_ram_bytes,
+            credential_hash=hash_token(credential),
+            relay_id=relay_id,
+            enrolled_at=now,
+        )
+    )
+    if token.cohort is not None:
+        session.flush()
+        session.add(CohortMember(cohort=token.cohort, device_id=device_id))
+    session.commit()
+    return credential
+
+
+def device_by_credential(session: Session, credential: str) -> Device | None:
+    return session.exec(
+        select(Device).where(Device.credential_hash == hash_token(credential))
+    ).first()
+
+
+def authorise_device(caller: Device, target_id: str, session: Session) -> Device:
+    """The device ``target_id`` if ``caller`` may act for it: itself, or as its paired relay.
+
+    Raises:
+        ApiError: 403 otherwise; 404 if it does not exist (only said to its relay).
+    """
+    if caller.id == target_id:
+        return caller
+    target = session.get(Device, target_id)
+    if target is None or target.relay_id != caller.id or target.revoked:
+        raise ApiError(403, f"device {caller.id} may not act for device {target_id}")
+    return target
+
+
+def _fits(device: Device, bundle: Bundle) -> str | None:
+    """Why ``bundle`` cannot go to ``device``, or None."""
+    firmware = FirmwareRange(minimum=bundle.firmware_min, below=bundle.firmware_below)
+    if not firmware.contains(device.firmware_version):
+        return (
+            f"firmware {device.firmware_version} outside the bundle's range"
+            f" >={bundle.firmware_min}"
+            + (f",<{bundle.firmware_below}" if bundle.firmware_below else "")
+        )
+    if bundle.length > device.free_flash_bytes:
+        return f"bundle is {bundle.length} bytes, device has {device.free_flash_bytes} free"
+    return None
+
+
+def check_in(
+    *, session: Session, state: ServerState, device: Device, request: CheckInRequest
+) -> CheckInResponse:
+    """Record the device's state and answer with signed assignments and reasons.
+
+    Raises:
+        ApiError: 400 if the request names another device.
+    """
+    if request.device_id != device.id:
+        raise ApiError(400, f"check-in body is for {request.device_id}, URL for {device.id}")
+    now = datetime.now(UTC)
+    device.last_seen = now
+    device.last_nonce = request.nonce
+    device.firmware_version = request.firmware_version
+    device.installed = [m.to_dict() for m in request.installed]
+    if request.capabilities is not None:
+        device.free_flash_bytes = request.capabilities.free_flash_bytes
+        device.free_ram_bytes = request.capabilities.free_ram_bytes
+    session.add(device)
+    wanted = current_versions(session, device.hardware_id)
+    pins = session.exec(select(Pin).where(Pin.device_id == device.id)).all()
+    for p in pins:
+        pinned = session.get(ModelVersion, p.version_id)
+        if pinned is not None:
+            wanted[p.model_name] = pinned
+    assignments: list[dict[str, Any]] = []
+    withheld: dict[str, str] = {}
+    expires = now + timedelta(seconds=state.settings.assignment_ttl_s)
+    for model, version in sorted(wanted.items()):
+        bundle = session.exec(
+            select(Bundle).where(
+                Bundle.version_id == version.id, Bundle.target_id == device.hardware_id
+            )
+        ).first()
+        if bundle is None:
+            withheld[model] = f"{model} {version.version} has no bundle for {device.hardware_id}"
+            continue
+        reason = _fits(device, bundle)
+        if reason is not None:
+            withheld[model] = reason
+            continue
+        assignment = Assignment(
+            device_id=device.id,
+            hardware_id=device.hardware_id,
+            model=model,
+            version=version.version,
+            bundle_sha256=bundle.sha256,
+            bundle_length=bundle.length,
+            release_counter=version.release_counter,
+            download_url=f"/v1/bundles/{bundle.sha256}",
+            issued_at=now,
+            expires_at=expires,
+            nonce=request.nonce,
+        )
+        assignments.append(assignment.sign(state.director_key).to_dict())
+    session.commit()
+    return CheckInResponse(
+        assignments=assignments, withheld=withheld, next_check_in_s=state.settings.next_check_in_s
+    )
+
+
+def cohort_devices(session: Session, cohort: Cohort) -> list[str]:
+    """Members of a cohort: static members plus devices matching its filter."""
+    members = {
+        m.device_id
+        for m in session.exec(select(CohortMember).where(CohortMember.cohort == cohort.name))
+    }
+    if cohort.filter:
+        query = select(Device)
+        for field in ("generation", "platform", "hardware_id"):
+            if field in cohort.filter:
+                query = query.where(getattr(Device, field) == cohort.filter[field])
+        firmware = FirmwareRange(
+            minimum=cohort.filter.get("firmware_min", "0.0.0"),
+            below=cohort.filter.get("firmware_below"),
+        )
+        members |= {d.id for d in session.exec(query) if firmware.contains(d.firmware_version)}
+    return sorted(members)
+
+
+def device_public(device: Device) -> dict[str, Any]:
+    """A device as the API shows it (no credential hash)."""
+    data = device.model_dump(exclude={"credential_hash"})
+    for key in ("enrolled_at", "last_seen"):
+        if data.get(key) is not None:
+            data[key] = data[key].isoformat()
+    return data

@@ -1,0 +1,170 @@
+"""SQLModel tables of the fleet: credentials, devices and cohorts, registry, releases, telemetry.
+
+Release state is a log (``release``) rather than one mutable row, so withdrawing a version falls
+back to the previous release, and staged rollouts can later write the same log.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, Column, LargeBinary, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+
+class ApiToken(SQLModel, table=True):
+    """An operator credential with one role; only its SHA-256 is stored."""
+
+    __tablename__ = "api_token"
+    id: int | None = Field(default=None, primary_key=True)
+    name: str
+    role: str = Field(index=True)
+    token_hash: str = Field(unique=True, index=True)
+    created_at: datetime
+    revoked: bool = False
+
+
+class EnrollmentToken(SQLModel, table=True):
+    """A token devices enroll with: optionally tied to a cohort, with expiry and a use limit."""
+
+    __tablename__ = "enrollment_token"
+    id: int | None = Field(default=None, primary_key=True)
+    token_hash: str = Field(unique=True, index=True)
+    cohort: str | None = None
+    expires_at: datetime
+    max_uses: int
+    uses: int = 0
+    revoked: bool = False
+
+
+class Cohort(SQLModel, table=True):
+    """A named group of devices: static members and/or an attribute filter."""
+
+    __tablename__ = "cohort"
+    name: str = Field(primary_key=True)
+    #: e.g. {"generation": "ring-gen3", "platform": "nrf52840", "firmware_min": "3.1.0"}
+    filter: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    created_at: datetime
+
+
+class CohortMember(SQLModel, table=True):
+    __tablename__ = "cohort_member"
+    cohort: str = Field(primary_key=True, foreign_key="cohort.name")
+    device_id: str = Field(primary_key=True, foreign_key="device.id")
+
+
+class Device(SQLModel, table=True):
+    """An enrolled device, its capabilities, credential and last contact."""
+
+    __tablename__ = "device"
+    id: str = Field(primary_key=True)
+    hardware_id: str = Field(index=True)
+    generation: str
+    platform: str
+    firmware_version: str
+    onnxruntime_version: str | None = None
+    free_flash_bytes: int
+    free_ram_bytes: int
+    credential_hash: str = Field(unique=True, index=True)
+    revoked: bool = False
+    #: The phone that relays for this device (a ring), if paired.
+    relay_id: str | None = Field(default=None, index=True)
+    enrolled_at: datetime
+    last_seen: datetime | None = None
+    last_nonce: str | None = None
+    installed: list[dict[str, Any]] | None = Field(default=None, sa_column=Column(JSON))
+
+
+class Model(SQLModel, table=True):
+    __tablename__ = "model"
+    name: str = Field(primary_key=True)
+    created_at: datetime
+
+
+class ModelVersion(SQLModel, table=True):
+    """One published version of a model, with lineage."""
+
+    __tablename__ = "model_version"
+    __table_args__ = (UniqueConstraint("model_name", "version"),)
+    id: int | None = Field(default=None, primary_key=True)
+    model_name: str = Field(foreign_key="model.name", index=True)
+    version: str
+    release_counter: int
+    published_by: str
+    published_at: datetime
+    provenance: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    withdrawn: bool = False
+
+
+class Bundle(SQLModel, table=True):
+    """A verified bundle for one target: immutable, addressed by its SHA-256."""
+
+    __tablename__ = "bundle"
+    sha256: str = Field(primary_key=True)
+    version_id: int = Field(foreign_key="model_version.id", index=True)
+    target_id: str = Field(index=True)
+    length: int
+    format: str
+    firmware_min: str
+    firmware_below: str | None = None
+    op_types: list[str] = Field(sa_column=Column(JSON))
+    manifest: dict[str, Any] = Field(sa_column=Column(JSON))
+    hil_report: bytes | None = Field(default=None, sa_column=Column(LargeBinary))
+
+
+class Release(SQLModel, table=True):
+    """A log entry: from ``released_at`` on, ``version_id`` is current for a model and target."""
+
+    __tablename__ = "release"
+    id: int | None = Field(default=None, primary_key=True)
+    model_name: str = Field(index=True)
+    target_id: str = Field(index=True)
+    version_id: int = Field(foreign_key="model_version.id")
+    released_at: datetime
+    released_by: str
+
+
+class Pin(SQLModel, table=True):
+    """Holds one device on one version of a model."""
+
+    __tablename__ = "pin"
+    device_id: str = Field(primary_key=True, foreign_key="device.id")
+    model_name: str = Field(primary_key=True)
+    version_id: int = Field(foreign_key="model_version.id")
+
+
+class TelemetryBatchRecord(SQLModel, table=True):
+    """One accepted telemetry upload; its key makes replays no-ops."""
+
+    __tablename__ = "telemetry_batch"
+    __table_args__ = (UniqueConstraint("device_id", "boot_epoch", "sequence"),)
+    id: int | None = Field(default=None, primary_key=True)
+    device_id: str = Field(index=True)
+    boot_epoch: int
+    sequence: int
+    window_count: int
+    dropped_windows: int = 0
+    received_at: datetime
+
+
+class TelemetryRollup(SQLModel, table=True):
+    """Merged telemetry per model version x generation x platform x event-time day."""
+
+    __tablename__ = "telemetry_rollup"
+    __table_args__ = (UniqueConstraint("model", "version", "generation", "platform", "day"),)
+    id: int | None = Field(default=None, primary_key=True)
+    model: str = Field(index=True)
+    version: str
+    generation: str
+    platform: str
+    day: str
+    inference_count: int = 0
+    error_count: int = 0
+    selftest_failure_count: int = 0
+    window_count: int = 0
+    latency: dict[str, Any] = Field(sa_column=Column(JSON))
+    outputs: dict[str, Any] = Field(sa_column=Column(JSON))
+    inputs: dict[str, Any] = Field(sa_column=Column(JSON))
+    feedback: dict[str, Any] = Field(sa_column=Column(JSON))
+    labels: dict[str, Any] = Field(sa_column=Column(JSON))

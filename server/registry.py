@@ -1,0 +1,211 @@
+"""The registry: publishing verified bundles, and the release state devices are assigned from."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlmodel import Session, col, select
+
+from firmware_bundles import ArchiveLimits, BundleError, bundle_id, verify
+from firmware_bundles.errors import CatalogueError
+from firmware_bundles.manifest import semver_key
+from server.errors import ApiError
+from server.models import Bundle, Model, ModelVersion, Pin, Release
+from server.state import ServerState
+
+
+def publish(*, session: Session, state: ServerState, data: bytes, publisher: str) -> Bundle:
+    """Verify a bundle against the trusted root and the catalogue, then store and register it.
+
+    Raises:
+        ApiError: 400 with the reason if it does not verify or fit its target; 409 if the same
+            version exists with another release counter.
+    """
+    limits = ArchiveLimits(max_total_bytes=state.settings.max_bundle_upload_bytes)
+    try:
+        verified = verify(data, state.trusted.root, limits=limits)
+    except BundleError as exc:
+        raise ApiError(400, f"bundle refused: {exc}") from exc
+    manifest = verified.manifest
+    if len(manifest.targets) != 1:
+        raise ApiError(400, "bundle refused: a bundle must name exactly one target")
+    target = manifest.targets[0]
+    try:
+        state.catalogue.check_fits(manifest, target.target_id, len(data))
+    except CatalogueError as exc:
+        raise ApiError(400, f"bundle refused: {exc}") from exc
+    sha = bundle_id(data)
+    existing = session.get(Bundle, sha)
+    if existing is not None:
+        return existing
+    now = datetime.now(UTC)
+    if session.get(Model, manifest.name) is None:
+        session.add(Model(name=manifest.name, created_at=now))
+    version = session.exec(
+        select(ModelVersion).where(
+            ModelVersion.model_name == manifest.name, ModelVersion.version == manifest.version
+        )
+    ).first()
+    if version is None:
+        version = ModelVersion(
+            model_name=manifest.name,
+            version=manifest.version,
+            release_counter=manifest.release_counter,
+            published_by=publisher,
+            published_at=now,
+            provenance=manifest.provenance.to_dict(),
+        )
+        session.add(version)
+        session.flush()
+    elif version.release_counter != manifest.release_counter:
+        raise ApiError(
+            409,
+            f"{manifest.name} {manifest.version} exists with release counter"
+            f" {version.release_counter}, bundle says {manifest.release_counter}",
+        )
+    clash = session.exec(
+        select(Bundle).where(Bundle.version_id == version.id, Bundle.target_id == target.target_id)
+    ).first()
+    if clash is not None:
+        raise ApiError(
+            409,
+            f"{manifest.name} {manifest.version} already has bundle"
+            f" {clash.sha256[:12]} for {target.target_id}; publish a new version",
+        )
+    state.blobs.put(data)
+    assert version.id is not None
+    bundle = Bundle(
+        sha256=sha,
+        version_id=version.id,
+        target_id=target.target_id,
+        length=len(data),
+        format=manifest.runtime.format,
+        firmware_min=target.firmware.minimum,
+        firmware_below=target.firmware.below,
+        op_types=manifest.runtime.op_types,
+        manifest=manifest.to_dict(),
+    )
+    session.add(bundle)
+    session.commit()
+    return bundle
+
+
+def get_version(session: Session, model: str, version: str) -> ModelVersion:
+    """Raises: ApiError 404 if unknown."""
+    found = session.exec(
+        select(ModelVersion).where(
+            ModelVersion.model_name == model, ModelVersion.version == version
+        )
+    ).first()
+    if found is None:
+        raise ApiError(404, f"no version {version} of model {model}")
+    return found
+
+
+def release(
+    *, session: Session, model: str, version: str, target: str | None, by: str
+) -> list[str]:
+    """Make ``version`` current for ``target`` (or every target it has a bundle for).
+
+    Returns:
+        The target ids released.
+
+    Raises:
+        ApiError: 404 if unknown, 409 if withdrawn or without a bundle for the target.
+    """
+    found = get_version(session, model, version)
+    if found.withdrawn:
+        raise ApiError(409, f"{model} {version} is withdrawn")
+    bundles = session.exec(select(Bundle).where(Bundle.version_id == found.id)).all()
+    targets = sorted({b.target_id for b in bundles})
+    if target is not None:
+        if target not in targets:
+            raise ApiError(
+                409,
+                f"{model} {version} has no bundle for {target};"
+                f" it has: {', '.join(targets) or 'none'}",
+            )
+        targets = [target]
+    now = datetime.now(UTC)
+    assert found.id is not None
+    for t in targets:
+        session.add(
+            Release(
+                model_name=model, target_id=t, version_id=found.id, released_at=now, released_by=by
+            )
+        )
+    session.commit()
+    return targets
+
+
+def withdraw(*, session: Session, model: str, version: str) -> None:
+    """Stop assigning ``version``; its devices fall back to the previous released version."""
+    found = get_version(session, model, version)
+    found.withdrawn = True
+    session.add(found)
+    session.commit()
+
+
+def pin(*, session: Session, device_id: str, model: str, version: str | None) -> None:
+    """Hold a device on ``version`` of ``model``; ``None`` removes the pin."""
+    existing = session.get(Pin, (device_id, model))
+    if version is None:
+        if existing is not None:
+            session.delete(existing)
+            session.commit()
+        return
+    found = get_version(session, model, version)
+    assert found.id is not None
+    if existing is None:
+        session.add(Pin(device_id=device_id, model_name=model, version_id=found.id))
+    else:
+        existing.version_id = found.id
+        session.add(existing)
+    session.commit()
+
+
+def current_versions(session: Session, target_id: str) -> dict[str, ModelVersion]:
+    """For each model, the newest release for ``target_id`` whose version is not withdrawn."""
+    rows = session.exec(
+        select(Release, ModelVersion)
+        .join(ModelVersion, col(ModelVersion.id) == col(Release.version_id))
+        .where(Release.target_id == target_id, col(ModelVersion.withdrawn).is_(False))
+        .order_by(col(Release.released_at).desc(), col(Release.id).desc())
+    ).all()
+    current: dict[str, ModelVersion] = {}
+    for rel, version in rows:
+        current.setdefault(rel.model_name, version)
+    return current
+
+
+def list_models(session: Session) -> list[dict[str, Any]]:
+    """Every model with its versions (newest first) and bundles per target."""
+    versions = session.exec(select(ModelVersion)).all()
+    bundles = session.exec(select(Bundle)).all()
+    releases = session.exec(select(Release)).all()
+    by_version: dict[int, list[Bundle]] = {}
+    for b in bundles:
+        by_version.setdefault(b.version_id, []).append(b)
+    released: dict[int, set[str]] = {}
+    for r in releases:
+        released.setdefault(r.version_id, set()).add(r.target_id)
+    models: dict[str, dict[str, Any]] = {}
+    for v in sorted(versions, key=lambda v: semver_key(v.version), reverse=True):
+        entry = models.setdefault(v.model_name, {"name": v.model_name, "versions": []})
+        entry["versions"].append(
+            {
+                "version": v.version,
+                "release_counter": v.release_counter,
+                "published_by": v.published_by,
+                "published_at": v.published_at.isoformat(),
+                "withdrawn": v.withdrawn,
+                "released_for": sorted(released.get(v.id or -1, set())),
+                "provenance": v.provenance,
+                "bundles": [
+                    {"sha256": b.sha256, "target_id": b.target_id, "length": b.length}
+                    for b in sorted(by_version.get(v.id or -1, []), key=lambda b: b.target_id)
+                ],
+            }
+        )
+    return sorted(models.values(), key=lambda m: m["name"])

@@ -1,0 +1,104 @@
+"""What a running server holds: settings, database engine, trust material, blob store."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from sqlalchemy import Engine
+
+from firmware_bundles import SigningKey, TargetCatalogue, TrustedRoot
+from firmware_bundles.errors import BundleError
+from firmware_bundles.root import parse_root
+from server.config import Settings
+from server.errors import ConfigError
+
+
+class BlobStore:
+    """Content-addressed files: ``blobs/ab/abcdef...``; written atomically, never changed."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def path(self, sha256: str) -> Path:
+        return self.directory / sha256[:2] / sha256
+
+    def put(self, data: bytes) -> str:
+        """Store ``data``; returns its SHA-256."""
+        digest = hashlib.sha256(data).hexdigest()
+        target = self.path(digest)
+        if target.exists():
+            return digest
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+        return digest
+
+
+@dataclass
+class ServerState:
+    """Shared by every request (read-only after start)."""
+
+    settings: Settings
+    engine: Engine
+    trusted: TrustedRoot
+    root_chain: dict[int, bytes]
+    director_key: SigningKey
+    catalogue: TargetCatalogue
+    blobs: BlobStore
+
+
+def load_trust(settings: Settings) -> tuple[TrustedRoot, dict[int, bytes], SigningKey]:
+    """Load the trusted root chain and the director key.
+
+    The root file may be followed by rotated versions saved as ``N.root.json`` beside it; the
+    server walks them and serves every version at ``/v1/roots/N.json``.
+
+    Raises:
+        ConfigError: If a file is missing or does not verify, or the director key is not in the
+            root's director role.
+    """
+    root_path = settings.resolved_root_path()
+    key_path = settings.resolved_director_key_path()
+    try:
+        first = root_path.read_bytes()
+        trusted = TrustedRoot.from_pinned(first, datetime.now(UTC))
+        chain = {trusted.root.version: first}
+        n = trusted.root.version + 1
+        while (root_path.parent / f"{n}.root.json").exists():
+            data = (root_path.parent / f"{n}.root.json").read_bytes()
+            trusted.update(data, datetime.now(UTC))
+            chain[n] = data
+            n += 1
+        director = SigningKey.from_pem(key_path.read_bytes())
+    except FileNotFoundError as exc:
+        raise ConfigError(
+            f"{exc.filename} not found; pass --root and --director-key, or start once with"
+            " `edgefleet serve --init` to create a local root and keys"
+        ) from exc
+    except BundleError as exc:
+        raise ConfigError(f"trust material does not verify: {exc}") from exc
+    if director.keyid not in trusted.root.roles["director"].keyids:
+        raise ConfigError(f"director key {director.keyid[:12]} is not in the root's director role")
+    # parse_root keeps the envelope of each version byte for byte
+    for data in chain.values():
+        parse_root(data)
+    return trusted, chain, director
+
+
+def load_catalogue(settings: Settings) -> TargetCatalogue:
+    try:
+        if settings.catalogue_path:
+            return TargetCatalogue.from_bytes(settings.catalogue_path.read_bytes())
+        return TargetCatalogue.load_default()
+    except (OSError, BundleError) as exc:
+        raise ConfigError(f"catalogue: {exc}") from exc
