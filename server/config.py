@@ -22,6 +22,9 @@ class Settings(BaseSettings):
     #: Target catalogue TOML (default: the one shipped with firmware_bundles).
     catalogue_path: Path | None = None
     assignment_ttl_s: int = 24 * 3600
+    #: How long a worker reuses what is released per target before re-reading the database;
+    #: the worker that made a change sees it at once, others within this time.
+    release_cache_ttl_s: float = 2.0
     next_check_in_s: int = 3600
     max_bundle_upload_bytes: int = 256 * 1024 * 1024
     max_telemetry_batch_bytes: int = 4 * 1024 * 1024

@@ -20,7 +20,15 @@ MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 def make_engine(url: str) -> Engine:
     """An engine; SQLite gets WAL, a busy timeout and foreign keys."""
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        # One connection: SQLite has one writer, and threads contending for it hit the busy
+        # handler, which sleeps; queueing for the pooled connection does not.
+        engine = create_engine(
+            url,
+            connect_args={"check_same_thread": False, "timeout": 30},
+            pool_size=1,
+            max_overflow=0,
+            pool_timeout=60,
+        )
 
         @event.listens_for(engine, "connect")
         def _pragmas(conn, _record):  # type: ignore[no-untyped-def]

@@ -7,10 +7,12 @@ gets no assignment and a reason.
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from firmware_bundles.manifest import FirmwareRange
 from firmware_bundles.messages import Assignment, CapabilityReport, CheckInRequest, CheckInResponse
@@ -124,7 +126,77 @@ def authorise_device(caller: Device, target_id: str, session: Session) -> Device
     return target
 
 
-def _fits(device: Device, bundle: Bundle) -> str | None:
+@dataclass(frozen=True)
+class Offer:
+    """What a model offers one hardware id: the current version and its bundle, if any."""
+
+    version: str
+    release_counter: int
+    sha256: str | None = None
+    length: int = 0
+    firmware_min: str = "0.0.0"
+    firmware_below: str | None = None
+
+
+def _offer(session: Session, version_id: int, hardware_id: str) -> Offer | None:
+    version = session.get(ModelVersion, version_id)
+    if version is None:
+        return None
+    bundle = session.exec(
+        select(Bundle).where(Bundle.version_id == version_id, Bundle.target_id == hardware_id)
+    ).first()
+    if bundle is None:
+        return Offer(version.version, version.release_counter)
+    return Offer(
+        version.version,
+        version.release_counter,
+        bundle.sha256,
+        bundle.length,
+        bundle.firmware_min,
+        bundle.firmware_below,
+    )
+
+
+def offers_for(session: Session, state: ServerState, hardware_id: str) -> dict[str, Offer]:
+    """Current version and bundle per model for ``hardware_id``, cached for a short time.
+
+    Every check-in needs this and it changes only on release, withdraw or publish, which clear
+    the cache of the worker that made them; other workers see a change within
+    ``release_cache_ttl_s``.
+    """
+    cached = state.release_cache.get(hardware_id)
+    if cached is not None and time.monotonic() - cached[0] < state.settings.release_cache_ttl_s:
+        return cached[1]
+    wanted = current_versions(session, hardware_id)
+    bundles = {
+        b.version_id: b
+        for b in session.exec(
+            select(Bundle).where(
+                col(Bundle.version_id).in_([v.id for v in wanted.values()]),
+                Bundle.target_id == hardware_id,
+            )
+        )
+    }
+    offers = {}
+    for model, version in wanted.items():
+        b = bundles.get(version.id or -1)
+        offers[model] = (
+            Offer(version.version, version.release_counter)
+            if b is None
+            else Offer(
+                version.version,
+                version.release_counter,
+                b.sha256,
+                b.length,
+                b.firmware_min,
+                b.firmware_below,
+            )
+        )
+    state.release_cache[hardware_id] = (time.monotonic(), offers)
+    return offers
+
+
+def _fits(device: Device, bundle: Offer) -> str | None:
     """Why ``bundle`` cannot go to ``device``, or None."""
     firmware = FirmwareRange(minimum=bundle.firmware_min, below=bundle.firmware_below)
     if not firmware.contains(device.firmware_version):
@@ -157,25 +229,19 @@ def check_in(
         device.free_flash_bytes = request.capabilities.free_flash_bytes
         device.free_ram_bytes = request.capabilities.free_ram_bytes
     session.add(device)
-    wanted = current_versions(session, device.hardware_id)
-    pins = session.exec(select(Pin).where(Pin.device_id == device.id)).all()
-    for p in pins:
-        pinned = session.get(ModelVersion, p.version_id)
+    offers = dict(offers_for(session, state, device.hardware_id))
+    for p in session.exec(select(Pin).where(Pin.device_id == device.id)):
+        pinned = _offer(session, p.version_id, device.hardware_id)
         if pinned is not None:
-            wanted[p.model_name] = pinned
+            offers[p.model_name] = pinned
     assignments: list[dict[str, Any]] = []
     withheld: dict[str, str] = {}
     expires = now + timedelta(seconds=state.settings.assignment_ttl_s)
-    for model, version in sorted(wanted.items()):
-        bundle = session.exec(
-            select(Bundle).where(
-                Bundle.version_id == version.id, Bundle.target_id == device.hardware_id
-            )
-        ).first()
-        if bundle is None:
-            withheld[model] = f"{model} {version.version} has no bundle for {device.hardware_id}"
+    for model, offer in sorted(offers.items()):
+        if offer.sha256 is None:
+            withheld[model] = f"{model} {offer.version} has no bundle for {device.hardware_id}"
             continue
-        reason = _fits(device, bundle)
+        reason = _fits(device, offer)
         if reason is not None:
             withheld[model] = reason
             continue
@@ -183,11 +249,11 @@ def check_in(
             device_id=device.id,
             hardware_id=device.hardware_id,
             model=model,
-            version=version.version,
-            bundle_sha256=bundle.sha256,
-            bundle_length=bundle.length,
-            release_counter=version.release_counter,
-            download_url=f"/v1/bundles/{bundle.sha256}",
+            version=offer.version,
+            bundle_sha256=offer.sha256,
+            bundle_length=offer.length,
+            release_counter=offer.release_counter,
+            download_url=f"/v1/bundles/{offer.sha256}",
             issued_at=now,
             expires_at=expires,
             nonce=request.nonce,

@@ -5,9 +5,10 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import Engine
 
@@ -55,6 +56,8 @@ class ServerState:
     director_key: SigningKey
     catalogue: TargetCatalogue
     blobs: BlobStore
+    #: hardware id -> (monotonic time read, offers); see server.fleet.offers_for
+    release_cache: dict[str, tuple[float, Any]] = field(default_factory=dict)
 
 
 def load_trust(settings: Settings) -> tuple[TrustedRoot, dict[int, bytes], SigningKey]:

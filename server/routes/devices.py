@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Response
 from pydantic import BaseModel
 from sqlmodel import select
 
@@ -76,13 +76,14 @@ def unpair(device_id: str, session: SessionDep, who: PrincipalDep) -> dict[str, 
     return {"device_id": device_id, "relay_id": None}
 
 
-@router.post("/{device_id}/check-in")
+@router.post("/{device_id}/check-in", response_model=CheckInResponse)
 def check_in(
     device_id: str, body: CheckInRequest, session: SessionDep, state: StateDep, caller: DeviceDep
-) -> CheckInResponse:
+) -> Response:
     """Report state with a fresh nonce; get director-signed assignments carrying it."""
     device = fleet.authorise_device(caller, device_id, session)
-    return fleet.check_in(session=session, state=state, device=device, request=body)
+    answer = fleet.check_in(session=session, state=state, device=device, request=body)
+    return Response(answer.to_bytes(), media_type="application/json")
 
 
 @router.get("")

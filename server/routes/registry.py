@@ -33,6 +33,7 @@ async def publish(
     if len(data) > state.settings.max_bundle_upload_bytes:
         raise ApiError(413, f"bundle over {state.settings.max_bundle_upload_bytes} bytes")
     bundle = registry.publish(session=session, state=state, data=data, publisher=who.name)
+    state.release_cache.clear()
     manifest = bundle.manifest
     return PublishResult(
         sha256=bundle.sha256,
@@ -86,9 +87,15 @@ class ReleaseRequest(BaseModel):
 
 @router.post("/models/{name}/versions/{version}/release")
 def release(
-    name: str, version: str, body: ReleaseRequest, session: SessionDep, who: OperatorDep
+    name: str,
+    version: str,
+    body: ReleaseRequest,
+    session: SessionDep,
+    state: StateDep,
+    who: OperatorDep,
 ) -> dict[str, Any]:
     """Make a version current for one target, or for every target it has a bundle for."""
+    state.release_cache.clear()
     targets = registry.release(
         session=session, model=name, version=version, target=body.target, by=who.name
     )
@@ -96,7 +103,10 @@ def release(
 
 
 @router.post("/models/{name}/versions/{version}/withdraw")
-def withdraw(name: str, version: str, session: SessionDep, who: OperatorDep) -> dict[str, Any]:
+def withdraw(
+    name: str, version: str, session: SessionDep, state: StateDep, who: OperatorDep
+) -> dict[str, Any]:
     """Stop assigning a version; its devices get the previous released version."""
     registry.withdraw(session=session, model=name, version=version)
+    state.release_cache.clear()
     return {"model": name, "version": version, "withdrawn": True}

@@ -1,0 +1,291 @@
+"""Fleet server throughput under load from a separate process (wrk), against a bare endpoint.
+
+For SQLite and PostgreSQL: 10,000 enrolled devices and 20 models in the database (each model has
+a released phone-android bundle; each device runs ``--assigned`` of them), a real `edgefleet
+serve` process (uvicorn, one worker, loopback), and wrk at fixed concurrency sending check-ins
+(nonce, director signature per assignment, compatibility, last-seen write) and telemetry batches.
+Baseline: a bare FastAPI endpoint on the same uvicorn, answering the same requests with a body of
+the same size, measured in the same run.
+
+    python bench/bench_server.py [--duration 10] [--connections 16] [--assigned 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from edgefleet.server_cli import init_trust  # noqa: E402
+from firmware_bundles import SigningKey, build  # noqa: E402
+from server.auth import hash_token  # noqa: E402
+from server.db import upgrade  # noqa: E402
+from tests.conftest import MODEL_BYTES, manifest_draft  # noqa: E402
+
+PG = os.environ.get(
+    "EDGEFLEET_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
+
+
+def port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait(url: str) -> None:
+    for _ in range(200):
+        try:
+            httpx.get(url + "/healthz", timeout=1)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise SystemExit(f"{url} did not start")
+
+
+def seed(url: str, data_dir: Path, devices: int, models: int, assigned: int) -> Path:
+    """Publish and release ``models`` models, enroll ``devices`` devices straight into the DB."""
+    from sqlalchemy import insert
+    from sqlmodel import Session
+
+    from server.app import build_state
+    from server.config import Settings
+    from server.models import Device
+    from server.registry import publish, release
+
+    upgrade(url)
+    state = build_state(Settings(data_dir=data_dir, database_url=url))
+    key = SigningKey.from_pem((data_dir / "keys" / "release.pem").read_bytes())
+    with Session(state.engine) as session:
+        for m in range(models):
+            name = f"m{m:02d}"
+            target = "phone-android" if m < assigned else "devboard-rpi4"
+            platform = (
+                ("phone", "android", "10.0.0") if m < assigned else ("devboard", "rpi4", "1.0.0")
+            )
+            draft = manifest_draft(
+                name=name,
+                targets=[
+                    {
+                        "target_id": target,
+                        "generation": platform[0],
+                        "platform": platform[1],
+                        "firmware": {"minimum": platform[2]},
+                    }
+                ],
+            )
+            publish(
+                session=session,
+                state=state,
+                publisher="bench",
+                data=build(draft, {"model.onnx": MODEL_BYTES}, [key]),
+            )
+            release(session=session, model=name, version="1.2.3", target=None, by="bench")
+        creds = data_dir / "creds.txt"
+        rows, lines = [], []
+        now = datetime.now(UTC)
+        for i in range(devices):
+            cred = f"efd_bench_{i}_{uuid.uuid4().hex}"
+            lines.append(f"dev-{i:05d} {cred}")
+            rows.append(
+                {
+                    "id": f"dev-{i:05d}",
+                    "hardware_id": "phone-android",
+                    "generation": "phone",
+                    "platform": "android",
+                    "firmware_version": "14.0.0",
+                    "free_flash_bytes": 10**9,
+                    "free_ram_bytes": 10**9,
+                    "credential_hash": hash_token(cred),
+                    "revoked": False,
+                    "enrolled_at": now,
+                }
+            )
+        session.execute(insert(Device), rows)
+        session.commit()
+    creds.write_text("\n".join(lines) + "\n")
+    state.engine.dispose()
+    return creds
+
+
+def wrk(url: str, script: str, creds: Path, duration: int, connections: int) -> tuple[float, int]:
+    env = {**os.environ, "EDGEFLEET_BENCH_CREDS": str(creds)}
+    out = subprocess.run(
+        [
+            "wrk",
+            "-t2",
+            f"-c{connections}",
+            f"-d{duration}s",
+            "-s",
+            str(REPO / "bench" / script),
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    ).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return rps, int(bad.group(1)) if bad else 0
+
+
+def response_size(url: str, creds: Path) -> int:
+    device, cred = creds.read_text().split("\n", 1)[0].split()
+    r = httpx.post(
+        f"{url}/v1/devices/{device}/check-in",
+        headers={"Authorization": f"Bearer {cred}"},
+        json={"device_id": device, "nonce": uuid.uuid4().hex, "firmware_version": "14.0.0"},
+    )
+    r.raise_for_status()
+    return len(r.content)
+
+
+def run_database(kind: str, args: argparse.Namespace, table: Table) -> None:
+    work = Path(tempfile.mkdtemp(prefix=f"edgefleet-bench-{kind}-"))
+    data_dir = work / "data"
+    init_trust(data_dir)
+    if kind == "sqlite":
+        url = f"sqlite:///{data_dir / 'fleet.db'}"
+    else:
+        import psycopg
+
+        name = f"edgefleet_bench_{uuid.uuid4().hex[:8]}"
+        admin = PG.replace("postgresql+psycopg://", "postgresql://")
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        url = PG.rsplit("/", 1)[0] + "/" + name
+    creds = seed(url, data_dir, args.devices, args.models, args.assigned)
+    srv_port, bare_port = port(), port()
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "edgefleet",
+            "serve",
+            "--data-dir",
+            str(data_dir),
+            "--database-url",
+            url,
+            "--port",
+            str(srv_port),
+            "--log-level",
+            "warning",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    server_url = f"http://127.0.0.1:{srv_port}"
+    try:
+        wait(server_url)
+        size = response_size(server_url, creds)
+        bare = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "bare_app:app",
+                "--port",
+                str(bare_port),
+                "--log-level",
+                "warning",
+            ],
+            cwd=REPO / "bench",
+            env={**os.environ, "BARE_BODY_BYTES": str(size)},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        bare_url = f"http://127.0.0.1:{bare_port}"
+        try:
+            wait(bare_url)
+            base, _ = wrk(bare_url, "checkin.lua", creds, args.duration, args.connections)
+            real, bad = wrk(server_url, "checkin.lua", creds, args.duration, args.connections)
+            table.add_row(
+                kind,
+                "check-in",
+                f"{size} B",
+                f"{base:,.0f}",
+                f"{real:,.0f}",
+                f"{real / base:.2f}",
+                str(bad),
+                "",
+            )
+            tbase, _ = wrk(bare_url, "telemetry.lua", creds, args.duration, args.connections)
+            treal, tbad = wrk(server_url, "telemetry.lua", creds, args.duration, args.connections)
+            table.add_row(
+                kind,
+                f"telemetry ({args.windows} windows/batch)",
+                "",
+                f"{tbase:,.0f}",
+                f"{treal:,.0f}",
+                f"{treal / tbase:.2f}",
+                str(tbad),
+                f"{treal * args.windows:,.0f}",
+            )
+        finally:
+            bare.terminate()
+            bare.wait()
+    finally:
+        server.terminate()
+        server.wait()
+        if kind == "postgresql":
+            import psycopg
+
+            with psycopg.connect(
+                PG.replace("postgresql+psycopg://", "postgresql://"), autocommit=True
+            ) as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)')
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=int, default=10)
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--devices", type=int, default=10_000)
+    parser.add_argument("--models", type=int, default=20)
+    parser.add_argument("--assigned", type=int, default=4, help="Models each device runs.")
+    parser.add_argument("--windows", type=int, default=10)
+    parser.add_argument("--databases", default="sqlite,postgresql")
+    args = parser.parse_args()
+    os.environ["EDGEFLEET_BENCH_WINDOWS"] = str(args.windows)
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is needed: apt-get install wrk")
+    table = Table(
+        title=f"Fleet server under wrk (-t2 -c{args.connections}, {args.duration}s);"
+        f" {args.devices} devices, {args.models} models, {args.assigned} assigned"
+    )
+    for col in (
+        "database",
+        "request",
+        "body",
+        "bare req/s",
+        "server req/s",
+        "ratio",
+        "non-2xx",
+        "windows/s",
+    ):
+        table.add_column(col, justify="left" if col in ("database", "request") else "right")
+    for kind in args.databases.split(","):
+        run_database(kind, args, table)
+    Console(width=160).print(table)
+
+
+if __name__ == "__main__":
+    main()
