@@ -1,8 +1,5 @@
-"""Devices: enrollment (direct, or a ring through its phone), cohorts, and check-in.
-
-Check-in answers each device with a director-signed assignment per model, chosen only among
-bundles built for its hardware id whose firmware range and size fit it; a model it cannot run
-gets no assignment and a reason.
+"""Devices: enrollment (direct, or a ring through its phone), authorisation, cohorts, and the
+release state offered to each hardware id (check-in itself is in :mod:`server.hotpath`).
 """
 
 from __future__ import annotations
@@ -15,10 +12,10 @@ from typing import Any
 from sqlmodel import Session, col, select
 
 from firmware_bundles.manifest import FirmwareRange
-from firmware_bundles.messages import Assignment, CapabilityReport, CheckInRequest, CheckInResponse
+from firmware_bundles.messages import CapabilityReport
 from server.auth import hash_token, new_token
 from server.errors import ApiError
-from server.models import Bundle, Cohort, CohortMember, Device, EnrollmentToken, ModelVersion, Pin
+from server.models import Bundle, Cohort, CohortMember, Device, EnrollmentToken, ModelVersion
 from server.registry import current_versions
 from server.state import ServerState
 
@@ -194,75 +191,6 @@ def offers_for(session: Session, state: ServerState, hardware_id: str) -> dict[s
         )
     state.release_cache[hardware_id] = (time.monotonic(), offers)
     return offers
-
-
-def _fits(device: Device, bundle: Offer) -> str | None:
-    """Why ``bundle`` cannot go to ``device``, or None."""
-    firmware = FirmwareRange(minimum=bundle.firmware_min, below=bundle.firmware_below)
-    if not firmware.contains(device.firmware_version):
-        return (
-            f"firmware {device.firmware_version} outside the bundle's range"
-            f" >={bundle.firmware_min}"
-            + (f",<{bundle.firmware_below}" if bundle.firmware_below else "")
-        )
-    if bundle.length > device.free_flash_bytes:
-        return f"bundle is {bundle.length} bytes, device has {device.free_flash_bytes} free"
-    return None
-
-
-def check_in(
-    *, session: Session, state: ServerState, device: Device, request: CheckInRequest
-) -> CheckInResponse:
-    """Record the device's state and answer with signed assignments and reasons.
-
-    Raises:
-        ApiError: 400 if the request names another device.
-    """
-    if request.device_id != device.id:
-        raise ApiError(400, f"check-in body is for {request.device_id}, URL for {device.id}")
-    now = datetime.now(UTC)
-    device.last_seen = now
-    device.last_nonce = request.nonce
-    device.firmware_version = request.firmware_version
-    device.installed = [m.to_dict() for m in request.installed]
-    if request.capabilities is not None:
-        device.free_flash_bytes = request.capabilities.free_flash_bytes
-        device.free_ram_bytes = request.capabilities.free_ram_bytes
-    session.add(device)
-    offers = dict(offers_for(session, state, device.hardware_id))
-    for p in session.exec(select(Pin).where(Pin.device_id == device.id)):
-        pinned = _offer(session, p.version_id, device.hardware_id)
-        if pinned is not None:
-            offers[p.model_name] = pinned
-    assignments: list[dict[str, Any]] = []
-    withheld: dict[str, str] = {}
-    expires = now + timedelta(seconds=state.settings.assignment_ttl_s)
-    for model, offer in sorted(offers.items()):
-        if offer.sha256 is None:
-            withheld[model] = f"{model} {offer.version} has no bundle for {device.hardware_id}"
-            continue
-        reason = _fits(device, offer)
-        if reason is not None:
-            withheld[model] = reason
-            continue
-        assignment = Assignment(
-            device_id=device.id,
-            hardware_id=device.hardware_id,
-            model=model,
-            version=offer.version,
-            bundle_sha256=offer.sha256,
-            bundle_length=offer.length,
-            release_counter=offer.release_counter,
-            download_url=f"/v1/bundles/{offer.sha256}",
-            issued_at=now,
-            expires_at=expires,
-            nonce=request.nonce,
-        )
-        assignments.append(assignment.sign(state.director_key).to_dict())
-    session.commit()
-    return CheckInResponse(
-        assignments=assignments, withheld=withheld, next_check_in_s=state.settings.next_check_in_s
-    )
 
 
 def cohort_devices(session: Session, cohort: Cohort) -> list[str]:

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Header, Request, Response
 from pydantic import BaseModel
 from sqlmodel import select
 
 from firmware_bundles.messages import CapabilityReport, CheckInRequest, CheckInResponse
-from server import fleet, registry, telemetry
+from server import fleet, hotpath, registry, telemetry
+from server.auth import bearer
 from server.deps import DeviceDep, OperatorDep, PrincipalDep, ReaderDep, SessionDep, StateDep
 from server.errors import ApiError
 from server.models import Device
@@ -77,13 +78,19 @@ def unpair(device_id: str, session: SessionDep, who: PrincipalDep) -> dict[str, 
 
 
 @router.post("/{device_id}/check-in", response_model=CheckInResponse)
-def check_in(
-    device_id: str, body: CheckInRequest, session: SessionDep, state: StateDep, caller: DeviceDep
+async def check_in(
+    device_id: str,
+    body: CheckInRequest,
+    request: Request,
+    authorization: Annotated[str | None, Header()] = None,
 ) -> Response:
-    """Report state with a fresh nonce; get director-signed assignments carrying it."""
-    device = fleet.authorise_device(caller, device_id, session)
-    answer = fleet.check_in(session=session, state=state, device=device, request=body)
-    return Response(answer.to_bytes(), media_type="application/json")
+    """Report state with a fresh nonce; get director-signed assignments carrying it.
+
+    Runs on the event loop (no threadpool hop); its few statements are short.
+    """
+    state = request.app.state.fleet
+    answer = hotpath.check_in(state, bearer(authorization), device_id, body)
+    return Response(answer, media_type="application/json")
 
 
 @router.get("")
@@ -120,10 +127,16 @@ class PinRequest(BaseModel):
 
 @router.put("/{device_id}/pins/{model}")
 def pin(
-    device_id: str, model: str, body: PinRequest, session: SessionDep, who: OperatorDep
+    device_id: str,
+    model: str,
+    body: PinRequest,
+    session: SessionDep,
+    state: StateDep,
+    who: OperatorDep,
 ) -> dict[str, Any]:
     """Hold a device on a version (``null`` releases the pin)."""
     if session.get(Device, device_id) is None:
         raise ApiError(404, f"no device {device_id}")
     registry.pin(session=session, device_id=device_id, model=model, version=body.version)
+    state.release_cache.clear()
     return {"device_id": device_id, "model": model, "version": body.version}
