@@ -13,7 +13,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlmodel import Session, col
 
 from firmware_bundles.manifest import FirmwareRange
@@ -37,6 +37,26 @@ _DEVICE_COLUMNS = (
 
 def _row(conn: Any, where: Any) -> Any:
     return conn.execute(select(*_DEVICE_COLUMNS).where(where)).first()
+
+
+def _update_self(columns: list[str]) -> Any:
+    """UPDATE device ... WHERE credential and id match and not revoked RETURNING what check-in
+    needs; built once (building SQLAlchemy expressions per request cost ~0.25 ms)."""
+    return (
+        update(Device)
+        .where(
+            col(Device.credential_hash) == bindparam("b_credential"),
+            col(Device.id) == bindparam("b_device"),
+            col(Device.revoked).is_(False),
+        )
+        .values({c: bindparam(f"v_{c}") for c in columns})
+        .returning(col(Device.hardware_id), col(Device.free_flash_bytes))
+    )
+
+
+_STATE_COLUMNS = ["last_seen", "last_nonce", "firmware_version", "installed"]
+_UPDATE_SELF = _update_self(_STATE_COLUMNS)
+_UPDATE_SELF_CAPS = _update_self([*_STATE_COLUMNS, "free_flash_bytes", "free_ram_bytes"])
 
 
 def pinned_devices(conn: Any, state: ServerState) -> set[str]:
@@ -72,15 +92,14 @@ def check_in(state: ServerState, credential: str, device_id: str, request: Check
     credential_hash = hash_token(credential)
     with state.engine.begin() as conn:
         # The common case in one statement: a device checking in for itself.
+        statement = _UPDATE_SELF_CAPS if request.capabilities is not None else _UPDATE_SELF
         device = conn.execute(
-            update(Device)
-            .where(
-                col(Device.credential_hash) == credential_hash,
-                col(Device.id) == device_id,
-                col(Device.revoked).is_(False),
-            )
-            .values(**values)
-            .returning(col(Device.hardware_id), col(Device.free_flash_bytes))
+            statement,
+            {
+                "b_credential": credential_hash,
+                "b_device": device_id,
+                **{f"v_{k}": v for k, v in values.items()},
+            },
         ).first()
         if device is None:  # a relay acting for its ring, or a bad credential
             caller = _row(conn, col(Device.credential_hash) == credential_hash)
@@ -99,12 +118,20 @@ def check_in(state: ServerState, credential: str, device_id: str, request: Check
                 )
             ).all()
     free_flash = device.free_flash_bytes
-    with Session(state.engine) as session:
-        offers = dict(offers_for(session, state, device.hardware_id))
-        for model, version_id in pins:
-            pinned = _offer(session, version_id, device.hardware_id)
-            if pinned is not None:
-                offers[model] = pinned
+    cached = state.release_cache.get(device.hardware_id)
+    if (
+        cached is not None
+        and not pins
+        and (time.monotonic() - cached[0] < state.settings.release_cache_ttl_s)
+    ):
+        offers = cached[1]
+    else:
+        with Session(state.engine) as session:
+            offers = dict(offers_for(session, state, device.hardware_id))
+            for model, version_id in pins:
+                pinned = _offer(session, version_id, device.hardware_id)
+                if pinned is not None:
+                    offers[model] = pinned
     issued = now.isoformat().replace("+00:00", "Z")
     expires = (now + timedelta(seconds=state.settings.assignment_ttl_s)).isoformat()
     expires = expires.replace("+00:00", "Z")
