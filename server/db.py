@@ -39,7 +39,8 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+    # pool_recycle rather than pool_pre_ping: pre-ping costs a round trip on every checkout.
+    return create_engine(url, pool_size=10, max_overflow=20, pool_recycle=1800)
 
 
 def alembic_config(url: str) -> Config:

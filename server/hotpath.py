@@ -90,7 +90,9 @@ def check_in(state: ServerState, credential: str, device_id: str, request: Check
         values["free_flash_bytes"] = request.capabilities.free_flash_bytes
         values["free_ram_bytes"] = request.capabilities.free_ram_bytes
     credential_hash = hash_token(credential)
-    with state.engine.begin() as conn:
+    # Autocommit: the common case is one statement, atomic on its own, so no BEGIN/COMMIT
+    # round trips to the database.
+    with state.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         # The common case in one statement: a device checking in for itself.
         statement = _UPDATE_SELF_CAPS if request.capabilities is not None else _UPDATE_SELF
         device = conn.execute(
