@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[convert,torch,device,server,dev]"
+	$(BIN)/python -m pip install --quiet -e ".[convert,torch,device,server,dev,ble]"
 	touch $(STAMP)
 
 demo: $(STAMP)
