@@ -139,6 +139,9 @@ class ObserveMiddleware:
             return
         start = time.perf_counter()
         status = {"code": 500, "bytes": None}
+        # Body bytes handed to the server; when a client goes away mid-body, uvicorn reports the
+        # disconnect and the response stops, so this (unlike content-length) is what was served.
+        sent = [0]
 
         async def send_wrapper(message: Any) -> None:
             if message["type"] == "http.response.start":
@@ -146,6 +149,8 @@ class ObserveMiddleware:
                 for key, value in message.get("headers", []):
                     if key == b"content-length":
                         status["bytes"] = value.decode()
+            elif message["type"] == "http.response.body":
+                sent[0] += len(message.get("body", b""))
             await send(message)
 
         try:
@@ -167,6 +172,7 @@ class ObserveMiddleware:
                             "status": status["code"],
                             "range": headers.get(b"range", b"").decode() or None,
                             "bytes": status["bytes"],
+                            "bytes_sent": sent[0],
                             "ms": round(elapsed * 1e3, 2),
                         }
                     )
