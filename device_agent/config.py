@@ -51,7 +51,6 @@ class AgentSettings(BaseSettings):
     stall_timeout_s: float = Field(default=30.0, gt=0)
     download_deadline_s: float = Field(default=600.0, gt=0)
     max_download_attempts: int = Field(default=5, ge=1)
-    download_chunk_bytes: int = Field(default=64 * 1024, ge=1024)
     #: A crash during self-test this many times for one bundle marks it failed (boot-loop guard).
     max_interrupted_installs: int = Field(default=3, ge=1)
     unmetered_only: bool = False

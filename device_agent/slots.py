@@ -1,0 +1,370 @@
+"""Two install slots per model and the crash-safe record of which one is active.
+
+Layout: ``<state_dir>/models/<model>/{a,b}/bundle.efb`` and ``<state_dir>/models/<model>/
+slots.json``. ``slots.json`` is only ever replaced whole (temp file, fsync, ``os.replace``, fsync
+of the directory), so after a crash it is either the old record or the new one. The ``active``
+slot changes only in :meth:`SlotStore.activate`, after the new bundle is fsynced and passed its
+self-test; until then the previous active slot is what runs, whatever step a crash hit.
+
+An install goes: :meth:`begin_install` (slot ``installing``) -> :meth:`write` -> :meth:`sync` ->
+:meth:`begin_self_test` (slot ``self-test``, recorded as the trial) -> :meth:`activate` (slot
+``active``, the old one ``standby``) or :meth:`revert` (slot ``failed``). :meth:`recover` at
+start-up reverts a trial a crash interrupted and empties a half-written slot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from device_agent.errors import InstallError
+
+SlotName = Literal["a", "b"]
+SLOT_NAMES: tuple[SlotName, SlotName] = ("a", "b")
+BUNDLE_FILE = "bundle.efb"
+RECORD_FILE = "slots.json"
+_MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+_RECORD_FORMAT = 1
+InstallOutcome = Literal["ok", "self-test-failed", "verify-failed", "download-failed"]
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or new file in ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Replace ``path`` with ``data`` so a crash leaves the old or the new file, never a mix."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+@dataclass(frozen=True)
+class SlotInfo:
+    """One slot of one model as recorded."""
+
+    model: str
+    slot: SlotName
+    path: Path
+    status: str
+    version: str | None = None
+    sha256: str | None = None
+    release_counter: int = 0
+    length: int = 0
+
+
+@dataclass
+class ModelRecord:
+    """The parsed ``slots.json`` of one model."""
+
+    active: SlotName | None = None
+    trial: SlotName | None = None
+    slots: dict[str, dict[str, Any]] = field(default_factory=dict)
+    last_install: InstallOutcome | None = None
+    last_error: str | None = None
+    #: Bundles not to fetch or install again while still assigned: SHA-256 -> outcome.
+    failed: dict[str, str] = field(default_factory=dict)
+    #: Installs a crash interrupted during self-test: SHA-256 -> count.
+    interrupted: dict[str, int] = field(default_factory=dict)
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(
+            {
+                "format": _RECORD_FORMAT,
+                "active": self.active,
+                "trial": self.trial,
+                "slots": self.slots,
+                "last_install": self.last_install,
+                "last_error": self.last_error,
+                "failed": self.failed,
+                "interrupted": self.interrupted,
+            },
+            sort_keys=True,
+            indent=1,
+        ).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, model: str) -> ModelRecord:
+        try:
+            doc = json.loads(data)
+            return cls(
+                active=doc["active"],
+                trial=doc["trial"],
+                slots=dict(doc["slots"]),
+                last_install=doc["last_install"],
+                last_error=doc["last_error"],
+                failed=dict(doc.get("failed", {})),
+                interrupted=dict(doc.get("interrupted", {})),
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise InstallError(f"slot record of {model} is unreadable: {exc}", model) from exc
+
+
+class SlotStore:
+    """The slots of every model under ``<state_dir>/models``."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.root = state_dir / "models"
+
+    def _dir(self, model: str) -> Path:
+        if not _MODEL_NAME.match(model):
+            raise InstallError(f"model name {model!r} is not a safe directory name", model)
+        return self.root / model
+
+    def bundle_path(self, model: str, slot: SlotName) -> Path:
+        """Where slot ``slot`` of ``model`` keeps its bundle."""
+        return self._dir(model) / slot / BUNDLE_FILE
+
+    def models(self) -> list[str]:
+        """Every model with a slot record."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p.parent.name for p in self.root.glob(f"*/{RECORD_FILE}"))
+
+    def record(self, model: str) -> ModelRecord:
+        """The record of ``model`` (empty if it has none yet).
+
+        Raises:
+            InstallError: If the record exists but cannot be read.
+        """
+        path = self._dir(model) / RECORD_FILE
+        try:
+            return ModelRecord.from_bytes(path.read_bytes(), model)
+        except FileNotFoundError:
+            return ModelRecord()
+
+    def save(self, model: str, record: ModelRecord) -> None:
+        """Replace the record of ``model`` atomically and durably."""
+        directory = self._dir(model)
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        write_atomic(directory / RECORD_FILE, record.to_bytes())
+
+    def _info(self, model: str, slot: SlotName, entry: dict[str, Any]) -> SlotInfo:
+        return SlotInfo(
+            model=model,
+            slot=slot,
+            path=self.bundle_path(model, slot),
+            status=str(entry.get("status", "empty")),
+            version=entry.get("version"),
+            sha256=entry.get("sha256"),
+            release_counter=int(entry.get("release_counter", 0)),
+            length=int(entry.get("length", 0)),
+        )
+
+    def slot(self, model: str, slot: SlotName) -> SlotInfo:
+        """Slot ``slot`` of ``model`` as recorded."""
+        return self._info(model, slot, self.record(model).slots.get(slot, {}))
+
+    def active(self, model: str) -> SlotInfo | None:
+        """The slot ``model`` runs from, or None if nothing is active."""
+        record = self.record(model)
+        if record.active is None:
+            return None
+        return self._info(model, record.active, record.slots.get(record.active, {}))
+
+    def inactive(self, model: str) -> SlotName:
+        """The slot a new bundle of ``model`` is written to: the one not active."""
+        active = self.record(model).active
+        return "b" if active == "a" else "a"
+
+    def find(self, model: str, sha256: str) -> SlotInfo | None:
+        """A slot holding bundle ``sha256`` intact (active or standby), if any."""
+        record = self.record(model)
+        for name in SLOT_NAMES:
+            entry = record.slots.get(name, {})
+            info = self._info(model, name, entry)
+            if (
+                info.sha256 == sha256
+                and info.status in ("active", "standby")
+                and info.path.is_file()
+                and info.path.stat().st_size == info.length
+            ):
+                return info
+        return None
+
+    def begin_install(
+        self,
+        model: str,
+        slot: SlotName,
+        *,
+        sha256: str,
+        version: str,
+        release_counter: int,
+        length: int,
+    ) -> None:
+        """Record that ``slot`` is being overwritten, before any byte of it changes."""
+        record = self.record(model)
+        if slot == record.active:
+            raise InstallError(f"refusing to overwrite the active slot {slot} of {model}", model)
+        record.slots[slot] = {
+            "status": "installing",
+            "sha256": sha256,
+            "version": version,
+            "release_counter": release_counter,
+            "length": length,
+        }
+        if record.trial == slot:
+            record.trial = None
+        self.save(model, record)
+
+    def write(self, model: str, slot: SlotName, data: bytes) -> Path:
+        """Write the bundle bytes into ``slot`` (not yet durable: see :meth:`sync`)."""
+        path = self.bundle_path(model, slot)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with open(path, "wb") as out:
+            out.write(data)
+        return path
+
+    def sync(self, model: str, slot: SlotName) -> None:
+        """Make ``slot``'s bundle file durable (file and directory fsync)."""
+        path = self.bundle_path(model, slot)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        fsync_dir(path.parent)
+
+    def begin_self_test(self, model: str, slot: SlotName) -> None:
+        """Switch the record to ``slot`` under trial; the active slot still runs."""
+        record = self.record(model)
+        self._expect(record, model, slot, "installing")
+        record.slots[slot]["status"] = "self-test"
+        record.trial = slot
+        self.save(model, record)
+
+    def activate(self, model: str, slot: SlotName) -> SlotInfo:
+        """Make the trial ``slot`` active; the previous active slot becomes standby."""
+        record = self.record(model)
+        self._expect(record, model, slot, "self-test")
+        previous = record.active
+        if previous is not None and previous != slot and previous in record.slots:
+            record.slots[previous]["status"] = "standby"
+        record.slots[slot]["status"] = "active"
+        record.active = slot
+        record.trial = None
+        record.last_install = "ok"
+        record.last_error = None
+        record.interrupted.pop(str(record.slots[slot].get("sha256")), None)
+        self.save(model, record)
+        return self._info(model, slot, record.slots[slot])
+
+    def revert(self, model: str, slot: SlotName, outcome: InstallOutcome, error: str) -> None:
+        """End the trial of ``slot`` as failed, remember its bundle as failed; the active slot
+        keeps running."""
+        record = self.record(model)
+        entry = record.slots.setdefault(slot, {})
+        entry["status"] = "failed"
+        if record.trial == slot:
+            record.trial = None
+        record.last_install = outcome
+        record.last_error = error
+        sha = entry.get("sha256")
+        if isinstance(sha, str):
+            record.failed[sha] = outcome
+            record.interrupted.pop(sha, None)
+        self.save(model, record)
+
+    def note_failure(
+        self, model: str, outcome: InstallOutcome, error: str, *, sha256: str | None = None
+    ) -> None:
+        """Record an install that failed before touching a slot (download or verification);
+        with ``sha256``, that bundle is not fetched again while it stays assigned."""
+        record = self.record(model)
+        record.last_install = outcome
+        record.last_error = error
+        if sha256 is not None:
+            record.failed[sha256] = outcome
+        self.save(model, record)
+
+    def forget_failures(self, model: str, keep: set[str]) -> None:
+        """Drop failed-bundle marks except ``keep`` (the SHA-256s still assigned)."""
+        record = self.record(model)
+        stale = [sha for sha in record.failed if sha not in keep]
+        if stale:
+            for sha in stale:
+                del record.failed[sha]
+            self.save(model, record)
+
+    def recover(self) -> list[tuple[str, str, int]]:
+        """Repair what a crash left, at start-up, before anything runs.
+
+        A trial (a crash between switching to self-test and activating) is reverted: the
+        previous active slot runs, as MCUboot reverts an unconfirmed image. A slot left
+        ``installing`` is emptied. An active slot whose file is missing or of the wrong size
+        falls back to an intact standby slot.
+
+        Returns:
+            ``(model, sha256, times interrupted)`` for each trial reverted.
+        """
+        reverted: list[tuple[str, str, int]] = []
+        for model in self.models():
+            record = self.record(model)
+            changed = False
+            if record.trial is not None:
+                entry = record.slots.get(record.trial, {})
+                sha = str(entry.get("sha256"))
+                entry["status"] = "reverted"
+                record.interrupted[sha] = record.interrupted.get(sha, 0) + 1
+                record.last_install = None
+                record.last_error = (
+                    f"install of {entry.get('version')} interrupted during self-test;"
+                    " reverted to the previous slot"
+                )
+                reverted.append((model, sha, record.interrupted[sha]))
+                record.trial = None
+                changed = True
+            for name in SLOT_NAMES:
+                entry = record.slots.get(name, {})
+                if entry.get("status") == "installing":
+                    with contextlib.suppress(FileNotFoundError):
+                        self.bundle_path(model, name).unlink()
+                    record.slots[name] = {"status": "empty"}
+                    changed = True
+            if record.active is not None and not self._intact(model, record, record.active):
+                standby = [
+                    n
+                    for n in SLOT_NAMES
+                    if record.slots.get(n, {}).get("status") == "standby"
+                    and self._intact(model, record, n)
+                ]
+                record.slots.setdefault(record.active, {})["status"] = "failed"
+                record.active = standby[0] if standby else None
+                if standby:
+                    record.slots[standby[0]]["status"] = "active"
+                record.last_error = "active slot's bundle was missing or damaged"
+                changed = True
+            if changed:
+                self.save(model, record)
+        return reverted
+
+    def _intact(self, model: str, record: ModelRecord, slot: SlotName) -> bool:
+        path = self.bundle_path(model, slot)
+        length = int(record.slots.get(slot, {}).get("length", -1))
+        return path.is_file() and path.stat().st_size == length
+
+    def _expect(self, record: ModelRecord, model: str, slot: SlotName, status: str) -> None:
+        got = record.slots.get(slot, {}).get("status")
+        if got != status:
+            raise InstallError(f"slot {slot} of {model} is {got}, expected {status}", model)
