@@ -3,7 +3,7 @@
 For SQLite and PostgreSQL: 10,000 enrolled devices and 20 models in the database (each model has
 a released phone-android bundle; each device runs ``--assigned`` of them), a real `edgefleet
 serve` process (uvicorn, one worker, loopback), and wrk at fixed concurrency sending check-ins
-(nonce, director signature per assignment, compatibility, last-seen write) and telemetry batches.
+(nonce, one director-signed assignment set, compatibility, last-seen write) and telemetry batches.
 Baseline: a bare FastAPI endpoint on the same uvicorn, answering the same requests with a body of
 the same size, measured in the same run.
 

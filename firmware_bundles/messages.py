@@ -1,11 +1,12 @@
 """Every body that crosses between server and agent, or agent and device, defined once.
 
 The server and the agent never import each other; they meet here. Signed ones (the director's
-assignment) travel in an :class:`~firmware_bundles.signing.Envelope`.
+assignment set) travel in an :class:`~firmware_bundles.signing.Envelope`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -75,7 +76,11 @@ class CheckInRequest(Document):
 
 
 class Assignment(Document):
-    """The director's word that one device should run one bundle now."""
+    """The director's word that one device should run one bundle now (one model's entry of a
+    verified :class:`AssignmentSet`, with the set's addressing, nonce and times filled in).
+
+    Not signed on its own: the director signs one :class:`AssignmentSet` per check-in.
+    """
 
     type: Literal["assignment"] = Field(default="assignment", alias="_type")
     device_id: str = Field(pattern=_ID)
@@ -98,14 +103,64 @@ class Assignment(Document):
             raise ValueError("expires_at must be after issued_at")
         return self
 
+
+class AssignedBundle(Document):
+    """One model's entry in an :class:`AssignmentSet`."""
+
+    model: str = Field(min_length=1)
+    version: str
+    bundle_sha256: Sha256
+    bundle_length: int = Field(gt=0)
+    release_counter: int = Field(ge=0)
+    download_url: str
+
+
+class AssignmentSet(Document):
+    """Everything the director assigns one device at one check-in, signed once.
+
+    As Uptane's director signs one targets document per vehicle: one signature per check-in
+    (rather than one per model) and a consistent view, so entries from different check-ins
+    cannot be mixed. It carries the device's nonce; an empty ``bundles`` list is a valid answer.
+    """
+
+    type: Literal["assignments"] = Field(default="assignments", alias="_type")
+    device_id: str = Field(pattern=_ID)
+    hardware_id: str = Field(pattern=_ID)
+    nonce: str = Field(pattern=_NONCE)
+    issued_at: datetime
+    expires_at: datetime
+    bundles: list[AssignedBundle] = Field(default_factory=list)
+
+    _check_times = field_validator("issued_at", "expires_at")(_utc)
+
+    @model_validator(mode="after")
+    def _check(self) -> AssignmentSet:
+        if self.expires_at <= self.issued_at:
+            raise ValueError("expires_at must be after issued_at")
+        models = [b.model for b in self.bundles]
+        if len(set(models)) != len(models):
+            raise ValueError("each model may appear once")
+        return self
+
     def sign(self, key: SigningKey) -> Envelope:
-        """An envelope of this assignment signed by the director ``key``."""
+        """An envelope of this set signed by the director ``key``."""
         envelope = Envelope(signed=self.to_dict())
         envelope.sign(key)
         return envelope
 
+    def assignments(self) -> list[Assignment]:
+        """One :class:`Assignment` per entry, carrying the set's addressing, nonce and times."""
+        common = {
+            "device_id": self.device_id,
+            "hardware_id": self.hardware_id,
+            "nonce": self.nonce,
+            "issued_at": self.issued_at,
+            "expires_at": self.expires_at,
+        }
+        return [Assignment(**common, **b.model_dump()) for b in self.bundles]
 
-def verify_assignment(
+
+def verify_assignments(
     data: bytes,
     root: Root,
     *,
@@ -113,50 +168,67 @@ def verify_assignment(
     hardware_id: str,
     nonce: str,
     now: datetime,
-    min_release_counter: int = 0,
-) -> Assignment:
-    """Check a director-signed assignment as a device must before acting on it.
+    min_release_counters: Mapping[str, int] | None = None,
+) -> list[Assignment]:
+    """Check a director-signed :class:`AssignmentSet` as a device must before acting on it.
+
+    Args:
+        data: The envelope's bytes (``CheckInResponse.assignment_set``, serialised).
+        root: The device's trusted root.
+        device_id: This device (or, for a relay, the device the set is for).
+        hardware_id: Its hardware id (catalogue target id).
+        nonce: The nonce sent with the check-in.
+        now: The current time.
+        min_release_counters: Per model, the highest release counter seen so far.
+
+    Returns:
+        One assignment per model, in the set's order.
 
     Raises:
         SchemaError: If malformed, or addressed to another device or hardware id, or carrying
             another nonce (a replay).
         ThresholdError: If the director's signature threshold is not met.
         ExpiredError: If expired at ``now``.
-        RollbackError: If its release counter is below ``min_release_counter``.
+        RollbackError: If an entry's release counter is below the highest seen for its model.
     """
-    envelope = Envelope.from_bytes(data, "assignment")
+    envelope = Envelope.from_bytes(data, "assignment set")
     root.verify(envelope, "director")
-    assignment = Assignment.from_dict(envelope.signed)
-    if assignment.device_id != device_id:
+    signed = AssignmentSet.from_dict(envelope.signed)
+    if signed.device_id != device_id:
         raise SchemaError(
-            "assignment",
-            [f"addressed to device {assignment.device_id}, not {device_id}"],
+            "assignment set",
+            [f"addressed to device {signed.device_id}, not {device_id}"],
             ["device_id"],
         )
-    if assignment.hardware_id != hardware_id:
+    if signed.hardware_id != hardware_id:
         raise SchemaError(
-            "assignment",
-            [f"for hardware {assignment.hardware_id}, this device is {hardware_id}"],
+            "assignment set",
+            [f"for hardware {signed.hardware_id}, this device is {hardware_id}"],
             ["hardware_id"],
         )
-    if assignment.nonce != nonce:
-        raise SchemaError("assignment", ["nonce differs from the one sent (replay?)"], ["nonce"])
-    if now >= assignment.expires_at:
-        raise ExpiredError(f"assignment expired at {assignment.expires_at.isoformat()}")
-    if assignment.release_counter < min_release_counter:
-        raise RollbackError(
-            f"release counter {assignment.release_counter} is below {min_release_counter},"
-            f" the highest seen for {assignment.model}"
+    if signed.nonce != nonce:
+        raise SchemaError(
+            "assignment set", ["nonce differs from the one sent (replay?)"], ["nonce"]
         )
-    return assignment
+    if now >= signed.expires_at:
+        raise ExpiredError(f"assignment set expired at {signed.expires_at.isoformat()}")
+    floors = min_release_counters or {}
+    for entry in signed.bundles:
+        floor = floors.get(entry.model, 0)
+        if entry.release_counter < floor:
+            raise RollbackError(
+                f"release counter {entry.release_counter} is below {floor},"
+                f" the highest seen for {entry.model}"
+            )
+    return signed.assignments()
 
 
 class CheckInResponse(Document):
-    """The server's answer to a check-in: signed assignments, and why any model has none."""
+    """The server's answer to a check-in: one signed assignment set, and why any model has none."""
 
-    #: Envelopes of signed :class:`Assignment` s, verified by the device with
-    #: :func:`verify_assignment`.
-    assignments: list[dict[str, Any]] = Field(default_factory=list)
+    #: Envelope of a signed :class:`AssignmentSet`, verified by the device with
+    #: :func:`verify_assignments`.
+    assignment_set: dict[str, Any]
     withheld: dict[str, str] = Field(default_factory=dict)
     next_check_in_s: int = Field(default=3600, ge=1)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,6 +23,7 @@ from sqlalchemy import text
 from sqlmodel import Session, select
 
 from server.auth import hash_token, new_token
+from server.checkin_store import make_store
 from server.config import Settings
 from server.db import check_schema, make_engine
 from server.errors import ApiError
@@ -48,6 +51,7 @@ def build_state(settings: Settings) -> ServerState:
         director_key=director,
         catalogue=load_catalogue(settings),
         blobs=BlobStore(settings.blob_dir),
+        check_in_store=make_store(engine),
     )
 
 
@@ -71,10 +75,17 @@ def ensure_admin_token(state: ServerState) -> str | None:
 
 def create_app(state: ServerState) -> FastAPI:
     """The application for ``state``."""
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        await state.check_in_store.close()
+
     app = FastAPI(
         title="EdgeFleet fleet server",
         version="0.1.0",
         description="Registry, devices, signed assignments, downloads and telemetry.",
+        lifespan=lifespan,
     )
     app.state.fleet = state
     metrics = CollectorRegistry()
@@ -88,6 +99,10 @@ def create_app(state: ServerState) -> FastAPI:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse({"detail": exc.reason}, status_code=exc.status)
+
+    # Devices first: check-in is the busiest route, and routes are matched in order.
+    for router in (devices.router, telemetry.router, registry.router, admin.router):
+        app.include_router(router)
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, str]:
@@ -118,8 +133,6 @@ def create_app(state: ServerState) -> FastAPI:
             raise ApiError(404, f"no root version {version}; newest is {max(state.root_chain)}")
         return Response(data, media_type="application/json")
 
-    for router in (registry.router, devices.router, telemetry.router, admin.router):
-        app.include_router(router)
     app.add_middleware(ObserveMiddleware, requests=requests, latency=latency)
     return app
 

@@ -1,25 +1,30 @@
-"""The check-in hot path: one device, a few Core SQL statements, signatures, bytes out.
+"""The check-in hot path: one device, one SQL statement, one signature, bytes out.
 
-Every device calls this on a timer, so it avoids the ORM and FastAPI's threadpool: the device
-row comes from one indexed SELECT by credential hash, release state from the per-target cache
-(:func:`server.fleet.offers_for`), pins from one SELECT, and last-seen, nonce and reported state
-go back in one UPDATE. Assignments are built as dicts in the shape of
-:class:`~firmware_bundles.messages.Assignment` (the tests verify them with the shared parser).
+Every device calls this on a timer, so it avoids the ORM and FastAPI's threadpool: one
+``UPDATE ... RETURNING`` authenticates the device by credential hash and records last-seen, nonce
+and reported state (run on the raw driver connection, SQLite in the event loop, PostgreSQL on an
+asyncio connection pool so the loop serves other requests while the database works); release
+state per hardware id and the set of pinned devices come from short-lived caches; and the answer
+is one director-signed :class:`~firmware_bundles.messages.AssignmentSet`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import time
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import select, update
 from sqlmodel import Session, col
 
 from firmware_bundles.manifest import FirmwareRange
 from firmware_bundles.messages import CheckInRequest
-from firmware_bundles.signing import Envelope, canonical_json
+from firmware_bundles.signing import canonical_json
 from server.auth import hash_token
+from server.checkin_store import Contact, DeviceRow
 from server.errors import ApiError
 from server.fleet import Offer, _offer, offers_for
 from server.models import Device, Pin
@@ -39,26 +44,6 @@ def _row(conn: Any, where: Any) -> Any:
     return conn.execute(select(*_DEVICE_COLUMNS).where(where)).first()
 
 
-def _update_self(columns: list[str]) -> Any:
-    """UPDATE device ... WHERE credential and id match and not revoked RETURNING what check-in
-    needs; built once (building SQLAlchemy expressions per request cost ~0.25 ms)."""
-    return (
-        update(Device)
-        .where(
-            col(Device.credential_hash) == bindparam("b_credential"),
-            col(Device.id) == bindparam("b_device"),
-            col(Device.revoked).is_(False),
-        )
-        .values({c: bindparam(f"v_{c}") for c in columns})
-        .returning(col(Device.hardware_id), col(Device.free_flash_bytes))
-    )
-
-
-_STATE_COLUMNS = ["last_seen", "last_nonce", "firmware_version", "installed"]
-_UPDATE_SELF = _update_self(_STATE_COLUMNS)
-_UPDATE_SELF_CAPS = _update_self([*_STATE_COLUMNS, "free_flash_bytes", "free_ram_bytes"])
-
-
 def pinned_devices(conn: Any, state: ServerState) -> set[str]:
     """Ids of devices with any pin, re-read at most every ``release_cache_ttl_s`` (and at once in
     the worker that changes a pin)."""
@@ -70,7 +55,62 @@ def pinned_devices(conn: Any, state: ServerState) -> set[str]:
     return ids
 
 
-def check_in(state: ServerState, credential: str, device_id: str, request: CheckInRequest) -> bytes:
+def _relay_check_in(state: ServerState, contact: Contact) -> DeviceRow:
+    """A relay (phone) checking in for its paired ring: the uncommon case, on the ORM engine.
+
+    Raises:
+        ApiError: 401 for a bad credential, 403 when the caller is not the device's relay.
+    """
+    device_id = contact.device_id
+    values: dict[str, Any] = {
+        "last_seen": contact.last_seen,
+        "last_nonce": contact.nonce,
+        "firmware_version": contact.firmware_version,
+        "installed": contact.installed,
+    }
+    if contact.free_flash_bytes is not None:
+        values["free_flash_bytes"] = contact.free_flash_bytes
+        values["free_ram_bytes"] = contact.free_ram_bytes
+    with state.engine.begin() as conn:
+        caller = _row(conn, col(Device.credential_hash) == contact.credential_hash)
+        if caller is None or caller.revoked:
+            raise ApiError(401, "a valid device credential is required")
+        target = _row(conn, col(Device.id) == device_id)
+        if target is None or target.relay_id != caller.id or target.revoked:
+            raise ApiError(403, f"device {caller.id} may not act for device {device_id}")
+        conn.execute(update(Device).where(col(Device.id) == device_id).values(**values))
+        return DeviceRow(
+            target.hardware_id, values.get("free_flash_bytes", target.free_flash_bytes)
+        )
+
+
+def _offers(state: ServerState, device_id: str, hardware_id: str) -> dict[str, Offer]:
+    """What is released for the device's hardware id, with its pins applied."""
+    with state.engine.connect() as conn:
+        pinned = device_id in pinned_devices(conn, state)
+        pins = (
+            conn.execute(
+                select(col(Pin.model_name), col(Pin.version_id)).where(
+                    col(Pin.device_id) == device_id
+                )
+            ).all()
+            if pinned
+            else []
+        )
+    with Session(state.engine) as session:
+        offers = offers_for(session, state, hardware_id)
+        if pins:
+            offers = dict(offers)
+            for model, version_id in pins:
+                held = _offer(session, version_id, hardware_id)
+                if held is not None:
+                    offers[model] = held
+    return offers
+
+
+async def check_in(
+    state: ServerState, credential: str, device_id: str, request: CheckInRequest
+) -> bytes:
     """Authorise, record and answer one check-in; returns the JSON answer.
 
     Raises:
@@ -80,93 +120,89 @@ def check_in(state: ServerState, credential: str, device_id: str, request: Check
     if request.device_id != device_id:
         raise ApiError(400, f"check-in body is for {request.device_id}, URL for {device_id}")
     now = datetime.now(UTC)
-    values: dict[str, Any] = {
-        "last_seen": now,
-        "last_nonce": request.nonce,
-        "firmware_version": request.firmware_version,
-        "installed": [m.to_dict() for m in request.installed],
-    }
-    if request.capabilities is not None:
-        values["free_flash_bytes"] = request.capabilities.free_flash_bytes
-        values["free_ram_bytes"] = request.capabilities.free_ram_bytes
-    credential_hash = hash_token(credential)
-    # Autocommit: the common case is one statement, atomic on its own, so no BEGIN/COMMIT
-    # round trips to the database.
-    with state.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        # The common case in one statement: a device checking in for itself.
-        statement = _UPDATE_SELF_CAPS if request.capabilities is not None else _UPDATE_SELF
-        device = conn.execute(
-            statement,
-            {
-                "b_credential": credential_hash,
-                "b_device": device_id,
-                **{f"v_{k}": v for k, v in values.items()},
-            },
-        ).first()
-        if device is None:  # a relay acting for its ring, or a bad credential
-            caller = _row(conn, col(Device.credential_hash) == credential_hash)
-            if caller is None or caller.revoked:
-                raise ApiError(401, "a valid device credential is required")
-            target = _row(conn, col(Device.id) == device_id)
-            if target is None or target.relay_id != caller.id or target.revoked:
-                raise ApiError(403, f"device {caller.id} may not act for device {device_id}")
-            conn.execute(update(Device).where(col(Device.id) == device_id).values(**values))
-            device = _row(conn, col(Device.id) == device_id)
-        pins: Any = []
-        if device_id in pinned_devices(conn, state):
-            pins = conn.execute(
-                select(col(Pin.model_name), col(Pin.version_id)).where(
-                    col(Pin.device_id) == device_id
-                )
-            ).all()
-    free_flash = device.free_flash_bytes
-    cached = state.release_cache.get(device.hardware_id)
-    if (
-        cached is not None
-        and not pins
-        and (time.monotonic() - cached[0] < state.settings.release_cache_ttl_s)
-    ):
-        offers = cached[1]
-    else:
-        with Session(state.engine) as session:
-            offers = dict(offers_for(session, state, device.hardware_id))
-            for model, version_id in pins:
-                pinned = _offer(session, version_id, device.hardware_id)
-                if pinned is not None:
-                    offers[model] = pinned
-    issued = now.isoformat().replace("+00:00", "Z")
-    expires = (now + timedelta(seconds=state.settings.assignment_ttl_s)).isoformat()
-    expires = expires.replace("+00:00", "Z")
-    assignments, withheld = [], {}
+    caps = request.capabilities
+    contact = Contact(
+        credential_hash=hash_token(credential),
+        device_id=device_id,
+        last_seen=now,
+        nonce=request.nonce,
+        firmware_version=request.firmware_version,
+        installed=[m.to_dict() for m in request.installed],
+        free_flash_bytes=None if caps is None else caps.free_flash_bytes,
+        free_ram_bytes=None if caps is None else caps.free_ram_bytes,
+    )
+    # The common case in one statement: a device checking in for itself.
+    device = await state.check_in_store.record(contact)
+    if device is None:
+        device = await asyncio.to_thread(_relay_check_in, state, contact)
+    offers = _cached_offers(state, device_id, device.hardware_id)
+    if offers is None:
+        offers = await asyncio.to_thread(_offers, state, device_id, device.hardware_id)
+    bundles, withheld = [], {}
     for model, offer in sorted(offers.items()):
-        reason = _why_not(offer, request.firmware_version, free_flash, device.hardware_id, model)
+        reason = _why_not(
+            offer, request.firmware_version, device.free_flash_bytes, device.hardware_id, model
+        )
         if reason is not None:
             withheld[model] = reason
             continue
-        signed = {
-            "_type": "assignment",
-            "device_id": device_id,
-            "hardware_id": device.hardware_id,
-            "model": model,
-            "version": offer.version,
-            "bundle_sha256": offer.sha256,
-            "bundle_length": offer.length,
-            "release_counter": offer.release_counter,
-            "download_url": f"/v1/bundles/{offer.sha256}",
-            "issued_at": issued,
-            "expires_at": expires,
-            "nonce": request.nonce,
-        }
-        envelope = Envelope(signed=signed)
-        envelope.sign(state.director_key)
-        assignments.append(envelope.to_dict())
-    return canonical_json(
-        {
-            "assignments": assignments,
-            "withheld": withheld,
-            "next_check_in_s": state.settings.next_check_in_s,
-        }
+        bundles.append(
+            {
+                "bundle_length": offer.length,
+                "bundle_sha256": offer.sha256,
+                "download_url": f"/v1/bundles/{offer.sha256}",
+                "model": model,
+                "release_counter": offer.release_counter,
+                "version": offer.version,
+            }
+        )
+    expires = now + timedelta(seconds=state.settings.assignment_ttl_s)
+    signed = {
+        "_type": "assignments",
+        "bundles": bundles,
+        "device_id": device_id,
+        "expires_at": expires.isoformat().replace("+00:00", "Z"),
+        "hardware_id": device.hardware_id,
+        "issued_at": now.isoformat().replace("+00:00", "Z"),
+        "nonce": request.nonce,
+    }
+    signed_bytes = canonical_json(signed)
+    key = state.director_key
+    # The answer's keys are sorted as canonical JSON would sort them; the signed part is reused
+    # byte for byte rather than serialised twice (key ids and base64 need no escaping).
+    return b"".join(
+        (
+            b'{"assignment_set":{"signatures":[{"keyid":"',
+            key.keyid.encode(),
+            b'","sig":"',
+            base64.b64encode(key.sign(signed_bytes)),
+            b'"}],"signed":',
+            signed_bytes,
+            b'},"next_check_in_s":',
+            str(state.settings.next_check_in_s).encode(),
+            b',"withheld":',
+            canonical_json(withheld) if withheld else b"{}",
+            b"}",
+        )
     )
+
+
+def _cached_offers(state: ServerState, device_id: str, hardware_id: str) -> dict[str, Offer] | None:
+    """Release state from the caches when both are fresh and the device holds no pin."""
+    now = time.monotonic()
+    ttl = state.settings.release_cache_ttl_s
+    pinned = state.release_cache.get("__pinned__")
+    cached = state.release_cache.get(hardware_id)
+    if pinned is None or cached is None or now - pinned[0] >= ttl or now - cached[0] >= ttl:
+        return None
+    if device_id in pinned[1]:
+        return None
+    return cached[1]
+
+
+@lru_cache(maxsize=4096)
+def _firmware_fits(minimum: str, below: str | None, firmware: str) -> bool:
+    return FirmwareRange(minimum=minimum, below=below).contains(firmware)
 
 
 def _why_not(
@@ -174,7 +210,7 @@ def _why_not(
 ) -> str | None:
     if offer.sha256 is None:
         return f"{model} {offer.version} has no bundle for {hardware_id}"
-    if not FirmwareRange(minimum=offer.firmware_min, below=offer.firmware_below).contains(firmware):
+    if not _firmware_fits(offer.firmware_min, offer.firmware_below, firmware):
         return f"firmware {firmware} outside the bundle's range >={offer.firmware_min}" + (
             f",<{offer.firmware_below}" if offer.firmware_below else ""
         )

@@ -56,6 +56,8 @@ class ServerState:
     director_key: SigningKey
     catalogue: TargetCatalogue
     blobs: BlobStore
+    #: Check-in's single-statement store (raw driver connection; asyncio pool on PostgreSQL).
+    check_in_store: Any = None
     #: hardware id -> (monotonic time read, offers); see server.fleet.offers_for
     release_cache: dict[str, tuple[float, Any]] = field(default_factory=dict)
 

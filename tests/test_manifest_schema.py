@@ -11,7 +11,7 @@ from firmware_bundles import SchemaError, build
 from firmware_bundles.bundle import file_entries
 from firmware_bundles.errors import ExpiredError, RollbackError, ThresholdError
 from firmware_bundles.manifest import Manifest, semver_key
-from firmware_bundles.messages import Assignment, TelemetryBatch, verify_assignment
+from firmware_bundles.messages import AssignmentSet, TelemetryBatch, verify_assignments
 from tests.conftest import MODEL_BYTES, NOW, Keys, manifest_draft
 
 FILES = {"model.onnx": MODEL_BYTES}
@@ -90,41 +90,47 @@ def test_semver_ordering() -> None:
     assert semver_key("1.0.0-rc.1") < semver_key("1.0.0") < semver_key("1.10.0")
 
 
-# -- the signed director assignment -------------------------------------------------------------
+# -- the signed director assignment set ---------------------------------------------------------
 
 NONCE = "ab" * 16
 
 
-def assignment(**changes: Any) -> Assignment:
-    doc = {
-        "device_id": "ring-0001",
-        "hardware_id": "ring-gen3",
-        "model": "wrist-activity",
+def entry(model: str = "wrist-activity", counter: int = 7) -> dict[str, Any]:
+    return {
+        "model": model,
         "version": "1.2.3",
         "bundle_sha256": "0" * 64,
         "bundle_length": 1234,
-        "release_counter": 7,
+        "release_counter": counter,
         "download_url": "/v1/bundles/" + "0" * 64,
+    }
+
+
+def assignment_set(**changes: Any) -> AssignmentSet:
+    doc = {
+        "device_id": "ring-0001",
+        "hardware_id": "ring-gen3",
+        "nonce": NONCE,
         "issued_at": NOW.isoformat(),
         "expires_at": (NOW + timedelta(hours=1)).isoformat(),
-        "nonce": NONCE,
+        "bundles": [entry(), entry("sleep-stage", counter=2)],
     }
     doc.update(changes)
-    return Assignment.from_dict(doc)
+    return AssignmentSet.from_dict(doc)
 
 
-def check(keys: Keys, signed_by: Any = None, **expect: Any) -> Assignment:
+def check(keys: Keys, signed_by: Any = None, **expect: Any) -> Any:
     root, _ = keys.make_root()
-    env = assignment().sign(signed_by or keys.director[0])
+    env = assignment_set().sign(signed_by or keys.director[0])
     args: dict[str, Any] = {
         "device_id": "ring-0001",
         "hardware_id": "ring-gen3",
         "nonce": NONCE,
         "now": NOW,
-        "min_release_counter": 0,
+        "min_release_counters": {},
     }
     args.update(expect)
-    return verify_assignment(env.to_bytes(), root, **args)
+    return verify_assignments(env.to_bytes(), root, **args)
 
 
 ASSIGNMENT_CASES = [
@@ -133,7 +139,13 @@ ASSIGNMENT_CASES = [
     ("wrong-hardware", {"hardware_id": "ring-gen4"}, SchemaError, "for hardware"),
     ("replayed-nonce", {"nonce": "cd" * 16}, SchemaError, "nonce"),
     ("expired", {"now": NOW + timedelta(hours=2)}, ExpiredError, "expired"),
-    ("rollback", {"min_release_counter": 8}, RollbackError, "below 8"),
+    ("rollback", {"min_release_counters": {"wrist-activity": 8}}, RollbackError, "below 8"),
+    (
+        "rollback-of-second-model",
+        {"min_release_counters": {"sleep-stage": 3}},
+        RollbackError,
+        "below 3, the highest seen for sleep-stage",
+    ),
 ]
 
 
@@ -142,7 +154,7 @@ ASSIGNMENT_CASES = [
     [c[1:] for c in ASSIGNMENT_CASES],
     ids=[c[0] for c in ASSIGNMENT_CASES],
 )
-def test_bad_assignment_is_refused(
+def test_bad_assignment_set_is_refused(
     keys: Keys, kwargs: dict[str, Any], error: type[Exception], message: str
 ) -> None:
     if kwargs.get("signed_by") == "release":
@@ -151,8 +163,33 @@ def test_bad_assignment_is_refused(
         check(keys, **kwargs)
 
 
-def test_good_assignment_verifies(keys: Keys) -> None:
-    assert check(keys).release_counter == 7
+def test_good_assignment_set_verifies_into_one_assignment_per_model(keys: Keys) -> None:
+    assignments = check(keys, min_release_counters={"wrist-activity": 7})
+    assert [(a.model, a.release_counter) for a in assignments] == [
+        ("wrist-activity", 7),
+        ("sleep-stage", 2),
+    ]
+    assert all(a.nonce == NONCE and a.device_id == "ring-0001" for a in assignments)
+
+
+def test_an_entry_changed_after_signing_breaks_the_signature(keys: Keys) -> None:
+    root, _ = keys.make_root()
+    env = assignment_set().sign(keys.director[0])
+    env.signed["bundles"][0]["release_counter"] = 99
+    with pytest.raises(ThresholdError, match="role director"):
+        verify_assignments(
+            env.to_bytes(),
+            root,
+            device_id="ring-0001",
+            hardware_id="ring-gen3",
+            nonce=NONCE,
+            now=NOW,
+        )
+
+
+def test_a_model_may_appear_once_in_a_set() -> None:
+    with pytest.raises(SchemaError, match="once"):
+        assignment_set(bundles=[entry(), entry()])
 
 
 def test_telemetry_batch_refuses_foreign_windows() -> None:

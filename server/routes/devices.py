@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Header, Request, Response
+from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel
 from sqlmodel import select
 
@@ -28,6 +28,20 @@ class EnrollResult(BaseModel):
     device_id: str
     credential: str
     relay_id: str | None = None
+
+
+# Declared first: every device calls it on a timer, and routes are matched in order.
+@router.post("/{device_id}/check-in", response_model=CheckInResponse)
+async def check_in(device_id: str, body: CheckInRequest, request: Request) -> Response:
+    """Report state with a fresh nonce; get one director-signed assignment set carrying it.
+
+    Authorised by the device's credential (``Authorization: Bearer``), or its paired relay's.
+    Runs on the event loop (no threadpool hop); see :mod:`server.hotpath`.
+    """
+    state = request.app.state.fleet
+    credential = bearer(request.headers.get("authorization"))
+    answer = await hotpath.check_in(state, credential, device_id, body)
+    return Response(answer, media_type="application/json")
 
 
 @router.post("/enroll", status_code=201)
@@ -75,22 +89,6 @@ def unpair(device_id: str, session: SessionDep, who: PrincipalDep) -> dict[str, 
     session.add(device)
     session.commit()
     return {"device_id": device_id, "relay_id": None}
-
-
-@router.post("/{device_id}/check-in", response_model=CheckInResponse)
-async def check_in(
-    device_id: str,
-    body: CheckInRequest,
-    request: Request,
-    authorization: Annotated[str | None, Header()] = None,
-) -> Response:
-    """Report state with a fresh nonce; get director-signed assignments carrying it.
-
-    Runs on the event loop (no threadpool hop); its few statements are short.
-    """
-    state = request.app.state.fleet
-    answer = hotpath.check_in(state, bearer(authorization), device_id, body)
-    return Response(answer, media_type="application/json")
 
 
 @router.get("")

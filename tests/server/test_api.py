@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 import pytest
 
 from firmware_bundles import SigningKey
-from firmware_bundles.messages import verify_assignment
+from firmware_bundles.messages import verify_assignments
 from firmware_bundles.root import Root
 from server.db import check_schema, make_engine
 from server.errors import SchemaBehindError
@@ -111,18 +111,18 @@ def test_assignment_is_director_signed_for_the_device_with_its_nonce(fleet: Flee
     nonce = uuid.uuid4().hex
     r = fleet.check_in("phone-1", credential, nonce=nonce)
     assert r.status_code == 200, r.text
-    envelopes = r.json()["assignments"]
-    assert len(envelopes) == 1
     import json
 
-    assignment = verify_assignment(
-        json.dumps(envelopes[0]).encode(),
+    assignments = verify_assignments(
+        json.dumps(r.json()["assignment_set"]).encode(),
         Root.from_dict(fleet.root.to_dict()),
         device_id="phone-1",
         hardware_id="phone-android",
         nonce=nonce,
         now=datetime.now(UTC),
     )
+    assert len(assignments) == 1
+    assignment = assignments[0]
     assert assignment.bundle_sha256 == published["sha256"]
     assert assignment.release_counter == 4 and assignment.bundle_length == published["length"]
     device = fleet.client.get("/v1/devices/phone-1", headers=fleet.auth(fleet.token("viewer")))
@@ -132,7 +132,7 @@ def test_assignment_is_director_signed_for_the_device_with_its_nonce(fleet: Flee
 def test_publishing_alone_assigns_nothing(fleet: Fleet) -> None:
     fleet.publish(fleet.bundle())
     credential = fleet.enroll("phone-1")
-    assert fleet.check_in("phone-1", credential).json()["assignments"] == []
+    assert fleet.check_in("phone-1", credential).json()["assignment_set"]["signed"]["bundles"] == []
 
 
 def test_incompatible_devices_get_no_assignment_and_a_reason(fleet: Fleet) -> None:
@@ -140,13 +140,16 @@ def test_incompatible_devices_get_no_assignment_and_a_reason(fleet: Fleet) -> No
     fleet.release("wrist-activity", "1.0.0")
     old_ring = fleet.enroll("ring-old", target="ring-gen3", firmware_version="2.5.0")
     r = fleet.check_in("ring-old", old_ring, firmware="2.5.0").json()
-    assert r["assignments"] == []
+    assert r["assignment_set"]["signed"]["bundles"] == []
     assert "firmware 2.5.0 outside the bundle's range" in r["withheld"]["wrist-activity"]
     full_ring = fleet.enroll("ring-full", target="ring-gen3", free_flash_bytes=1000)
     r = fleet.check_in("ring-full", full_ring, firmware="3.1.0").json()
-    assert r["assignments"] == [] and "free" in r["withheld"]["wrist-activity"]
+    assert (
+        r["assignment_set"]["signed"]["bundles"] == [] and "free" in r["withheld"]["wrist-activity"]
+    )
     ok_ring = fleet.enroll("ring-ok", target="ring-gen3")
-    assert len(fleet.check_in("ring-ok", ok_ring, firmware="3.1.0").json()["assignments"]) == 1
+    ok = fleet.check_in("ring-ok", ok_ring, firmware="3.1.0").json()
+    assert len(ok["assignment_set"]["signed"]["bundles"]) == 1
 
 
 def test_withdraw_falls_back_and_pin_holds(fleet: Fleet) -> None:
@@ -157,8 +160,8 @@ def test_withdraw_falls_back_and_pin_holds(fleet: Fleet) -> None:
     cred = fleet.enroll("phone-1")
 
     def version() -> str:
-        envelope = fleet.check_in("phone-1", cred).json()["assignments"][0]
-        return str(envelope["signed"]["version"])
+        signed = fleet.check_in("phone-1", cred).json()["assignment_set"]["signed"]
+        return str(signed["bundles"][0]["version"])
 
     assert version() == "1.1.0"
     op = fleet.auth(fleet.token("operator"))
@@ -211,7 +214,8 @@ def test_relay_phone_serves_its_ring_and_an_unpaired_phone_cannot(fleet: Fleet) 
     body = {"device_id": "ring-1", "nonce": ring_nonce, "firmware_version": "3.1.0"}
     r = fleet.client.post("/v1/devices/ring-1/check-in", json=body, headers=fleet.auth(phone))
     assert r.status_code == 200
-    signed = r.json()["assignments"][0]["signed"]
+    signed = r.json()["assignment_set"]["signed"]
+    assert len(signed["bundles"]) == 1
     assert signed["device_id"] == "ring-1" and signed["hardware_id"] == "ring-gen3"
     assert signed["nonce"] == ring_nonce
     batch = b'{"device_id":"ring-1","boot_epoch":1,"sequence":0,"windows":[]}'

@@ -1,0 +1,232 @@
+"""Check-in's one write: authenticate a device by credential hash and record its contact.
+
+One ``UPDATE device ... RETURNING`` per check-in, on the raw driver connection rather than the ORM
+(check-in is the busiest request). SQLite runs it in the event loop: a local write of some
+microseconds, and SQLite has one writer anyway. PostgreSQL coalesces the check-ins that arrive
+while a statement is in flight into the next one (``UPDATE ... FROM unnest(...)``) on an asyncio
+pool, so the loop goes on serving while the database works and the driver's per-statement cost
+is shared; every check-in is still recorded before it is answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, NamedTuple
+
+from sqlalchemy import Engine, bindparam, update
+from sqlmodel import col
+
+from server.models import Device
+
+_STATE_COLUMNS = ["last_seen", "last_nonce", "firmware_version", "installed"]
+_CAPS_COLUMNS = ["free_flash_bytes", "free_ram_bytes"]
+
+
+class DeviceRow(NamedTuple):
+    """What check-in needs to know of the device it authenticated."""
+
+    hardware_id: str
+    free_flash_bytes: int
+
+
+@dataclass
+class Contact:
+    """What one check-in records."""
+
+    credential_hash: str
+    device_id: str
+    last_seen: datetime
+    nonce: str
+    firmware_version: str
+    installed: list[dict[str, Any]]
+    free_flash_bytes: int | None = None
+    free_ram_bytes: int | None = None
+
+
+def make_store(engine: Engine) -> SqliteCheckInStore | PostgresCheckInStore:
+    """The store for ``engine``'s database."""
+    if engine.dialect.name == "sqlite":
+        return SqliteCheckInStore(engine)
+    return PostgresCheckInStore(engine)
+
+
+def _update_self(columns: list[str]) -> Any:
+    return (
+        update(Device)
+        .where(
+            col(Device.credential_hash) == bindparam("b_credential"),
+            col(Device.id) == bindparam("b_device"),
+            col(Device.revoked).is_(False),
+        )
+        .values({c: bindparam(c) for c in columns})
+        .returning(col(Device.hardware_id), col(Device.free_flash_bytes))
+    )
+
+
+class SqliteCheckInStore:
+    """The UPDATE compiled once, run on the pooled sqlite3 connection with the columns' own bind
+    processors (so values are stored exactly as the ORM stores and reads them)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        dialect = engine.dialect
+        table = Device.__table__  # type: ignore[attr-defined]
+        self._processors = {
+            c: p
+            for c in _STATE_COLUMNS + _CAPS_COLUMNS
+            if (p := table.c[c].type.dialect_impl(dialect).bind_processor(dialect)) is not None
+        }
+        self._statements = {}
+        for caps in (False, True):
+            compiled = _update_self(_STATE_COLUMNS + (_CAPS_COLUMNS if caps else [])).compile(
+                dialect=dialect
+            )
+            self._statements[caps] = (compiled.string, list(compiled.positiontup or []))
+
+    async def record(self, contact: Contact) -> DeviceRow | None:
+        """Authenticate and record; the device's hardware id and free flash, or None."""
+        caps = contact.free_flash_bytes is not None
+        sql, order = self._statements[caps]
+        values = {
+            "b_credential": contact.credential_hash,
+            "b_device": contact.device_id,
+            "last_seen": contact.last_seen,
+            "last_nonce": contact.nonce,
+            "firmware_version": contact.firmware_version,
+            "installed": contact.installed,
+            "free_flash_bytes": contact.free_flash_bytes,
+            "free_ram_bytes": contact.free_ram_bytes,
+        }
+        for name, processor in self._processors.items():
+            values[name] = processor(values[name])
+        conn = self.engine.raw_connection()
+        try:
+            cursor = conn.cursor()
+            cursor.execute(sql, tuple(values[name] for name in order))
+            row = cursor.fetchone()
+            cursor.close()
+            conn.commit()
+        finally:
+            conn.close()
+        return None if row is None else DeviceRow(row[0], row[1])
+
+    async def close(self) -> None:
+        """Nothing to close: the engine owns the connection."""
+
+
+# One statement for any number of check-ins; NULL capabilities keep the stored ones.
+_BATCH_UPDATE = """
+UPDATE device AS d SET
+  last_seen = v.last_seen,
+  last_nonce = v.nonce,
+  firmware_version = v.firmware_version,
+  installed = v.installed::json,
+  free_flash_bytes = COALESCE(v.free_flash_bytes, d.free_flash_bytes),
+  free_ram_bytes = COALESCE(v.free_ram_bytes, d.free_ram_bytes)
+FROM unnest(
+  %s::varchar[], %s::varchar[], %s::timestamptz[], %s::varchar[], %s::varchar[], %s::text[],
+  %s::bigint[], %s::bigint[]
+) AS v(credential_hash, id, last_seen, nonce, firmware_version, installed, free_flash_bytes,
+       free_ram_bytes)
+WHERE d.credential_hash = v.credential_hash AND d.id = v.id AND NOT d.revoked
+RETURNING d.credential_hash, d.id, d.hardware_id, d.free_flash_bytes
+"""
+
+
+class PostgresCheckInStore:
+    """Check-ins coalesced into one ``UPDATE ... FROM unnest(...)`` per round trip.
+
+    While one statement is in flight, arriving check-ins queue; the next statement takes them all
+    (up to ``max_batch``). A device appearing twice in a batch is recorded once, with its latest
+    contact. The psycopg pool of autocommit connections opens on first use in the serving loop.
+    """
+
+    def __init__(self, engine: Engine, max_batch: int = 256, max_in_flight: int = 2) -> None:
+        self.engine = engine
+        self.max_batch = max_batch
+        self._pending: list[tuple[Contact, asyncio.Future[DeviceRow | None]]] = []
+        self._slots: asyncio.Semaphore | None = None
+        self._max_in_flight = max_in_flight
+        self._pool: Any = None
+        self._pool_lock: asyncio.Lock | None = None
+
+    async def record(self, contact: Contact) -> DeviceRow | None:
+        """Authenticate and record; the device's hardware id and free flash, or None."""
+        future: asyncio.Future[DeviceRow | None] = asyncio.get_running_loop().create_future()
+        self._pending.append((contact, future))
+        if len(self._pending) == 1:
+            asyncio.get_running_loop().create_task(self._flush())
+        return await future
+
+    async def _flush(self) -> None:
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self._max_in_flight)
+        async with self._slots:
+            batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
+            if self._pending:
+                asyncio.get_running_loop().create_task(self._flush())
+            if not batch:
+                return
+            try:
+                rows = await self._execute([c for c, _ in batch])
+            except Exception as exc:  # the driver's error reaches each waiting request
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                return
+            for contact, future in batch:
+                if not future.done():
+                    future.set_result(rows.get((contact.credential_hash, contact.device_id)))
+
+    async def _execute(self, contacts: list[Contact]) -> dict[tuple[str, str], DeviceRow]:
+        latest: dict[tuple[str, str], Contact] = {}
+        for contact in contacts:
+            latest[(contact.credential_hash, contact.device_id)] = contact
+        unique = list(latest.values())
+        params = (
+            [c.credential_hash for c in unique],
+            [c.device_id for c in unique],
+            [c.last_seen for c in unique],
+            [c.nonce for c in unique],
+            [c.firmware_version for c in unique],
+            [json.dumps(c.installed) for c in unique],
+            [c.free_flash_bytes for c in unique],
+            [c.free_ram_bytes for c in unique],
+        )
+        pool = await self._open_pool()
+        async with pool.connection() as conn:
+            cursor = await conn.execute(_BATCH_UPDATE, params)
+            rows = await cursor.fetchall()
+        return {(r[0], r[1]): DeviceRow(r[2], r[3]) for r in rows}
+
+    async def _open_pool(self) -> Any:
+        if self._pool is not None:
+            return self._pool
+        if self._pool_lock is None:
+            self._pool_lock = asyncio.Lock()
+        async with self._pool_lock:
+            if self._pool is None:
+                from psycopg_pool import AsyncConnectionPool
+
+                conninfo = self.engine.url.set(drivername="postgresql").render_as_string(
+                    hide_password=False
+                )
+                pool = AsyncConnectionPool(
+                    conninfo,
+                    min_size=1,
+                    max_size=self._max_in_flight,
+                    kwargs={"autocommit": True},
+                    open=False,
+                )
+                await pool.open()
+                self._pool = pool
+        return self._pool
+
+    async def close(self) -> None:
+        """Close the pool (at application shutdown)."""
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
