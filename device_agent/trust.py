@@ -1,0 +1,326 @@
+"""Every trust decision of a Primary (full verification), on bytes, with no I/O.
+
+:class:`TrustedState` holds the trusted root (advanced only along its signed chain) and the highest
+release counter installed per model. The updater fetches bytes and saves what this returns; this
+module decides whether the bytes are trusted, in the manner of python-tuf's
+``TrustedMetadataSet``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+from device_agent.errors import TrustError, TrustKind
+from firmware_bundles import (
+    ArchiveError,
+    ArchiveLimits,
+    BundleError,
+    CatalogueError,
+    ExpiredError,
+    RollbackError,
+    SchemaError,
+    SignatureError,
+    TargetCatalogue,
+    TrustedRoot,
+    VerifiedBundle,
+    parse_root,
+    verify,
+)
+from firmware_bundles.messages import Assignment, verify_assignments
+from firmware_bundles.root import Root
+from firmware_bundles.signing import Envelope
+
+_COUNTERS_FORMAT = 1
+#: SchemaError fields that verify_assignments uses for addressing and replay.
+_FIELD_KINDS: dict[str, TrustKind] = {
+    "device_id": "wrong-device",
+    "hardware_id": "wrong-hardware",
+    "nonce": "replay",
+}
+
+
+def _kind(exc: BundleError) -> TrustKind:
+    """Which trust check a firmware_bundles error stands for."""
+    if isinstance(exc, SignatureError):
+        return "signature"
+    if isinstance(exc, ExpiredError):
+        return "expired"
+    if isinstance(exc, RollbackError):
+        return "rollback"
+    if isinstance(exc, ArchiveError):
+        return "archive"
+    if isinstance(exc, CatalogueError):
+        return "target"
+    if isinstance(exc, SchemaError):
+        for field in exc.fields:
+            if field in _FIELD_KINDS:
+                return _FIELD_KINDS[field]
+    return "schema"
+
+
+def _rolled_back_model(data: bytes, floors: Mapping[str, int]) -> str | None:
+    """The model whose entry went below its floor, for the error only (the set is refused)."""
+    try:
+        bundles = Envelope.from_bytes(data, "assignment set").signed.get("bundles")
+    except BundleError:
+        return None
+    for entry in bundles if isinstance(bundles, list) else []:
+        if not isinstance(entry, dict):
+            continue
+        model, counter = entry.get("model"), entry.get("release_counter")
+        if isinstance(model, str) and isinstance(counter, int) and counter < floors.get(model, 0):
+            return model
+    return None
+
+
+class TrustedState:
+    """The root a device trusts and the release counters it has installed.
+
+    Takes bytes, makes every trust decision, does no I/O; callers persist :meth:`root_bytes` and
+    :meth:`counters_to_bytes` after a change.
+    """
+
+    def __init__(
+        self,
+        trusted_root: TrustedRoot,
+        release_counters: Mapping[str, int] | None = None,
+        catalogue: TargetCatalogue | None = None,
+    ) -> None:
+        self._trusted = trusted_root
+        self._counters: dict[str, int] = dict(release_counters or {})
+        self._catalogue = catalogue or TargetCatalogue.load_default()
+
+    @classmethod
+    def from_bytes(
+        cls,
+        root_bytes: bytes,
+        counters_bytes: bytes | None,
+        now: datetime,
+        *,
+        catalogue: TargetCatalogue | None = None,
+    ) -> TrustedState:
+        """Load the pinned (or last rotated-to) root and the persisted release counters.
+
+        The root must be signed by a threshold of its own root keys. Its expiry is checked by
+        every later decision, not here: an agent whose root expired during weeks offline still
+        starts and serves the models it has, and follows the chain to a fresh root when online.
+
+        Args:
+            root_bytes: ``root.json`` envelope bytes.
+            counters_bytes: What :meth:`counters_to_bytes` returned, or None on first start.
+            now: The current time (kept for symmetry with the other decisions; unused).
+            catalogue: Target catalogue; the packaged one by default.
+
+        Raises:
+            TrustError: If the root is malformed or not self-signed, or the counters malformed.
+        """
+        del now
+        try:
+            envelope, root = parse_root(root_bytes)
+            root.verify(envelope, "root")
+        except BundleError as exc:
+            raise TrustError(_kind(exc), f"pinned root: {exc}") from exc
+        return cls(TrustedRoot(root, envelope), _parse_counters(counters_bytes), catalogue)
+
+    @property
+    def root(self) -> Root:
+        """The trusted root."""
+        return self._trusted.root
+
+    @property
+    def root_version(self) -> int:
+        """Version of the trusted root."""
+        return self._trusted.root.version
+
+    def root_bytes(self) -> bytes:
+        """The trusted root's envelope bytes, to persist after :meth:`update_root`."""
+        return self._trusted.to_bytes()
+
+    def update_root(self, data: bytes, now: datetime) -> Root:
+        """Rotate to root version N+1, which a threshold of root N's and its own keys signed.
+
+        Expiry is not checked on intermediate roots (as in TUF); call :meth:`check_root_expiry`
+        once the chain is walked.
+
+        Raises:
+            TrustError: ``signature`` if either threshold is not met, ``rollback`` if the version
+                is not exactly one above the trusted one, ``schema`` if malformed.
+        """
+        del now
+        try:
+            return self._trusted.update(data)
+        except BundleError as exc:
+            raise TrustError(_kind(exc), f"root rotation: {exc}") from exc
+
+    def check_root_expiry(self, now: datetime) -> None:
+        """Refuse to trust anything new under an expired root (freeze attack).
+
+        Raises:
+            TrustError: ``expired`` if the trusted root has expired at ``now``.
+        """
+        try:
+            self._trusted.check_expiry(now)
+        except ExpiredError as exc:
+            raise TrustError("expired", str(exc)) from exc
+
+    def release_counter(self, model: str) -> int:
+        """The highest release counter installed for ``model`` (0 if none)."""
+        return self._counters.get(model, 0)
+
+    def verify_assignments(
+        self, data: bytes, *, device_id: str, hardware_id: str, nonce: str, now: datetime
+    ) -> list[Assignment]:
+        """Check the director-signed assignment set of one check-in before acting on it.
+
+        Checks, in order: the root has not expired, the director's signature threshold, the
+        device id, the hardware id, the nonce this check-in sent, the expiry, and that no entry's
+        release counter is below the highest installed for its model. The set is trusted or
+        refused as a whole (one signature covers every model).
+
+        Args:
+            data: The envelope bytes of ``CheckInResponse.assignment_set``.
+            device_id: This device's id.
+            hardware_id: This device's hardware (catalogue target) id.
+            nonce: The nonce the check-in sent.
+            now: The current time.
+
+        Returns:
+            One assignment per model.
+
+        Raises:
+            TrustError: ``expired``, ``signature``, ``wrong-device``, ``wrong-hardware``,
+                ``replay``, ``rollback`` or ``schema``; for ``rollback`` naming the model.
+        """
+        self.check_root_expiry(now)
+        try:
+            return verify_assignments(
+                data,
+                self._trusted.root,
+                device_id=device_id,
+                hardware_id=hardware_id,
+                nonce=nonce,
+                now=now,
+                min_release_counters=self._counters,
+            )
+        except BundleError as exc:
+            model = (
+                _rolled_back_model(data, self._counters) if isinstance(exc, RollbackError) else None
+            )
+            raise TrustError(_kind(exc), str(exc), model) from exc
+
+    def verify_bundle(
+        self,
+        data: bytes,
+        assignment: Assignment,
+        target_id: str,
+        *,
+        firmware_version: str | None = None,
+        now: datetime | None = None,
+    ) -> VerifiedBundle:
+        """Check downloaded bundle bytes against the assignment, the root and this device.
+
+        Checks the bytes' length and SHA-256 against the assignment, the release signature
+        threshold over the manifest, every file's hash and length, that the manifest's name,
+        version and release counter are the assignment's (no mix-and-match), that the bundle is
+        built for ``target_id`` and fits it in the catalogue, and that ``firmware_version`` is in
+        the bundle's firmware range.
+
+        Raises:
+            TrustError: ``mismatch``, ``signature``, ``archive``, ``target``, ``rollback``,
+                ``expired`` or ``schema``.
+        """
+        model = assignment.model
+        if now is not None:
+            self.check_root_expiry(now)
+        if len(data) != assignment.bundle_length:
+            raise TrustError(
+                "mismatch",
+                f"bundle is {len(data)} bytes, the assignment says {assignment.bundle_length}",
+                model,
+            )
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != assignment.bundle_sha256:
+            raise TrustError(
+                "mismatch",
+                f"bundle SHA-256 {digest[:16]}... differs from the assigned"
+                f" {assignment.bundle_sha256[:16]}... (tampered in transit or at rest)",
+                model,
+            )
+        try:
+            bundle = verify(
+                data,
+                self._trusted.root,
+                limits=ArchiveLimits(max_total_bytes=max(len(data), 1)),
+                target_id=target_id,
+                catalogue=self._catalogue,
+            )
+        except BundleError as exc:
+            raise TrustError(_kind(exc), str(exc), model) from exc
+        manifest = bundle.manifest
+        claimed = (manifest.name, manifest.version, manifest.release_counter)
+        assigned = (assignment.model, assignment.version, assignment.release_counter)
+        if claimed != assigned:
+            raise TrustError(
+                "mismatch",
+                f"bundle is {claimed[0]} {claimed[1]} (release counter {claimed[2]}), the"
+                f" assignment names {assigned[0]} {assigned[1]} (release counter {assigned[2]})",
+                model,
+            )
+        floor = self._counters.get(model, 0)
+        if manifest.release_counter < floor:
+            raise TrustError(
+                "rollback",
+                f"release counter {manifest.release_counter} is below {floor}, installed before",
+                model,
+            )
+        target = manifest.target(target_id)
+        if (
+            firmware_version is not None
+            and target is not None
+            and not target.firmware.contains(firmware_version)
+        ):
+            below = f", below {target.firmware.below}" if target.firmware.below else ""
+            raise TrustError(
+                "target",
+                f"firmware {firmware_version} is outside the bundle's range"
+                f" (from {target.firmware.minimum}{below})",
+                model,
+            )
+        return bundle
+
+    def record_installed(self, model: str, release_counter: int) -> bool:
+        """Raise the floor for ``model`` to ``release_counter`` once it is active.
+
+        Returns:
+            Whether the floor changed (and so needs persisting).
+        """
+        if release_counter > self._counters.get(model, 0):
+            self._counters[model] = release_counter
+            return True
+        return False
+
+    def counters_to_bytes(self) -> bytes:
+        """The release counters, to persist."""
+        return json.dumps(
+            {"format": _COUNTERS_FORMAT, "release_counters": dict(sorted(self._counters.items()))},
+            sort_keys=True,
+        ).encode()
+
+
+def _parse_counters(data: bytes | None) -> dict[str, int]:
+    if data is None:
+        return {}
+    try:
+        doc: Any = json.loads(data)
+    except ValueError as exc:
+        raise TrustError("schema", f"release counters are not JSON: {exc}") from exc
+    counters = doc.get("release_counters") if isinstance(doc, dict) else None
+    if not isinstance(counters, dict) or not all(
+        isinstance(k, str) and isinstance(v, int) and v >= 0 for k, v in counters.items()
+    ):
+        raise TrustError("schema", "release counters must map model names to integers >= 0")
+    return dict(counters)
