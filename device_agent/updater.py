@@ -90,6 +90,38 @@ class InstallReport:
     error: AgentError | None = field(default=None, compare=False)
 
 
+@dataclass
+class CheckInResult:
+    """What one check-in round did.
+
+    Attributes:
+        device_id: This device.
+        root_version: The trusted root's version after following the chain.
+        next_check_in_s: When the server asks to hear from the device again.
+        withheld: Models the server has for this device but does not assign, and why.
+        installs: One report per assigned model.
+        partials_dropped: Partial downloads dropped because their bundle is no longer assigned.
+    """
+
+    device_id: str
+    root_version: int
+    next_check_in_s: int
+    withheld: dict[str, str] = field(default_factory=dict)
+    installs: list[InstallReport] = field(default_factory=list)
+    partials_dropped: list[str] = field(default_factory=list)
+
+    @property
+    def errors(self) -> dict[str, AgentError]:
+        """Model -> the error of each install that failed."""
+        return {r.model: r.error for r in self.installs if r.error is not None}
+
+    def raise_for_errors(self) -> None:
+        """Raise the first install error, if any (for callers that want exceptions)."""
+        for report in self.installs:
+            if report.error is not None:
+                raise report.error
+
+
 def pause_forever(state_dir: Path, step: str) -> None:
     """The ``test_pause_at`` crash-test hook: say where, then sleep until killed."""
     marker = state_dir / f"paused-at-{step}"
