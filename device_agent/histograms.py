@@ -1,0 +1,249 @@
+"""Which tensors telemetry histograms, and vectorised counting on the manifest's bins.
+
+A manifest's reference histograms (see :mod:`converters.reference`) name what they describe: an
+input feature (``feature_names``, else ``feature_<i>``) of a 2-D input, a channel ``channel_<i>``
+(axis 1, over all later axes) of a higher-rank input, or a whole tensor by its own name; outputs
+by the output's name (or the only output). :class:`TelemetryPlan` resolves those names once per
+model, and the counting functions give counts in the manifest's layout: underflow, one per bin,
+overflow (numeric), or one per category plus unseen (categorical). Numeric counts sort the values
+once and search the edges in them, which is an order of magnitude faster than searching each
+value among the edges; the result is the same as ``searchsorted(edges, v, side="right")``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from firmware_bundles import telemetry as sketch
+from firmware_bundles.manifest import Histogram, Manifest, TensorSpec
+
+
+@dataclass(frozen=True)
+class Bins:
+    """A manifest histogram's bins, prepared for counting."""
+
+    kind: Literal["numeric", "categorical"]
+    edges: tuple[float, ...] = ()
+    categories: tuple[Any, ...] = ()
+    edges32: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+
+    @classmethod
+    def of(cls, histogram: Histogram) -> Bins:
+        edges = tuple(float(e) for e in histogram.edges)
+        return cls(histogram.kind, edges, tuple(histogram.categories), _float32_edges(edges))
+
+    @property
+    def size(self) -> int:
+        """Number of counts: bins plus under/overflow, or categories plus unseen."""
+        return len(self.edges) + 1 if self.kind == "numeric" else len(self.categories) + 1
+
+
+def _float32_edges(edges: tuple[float, ...]) -> np.ndarray:
+    """For each edge ``e``, the smallest float32 ``f >= e``: for float32 ``v``, ``v < e`` iff
+    ``v < f``, so float32 values compare exactly without widening them to float64."""
+    exact = np.asarray(edges, dtype=np.float64)
+    with np.errstate(over="ignore"):
+        f32 = exact.astype(np.float32)
+    low = f32.astype(np.float64) < exact
+    f32[low] = np.nextafter(f32[low], np.float32(np.inf))
+    return f32
+
+
+@dataclass(frozen=True)
+class InputHistogram:
+    """One reference input histogram and the tensor slice it describes."""
+
+    name: str
+    input: str
+    #: Index on axis 1 (feature or channel), or None for the whole tensor.
+    index: int | None
+    bins: Bins
+
+
+@dataclass(frozen=True)
+class OutputHistogram:
+    """One output histogram: class of each prediction (argmax), label value, or numeric bins."""
+
+    name: str
+    output: str
+    mode: Literal["argmax", "value", "numeric"]
+    bins: Bins
+
+
+@dataclass(frozen=True)
+class TelemetryPlan:
+    """What a model's telemetry counts, resolved once from its manifest."""
+
+    inputs: tuple[InputHistogram, ...]
+    outputs: tuple[OutputHistogram, ...]
+    #: Reference histograms that name nothing in the schema (reported in status, not counted).
+    unmatched: tuple[str, ...]
+
+    @classmethod
+    def from_manifest(cls, manifest: Manifest) -> TelemetryPlan:
+        unmatched: list[str] = []
+        inputs = []
+        for hist in manifest.reference_histograms.inputs:
+            found = _find_input(manifest.inputs, hist)
+            if found is None:
+                unmatched.append(hist.name)
+            else:
+                inputs.append(InputHistogram(hist.name, found[0], found[1], Bins.of(hist)))
+        outputs = []
+        for hist in manifest.reference_histograms.outputs:
+            out = _find_output(manifest.outputs, hist)
+            if out is None:
+                unmatched.append(hist.name)
+            else:
+                outputs.append(out)
+        if not manifest.reference_histograms.outputs:
+            for spec in manifest.outputs:
+                if spec.class_labels and spec.dtype in ("float32", "float16"):
+                    bins = Bins("categorical", categories=tuple(spec.class_labels))
+                    outputs.append(OutputHistogram(spec.name, spec.name, "argmax", bins))
+        return cls(tuple(inputs), tuple(outputs), tuple(unmatched))
+
+    def input_names(self) -> set[str]:
+        """Inputs whose values are histogrammed."""
+        return {h.input for h in self.inputs}
+
+    def output_names(self) -> set[str]:
+        """Outputs whose values are histogrammed."""
+        return {h.output for h in self.outputs}
+
+
+def _slice_names(spec: TensorSpec) -> list[str] | None:
+    if len(spec.shape) < 2:
+        return None
+    width = spec.shape[1]
+    if len(spec.shape) == 2:
+        if spec.feature_names:
+            return list(spec.feature_names)
+        return None if width is None else [f"feature_{i}" for i in range(width)]
+    return None if width is None else [f"channel_{i}" for i in range(width)]
+
+
+def _find_input(specs: list[TensorSpec], hist: Histogram) -> tuple[str, int | None] | None:
+    for spec in specs:
+        if spec.name == hist.name:
+            return spec.name, None
+    for spec in specs:
+        if spec.dtype == "string" and hist.kind == "numeric":
+            continue
+        names = _slice_names(spec)
+        if names and hist.name in names:
+            return spec.name, names.index(hist.name)
+    return None
+
+
+def _find_output(specs: list[TensorSpec], hist: Histogram) -> OutputHistogram | None:
+    spec = next((s for s in specs if s.name == hist.name), None)
+    if spec is None and len(specs) == 1:
+        spec = specs[0]
+    if spec is None and hist.kind == "categorical":
+        spec = next((s for s in specs if s.class_labels), None)
+    if spec is None:
+        return None
+    bins = Bins.of(hist)
+    floating = spec.dtype in ("float32", "float16")
+    if hist.kind == "numeric":
+        return (
+            None
+            if spec.dtype == "string"
+            else OutputHistogram(hist.name, spec.name, "numeric", bins)
+        )
+    mode: Literal["argmax", "value"] = "argmax" if floating else "value"
+    return OutputHistogram(hist.name, spec.name, mode, bins)
+
+
+def slices(values: np.ndarray, index: int | None) -> np.ndarray:
+    """The values a histogram counts: axis-1 slice ``index`` of a batch, or all of it, flat."""
+    if index is None:
+        return values.reshape(-1)
+    return values[:, index].reshape(-1)
+
+
+def count_numeric(values: np.ndarray, bins: Bins) -> np.ndarray:
+    """Counts of ``values`` (any shape) on numeric bins: underflow, bins, overflow (and NaN)."""
+    flat = values.reshape(-1)
+    if flat.dtype == np.float16:
+        flat = flat.astype(np.float32)
+    if flat.dtype == np.float32:
+        edges: np.ndarray = bins.edges32
+    else:
+        flat = flat.astype(np.float64)
+        edges = np.asarray(bins.edges, dtype=np.float64)
+    ordered = np.sort(flat)
+    below = np.searchsorted(ordered, edges, side="left")
+    return np.diff(below, prepend=0, append=ordered.size)
+
+
+def count_categories(values: np.ndarray, bins: Bins) -> np.ndarray:
+    """Counts of label values on categories, the last count for values outside them."""
+    counts = np.zeros(bins.size, dtype=np.int64)
+    uniques, tallies = np.unique(values.reshape(-1), return_counts=True)
+    index = {_plain(c): i for i, c in enumerate(bins.categories)}
+    for value, tally in zip(uniques.tolist(), tallies.tolist(), strict=True):
+        counts[index.get(_plain(value), bins.size - 1)] += tally
+    return counts
+
+
+def count_argmax(scores: np.ndarray, bins: Bins) -> np.ndarray:
+    """Counts of each row's top class (last axis); classes past the labels count as unseen."""
+    classes = np.argmax(scores.reshape(-1, scores.shape[-1]), axis=1)
+    return np.bincount(np.minimum(classes, bins.size - 1), minlength=bins.size)
+
+
+def count_output(hist: OutputHistogram, values: np.ndarray) -> np.ndarray:
+    """Counts of one output histogram over a batch of output values."""
+    if hist.mode == "argmax":
+        return count_argmax(values, hist.bins)
+    if hist.mode == "value":
+        return count_categories(values, hist.bins)
+    return count_numeric(values, hist.bins)
+
+
+def count_input(hist: InputHistogram, values: np.ndarray) -> np.ndarray:
+    """Counts of one input histogram over a batch of input values (batch on axis 0)."""
+    selected = slices(values, hist.index)
+    if hist.bins.kind == "categorical":
+        return count_categories(selected, hist.bins)
+    return count_numeric(selected, hist.bins)
+
+
+def _plain(value: Any) -> Any:
+    # JSON categories are str or int; values may be numpy scalars, bytes or floats like 2.0.
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def latency_sketch(latency_s: np.ndarray, relative_accuracy: float) -> dict[str, Any]:
+    """A sketch of ``latency_s`` equal, bucket for bucket, to adding each value with
+    :func:`firmware_bundles.telemetry.add` (numpy's log may differ from libm's in the last bit,
+    so values whose bucket index lies within rounding of an integer are redone with ``math``)."""
+    result = sketch.new_sketch(relative_accuracy)
+    if latency_s.size == 0:
+        return result
+    positive = latency_s[latency_s > sketch.MIN_POSITIVE]
+    gamma = (1 + relative_accuracy) / (1 - relative_accuracy)
+    log_gamma = math.log(gamma)
+    ratio = np.log(positive) / log_gamma
+    keys = np.ceil(ratio).astype(np.int64)
+    close = np.abs(ratio - np.rint(ratio)) < 1e-9
+    for i in np.flatnonzero(close).tolist():
+        keys[i] = math.ceil(math.log(float(positive[i])) / log_gamma)
+    uniques, counts = np.unique(keys, return_counts=True)
+    result["bins"] = {str(k): c for k, c in zip(uniques.tolist(), counts.tolist(), strict=True)}
+    result["zero_count"] = int(latency_s.size - positive.size)
+    result["count"] = int(latency_s.size)
+    result["sum"] = float(latency_s.sum())
+    result["min"] = float(latency_s.min())
+    result["max"] = float(latency_s.max())
+    return result

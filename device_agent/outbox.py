@@ -1,0 +1,489 @@
+"""The durable telemetry outbox: windows and upload batches in SQLite (WAL) under the state dir.
+
+Open windows are rewritten as inferences are flushed into them; closed windows wait for upload.
+A batch takes up to ``max_windows`` closed windows of one device and gets that device's next
+sequence number in this boot epoch; the batch's bytes are stored before the first attempt, so a
+retry, even after a restart, re-sends the same idempotency key (device, boot epoch, sequence) and
+the same windows, and the server's dedup makes it a no-op if the first attempt landed.
+
+Boot epoch: at each open, ``max(previous + 1, unix time in s)``, so it grows across restarts and
+stays new even if the database was lost (sequences restart at 0 in each epoch, as the server's
+completeness ratio expects).
+
+Disk is bounded by ``max_bytes`` of stored window and batch bodies: past it the oldest closed
+windows (then the oldest pending batches) are deleted, counted per device, reported in the next
+batch's ``dropped_windows`` and in :meth:`Outbox.stats`. Open windows are never dropped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from device_agent.errors import AuthError, OutboxError, ServerRejected, ServerUnreachable
+from firmware_bundles.messages import TelemetryBatch
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS devices (
+    device_id TEXT PRIMARY KEY,
+    next_sequence INTEGER NOT NULL DEFAULT 0,
+    dropped_unreported INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS windows (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    device_id TEXT NOT NULL,
+    window_start INTEGER NOT NULL,
+    closed INTEGER NOT NULL DEFAULT 0,
+    body BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS windows_closed ON windows (closed, window_start, id);
+CREATE TABLE IF NOT EXISTS batches (
+    device_id TEXT NOT NULL,
+    boot_epoch INTEGER NOT NULL,
+    sequence INTEGER NOT NULL,
+    window_count INTEGER NOT NULL,
+    body BLOB NOT NULL,
+    PRIMARY KEY (device_id, boot_epoch, sequence)
+);
+"""
+#: HTTP statuses that mean this batch will never be accepted as it is: drop it, count it.
+_REFUSED_FOREVER = (400, 413, 422)
+#: Gateways answering for a server that is down: the same as unreachable.
+_GATEWAY = (502, 503, 504)
+
+
+@dataclass(frozen=True)
+class StoredWindow:
+    """A window row: its id, device, start, and the TelemetryWindow JSON bytes."""
+
+    row_id: int
+    device_id: str
+    window_start: int
+    body: bytes
+
+
+@dataclass(frozen=True)
+class UploadResult:
+    """What one :func:`upload_pending` call did."""
+
+    batches_sent: int = 0
+    windows_sent: int = 0
+    replays: int = 0
+    rejected_batches: int = 0
+    pending_batches: int = 0
+
+
+class Outbox:
+    """Telemetry windows and batches in one SQLite file; thread-safe.
+
+    Args:
+        path: The database file (created with its directory).
+        max_bytes: Bound on stored window and batch bodies.
+        wall_clock: Unix time in seconds, for the boot epoch.
+
+    Raises:
+        OutboxError: If the database cannot be opened or written.
+    """
+
+    def __init__(
+        self, path: Path, max_bytes: int, *, wall_clock: Callable[[], float] = time.time
+    ) -> None:
+        if max_bytes < 1:
+            raise ValueError("max_bytes must be positive")
+        self.path = Path(path)
+        self.max_bytes = max_bytes
+        self._lock = threading.RLock()
+        self._last_rejection: str | None = None
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(
+                self.path, isolation_level=None, check_same_thread=False, timeout=10
+            )
+            # Set before the first table exists, so deleted rows give pages back to the file.
+            self._db.execute("PRAGMA auto_vacuum = INCREMENTAL")
+            self._db.execute("PRAGMA journal_mode = WAL")
+            # NORMAL: a commit survives a process crash; a power cut may lose the last window
+            # flushes but never corrupts. Sequence numbers are committed with FULL (_durable).
+            self._db.execute("PRAGMA synchronous = NORMAL")
+            self._db.execute("PRAGMA journal_size_limit = 1048576")
+            self._db.executescript(_SCHEMA)
+            with self._durable():
+                previous = self._meta("boot_epoch", -1)
+                self.boot_epoch = max(previous + 1, int(wall_clock()))
+                self._set_meta("boot_epoch", self.boot_epoch)
+                self._db.execute("UPDATE devices SET next_sequence = 0")
+            self._bytes = int(
+                self._db.execute(
+                    "SELECT (SELECT COALESCE(SUM(LENGTH(body)), 0) FROM windows)"
+                    " + (SELECT COALESCE(SUM(LENGTH(body)), 0) FROM batches)"
+                ).fetchone()[0]
+            )
+        except sqlite3.Error as exc:
+            raise OutboxError(f"cannot open the telemetry outbox {self.path}: {exc}") from exc
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise OutboxError(f"telemetry outbox {self.path}: {exc}") from exc
+
+    @contextlib.contextmanager
+    def _durable(self) -> Iterator[sqlite3.Connection]:
+        """A transaction fsynced at commit: for sequence numbers and boot epochs, which must
+        never be reused for other content after a power cut."""
+        with self._lock:
+            self._db.execute("PRAGMA synchronous = FULL")
+            try:
+                with self._transaction() as db:
+                    yield db
+            finally:
+                self._db.execute("PRAGMA synchronous = NORMAL")
+
+    def _meta(self, key: str, default: int) -> int:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return default if row is None else int(row[0])
+
+    def _set_meta(self, key: str, value: int) -> None:
+        self._db.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?)"
+            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
+
+    # -- windows ----------------------------------------------------------------------------
+
+    def open_windows(self, device_id: str) -> list[StoredWindow]:
+        """Windows of ``device_id`` still open (to continue them after a restart)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, device_id, window_start, body FROM windows"
+                " WHERE closed = 0 AND device_id = ? ORDER BY id",
+                (device_id,),
+            ).fetchall()
+        return [StoredWindow(int(r[0]), r[1], int(r[2]), bytes(r[3])) for r in rows]
+
+    def save_windows(
+        self, windows: list[tuple[int | None, str, int, bytes]], *, close: bool = False
+    ) -> list[int]:
+        """Insert or rewrite windows ``(row id or None, device id, start, body)``; their row ids.
+
+        With ``close`` they are closed too (ready for upload). Past ``max_bytes``, the oldest
+        closed windows are dropped and counted.
+
+        Raises:
+            OutboxError: If the database cannot be written.
+        """
+        ids = []
+        with self._transaction() as db:
+            for row_id, device_id, start, body in windows:
+                if row_id is None:
+                    cursor = db.execute(
+                        "INSERT INTO windows (device_id, window_start, closed, body)"
+                        " VALUES (?, ?, ?, ?)",
+                        (device_id, start, int(close), body),
+                    )
+                    self._bytes += len(body)
+                    ids.append(int(cursor.lastrowid or 0))
+                else:
+                    old = db.execute("SELECT LENGTH(body) FROM windows WHERE id = ?", (row_id,))
+                    previous = old.fetchone()
+                    db.execute(
+                        "UPDATE windows SET body = ?, closed = MAX(closed, ?) WHERE id = ?",
+                        (body, int(close), row_id),
+                    )
+                    self._bytes += len(body) - (int(previous[0]) if previous else 0)
+                    ids.append(row_id)
+            dropped = self._enforce_budget(db)
+        if dropped:
+            self._compact()
+        return ids
+
+    def close_windows(self, row_ids: list[int]) -> None:
+        """Mark windows closed: they go into the next batches."""
+        with self._transaction() as db:
+            db.executemany("UPDATE windows SET closed = 1 WHERE id = ?", [(i,) for i in row_ids])
+
+    def _enforce_budget(self, db: sqlite3.Connection) -> int:
+        dropped = 0
+        while self._bytes > self.max_bytes:
+            row = db.execute(
+                "SELECT id, device_id, LENGTH(body) FROM windows WHERE closed = 1"
+                " ORDER BY window_start, id LIMIT 1"
+            ).fetchone()
+            if row is not None:
+                db.execute("DELETE FROM windows WHERE id = ?", (row[0],))
+                self._count_dropped(db, row[1], 1)
+                self._bytes -= int(row[2])
+                dropped += 1
+                continue
+            batch = db.execute(
+                "SELECT device_id, boot_epoch, sequence, window_count, LENGTH(body) FROM batches"
+                " ORDER BY boot_epoch, sequence LIMIT 1"
+            ).fetchone()
+            if batch is None:
+                break  # only open windows are left; they are never dropped
+            db.execute(
+                "DELETE FROM batches WHERE device_id = ? AND boot_epoch = ? AND sequence = ?",
+                batch[:3],
+            )
+            self._count_dropped(db, batch[0], int(batch[3]))
+            self._bytes -= int(batch[4])
+            dropped += int(batch[3])
+        return dropped
+
+    def _count_dropped(self, db: sqlite3.Connection, device_id: str, count: int) -> None:
+        db.execute(
+            "INSERT INTO devices (device_id, dropped_unreported) VALUES (?, ?)"
+            " ON CONFLICT (device_id) DO UPDATE"
+            " SET dropped_unreported = dropped_unreported + excluded.dropped_unreported",
+            (device_id, count),
+        )
+        self._set_meta("dropped_total", self._meta("dropped_total", 0) + count)
+
+    def _compact(self) -> None:
+        # Give freed pages back to the file system, and keep the WAL file from holding them.
+        with self._lock, contextlib.suppress(sqlite3.Error):
+            self._db.execute("PRAGMA incremental_vacuum")
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    # -- batches ----------------------------------------------------------------------------
+
+    def next_batch(self, max_windows: int, device_id: str | None = None) -> TelemetryBatch | None:
+        """The oldest pending batch, else a new one of up to ``max_windows`` closed windows of one
+        device (``device_id`` if given), or None when there is nothing to send.
+
+        A new batch carries the device's windows dropped since its last batch; it may hold no
+        windows at all when dropping is all there is to report.
+
+        Raises:
+            OutboxError: If the database cannot be written.
+        """
+        body = self.next_batch_bytes(max_windows, device_id)
+        return None if body is None else TelemetryBatch.from_bytes(body)
+
+    def next_batch_bytes(self, max_windows: int, device_id: str | None = None) -> bytes | None:
+        """:meth:`next_batch` as the exact bytes to send."""
+        if max_windows < 1:
+            raise ValueError("max_windows must be at least 1")
+        with self._lock:
+            pending = self._pending(device_id)
+            if pending is not None:
+                return pending
+            with self._durable() as db:
+                if device_id is None:
+                    row = db.execute(
+                        "SELECT device_id FROM windows WHERE closed = 1"
+                        " ORDER BY window_start, id LIMIT 1"
+                    ).fetchone()
+                    if row is None:
+                        row = db.execute(
+                            "SELECT device_id FROM devices WHERE dropped_unreported > 0 LIMIT 1"
+                        ).fetchone()
+                    if row is None:
+                        return None
+                    device_id = str(row[0])
+                rows = db.execute(
+                    "SELECT id, body FROM windows WHERE closed = 1 AND device_id = ?"
+                    " ORDER BY window_start, id LIMIT ?",
+                    (device_id, max_windows),
+                ).fetchall()
+                state = db.execute(
+                    "SELECT next_sequence, dropped_unreported FROM devices WHERE device_id = ?",
+                    (device_id,),
+                ).fetchone()
+                sequence, dropped = (int(state[0]), int(state[1])) if state else (0, 0)
+                if not rows and not dropped:
+                    return None
+                body = _batch_bytes(device_id, self.boot_epoch, sequence, rows, dropped)
+                db.execute(
+                    "INSERT INTO batches (device_id, boot_epoch, sequence, window_count, body)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (device_id, self.boot_epoch, sequence, len(rows), body),
+                )
+                db.executemany("DELETE FROM windows WHERE id = ?", [(r[0],) for r in rows])
+                db.execute(
+                    "INSERT INTO devices (device_id, next_sequence, dropped_unreported)"
+                    " VALUES (?, ?, 0) ON CONFLICT (device_id) DO UPDATE"
+                    " SET next_sequence = excluded.next_sequence, dropped_unreported = 0",
+                    (device_id, sequence + 1),
+                )
+                self._bytes += len(body) - sum(len(r[1]) for r in rows)
+            return body
+
+    def _pending(self, device_id: str | None) -> bytes | None:
+        query = "SELECT body FROM batches"
+        args: tuple[Any, ...] = ()
+        if device_id is not None:
+            query += " WHERE device_id = ?"
+            args = (device_id,)
+        row = self._db.execute(query + " ORDER BY boot_epoch, sequence LIMIT 1", args).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def acknowledge(self, batch: TelemetryBatch) -> None:
+        """Forget a batch the server accepted (or recognised as a replay)."""
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT LENGTH(body) FROM batches"
+                " WHERE device_id = ? AND boot_epoch = ? AND sequence = ?",
+                batch.idempotency_key,
+            ).fetchone()
+            db.execute(
+                "DELETE FROM batches WHERE device_id = ? AND boot_epoch = ? AND sequence = ?",
+                batch.idempotency_key,
+            )
+            if row is not None:
+                self._bytes -= int(row[0])
+
+    def reject(self, batch: TelemetryBatch, reason: str) -> None:
+        """Drop a batch the server will never accept, counting its windows as dropped."""
+        with self._transaction() as db:
+            db.execute(
+                "DELETE FROM batches WHERE device_id = ? AND boot_epoch = ? AND sequence = ?",
+                batch.idempotency_key,
+            )
+            self._count_dropped(db, batch.device_id, len(batch.windows))
+            self._set_meta("rejected_batches", self._meta("rejected_batches", 0) + 1)
+        self._last_rejection = reason
+        self._bytes = self._stored_bytes()
+
+    def _stored_bytes(self) -> int:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT (SELECT COALESCE(SUM(LENGTH(body)), 0) FROM windows)"
+                " + (SELECT COALESCE(SUM(LENGTH(body)), 0) FROM batches)"
+            ).fetchone()
+        return int(row[0])
+
+    def stats(self) -> dict[str, Any]:
+        """JSON-able counts: windows, batches, bytes against the bound, what was dropped."""
+        with self._lock:
+            db = self._db
+            open_, closed = (
+                int(db.execute("SELECT COUNT(*) FROM windows WHERE closed = ?", (c,)).fetchone()[0])
+                for c in (0, 1)
+            )
+            pending = int(db.execute("SELECT COUNT(*) FROM batches").fetchone()[0])
+            unreported = int(
+                db.execute("SELECT COALESCE(SUM(dropped_unreported), 0) FROM devices").fetchone()[0]
+            )
+            return {
+                "open_windows": open_,
+                "closed_windows": closed,
+                "pending_batches": pending,
+                "bytes": self._bytes,
+                "max_bytes": self.max_bytes,
+                "dropped_windows": self._meta("dropped_total", 0),
+                "dropped_unreported": unreported,
+                "rejected_batches": self._meta("rejected_batches", 0),
+                "last_rejection": self._last_rejection,
+                "boot_epoch": self.boot_epoch,
+            }
+
+    def close(self) -> None:
+        """Close the database (a checkpoint folds the WAL into the main file)."""
+        with self._lock:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._db.close()
+
+
+def _batch_bytes(
+    device_id: str, boot_epoch: int, sequence: int, rows: list[Any], dropped: int
+) -> bytes:
+    # Validated here, so a bad row fails on the device, not at the server; the canonical bytes
+    # are then kept for every retry.
+    batch = TelemetryBatch.from_dict(
+        {
+            "device_id": device_id,
+            "boot_epoch": boot_epoch,
+            "sequence": sequence,
+            "windows": [json.loads(bytes(r[1])) for r in rows],
+            "dropped_windows": dropped,
+        }
+    )
+    return batch.to_bytes()
+
+
+def upload_pending(
+    outbox: Outbox,
+    client: httpx.Client,
+    base_url: str,
+    device_id: str,
+    credential: str,
+    *,
+    batch_windows: int = 50,
+    max_batches: int | None = None,
+) -> UploadResult:
+    """Send ``device_id``'s batches to ``POST /v1/devices/{id}/telemetry`` until none is left.
+
+    Each batch is stored before it is sent and forgotten only once the server answers 200
+    (accepted, or a replay of one it already has), so nothing is lost to a failed attempt. A
+    batch the server refuses as malformed (400, 413, 422) will never be accepted: it is dropped
+    and its windows counted as dropped.
+
+    Raises:
+        ServerUnreachable: Connection failed, timed out, or a gateway answered 502-504; the batch
+            stays pending for the next call.
+        AuthError: The credential was refused (401/403).
+        ServerRejected: Any other error status; the batch stays pending.
+        OutboxError: If the outbox cannot be written.
+    """
+    url = f"{base_url.rstrip('/')}/v1/devices/{device_id}/telemetry"
+    headers = {"Authorization": f"Bearer {credential}", "Content-Type": "application/json"}
+    sent = windows = replays = rejected = 0
+    while max_batches is None or sent + rejected < max_batches:
+        body = outbox.next_batch_bytes(batch_windows, device_id)
+        if body is None:
+            break
+        batch = TelemetryBatch.from_bytes(body)
+        try:
+            response = client.post(url, content=body, headers=headers)
+        except httpx.TransportError as exc:
+            raise ServerUnreachable(f"telemetry upload to {url}: {exc}") from exc
+        detail = _detail(response)
+        if response.status_code == 200:
+            outbox.acknowledge(batch)
+            sent += 1
+            windows += len(batch.windows)
+            replays += bool(response.json().get("replay", False))
+        elif response.status_code in (401, 403):
+            raise AuthError(response.status_code, detail)
+        elif response.status_code in _REFUSED_FOREVER:
+            outbox.reject(batch, f"{response.status_code}: {detail}")
+            rejected += 1
+        elif response.status_code in _GATEWAY:
+            raise ServerUnreachable(f"telemetry upload to {url}: {response.status_code} {detail}")
+        else:
+            raise ServerRejected(response.status_code, detail)
+    pending = int(outbox.stats()["pending_batches"])
+    return UploadResult(sent, windows, replays, rejected, pending)
+
+
+def _detail(response: httpx.Response) -> str:
+    try:
+        data = response.json()
+    except ValueError:
+        return response.text[:500]
+    if isinstance(data, dict) and "detail" in data:
+        return str(data["detail"])
+    return str(data)[:500]

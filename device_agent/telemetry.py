@@ -1,0 +1,466 @@
+"""Telemetry on the device: per event-time window and model version, aggregated cheaply.
+
+The hot path (:meth:`Recorder.run`) checks the inputs, runs the model and appends the latency
+(``perf_counter_ns``), the event time and one copy of each histogrammed input and output row into
+preallocated numpy buffers. Every ``flush_every`` inferences, and on :meth:`Recorder.flush`,
+:meth:`Recorder.close_due_windows` and :meth:`Recorder.close`, the buffers are aggregated
+vectorised (sketch buckets with ``np.log``, histogram counts by sorting, classes by ``argmax``)
+into the open windows, which are written to the :class:`~device_agent.outbox.Outbox`.
+
+What a window counts: ``inference_count`` is every predict call for that model version,
+``error_count`` the calls that raised (bad input or ONNX Runtime failure); the latency sketch has
+one value per successful call; input and output histograms count the rows (samples) of successful
+calls. A crash loses at most the last ``flush_every`` buffered inferences.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from time import perf_counter_ns
+from typing import Any
+
+import numpy as np
+
+from device_agent import histograms
+from device_agent.errors import InferenceError, InputError
+from device_agent.histograms import TelemetryPlan
+from device_agent.outbox import Outbox
+from device_agent.runtime import LoadedModel, ModelIdentity
+from firmware_bundles import telemetry as sketch
+from firmware_bundles.messages import TelemetryWindow
+from firmware_bundles.signing import canonical_json
+
+_KIND = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
+_NP_DTYPES = {
+    "float32": np.float32,
+    "float16": np.float16,
+    "int64": np.int64,
+    "int32": np.int32,
+    "int8": np.int8,
+    "uint8": np.uint8,
+    "bool": np.bool_,
+    "string": object,
+}
+#: Name under which a late label is counted when the prediction it corrects is not known.
+UNKNOWN_PREDICTION = "unknown"
+
+
+class _Window:
+    """One open window's aggregates, mutable; stored as TelemetryWindow JSON."""
+
+    def __init__(self, device_id: str, identity: ModelIdentity, start: int, window_s: int) -> None:
+        self.device_id = device_id
+        self.identity = identity
+        self.start = start
+        self.window_s = window_s
+        self.row_id: int | None = None
+        self.inference_count = 0
+        self.error_count = 0
+        self.selftest_failure_count = 0
+        self.latency = sketch.new_sketch()
+        self.outputs: dict[str, list[int]] = {}
+        self.inputs: dict[str, list[int]] = {}
+        self.feedback: dict[str, int] = {}
+        self.labels: dict[str, dict[str, int]] = {}
+
+    @classmethod
+    def from_body(cls, row_id: int, body: bytes) -> _Window:
+        stored = TelemetryWindow.from_bytes(body)
+        identity = ModelIdentity(stored.model, stored.version, stored.bundle_sha256)
+        start = int(stored.window_start.timestamp())
+        window = cls(stored.device_id, identity, start, stored.window_s)
+        window.row_id = row_id
+        window.inference_count = stored.inference_count
+        window.error_count = stored.error_count
+        window.selftest_failure_count = stored.selftest_failure_count
+        window.latency = stored.latency.to_dict()
+        window.latency["bins"] = {str(k): v for k, v in window.latency["bins"].items()}
+        window.outputs = {h.name: list(h.counts) for h in stored.outputs}
+        window.inputs = {h.name: list(h.counts) for h in stored.inputs}
+        window.feedback = dict(stored.feedback)
+        window.labels = {k: dict(v) for k, v in stored.labels.items()}
+        return window
+
+    def body(self) -> bytes:
+        """Canonical TelemetryWindow JSON. Not validated here (this runs every flush, and every
+        field is ours); the outbox validates each window when it builds a batch."""
+        return canonical_json(
+            {
+                "device_id": self.device_id,
+                "model": self.identity.name,
+                "version": self.identity.version,
+                "bundle_sha256": self.identity.bundle_sha256,
+                "window_start": datetime.fromtimestamp(self.start, tz=UTC).isoformat(),
+                "window_s": self.window_s,
+                "inference_count": self.inference_count,
+                "error_count": self.error_count,
+                "selftest_failure_count": self.selftest_failure_count,
+                "latency": self.latency,
+                "outputs": [{"name": k, "counts": v} for k, v in self.outputs.items()],
+                "inputs": [{"name": k, "counts": v} for k, v in self.inputs.items()],
+                "feedback": self.feedback,
+                "labels": self.labels,
+            }
+        )
+
+
+def _add_counts(into: dict[str, list[int]], name: str, counts: np.ndarray) -> None:
+    previous = into.get(name)
+    into[name] = counts.tolist() if previous is None else (counts + previous).tolist()
+
+
+class _Tape:
+    """Preallocated buffers of one model version's recent inferences."""
+
+    def __init__(self, model: LoadedModel, capacity: int) -> None:
+        self.identity = model.identity
+        self.plan = TelemetryPlan.from_manifest(model.manifest)
+        self.capacity = capacity
+        self.n = 0
+        self.latency_ns = np.zeros(capacity, np.int64)
+        self.when = np.zeros(capacity, np.float64)
+        self.errors: list[float] = []
+        #: Calls that did not fit the buffers (batches, dynamic shapes): (when, ns, ins, outs).
+        self.overflow: list[tuple[float, int, dict[str, np.ndarray], dict[str, np.ndarray]]] = []
+        self.output_index = {name: i for i, name in enumerate(model.output_names)}
+        specs = {s.name: s for s in (*model.manifest.inputs, *model.manifest.outputs)}
+        self.fast_inputs = tuple(
+            (name, *self._buffer(specs[name].shape, specs[name].dtype))
+            for name in sorted(self.plan.input_names())
+        )
+        self.fast_outputs = tuple(
+            (self.output_index[name], *self._buffer(specs[name].shape, specs[name].dtype))
+            for name in sorted(self.plan.output_names())
+            if name in self.output_index
+        )
+        self.fits = all(b is not None for _, b, _ in (*self.fast_inputs, *self.fast_outputs))
+
+    def _buffer(self, shape: list[int | None], dtype: str) -> tuple[Any, tuple[int, ...]]:
+        """A buffer for single-row calls, and the shape such a call has; None for shapes that
+        vary beyond the batch axis (those calls go to ``overflow``)."""
+        if any(d is None for d in shape[1:]):
+            return None, ()
+        row = tuple(1 if d is None else d for d in shape)
+        return np.zeros((self.capacity, *row), dtype=_NP_DTYPES[dtype]), row
+
+    def append(self, when: float, latency_ns: int, feed: Any, outs: list[Any]) -> bool:
+        """Record one successful call; True when the buffers are full."""
+        i = self.n
+        if self.fits:
+            for name, buffer, row in self.fast_inputs:
+                value = feed[name]
+                if value.shape != row:
+                    return self._overflow(when, latency_ns, feed, outs)
+                buffer[i] = value
+            for index, buffer, row in self.fast_outputs:
+                value = outs[index]
+                if value.shape != row:
+                    return self._overflow(when, latency_ns, feed, outs)
+                buffer[i] = value
+        else:
+            return self._overflow(when, latency_ns, feed, outs)
+        self.latency_ns[i] = latency_ns
+        self.when[i] = when
+        self.n = i + 1
+        return self.n == self.capacity
+
+    def _overflow(self, when: float, latency_ns: int, feed: Any, outs: list[Any]) -> bool:
+        ins = {h.input: np.array(feed[h.input]) for h in self.plan.inputs}
+        got = {
+            h.output: np.array(outs[self.output_index[h.output]])
+            for h in self.plan.outputs
+            if h.output in self.output_index
+        }
+        self.overflow.append((when, latency_ns, ins, got))
+        return len(self.overflow) >= self.capacity
+
+
+class Recorder:
+    """Aggregates inferences, errors, feedback and labels into windows in the outbox.
+
+    Args:
+        outbox: Where windows are stored.
+        device_id: The device the windows belong to.
+        window_s: Event-time window length (windows start at multiples of it, in Unix time).
+        flush_every: Buffered inferences per model before they are aggregated.
+        clock: Event time, Unix seconds (``time.time``); called once per inference.
+    """
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        device_id: str,
+        window_s: int = 3600,
+        flush_every: int = 256,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        if not 0 < window_s <= 86400:
+            raise ValueError("window_s must be in (0, 86400]")
+        if flush_every < 1:
+            raise ValueError("flush_every must be at least 1")
+        self.outbox = outbox
+        self.device_id = device_id
+        self.window_s = window_s
+        self.flush_every = flush_every
+        self._clock = clock or time.time
+        self._lock = threading.RLock()
+        self._tapes: dict[str, _Tape] = {}
+        self._open: dict[tuple[str, int], _Window] = {}
+        for stored in outbox.open_windows(device_id):
+            window = _Window.from_body(stored.row_id, stored.body)
+            self._open[(window.identity.bundle_sha256, window.start)] = window
+
+    # -- hot path -----------------------------------------------------------------------------
+
+    def run(self, model: LoadedModel, inputs: Any) -> dict[str, np.ndarray]:
+        """Check ``inputs``, run ``model`` and record the call; the model's outputs by name.
+
+        Raises:
+            InputError: If the inputs do not match the schema (counted as an error).
+            InferenceError: If ONNX Runtime fails (counted as an error).
+        """
+        tape = self._tapes.get(model.key) or self._tape(model)
+        try:
+            feed = model.check(inputs)
+            start = perf_counter_ns()
+            outs = model.run_feed(feed)
+            latency_ns = perf_counter_ns() - start
+        except InputError:
+            self._error(tape)
+            raise
+        except Exception as exc:  # onnxruntime raises its own untyped errors
+            self._error(tape)
+            raise InferenceError(model.name, str(exc)) from exc
+        with self._lock:
+            if tape.append(self._clock(), latency_ns, feed, outs):
+                self._flush()
+        return dict(zip(model.output_names, outs, strict=True))
+
+    def record(
+        self,
+        model: LoadedModel,
+        latency_s: float,
+        inputs: Any,
+        outputs: dict[str, np.ndarray] | None,
+        error: bool = False,
+    ) -> None:
+        """Record a call made outside :meth:`run` (inputs in any form ``check`` accepts).
+
+        Raises:
+            InputError: If ``inputs`` do not match the model's schema.
+        """
+        tape = self._tapes.get(model.key) or self._tape(model)
+        if error or outputs is None:
+            self._error(tape)
+            return
+        feed = model.check(inputs)
+        outs = [outputs[name] for name in model.output_names]
+        with self._lock:
+            if tape.append(self._clock(), round(latency_s * 1e9), feed, outs):
+                self._flush()
+
+    def _tape(self, model: LoadedModel) -> _Tape:
+        with self._lock:
+            tape = self._tapes.get(model.key)
+            if tape is None:
+                tape = self._tapes[model.key] = _Tape(model, self.flush_every)
+            return tape
+
+    def _error(self, tape: _Tape) -> None:
+        with self._lock:
+            tape.errors.append(self._clock())
+            if len(tape.errors) >= self.flush_every:
+                self._flush()
+
+    # -- rare events, written at once ---------------------------------------------------------
+
+    def selftest_failure(self, model: str, version: str, bundle_sha256: str) -> None:
+        """Count a failed self-test of a model version (installed, then reverted)."""
+        with self._lock:
+            window = self._window(ModelIdentity(model, version, bundle_sha256), self._clock())
+            window.selftest_failure_count += 1
+            self._save([window])
+
+    def feedback(self, model: LoadedModel | ModelIdentity, kind: str) -> None:
+        """Count user feedback of ``kind`` (e.g. ``thumbs_down``) on ``model``'s predictions.
+
+        Raises:
+            InputError: If ``kind`` is not a short name (letters, digits, ``_.:-``).
+        """
+        self._check_name(model, "kind", kind)
+        with self._lock:
+            window = self._window(_identity(model), self._clock())
+            window.feedback[kind] = window.feedback.get(kind, 0) + 1
+            self._save([window])
+
+    def label(
+        self, model: LoadedModel | ModelIdentity, label: str, predicted: str | None = None
+    ) -> None:
+        """Count a late ground-truth ``label``, against the ``predicted`` one when known.
+
+        Raises:
+            InputError: If a label is not a short name.
+        """
+        self._check_name(model, "label", label)
+        if predicted is not None:
+            self._check_name(model, "predicted", predicted)
+        key = UNKNOWN_PREDICTION if predicted is None else predicted
+        with self._lock:
+            window = self._window(_identity(model), self._clock())
+            counts = window.labels.setdefault(key, {})
+            counts[label] = counts.get(label, 0) + 1
+            self._save([window])
+
+    @staticmethod
+    def _check_name(model: LoadedModel | ModelIdentity, what: str, value: str) -> None:
+        if not isinstance(value, str) or not _KIND.match(value):
+            raise InputError(
+                _identity(model).name,
+                what,
+                "a name of 1-64 letters, digits or _.:- (starting with a letter or digit)",
+                repr(value),
+            )
+
+    # -- aggregation --------------------------------------------------------------------------
+
+    def _window(self, identity: ModelIdentity, when: float) -> _Window:
+        start = int(when // self.window_s) * self.window_s
+        key = (identity.bundle_sha256, start)
+        window = self._open.get(key)
+        if window is None:
+            window = self._open[key] = _Window(self.device_id, identity, start, self.window_s)
+        return window
+
+    def _drain(self, tape: _Tape) -> list[_Window]:
+        touched: dict[int, _Window] = {}
+        n, tape.n = tape.n, 0
+        if n:
+            lat_s = tape.latency_ns[:n] / 1e9
+            ins = {name: buf[:n].reshape((-1, *row[1:])) for name, buf, row in tape.fast_inputs}
+            outs = {i: buf[:n].reshape((-1, *row[1:])) for i, buf, row in tape.fast_outputs}
+            starts = (tape.when[:n] // self.window_s).astype(np.int64)
+            lo, hi = int(starts.min()), int(starts.max())
+            groups = [slice(None)] if lo == hi else [starts == s for s in np.unique(starts)]
+            for sel in groups:
+                when = float(tape.when[:n][sel][0])
+                out_by_name = {
+                    name: outs[i][sel] for name, i in tape.output_index.items() if i in outs
+                }
+                self._add(
+                    tape,
+                    when,
+                    lat_s[sel],
+                    {k: v[sel] for k, v in ins.items()},
+                    out_by_name,
+                    touched,
+                )
+        for when, latency_ns, fed, got in tape.overflow:
+            self._add(tape, when, np.asarray([latency_ns / 1e9]), fed, got, touched)
+        tape.overflow.clear()
+        for when in tape.errors:
+            window = self._window(tape.identity, when)
+            window.inference_count += 1
+            window.error_count += 1
+            touched[id(window)] = window
+        tape.errors.clear()
+        return list(touched.values())
+
+    def _add(
+        self,
+        tape: _Tape,
+        when: float,
+        latency_s: np.ndarray,
+        inputs: dict[str, np.ndarray],
+        outputs: dict[str, np.ndarray],
+        touched: dict[int, _Window],
+    ) -> None:
+        window = self._window(tape.identity, when)
+        touched[id(window)] = window
+        window.inference_count += int(latency_s.size)
+        sketch.merge(
+            window.latency, histograms.latency_sketch(latency_s, sketch.DEFAULT_RELATIVE_ACCURACY)
+        )
+        for hist in tape.plan.inputs:
+            _add_counts(window.inputs, hist.name, histograms.count_input(hist, inputs[hist.input]))
+        for out in tape.plan.outputs:
+            if out.output in outputs:
+                _add_counts(
+                    window.outputs, out.name, histograms.count_output(out, outputs[out.output])
+                )
+
+    def _save(self, windows: list[_Window], *, close: bool = False) -> None:
+        rows = [(w.row_id, w.device_id, w.start, w.body()) for w in windows]
+        for window, row_id in zip(
+            windows, self.outbox.save_windows(rows, close=close), strict=True
+        ):
+            window.row_id = row_id
+
+    def _flush(self) -> None:
+        touched: dict[int, _Window] = {}
+        for tape in self._tapes.values():
+            for window in self._drain(tape):
+                touched[id(window)] = window
+        if touched:
+            self._save(list(touched.values()))
+
+    def flush(self) -> None:
+        """Aggregate every buffered inference into its window and write the windows.
+
+        Raises:
+            OutboxError: If the outbox cannot be written.
+        """
+        with self._lock:
+            self._flush()
+
+    def close_due_windows(
+        self, now: datetime | float | None = None, *, include_open: bool = False
+    ) -> int:
+        """Flush, then close windows that ended by ``now`` (all of them with ``include_open``,
+        e.g. before a final upload; later inferences in the same hour start a new partial window,
+        which the server adds up). Returns how many were closed.
+
+        Raises:
+            OutboxError: If the outbox cannot be written.
+        """
+        moment = self._clock() if now is None else now
+        seconds = moment.timestamp() if isinstance(moment, datetime) else float(moment)
+        with self._lock:
+            self._flush()
+            due = [
+                key
+                for key, w in self._open.items()
+                if include_open or w.start + w.window_s <= seconds
+            ]
+            windows = [self._open.pop(key) for key in due]
+            saved = [w for w in windows if w.row_id is None]
+            if saved:
+                self._save(saved, close=True)
+            self.outbox.close_windows([w.row_id for w in windows if w.row_id is not None])
+            return len(windows)
+
+    def stats(self) -> dict[str, Any]:
+        """JSON-able: buffered inferences, open windows, unmatched histograms, and the outbox's."""
+        with self._lock:
+            buffered = sum(t.n + len(t.overflow) + len(t.errors) for t in self._tapes.values())
+            unmatched = {
+                t.identity.name: list(t.plan.unmatched)
+                for t in self._tapes.values()
+                if t.plan.unmatched
+            }
+            return {
+                "buffered_inferences": buffered,
+                "unmatched_histograms": unmatched,
+                **self.outbox.stats(),
+            }
+
+    def close(self) -> None:
+        """Flush (windows stay open, to be continued after a restart)."""
+        self.flush()
+
+
+def _identity(model: LoadedModel | ModelIdentity) -> ModelIdentity:
+    return model.identity if isinstance(model, LoadedModel) else model

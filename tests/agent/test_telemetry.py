@@ -1,0 +1,510 @@
+"""Telemetry: counts, histograms, event-time windows, the durable outbox, and upload to the real
+fleet server app (SQLite and PostgreSQL) whose rollups must equal what the device recorded."""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from converters.reference import counts_on_edges
+from device_agent import histograms
+from device_agent.errors import AuthError, InputError, ServerUnreachable
+from device_agent.outbox import Outbox, upload_pending
+from device_agent.runtime import LoadedModel, ModelRuntime
+from device_agent.telemetry import Recorder
+from firmware_bundles import telemetry as sketch
+from firmware_bundles.messages import TelemetryBatch, TelemetryWindow
+from tests.agent import onnx_models as m
+from tests.server import conftest as server_conftest
+from tests.server.conftest import Fleet
+
+# The fleet server of tests/server (in process, real SQLite or PostgreSQL database), under the
+# name ``server`` here; pytest registers a fixture by the name it is bound to in the module.
+server = server_conftest.fleet
+database_url = server_conftest.database_url
+postgres_available = server_conftest.postgres_available
+
+HOUR = 3600
+T0 = 1_780_000_000.0 - (1_780_000_000 % HOUR)  # an hour boundary in 2026
+DEVICE = "phone-1"
+
+
+class Clock:
+    """Event time for the recorder, set by the test."""
+
+    def __init__(self, now: float = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture()
+def outbox(tmp_path: Path) -> Any:
+    box = Outbox(tmp_path / "outbox.sqlite", 1 << 20)
+    yield box
+    box.close()
+
+
+@pytest.fixture(scope="module")
+def classifier() -> LoadedModel:
+    return m.load(m.classifier(), m.classifier_manifest())
+
+
+def windows(outbox: Outbox, device_id: str = DEVICE) -> list[TelemetryWindow]:
+    """Every window in the outbox, open or closed (read from the file, as a restart would)."""
+    db = sqlite3.connect(outbox.path)
+    rows = db.execute("SELECT body FROM windows WHERE device_id = ? ORDER BY id", (device_id,))
+    found = [TelemetryWindow.from_bytes(bytes(r[0])) for r in rows]
+    db.close()
+    return found
+
+
+def test_counts_equal_the_predictions_exactly(outbox: Outbox, classifier: LoadedModel) -> None:
+    clock = Clock()
+    recorder = Recorder(outbox, DEVICE, window_s=HOUR, flush_every=64, clock=clock)
+    rng = np.random.default_rng(1)
+    xs = rng.normal(0, 1, (1000, 1, 4)).astype(np.float32)
+    classes = np.zeros(3, np.int64)
+    for x in xs:
+        out = recorder.run(classifier, x)
+        classes[int(np.argmax(out["probabilities"]))] += 1
+    for bad in (np.zeros((1, 5), np.float32), [[1.0, 2.0]], np.zeros((1, 4), np.float64)):
+        with pytest.raises(InputError):
+            recorder.run(classifier, bad)
+    recorder.run(classifier, np.repeat(xs[0], 7, axis=0))  # one call, seven rows
+    classes[int(np.argmax(xs[0][0, :3]))] += 7
+    assert recorder.stats()["buffered_inferences"] > 0  # 1000 is not a multiple of 64
+    recorder.flush()
+    assert recorder.stats()["buffered_inferences"] == 0
+    [window] = windows(outbox)
+    assert window.inference_count == 1004
+    assert window.error_count == 3
+    assert window.latency.count == 1001
+    assert sum(window.latency.bins.values()) + window.latency.zero_count == 1001
+    assert window.model == "gesture" and window.version == "1.0.0"
+    assert window.bundle_sha256 == classifier.key
+    [probabilities] = window.outputs
+    assert probabilities.name == "probabilities"
+    assert probabilities.counts == [*classes.tolist(), 0]
+    # Every row of every feature landed in exactly one bin.
+    assert [h.name for h in window.inputs] == ["f0", "f1", "f2", "f3"]
+    for h, column in zip(window.inputs, range(4), strict=True):
+        values = np.concatenate([xs[:, 0, column], np.repeat(xs[0, 0, column], 7)])
+        assert h.counts == counts_on_edges(values, [-1.0, 0.0, 1.0])
+
+
+def test_histograms_land_in_the_bins_the_manifest_defines(outbox: Outbox) -> None:
+    # Edges that are not float32 numbers: float32(0.1) is just above 0.1 and the float32 below
+    # it just under; float32(0.7) is just under 0.7. Each side must be told apart exactly.
+    below_tenth = float(np.nextafter(np.float32(0.1), np.float32(0)))
+    manifest = m.classifier_manifest(
+        input_histograms=[
+            m.numeric("f0", [-1.0, 0.0, 1.0]),
+            m.numeric("f1", [0.1, 0.7]),
+            m.numeric("input", [0.0]),  # the whole tensor, by the input's name
+            m.numeric("f9", [0.0]),  # names nothing: reported, not counted
+        ]
+    )
+    model = m.load(m.classifier(), manifest)
+    recorder = Recorder(outbox, DEVICE, flush_every=4, clock=Clock())
+    rows = [
+        [-2.0, 0.1, 5.0, 0.0],  # f0 under; f1 = float32(0.1) >= 0.1: bin [0.1, 0.7)
+        [-1.0, below_tenth, 0.0, 0.0],  # f0 on the first edge: bin [-1, 0); f1 under
+        [0.0, 0.7, -3.0, 0.0],  # f0 bin [0, 1); f1 = float32(0.7) < 0.7: bin [0.1, 0.7)
+        [1.0, math.nan, 0.0, 0.0],  # f0 on the last edge: overflow; f1 NaN: overflow
+        [0.5, 1.0, 0.0, 9.0],  # f0 bin [0, 1); f1 overflow
+    ]
+    classes = [0, 0, 0, 0]
+    for row in rows:
+        out = recorder.run(model, np.array([row], np.float32))
+        classes[int(np.argmax(out["probabilities"]))] += 1
+    recorder.flush()
+    [window] = windows(outbox)
+    counts = {h.name: h.counts for h in window.inputs}
+    assert counts["f0"] == [1, 1, 2, 1]
+    assert counts["f1"] == [1, 2, 2]
+    assert float(np.float32(0.7)) < 0.7 < 1.0 and float(np.float32(0.1)) > 0.1  # as the rows say
+    assert counts["input"] == [3, 17]  # 20 values: -2, -1 and -3 under 0, NaN over
+    assert "f9" not in counts
+    assert recorder.stats()["unmatched_histograms"] == {"gesture": ["f9"]}
+    assert classes == [1, 3, 1, 0]  # rows: 2, 1, 1, all NaN (argmax takes the first), 1
+    assert [h.counts for h in window.outputs] == [classes]
+
+
+def test_channel_histograms_and_regression_bins(outbox: Outbox) -> None:
+    manifest = m.manifest(
+        m.channels(),
+        inputs=[{"name": "window", "dtype": "float32", "shape": [None, 2, 8]}],
+        outputs=[{"name": "prediction", "dtype": "float32", "shape": [None, 1]}],
+        input_histograms=[m.numeric("channel_0", [0.0, 1.0]), m.numeric("channel_1", [0.0])],
+        output_histograms=[m.numeric("prediction", [0.25, 0.75])],
+        task="regression",
+    )
+    model = m.load(m.channels(), manifest)
+    recorder = Recorder(outbox, DEVICE, flush_every=3, clock=Clock())
+    window_a = np.zeros((1, 2, 8), np.float32)
+    window_a[0, 0, :4] = 2.0  # channel 0: 4 overflow, 4 in [0, 1); channel 1: 8 at or above 0
+    window_b = np.full((1, 2, 8), -1.0, np.float32)  # everything under; mean -1
+    for window in (window_a, window_b, window_a, window_a):
+        recorder.run(model, window)
+    recorder.run(model, np.concatenate([window_b, window_b]))  # a batch of two windows
+    recorder.flush()
+    [stored] = windows(outbox)
+    counts = {h.name: h.counts for h in stored.inputs}
+    assert counts["channel_0"] == [24, 12, 12]
+    assert counts["channel_1"] == [24, 24]
+    # Means: window_a 0.5 (three times), window_b -1 (three rows).
+    assert [h.counts for h in stored.outputs] == [[3, 3, 0]]
+    assert stored.inference_count == 5
+
+
+def test_label_outputs_count_by_category(outbox: Outbox) -> None:
+    manifest = m.manifest(
+        m.labeller(),
+        inputs=[{"name": "input", "dtype": "float32", "shape": [None, 4]}],
+        outputs=[{"name": "label", "dtype": "int64", "shape": [None], "class_labels": [0, 1]}],
+        output_histograms=[m.categorical("label", [0, 1])],
+    )
+    model = m.load(m.labeller(), manifest)
+    recorder = Recorder(outbox, DEVICE, clock=Clock())
+    for row in ([1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 2, 0], [3, 0, 0, 0]):
+        recorder.run(model, np.array([row], np.float32))
+    recorder.flush()
+    [window] = windows(outbox)
+    assert [h.counts for h in window.outputs] == [[2, 1, 2]]  # class 2 is not a category
+
+
+def test_windows_split_by_event_time(outbox: Outbox, classifier: LoadedModel) -> None:
+    clock = Clock()
+    recorder = Recorder(outbox, DEVICE, window_s=HOUR, flush_every=1000, clock=clock)
+    x = np.zeros((1, 4), np.float32)
+    plan = [(T0 + 0.0, 3), (T0 + HOUR - 0.001, 2), (T0 + HOUR, 4), (T0 + 5 * HOUR + 17, 1)]
+    for when, count in plan:
+        clock.now = when
+        for _ in range(count):
+            recorder.run(classifier, x)
+    clock.now = T0 + 2 * HOUR
+    with pytest.raises(InputError):
+        recorder.run(classifier, [[0.0]])
+    recorder.feedback(classifier, "thumbs_down")
+    recorder.label(classifier, "walk", predicted="rest")
+    recorder.label(classifier, "run")
+    recorder.selftest_failure("gesture", "1.1.0", "e" * 64)
+    recorder.flush()  # one buffer spanning three windows
+    found = {(w.version, int(w.window_start.timestamp() - T0) // HOUR): w for w in windows(outbox)}
+    assert {k: w.inference_count for k, w in found.items()} == {
+        ("1.0.0", 0): 5,
+        ("1.0.0", 1): 4,
+        ("1.0.0", 2): 1,
+        ("1.0.0", 5): 1,
+        ("1.1.0", 2): 0,
+    }
+    third = found[("1.0.0", 2)]
+    assert third.error_count == 1 and third.latency.count == 0
+    assert third.feedback == {"thumbs_down": 1}
+    assert third.labels == {"rest": {"walk": 1}, "unknown": {"run": 1}}
+    assert found[("1.1.0", 2)].selftest_failure_count == 1
+    assert all(w.window_s == HOUR for w in found.values())
+
+
+def test_closed_windows_wait_for_upload_and_late_data_starts_a_new_one(
+    outbox: Outbox, classifier: LoadedModel
+) -> None:
+    clock = Clock(T0 + 10)
+    recorder = Recorder(outbox, DEVICE, window_s=HOUR, flush_every=2, clock=clock)
+    x = np.zeros((1, 4), np.float32)
+    recorder.run(classifier, x)
+    assert recorder.close_due_windows(T0 + HOUR - 1) == 0  # the hour is not over
+    assert recorder.close_due_windows(T0 + HOUR) == 1
+    assert outbox.stats()["closed_windows"] == 1
+    recorder.run(classifier, x)  # same event-time hour, arriving after it closed
+    recorder.run(classifier, x)
+    assert recorder.close_due_windows(T0 + HOUR, include_open=True) == 1
+    batch = outbox.next_batch(10)
+    assert batch is not None
+    assert [w.inference_count for w in batch.windows] == [1, 2]
+    assert {w.window_start.timestamp() for w in batch.windows} == {T0}
+
+
+@pytest.mark.parametrize(
+    ("kind", "call"),
+    [
+        ("kind", lambda r, model: r.feedback(model, "")),
+        ("kind", lambda r, model: r.feedback(model, "x" * 65)),
+        ("label", lambda r, model: r.label(model, "two words")),
+        ("predicted", lambda r, model: r.label(model, "walk", predicted="a/b")),
+    ],
+    ids=["empty-kind", "long-kind", "label-with-space", "predicted-with-slash"],
+)
+def test_feedback_and_label_names_are_checked(
+    outbox: Outbox, classifier: LoadedModel, kind: str, call: Any
+) -> None:
+    recorder = Recorder(outbox, DEVICE, clock=Clock())
+    with pytest.raises(InputError) as caught:
+        call(recorder, classifier)
+    assert caught.value.input == kind
+    assert windows(outbox) == []
+
+
+def test_latency_sketch_matches_the_shared_one_bucket_for_bucket() -> None:
+    gamma = 1.01 / 0.99
+    boundaries = [gamma**k for k in range(-1000, -300, 7)]  # on bucket edges, where logs round
+    values = np.array(
+        [*boundaries, *np.random.default_rng(5).lognormal(-10, 1.5, 2000), 0.0, 5e-10],
+        np.float64,
+    )
+    mine = histograms.latency_sketch(values, 0.01)
+    reference = sketch.new_sketch(0.01)
+    for v in values.tolist():
+        sketch.add(reference, v)
+    assert mine["bins"] == reference["bins"]
+    assert mine["zero_count"] == reference["zero_count"] == 2
+    assert (mine["count"], mine["min"], mine["max"]) == (
+        reference["count"],
+        reference["min"],
+        reference["max"],
+    )
+    assert math.isclose(mine["sum"], reference["sum"], rel_tol=1e-12)
+
+
+def test_numeric_counts_equal_the_converters_reference_counts() -> None:
+    rng = np.random.default_rng(9)
+    values = rng.normal(0, 1, 5000).astype(np.float32)
+    # Values exactly at the float32 nearest each edge: -0.3 and 0.7 round down, 0.3 and 1.1 up.
+    edges = [-1.7, -0.3, 0.3, 0.30000001, 0.7, 1.1]
+    for i, edge in enumerate(edges):
+        values[i * 40 : (i + 1) * 40] = np.float32(edge)
+    bins = histograms.Bins("numeric", tuple(edges), (), histograms._float32_edges(tuple(edges)))
+    assert histograms.count_numeric(values, bins).tolist() == counts_on_edges(values, edges)
+    ints = rng.integers(-5, 5, 300)
+    assert histograms.count_numeric(ints, bins).tolist() == counts_on_edges(ints, edges)
+
+
+def test_the_outbox_survives_a_restart_with_the_same_idempotency_keys(
+    tmp_path: Path, classifier: LoadedModel
+) -> None:
+    path = tmp_path / "outbox.sqlite"
+    first = Outbox(path, 1 << 20, wall_clock=lambda: 1000.0)
+    clock = Clock()
+    recorder = Recorder(first, DEVICE, clock=clock)
+    for _ in range(5):
+        recorder.run(classifier, np.zeros((1, 4), np.float32))
+    recorder.close_due_windows(T0 + HOUR)
+    sent = first.next_batch_bytes(10)
+    assert sent is not None
+    clock.now = T0 + HOUR + 5
+    for _ in range(3):  # into an open window, flushed at close
+        recorder.run(classifier, np.zeros((1, 4), np.float32))
+    recorder.close()
+    first.close()
+
+    second = Outbox(path, 1 << 20, wall_clock=lambda: 900.0)  # even with the clock set back
+    assert second.boot_epoch == 1001
+    assert second.next_batch_bytes(10) == sent  # the same key and windows, byte for byte
+    batch = TelemetryBatch.from_bytes(sent)
+    assert batch.idempotency_key == (DEVICE, 1000, 0)
+    second.acknowledge(batch)
+    assert second.next_batch(10) is None  # the open window is not sent
+    again = Recorder(second, DEVICE, clock=Clock(T0 + HOUR + 9))
+    again.run(classifier, np.zeros((1, 4), np.float32))
+    again.close_due_windows(T0 + 2 * HOUR)
+    following = second.next_batch(10)
+    assert following is not None
+    assert following.idempotency_key == (DEVICE, 1001, 0)  # new epoch, sequence from 0
+    assert [w.inference_count for w in following.windows] == [4]  # continued after restart
+    second.close()
+
+
+def test_a_full_outbox_drops_the_oldest_closed_windows_and_reports_them(
+    tmp_path: Path, classifier: LoadedModel
+) -> None:
+    path = tmp_path / "outbox.sqlite"
+    probe = Outbox(tmp_path / "probe.sqlite", 1 << 20)
+    recorder = Recorder(probe, DEVICE, clock=Clock())
+    recorder.run(classifier, np.zeros((1, 4), np.float32))
+    recorder.close_due_windows(include_open=True)
+    window_bytes = probe.stats()["bytes"]
+    probe.close()
+
+    limit = window_bytes * 10 + window_bytes // 2  # room for ten windows
+    outbox = Outbox(path, limit)
+    clock = Clock()
+    recorder = Recorder(outbox, DEVICE, clock=clock)
+    for hour in range(25):
+        clock.now = T0 + hour * HOUR
+        recorder.run(classifier, np.zeros((1, 4), np.float32))
+        recorder.close_due_windows(clock.now + HOUR)
+    stats = outbox.stats()
+    assert stats["closed_windows"] == 10
+    assert stats["dropped_windows"] == 15 == stats["dropped_unreported"]
+    assert stats["bytes"] <= limit
+    batch = outbox.next_batch(50)
+    assert batch is not None
+    assert batch.dropped_windows == 15
+    starts = [int(w.window_start.timestamp() - T0) // HOUR for w in batch.windows]
+    assert starts == list(range(15, 25))  # the newest ten were kept
+    outbox.acknowledge(batch)
+    clock.now = T0 + 30 * HOUR
+    recorder.run(classifier, np.zeros((1, 4), np.float32))
+    recorder.close_due_windows(include_open=True)
+    following = outbox.next_batch(50)
+    assert following is not None and following.dropped_windows == 0
+    assert outbox.stats()["dropped_windows"] == 15
+    outbox.close()
+    assert path.stat().st_size < limit + 64 * 1024  # freed pages went back to the disk
+
+
+def _record(recorder: Recorder, model: LoadedModel, n: int) -> dict[str, Any]:
+    """Make ``n`` predictions and two bad calls; the totals a server must end up with."""
+    rng = np.random.default_rng(n)
+    classes = [0, 0, 0, 0]
+    for x in rng.normal(0, 1, (n, 1, 4)).astype(np.float32):
+        classes[int(np.argmax(recorder.run(model, x)["probabilities"]))] += 1
+    for _ in range(2):
+        with pytest.raises(InputError):
+            recorder.run(model, np.zeros((1, 3), np.float32))
+    recorder.feedback(model, "thumbs_up")
+    return {"inference_count": n + 2, "error_count": 2, "outputs": {"probabilities": classes}}
+
+
+def _rollups(fleet: Fleet, model: str) -> list[dict[str, Any]]:
+    r = fleet.client.get(
+        f"/v1/telemetry/rollups?model={model}", headers=fleet.auth(fleet.token("viewer"))
+    )
+    assert r.status_code == 200, r.text
+    rollups: list[dict[str, Any]] = r.json()
+    return rollups
+
+
+def test_upload_to_the_real_server_gives_rollups_equal_to_the_recorded_totals(
+    server: Fleet, tmp_path: Path, classifier: LoadedModel
+) -> None:
+    fleet = server
+    credential = fleet.enroll(DEVICE)
+    outbox = Outbox(tmp_path / "outbox.sqlite", 1 << 20)
+    clock = Clock(T0 + 60)
+    recorder = Recorder(outbox, DEVICE, window_s=HOUR, flush_every=32, clock=clock)
+    expected = _record(recorder, classifier, 150)
+    clock.now = T0 + HOUR + 60  # same day, next hour
+    second = _record(recorder, classifier, 70)
+    recorder.close_due_windows(include_open=True)
+    sent_windows = windows(outbox)
+    assert len(sent_windows) == 2
+
+    # The server is away: nothing is lost, the batch waits.
+    with httpx.Client(timeout=2) as offline, pytest.raises(ServerUnreachable):
+        upload_pending(outbox, offline, "http://127.0.0.1:9", DEVICE, credential)
+    assert outbox.stats()["pending_batches"] == 1
+    with pytest.raises(AuthError):
+        upload_pending(outbox, fleet.client, "http://testserver", DEVICE, "efd_wrong")
+    pending = outbox.next_batch_bytes(50)
+
+    result = upload_pending(
+        outbox, fleet.client, "http://testserver", DEVICE, credential, batch_windows=1
+    )
+    assert (result.batches_sent, result.windows_sent, result.replays) == (1, 2, 0)
+    assert result.pending_batches == 0
+    [rollup] = _rollups(fleet, "gesture")
+    assert rollup["inference_count"] == expected["inference_count"] + second["inference_count"]
+    assert rollup["error_count"] == 4
+    assert rollup["window_count"] == 2
+    assert rollup["outputs"]["probabilities"] == [
+        a + b
+        for a, b in zip(
+            expected["outputs"]["probabilities"], second["outputs"]["probabilities"], strict=True
+        )
+    ]
+    assert rollup["feedback"] == {"thumbs_up": 2}
+    merged_latency = sketch.new_sketch()
+    merged_inputs: dict[str, list[int]] = {}
+    for w in sent_windows:
+        sketch.merge(merged_latency, w.to_dict()["latency"])
+        sketch.merge_named_counts(merged_inputs, ((h.name, h.counts) for h in w.inputs))
+    assert rollup["latency"]["bins"] == merged_latency["bins"]
+    assert rollup["latency"]["count"] == 220
+    assert rollup["inputs"] == merged_inputs
+    assert all(sum(c) == 220 for c in rollup["inputs"].values())
+
+    # The same batch again (its answer lost on the way back): a no-op on the server.
+    assert pending is not None
+    replay = fleet.client.post(
+        f"/v1/devices/{DEVICE}/telemetry", content=pending, headers=fleet.auth(credential)
+    )
+    assert replay.status_code == 200 and replay.json()["replay"] is True
+    assert _rollups(fleet, "gesture") == [rollup]
+    outbox.close()
+
+
+def test_a_retry_after_a_lost_answer_resends_the_same_key_and_is_a_no_op(
+    server: Fleet, tmp_path: Path, classifier: LoadedModel
+) -> None:
+    fleet = server
+    credential = fleet.enroll(DEVICE)
+    outbox = Outbox(tmp_path / "outbox.sqlite", 1 << 20)
+    recorder = Recorder(outbox, DEVICE, clock=Clock(T0))
+    _record(recorder, classifier, 40)
+    recorder.close_due_windows(include_open=True)
+    body = outbox.next_batch_bytes(50)
+    assert body is not None
+    first = fleet.client.post(
+        f"/v1/devices/{DEVICE}/telemetry", content=body, headers=fleet.auth(credential)
+    )
+    assert first.json() == {"accepted": True, "replay": False, "windows": 1}
+    before = _rollups(fleet, "gesture")
+    outbox.close()  # the device restarts before it hears the answer
+
+    reopened = Outbox(tmp_path / "outbox.sqlite", 1 << 20)
+    result = upload_pending(reopened, fleet.client, "http://testserver", DEVICE, credential)
+    assert (result.batches_sent, result.replays) == (1, 1)
+    assert _rollups(fleet, "gesture") == before
+    assert before[0]["inference_count"] == 42
+    assert reopened.stats()["pending_batches"] == 0
+    reopened.close()
+
+
+def test_a_batch_the_server_refuses_is_dropped_and_counted(
+    server: Fleet, tmp_path: Path, classifier: LoadedModel
+) -> None:
+    fleet = server
+    credential = fleet.enroll(DEVICE)
+    outbox = Outbox(tmp_path / "outbox.sqlite", 1 << 20)
+    recorder = Recorder(outbox, DEVICE, clock=Clock(T0))
+    _record(recorder, classifier, 10)
+    recorder.close_due_windows(include_open=True)
+    upload_pending(outbox, fleet.client, "http://testserver", DEVICE, credential)
+    # A build of the same name and version with four classes: the server's rollup has three.
+    four = m.classifier_manifest(
+        outputs=[
+            {
+                "name": "probabilities",
+                "dtype": "float32",
+                "shape": [None, 3],
+                "class_labels": [*m.CLASSES, "jump"],
+            }
+        ],
+        output_histograms=[m.categorical("probabilities", [*m.CLASSES, "jump"])],
+    )
+    other = ModelRuntime().load("f" * 64, four, m.classifier())
+    recorder.run(other, np.zeros((1, 4), np.float32))
+    recorder.close_due_windows(include_open=True)
+    result = upload_pending(outbox, fleet.client, "http://testserver", DEVICE, credential)
+    # Refused, dropped, and the drop reported at once in a batch of no windows.
+    assert (result.batches_sent, result.windows_sent, result.rejected_batches) == (1, 0, 1)
+    stats = outbox.stats()
+    assert stats["dropped_windows"] == 1 and stats["dropped_unreported"] == 0
+    assert stats["rejected_batches"] == 1
+    assert "400" in stats["last_rejection"] and "bins" in stats["last_rejection"]
+    r = fleet.client.get(f"/v1/devices/{DEVICE}", headers=fleet.auth(fleet.token("viewer")))
+    assert r.json()["telemetry"]["windows_dropped_on_device"] == 1
+    assert r.json()["telemetry"]["batches_received"] == 2  # sequence 1 was refused: a gap
+    assert r.json()["telemetry"]["batches_expected"] == 3
+    [rollup] = _rollups(fleet, "gesture")
+    assert rollup["inference_count"] == 12  # the refused window is not in it
+    outbox.close()
