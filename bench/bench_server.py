@@ -4,8 +4,9 @@ For SQLite and PostgreSQL: 10,000 enrolled devices and 20 models in the database
 a released phone-android bundle; each device runs ``--assigned`` of them), a real `edgefleet
 serve` process (uvicorn, one worker, loopback), and wrk at fixed concurrency sending check-ins
 (nonce, one director-signed assignment set, compatibility, last-seen write) and telemetry batches.
-Baseline: a bare FastAPI endpoint on the same uvicorn, answering the same requests with a body of
-the same size, measured in the same run.
+Baselines: a bare FastAPI endpoint on the same uvicorn answering the same requests with a body of
+the same size, declared ``async def`` (as the server's routes are) and ``def`` (run in FastAPI's
+threadpool), measured in the same run, interleaved with the server.
 
     python bench/bench_server.py [--duration 10] [--connections 16] [--assigned 4]
 """
@@ -146,6 +147,24 @@ def wrk(url: str, script: str, creds: Path, duration: int, connections: int) -> 
     return rps, int(bad.group(1)) if bad else 0
 
 
+def start_bare(mode: str, size: int) -> tuple[subprocess.Popen[bytes], str]:
+    """The bare endpoint (``async def`` or ``def`` routes) with a ``size``-byte body."""
+    bare_port = port()
+    process = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "uvicorn", "bare_app:app"),
+            *("--port", str(bare_port), "--log-level", "warning"),
+        ],
+        cwd=REPO / "bench",
+        env={**os.environ, "BARE_BODY_BYTES": str(size), "BARE_MODE": mode},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{bare_port}"
+    wait(url)
+    return process, url
+
+
 def response_size(url: str, creds: Path) -> int:
     device, cred = creds.read_text().split("\n", 1)[0].split()
     r = httpx.post(
@@ -172,7 +191,7 @@ def run_database(kind: str, args: argparse.Namespace, table: Table) -> None:
             conn.execute(f'CREATE DATABASE "{name}"')
         url = PG.rsplit("/", 1)[0] + "/" + name
     creds = seed(url, data_dir, args.devices, args.models, args.assigned)
-    srv_port, bare_port = port(), port()
+    srv_port = port()
     server = subprocess.Popen(
         [
             sys.executable,
@@ -195,52 +214,32 @@ def run_database(kind: str, args: argparse.Namespace, table: Table) -> None:
     try:
         wait(server_url)
         size = response_size(server_url, creds)
-        bare = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "bare_app:app",
-                "--port",
-                str(bare_port),
-                "--log-level",
-                "warning",
-            ],
-            cwd=REPO / "bench",
-            env={**os.environ, "BARE_BODY_BYTES": str(size)},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        bare_url = f"http://127.0.0.1:{bare_port}"
+        bares = {mode: start_bare(mode, size) for mode in ("async", "sync")}
         try:
-            wait(bare_url)
-            base, _ = wrk(bare_url, "checkin.lua", creds, args.duration, args.connections)
-            real, bad = wrk(server_url, "checkin.lua", creds, args.duration, args.connections)
-            table.add_row(
-                kind,
-                "check-in",
-                f"{size} B",
-                f"{base:,.0f}",
-                f"{real:,.0f}",
-                f"{real / base:.2f}",
-                str(bad),
-                "",
-            )
-            tbase, _ = wrk(bare_url, "telemetry.lua", creds, args.duration, args.connections)
-            treal, tbad = wrk(server_url, "telemetry.lua", creds, args.duration, args.connections)
-            table.add_row(
-                kind,
-                f"telemetry ({args.windows} windows/batch)",
-                "",
-                f"{tbase:,.0f}",
-                f"{treal:,.0f}",
-                f"{treal / tbase:.2f}",
-                str(tbad),
-                f"{treal * args.windows:,.0f}",
-            )
+            for script, label in (
+                ("checkin.lua", "check-in"),
+                ("telemetry.lua", f"telemetry ({args.windows} windows/batch)"),
+            ):
+                base_async = wrk(bares["async"][1], script, creds, args.duration, args.connections)
+                real, bad = wrk(server_url, script, creds, args.duration, args.connections)
+                base_sync = wrk(bares["sync"][1], script, creds, args.duration, args.connections)
+                windows = real * args.windows if script == "telemetry.lua" else None
+                table.add_row(
+                    kind,
+                    label,
+                    f"{size} B" if script == "checkin.lua" else "",
+                    f"{base_async[0]:,.0f}",
+                    f"{base_sync[0]:,.0f}",
+                    f"{real:,.0f}",
+                    f"{real / base_async[0]:.2f}",
+                    f"{real / base_sync[0]:.2f}",
+                    str(bad),
+                    "" if windows is None else f"{windows:,.0f}",
+                )
         finally:
-            bare.terminate()
-            bare.wait()
+            for process, _ in bares.values():
+                process.terminate()
+                process.wait()
     finally:
         server.terminate()
         server.wait()
@@ -275,9 +274,11 @@ def main() -> None:
         "database",
         "request",
         "body",
-        "bare req/s",
+        "bare async req/s",
+        "bare def req/s",
         "server req/s",
-        "ratio",
+        "vs async",
+        "vs def",
         "non-2xx",
         "windows/s",
     ):
