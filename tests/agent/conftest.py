@@ -1,0 +1,264 @@
+"""Fixtures for the agent tests: real ONNX bundles signed by the test keys, a FleetSimulator, and
+agents on a fake clock shared with the simulator.
+
+The model is a real linear classifier (MatMul + Add + Softmax on 4 features, 3 classes) built
+with onnx.helper; its self-test vectors are what ONNX Runtime computes, so a bundle passes its
+self-test on a correct runtime and a bundle whose vectors were altered fails it. Versions differ
+in their weights, so a prediction tells which version answered.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from device_agent.agent import Agent
+from device_agent.config import AgentSettings
+from firmware_bundles import SigningKey, build
+from tests.agent.simulator import FakeClock, FleetSimulator
+from tests.conftest import NOW, Keys
+
+MODEL = "gesture"
+FEATURES = 4
+CLASSES = ["rest", "tap", "swipe"]
+#: The input tests predict on to tell which version answers.
+PROBE = np.array([[0.5, -1.0, 0.25, 2.0]], dtype=np.float32)
+TARGETS = {
+    "phone-android": ("phone", "android", {"minimum": "10.0.0"}),
+    "ring-gen3": ("ring-gen3", "nrf52840", {"minimum": "3.0.0", "below": "4.0.0"}),
+}
+
+
+def linear_model(seed: int) -> bytes:
+    """input [N, 4] -> MatMul -> Add -> Softmax -> probabilities [N, 3], weights from ``seed``."""
+    rng = np.random.default_rng(seed)
+    weights = rng.normal(0, 1, (FEATURES, len(CLASSES))).astype(np.float32)
+    bias = rng.normal(0, 0.5, len(CLASSES)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["input", "W"], ["z"]),
+            helper.make_node("Add", ["z", "B"], ["logits"]),
+            helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
+        ],
+        "linear",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, FEATURES])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [None, len(CLASSES)])],
+        initializer=[numpy_helper.from_array(weights, "W"), numpy_helper.from_array(bias, "B")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString(deterministic=True)
+
+
+def run_onnx(model_bytes: bytes, inputs: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+    return np.asarray(session.run(None, {"input": inputs})[0])
+
+
+@dataclass(frozen=True)
+class BuiltBundle:
+    """A built bundle and what tests need to know about it."""
+
+    data: bytes
+    version: str
+    release_counter: int
+    model_bytes: bytes
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.data).hexdigest()
+
+    def expected(self, inputs: np.ndarray = PROBE) -> np.ndarray:
+        """The probabilities ONNX Runtime gives on this version's model."""
+        return run_onnx(self.model_bytes, inputs)
+
+
+def make_bundle(
+    keys: list[SigningKey],
+    *,
+    version: str,
+    counter: int,
+    seed: int,
+    target: str = "phone-android",
+    selftest_ok: bool = True,
+    padding_bytes: int = 0,
+) -> BuiltBundle:
+    """A signed bundle of the linear model, with self-test vectors computed by ONNX Runtime.
+
+    ``selftest_ok=False`` shifts the expected outputs by 0.2, so the self-test must fail.
+    ``padding_bytes`` adds a data file, to make downloads long enough to interrupt.
+    """
+    model = linear_model(seed)
+    vectors = np.random.default_rng(7).normal(0, 1, (3, 1, FEATURES)).astype(np.float32)
+    generation, platform, firmware = TARGETS[target]
+    shift = 0.0 if selftest_ok else 0.2
+    draft: dict[str, Any] = {
+        "name": MODEL,
+        "version": version,
+        "release_counter": counter,
+        "created_at": "2026-01-01T00:00:00+00:00",
+        "task": "classification",
+        "targets": [
+            {
+                "target_id": target,
+                "generation": generation,
+                "platform": platform,
+                "firmware": firmware,
+            }
+        ],
+        "runtime": {
+            "model_file": "model.onnx",
+            "format": "onnx",
+            "opset": 17,
+            "op_types": ["Add", "MatMul", "Softmax"],
+            "min_onnxruntime": "1.17.0",
+            "precision": "float32",
+            "ram_estimate": {"bytes": 4096, "method": "weights + activations"},
+        },
+        "inputs": [
+            {
+                "name": "input",
+                "dtype": "float32",
+                "shape": [None, FEATURES],
+                "feature_names": [f"f{i}" for i in range(FEATURES)],
+            }
+        ],
+        "outputs": [
+            {
+                "name": "probabilities",
+                "dtype": "float32",
+                "shape": [None, len(CLASSES)],
+                "class_labels": CLASSES,
+            }
+        ],
+        "quantisation": {"scheme": "float32", "quantised_ops": 0},
+        "metrics": {"accuracy": 0.9},
+        "reference_histograms": {
+            "inputs": [
+                {"name": f"f{i}", "kind": "numeric", "edges": [-1.0, 0.0, 1.0], "counts": [1] * 4}
+                for i in range(FEATURES)
+            ],
+            "outputs": [
+                {"name": "label", "kind": "categorical", "categories": CLASSES, "counts": [1] * 4}
+            ],
+        },
+        "self_test": {
+            "tolerance": 1e-5,
+            "vectors": [
+                {
+                    "inputs": {"input": x.tolist()},
+                    "expected": {"probabilities": (run_onnx(model, x) + shift).tolist()},
+                }
+                for x in vectors
+            ],
+        },
+        "provenance": {"source_model_sha256": hashlib.sha256(model).hexdigest()},
+    }
+    files = {"model.onnx": model}
+    if padding_bytes:
+        files["padding.bin"] = np.random.default_rng(seed).bytes(padding_bytes)
+    return BuiltBundle(build(draft, files, keys), version, counter, model)
+
+
+@dataclass(frozen=True)
+class Bundles:
+    v1: BuiltBundle
+    v2: BuiltBundle
+    v3: BuiltBundle
+    ring: BuiltBundle
+    bad_selftest: BuiltBundle
+    one_signature: BuiltBundle
+
+
+@pytest.fixture(scope="session")
+def bundles(keys: Keys) -> Bundles:
+    return Bundles(
+        v1=make_bundle(keys.release, version="1.0.0", counter=1, seed=1),
+        v2=make_bundle(keys.release, version="2.0.0", counter=2, seed=2),
+        v3=make_bundle(keys.release, version="3.0.0", counter=3, seed=3, padding_bytes=20_000),
+        ring=make_bundle(keys.release, version="2.0.0", counter=2, seed=2, target="ring-gen3"),
+        bad_selftest=make_bundle(
+            keys.release, version="2.0.0", counter=2, seed=2, selftest_ok=False
+        ),
+        one_signature=make_bundle(keys.release[:1], version="2.0.0", counter=2, seed=2),
+    )
+
+
+@pytest.fixture(scope="session")
+def root_bytes(keys: Keys) -> bytes:
+    return keys.make_root()[1].to_bytes()
+
+
+@pytest.fixture()
+def clock() -> FakeClock:
+    return FakeClock(NOW)
+
+
+@pytest.fixture()
+def sim(keys: Keys, root_bytes: bytes, clock: FakeClock) -> FleetSimulator:
+    return FleetSimulator(keys.director[0], root_bytes, clock)
+
+
+AgentFactory = Callable[..., Agent]
+
+
+@pytest.fixture()
+def make_agent(
+    tmp_path: Path, sim: FleetSimulator, clock: FakeClock, root_bytes: bytes
+) -> Iterator[AgentFactory]:
+    """Builds agents on ``tmp_path/state`` talking to the simulator; closes them afterwards.
+
+    Keyword arguments override settings. A second agent on the same state dir is what the
+    device sees after a restart. ``close_at_teardown=False`` is for an agent frozen by the
+    ``test_pause_at`` hook, whose lock a sleeping thread holds.
+    """
+    root_path = tmp_path / "root.json"
+    root_path.write_bytes(root_bytes)
+    made: list[Agent] = []
+
+    def factory(*, close_at_teardown: bool = True, **overrides: Any) -> Agent:
+        values: dict[str, Any] = {
+            "server_url": sim.base_url,
+            "state_dir": tmp_path / "state",
+            "root_path": root_path,
+            "target_id": "phone-android",
+            "enroll_token": "efe_simulated",
+            "firmware_version": "14.0.0",
+            "backoff_initial_s": 0.0,
+            "max_download_attempts": 3,
+            **overrides,
+        }
+        agent = Agent(AgentSettings(**values), http=sim.client(), clock=clock)
+        if close_at_teardown:
+            made.append(agent)
+        return agent
+
+    yield factory
+    for agent in made:
+        agent.close()
+
+
+@pytest.fixture()
+def installed(make_agent: AgentFactory, sim: FleetSimulator, bundles: Bundles) -> Agent:
+    """An agent that enrolled and installed v1 from the simulator."""
+    sim.assign(MODEL, bundles.v1.data)
+    agent = make_agent()
+    result = agent.check_in()
+    assert [r.action for r in result.installs] == ["installed"], result
+    return agent
+
+
+def assert_answers(agent: Agent, bundle: BuiltBundle) -> None:
+    """``agent`` predicts with ``bundle``'s model (so that version is the one running)."""
+    outputs = agent.predict(MODEL, PROBE)
+    np.testing.assert_allclose(outputs["probabilities"], bundle.expected(), rtol=1e-6)
