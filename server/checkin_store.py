@@ -1,11 +1,11 @@
 """Check-in's one write: authenticate a device by credential hash and record its contact.
 
 One ``UPDATE device ... RETURNING`` per check-in, on the raw driver connection rather than the ORM
-(check-in is the busiest request). SQLite runs it in the event loop: a local write of some
-microseconds, and SQLite has one writer anyway. PostgreSQL coalesces the check-ins that arrive
-while a statement is in flight into the next one (``UPDATE ... FROM unnest(...)``) on an asyncio
-pool, so the loop goes on serving while the database works and the driver's per-statement cost
-is shared; every check-in is still recorded before it is answered.
+(check-in is the busiest request). SQLite runs it in a worker thread (its one pooled connection
+may be held by a sync route until that route's response is sent). PostgreSQL coalesces the
+check-ins that arrive while a statement is in flight into the next one (``UPDATE ... FROM
+unnest(...)``) on an asyncio pool, so the loop goes on serving while the database works and the
+driver's per-statement cost is shared; every check-in is still recorded before it is answered.
 """
 
 from __future__ import annotations
@@ -102,10 +102,16 @@ class SqliteCheckInStore:
         }
         for name, processor in self._processors.items():
             values[name] = processor(values[name])
+        # In a worker thread: the engine has one pooled connection, and a sync route's session
+        # holds it until its response is sent, which needs this loop; waiting for it here
+        # stalled every request for the pool timeout (60 s).
+        return await asyncio.to_thread(self._write, sql, tuple(values[name] for name in order))
+
+    def _write(self, sql: str, params: tuple[Any, ...]) -> DeviceRow | None:
         conn = self.engine.raw_connection()
         try:
             cursor = conn.cursor()
-            cursor.execute(sql, tuple(values[name] for name in order))
+            cursor.execute(sql, params)
             row = cursor.fetchone()
             cursor.close()
             conn.commit()

@@ -1,0 +1,74 @@
+"""A real server on SQLite answers admin reads while a device checks in continuously.
+
+Regression: check-in's write ran on the event loop and waited there for SQLite's one pooled
+connection, which a sync route's session held until its response was sent by that same loop;
+every request then stalled for the pool timeout (60 s). Found by the agent's end-to-end tests.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.procs import ServerProcess
+from tests.server.conftest import CAPS
+
+#: Far below the 60 s pool timeout a deadlock waits out, far above any honest answer here.
+LIVENESS_TIMEOUT_S = 20.0
+
+
+@pytest.fixture()
+def server(tmp_path: Path) -> Iterator[ServerProcess]:
+    proc = ServerProcess(data_dir=tmp_path / "data", log_dir=tmp_path)
+    try:
+        yield proc.start()
+    finally:
+        proc.stop()
+
+
+def test_admin_reads_are_answered_during_device_check_ins(server: ServerProcess) -> None:
+    enrolled = httpx.post(
+        f"{server.url}/v1/devices/enroll",
+        json={
+            "enroll_token": server.enroll_token(),
+            "device_id": "phone-1",
+            "capabilities": CAPS["phone-android"],
+        },
+    )
+    credential = enrolled.json()["credential"]
+    stop = threading.Event()
+    check_ins: list[int] = []
+
+    def device() -> None:
+        with httpx.Client(timeout=LIVENESS_TIMEOUT_S * 4) as client:
+            while not stop.is_set():
+                r = client.post(
+                    f"{server.url}/v1/devices/phone-1/check-in",
+                    headers={"Authorization": f"Bearer {credential}"},
+                    json={
+                        "device_id": "phone-1",
+                        "nonce": uuid.uuid4().hex,
+                        "firmware_version": "14.0.0",
+                    },
+                )
+                check_ins.append(r.status_code)
+
+    thread = threading.Thread(target=device)
+    thread.start()
+    try:
+        with httpx.Client(
+            timeout=LIVENESS_TIMEOUT_S,
+            headers={"Authorization": f"Bearer {server.admin_token}"},
+        ) as admin:
+            for _ in range(60):
+                assert admin.get(f"{server.url}/v1/telemetry/rollups").status_code == 200
+                assert admin.get(f"{server.url}/v1/devices").status_code == 200
+    finally:
+        stop.set()
+        thread.join()
+    assert check_ins and set(check_ins) == {200}
