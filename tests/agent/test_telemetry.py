@@ -181,6 +181,34 @@ def test_label_outputs_count_by_category(outbox: Outbox) -> None:
     assert [h.counts for h in window.outputs] == [[2, 1, 2]]  # class 2 is not a category
 
 
+def test_full_buffers_are_written_at_most_once_per_persist_interval(
+    outbox: Outbox, classifier: LoadedModel
+) -> None:
+    ticks = Clock(100.0)  # the monotonic clock
+    recorder = Recorder(
+        outbox, DEVICE, flush_every=4, clock=Clock(), persist_every_s=5.0, monotonic=ticks
+    )
+    x = np.zeros((1, 4), np.float32)
+
+    def stored() -> int:
+        return sum(w.inference_count for w in windows(outbox))
+
+    for _ in range(8):  # two full buffers, aggregated, not yet written
+        recorder.run(classifier, x)
+    assert stored() == 0
+    assert recorder.stats()["unsaved_windows"] == 1
+    ticks.now = 105.0
+    for _ in range(4):  # the next full buffer after the interval writes everything
+        recorder.run(classifier, x)
+    assert stored() == 12
+    for _ in range(5):
+        recorder.run(classifier, x)
+    assert stored() == 12
+    recorder.flush()  # an explicit flush always writes
+    assert stored() == 17
+    assert recorder.stats()["unsaved_windows"] == 0
+
+
 def test_windows_split_by_event_time(outbox: Outbox, classifier: LoadedModel) -> None:
     clock = Clock()
     recorder = Recorder(outbox, DEVICE, window_s=HOUR, flush_every=1000, clock=clock)
