@@ -128,8 +128,9 @@ class _Tape:
         self.input_groups = tuple(self.plan.by_input().items())
         self.capacity = capacity
         self.n = 0
-        self.latency_ns = np.zeros(capacity, np.int64)
-        self.when = np.zeros(capacity, np.float64)
+        # Lists: appending an int or float is cheaper than a numpy item assignment.
+        self.latency_ns: list[int] = []
+        self.when: list[float] = []
         self.errors: list[float] = []
         #: Calls that did not fit the buffers (batches, dynamic shapes): (when, ns, ins, outs).
         self.overflow: list[tuple[float, int, dict[str, np.ndarray], dict[str, np.ndarray]]] = []
@@ -145,6 +146,11 @@ class _Tape:
             if name in self.output_index
         )
         self.fits = all(b is not None for _, b, _ in (*self.fast_inputs, *self.fast_outputs))
+        if self.fits and len(self.fast_inputs) == 1 and len(self.fast_outputs) == 1:
+            # The usual model (one input, one output histogrammed): no loops per call.
+            self._in_name, self._in_buffer, self._in_row = self.fast_inputs[0]
+            self._out_index, self._out_buffer, self._out_row = self.fast_outputs[0]
+            self.append = self._append_one  # type: ignore[method-assign]
 
     def _buffer(self, shape: list[int | None], dtype: str) -> tuple[Any, tuple[int, ...]]:
         """A buffer for single-row calls, and the shape such a call has; None for shapes that
@@ -153,6 +159,18 @@ class _Tape:
             return None, ()
         row = tuple(1 if d is None else d for d in shape)
         return np.zeros((self.capacity, *row), dtype=_NP_DTYPES[dtype]), row
+
+    def _append_one(self, when: float, latency_ns: int, feed: Any, outs: list[Any]) -> bool:
+        value, output = feed[self._in_name], outs[self._out_index]
+        if value.shape != self._in_row or output.shape != self._out_row:
+            return self._overflow(when, latency_ns, feed, outs)
+        i = self.n
+        self._in_buffer[i] = value
+        self._out_buffer[i] = output
+        self.latency_ns.append(latency_ns)
+        self.when.append(when)
+        self.n = i = i + 1
+        return i == self.capacity
 
     def append(self, when: float, latency_ns: int, feed: Any, outs: list[Any]) -> bool:
         """Record one successful call; True when the buffers are full."""
@@ -170,8 +188,8 @@ class _Tape:
                 buffer[i] = value
         else:
             return self._overflow(when, latency_ns, feed, outs)
-        self.latency_ns[i] = latency_ns
-        self.when[i] = when
+        self.latency_ns.append(latency_ns)
+        self.when.append(when)
         self.n = i + 1
         return self.n == self.capacity
 
@@ -243,7 +261,7 @@ class Recorder:
         try:
             feed = model.check(inputs)
             start = perf_counter_ns()
-            outs = model.run_feed(feed)
+            outs = model.run_feed(feed, None)
             latency_ns = perf_counter_ns() - start
         except InputError:
             self._error(tape)
@@ -254,6 +272,9 @@ class Recorder:
         with self._lock:
             if tape.append(self._clock(), latency_ns, feed, outs):
                 self._flush(persist=False)
+        single = model.single_output
+        if single is not None:
+            return {single: outs[0]}
         return dict(zip(model.output_names, outs, strict=True))
 
     def record(
@@ -355,14 +376,17 @@ class Recorder:
         touched: dict[int, _Window] = {}
         n, tape.n = tape.n, 0
         if n:
-            lat_s = tape.latency_ns[:n] / 1e9
+            lat_s = np.asarray(tape.latency_ns, np.float64) / 1e9
+            when_s = np.asarray(tape.when, np.float64)
+            tape.latency_ns.clear()
+            tape.when.clear()
             ins = {name: buf[:n].reshape((-1, *row[1:])) for name, buf, row in tape.fast_inputs}
             outs = {i: buf[:n].reshape((-1, *row[1:])) for i, buf, row in tape.fast_outputs}
-            starts = (tape.when[:n] // self.window_s).astype(np.int64)
+            starts = (when_s // self.window_s).astype(np.int64)
             lo, hi = int(starts.min()), int(starts.max())
             groups = [slice(None)] if lo == hi else [starts == s for s in np.unique(starts)]
             for sel in groups:
-                when = float(tape.when[:n][sel][0])
+                when = float(when_s[sel][0])
                 out_by_name = {
                     name: outs[i][sel] for name, i in tape.output_index.items() if i in outs
                 }
