@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from edgefleet.agent_cli import agent_app
 from edgefleet.bundle_cli import bundle_app
 from edgefleet.convert_cli import convert_command
 from edgefleet.keys_cli import keys_app, root_app
@@ -20,6 +21,7 @@ app.add_typer(root_app, name="root")
 app.add_typer(bundle_app, name="bundle")
 app.command("convert")(convert_command)
 register_server(app)
+app.add_typer(agent_app, name="agent")
 
 
 def main() -> None:

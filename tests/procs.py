@@ -41,11 +41,13 @@ def wait_for(
     last: Any = None
     while True:
         try:
-            last = probe()
+            value = probe()
         except Exception as exc:  # a probe may fail until the state exists
             last = exc
-        if last:
-            return last  # type: ignore[return-value]
+        else:
+            if value:
+                return value
+            last = value
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s} s waiting for {what}: {last!r}")
         time.sleep(every_s)

@@ -1,0 +1,159 @@
+"""Real ONNX bundles for the end-to-end tests: a small MLP built with onnx.helper, its self-test
+vectors computed by ONNX Runtime, signed with the server's release key.
+
+Versions differ in their weights (seeded), so a test can tell from a prediction which version
+answered. The hidden layer makes the bundle about 140 KB: large enough that a download paused at
+half its bytes has a real Range to resume, small enough to keep the tests quick.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from firmware_bundles import SigningKey, build
+
+MODEL = "e2e-activity"
+FEATURES = 8
+HIDDEN = 4096
+CLASSES = ["rest", "walk", "run"]
+#: Inputs the tests predict on (fixed, so expected outputs can be computed in the test).
+PROBE = np.linspace(-1.0, 1.0, FEATURES, dtype=np.float32).reshape(1, FEATURES)
+
+
+@dataclass(frozen=True)
+class E2EBundle:
+    """One built bundle and what a test needs to know about it."""
+
+    path: Path
+    version: str
+    release_counter: int
+    model_bytes: bytes
+    length: int
+
+    def sha256(self) -> str:
+        """The bundle's identity (SHA-256 of its bytes)."""
+        return hashlib.sha256(self.path.read_bytes()).hexdigest()
+
+    def expected(self, inputs: np.ndarray) -> np.ndarray:
+        """The probabilities ONNX Runtime gives for ``inputs`` on this version's model."""
+        session = ort.InferenceSession(self.model_bytes, providers=["CPUExecutionProvider"])
+        return np.asarray(session.run(None, {"input": inputs})[0])
+
+
+def onnx_model(seed: int) -> bytes:
+    """input [N, 8] -> MatMul -> Add -> Relu -> MatMul -> Add -> Softmax -> probabilities."""
+    rng = np.random.default_rng(seed)
+    w1 = rng.normal(0, 0.5, (FEATURES, HIDDEN)).astype(np.float32)
+    b1 = rng.normal(0, 0.1, HIDDEN).astype(np.float32)
+    w2 = rng.normal(0, 0.05, (HIDDEN, len(CLASSES))).astype(np.float32)
+    b2 = rng.normal(0, 0.1, len(CLASSES)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["input", "W1"], ["h0"]),
+            helper.make_node("Add", ["h0", "B1"], ["h1"]),
+            helper.make_node("Relu", ["h1"], ["h"]),
+            helper.make_node("MatMul", ["h", "W2"], ["l0"]),
+            helper.make_node("Add", ["l0", "B2"], ["logits"]),
+            helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
+        ],
+        "e2e_mlp",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, FEATURES])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [None, len(CLASSES)])],
+        initializer=[
+            numpy_helper.from_array(w1, "W1"),
+            numpy_helper.from_array(b1, "B1"),
+            numpy_helper.from_array(w2, "W2"),
+            numpy_helper.from_array(b2, "B2"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString(deterministic=True)
+
+
+def _draft(model: bytes, version: str, counter: int) -> dict[str, Any]:
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    vectors_in = np.random.default_rng(99).normal(0, 1, (3, 1, FEATURES)).astype(np.float32)
+    names = [f"f{i}" for i in range(FEATURES)]
+    return {
+        "name": MODEL,
+        "version": version,
+        "release_counter": counter,
+        "created_at": "2026-01-01T00:00:00+00:00",
+        "task": "classification",
+        "targets": [
+            {
+                "target_id": "phone-android",
+                "generation": "phone",
+                "platform": "android",
+                "firmware": {"minimum": "10.0.0"},
+            }
+        ],
+        "runtime": {
+            "model_file": "model.onnx",
+            "format": "onnx",
+            "opset": 17,
+            "op_types": ["Add", "MatMul", "Relu", "Softmax"],
+            "min_onnxruntime": "1.17.0",
+            "precision": "float32",
+            "ram_estimate": {"bytes": len(model) + HIDDEN * 8, "method": "weights + activations"},
+        },
+        "inputs": [
+            {"name": "input", "dtype": "float32", "shape": [None, FEATURES], "feature_names": names}
+        ],
+        "outputs": [
+            {
+                "name": "probabilities",
+                "dtype": "float32",
+                "shape": [None, len(CLASSES)],
+                "class_labels": CLASSES,
+            }
+        ],
+        "quantisation": {"scheme": "float32", "quantised_ops": 0},
+        "metrics": {"accuracy": 0.9},
+        "reference_histograms": {
+            "inputs": [
+                {"name": n, "kind": "numeric", "edges": [-0.5, 0.0, 0.5], "counts": [1, 2, 2, 1]}
+                for n in names
+            ],
+            "outputs": [
+                {
+                    "name": "label",
+                    "kind": "categorical",
+                    "categories": CLASSES,
+                    "counts": [3, 3, 3, 0],
+                }
+            ],
+        },
+        "self_test": {
+            "tolerance": 1e-4,
+            "vectors": [
+                {
+                    "inputs": {"input": x.tolist()},
+                    "expected": {"probabilities": session.run(None, {"input": x})[0].tolist()},
+                }
+                for x in vectors_in
+            ],
+        },
+        "provenance": {"source_model_sha256": hashlib.sha256(model).hexdigest()},
+    }
+
+
+def build_bundle(
+    out_dir: Path, release_key: SigningKey, *, version: str, release_counter: int, seed: int
+) -> E2EBundle:
+    """Build, sign and write ``<out_dir>/<model>-<version>.efb``."""
+    model = onnx_model(seed)
+    data = build(_draft(model, version, release_counter), {"model.onnx": model}, [release_key])
+    path = out_dir / f"{MODEL}-{version}.efb"
+    path.write_bytes(data)
+    return E2EBundle(path, version, release_counter, model, len(data))
