@@ -287,15 +287,16 @@ class SlotStore:
         self.save(model, record)
 
     def note_failure(
-        self, model: str, outcome: InstallOutcome, error: str, *, sha256: str | None = None
+        self, model: str, outcome: InstallOutcome | None, error: str, *, sha256: str | None = None
     ) -> None:
-        """Record an install that failed before touching a slot (download or verification);
+        """Record an install that failed outside a self-test (download, verification, disk);
         with ``sha256``, that bundle is not fetched again while it stays assigned."""
         record = self.record(model)
-        record.last_install = outcome
+        if outcome is not None:
+            record.last_install = outcome
         record.last_error = error
         if sha256 is not None:
-            record.failed[sha256] = outcome
+            record.failed[sha256] = outcome or "failed"
         self.save(model, record)
 
     def forget_failures(self, model: str, keep: set[str]) -> None:

@@ -9,6 +9,7 @@ The outcome lands in the model's slot record, which the next check-in reports.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -35,7 +36,7 @@ from device_agent.fetch import (
     partial_path,
     resolve_url,
 )
-from device_agent.slots import SlotInfo, SlotStore
+from device_agent.slots import SlotInfo, SlotName, SlotStore
 from device_agent.trust import TrustedState
 from firmware_bundles import VerifiedBundle
 from firmware_bundles.manifest import Manifest
@@ -240,7 +241,6 @@ class Updater:
         Raises:
             ServerUnreachable: If the server went away during the download (the partial stays
                 for the next round).
-            InstallError: If the slot store itself failed.
         """
         model, sha = assignment.model, assignment.bundle_sha256
         report = InstallReport(model, "current", assignment.version, sha)
@@ -277,6 +277,10 @@ class Updater:
         try:
             activated = self._install(assignment, bundle, data)
         except SelfTestError as exc:
+            return self._failed(report, exc)
+        except InstallError as exc:
+            with contextlib.suppress(OSError, InstallError):
+                self.slots.note_failure(model, None, str(exc))
             return self._failed(report, exc)
         discard_partial(self.partial_dir, sha)
         self.on_activated(activated)
@@ -358,25 +362,34 @@ class Updater:
             InstallError: If a slot could not be written.
         """
         model = assignment.model
-        manifest = bundle.manifest
         slot = self.slots.inactive(model)
         try:
-            self.slots.begin_install(
-                model,
-                slot,
-                sha256=assignment.bundle_sha256,
-                version=assignment.version,
-                release_counter=assignment.release_counter,
-                length=len(data),
-            )
-            self.slots.write(model, slot, data)
-            self.checkpoint("written")
-            self.slots.sync(model, slot)
-            self.checkpoint("fsynced")
-            self.slots.begin_self_test(model, slot)
-            self.checkpoint("switched")
+            return self._install_into(slot, assignment, bundle, data)
         except OSError as exc:
-            raise InstallError(f"could not write slot {slot} of {model}: {exc}", model) from exc
+            # Disk full or failing: the previous active slot is untouched; a slot left
+            # "installing" or on trial is repaired by the next start's recovery or install.
+            raise InstallError(
+                f"could not install into slot {slot} of {model}: {exc}", model
+            ) from exc
+
+    def _install_into(
+        self, slot: SlotName, assignment: Assignment, bundle: VerifiedBundle, data: bytes
+    ) -> Activated:
+        model = assignment.model
+        self.slots.begin_install(
+            model,
+            slot,
+            sha256=assignment.bundle_sha256,
+            version=assignment.version,
+            release_counter=assignment.release_counter,
+            length=len(data),
+        )
+        self.slots.write(model, slot, data)
+        self.checkpoint("written")
+        self.slots.sync(model, slot)
+        self.checkpoint("fsynced")
+        self.slots.begin_self_test(model, slot)
+        self.checkpoint("switched")
         loaded, passed, detail = self._self_test(bundle, assignment.bundle_sha256)
         if loaded is None or not passed:
             self.slots.revert(model, slot, "self-test-failed", f"self-test failed: {detail}")
@@ -390,7 +403,7 @@ class Updater:
         info = self.slots.activate(model, slot)
         if self.trusted.record_installed(model, assignment.release_counter):
             self.save_counters()
-        return Activated(info, manifest, loaded)
+        return Activated(info, bundle.manifest, loaded)
 
     def _self_test(
         self, bundle: VerifiedBundle, key: str

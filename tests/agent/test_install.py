@@ -18,6 +18,7 @@ from device_agent.errors import (
     AuthError,
     ConfigError,
     InputError,
+    InstallError,
     SelfTestError,
     ServerUnreachable,
     TrustError,
@@ -122,6 +123,21 @@ def test_predict_works_offline_and_checks_its_inputs(
     )
     with pytest.raises(UnknownModelError, match="active: gesture"):
         installed.predict("no-such-model", PROBE)
+
+
+def test_a_slot_that_cannot_be_written_is_reported_and_v1_keeps_answering(
+    installed: Agent, sim: FleetSimulator, bundles: Bundles, tmp_path: Path
+) -> None:
+    blocker = tmp_path / "state/models/gesture/b"
+    blocker.write_bytes(b"a file where the slot directory goes")  # the write fails (ENOTDIR)
+    sim.assign(MODEL, bundles.v2.data)
+    error = installed.check_in().errors[MODEL]
+    assert isinstance(error, InstallError) and "slot b" in str(error)
+    assert_answers(installed, bundles.v1)
+    assert installed.status()["models"][MODEL]["last_error"] == str(error)
+    blocker.unlink()
+    assert installed.check_in().installs[0].action == "installed"
+    assert_answers(installed, bundles.v2)
 
 
 # -- crash safety: the on-disk state each install step leaves -------------------------------
