@@ -194,15 +194,37 @@ def count_numeric(values: np.ndarray, bins: Bins) -> np.ndarray:
     return _counts_sorted(np.sort(_comparable(values.reshape(-1))), bins)
 
 
+#: Past this many values per edge, counting values below each edge (one vectorised comparison
+#: per edge) beats sorting; under it, one sort of every slice together makes fewer numpy calls.
+COMPARE_VALUES_PER_EDGE = 64
+
+
+def _counts_by_comparison(values: np.ndarray, bins: Bins) -> np.ndarray:
+    flat = _comparable(values)
+    edges = bins.edges32 if flat.dtype == np.float32 else np.asarray(bins.edges, np.float64)
+    # NaN is below no edge, so it lands in the overflow bin, as with searchsorted.
+    below = [np.count_nonzero(flat < edge) for edge in edges.tolist()]
+    return np.diff(np.asarray(below, np.int64), prepend=0, append=flat.size)
+
+
 def count_inputs(hists: tuple[InputHistogram, ...], values: np.ndarray) -> list[np.ndarray]:
     """Counts of several histograms of one input over a batch (batch on axis 0), in order.
 
-    Numeric feature or channel histograms are sorted together in one call (one row per slice),
-    which for a 3-channel sensor window or a 64-feature row costs one numpy call, not 3 or 64.
+    Numeric feature or channel histograms over many values (a sensor window's channels) count
+    the values below each edge; over few values (a 64-feature row) they are sorted together in
+    one call, one row per feature, not one call each.
     """
-    together = [i for i, h in enumerate(hists) if h.index is not None and h.bins.kind == "numeric"]
-    slices = [int(hists[i].index or 0) for i in together]
     results: list[np.ndarray | None] = [None] * len(hists)
+    per_slice = values[:1, 0].size * len(values) if values.ndim > 1 else 0
+    together = []
+    for i, h in enumerate(hists):
+        if h.index is None or h.bins.kind != "numeric":
+            continue
+        if per_slice >= COMPARE_VALUES_PER_EDGE * max(len(h.bins.edges), 1):
+            results[i] = _counts_by_comparison(values[:, h.index], h.bins)
+        else:
+            together.append(i)
+    slices = [int(hists[i].index or 0) for i in together]
     if together:
         # Fancy indexing copies, so the copy can be sorted in place.
         by_slice = np.moveaxis(values, 1, 0)[slices]

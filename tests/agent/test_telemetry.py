@@ -19,6 +19,7 @@ from device_agent.outbox import Outbox, upload_pending
 from device_agent.runtime import LoadedModel, ModelRuntime
 from device_agent.telemetry import Recorder
 from firmware_bundles import telemetry as sketch
+from firmware_bundles.manifest import Histogram
 from firmware_bundles.messages import TelemetryBatch, TelemetryWindow
 from tests.agent import onnx_models as m
 from tests.server import conftest as server_conftest
@@ -313,6 +314,27 @@ def test_numeric_counts_equal_the_converters_reference_counts() -> None:
     assert histograms.count_numeric(values, bins).tolist() == counts_on_edges(values, edges)
     ints = rng.integers(-5, 5, 300)
     assert histograms.count_numeric(ints, bins).tolist() == counts_on_edges(ints, edges)
+
+
+@pytest.mark.parametrize("rows", [2, 300], ids=["few-values-sorted", "many-values-compared"])
+def test_channel_counts_equal_the_reference_counts_on_both_paths(rows: int) -> None:
+    edges = [-1.7, -0.3, 0.3, 0.7]  # -0.3 and 0.7 round down to float32, 0.3 up
+    hists = tuple(
+        histograms.InputHistogram(
+            f"channel_{c}",
+            "window",
+            c,
+            histograms.Bins.of(Histogram.from_dict(m.numeric(f"channel_{c}", edges))),
+        )
+        for c in range(2)
+    )
+    values = np.random.default_rng(rows).normal(0, 1, (rows, 2, 8)).astype(np.float32)
+    flat = values.reshape(-1)
+    for i, edge in enumerate(edges):
+        flat[i * 3 : i * 3 + 3] = np.float32(edge)  # exactly at each edge's float32
+    flat[-1] = np.nan
+    for hist, counts in zip(hists, histograms.count_inputs(hists, values), strict=True):
+        assert counts.tolist() == counts_on_edges(values[:, hist.index], edges)
 
 
 def test_the_outbox_survives_a_restart_with_the_same_idempotency_keys(
