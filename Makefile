@@ -36,6 +36,7 @@ test: lint typecheck pytest
 bench: $(STAMP)
 	$(BIN)/python bench/bench_verify.py
 	$(BIN)/python bench/bench_convert.py
+	$(BIN)/python bench/bench_agent.py
 
 clean:
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache
