@@ -25,183 +25,22 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from time import perf_counter_ns
 from typing import Any
 
 import numpy as np
 
 from device_agent import histograms
+from device_agent.aggregates import InferenceTape, WindowAggregate, add_counts
 from device_agent.errors import InferenceError, InputError
-from device_agent.histograms import TelemetryPlan
 from device_agent.outbox import Outbox
 from device_agent.runtime import LoadedModel, ModelIdentity
 from firmware_bundles import telemetry as sketch
-from firmware_bundles.messages import TelemetryWindow
-from firmware_bundles.signing import canonical_json
 
 _KIND = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
-_NP_DTYPES = {
-    "float32": np.float32,
-    "float16": np.float16,
-    "int64": np.int64,
-    "int32": np.int32,
-    "int8": np.int8,
-    "uint8": np.uint8,
-    "bool": np.bool_,
-    "string": object,
-}
 #: Name under which a late label is counted when the prediction it corrects is not known.
 UNKNOWN_PREDICTION = "unknown"
-
-
-class _Window:
-    """One open window's aggregates, mutable; stored as TelemetryWindow JSON."""
-
-    def __init__(self, device_id: str, identity: ModelIdentity, start: int, window_s: int) -> None:
-        self.device_id = device_id
-        self.identity = identity
-        self.start = start
-        self.window_s = window_s
-        self.row_id: int | None = None
-        self.inference_count = 0
-        self.error_count = 0
-        self.selftest_failure_count = 0
-        self.latency = sketch.new_sketch()
-        self.outputs: dict[str, list[int]] = {}
-        self.inputs: dict[str, list[int]] = {}
-        self.feedback: dict[str, int] = {}
-        self.labels: dict[str, dict[str, int]] = {}
-
-    @classmethod
-    def from_body(cls, row_id: int, body: bytes) -> _Window:
-        stored = TelemetryWindow.from_bytes(body)
-        identity = ModelIdentity(stored.model, stored.version, stored.bundle_sha256)
-        start = int(stored.window_start.timestamp())
-        window = cls(stored.device_id, identity, start, stored.window_s)
-        window.row_id = row_id
-        window.inference_count = stored.inference_count
-        window.error_count = stored.error_count
-        window.selftest_failure_count = stored.selftest_failure_count
-        window.latency = stored.latency.to_dict()
-        window.latency["bins"] = {str(k): v for k, v in window.latency["bins"].items()}
-        window.outputs = {h.name: list(h.counts) for h in stored.outputs}
-        window.inputs = {h.name: list(h.counts) for h in stored.inputs}
-        window.feedback = dict(stored.feedback)
-        window.labels = {k: dict(v) for k, v in stored.labels.items()}
-        return window
-
-    def body(self) -> bytes:
-        """Canonical TelemetryWindow JSON. Not validated here (this runs every flush, and every
-        field is ours); the outbox validates each window when it builds a batch."""
-        return canonical_json(
-            {
-                "device_id": self.device_id,
-                "model": self.identity.name,
-                "version": self.identity.version,
-                "bundle_sha256": self.identity.bundle_sha256,
-                "window_start": datetime.fromtimestamp(self.start, tz=UTC).isoformat(),
-                "window_s": self.window_s,
-                "inference_count": self.inference_count,
-                "error_count": self.error_count,
-                "selftest_failure_count": self.selftest_failure_count,
-                "latency": self.latency,
-                "outputs": [{"name": k, "counts": v} for k, v in self.outputs.items()],
-                "inputs": [{"name": k, "counts": v} for k, v in self.inputs.items()],
-                "feedback": self.feedback,
-                "labels": self.labels,
-            }
-        )
-
-
-def _add_counts(into: dict[str, list[int]], name: str, counts: np.ndarray) -> None:
-    previous = into.get(name)
-    into[name] = counts.tolist() if previous is None else (counts + previous).tolist()
-
-
-class _Tape:
-    """Preallocated buffers of one model version's recent inferences."""
-
-    def __init__(self, model: LoadedModel, capacity: int) -> None:
-        self.identity = model.identity
-        self.plan = TelemetryPlan.from_manifest(model.manifest)
-        self.input_groups = tuple(self.plan.by_input().items())
-        self.capacity = capacity
-        self.n = 0
-        # Lists: appending an int or float is cheaper than a numpy item assignment.
-        self.latency_ns: list[int] = []
-        self.when: list[float] = []
-        self.errors: list[float] = []
-        #: Calls that did not fit the buffers (batches, dynamic shapes): (when, ns, ins, outs).
-        self.overflow: list[tuple[float, int, dict[str, np.ndarray], dict[str, np.ndarray]]] = []
-        self.output_index = {name: i for i, name in enumerate(model.output_names)}
-        specs = {s.name: s for s in (*model.manifest.inputs, *model.manifest.outputs)}
-        self.fast_inputs = tuple(
-            (name, *self._buffer(specs[name].shape, specs[name].dtype))
-            for name in sorted(self.plan.input_names())
-        )
-        self.fast_outputs = tuple(
-            (self.output_index[name], *self._buffer(specs[name].shape, specs[name].dtype))
-            for name in sorted(self.plan.output_names())
-            if name in self.output_index
-        )
-        self.fits = all(b is not None for _, b, _ in (*self.fast_inputs, *self.fast_outputs))
-        if self.fits and len(self.fast_inputs) == 1 and len(self.fast_outputs) == 1:
-            # The usual model (one input, one output histogrammed): no loops per call.
-            self._in_name, self._in_buffer, self._in_row = self.fast_inputs[0]
-            self._out_index, self._out_buffer, self._out_row = self.fast_outputs[0]
-            self.append = self._append_one  # type: ignore[method-assign]
-
-    def _buffer(self, shape: list[int | None], dtype: str) -> tuple[Any, tuple[int, ...]]:
-        """A buffer for single-row calls, and the shape such a call has; None for shapes that
-        vary beyond the batch axis (those calls go to ``overflow``)."""
-        if any(d is None for d in shape[1:]):
-            return None, ()
-        row = tuple(1 if d is None else d for d in shape)
-        return np.zeros((self.capacity, *row), dtype=_NP_DTYPES[dtype]), row
-
-    def _append_one(self, when: float, latency_ns: int, feed: Any, outs: list[Any]) -> bool:
-        value, output = feed[self._in_name], outs[self._out_index]
-        if value.shape != self._in_row or output.shape != self._out_row:
-            return self._overflow(when, latency_ns, feed, outs)
-        i = self.n
-        self._in_buffer[i] = value
-        self._out_buffer[i] = output
-        self.latency_ns.append(latency_ns)
-        self.when.append(when)
-        self.n = i = i + 1
-        return i == self.capacity
-
-    def append(self, when: float, latency_ns: int, feed: Any, outs: list[Any]) -> bool:
-        """Record one successful call; True when the buffers are full."""
-        i = self.n
-        if self.fits:
-            for name, buffer, row in self.fast_inputs:
-                value = feed[name]
-                if value.shape != row:
-                    return self._overflow(when, latency_ns, feed, outs)
-                buffer[i] = value
-            for index, buffer, row in self.fast_outputs:
-                value = outs[index]
-                if value.shape != row:
-                    return self._overflow(when, latency_ns, feed, outs)
-                buffer[i] = value
-        else:
-            return self._overflow(when, latency_ns, feed, outs)
-        self.latency_ns.append(latency_ns)
-        self.when.append(when)
-        self.n = i + 1
-        return self.n == self.capacity
-
-    def _overflow(self, when: float, latency_ns: int, feed: Any, outs: list[Any]) -> bool:
-        ins = {h.input: np.array(feed[h.input]) for h in self.plan.inputs}
-        got = {
-            h.output: np.array(outs[self.output_index[h.output]])
-            for h in self.plan.outputs
-            if h.output in self.output_index
-        }
-        self.overflow.append((when, latency_ns, ins, got))
-        return len(self.overflow) >= self.capacity
 
 
 class Recorder:
@@ -240,12 +79,12 @@ class Recorder:
         self._monotonic = monotonic
         self._last_persist = monotonic()
         self._lock = threading.Lock()
-        self._tapes: dict[str, _Tape] = {}
+        self._tapes: dict[str, InferenceTape] = {}
         #: Windows aggregated into since they were last written.
-        self._dirty: dict[int, _Window] = {}
-        self._open: dict[tuple[str, int], _Window] = {}
+        self._dirty: dict[int, WindowAggregate] = {}
+        self._open: dict[tuple[str, int], WindowAggregate] = {}
         for stored in outbox.open_windows(device_id):
-            window = _Window.from_body(stored.row_id, stored.body)
+            window = WindowAggregate.from_body(stored.row_id, stored.body)
             self._open[(window.identity.bundle_sha256, window.start)] = window
 
     # -- hot path -----------------------------------------------------------------------------
@@ -300,14 +139,14 @@ class Recorder:
             if tape.append(self._clock(), round(latency_s * 1e9), feed, outs):
                 self._flush(persist=False)
 
-    def _tape(self, model: LoadedModel) -> _Tape:
+    def _tape(self, model: LoadedModel) -> InferenceTape:
         with self._lock:
             tape = self._tapes.get(model.key)
             if tape is None:
-                tape = self._tapes[model.key] = _Tape(model, self.flush_every)
+                tape = self._tapes[model.key] = InferenceTape(model, self.flush_every)
             return tape
 
-    def _error(self, tape: _Tape) -> None:
+    def _error(self, tape: InferenceTape) -> None:
         with self._lock:
             tape.errors.append(self._clock())
             if len(tape.errors) >= self.flush_every:
@@ -364,16 +203,18 @@ class Recorder:
 
     # -- aggregation --------------------------------------------------------------------------
 
-    def _window(self, identity: ModelIdentity, when: float) -> _Window:
+    def _window(self, identity: ModelIdentity, when: float) -> WindowAggregate:
         start = int(when // self.window_s) * self.window_s
         key = (identity.bundle_sha256, start)
         window = self._open.get(key)
         if window is None:
-            window = self._open[key] = _Window(self.device_id, identity, start, self.window_s)
+            window = self._open[key] = WindowAggregate(
+                self.device_id, identity, start, self.window_s
+            )
         return window
 
-    def _drain(self, tape: _Tape) -> list[_Window]:
-        touched: dict[int, _Window] = {}
+    def _drain(self, tape: InferenceTape) -> list[WindowAggregate]:
+        touched: dict[int, WindowAggregate] = {}
         n, tape.n = tape.n, 0
         if n:
             lat_s = np.asarray(tape.latency_ns, np.float64) / 1e9
@@ -411,12 +252,12 @@ class Recorder:
 
     def _add(
         self,
-        tape: _Tape,
+        tape: InferenceTape,
         when: float,
         latency_s: np.ndarray,
         inputs: dict[str, np.ndarray],
         outputs: dict[str, np.ndarray],
-        touched: dict[int, _Window],
+        touched: dict[int, WindowAggregate],
     ) -> None:
         window = self._window(tape.identity, when)
         touched[id(window)] = window
@@ -428,14 +269,14 @@ class Recorder:
             for hist, counts in zip(
                 hists, histograms.count_inputs(hists, inputs[name]), strict=True
             ):
-                _add_counts(window.inputs, hist.name, counts)
+                add_counts(window.inputs, hist.name, counts)
         for out in tape.plan.outputs:
             if out.output in outputs:
-                _add_counts(
+                add_counts(
                     window.outputs, out.name, histograms.count_output(out, outputs[out.output])
                 )
 
-    def _save(self, windows: list[_Window], *, close: bool = False) -> None:
+    def _save(self, windows: list[WindowAggregate], *, close: bool = False) -> None:
         rows = [(w.row_id, w.device_id, w.start, w.body()) for w in windows]
         for window, row_id in zip(
             windows, self.outbox.save_windows(rows, close=close), strict=True

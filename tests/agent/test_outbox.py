@@ -1,0 +1,234 @@
+"""The outbox: durable across restarts with the same idempotency keys, bounded on disk with what
+is dropped counted, and uploaded to the real fleet server app (SQLite and PostgreSQL) whose
+rollups must equal what the device recorded; replays are no-ops."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from device_agent.errors import AuthError, ServerUnreachable
+from device_agent.outbox import Outbox, upload_pending
+from device_agent.runtime import LoadedModel, ModelRuntime
+from device_agent.telemetry import Recorder
+from firmware_bundles import telemetry as sketch
+from firmware_bundles.messages import TelemetryBatch
+from tests.agent import onnx_models as m
+from tests.agent.recording import DEVICE, HOUR, T0, Clock, record_burst, rollups, windows
+from tests.server import conftest as server_conftest
+from tests.server.conftest import Fleet
+
+# The fleet server of tests/server (in process, real SQLite or PostgreSQL database), under the
+# name ``server`` here; pytest registers a fixture by the name it is bound to in the module.
+server = server_conftest.fleet
+database_url = server_conftest.database_url
+postgres_available = server_conftest.postgres_available
+
+
+@pytest.fixture(scope="module")
+def classifier() -> LoadedModel:
+    return m.load(m.classifier(), m.classifier_manifest())
+
+
+def test_the_outbox_survives_a_restart_with_the_same_idempotency_keys(
+    tmp_path: Path, classifier: LoadedModel
+) -> None:
+    path = tmp_path / "outbox.sqlite"
+    first = Outbox(path, 1 << 20, wall_clock=lambda: 1000.0)
+    clock = Clock()
+    recorder = Recorder(first, DEVICE, clock=clock)
+    for _ in range(5):
+        recorder.run(classifier, np.zeros((1, 4), np.float32))
+    recorder.close_due_windows(T0 + HOUR)
+    sent = first.next_batch_bytes(10)
+    assert sent is not None
+    clock.now = T0 + HOUR + 5
+    for _ in range(3):  # into an open window, flushed at close
+        recorder.run(classifier, np.zeros((1, 4), np.float32))
+    recorder.close()
+    first.close()
+
+    second = Outbox(path, 1 << 20, wall_clock=lambda: 900.0)  # even with the clock set back
+    assert second.boot_epoch == 1001
+    assert second.next_batch_bytes(10) == sent  # the same key and windows, byte for byte
+    batch = TelemetryBatch.from_bytes(sent)
+    assert batch.idempotency_key == (DEVICE, 1000, 0)
+    second.acknowledge(batch)
+    assert second.next_batch(10) is None  # the open window is not sent
+    again = Recorder(second, DEVICE, clock=Clock(T0 + HOUR + 9))
+    again.run(classifier, np.zeros((1, 4), np.float32))
+    again.close_due_windows(T0 + 2 * HOUR)
+    following = second.next_batch(10)
+    assert following is not None
+    assert following.idempotency_key == (DEVICE, 1001, 0)  # new epoch, sequence from 0
+    assert [w.inference_count for w in following.windows] == [4]  # continued after restart
+    second.close()
+
+
+def test_a_full_outbox_drops_the_oldest_closed_windows_and_reports_them(
+    tmp_path: Path, classifier: LoadedModel
+) -> None:
+    path = tmp_path / "outbox.sqlite"
+    probe = Outbox(tmp_path / "probe.sqlite", 1 << 20)
+    recorder = Recorder(probe, DEVICE, clock=Clock())
+    recorder.run(classifier, np.zeros((1, 4), np.float32))
+    recorder.close_due_windows(include_open=True)
+    window_bytes = probe.stats()["bytes"]
+    probe.close()
+
+    limit = window_bytes * 10 + window_bytes // 2  # room for ten windows
+    outbox = Outbox(path, limit)
+    clock = Clock()
+    recorder = Recorder(outbox, DEVICE, clock=clock)
+    for hour in range(25):
+        clock.now = T0 + hour * HOUR
+        recorder.run(classifier, np.zeros((1, 4), np.float32))
+        recorder.close_due_windows(clock.now + HOUR)
+    stats = outbox.stats()
+    assert stats["closed_windows"] == 10
+    assert stats["dropped_windows"] == 15 == stats["dropped_unreported"]
+    assert stats["bytes"] <= limit
+    batch = outbox.next_batch(50)
+    assert batch is not None
+    assert batch.dropped_windows == 15
+    starts = [int(w.window_start.timestamp() - T0) // HOUR for w in batch.windows]
+    assert starts == list(range(15, 25))  # the newest ten were kept
+    outbox.acknowledge(batch)
+    clock.now = T0 + 30 * HOUR
+    recorder.run(classifier, np.zeros((1, 4), np.float32))
+    recorder.close_due_windows(include_open=True)
+    following = outbox.next_batch(50)
+    assert following is not None and following.dropped_windows == 0
+    assert outbox.stats()["dropped_windows"] == 15
+    outbox.close()
+    assert path.stat().st_size < limit + 64 * 1024  # freed pages went back to the disk
+
+
+def test_upload_to_the_real_server_gives_rollups_equal_to_the_recorded_totals(
+    server: Fleet, tmp_path: Path, classifier: LoadedModel
+) -> None:
+    fleet = server
+    credential = fleet.enroll(DEVICE)
+    outbox = Outbox(tmp_path / "outbox.sqlite", 1 << 20)
+    clock = Clock(T0 + 60)
+    recorder = Recorder(outbox, DEVICE, window_s=HOUR, flush_every=32, clock=clock)
+    expected = record_burst(recorder, classifier, 150)
+    clock.now = T0 + HOUR + 60  # same day, next hour
+    second = record_burst(recorder, classifier, 70)
+    recorder.close_due_windows(include_open=True)
+    sent_windows = windows(outbox)
+    assert len(sent_windows) == 2
+
+    # The server is away: nothing is lost, the batch waits.
+    with httpx.Client(timeout=2) as offline, pytest.raises(ServerUnreachable):
+        upload_pending(outbox, offline, "http://127.0.0.1:9", DEVICE, credential)
+    assert outbox.stats()["pending_batches"] == 1
+    with pytest.raises(AuthError):
+        upload_pending(outbox, fleet.client, "http://testserver", DEVICE, "efd_wrong")
+    pending = outbox.next_batch_bytes(50)
+
+    result = upload_pending(
+        outbox, fleet.client, "http://testserver", DEVICE, credential, batch_windows=1
+    )
+    assert (result.batches_sent, result.windows_sent, result.replays) == (1, 2, 0)
+    assert result.pending_batches == 0
+    [rollup] = rollups(fleet, "gesture")
+    assert rollup["inference_count"] == expected["inference_count"] + second["inference_count"]
+    assert rollup["error_count"] == 4
+    assert rollup["window_count"] == 2
+    assert rollup["outputs"]["probabilities"] == [
+        a + b
+        for a, b in zip(
+            expected["outputs"]["probabilities"], second["outputs"]["probabilities"], strict=True
+        )
+    ]
+    assert rollup["feedback"] == {"thumbs_up": 2}
+    merged_latency = sketch.new_sketch()
+    merged_inputs: dict[str, list[int]] = {}
+    for w in sent_windows:
+        sketch.merge(merged_latency, w.to_dict()["latency"])
+        sketch.merge_named_counts(merged_inputs, ((h.name, h.counts) for h in w.inputs))
+    assert rollup["latency"]["bins"] == merged_latency["bins"]
+    assert rollup["latency"]["count"] == 220
+    assert rollup["inputs"] == merged_inputs
+    assert all(sum(c) == 220 for c in rollup["inputs"].values())
+
+    # The same batch again (its answer lost on the way back): a no-op on the server.
+    assert pending is not None
+    replay = fleet.client.post(
+        f"/v1/devices/{DEVICE}/telemetry", content=pending, headers=fleet.auth(credential)
+    )
+    assert replay.status_code == 200 and replay.json()["replay"] is True
+    assert rollups(fleet, "gesture") == [rollup]
+    outbox.close()
+
+
+def test_a_retry_after_a_lost_answer_resends_the_same_key_and_is_a_no_op(
+    server: Fleet, tmp_path: Path, classifier: LoadedModel
+) -> None:
+    fleet = server
+    credential = fleet.enroll(DEVICE)
+    outbox = Outbox(tmp_path / "outbox.sqlite", 1 << 20)
+    recorder = Recorder(outbox, DEVICE, clock=Clock(T0))
+    record_burst(recorder, classifier, 40)
+    recorder.close_due_windows(include_open=True)
+    body = outbox.next_batch_bytes(50)
+    assert body is not None
+    first = fleet.client.post(
+        f"/v1/devices/{DEVICE}/telemetry", content=body, headers=fleet.auth(credential)
+    )
+    assert first.json() == {"accepted": True, "replay": False, "windows": 1}
+    before = rollups(fleet, "gesture")
+    outbox.close()  # the device restarts before it hears the answer
+
+    reopened = Outbox(tmp_path / "outbox.sqlite", 1 << 20)
+    result = upload_pending(reopened, fleet.client, "http://testserver", DEVICE, credential)
+    assert (result.batches_sent, result.replays) == (1, 1)
+    assert rollups(fleet, "gesture") == before
+    assert before[0]["inference_count"] == 42
+    assert reopened.stats()["pending_batches"] == 0
+    reopened.close()
+
+
+def test_a_batch_the_server_refuses_is_dropped_and_counted(
+    server: Fleet, tmp_path: Path, classifier: LoadedModel
+) -> None:
+    fleet = server
+    credential = fleet.enroll(DEVICE)
+    outbox = Outbox(tmp_path / "outbox.sqlite", 1 << 20)
+    recorder = Recorder(outbox, DEVICE, clock=Clock(T0))
+    record_burst(recorder, classifier, 10)
+    recorder.close_due_windows(include_open=True)
+    upload_pending(outbox, fleet.client, "http://testserver", DEVICE, credential)
+    # A build of the same name and version with four classes: the server's rollup has three.
+    four = m.classifier_manifest(
+        outputs=[
+            {
+                "name": "probabilities",
+                "dtype": "float32",
+                "shape": [None, 3],
+                "class_labels": [*m.CLASSES, "jump"],
+            }
+        ],
+        output_histograms=[m.categorical("probabilities", [*m.CLASSES, "jump"])],
+    )
+    other = ModelRuntime().load("f" * 64, four, m.classifier())
+    recorder.run(other, np.zeros((1, 4), np.float32))
+    recorder.close_due_windows(include_open=True)
+    result = upload_pending(outbox, fleet.client, "http://testserver", DEVICE, credential)
+    # Refused, dropped, and the drop reported at once in a batch of no windows.
+    assert (result.batches_sent, result.windows_sent, result.rejected_batches) == (1, 0, 1)
+    stats = outbox.stats()
+    assert stats["dropped_windows"] == 1 and stats["dropped_unreported"] == 0
+    assert stats["rejected_batches"] == 1
+    assert "400" in stats["last_rejection"] and "bins" in stats["last_rejection"]
+    r = fleet.client.get(f"/v1/devices/{DEVICE}", headers=fleet.auth(fleet.token("viewer")))
+    assert r.json()["telemetry"]["windows_dropped_on_device"] == 1
+    assert r.json()["telemetry"]["batches_received"] == 2  # sequence 1 was refused: a gap
+    assert r.json()["telemetry"]["batches_expected"] == 3
+    [rollup] = rollups(fleet, "gesture")
+    assert rollup["inference_count"] == 12  # the refused window is not in it
+    outbox.close()
