@@ -6,9 +6,9 @@ sequence number in this boot epoch; the batch's bytes are stored before the firs
 retry, even after a restart, re-sends the same idempotency key (device, boot epoch, sequence) and
 the same windows, and the server's dedup makes it a no-op if the first attempt landed.
 
-Boot epoch: at each open, ``max(previous + 1, unix time in s)``, so it grows across restarts and
-stays new even if the database was lost (sequences restart at 0 in each epoch, as the server's
-completeness ratio expects).
+Boot epoch: at each open, ``max(previous + 1, seconds since 2024-01-01)``, so it grows across
+restarts and stays new even if the database was lost (sequences restart at 0 in each epoch, as
+the server's completeness ratio expects).
 
 Disk is bounded by ``max_bytes`` of stored window and batch bodies: past it the oldest closed
 windows (then the oldest pending batches) are deleted, counted per device, reported in the next
@@ -56,6 +56,10 @@ CREATE TABLE IF NOT EXISTS batches (
     PRIMARY KEY (device_id, boot_epoch, sequence)
 );
 """
+#: Boot epochs count seconds from 2024-01-01T00:00:00Z, not from 1970, so they stay within the
+#: server's 32-bit column until 2092; a clock set far ahead is capped and epochs then grow by one.
+BOOT_EPOCH_BASE_S = 1_704_067_200
+_MAX_CLOCK_EPOCH = 2**30
 #: HTTP statuses that mean this batch will never be accepted as it is: drop it, count it.
 _REFUSED_FOREVER = (400, 413, 422)
 #: Gateways answering for a server that is down: the same as unreachable.
@@ -119,7 +123,8 @@ class Outbox:
             self._db.executescript(_SCHEMA)
             with self._durable():
                 previous = self._meta("boot_epoch", -1)
-                self.boot_epoch = max(previous + 1, int(wall_clock()))
+                since_base = int(wall_clock()) - BOOT_EPOCH_BASE_S
+                self.boot_epoch = max(previous + 1, min(max(since_base, 0), _MAX_CLOCK_EPOCH))
                 self._set_meta("boot_epoch", self.boot_epoch)
                 self._db.execute("UPDATE devices SET next_sequence = 0")
             self._bytes = int(

@@ -101,9 +101,11 @@ class _InputCheck:
             InputError: Naming what was expected and what came.
         """
         if isinstance(value, np.ndarray):
-            if value.dtype is not self.dtype and value.dtype != self.dtype:
-                raise self.error(f"dtype {self.spec_dtype}", f"dtype {value.dtype}")
             array = value
+            if value.dtype is not self.dtype and value.dtype != self.dtype:
+                if self.dtype.kind != "O" or value.dtype.kind != "U":
+                    raise self.error(f"dtype {self.spec_dtype}", f"dtype {value.dtype}")
+                array = value.astype(object)  # numpy str arrays for a string input
         else:
             array = self._from_json(value)
         if array.shape not in self.ok_shapes:

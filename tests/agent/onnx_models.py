@@ -92,6 +92,16 @@ def labeller() -> bytes:
     )
 
 
+def strings() -> bytes:
+    """name string [N, 1] -> same string [N, 1]."""
+    return _model(
+        [helper.make_node("Identity", ["name"], ["same"])],
+        [helper.make_tensor_value_info("name", TensorProto.STRING, [None, 1])],
+        [helper.make_tensor_value_info("same", TensorProto.STRING, [None, 1])],
+        [],
+    )
+
+
 def reshape_to_2x2() -> bytes:
     return _model(
         [helper.make_node("Reshape", ["input", "shape"], ["out"])],

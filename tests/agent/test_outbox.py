@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from device_agent.errors import AuthError, ServerUnreachable
-from device_agent.outbox import Outbox, upload_pending
+from device_agent.outbox import BOOT_EPOCH_BASE_S, Outbox, upload_pending
 from device_agent.runtime import LoadedModel, ModelRuntime
 from device_agent.telemetry import Recorder
 from firmware_bundles import telemetry as sketch
@@ -37,7 +37,8 @@ def test_the_outbox_survives_a_restart_with_the_same_idempotency_keys(
     tmp_path: Path, classifier: LoadedModel
 ) -> None:
     path = tmp_path / "outbox.sqlite"
-    first = Outbox(path, 1 << 20, wall_clock=lambda: 1000.0)
+    base = BOOT_EPOCH_BASE_S
+    first = Outbox(path, 1 << 20, wall_clock=lambda: base + 1000.0)
     clock = Clock()
     recorder = Recorder(first, DEVICE, clock=clock)
     for _ in range(5):
@@ -51,7 +52,7 @@ def test_the_outbox_survives_a_restart_with_the_same_idempotency_keys(
     recorder.close()
     first.close()
 
-    second = Outbox(path, 1 << 20, wall_clock=lambda: 900.0)  # even with the clock set back
+    second = Outbox(path, 1 << 20, wall_clock=lambda: base + 900.0)  # the clock set back
     assert second.boot_epoch == 1001
     assert second.next_batch_bytes(10) == sent  # the same key and windows, byte for byte
     batch = TelemetryBatch.from_bytes(sent)
@@ -66,6 +67,12 @@ def test_the_outbox_survives_a_restart_with_the_same_idempotency_keys(
     assert following.idempotency_key == (DEVICE, 1001, 0)  # new epoch, sequence from 0
     assert [w.inference_count for w in following.windows] == [4]  # continued after restart
     second.close()
+    lost = Outbox(tmp_path / "new.sqlite", 1 << 20, wall_clock=lambda: base + 5000.0)
+    assert lost.boot_epoch == 5000  # a lost database still gets an epoch never used before
+    lost.close()
+    ahead = Outbox(tmp_path / "ahead.sqlite", 1 << 20, wall_clock=lambda: 1e12)
+    assert ahead.boot_epoch < 2**31  # fits the server's 32-bit column
+    ahead.close()
 
 
 def test_a_full_outbox_drops_the_oldest_closed_windows_and_reports_them(

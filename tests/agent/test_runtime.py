@@ -133,6 +133,21 @@ def test_every_accepted_form_gives_the_bare_onnx_runtime_answer(
     np.testing.assert_array_equal(classifier.run(batch)["probabilities"], np.repeat(bare, 5, 0))
 
 
+def test_string_inputs_take_lists_str_arrays_and_object_arrays() -> None:
+    manifest = m.manifest(
+        m.strings(),
+        inputs=[{"name": "name", "dtype": "string", "shape": [None, 1]}],
+        outputs=[{"name": "same", "dtype": "string", "shape": [None, 1]}],
+    )
+    model = m.load(m.strings(), manifest)
+    for form in ([["walk"]], np.array([["walk"]]), np.array([["walk"]], dtype=object)):
+        assert model.run(form)["same"].tolist() == [["walk"]]
+    with pytest.raises(InputError, match="string values"):
+        model.run([[1.5]])
+    with pytest.raises(InputError, match="dtype float32"):
+        model.run(np.zeros((1, 1), np.float32))
+
+
 def test_nan_inputs_are_allowed_through(classifier: Any) -> None:
     """NaN is not checked (a model may handle it; checking costs more than a small model)."""
     out = classifier.run(np.array([[math.nan, 0.0, 0.0, 0.0]], np.float32))
