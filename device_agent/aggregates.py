@@ -108,6 +108,7 @@ class InferenceTape:
         self.latency_ns: list[int] = []
         self.when: list[float] = []
         self.errors: list[float] = []
+        self.idle_flushes = 0
         #: Calls that did not fit the buffers (batches, dynamic shapes): (when, ns, ins, outs).
         self.overflow: list[tuple[float, int, dict[str, np.ndarray], dict[str, np.ndarray]]] = []
         self.output_index = {name: i for i, name in enumerate(model.output_names)}

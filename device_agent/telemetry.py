@@ -39,6 +39,8 @@ from device_agent.runtime import LoadedModel, ModelIdentity
 from firmware_bundles import telemetry as sketch
 
 _KIND = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
+#: Flushes with nothing recorded after which a model version's buffers are released.
+IDLE_FLUSHES_BEFORE_RELEASE = 2
 #: Name under which a late label is counted when the prediction it corrects is not known.
 UNKNOWN_PREDICTION = "unknown"
 
@@ -284,9 +286,15 @@ class Recorder:
             window.row_id = row_id
 
     def _flush(self, *, persist: bool = True) -> None:
-        for tape in self._tapes.values():
-            for window in self._drain(tape):
+        for key, tape in list(self._tapes.items()):
+            touched = self._drain(tape)
+            for window in touched:
                 self._dirty[id(window)] = window
+            # A version that stopped answering (replaced, or unused) gives its buffers back
+            # after two idle flushes; the next call makes a new tape.
+            tape.idle_flushes = 0 if touched else tape.idle_flushes + 1
+            if tape.idle_flushes >= IDLE_FLUSHES_BEFORE_RELEASE:
+                del self._tapes[key]
         now = self._monotonic()
         if self._dirty and (persist or now - self._last_persist >= self.persist_every_s):
             self._save(list(self._dirty.values()))
@@ -339,6 +347,7 @@ class Recorder:
             }
             return {
                 "buffered_inferences": buffered,
+                "models_buffered": len(self._tapes),
                 "unsaved_windows": len(self._dirty),
                 "unmatched_histograms": unmatched,
                 **self.outbox.stats(),

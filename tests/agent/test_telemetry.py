@@ -176,6 +176,28 @@ def test_full_buffers_are_written_at_most_once_per_persist_interval(
     assert recorder.stats()["unsaved_windows"] == 0
 
 
+def test_buffers_of_a_version_no_longer_called_are_released(
+    outbox: Outbox, classifier: LoadedModel
+) -> None:
+    recorder = Recorder(outbox, DEVICE, flush_every=8, clock=Clock())
+    other = m.load(m.classifier(), m.classifier_manifest(version="1.1.0"))
+    x = np.zeros((1, 4), np.float32)
+    recorder.run(classifier, x)
+    recorder.run(other, x)
+    assert recorder.stats()["models_buffered"] == 2
+    recorder.flush()
+    recorder.run(other, x)
+    recorder.flush()
+    assert recorder.stats()["models_buffered"] == 2  # one idle flush is not enough
+    recorder.run(other, x)
+    recorder.flush()
+    assert recorder.stats()["models_buffered"] == 1
+    recorder.run(classifier, x)  # comes back: counted as before
+    recorder.flush()
+    counts = {w.version: w.inference_count for w in windows(outbox)}
+    assert counts == {"1.0.0": 2, "1.1.0": 3}
+
+
 def test_windows_split_by_event_time(outbox: Outbox, classifier: LoadedModel) -> None:
     clock = Clock()
     recorder = Recorder(outbox, DEVICE, window_s=HOUR, flush_every=1000, clock=clock)
