@@ -109,6 +109,8 @@ class InferenceTape:
         self.when: list[float] = []
         self.errors: list[float] = []
         self.idle_flushes = 0
+        #: Set when the recorder let go of this tape; a caller holding it must get the live one.
+        self.released = False
         #: Calls that did not fit the buffers (batches, dynamic shapes): (when, ns, ins, outs).
         self.overflow: list[tuple[float, int, dict[str, np.ndarray], dict[str, np.ndarray]]] = []
         self.output_index = {name: i for i, name in enumerate(model.output_names)}

@@ -105,12 +105,14 @@ class Recorder:
             outs = model.run_feed(feed, None)
             latency_ns = perf_counter_ns() - start
         except InputError:
-            self._error(tape)
+            self._error(tape, model)
             raise
         except Exception as exc:  # onnxruntime raises its own untyped errors
-            self._error(tape)
+            self._error(tape, model)
             raise InferenceError(model.name, str(exc)) from exc
         with self._lock:
+            if tape.released:
+                tape = self._revive(tape, model)
             if tape.append(self._clock(), latency_ns, feed, outs):
                 self._flush(persist=False)
         single = model.single_output
@@ -133,11 +135,13 @@ class Recorder:
         """
         tape = self._tapes.get(model.key) or self._tape(model)
         if error or outputs is None:
-            self._error(tape)
+            self._error(tape, model)
             return
         feed = model.check(inputs)
         outs = [outputs[name] for name in model.output_names]
         with self._lock:
+            if tape.released:
+                tape = self._revive(tape, model)
             if tape.append(self._clock(), round(latency_s * 1e9), feed, outs):
                 self._flush(persist=False)
 
@@ -148,8 +152,19 @@ class Recorder:
                 tape = self._tapes[model.key] = InferenceTape(model, self.flush_every)
             return tape
 
-    def _error(self, tape: InferenceTape) -> None:
+    def _revive(self, tape: InferenceTape, model: LoadedModel) -> InferenceTape:
+        """The live tape of ``model``, for a caller that picked up ``tape`` just before a flush
+        released it (so the call is not recorded into a tape nobody drains). Under the lock."""
+        live = self._tapes.get(model.key)
+        if live is None:
+            tape.released, tape.idle_flushes = False, 0
+            live = self._tapes[model.key] = tape
+        return live
+
+    def _error(self, tape: InferenceTape, model: LoadedModel) -> None:
         with self._lock:
+            if tape.released:
+                tape = self._revive(tape, model)
             tape.errors.append(self._clock())
             if len(tape.errors) >= self.flush_every:
                 self._flush(persist=False)
@@ -294,6 +309,7 @@ class Recorder:
             # after two idle flushes; the next call makes a new tape.
             tape.idle_flushes = 0 if touched else tape.idle_flushes + 1
             if tape.idle_flushes >= IDLE_FLUSHES_BEFORE_RELEASE:
+                tape.released = True
                 del self._tapes[key]
         now = self._monotonic()
         if self._dirty and (persist or now - self._last_persist >= self.persist_every_s):

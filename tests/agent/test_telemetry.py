@@ -192,10 +192,21 @@ def test_buffers_of_a_version_no_longer_called_are_released(
     recorder.run(other, x)
     recorder.flush()
     assert recorder.stats()["models_buffered"] == 1
+    original = other.check
+
+    def racing_check(inputs: Any) -> Any:
+        recorder.flush()  # another thread's flushes release this call's tape meanwhile
+        recorder.flush()
+        return original(inputs)
+
+    other.check = racing_check  # type: ignore[method-assign]
+    recorder.run(other, x)  # still counted: the released tape is taken back
+    other.check = original  # type: ignore[method-assign]
+    assert recorder.stats()["models_buffered"] == 1
     recorder.run(classifier, x)  # comes back: counted as before
     recorder.flush()
     counts = {w.version: w.inference_count for w in windows(outbox)}
-    assert counts == {"1.0.0": 2, "1.1.0": 3}
+    assert counts == {"1.0.0": 2, "1.1.0": 4}
 
 
 def test_windows_split_by_event_time(outbox: Outbox, classifier: LoadedModel) -> None:
