@@ -159,7 +159,7 @@ class Runner:
                     enrolled = True
                     self.log("enrolled", device_id=self.agent.device_id)
                 except ServerUnreachable as exc:
-                    self._back_off("enroll", exc)
+                    self._back_off(exc, "enroll")
                     continue
                 except AuthError as exc:
                     # A refused enrollment token will not start working by itself.
@@ -173,20 +173,28 @@ class Runner:
         return EXIT_OK
 
     def round(self) -> None:
-        """One check-in and one telemetry upload, then the wait before the next round."""
-        reachable = self._check_in()
-        if reachable and not self.stopping:
-            reachable = self._upload()
-        if reachable:
+        """One check-in and one telemetry upload, then the wait before the next round.
+
+        The upload is tried even when the check-in found the server gone: it first aggregates
+        buffered inferences and closes due windows into the durable outbox, so telemetry made
+        offline is on disk (and in the status) however long the outage lasts.
+        """
+        unreachable = self._check_in()
+        if not self.stopping:
+            unreachable = self._upload() or unreachable
+        if unreachable is None:
             self.failures = 0
             self._wait(self.interval_s())
+        else:
+            self._back_off(unreachable)
 
-    def _check_in(self) -> bool:
+    def _check_in(self) -> ServerUnreachable | None:
+        """Check in and log the outcome; the error if the server could not be reached."""
         try:
             result = self.agent.check_in()
         except ServerUnreachable as exc:
-            self._back_off("check-in", exc)
-            return False
+            self.log("check-in", outcome="unreachable", message=str(exc))
+            return exc
         except AgentError as exc:
             # The server answered (so it is reachable) but the round failed: say why and go on.
             self.log(
@@ -196,7 +204,7 @@ class Runner:
                 message=str(exc),
                 **_fields(exc),
             )
-            return True
+            return None
         record = _plain(result)
         installs = record.pop("installs", []) if isinstance(record, dict) else []
         models = {i.get("model"): i.get("action") for i in installs if isinstance(i, dict)}
@@ -206,22 +214,23 @@ class Runner:
             # get a line of their own.
             if isinstance(install, dict) and install.get("action") != "current":
                 self.log("install", **install)
-        return True
+        return None
 
-    def _upload(self) -> bool:
+    def _upload(self) -> ServerUnreachable | None:
+        """Upload closed telemetry windows and log the outcome; the error if offline."""
         try:
             result = self.agent.upload_telemetry()
         except ServerUnreachable as exc:
-            self._back_off("upload", exc)
-            return False
+            self.log("upload", outcome="unreachable", message=str(exc))
+            return exc
         except AgentError as exc:
             self.log("upload", outcome="error", type=type(exc).__name__, message=str(exc))
-            return True
+            return None
         record = _plain(result)
         self.log("upload", outcome="ok", **(record if isinstance(record, dict) else {}))
-        return True
+        return None
 
-    def _back_off(self, step: str, exc: Exception) -> None:
+    def _back_off(self, exc: Exception, step: str = "round") -> None:
         self.failures += 1
         delay = self.backoff_s(self.failures)
         self.log(

@@ -195,9 +195,11 @@ class AgentProcess:
     def logs(self) -> list[Path]:
         return [self.log_dir / f"agent-{i}.log" for i in range(1, self.starts + 1)]
 
-    def events(self, event: str | None = None) -> list[dict[str, Any]]:
-        """The agent's JSON event lines over every start (only ``event`` if given)."""
-        lines = [r for log in self.logs for r in json_lines(log) if "event" in r]
+    def events(self, event: str | None = None, *, latest: bool = False) -> list[dict[str, Any]]:
+        """The agent's JSON event lines over every start, or the ``latest`` start's only (only
+        ``event`` if given)."""
+        logs = self.logs[-1:] if latest else self.logs
+        lines = [r for log in logs for r in json_lines(log) if "event" in r]
         return [r for r in lines if event is None or r["event"] == event]
 
     def log_text(self) -> str:
