@@ -108,33 +108,60 @@ class Outbox:
         self.max_bytes = max_bytes
         self._lock = threading.RLock()
         self._last_rejection: str | None = None
+        #: Where a database that SQLite could not read was moved, if that happened at open.
+        self.set_aside: Path | None = None
+        try:
+            self._open(wall_clock)
+        except sqlite3.DatabaseError as exc:
+            if isinstance(exc, sqlite3.OperationalError) or not self.path.exists():
+                raise OutboxError(f"cannot open the telemetry outbox {self.path}: {exc}") from exc
+            # Not a database (bad flash, a truncated copy): keep it for a post-mortem and start
+            # afresh, so telemetry (and the agent) keep working; stats() says so.
+            self._db.close()
+            self.set_aside = self._set_aside()
+            try:
+                self._open(wall_clock)
+            except sqlite3.Error as again:
+                raise OutboxError(
+                    f"cannot open the telemetry outbox {self.path}: {again}"
+                ) from again
+
+    def _set_aside(self) -> Path:
+        aside = self.path.with_name(f"{self.path.name}.corrupt-{time.time_ns()}")
+        try:
+            for suffix in ("", "-wal", "-shm"):
+                part = Path(f"{self.path}{suffix}")
+                if part.exists():
+                    part.rename(Path(f"{aside}{suffix}"))
+        except OSError as exc:
+            raise OutboxError(
+                f"cannot move the unreadable outbox {self.path} aside: {exc}"
+            ) from exc
+        return aside
+
+    def _open(self, wall_clock: Callable[[], float]) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(
-                self.path, isolation_level=None, check_same_thread=False, timeout=10
-            )
-            # Set before the first table exists, so deleted rows give pages back to the file.
-            self._db.execute("PRAGMA auto_vacuum = INCREMENTAL")
-            self._db.execute("PRAGMA journal_mode = WAL")
-            # NORMAL: a commit survives a process crash; a power cut may lose the last window
-            # flushes but never corrupts. Sequence numbers are committed with FULL (_durable).
-            self._db.execute("PRAGMA synchronous = NORMAL")
-            self._db.execute("PRAGMA journal_size_limit = 1048576")
-            self._db.executescript(_SCHEMA)
-            with self._durable():
-                previous = self._meta("boot_epoch", -1)
-                since_base = int(wall_clock()) - BOOT_EPOCH_BASE_S
-                self.boot_epoch = max(previous + 1, min(max(since_base, 0), _MAX_CLOCK_EPOCH))
-                self._set_meta("boot_epoch", self.boot_epoch)
-                self._db.execute("UPDATE devices SET next_sequence = 0")
-            self._bytes = int(
-                self._db.execute(
-                    "SELECT (SELECT COALESCE(SUM(LENGTH(body)), 0) FROM windows)"
-                    " + (SELECT COALESCE(SUM(LENGTH(body)), 0) FROM batches)"
-                ).fetchone()[0]
-            )
-        except sqlite3.Error as exc:
-            raise OutboxError(f"cannot open the telemetry outbox {self.path}: {exc}") from exc
+        except OSError as exc:
+            raise OutboxError(f"cannot create {self.path.parent}: {exc}") from exc
+        self._db = sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=False, timeout=10
+        )
+        # Set before the first table exists, so deleted rows give pages back to the file.
+        self._db.execute("PRAGMA auto_vacuum = INCREMENTAL")
+        self._db.execute("PRAGMA journal_mode = WAL")
+        # NORMAL: a commit survives a process crash; a power cut may lose the last window flushes
+        # but never corrupts. Sequence numbers and boot epochs are committed with FULL (_durable).
+        self._db.execute("PRAGMA synchronous = NORMAL")
+        self._db.execute("PRAGMA journal_size_limit = 1048576")
+        self._db.executescript(_SCHEMA)
+        with self._durable():
+            previous = self._meta("boot_epoch", -1)
+            since_base = int(wall_clock()) - BOOT_EPOCH_BASE_S
+            self.boot_epoch = max(previous + 1, min(max(since_base, 0), _MAX_CLOCK_EPOCH))
+            self._set_meta("boot_epoch", self.boot_epoch)
+            self._db.execute("UPDATE devices SET next_sequence = 0")
+        self._bytes = self._stored_bytes()
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -402,6 +429,7 @@ class Outbox:
                 "rejected_batches": self._meta("rejected_batches", 0),
                 "last_rejection": self._last_rejection,
                 "boot_epoch": self.boot_epoch,
+                "set_aside": None if self.set_aside is None else str(self.set_aside),
             }
 
     def close(self) -> None:

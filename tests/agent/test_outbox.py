@@ -75,6 +75,26 @@ def test_the_outbox_survives_a_restart_with_the_same_idempotency_keys(
     ahead.close()
 
 
+def test_an_unreadable_outbox_is_set_aside_and_telemetry_goes_on(
+    tmp_path: Path, classifier: LoadedModel
+) -> None:
+    path = tmp_path / "outbox.sqlite"
+    path.write_bytes(b"not a database, as bad flash leaves it " * 200)
+    outbox = Outbox(path, 1 << 20)
+    assert outbox.set_aside is not None
+    assert outbox.set_aside.read_bytes().startswith(b"not a database")
+    assert outbox.stats()["set_aside"] == str(outbox.set_aside)
+    recorder = Recorder(outbox, DEVICE, clock=Clock())
+    recorder.run(classifier, np.zeros((1, 4), np.float32))
+    recorder.close_due_windows(include_open=True)
+    batch = outbox.next_batch(10)
+    assert batch is not None and [w.inference_count for w in batch.windows] == [1]
+    outbox.close()
+    reopened = Outbox(path, 1 << 20)
+    assert reopened.set_aside is None  # the new file is fine
+    reopened.close()
+
+
 def test_a_full_outbox_drops_the_oldest_closed_windows_and_reports_them(
     tmp_path: Path, classifier: LoadedModel
 ) -> None:
