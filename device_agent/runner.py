@@ -123,8 +123,10 @@ class Runner:
 
     def backoff_s(self, failures: int) -> float:
         """The wait after ``failures`` unreachable rounds in a row: doubling, capped, jittered."""
-        base = self.settings.backoff_initial_s * 2.0 ** max(0, failures - 1)
-        return min(self.settings.backoff_max_s, self._jitter(min(base, 1e9)))
+        # The exponent stops growing once past any cap (2**64 s is longer than any outage), so
+        # a device offline for weeks does not overflow.
+        base = self.settings.backoff_initial_s * 2.0 ** min(max(0, failures - 1), 64)
+        return min(self.settings.backoff_max_s, self._jitter(base))
 
     def _wait(self, seconds: float) -> None:
         self._wake.wait(timeout=seconds)

@@ -299,6 +299,24 @@ def test_second_agent_on_the_same_state_dir_is_refused(fleet: Fleet) -> None:
     assert LocalApiClient(socket_path(fleet.agent.state_dir)).status()["device_id"]
 
 
+def test_a_refused_enrollment_token_stops_the_agent_with_the_reason(fleet: Fleet) -> None:
+    state = fleet.tmp / "refused"
+    settings = {
+        **agent_settings(fleet.server, state, "eft_not-a-token"),
+        "device_id": "phone-refused",
+    }
+    refused = AgentProcess(state, fleet.tmp / "refused-logs", settings)
+    refused.log_dir.mkdir()
+    refused.start()
+    try:
+        assert refused.proc is not None and refused.proc.wait(timeout=60) == 2
+    finally:
+        refused.stop()
+    error = refused.events("error")[-1]
+    assert error["step"] == "enroll" and error["type"] == "AuthError"
+    assert not (state / "credentials.json").exists()
+
+
 def test_sigterm_stops_cleanly_and_a_restart_serves_at_once(fleet: Fleet) -> None:
     """Runs last in this module: stops the shared agent and starts it again, offline."""
     agent = fleet.agent
