@@ -110,7 +110,8 @@ class Agent:
             self._device_id,
             window_s=settings.telemetry_window_s,
             flush_every=settings.telemetry_flush_every,
-            clock=lambda: self._clock().timestamp(),
+            # No wrapper around the default clock: predict reads it on every call.
+            clock=None if clock is None else (lambda: self._clock().timestamp()),
         )
         timers: Callable[[], float] = (
             time.monotonic if clock is None else (lambda: self._clock().timestamp())
