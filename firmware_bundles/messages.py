@@ -282,8 +282,9 @@ class TelemetryBatch(Document):
     """One upload: windows plus the idempotency key that makes replays no-ops."""
 
     device_id: str = Field(pattern=_ID)
-    boot_epoch: int = Field(ge=0)
-    sequence: int = Field(ge=0)
+    #: Both fit a signed 32-bit integer: firmware keeps them as counters, the server as INTEGER.
+    boot_epoch: int = Field(ge=0, le=2**31 - 1)
+    sequence: int = Field(ge=0, le=2**31 - 1)
     windows: list[TelemetryWindow]
     dropped_windows: int = Field(default=0, ge=0)
 

@@ -207,3 +207,11 @@ def test_telemetry_batch_refuses_foreign_windows() -> None:
         TelemetryBatch.from_dict(
             {"device_id": "ring-0001", "boot_epoch": 1, "sequence": 1, "windows": [window]}
         )
+
+
+@pytest.mark.parametrize("field", ["boot_epoch", "sequence"])
+def test_telemetry_batch_keys_fit_32_bits(field: str) -> None:
+    batch = {"device_id": "ring-0001", "boot_epoch": 1, "sequence": 1, "windows": []}
+    assert TelemetryBatch.from_dict({**batch, field: 2**31 - 1}).idempotency_key
+    with pytest.raises(SchemaError, match=field):
+        TelemetryBatch.from_dict({**batch, field: 2**31})
