@@ -2,7 +2,10 @@
 
 Trains a small digit classifier, writes it as an ONNX graph made only of ops a micro runtime has
 (MatMul, Add, Softmax), packs it into a signed bundle for a ring and a phone, verifies it against
-a trusted root, then shows what verification says about a tampered copy and a rotated root.
+a trusted root, then shows what verification says about a tampered copy and a rotated root. Then
+converts three example models, and runs the fleet slice (demo/fleet_demo.py): a server, a phone's
+agent that installs the wearable model, inference with the server gone, and the telemetry
+arriving once it is back.
 
     python demo/run_demo.py [--out build/demo] [--short]
 """
@@ -354,13 +357,19 @@ def main() -> None:
         "ring-gen3",
     )
 
+    from fleet_demo import run_fleet  # beside this script
+
+    run_fleet(
+        edgefleet,
+        step,
+        bundle=Path("bundles/wearable/wearable-demo-1.0.0-phone-android.efb"),
+        eval_data=Path("examples/wearable/eval.npz"),
+        short=args.short,
+    )
+
     step("Done")
     print(f"built and verified {out / 'digits.efb'}")
-    print(
-        "Later parts add: the fleet server (publish, release, signed assignments,\n"
-        "telemetry), the device agent (download, verify, install, offline inference,\n"
-        "telemetry outbox) and the SMP device link with the hardware-in-the-loop rig."
-    )
+    print(f"server and agent logs: {out / 'server.log'}, {out / 'agent.log'}")
 
 
 if __name__ == "__main__":

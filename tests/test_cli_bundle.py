@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -261,3 +262,9 @@ def test_demo_short_mode_runs(tmp_path: Path) -> None:
     assert "not for ring-gen4" in proc.stdout
     # The converter part: the wearable CNN's ring bundle verified for the ring.
     assert "wearable-demo 1.0.0" in proc.stdout and "fits ring-gen3" in proc.stdout
+    # The fleet part: every inference made, online and offline, counted once on the server.
+    made = re.search(
+        r"telemetry on the server: (\d+) inferences of \S+ 1.0.0 \(the agent made (\d+)",
+        proc.stdout,
+    )
+    assert made and made.group(1) == made.group(2), proc.stdout[-3000:]
