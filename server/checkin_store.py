@@ -1,8 +1,8 @@
 """Check-in's one write: authenticate a device by credential hash and record its contact.
 
 One ``UPDATE device ... RETURNING`` per check-in, on the raw driver connection rather than the ORM
-(check-in is the busiest request). SQLite runs it in a worker thread (its one pooled connection
-may be held by a sync route until that route's response is sent). PostgreSQL coalesces the
+(check-in is the busiest request). SQLite runs it in the event loop on a connection of its own
+(see :class:`SqliteCheckInStore` for why not the pool's). PostgreSQL coalesces the
 check-ins that arrive while a statement is in flight into the next one (``UPDATE ... FROM
 unnest(...)``) on an asyncio pool, so the loop goes on serving while the database works and the
 driver's per-statement cost is shared; every check-in is still recorded before it is answered.
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NamedTuple
@@ -67,10 +68,18 @@ def _update_self(columns: list[str]) -> Any:
 
 
 class SqliteCheckInStore:
-    """The UPDATE compiled once, run on the pooled sqlite3 connection with the columns' own bind
-    processors (so values are stored exactly as the ORM stores and reads them)."""
+    """The UPDATE compiled once, run with the columns' own bind processors (so values are stored
+    exactly as the ORM stores and reads them) on a connection of its own, in autocommit.
 
-    def __init__(self, engine: Engine) -> None:
+    Its own connection, not one from the engine's pool: a sync route's session holds the pooled
+    connection until its response is sent, which needs the event loop, so waiting for that
+    connection on the loop deadlocked until the pool timed out. A second connection waits only
+    for SQLite's write lock, which every writer releases at commit, inside its handler; WAL lets
+    readers go on meanwhile. A database only in memory has nothing to share a second connection
+    with, so there the write goes through the pool in a worker thread.
+    """
+
+    def __init__(self, engine: Engine, busy_timeout_s: float = 5.0) -> None:
         self.engine = engine
         dialect = engine.dialect
         table = Device.__table__  # type: ignore[attr-defined]
@@ -85,6 +94,14 @@ class SqliteCheckInStore:
                 dialect=dialect
             )
             self._statements[caps] = (compiled.string, list(compiled.positiontup or []))
+        database = engine.url.database
+        self._conn: sqlite3.Connection | None = None
+        if database and database != ":memory:" and not database.startswith("file:"):
+            self._conn = sqlite3.connect(
+                database, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
+            )
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=NORMAL")
 
     async def record(self, contact: Contact) -> DeviceRow | None:
         """Authenticate and record; the device's hardware id and free flash, or None."""
@@ -102,12 +119,15 @@ class SqliteCheckInStore:
         }
         for name, processor in self._processors.items():
             values[name] = processor(values[name])
-        # In a worker thread: the engine has one pooled connection, and a sync route's session
-        # holds it until its response is sent, which needs this loop; waiting for it here
-        # stalled every request for the pool timeout (60 s).
-        return await asyncio.to_thread(self._write, sql, tuple(values[name] for name in order))
+        params = tuple(values[name] for name in order)
+        if self._conn is None:
+            return await asyncio.to_thread(self._write_pooled, sql, params)
+        # One statement in autocommit: atomic on its own, and no await while SQLite's write
+        # lock is held.
+        row = self._conn.execute(sql, params).fetchone()
+        return None if row is None else DeviceRow(row[0], row[1])
 
-    def _write(self, sql: str, params: tuple[Any, ...]) -> DeviceRow | None:
+    def _write_pooled(self, sql: str, params: tuple[Any, ...]) -> DeviceRow | None:
         conn = self.engine.raw_connection()
         try:
             cursor = conn.cursor()
@@ -120,7 +140,10 @@ class SqliteCheckInStore:
         return None if row is None else DeviceRow(row[0], row[1])
 
     async def close(self) -> None:
-        """Nothing to close: the engine owns the connection."""
+        """Close the store's own connection."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
 
 # One statement for any number of check-ins; NULL capabilities keep the stored ones.
