@@ -1,0 +1,158 @@
+"""Telemetry windows kept by an emulated ring or board, read and acknowledged over SMP.
+
+Per model version and event-time window it counts inferences and errors, sketches latency
+(:mod:`firmware_bundles.telemetry`) and bins outputs and inputs on the manifest's reference
+edges. A telemetry read seals the open windows into numbered pieces; the server adds pieces of
+the same window together, so sealing early loses nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import cbor2
+import numpy as np
+
+from firmware_bundles import Manifest
+from firmware_bundles import telemetry as sketches
+from firmware_bundles.manifest import Histogram
+
+
+@dataclass
+class _Piece:
+    seq: int
+    window: dict[str, Any]
+
+
+@dataclass
+class DeviceTelemetry:
+    """The device's telemetry store (RAM: pieces not read before a power cut are lost).
+
+    Attributes:
+        device_id: The device's id, written into every window.
+        window_s: Window length in seconds.
+        clock: The device's clock.
+    """
+
+    device_id: str
+    window_s: int
+    clock: Callable[[], datetime]
+    _open: dict[tuple[str, str, str, int], dict[str, Any]] = field(default_factory=dict)
+    _sealed: list[_Piece] = field(default_factory=list)
+    _next_seq: int = 1
+
+    def record(
+        self,
+        manifest: Manifest,
+        bundle_sha256: str,
+        inputs: dict[str, np.ndarray],
+        outputs: dict[str, np.ndarray],
+        latency_s: float,
+    ) -> None:
+        """Count one inference."""
+        window = self._window(manifest, bundle_sha256)
+        window["inference_count"] += 1
+        sketches.add(window["latency"], latency_s)
+        _bin_into(window["inputs"], manifest.reference_histograms.inputs, _features(inputs))
+        first = outputs.get(manifest.outputs[0].name) if manifest.outputs else None
+        if first is not None:
+            _bin_into(
+                window["outputs"], manifest.reference_histograms.outputs, _labels(manifest, first)
+            )
+
+    def record_error(self, manifest: Manifest, bundle_sha256: str, *, self_test: bool) -> None:
+        """Count a failed inference, or a failed self-test."""
+        window = self._window(manifest, bundle_sha256)
+        window["selftest_failure_count" if self_test else "error_count"] += 1
+
+    def seal(self) -> None:
+        """Close every open window piece and number it."""
+        for key in sorted(self._open, key=lambda k: (k[3], k[0], k[1])):
+            window = self._open[key]
+            # The sketch keeps bucket keys as JSON strings; on the wire they are CBOR integers.
+            latency = window["latency"]
+            latency["bins"] = {int(k): v for k, v in latency["bins"].items()}
+            self._sealed.append(_Piece(self._next_seq, window))
+            self._next_seq += 1
+        self._open.clear()
+
+    def read(self, max_windows: int | None, budget_bytes: int) -> tuple[list[_Piece], bool]:
+        """The oldest sealed pieces that fit in ``budget_bytes`` of CBOR, and whether more wait."""
+        chosen: list[_Piece] = []
+        used = 0
+        for piece in self._sealed:
+            if max_windows is not None and len(chosen) >= max_windows:
+                break
+            size = len(cbor2.dumps({"seq": piece.seq, "window": piece.window}))
+            if chosen and used + size > budget_bytes:
+                break
+            chosen.append(piece)
+            used += size
+        return chosen, len(chosen) < len(self._sealed)
+
+    def acknowledge(self, upto: int) -> int:
+        """Forget pieces with ``seq <= upto``; returns how many remain."""
+        self._sealed = [p for p in self._sealed if p.seq > upto]
+        return len(self._sealed)
+
+    def _window(self, manifest: Manifest, bundle_sha256: str) -> dict[str, Any]:
+        now = self.clock().astimezone(UTC)
+        start = int(now.timestamp()) // self.window_s * self.window_s
+        key = (manifest.name, manifest.version, bundle_sha256, start)
+        if key not in self._open:
+            self._open[key] = {
+                "device_id": self.device_id,
+                "model": manifest.name,
+                "version": manifest.version,
+                "bundle_sha256": bundle_sha256,
+                "window_start": datetime.fromtimestamp(start, UTC).isoformat(),
+                "window_s": self.window_s,
+                "inference_count": 0,
+                "error_count": 0,
+                "selftest_failure_count": 0,
+                "latency": sketches.new_sketch(),
+                "outputs": [],
+                "inputs": [],
+                "feedback": {},
+                "labels": {},
+            }
+        return self._open[key]
+
+
+def _features(inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Per feature (2-D input) or channel (higher rank) values of the first input."""
+    if not inputs:
+        return []
+    x = np.asarray(next(iter(inputs.values())), dtype=np.float64)
+    if x.ndim < 2:
+        return [x.ravel()]
+    if x.ndim == 2:
+        return [x[:, i] for i in range(x.shape[1])]
+    return [np.moveaxis(x, 1, 0)[i].ravel() for i in range(x.shape[1])]
+
+
+def _labels(manifest: Manifest, output: np.ndarray) -> list[np.ndarray]:
+    if manifest.task == "classification" and output.ndim == 2:
+        return [output.argmax(axis=1)]
+    return [np.asarray(output, dtype=np.float64).ravel()]
+
+
+def _bin_into(
+    counts: list[dict[str, Any]], histograms: list[Histogram], series: list[np.ndarray]
+) -> None:
+    for histogram, values in zip(histograms, series, strict=False):
+        if histogram.kind == "numeric":
+            index = np.searchsorted(np.asarray(histogram.edges), values, side="right")
+            bins = np.bincount(index, minlength=len(histogram.edges) + 1)
+        else:
+            n = len(histogram.categories)
+            index = np.where((values >= 0) & (values < n), values, n).astype(np.int64)
+            bins = np.bincount(index, minlength=n + 1)
+        entry = next((c for c in counts if c["name"] == histogram.name), None)
+        if entry is None:
+            counts.append({"name": histogram.name, "counts": [int(b) for b in bins]})
+        else:
+            entry["counts"] = [a + int(b) for a, b in zip(entry["counts"], bins, strict=True)]

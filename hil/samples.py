@@ -1,0 +1,175 @@
+"""Sample bundles and held-out data for the rig, its tests and its bench.
+
+A small linear classifier built with ``onnx.helper`` (MatMul, Add, Softmax: ops every micro
+runtime in the catalogue implements), signed into a bundle for the asked targets, with self-test
+vectors computed by ONNX Runtime and held-out data whose labels come from a slightly different
+"true" model, so accuracy is a real figure.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from firmware_bundles import SigningKey, TargetCatalogue, build
+from hil.micro_runtime import plan_arena_bytes
+
+FEATURES = 4
+CLASSES = 3
+CLASS_LABELS = ["rest", "walk", "run"]
+OPSET = 17
+
+
+@dataclass(frozen=True)
+class SampleModel:
+    """A sample classifier: the ONNX bytes and the weights that made it."""
+
+    onnx_bytes: bytes
+    weights: np.ndarray
+    bias: np.ndarray
+
+
+def sample_model(seed: int = 0) -> SampleModel:
+    """A ``[N, 4] -> [N, 3]`` softmax classifier with seeded weights."""
+    rng = np.random.default_rng(seed)
+    weights = rng.normal(size=(FEATURES, CLASSES)).astype(np.float32)
+    bias = rng.normal(scale=0.1, size=(CLASSES,)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["input", "W"], ["logits_raw"]),
+            helper.make_node("Add", ["logits_raw", "b"], ["logits"]),
+            helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
+        ],
+        "sample_classifier",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, FEATURES])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [None, CLASSES])],
+        [numpy_helper.from_array(weights, "W"), numpy_helper.from_array(bias, "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 9
+    onnx.checker.check_model(model)
+    return SampleModel(model.SerializeToString(), weights, bias)
+
+
+def heldout(n: int = 200, seed: int = 1, model_seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Held-out features and labels; labels follow the model's weights plus noise."""
+    model = sample_model(model_seed)
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, FEATURES)).astype(np.float32)
+    logits = x @ model.weights + model.bias + rng.normal(scale=0.5, size=(n, CLASSES))
+    return x, logits.argmax(axis=1).astype(np.int64)
+
+
+def run_reference(onnx_bytes: bytes, x: np.ndarray) -> np.ndarray:
+    """The model's outputs on the host, one row at a time as a device runs it."""
+    session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    rows = [session.run(["probabilities"], {"input": x[i : i + 1]})[0] for i in range(len(x))]
+    return np.concatenate(rows)
+
+
+def sample_draft(
+    model: SampleModel,
+    target_ids: list[str],
+    *,
+    name: str = "wrist-activity",
+    version: str = "1.0.0",
+    release_counter: int = 1,
+    catalogue: TargetCatalogue | None = None,
+) -> dict[str, Any]:
+    """A manifest draft for the sample model on ``target_ids``."""
+    catalogue = catalogue or TargetCatalogue.load_default()
+    x, y = heldout(400, seed=7)
+    outputs = run_reference(model.onnx_bytes, x)
+    vectors = [
+        {
+            "inputs": {"input": x[i : i + 1].tolist()},
+            "expected": {"probabilities": outputs[i : i + 1].tolist()},
+        }
+        for i in range(3)
+    ]
+    predicted = np.bincount(outputs.argmax(axis=1), minlength=CLASSES)
+    return {
+        "name": name,
+        "version": version,
+        "release_counter": release_counter,
+        "created_at": "2026-01-01T00:00:00+00:00",
+        "task": "classification",
+        "targets": [
+            {
+                "target_id": t.id,
+                "generation": t.generation,
+                "platform": t.platform,
+                "firmware": t.firmware.to_dict(),
+            }
+            for t in (catalogue.get(i) for i in target_ids)
+        ],
+        "runtime": {
+            "model_file": "model.onnx",
+            "format": "onnx",
+            "opset": OPSET,
+            "op_types": ["Add", "MatMul", "Softmax"],
+            "min_onnxruntime": "1.17.0",
+            "precision": "float32",
+            "ram_estimate": {
+                "bytes": plan_arena_bytes(onnx.load_from_string(model.onnx_bytes)),
+                "method": "activation liveness, batch 1",
+            },
+        },
+        "inputs": [{"name": "input", "dtype": "float32", "shape": [None, FEATURES]}],
+        "outputs": [
+            {
+                "name": "probabilities",
+                "dtype": "float32",
+                "shape": [None, CLASSES],
+                "class_labels": CLASS_LABELS,
+            }
+        ],
+        "quantisation": {"scheme": "float32", "quantised_ops": 0},
+        "metrics": {"accuracy": float((outputs.argmax(axis=1) == y).mean())},
+        "reference_histograms": {
+            "inputs": [_input_histogram(f"feature_{i}", x[:, i]) for i in range(FEATURES)],
+            "outputs": [
+                {
+                    "name": "probabilities",
+                    "kind": "categorical",
+                    "categories": CLASS_LABELS,
+                    "counts": [*map(int, predicted), 0],
+                }
+            ],
+        },
+        "self_test": {"tolerance": 1e-5, "vectors": vectors},
+        "provenance": {"source_model_sha256": hashlib.sha256(model.onnx_bytes).hexdigest()},
+    }
+
+
+def _input_histogram(name: str, values: np.ndarray) -> dict[str, Any]:
+    edges = sorted({float(e) for e in np.quantile(values, [0.25, 0.5, 0.75])})
+    index = np.searchsorted(np.asarray(edges), values, side="right")
+    counts = np.bincount(index, minlength=len(edges) + 1)
+    return {"name": name, "kind": "numeric", "edges": edges, "counts": [int(c) for c in counts]}
+
+
+def sample_bundle(
+    keys: list[SigningKey],
+    target_ids: list[str],
+    *,
+    version: str = "1.0.0",
+    release_counter: int = 1,
+    seed: int = 0,
+    padding_bytes: int = 0,
+    draft_overrides: dict[str, Any] | None = None,
+) -> bytes:
+    """A signed sample bundle for ``target_ids``; ``padding_bytes`` adds a file to grow it."""
+    model = sample_model(seed)
+    draft = sample_draft(model, target_ids, version=version, release_counter=release_counter)
+    draft.update(draft_overrides or {})
+    files = {"model.onnx": model.onnx_bytes}
+    if padding_bytes:
+        files["padding.bin"] = bytes(padding_bytes)
+    return build(draft, files, keys)

@@ -1,0 +1,276 @@
+"""Secondary verification on the emulated ring, attack by attack, and the install's outcomes.
+
+Uses the simulator link (:class:`~device_agent.link.MemoryLink`: frames straight to the device's
+SMP handler) so each case is a few lines; the transports are covered in tests/hil.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from device_agent.link import DeviceClient, DeviceRejected, MemoryLink, ModelRc
+from device_agent.link import model_group as mg
+from firmware_bundles import SigningKey
+from firmware_bundles.root import Root
+from hil.device import EmulatedDevice
+from hil.director import LabDirector
+from hil.profiles import profile_for
+from hil.samples import sample_bundle
+from tests.conftest import Keys
+
+TARGETS = ["ring-gen3"]
+
+
+@dataclass
+class Bench:
+    device: EmulatedDevice
+    client: DeviceClient
+    director: LabDirector
+    keys: Keys
+
+    async def identity(self) -> mg.IdentityResponse:
+        return await self.client.identity()
+
+
+def _run(
+    tmp_path: Path, root: Root, keys: Keys, body: Callable[[Bench], Coroutine[Any, Any, None]]
+) -> None:
+    async def main() -> None:
+        device = EmulatedDevice(
+            profile_for("ring-gen3"), tmp_path / "ring.flash", root, device_id="ring-7"
+        )
+        client = DeviceClient(MemoryLink(device.handle))
+        await client.connect()
+        await body(Bench(device, client, LabDirector(keys.director[0]), keys))
+
+    asyncio.run(main())
+
+
+def _bundle(keys: Keys, **kwargs: Any) -> bytes:
+    kwargs.setdefault("release_counter", 4)
+    return sample_bundle(keys.release, kwargs.pop("targets", TARGETS), **kwargs)
+
+
+Case = Callable[[Bench, bytes, mg.IdentityResponse], bytes]
+
+
+def _expired(bench: Bench, bundle: bytes, identity: mg.IdentityResponse) -> bytes:
+    old = LabDirector(bench.keys.director[0], clock=lambda: datetime.now(UTC) - timedelta(days=2))
+    return old.assign(identity, [bundle])
+
+
+def _signed_by_release_key(bench: Bench, bundle: bytes, identity: mg.IdentityResponse) -> bytes:
+    return LabDirector(bench.keys.release[0]).assign(identity, [bundle])
+
+
+def _signed_by_stranger(bench: Bench, bundle: bytes, identity: mg.IdentityResponse) -> bytes:
+    return LabDirector(SigningKey.generate()).assign(identity, [bundle])
+
+
+def _another_bundle(bench: Bench, bundle: bytes, identity: mg.IdentityResponse) -> bytes:
+    return bench.director.assign(identity, [_bundle(bench.keys, seed=3, version="2.0.0")])
+
+
+def _tampered_signature(bench: Bench, bundle: bytes, identity: mg.IdentityResponse) -> bytes:
+    envelope = bench.director.assign(identity, [bundle])
+    return envelope.replace(b'"release_counter":4', b'"release_counter":9')
+
+
+def _version_mismatch(bench: Bench, bundle: bytes, identity: mg.IdentityResponse) -> bytes:
+    good = bench.director.assign(identity, [bundle])
+    entry = json.loads(good)["signed"]["bundles"][0]
+    entry["version"] = "9.9.9"
+    return bench.director.assign(identity, [], bundles=[entry])
+
+
+ATTACKS: list[tuple[str, Case, ModelRc, str]] = [
+    (
+        "wrong-device",
+        lambda b, x, i: b.director.assign(i, [x], device_id="ring-8"),
+        ModelRc.WRONG_DEVICE,
+        "addressed to device ring-8",
+    ),
+    (
+        "wrong-hardware",
+        lambda b, x, i: b.director.assign(i, [x], hardware_id="ring-gen4"),
+        ModelRc.WRONG_HARDWARE,
+        "for hardware ring-gen4",
+    ),
+    (
+        "replayed-nonce",
+        lambda b, x, i: b.director.assign(i, [x], nonce="ab" * 16),
+        ModelRc.NONCE,
+        "nonce differs",
+    ),
+    ("expired", _expired, ModelRc.EXPIRED, "expired at"),
+    ("signed-by-release-key", _signed_by_release_key, ModelRc.SIGNATURE, "threshold not met"),
+    ("signed-by-stranger", _signed_by_stranger, ModelRc.SIGNATURE, "threshold not met"),
+    ("tampered-after-signing", _tampered_signature, ModelRc.SIGNATURE, "threshold not met"),
+    ("assigns-another-bundle", _another_bundle, ModelRc.HASH_MISMATCH, "is not assigned"),
+    ("manifest-disagrees", _version_mismatch, ModelRc.BUNDLE_INVALID, "assignment names"),
+    ("not-an-envelope", lambda b, x, i: b"not json", ModelRc.BAD_REQUEST, "not valid JSON"),
+]
+
+
+@pytest.mark.parametrize(
+    ("make", "rc", "reason"), [a[1:] for a in ATTACKS], ids=[a[0] for a in ATTACKS]
+)
+def test_activation_is_refused(
+    tmp_path: Path, root: Root, keys: Keys, make: Case, rc: ModelRc, reason: str
+) -> None:
+    bundle = _bundle(keys)
+
+    async def body(bench: Bench) -> None:
+        identity = await bench.identity()
+        await bench.client.upload_model(bundle)
+        with pytest.raises(DeviceRejected) as refused:
+            await bench.client.activate(make(bench, bundle, identity))
+        assert refused.value.rc == rc and refused.value.rc_name == rc.name
+        assert reason in refused.value.reason
+        slots = await bench.client.slots()
+        assert slots.active is None and slots.slots[0].state == "uploaded"
+
+    _run(tmp_path, root, keys, body)
+
+
+MISFITS: list[tuple[str, dict[str, Any], str]] = [
+    ("not-built-for-ring", {"targets": ["ring-gen4"]}, "built for ring-gen4, not ring-gen3"),
+    (
+        "ram-estimate-over-arena",
+        {
+            "draft_overrides": {
+                "runtime": {
+                    "model_file": "model.onnx",
+                    "format": "onnx",
+                    "opset": 17,
+                    "op_types": ["Add", "MatMul", "Softmax"],
+                    "min_onnxruntime": "1.17.0",
+                    "precision": "float32",
+                    "ram_estimate": {"bytes": 70_000, "method": "test"},
+                }
+            }
+        },
+        "needs about 70000 bytes of RAM, arena is 65536",
+    ),
+    (
+        "op-the-micro-runtime-lacks",
+        {
+            "draft_overrides": {
+                "runtime": {
+                    "model_file": "model.onnx",
+                    "format": "onnx",
+                    "opset": 17,
+                    "op_types": ["Add", "LSTM", "MatMul", "Softmax"],
+                    "min_onnxruntime": "1.17.0",
+                    "precision": "float32",
+                    "ram_estimate": {"bytes": 28, "method": "test"},
+                }
+            }
+        },
+        "ops not allowed: LSTM",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "reason"), [m[1:] for m in MISFITS], ids=[m[0] for m in MISFITS]
+)
+def test_bundle_that_does_not_fit_is_refused_with_every_reason(
+    tmp_path: Path, root: Root, keys: Keys, kwargs: dict[str, Any], reason: str
+) -> None:
+    bundle = _bundle(keys, **kwargs)
+
+    async def body(bench: Bench) -> None:
+        identity = await bench.identity()
+        await bench.client.upload_model(bundle)
+        with pytest.raises(DeviceRejected) as refused:
+            await bench.client.activate(bench.director.assign(identity, [bundle]))
+        assert refused.value.rc == ModelRc.DOES_NOT_FIT
+        assert reason in refused.value.reason
+
+    _run(tmp_path, root, keys, body)
+
+
+def test_nonce_is_consumed_by_an_activation(tmp_path: Path, root: Root, keys: Keys) -> None:
+    first, second = _bundle(keys), _bundle(keys, seed=1, version="1.1.0", release_counter=5)
+
+    async def body(bench: Bench) -> None:
+        identity = await bench.identity()
+        await bench.client.upload_model(first)
+        await bench.client.activate(bench.director.assign(identity, [first]))
+        await bench.client.self_test()
+        await bench.client.upload_model(second)
+        replay = bench.director.assign(identity, [second])  # the old, consumed nonce
+        with pytest.raises(DeviceRejected) as refused:
+            await bench.client.activate(replay)
+        assert refused.value.rc == ModelRc.NONCE
+
+    _run(tmp_path, root, keys, body)
+
+
+def test_failed_self_test_reverts_to_the_previous_model(
+    tmp_path: Path, root: Root, keys: Keys
+) -> None:
+    good = _bundle(keys)
+    broken_vectors = {
+        "tolerance": 1e-6,
+        "vectors": [
+            {
+                "inputs": {"input": [[0.0, 0.0, 0.0, 0.0]]},
+                "expected": {"probabilities": [[1.0, 0.0, 0.0]]},
+            }
+        ],
+    }
+    bad = _bundle(
+        keys, version="1.1.0", release_counter=5, draft_overrides={"self_test": broken_vectors}
+    )
+
+    async def body(bench: Bench) -> None:
+        identity = await bench.identity()
+        await bench.client.upload_model(good)
+        await bench.client.activate(bench.director.assign(identity, [good]))
+        await bench.client.self_test()
+        identity = await bench.identity()
+        await bench.client.upload_model(bad)
+        activated = await bench.client.activate(bench.director.assign(identity, [bad]))
+        assert activated.state == "testing"
+        with pytest.raises(DeviceRejected) as refused:
+            await bench.client.self_test()
+        assert refused.value.rc == ModelRc.SELFTEST_FAILED
+        assert "reverted to slot 0" in refused.value.reason
+        slots = await bench.client.slots()
+        assert slots.active == 0 and slots.confirmed
+        assert [s.state for s in slots.slots] == ["active", "failed"]
+        assert slots.counters == {"wrist-activity": 4}, "a failed install never raises it"
+        telemetry = await bench.client.read_telemetry()
+        assert sum(w.selftest_failure_count for _, w in telemetry.windows) == 1
+
+    _run(tmp_path, root, keys, body)
+
+
+def test_upload_over_an_unconfirmed_fallback_is_refused(
+    tmp_path: Path, root: Root, keys: Keys
+) -> None:
+    first, second = _bundle(keys), _bundle(keys, seed=1, version="1.1.0", release_counter=5)
+
+    async def body(bench: Bench) -> None:
+        identity = await bench.identity()
+        await bench.client.upload_model(first)
+        await bench.client.activate(bench.director.assign(identity, [first]))
+        await bench.client.self_test()
+        identity = await bench.identity()
+        await bench.client.upload_model(second)
+        await bench.client.activate(bench.director.assign(identity, [second]))
+        with pytest.raises(DeviceRejected) as refused:
+            await bench.client.upload_model(first)
+        assert refused.value.rc == ModelRc.BUSY
+
+    _run(tmp_path, root, keys, body)
