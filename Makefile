@@ -37,6 +37,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_verify.py
 	$(BIN)/python bench/bench_convert.py
 	$(BIN)/python bench/bench_agent.py
+	$(BIN)/python bench/bench_link.py
 
 clean:
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache
