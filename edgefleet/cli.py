@@ -7,6 +7,7 @@ import typer
 from edgefleet.agent_cli import agent_app
 from edgefleet.bundle_cli import bundle_app
 from edgefleet.convert_cli import convert_command
+from edgefleet.hil_cli import hil_app
 from edgefleet.keys_cli import keys_app, root_app
 from edgefleet.server_cli import register as register_server
 
@@ -22,6 +23,7 @@ app.add_typer(bundle_app, name="bundle")
 app.command("convert")(convert_command)
 register_server(app)
 app.add_typer(agent_app, name="agent")
+app.add_typer(hil_app, name="hil")
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ responses go out as notifications of ATT MTU - 3 bytes.
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 try:
@@ -67,6 +68,9 @@ class BleRing:
 
     async def start(self) -> None:
         """Power both radios on and start advertising the ring."""
+        # Bumble's controller warns of every packet its host sends on a connection that is gone;
+        # the rig drops connections on purpose, so those warnings are noise here.
+        logging.getLogger("bumble.controller").setLevel(logging.ERROR)
         self._peripheral = self._device("ring", RING_ADDRESS)
         self._central = self._device("phone", PHONE_ADDRESS)
         self._characteristic = Characteristic(

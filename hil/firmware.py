@@ -97,7 +97,10 @@ class FirmwareSlots:
             if length is None:
                 raise Refusal(_ERR.INVALID_LENGTH, "offset 0 needs len")
             session = self._session
-            if sha is not None and session is not None and session[:2] == (bytes(sha), length):
+            same = sha is not None and session is not None and session[:2] == (bytes(sha), length)
+            # A finished upload that did not match its SHA-256 is never resumed: it starts over.
+            corrupt = same and self._off == length and not self._progress(length).get("match")
+            if same and not corrupt:
                 if self._off > 0:
                     return self._progress(length)
             else:

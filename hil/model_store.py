@@ -157,7 +157,9 @@ class ModelStore:
         if length is None or sha is None or len(sha) != 32:
             raise Refusal(ModelRc.BAD_REQUEST, "offset 0 needs len and a 32-byte sha")
         current = self.session
-        if current is not None and (current.sha256, current.length) == (sha, length):
+        # A finished upload that did not match its SHA-256 is never resumed: it starts over.
+        resumable = current is not None and not (current.complete and not current.match)
+        if resumable and current is not None and (current.sha256, current.length) == (sha, length):
             if current.off > 0:
                 self.stats.resumed_sessions += 1
             if current.complete:

@@ -139,6 +139,9 @@ class PacedLocalLink(LocalLink):
         queue = connection.queues.setdefault(id(sender_controller), deque())
 
         def deliver() -> None:
+            if destination.le_connections.get(source) is None:
+                self.stats.dropped_pdus += 1  # the connection went down while it was on the air
+                return
             destination.on_link_acl_data(source, transport, data)
 
         queue.append(_Pdu(loop.time(), data, deliver, str(sender_controller.name)))

@@ -1,6 +1,9 @@
 """Fixtures for the emulated-device tests: sample bundles, the lab director, hardware options.
 
-Real hardware is opt-in: ``--hil-serial=/dev/ttyACM0`` and ``--hil-ble=AA:BB:CC:DD:EE:FF``.
+Real hardware is opt-in (pytest tests/hil ...): ``--hil-serial=/dev/ttyACM0`` or
+``--hil-ble=AA:BB:CC:DD:EE:FF``, with the lab's ``--hil-root=root.json`` (the devices' root),
+``--hil-director-key=director.pem``, ``--hil-bundle=B.efb`` (repeatable; signed by that root's
+release keys) and ``--hil-data=heldout.npz``.
 """
 
 from __future__ import annotations
@@ -18,6 +21,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("hil", "hardware-in-the-loop (real devices, opt-in)")
     group.addoption("--hil-serial", default=None, help="serial port of a real board (SMP)")
     group.addoption("--hil-ble", default=None, help="BLE address of a real ring or board")
+    group.addoption("--hil-root", default=None, help="root.json the real devices trust")
+    group.addoption("--hil-director-key", default=None, help="director key of that root (PEM)")
+    group.addoption("--hil-bundle", action="append", default=[], help="bundle to run (repeatable)")
+    group.addoption("--hil-data", default=None, help="held-out data (.npz with X, y)")
 
 
 @pytest.fixture(scope="session")

@@ -236,3 +236,24 @@ def test_bundle_over_the_flash_budget_is_refused_with_its_reason(
             assert await client.echo("still answering") == "still answering"
 
     run(scenario())
+
+
+@pytest.mark.parametrize("kind", TRANSPORTS)
+def test_a_corrupt_upload_is_uploaded_again_not_resumed(
+    kind: str, tmp_path: Path, root: Root, bundles: dict[str, bytes], director: LabDirector
+) -> None:
+    bundle = bundles["v1"]
+
+    async def scenario() -> None:
+        async with running(make_dut(kind, tmp_path, root)) as dut:
+            dut.wrap = lambda link: FaultyLink(link, flip_bit_at=100)
+            client = await dut.connect()
+            with pytest.raises(UploadMismatch):
+                await client.upload_model(bundle)
+            again = await client.upload_model(bundle)  # the flip fires once
+            assert again.resumed_from == 0
+            identity = await client.identity()
+            activated = await client.activate(director.assign(identity, [bundle]))
+            assert activated.state == "testing"
+
+    run(scenario())

@@ -98,3 +98,17 @@ def test_programming_errors_are_not_disguised_as_disconnects() -> None:
             await link.receive()
 
     asyncio.run(scenario())
+
+
+def test_bleak_link_to_an_absent_device_is_a_disconnect() -> None:
+    """Real bleak: here without BlueZ (no D-Bus socket), elsewhere no such device in range."""
+    from device_agent.link.ble import bleak_link
+
+    async def scenario() -> None:
+        link = bleak_link("AA:BB:CC:DD:EE:FF", connect_timeout_s=1.0)
+        with pytest.raises(Disconnected) as caught:
+            await link.open()
+        assert caught.value.link == "ble:AA:BB:CC:DD:EE:FF"
+        assert caught.value.__cause__ is not None
+
+    asyncio.run(scenario())
