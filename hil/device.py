@@ -8,6 +8,7 @@ frames to it. It serves the OS group (echo, reset, MCUmgr parameters), the image
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -96,6 +97,7 @@ class EmulatedDevice:
             self.device_id, self.profile.telemetry_window_s, self.clock
         )
         self.nonce: str | None = None
+        self._nonce_used_by: bytes | None = None
         self.reboot_requested = False
         self.boots += 1
 
@@ -190,8 +192,8 @@ class EmulatedDevice:
         raise Refusal(mg.ModelRc.UNKNOWN, f"no handler for {type(request).__name__}")
 
     def _identity(self) -> dict[str, Any]:
-        if self.nonce is None:
-            self.nonce = secrets.token_hex(16)
+        if self.nonce is None or self._nonce_used_by is not None:
+            self.nonce, self._nonce_used_by = secrets.token_hex(16), None
         target = self.profile.target
         return {
             "device_id": self.device_id,
@@ -213,9 +215,16 @@ class EmulatedDevice:
             nonce=self.nonce,
             counters=dict(self.record.counters),
         )
+        digest = hashlib.sha256(envelope).digest()
+        if self._nonce_used_by not in (None, digest):
+            raise Refusal(
+                mg.ModelRc.NONCE, "the nonce was used by another assignment set; read identity"
+            )
         verified = verify_activation(envelope, staged, self.root, facts, self.clock())
         answer = self.store.activate(verified)
-        self.nonce = None
+        # The set may assign several models under this one nonce; it stays good for this set
+        # only, and the next identity read issues a fresh one.
+        self._nonce_used_by = digest
         return answer
 
     def _self_test(self) -> dict[str, Any]:

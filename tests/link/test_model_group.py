@@ -63,7 +63,7 @@ def test_identity_answer_carries_the_documented_keys(tmp_path: Path, root: Root)
     assert body["firmware_version"] == "3.2.0" and body["protocol"] == 1
     assert body["max_bundle_bytes"] == 163840 and len(body["nonce"]) == 32
     again = _answer(device.handle(_request(0, {}, smpheader.OP.READ)) or b"")[1]
-    assert again["nonce"] == body["nonce"], "the nonce stays until an activation consumes it"
+    assert again["nonce"] == body["nonce"], "the nonce stays until an activation uses it"
 
 
 def test_nonce_and_boot_epoch_change_at_every_boot(tmp_path: Path, root: Root) -> None:

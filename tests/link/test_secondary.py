@@ -199,7 +199,7 @@ def test_bundle_that_does_not_fit_is_refused_with_every_reason(
     _run(tmp_path, root, keys, body)
 
 
-def test_nonce_is_consumed_by_an_activation(tmp_path: Path, root: Root, keys: Keys) -> None:
+def test_a_used_nonce_is_good_for_its_own_set_only(tmp_path: Path, root: Root, keys: Keys) -> None:
     first, second = _bundle(keys), _bundle(keys, seed=1, version="1.1.0", release_counter=5)
 
     async def body(bench: Bench) -> None:
@@ -208,10 +208,15 @@ def test_nonce_is_consumed_by_an_activation(tmp_path: Path, root: Root, keys: Ke
         await bench.client.activate(bench.director.assign(identity, [first]))
         await bench.client.self_test()
         await bench.client.upload_model(second)
-        replay = bench.director.assign(identity, [second])  # the old, consumed nonce
+        replay = bench.director.assign(identity, [second])  # another set, the used nonce
         with pytest.raises(DeviceRejected) as refused:
             await bench.client.activate(replay)
         assert refused.value.rc == ModelRc.NONCE
+        assert "used by another assignment set" in refused.value.reason
+        fresh = await bench.identity()
+        assert fresh.nonce != identity.nonce
+        activated = await bench.client.activate(bench.director.assign(fresh, [second]))
+        assert activated.model_version == "1.1.0"
 
     _run(tmp_path, root, keys, body)
 

@@ -1,0 +1,329 @@
+"""The phone's relay for its paired ring: assignments pushed over the link, telemetry pulled back.
+
+A ring has no internet. Its phone checks in *for* it (the server accepts the phone's credential
+for a ring it paired), verifies the ring's assignment set and bundles as a Primary (the phone's
+pinned root, the ring's own release counters), pushes them over the link, and lets the ring
+verify again as a Secondary. Telemetry goes the other way: the ring's window pieces are queued
+durably, one batch per piece keyed by the ring's device id, boot epoch and sequence number, so
+the server drops a piece it already has if the ring is read twice, and only then acknowledged
+on the ring.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
+
+from device_agent.client import FleetClient
+from device_agent.errors import DownloadError, TrustError
+from device_agent.fetch import BundleFetcher, resolve_url
+from device_agent.link import model_group as mg
+from device_agent.link.client import DeviceClient
+from device_agent.link.errors import DeviceRejected
+from device_agent.slots import write_atomic
+from device_agent.trust import TrustedState
+from firmware_bundles import TargetCatalogue, TrustedRoot
+from firmware_bundles.messages import (
+    Assignment,
+    CapabilityReport,
+    CheckInRequest,
+    InstalledModel,
+    SlotStatus,
+    TelemetryBatch,
+)
+from firmware_bundles.signing import canonical_json
+
+_SLOT_STATUS: dict[str, SlotStatus] = {
+    "empty": "empty",
+    "uploading": "installing",
+    "uploaded": "installing",
+    "corrupt": "installing",
+    "testing": "self-test",
+    "active": "active",
+    "standby": "standby",
+    "failed": "failed",
+}
+#: Statuses with which the server refuses a batch for good (malformed, too big).
+_REFUSED_FOREVER = (400, 413, 422)
+LastInstall = Literal["ok", "self-test-failed", "verify-failed", "download-failed"]
+
+
+@dataclass
+class RelayOutcome:
+    """What one relay round did for the ring."""
+
+    ring_id: str
+    installed: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    refused: dict[str, str] = field(default_factory=dict)
+    telemetry_queued: int = 0
+    telemetry_uploaded: int = 0
+
+
+class RelayQueue:
+    """The ring's telemetry batches on the phone's disk, one file each, until the server has them.
+
+    Args:
+        directory: Where the batch files live.
+        max_batches: Cap on queued batches; the oldest are dropped (and counted) past it.
+    """
+
+    def __init__(self, directory: Path, max_batches: int = 10_000) -> None:
+        self.directory = directory
+        self.max_batches = max_batches
+        self.dropped = 0
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def put(self, batch: TelemetryBatch) -> None:
+        """Store a batch durably (atomic write); storing the same key again replaces it."""
+        device, epoch, sequence = batch.idempotency_key
+        name = f"{device}.{epoch:010d}.{sequence:010d}.json"
+        write_atomic(self.directory / name, batch.to_bytes(), 0o600)
+        pending = self.pending()
+        for stale in pending[: max(0, len(pending) - self.max_batches)]:
+            stale.unlink(missing_ok=True)
+            self.dropped += 1
+
+    def pending(self) -> list[Path]:
+        """Queued batch files, oldest key first."""
+        return sorted(self.directory.glob("*.json"))
+
+
+class RingRelay:
+    """Serves one paired ring from its phone.
+
+    Args:
+        ring: A connected client of the ring's link.
+        fleet: The phone's fleet client.
+        credential: The phone's credential (the server accepts it for its paired ring).
+        root: The phone's pinned root.
+        fetcher: The phone's bundle fetcher.
+        work_dir: Where partial downloads for the ring are kept.
+        queue: The ring's telemetry queue.
+        catalogue: Target catalogue (the packaged one by default).
+        clock: The phone's clock.
+    """
+
+    def __init__(
+        self,
+        *,
+        ring: DeviceClient,
+        fleet: FleetClient,
+        credential: str,
+        root: TrustedRoot,
+        fetcher: BundleFetcher,
+        work_dir: Path,
+        queue: RelayQueue,
+        catalogue: TargetCatalogue | None = None,
+        clock: Callable[[], datetime] | None = None,
+    ) -> None:
+        self.ring = ring
+        self.fleet = fleet
+        self.credential = credential
+        self.root = root
+        self.fetcher = fetcher
+        self.work_dir = work_dir
+        self.queue = queue
+        self.catalogue = catalogue or TargetCatalogue.load_default()
+        self.clock = clock or (lambda: datetime.now(UTC))
+        self._last: dict[str, tuple[LastInstall, str | None]] = {}
+
+    async def enroll_ring(self, phone_id: str, enroll_token: str) -> str:
+        """Enroll the ring through the phone (``relay-enroll``); returns the ring's id.
+
+        Raises:
+            ServerError: If the server refuses or cannot be reached.
+            LinkError: If the ring does not answer.
+        """
+        identity = await self.ring.identity()
+        body = {
+            "enroll_token": enroll_token,
+            "device_id": identity.device_id,
+            "capabilities": self._capabilities(identity).to_dict(),
+        }
+        await asyncio.to_thread(
+            self.fleet.call,
+            "POST",
+            f"/v1/devices/{phone_id}/relay-enroll",
+            body=canonical_json(body),
+            credential=self.credential,
+        )
+        return identity.device_id
+
+    async def sync(self) -> RelayOutcome:
+        """Install what the server assigns the ring, then carry its telemetry to the server.
+
+        Raises:
+            ServerError: If the server cannot be reached (telemetry stays queued).
+            LinkError: If the ring stops answering.
+        """
+        outcome = await self.install_assigned()
+        outcome.telemetry_queued = await self.pull_telemetry()
+        outcome.telemetry_uploaded = await self.upload_telemetry()
+        return outcome
+
+    async def install_assigned(self) -> RelayOutcome:
+        """Check in for the ring and install each assigned bundle it does not run yet."""
+        identity = await self.ring.identity()
+        slots = await self.ring.slots()
+        outcome = RelayOutcome(identity.device_id)
+        request = CheckInRequest(
+            device_id=identity.device_id,
+            nonce=identity.nonce,
+            firmware_version=identity.firmware_version,
+            installed=self._installed(slots),
+            capabilities=self._capabilities(identity),
+        )
+        response = await asyncio.to_thread(self.fleet.check_in, self.credential, request)
+        envelope = canonical_json(response.assignment_set)
+        state = TrustedState(self.root, slots.counters, self.catalogue)
+        assignments = state.verify_assignments(
+            envelope,
+            device_id=identity.device_id,
+            hardware_id=identity.hardware_id,
+            nonce=identity.nonce,
+            now=self.clock(),
+        )
+        running = _running_sha(slots)
+        for assignment in assignments:
+            label = f"{assignment.model} {assignment.version}"
+            if assignment.bundle_sha256 == running:
+                outcome.unchanged.append(label)
+                continue
+            try:
+                bundle = await asyncio.to_thread(self._download, assignment)
+                state.verify_bundle(
+                    bundle,
+                    assignment,
+                    identity.hardware_id,
+                    firmware_version=identity.firmware_version,
+                    now=self.clock(),
+                )
+            except (DownloadError, TrustError) as exc:
+                failed: LastInstall = (
+                    "download-failed" if isinstance(exc, DownloadError) else "verify-failed"
+                )
+                self._last[assignment.model] = (failed, str(exc))
+                outcome.refused[label] = str(exc)
+                continue
+            try:
+                await self.ring.upload_model(bundle)
+                await self.ring.activate(envelope)
+                await self.ring.self_test()
+            except DeviceRejected as exc:
+                failed = (
+                    "self-test-failed" if exc.rc == mg.ModelRc.SELFTEST_FAILED else "verify-failed"
+                )
+                self._last[assignment.model] = (failed, f"{exc.rc_name}: {exc.reason}")
+                outcome.refused[label] = f"the ring refused: {exc.rc_name}: {exc.reason}"
+                continue
+            self._last[assignment.model] = ("ok", None)
+            outcome.installed.append(label)
+        return outcome
+
+    def _download(self, assignment: Assignment) -> bytes:
+        url = resolve_url(self.fleet.server_url, assignment.download_url)
+        # The phone's credential goes only to the fleet server, never to a CDN in an assignment.
+        same_origin = urlsplit(url)[:2] == urlsplit(self.fleet.server_url)[:2]
+        headers = {"Authorization": f"Bearer {self.credential}"} if same_origin else None
+        return self.fetcher.fetch(
+            url,
+            assignment.bundle_sha256,
+            assignment.bundle_length,
+            self.work_dir / "partial",
+            headers=headers,
+        )
+
+    async def pull_telemetry(self) -> int:
+        """Queue the ring's window pieces durably, then acknowledge them on the ring."""
+        queued = 0
+        while True:
+            read = await self.ring.read_telemetry()
+            if not read.windows:
+                return queued
+            ring_id = read.windows[0][1].device_id
+            for sequence, window in read.windows:
+                self.queue.put(
+                    TelemetryBatch(
+                        device_id=ring_id,
+                        boot_epoch=read.boot_epoch,
+                        sequence=sequence,
+                        windows=[window],
+                    )
+                )
+                queued += 1
+            await self.ring.ack_telemetry(read.windows[-1][0])
+            if not read.more:
+                return queued
+
+    async def upload_telemetry(self) -> int:
+        """Send queued batches with the phone's credential; each is forgotten once answered.
+
+        A replay of a batch the server has is answered 200 too; one it refuses as malformed
+        (400, 413, 422) will never be accepted and is dropped (counted in the queue).
+
+        Raises:
+            ServerError: If the server cannot be reached or refuses otherwise; the rest stay
+                queued.
+        """
+        sent = 0
+        for path in self.queue.pending():
+            body = path.read_bytes()
+            device_id = json.loads(body)["device_id"]
+            response = await asyncio.to_thread(
+                self.fleet.call,
+                "POST",
+                f"/v1/devices/{device_id}/telemetry",
+                body=body,
+                credential=self.credential,
+                allow=_REFUSED_FOREVER,
+            )
+            path.unlink(missing_ok=True)
+            if response.status_code in _REFUSED_FOREVER:
+                self.queue.dropped += 1
+            else:
+                sent += 1
+        return sent
+
+    def _installed(self, slots: mg.SlotsResponse) -> list[InstalledModel]:
+        active = next((s for s in slots.slots if s.slot == slots.active), None)
+        if active is None or active.model is None:
+            return []
+        last, error = self._last.get(active.model, (None, None))
+        return [
+            InstalledModel(
+                model=active.model,
+                version=active.version,
+                bundle_sha256=active.sha.hex() if active.sha else None,
+                release_counter=active.release_counter or 0,
+                active_slot="ab"[active.slot],
+                slots={"ab"[s.slot]: _SLOT_STATUS.get(s.state, "failed") for s in slots.slots},
+                last_install=last,
+                last_error=error,
+            )
+        ]
+
+    def _capabilities(self, identity: mg.IdentityResponse) -> CapabilityReport:
+        target = self.catalogue.get(identity.hardware_id)
+        return CapabilityReport(
+            hardware_id=identity.hardware_id,
+            generation=target.generation,
+            platform=target.platform,
+            firmware_version=identity.firmware_version,
+            free_flash_bytes=identity.max_bundle_bytes,
+            free_ram_bytes=identity.ram_arena_bytes,
+            links=["ble"],
+        )
+
+
+def _running_sha(slots: mg.SlotsResponse) -> str | None:
+    active = next((s for s in slots.slots if s.slot == slots.active), None)
+    if active is None or active.sha is None or not slots.confirmed:
+        return None
+    return active.sha.hex()
