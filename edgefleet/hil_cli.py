@@ -142,7 +142,7 @@ def _print(result: object) -> None:
     for column in ("device", "bundle", "check", "result", "figure", "limit"):
         table.add_column(column)
     for run in result.runs:
-        bundle = f"{run.bundle.get('name', '')} {run.bundle.get('version', '')}".strip()
+        bundle = f"{run.bundle['name']} {run.bundle['version']}" if run.bundle else ""
         for check in run.checks:
             style = {"pass": "green", "fail": "bold red", "skip": "yellow"}[check.status]
             figure = "" if check.figure is None else f"{check.figure} {check.unit}".strip()
@@ -190,13 +190,13 @@ def hil_verify_report(
 
     trusted = _root(root)
     try:
-        body = verify_report(read_file(report_file, "report"), trusted)
+        report = verify_report(read_file(report_file, "report"), trusted)
     except RigError as exc:
         fail(str(exc))
     if json_out:
-        print_json(body)
+        print_json(report.to_dict())
     else:
-        verdict = "passed" if body.get("passed") else "FAILED"
+        verdict = "passed" if report.passed else "FAILED"
         console.print(f"{report_file}: signature ok; the run {verdict}")
-    if not body.get("passed"):
+    if not report.passed:
         raise typer.Exit(EXIT_FAILED)

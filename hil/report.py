@@ -14,6 +14,7 @@ from typing import Any, Literal
 from xml.etree import ElementTree as ET
 
 from firmware_bundles import BundleError, SigningKey
+from firmware_bundles.messages import HilReport, verify_hil_report
 from firmware_bundles.root import Root
 from firmware_bundles.signing import Envelope
 from hil.errors import RigError
@@ -57,7 +58,7 @@ class DeviceRun:
     hardware_id: str = ""
     device_id: str = ""
     firmware_version: str = ""
-    bundle: dict[str, Any] = field(default_factory=dict)
+    bundle: dict[str, Any] | None = None
     checks: list[Check] = field(default_factory=list)
 
     def add(self, check: Check) -> Check:
@@ -99,20 +100,16 @@ def sign(report: RigReport, key: SigningKey) -> bytes:
     return envelope.to_bytes()
 
 
-def verify_report(data: bytes, root: Root) -> dict[str, Any]:
+def verify_report(data: bytes, root: Root) -> HilReport:
     """The report inside a signed envelope, if a threshold of the root's ``hil`` keys signed it.
 
     Raises:
-        RigError: If it is not a report or the signatures do not verify.
+        RigError: If it is not a rig report or the signatures do not verify.
     """
     try:
-        envelope = Envelope.from_bytes(data, "hil report")
-        root.verify(envelope, "hil")
+        return verify_hil_report(data, root)
     except BundleError as exc:
         raise RigError(f"report does not verify: {exc}") from exc
-    if envelope.signed.get("_type") != REPORT_TYPE:
-        raise RigError(f"not a rig report: _type is {envelope.signed.get('_type')!r}")
-    return envelope.signed
 
 
 def write(report: RigReport, directory: Path, key: SigningKey) -> dict[str, Path]:
@@ -138,7 +135,7 @@ def junit_xml(report: RigReport) -> bytes:
         suite = ET.SubElement(
             suites,
             "testsuite",
-            name=f"{run.spec} {run.bundle.get('name', '')} {run.bundle.get('version', '')}".strip(),
+            name=f"{run.spec} {_bundle_label(run)}".strip(),
             tests=str(len(run.checks)),
             failures=str(failures),
             skipped=str(skipped),
@@ -164,7 +161,7 @@ def markdown(report: RigReport) -> str:
     faults = ", ".join(report.faults) or "none"
     lines += [f"Faults injected: {faults}. Held-out samples: {report.data.get('samples', 0)}.", ""]
     for run in report.runs:
-        bundle = f"{run.bundle.get('name', '?')} {run.bundle.get('version', '')}".strip()
+        bundle = _bundle_label(run) or "no bundle"
         state = "pass" if run.passed else "FAIL"
         lines += [f"## {run.spec} ({run.hardware_id or 'unknown'}): {bundle}: {state}", ""]
         lines += ["| check | result | figure | limit | detail |", "| --- | --- | --- | --- | --- |"]
@@ -174,6 +171,10 @@ def markdown(report: RigReport) -> str:
             lines.append(f"| {check.name} | {check.status} | {figure} | {check.limit} | {detail} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _bundle_label(run: DeviceRun) -> str:
+    return f"{run.bundle['name']} {run.bundle['version']}" if run.bundle else ""
 
 
 def _figure(check: Check) -> str:

@@ -239,7 +239,7 @@ def _describe(bundle: bytes) -> dict[str, object]:
         "release_counter": manifest.release_counter,
         "sha256": bundle_id(bundle),
         "bytes": len(bundle),
-        "targets": [{"target_id": t.target_id} for t in manifest.targets],
+        "targets": [t.target_id for t in manifest.targets],
     }
 
 

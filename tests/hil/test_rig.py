@@ -6,6 +6,7 @@ links, the emulated board on a real pty at 1 Mbaud, sample bundles signed by the
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,7 +121,11 @@ def test_three_targets_with_every_fault_pass_and_the_report_is_signed(
         assert checks["telemetry"]["figure"] == 20
         assert checks["parity"]["figure"] <= 1e-5
     signed = verify_report((tmp_path / "report.json").read_bytes(), lab.keys.make_root()[0])
-    assert signed["runs"] == body["runs"]
+    assert signed.to_dict()["runs"] == body["runs"]
+    for target, path in lab.bundles.items():
+        sha = hashlib.sha256(path.read_bytes()).hexdigest()
+        assert signed.passed_for(sha, target), "the release gate's question"
+        assert not signed.passed_for(sha, "phone-android")
     suites = ET.parse(tmp_path / "junit.xml").getroot()
     assert len(suites) == 3 and all(s.get("failures") == "0" for s in suites)
     assert "PASSED" in (tmp_path / "summary.md").read_text()
@@ -147,6 +152,9 @@ def test_a_failing_check_fails_the_run(lab: Lab, tmp_path: Path) -> None:
     assert suite.get("failures") == "1"
     assert suite.find("testcase[@name='latency-p95']/failure") is not None
     assert "FAILED" in (tmp_path / "summary.md").read_text()
+    signed = verify_report((tmp_path / "report.json").read_bytes(), lab.keys.make_root()[0])
+    sha = hashlib.sha256(lab.bundles["devboard-nrf52840"].read_bytes()).hexdigest()
+    assert not signed.passed_for(sha, "devboard-nrf52840")
     not_passed = CliRunner().invoke(
         app, ["hil", "verify-report", str(tmp_path / "report.json"), "--root", str(lab.root)]
     )
