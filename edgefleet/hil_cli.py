@@ -16,7 +16,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
 
-import numpy as np
 import typer
 from rich.table import Table
 
@@ -163,6 +162,8 @@ def hil_samples(
     samples: Annotated[int, typer.Option(min=1, help="Rows of held-out data.")] = 200,
 ) -> None:
     """Write a small sample bundle per target and heldout.npz, for trying the rig."""
+    import numpy as np
+
     from hil.profiles import emulated_targets
     from hil.samples import heldout, sample_bundle
 
