@@ -165,6 +165,10 @@ class PtyDevboard:
 
     def _cut_wire(self) -> None:
         assert self._loop is not None
+        # Bytes the client wrote that the device has not read yet were on the wire too.
+        with contextlib.suppress(OSError):
+            while os.read(self._master, 4096):
+                pass
         for handle in self._on_wire:
             handle.cancel()
         self._on_wire.clear()

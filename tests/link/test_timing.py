@@ -75,4 +75,5 @@ def test_a_response_leaves_in_the_connection_event_after_its_request(
     responses = [event for event, sender in delivered if sender == "ring"]
     assert len(requests) == 3 and len(set(requests)) == 1, delivered
     assert len(responses) == 3, delivered
-    assert min(responses) == requests[-1] + 1, delivered
+    # No earlier than the next event (on an idle machine exactly the next one).
+    assert min(responses) > requests[-1], delivered
