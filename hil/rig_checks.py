@@ -167,7 +167,7 @@ class BundleOnDevice:
             )
         )
         self._accuracy(run, manifest, predicted, y)
-        p95 = float(np.percentile(latencies, 95))
+        p95 = round(float(np.percentile(latencies, 95)), 4)
         limit = self.limits.latency_p95_max_ms
         run.add(
             Check("latency-p95", "pass" if p95 <= limit else "fail", p95, "ms", f"<= {limit:g}")
