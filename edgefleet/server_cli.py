@@ -102,6 +102,14 @@ def serve(
             help="Create a local root and keys in the data directory if absent (for a first try).",
         ),
     ] = False,
+    require_hil_report: Annotated[
+        bool,
+        typer.Option(
+            "--require-hil-report",
+            envvar="EDGEFLEET_REQUIRE_HIL_REPORT",
+            help="Release a version for a target only if its bundle has a passing rig report.",
+        ),
+    ] = False,
     workers: Annotated[int, typer.Option(help="Worker processes.")] = 1,
     log_level: Annotated[str, typer.Option(help="info logs one JSON line per request.")] = "info",
 ) -> None:
@@ -120,7 +128,13 @@ def serve(
             f"trusted root: {data_dir / 'root.json'}; release key for `edgefleet bundle"
             f" pack --key`: {data_dir / 'keys' / 'release.pem'}"
         )
-    settings = _settings(data_dir, database_url, root_path=root, director_key_path=director_key)
+    settings = _settings(
+        data_dir,
+        database_url,
+        root_path=root,
+        director_key_path=director_key,
+        require_hil_report=require_hil_report or None,
+    )
     url = settings.resolved_database_url()
     if database_url is None and _is_empty(make_engine(url)):
         upgrade(url)  # the embedded default creates its schema on first start
@@ -181,13 +195,23 @@ def _call(server: str, token: str, method: str, path: str, **kwargs: Any) -> Any
 
 def publish(
     bundle: Annotated[list[Path], typer.Argument(help="Bundle file(s).")],
+    hil_report: Annotated[
+        Path | None,
+        typer.Option(
+            help="Signed rig report (edgefleet hil run --report DIR writes DIR/report.json) to"
+            " attach to each bundle; servers started with --require-hil-report release only"
+            " bundles whose report passes on their target."
+        ),
+    ] = None,
     server: ServerOpt = "http://127.0.0.1:8080",
     token: TokenOpt = "",
     json_out: JsonFlag = False,
 ) -> None:
     """Upload bundles; the server verifies each against its trusted root and catalogue."""
-    results = [
-        _call(
+    report = None if hil_report is None else read_file(hil_report, "HIL report")
+    results = []
+    for p in bundle:
+        result = _call(
             server,
             token,
             "POST",
@@ -195,12 +219,23 @@ def publish(
             content=read_file(p, "bundle"),
             headers={"Content-Type": "application/x-tar"},
         )
-        for p in bundle
-    ]
+        if report is not None:
+            result["hil"] = _call(
+                server,
+                token,
+                "POST",
+                f"/v1/bundles/{result['sha256']}/hil-report",
+                content=report,
+                headers={"Content-Type": "application/json"},
+            )
+        results.append(result)
     if json_out:
         print_json(results)
     for r in [] if json_out else results:
         console.print(f"published {r['model']} {r['version']} for {r['target_id']}: {r['sha256']}")
+        if "hil" in r:
+            verdict = "passes" if r["hil"]["passed"] else "does NOT pass"
+            console.print(f"  HIL report attached ({r['hil']['runs']} run(s)): {verdict}")
 
 
 def release(

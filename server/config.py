@@ -30,6 +30,10 @@ class Settings(BaseSettings):
     max_telemetry_batch_bytes: int = 4 * 1024 * 1024
     max_windows_per_batch: int = 1000
     enrollment_token_ttl_s: int = 7 * 24 * 3600
+    #: Release a version for a target only if its bundle carries a passing rig report signed by
+    #: the root's ``hil`` role (``edgefleet publish --hil-report``).
+    require_hil_report: bool = False
+    max_hil_report_bytes: int = 4 * 1024 * 1024
 
     def resolved_database_url(self) -> str:
         """The database URL, defaulting to SQLite in the data directory."""

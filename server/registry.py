@@ -10,6 +10,7 @@ from sqlmodel import Session, col, select
 from firmware_bundles import ArchiveLimits, BundleError, bundle_id, verify
 from firmware_bundles.errors import CatalogueError
 from firmware_bundles.manifest import semver_key
+from firmware_bundles.messages import HilReport, verify_hil_report
 from server.errors import ApiError
 from server.models import Bundle, Model, ModelVersion, Pin, Release
 from server.state import ServerState
@@ -91,6 +92,68 @@ def publish(*, session: Session, state: ServerState, data: bytes, publisher: str
     return bundle
 
 
+def attach_hil_report(
+    *, session: Session, state: ServerState, sha256: str, data: bytes
+) -> dict[str, Any]:
+    """Attach a rig's signed report to a published bundle (replacing an earlier one).
+
+    A report is kept whether it passed or not, as evidence; only a passing one opens the release
+    gate (:func:`release`).
+
+    Raises:
+        ApiError: 404 for an unknown bundle; 400 if the report is not signed by the root's ``hil``
+            role or has no run of this bundle on a device of its target.
+    """
+    bundle = session.get(Bundle, sha256)
+    if bundle is None:
+        raise ApiError(404, f"no bundle {sha256}")
+    report = _verified_report(state, data)
+    runs = [
+        r
+        for r in report.runs
+        if r.bundle is not None and r.bundle.sha256 == sha256 and r.hardware_id == bundle.target_id
+    ]
+    if not runs:
+        raise ApiError(
+            400,
+            f"HIL report refused: it has no run of bundle {sha256[:12]} on a"
+            f" {bundle.target_id} device",
+        )
+    bundle.hil_report = data
+    session.add(bundle)
+    session.commit()
+    return {
+        "sha256": sha256,
+        "target_id": bundle.target_id,
+        "runs": len(runs),
+        "passed": report.passed_for(sha256, bundle.target_id),
+    }
+
+
+def _verified_report(state: ServerState, data: bytes) -> HilReport:
+    try:
+        return verify_hil_report(data, state.trusted.root)
+    except BundleError as exc:
+        raise ApiError(400, f"HIL report refused: {exc}") from exc
+
+
+def _hil_gate(state: ServerState, bundle: Bundle) -> str | None:
+    """Why ``bundle`` may not be released under the HIL gate, or None if it may.
+
+    The report is verified again against the current root, so a report whose ``hil`` key has
+    since been rotated out no longer counts.
+    """
+    if bundle.hil_report is None:
+        return "no HIL report attached (edgefleet publish --hil-report REPORT)"
+    try:
+        report = _verified_report(state, bundle.hil_report)
+    except ApiError as exc:
+        return exc.reason
+    if not report.passed_for(bundle.sha256, bundle.target_id):
+        return "its HIL report does not pass on this target"
+    return None
+
+
 def get_version(session: Session, model: str, version: str) -> ModelVersion:
     """Raises: ApiError 404 if unknown."""
     found = session.exec(
@@ -104,15 +167,25 @@ def get_version(session: Session, model: str, version: str) -> ModelVersion:
 
 
 def release(
-    *, session: Session, model: str, version: str, target: str | None, by: str
+    *,
+    session: Session,
+    model: str,
+    version: str,
+    target: str | None,
+    by: str,
+    state: ServerState | None = None,
 ) -> list[str]:
     """Make ``version`` current for ``target`` (or every target it has a bundle for).
+
+    When the server requires HIL reports (``require_hil_report``), every target released must
+    have a bundle with a passing rig report attached; otherwise nothing is released.
 
     Returns:
         The target ids released.
 
     Raises:
-        ApiError: 404 if unknown, 409 if withdrawn or without a bundle for the target.
+        ApiError: 404 if unknown, 409 if withdrawn, without a bundle for the target, or held by
+            the HIL gate (naming each target and why).
     """
     found = get_version(session, model, version)
     if found.withdrawn:
@@ -127,6 +200,15 @@ def release(
                 f" it has: {', '.join(targets) or 'none'}",
             )
         targets = [target]
+    if state is not None and state.settings.require_hil_report:
+        by_target = {b.target_id: b for b in bundles}
+        held = {t: why for t in targets if (why := _hil_gate(state, by_target[t])) is not None}
+        if held:
+            raise ApiError(
+                409,
+                f"{model} {version} held by the HIL gate: "
+                + "; ".join(f"{t}: {why}" for t, why in sorted(held.items())),
+            )
     now = datetime.now(UTC)
     assert found.id is not None
     for t in targets:

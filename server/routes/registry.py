@@ -44,6 +44,18 @@ async def publish(
     )
 
 
+@router.post("/bundles/{sha256}/hil-report")
+async def attach_hil_report(
+    sha256: str, request: Request, session: SessionDep, state: StateDep, who: PublisherDep
+) -> dict[str, Any]:
+    """Attach a rig report (signed by the root's ``hil`` role) to a published bundle; a passing
+    one lets the version be released where the server requires HIL reports."""
+    data = await request.body()
+    if len(data) > state.settings.max_hil_report_bytes:
+        raise ApiError(413, f"HIL report over {state.settings.max_hil_report_bytes} bytes")
+    return registry.attach_hil_report(session=session, state=state, sha256=sha256, data=data)
+
+
 @router.get("/bundles/{sha256}", response_model=None)
 def download(
     sha256: str,
@@ -97,7 +109,12 @@ def release(
     """Make a version current for one target, or for every target it has a bundle for."""
     state.release_cache.clear()
     targets = registry.release(
-        session=session, model=name, version=version, target=body.target, by=who.name
+        session=session,
+        model=name,
+        version=version,
+        target=body.target,
+        by=who.name,
+        state=state,
     )
     return {"model": name, "version": version, "released_for": targets}
 

@@ -100,6 +100,7 @@ class Fleet:
     admin: str
     release_key: SigningKey
     director_key: SigningKey
+    hil_key: SigningKey
     root: Any
     state: Any
     tokens: dict[str, str] = field(default_factory=dict)
@@ -209,6 +210,7 @@ def fleet(database_url: str, tmp_path: Path) -> Iterator[Fleet]:
             admin=admin,
             release_key=keys["release"],
             director_key=keys["director"],
+            hil_key=keys["hil"],
             root=root,
             state=state,
         )
