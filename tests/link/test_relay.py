@@ -51,7 +51,15 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
     admin = ensure_admin_token(state)
     assert admin is not None
     with TestClient(create_app(state)) as client:
-        yield Fleet(client, admin, keys["release"], keys["director"], root, state)
+        yield Fleet(
+            client=client,
+            admin=admin,
+            release_key=keys["release"],
+            director_key=keys["director"],
+            hil_key=keys["hil"],
+            root=root,
+            state=state,
+        )
     state.engine.dispose()
 
 
