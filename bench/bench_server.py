@@ -97,7 +97,9 @@ def seed(url: str, data_dir: Path, devices: int, models: int, assigned: int) -> 
                 publisher="bench",
                 data=build(draft, {"model.onnx": MODEL_BYTES}, [key]),
             )
-            release(session=session, model=name, version="1.2.3", target=None, by="bench")
+            release(
+                session=session, model=name, version="1.2.3", target=None, by="bench", state=state
+            )
         creds = data_dir / "creds.txt"
         rows, lines = [], []
         now = datetime.now(UTC)

@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 from sqlalchemy import Engine, bindparam, update
 from sqlmodel import col
 
+from server.errors import ConfigError
 from server.models import Device
 
 _STATE_COLUMNS = ["last_seen", "last_nonce", "firmware_version", "installed"]
@@ -75,8 +76,10 @@ class SqliteCheckInStore:
     connection until its response is sent, which needs the event loop, so waiting for that
     connection on the loop deadlocked until the pool timed out. A second connection waits only
     for SQLite's write lock, which every writer releases at commit, inside its handler; WAL lets
-    readers go on meanwhile. A database only in memory has nothing to share a second connection
-    with, so there the write goes through the pool in a worker thread.
+    readers go on meanwhile.
+
+    Raises:
+        ConfigError: If the database is not a file (a second connection could not share it).
     """
 
     def __init__(self, engine: Engine, busy_timeout_s: float = 5.0) -> None:
@@ -95,13 +98,13 @@ class SqliteCheckInStore:
             )
             self._statements[caps] = (compiled.string, list(compiled.positiontup or []))
         database = engine.url.database
-        self._conn: sqlite3.Connection | None = None
-        if database and database != ":memory:" and not database.startswith("file:"):
-            self._conn = sqlite3.connect(
-                database, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
-            )
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=NORMAL")
+        if not database or database == ":memory:" or database.startswith("file:"):
+            raise ConfigError(f"the SQLite database must be a file path, not {database!r}")
+        self._conn: sqlite3.Connection | None = sqlite3.connect(
+            database, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
+        )
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=NORMAL")
 
     async def record(self, contact: Contact) -> DeviceRow | None:
         """Authenticate and record; the device's hardware id and free flash, or None."""
@@ -119,24 +122,11 @@ class SqliteCheckInStore:
         }
         for name, processor in self._processors.items():
             values[name] = processor(values[name])
-        params = tuple(values[name] for name in order)
         if self._conn is None:
-            return await asyncio.to_thread(self._write_pooled, sql, params)
+            raise ConfigError("the check-in store is closed")
         # One statement in autocommit: atomic on its own, and no await while SQLite's write
         # lock is held.
-        row = self._conn.execute(sql, params).fetchone()
-        return None if row is None else DeviceRow(row[0], row[1])
-
-    def _write_pooled(self, sql: str, params: tuple[Any, ...]) -> DeviceRow | None:
-        conn = self.engine.raw_connection()
-        try:
-            cursor = conn.cursor()
-            cursor.execute(sql, params)
-            row = cursor.fetchone()
-            cursor.close()
-            conn.commit()
-        finally:
-            conn.close()
+        row = self._conn.execute(sql, tuple(values[name] for name in order)).fetchone()
         return None if row is None else DeviceRow(row[0], row[1])
 
     async def close(self) -> None:

@@ -4,7 +4,6 @@ release state offered to each hardware id (check-in itself is in :mod:`server.ho
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -161,9 +160,9 @@ def offers_for(session: Session, state: ServerState, hardware_id: str) -> dict[s
     the cache of the worker that made them; other workers see a change within
     ``release_cache_ttl_s``.
     """
-    cached = state.release_cache.get(hardware_id)
-    if cached is not None and time.monotonic() - cached[0] < state.settings.release_cache_ttl_s:
-        return cached[1]
+    cached: dict[str, Offer] | None = state.cached(hardware_id)
+    if cached is not None:
+        return cached
     wanted = current_versions(session, hardware_id)
     bundles = {
         b.version_id: b
@@ -189,7 +188,7 @@ def offers_for(session: Session, state: ServerState, hardware_id: str) -> dict[s
                 b.firmware_below,
             )
         )
-    state.release_cache[hardware_id] = (time.monotonic(), offers)
+    state.cache(hardware_id, offers)
     return offers
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import time
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import Any
@@ -40,6 +39,10 @@ _DEVICE_COLUMNS = (
 )
 
 
+#: Release-cache key of the set of devices holding any pin.
+PINNED = "__pinned__"
+
+
 def _row(conn: Any, where: Any) -> Any:
     return conn.execute(select(*_DEVICE_COLUMNS).where(where)).first()
 
@@ -47,11 +50,10 @@ def _row(conn: Any, where: Any) -> Any:
 def pinned_devices(conn: Any, state: ServerState) -> set[str]:
     """Ids of devices with any pin, re-read at most every ``release_cache_ttl_s`` (and at once in
     the worker that changes a pin)."""
-    cached = state.release_cache.get("__pinned__")
-    if cached is not None and time.monotonic() - cached[0] < state.settings.release_cache_ttl_s:
-        return cached[1]
-    ids = {r[0] for r in conn.execute(select(col(Pin.device_id)).distinct())}
-    state.release_cache["__pinned__"] = (time.monotonic(), ids)
+    ids: set[str] | None = state.cached(PINNED)
+    if ids is None:
+        ids = {r[0] for r in conn.execute(select(col(Pin.device_id)).distinct())}
+        state.cache(PINNED, ids)
     return ids
 
 
@@ -189,15 +191,11 @@ async def check_in(
 
 def _cached_offers(state: ServerState, device_id: str, hardware_id: str) -> dict[str, Offer] | None:
     """Release state from the caches when both are fresh and the device holds no pin."""
-    now = time.monotonic()
-    ttl = state.settings.release_cache_ttl_s
-    pinned = state.release_cache.get("__pinned__")
-    cached = state.release_cache.get(hardware_id)
-    if pinned is None or cached is None or now - pinned[0] >= ttl or now - cached[0] >= ttl:
+    pinned = state.cached(PINNED)
+    if pinned is None or device_id in pinned:
         return None
-    if device_id in pinned[1]:
-        return None
-    return cached[1]
+    offers: dict[str, Offer] | None = state.cached(hardware_id)
+    return offers
 
 
 @lru_cache(maxsize=4096)

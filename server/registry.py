@@ -173,7 +173,7 @@ def release(
     version: str,
     target: str | None,
     by: str,
-    state: ServerState | None = None,
+    state: ServerState,
 ) -> list[str]:
     """Make ``version`` current for ``target`` (or every target it has a bundle for).
 
@@ -200,7 +200,7 @@ def release(
                 f" it has: {', '.join(targets) or 'none'}",
             )
         targets = [target]
-    if state is not None and state.settings.require_hil_report:
+    if state.settings.require_hil_report:
         by_target = {b.target_id: b for b in bundles}
         held = {t: why for t in targets if (why := _hil_gate(state, by_target[t])) is not None}
         if held:

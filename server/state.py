@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -60,6 +61,17 @@ class ServerState:
     check_in_store: Any = None
     #: hardware id -> (monotonic time read, offers); see server.fleet.offers_for
     release_cache: dict[str, tuple[float, Any]] = field(default_factory=dict)
+
+    def cached(self, key: str) -> Any:
+        """A release-cache entry younger than ``release_cache_ttl_s``, or None."""
+        entry = self.release_cache.get(key)
+        if entry is None or time.monotonic() - entry[0] >= self.settings.release_cache_ttl_s:
+            return None
+        return entry[1]
+
+    def cache(self, key: str, value: Any) -> None:
+        """Remember ``value`` under ``key`` from now on."""
+        self.release_cache[key] = (time.monotonic(), value)
 
 
 def load_trust(settings: Settings) -> tuple[TrustedRoot, dict[int, bytes], SigningKey]:

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from fastapi.testclient import TestClient
 
 from device_agent.client import FleetClient
 from device_agent.config import AgentSettings
@@ -18,49 +17,21 @@ from device_agent.fetch import BundleFetcher
 from device_agent.link import DeviceClient
 from device_agent.link.ble import BumbleConnectionLink
 from device_agent.link.relay import RelayQueue, RingRelay
-from firmware_bundles import SigningKey, TrustedRoot, new_root, sign_root
+from firmware_bundles import TrustedRoot
 from firmware_bundles.messages import TelemetryBatch
 from hil.ble_device import BleRing
 from hil.device import EmulatedDevice
 from hil.profiles import profile_for
 from hil.samples import heldout, sample_bundle
-from server.app import build_state, create_app, ensure_admin_token
-from server.config import Settings
-from server.db import upgrade
-from tests.server.conftest import Fleet
+from tests.server.conftest import Fleet, running_fleet
 
 SERVER = "http://testserver"
 
 
 @pytest.fixture()
 def fleet(tmp_path: Path) -> Iterator[Fleet]:
-    keys = {r: SigningKey.generate() for r in ("root", "release", "director", "hil")}
-    root = new_root(
-        version=1,
-        expires=datetime.now(UTC) + timedelta(days=30),
-        role_keys={r: [k.public] for r, k in keys.items()},
-        thresholds={},
-    )
-    data_dir = tmp_path / "data"
-    (data_dir / "keys").mkdir(parents=True)
-    (data_dir / "root.json").write_bytes(sign_root(root, [keys["root"]]).to_bytes())
-    (data_dir / "keys" / "director.pem").write_bytes(keys["director"].to_pem())
-    database_url = f"sqlite:///{tmp_path / 'fleet.db'}"
-    upgrade(database_url)
-    state = build_state(Settings(data_dir=data_dir, database_url=database_url))
-    admin = ensure_admin_token(state)
-    assert admin is not None
-    with TestClient(create_app(state)) as client:
-        yield Fleet(
-            client=client,
-            admin=admin,
-            release_key=keys["release"],
-            director_key=keys["director"],
-            hil_key=keys["hil"],
-            root=root,
-            state=state,
-        )
-    state.engine.dispose()
+    with running_fleet(f"sqlite:///{tmp_path / 'fleet.db'}", tmp_path) as running:
+        yield running
 
 
 def _relay(fleet: Fleet, ring: DeviceClient, phone: str, tmp_path: Path) -> RingRelay:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -186,8 +187,9 @@ class Fleet:
         )
 
 
-@pytest.fixture()
-def fleet(database_url: str, tmp_path: Path) -> Iterator[Fleet]:
+@contextmanager
+def running_fleet(database_url: str, tmp_path: Path) -> Iterator[Fleet]:
+    """A fresh root and keys, a migrated database and the app in a TestClient."""
     keys = {r: SigningKey.generate() for r in ("root", "release", "director", "hil")}
     root = new_root(
         version=1,
@@ -215,3 +217,9 @@ def fleet(database_url: str, tmp_path: Path) -> Iterator[Fleet]:
             state=state,
         )
     state.engine.dispose()
+
+
+@pytest.fixture()
+def fleet(database_url: str, tmp_path: Path) -> Iterator[Fleet]:
+    with running_fleet(database_url, tmp_path) as running:
+        yield running
