@@ -12,6 +12,7 @@ import stat
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,9 +64,9 @@ class Fleet:
     tmp: Path
 
 
-@pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    tmp = tmp_path_factory.mktemp("e2e")
+@contextmanager
+def agent_on_v1(tmp: Path) -> Iterator[tuple[ServerProcess, AgentProcess, SigningKey, E2EBundle]]:
+    """A real server with version 1 released, and a real agent that has installed it."""
     server = ServerProcess(data_dir=tmp / "data", log_dir=tmp)
     agent: AgentProcess | None = None
     try:
@@ -75,12 +76,20 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         server.publish_and_release(v1.path, MODEL, "1.0.0")
         settings = agent_settings(server, tmp / "state", server.enroll_token())
         agent = AgentProcess(tmp / "state", tmp, settings).start()
-        wait_for(lambda: active_version(agent) == "1.0.0", "version 1.0.0 to be active")
-        yield Fleet(server, agent, v1, tmp)
+        running = agent
+        wait_for(lambda: active_version(running) == "1.0.0", "version 1.0.0 to be active")
+        yield server, agent, key, v1
     finally:
         if agent is not None:
             agent.stop()
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    tmp = tmp_path_factory.mktemp("e2e")
+    with agent_on_v1(tmp) as (server, agent, _, v1):
+        yield Fleet(server, agent, v1, tmp)
 
 
 def test_enroll_install_predict_and_exact_telemetry(fleet: Fleet) -> None:

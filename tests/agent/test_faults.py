@@ -20,7 +20,7 @@ import pytest
 from device_agent.local_api import LocalApiClient, socket_path
 from firmware_bundles import SigningKey
 from tests.agent.e2e_bundles import MODEL, PROBE, E2EBundle, build_bundle
-from tests.agent.test_e2e import active_version, agent_settings, rollup_count
+from tests.agent.test_e2e import active_version, agent_on_v1, rollup_count
 from tests.procs import AgentProcess, ServerProcess, wait_for
 
 
@@ -42,21 +42,8 @@ class Rig:
 @pytest.fixture()
 def rig(tmp_path: Path) -> Iterator[Rig]:
     """A server with version 1 released, and an agent that has installed it."""
-    server = ServerProcess(data_dir=tmp_path / "data", log_dir=tmp_path)
-    agent: AgentProcess | None = None
-    try:
-        server.start()
-        key = SigningKey.from_pem((server.data_dir / "keys" / "release.pem").read_bytes())
-        v1 = build_bundle(tmp_path, key, version="1.0.0", release_counter=1, seed=1)
-        server.publish_and_release(v1.path, MODEL, "1.0.0")
-        settings = agent_settings(server, tmp_path / "state", server.enroll_token())
-        agent = AgentProcess(tmp_path / "state", tmp_path, settings).start()
-        wait_for(lambda: active_version(agent) == "1.0.0", "version 1.0.0 to be active")
+    with agent_on_v1(tmp_path) as (server, agent, key, _):
         yield Rig(server, agent, key, tmp_path)
-    finally:
-        if agent is not None:
-            agent.stop()
-        server.stop()
 
 
 def bundle_requests(server: ServerProcess, sha256: str) -> list[dict[str, object]]:
