@@ -1,12 +1,11 @@
 """Errors raised by the device agent, one root split by who is at fault.
 
-AgentError                   (``retryable``: may the same request succeed if sent again later?)
+AgentError                 (``retryable``: may the same request succeed if sent again later?)
 ├── ConfigError           the agent cannot start as configured (missing root, unknown target)
 ├── TrustError            something offered did not verify (kind, model, reason)
 ├── DownloadError         a bundle could not be fetched as assigned
-│   ├── StallError        no bytes arrived for ``stall_timeout_s``              retryable
-│   ├── ResumeRefused     the server would not continue the partial (416, a 206   retryable
-│   │                     the agent cannot use): start again from zero
+│   ├── StallError        no bytes arrived for ``stall_timeout_s``                 (retryable)
+│   ├── ResumeRefused     the server would not continue the partial: start at 0    (retryable)
 │   ├── DeadlineError     the download took longer than ``download_deadline_s``
 │   ├── OversizeError     the server sent more bytes than the assignment's length
 │   └── NotOfferedError   the server no longer has the bundle (404/410)
@@ -16,10 +15,10 @@ AgentError                   (``retryable``: may the same request succeed if sen
 ├── InferenceError        ONNX Runtime failed on inputs that passed the schema check
 ├── UnknownModelError     no active model of that name
 ├── ServerError           the fleet server could not be used
-│   ├── ServerUnreachable connection refused, timed out, or a gateway said so    retryable
+│   ├── ServerUnreachable connection refused, timed out, or a gateway said so       (retryable)
 │   ├── AuthError         401/403: the credential is not accepted
-│   └── ServerRejected    any other refusal (status, detail); 429 and 5xx are    retryable
-│       ├── InvalidRequest  400/413/422: never accepted as sent (drop it)
+│   └── ServerRejected    any other refusal (status, detail)            (retryable on 429, 5xx)
+│       ├── InvalidRequest  400/413/422: never accepted as sent (a batch is dropped)
 │       └── NotFound        404/410: no such thing on the server
 ├── OutboxError           the telemetry outbox (SQLite) cannot be opened or written
 └── LinkError             a device link failed (issue 6)

@@ -266,3 +266,37 @@ def test_a_batch_the_server_refuses_is_dropped_and_counted(
     [rollup] = rollups(fleet, "gesture")
     assert rollup["inference_count"] == 12  # the refused window is not in it
     outbox.close()
+
+
+def test_relayed_batches_keep_the_rings_keys_and_their_drops_make_no_batch_of_ours(
+    tmp_path: Path, classifier: LoadedModel
+) -> None:
+    scratch = Outbox(tmp_path / "ring-side.sqlite", 1 << 20)
+    recorder = Recorder(scratch, "ring-1", clock=Clock())
+    record_burst(recorder, classifier, 5)
+    recorder.close_due_windows(include_open=True)
+    [window] = windows(scratch, "ring-1")
+    scratch.close()
+    pieces = [
+        TelemetryBatch(device_id="ring-1", boot_epoch=3, sequence=s, windows=[window])
+        for s in range(5)
+    ]
+    size = len(pieces[0].to_bytes())
+    # Room for two pieces; the phone's own boot epoch is far above the ring's 3.
+    outbox = Outbox(tmp_path / "phone.sqlite", 2 * size + size // 2)
+    for piece in pieces:
+        outbox.put_relayed(piece)
+    outbox.put_relayed(pieces[4])  # the ring read twice: replaced, not stored twice
+    stats = outbox.stats()
+    assert (stats["pending_batches"], stats["bytes"]) == (2, 2 * size)
+    assert stats["dropped_windows"] == 3  # the oldest stored went first
+    assert stats["dropped_unreported"] == 0  # the server sees the ring's gap itself
+    sent = []
+    while (body := outbox.next_batch_bytes(50, "ring-1")) is not None:
+        batch = TelemetryBatch.from_bytes(body)
+        sent.append(batch.idempotency_key)
+        outbox.acknowledge(batch)
+    # Only what the ring made, under its keys: no batch of the phone's epoch under its id.
+    assert sent == [("ring-1", 3, 3), ("ring-1", 3, 4)]
+    assert outbox.relayed_devices() == ["ring-1"]
+    outbox.close()
