@@ -180,9 +180,9 @@ def _fetcher(handler: httpx.MockTransport, tmp_path: Path, **settings: object) -
         "backoff_max_s": 3.0,
         **settings,
     }
-    settings = AgentSettings(**values)  # type: ignore[arg-type]
+    config = AgentSettings(**values)  # type: ignore[arg-type]
     client = FleetClient(httpx.Client(transport=handler), "https://fleet.simulator", tmp_path, 10)
-    return BundleFetcher(client, settings)
+    return BundleFetcher(client, config)
 
 
 def test_backoff_doubles_up_to_its_cap_between_bounded_attempts(tmp_path: Path) -> None:

@@ -18,10 +18,13 @@ def test_the_file_is_replaced_private_and_its_rename_made_durable(
     target.write_bytes(b"old")
     synced: list[tuple[Path, bytes]] = []
     real = fsutil.fsync_dir
-    # The directory is fsynced after the rename, i.e. when the new content is already in place.
-    monkeypatch.setattr(
-        fsutil, "fsync_dir", lambda p: (synced.append((p, target.read_bytes())), real(p))
-    )
+
+    def spy(directory: Path) -> None:
+        # Called after the rename: the new content is already in place.
+        synced.append((directory, target.read_bytes()))
+        real(directory)
+
+    monkeypatch.setattr(fsutil, "fsync_dir", spy)
     fsutil.write_atomic(target, b"new")
     assert target.read_bytes() == b"new"
     assert stat.S_IMODE(target.stat().st_mode) == 0o600
