@@ -21,7 +21,11 @@ connect error, timeout      :class:`ServerUnreachable` (a download that      yes
 502, 503, 504               :class:`ServerUnreachable` (a gateway)           yes
 other 5xx                   :class:`ServerRejected`                          yes
 other 4xx (409, ...)        :class:`ServerRejected`                          no
+3xx (not followed)          :class:`ServerRejected`                          no
 ==========================  ===============================================  =========
+
+Only a 2xx is success: a redirect is not followed, and a telemetry batch it answered stays
+pending rather than being taken as delivered.
 """
 
 from __future__ import annotations
@@ -75,7 +79,7 @@ def error_for_status(status: int, detail: str, what: str, *, download: bool = Fa
     """The agent error for an HTTP error ``status`` (the table in the module docstring).
 
     Args:
-        status: The HTTP status, 400 or above.
+        status: The HTTP status, anything but 2xx.
         detail: The server's reason.
         what: The request, for messages (``GET https://...``).
         download: Whether the request was a bundle download (404/410 and 416 mean more there).
@@ -194,7 +198,7 @@ class FleetClient:
             )
         except httpx.TransportError as exc:
             raise error_for_transport(exc, what) from exc
-        if response.is_error:
+        if not response.is_success:
             raise error_for_status(response.status_code, error_detail(response), what)
         return response
 
@@ -339,7 +343,7 @@ class FleetClient:
 
 
 def _bundle_stream(response: httpx.Response, url: str, stall_timeout_s: float) -> BundleStream:
-    if response.is_error:
+    if not response.is_success:
         response.read()
         raise error_for_status(response.status_code, error_detail(response), url, download=True)
     if response.status_code != 206:

@@ -44,6 +44,7 @@ def _raises(exc: type[httpx.TransportError]) -> Handler:
 
 # (id, server behaviour, error of a plain request, retryable, error of a download, retryable)
 TABLE: list[tuple[str, Handler, type[AgentError], bool, type[AgentError], bool]] = [
+    ("307", _status(307), ServerRejected, False, ServerRejected, False),
     ("400", _status(400), InvalidRequest, False, InvalidRequest, False),
     ("401", _status(401), AuthError, False, AuthError, False),
     ("403", _status(403), AuthError, False, AuthError, False),
