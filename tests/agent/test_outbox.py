@@ -10,10 +10,12 @@ import httpx
 import numpy as np
 import pytest
 
+from device_agent.client import FleetClient
 from device_agent.errors import AuthError, ServerUnreachable
-from device_agent.outbox import BOOT_EPOCH_BASE_S, Outbox, upload_pending
+from device_agent.outbox import BOOT_EPOCH_BASE_S, Outbox
 from device_agent.runtime import LoadedModel, ModelRuntime
 from device_agent.telemetry import Recorder
+from device_agent.telemetry_upload import upload_pending
 from firmware_bundles import telemetry as sketch
 from firmware_bundles.messages import TelemetryBatch
 from tests.agent import onnx_models as m
@@ -26,6 +28,11 @@ from tests.server.conftest import Fleet
 server = server_conftest.fleet
 database_url = server_conftest.database_url
 postgres_available = server_conftest.postgres_available
+
+
+def _client(fleet: Fleet, tmp_path: Path) -> FleetClient:
+    """The agent's fleet client on the in-process server."""
+    return FleetClient(fleet.client, "http://testserver", tmp_path, 5)
 
 
 @pytest.fixture(scope="module")
@@ -151,15 +158,15 @@ def test_upload_to_the_real_server_gives_rollups_equal_to_the_recorded_totals(
 
     # The server is away: nothing is lost, the batch waits.
     with httpx.Client(timeout=2) as offline, pytest.raises(ServerUnreachable):
-        upload_pending(outbox, offline, "http://127.0.0.1:9", DEVICE, credential)
+        upload_pending(
+            outbox, FleetClient(offline, "http://127.0.0.1:9", tmp_path, 2), DEVICE, credential
+        )
     assert outbox.stats()["pending_batches"] == 1
     with pytest.raises(AuthError):
-        upload_pending(outbox, fleet.client, "http://testserver", DEVICE, "efd_wrong")
+        upload_pending(outbox, _client(fleet, tmp_path), DEVICE, "efd_wrong")
     pending = outbox.next_batch_bytes(50)
 
-    result = upload_pending(
-        outbox, fleet.client, "http://testserver", DEVICE, credential, batch_windows=1
-    )
+    result = upload_pending(outbox, _client(fleet, tmp_path), DEVICE, credential, batch_windows=1)
     assert (result.batches_sent, result.windows_sent, result.replays) == (1, 2, 0)
     assert result.pending_batches == 0
     [rollup] = rollups(fleet, "gesture")
@@ -212,7 +219,7 @@ def test_a_retry_after_a_lost_answer_resends_the_same_key_and_is_a_no_op(
     outbox.close()  # the device restarts before it hears the answer
 
     reopened = Outbox(tmp_path / "outbox.sqlite", 1 << 20)
-    result = upload_pending(reopened, fleet.client, "http://testserver", DEVICE, credential)
+    result = upload_pending(reopened, _client(fleet, tmp_path), DEVICE, credential)
     assert (result.batches_sent, result.replays) == (1, 1)
     assert rollups(fleet, "gesture") == before
     assert before[0]["inference_count"] == 42
@@ -229,7 +236,7 @@ def test_a_batch_the_server_refuses_is_dropped_and_counted(
     recorder = Recorder(outbox, DEVICE, clock=Clock(T0))
     record_burst(recorder, classifier, 10)
     recorder.close_due_windows(include_open=True)
-    upload_pending(outbox, fleet.client, "http://testserver", DEVICE, credential)
+    upload_pending(outbox, _client(fleet, tmp_path), DEVICE, credential)
     # A build of the same name and version with four classes: the server's rollup has three.
     four = m.classifier_manifest(
         outputs=[
@@ -245,7 +252,7 @@ def test_a_batch_the_server_refuses_is_dropped_and_counted(
     other = ModelRuntime().load("f" * 64, four, m.classifier())
     recorder.run(other, np.zeros((1, 4), np.float32))
     recorder.close_due_windows(include_open=True)
-    result = upload_pending(outbox, fleet.client, "http://testserver", DEVICE, credential)
+    result = upload_pending(outbox, _client(fleet, tmp_path), DEVICE, credential)
     # Refused, dropped, and the drop reported at once in a batch of no windows.
     assert (result.batches_sent, result.windows_sent, result.rejected_batches) == (1, 0, 1)
     stats = outbox.stats()
@@ -258,4 +265,38 @@ def test_a_batch_the_server_refuses_is_dropped_and_counted(
     assert r.json()["telemetry"]["batches_expected"] == 3
     [rollup] = rollups(fleet, "gesture")
     assert rollup["inference_count"] == 12  # the refused window is not in it
+    outbox.close()
+
+
+def test_relayed_batches_keep_the_rings_keys_and_their_drops_make_no_batch_of_ours(
+    tmp_path: Path, classifier: LoadedModel
+) -> None:
+    scratch = Outbox(tmp_path / "ring-side.sqlite", 1 << 20)
+    recorder = Recorder(scratch, "ring-1", clock=Clock())
+    record_burst(recorder, classifier, 5)
+    recorder.close_due_windows(include_open=True)
+    [window] = windows(scratch, "ring-1")
+    scratch.close()
+    pieces = [
+        TelemetryBatch(device_id="ring-1", boot_epoch=3, sequence=s, windows=[window])
+        for s in range(5)
+    ]
+    size = len(pieces[0].to_bytes())
+    # Room for two pieces; the phone's own boot epoch is far above the ring's 3.
+    outbox = Outbox(tmp_path / "phone.sqlite", 2 * size + size // 2)
+    for piece in pieces:
+        outbox.put_relayed(piece)
+    outbox.put_relayed(pieces[4])  # the ring read twice: replaced, not stored twice
+    stats = outbox.stats()
+    assert (stats["pending_batches"], stats["bytes"]) == (2, 2 * size)
+    assert stats["dropped_windows"] == 3  # the oldest stored went first
+    assert stats["dropped_unreported"] == 0  # the server sees the ring's gap itself
+    sent = []
+    while (body := outbox.next_batch_bytes(50, "ring-1")) is not None:
+        batch = TelemetryBatch.from_bytes(body)
+        sent.append(batch.idempotency_key)
+        outbox.acknowledge(batch)
+    # Only what the ring made, under its keys: no batch of the phone's epoch under its id.
+    assert sent == [("ring-1", 3, 3), ("ring-1", 3, 4)]
+    assert outbox.relayed_devices() == ["ring-1"]
     outbox.close()
