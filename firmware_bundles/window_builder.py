@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 from firmware_bundles import telemetry as sketches
 from firmware_bundles.manifest import Histogram, Manifest
@@ -204,7 +204,7 @@ class TelemetryWindowBuilder:
         return TelemetryWindow.from_dict(self.to_dict())
 
     @classmethod
-    def from_window(cls, window: TelemetryWindow) -> TelemetryWindowBuilder:
+    def from_window(cls, window: TelemetryWindow) -> Self:
         """A builder that continues ``window``."""
         latency = window.latency.to_dict()
         latency["bins"] = {str(k): v for k, v in window.latency.bins.items()}

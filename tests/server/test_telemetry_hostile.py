@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from datetime import UTC, datetime
 from copy import deepcopy
 from typing import Any
 
@@ -14,7 +15,7 @@ import pytest
 from sqlmodel import Session
 
 from firmware_bundles import telemetry as sketch
-from server.models import TelemetryRollup
+from server.models import TelemetryBatchRecord, TelemetryRollup
 from tests.server.conftest import Fleet
 
 MODELS = ("wrist-activity", "tap-detect")
@@ -205,7 +206,21 @@ def test_a_corrupt_stored_rollup_is_skipped_and_counted(fleet: Fleet) -> None:
                     **{**clean, **damage},
                 )
             )
+        # A batch record with a negative sequence: completeness skips and counts it.
+        session.add(
+            TelemetryBatchRecord(
+                device_id="good",
+                boot_epoch=1,
+                sequence=-3,
+                window_count=1,
+                received_at=datetime.now(UTC),
+            )
+        )
         session.commit()
+    info = fleet.client.get("/v1/devices/good", headers=fleet.auth(fleet.token("viewer")))
+    assert info.status_code == 200, info.text
+    assert info.json()["telemetry"]["skipped_rows"] == 1
+    assert info.json()["telemetry"]["batches_expected"] == 1
     for model in (None, MODELS[0]):
         r = rollups(fleet, model)
         assert r.status_code == 200, r.text
