@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from datetime import UTC, datetime
 from copy import deepcopy
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -163,7 +163,8 @@ def test_a_hostile_batch_is_refused_and_hurts_nobody(
     assert row["outputs"] == {"label": [6, 1, 0]} and row["inputs"] == {"x0": [0, 7, 0]}
     assert row["feedback"] == {"thumbs_up": 1} and row["labels"] == {"rest": {"move": 1}}
     assert row["latency"]["count"] == 7 and row["latency"]["relative_accuracy"] == 0.01
-    assert row["latency_quantiles_s"]["0.5"] == pytest.approx(0.002, rel=0.01)  # of 1,1,2,2,3,4,5 ms
+    # The median of 1, 1, 2, 2, 3, 4, 5 ms.
+    assert row["latency_quantiles_s"]["0.5"] == pytest.approx(0.002, rel=0.01)
 
 
 CORRUPT: list[dict[str, Any]] = [
