@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 
 from firmware_bundles.errors import SchemaError
 from firmware_bundles.messages import TelemetryBatch
@@ -33,10 +33,27 @@ async def upload(
             413,
             f"batch has {len(batch.windows)} windows, over {state.settings.max_windows_per_batch}",
         )
-    accepted = telemetry.ingest(session=session, device=device, batch=batch)
+    accepted = telemetry.ingest(
+        session=session,
+        device=device,
+        batch=batch,
+        relative_accuracy=state.settings.telemetry_relative_accuracy,
+    )
     return {"accepted": accepted, "replay": not accepted, "windows": len(batch.windows)}
 
 
 @router.get("/telemetry/rollups")
-def rollups(session: SessionDep, who: ReaderDep, model: str | None = None) -> list[dict[str, Any]]:
-    return telemetry.rollups(session, model)
+def rollups(
+    session: SessionDep,
+    who: ReaderDep,
+    state: StateDep,
+    response: Response,
+    model: str | None = None,
+) -> list[dict[str, Any]]:
+    """Rollups; stored rows that fail the checks are skipped and counted in the
+    ``Edgefleet-Skipped-Rows`` header."""
+    found = telemetry.rollups(
+        session, model, relative_accuracy=state.settings.telemetry_relative_accuracy
+    )
+    response.headers["Edgefleet-Skipped-Rows"] = str(found.skipped_rows)
+    return found.rows

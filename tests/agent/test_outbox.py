@@ -16,7 +16,9 @@ from device_agent.outbox import BOOT_EPOCH_BASE_S, Outbox
 from device_agent.runtime import LoadedModel, ModelRuntime
 from device_agent.telemetry import Recorder
 from device_agent.telemetry_upload import upload_pending
+from firmware_bundles import build
 from firmware_bundles import telemetry as sketch
+from firmware_bundles.manifest import Manifest
 from firmware_bundles.messages import TelemetryBatch
 from tests.agent import onnx_models as m
 from tests.agent.recording import DEVICE, HOUR, T0, Clock, record_burst, rollups, windows
@@ -38,6 +40,15 @@ def _client(fleet: Fleet, tmp_path: Path) -> FleetClient:
 @pytest.fixture(scope="module")
 def classifier() -> LoadedModel:
     return m.load(m.classifier(), m.classifier_manifest())
+
+
+def published(fleet: Fleet, manifest: Manifest | None = None) -> LoadedModel:
+    """The classifier, published on ``fleet`` and loaded under its bundle's SHA-256 (the server
+    checks each window against the manifest of the bundle it names)."""
+    manifest = manifest or m.classifier_manifest()
+    draft = {k: v for k, v in manifest.to_dict().items() if k != "files"}
+    bundle = build(draft, {"model.onnx": m.classifier()}, [fleet.release_key])
+    return ModelRuntime().load(fleet.publish(bundle)["sha256"], manifest, m.classifier())
 
 
 def test_the_outbox_survives_a_restart_with_the_same_idempotency_keys(
@@ -142,9 +153,10 @@ def test_a_full_outbox_drops_the_oldest_closed_windows_and_reports_them(
 
 
 def test_upload_to_the_real_server_gives_rollups_equal_to_the_recorded_totals(
-    server: Fleet, tmp_path: Path, classifier: LoadedModel
+    server: Fleet, tmp_path: Path
 ) -> None:
     fleet = server
+    classifier = published(fleet)
     credential = fleet.enroll(DEVICE)
     outbox = Outbox(tmp_path / "outbox.sqlite", 1 << 20)
     clock = Clock(T0 + 60)
@@ -201,9 +213,10 @@ def test_upload_to_the_real_server_gives_rollups_equal_to_the_recorded_totals(
 
 
 def test_a_retry_after_a_lost_answer_resends_the_same_key_and_is_a_no_op(
-    server: Fleet, tmp_path: Path, classifier: LoadedModel
+    server: Fleet, tmp_path: Path
 ) -> None:
     fleet = server
+    classifier = published(fleet)
     credential = fleet.enroll(DEVICE)
     outbox = Outbox(tmp_path / "outbox.sqlite", 1 << 20)
     recorder = Recorder(outbox, DEVICE, clock=Clock(T0))
@@ -227,17 +240,16 @@ def test_a_retry_after_a_lost_answer_resends_the_same_key_and_is_a_no_op(
     reopened.close()
 
 
-def test_a_batch_the_server_refuses_is_dropped_and_counted(
-    server: Fleet, tmp_path: Path, classifier: LoadedModel
-) -> None:
+def test_a_batch_the_server_refuses_is_dropped_and_counted(server: Fleet, tmp_path: Path) -> None:
     fleet = server
+    classifier = published(fleet)
     credential = fleet.enroll(DEVICE)
     outbox = Outbox(tmp_path / "outbox.sqlite", 1 << 20)
     recorder = Recorder(outbox, DEVICE, clock=Clock(T0))
     record_burst(recorder, classifier, 10)
     recorder.close_due_windows(include_open=True)
     upload_pending(outbox, _client(fleet, tmp_path), DEVICE, credential)
-    # A build of the same name and version with four classes: the server's rollup has three.
+    # A device that takes the published bundle for one with four classes: its manifest has three.
     four = m.classifier_manifest(
         outputs=[
             {
@@ -249,16 +261,17 @@ def test_a_batch_the_server_refuses_is_dropped_and_counted(
         ],
         output_histograms=[m.categorical("probabilities", [*m.CLASSES, "jump"])],
     )
-    other = ModelRuntime().load("f" * 64, four, m.classifier())
-    recorder.run(other, np.zeros((1, 4), np.float32))
-    recorder.close_due_windows(include_open=True)
+    other = ModelRuntime().load(classifier.identity.bundle_sha256, four, m.classifier())
+    confused = Recorder(outbox, DEVICE, clock=Clock(T0))  # a fresh tape: four classes counted
+    confused.run(other, np.zeros((1, 4), np.float32))
+    confused.close_due_windows(include_open=True)
     result = upload_pending(outbox, _client(fleet, tmp_path), DEVICE, credential)
     # Refused, dropped, and the drop reported at once in a batch of no windows.
     assert (result.batches_sent, result.windows_sent, result.rejected_batches) == (1, 0, 1)
     stats = outbox.stats()
     assert stats["dropped_windows"] == 1 and stats["dropped_unreported"] == 0
     assert stats["rejected_batches"] == 1
-    assert "400" in stats["last_rejection"] and "bins" in stats["last_rejection"]
+    assert "422" in stats["last_rejection"] and "has 5 counts" in stats["last_rejection"]
     r = fleet.client.get(f"/v1/devices/{DEVICE}", headers=fleet.auth(fleet.token("viewer")))
     assert r.json()["telemetry"]["windows_dropped_on_device"] == 1
     assert r.json()["telemetry"]["batches_received"] == 2  # sequence 1 was refused: a gap
