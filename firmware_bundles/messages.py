@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, StringConstraints, field_validator, model_validator
 
 from firmware_bundles.errors import ExpiredError, RollbackError, SchemaError
 from firmware_bundles.manifest import Sha256, check_semver
@@ -19,6 +19,8 @@ from firmware_bundles.schema import Document
 from firmware_bundles.signing import Envelope, SigningKey
 
 _ID = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+#: A device id, wherever one enters (enrollment, pairing, a URL path): the one rule for ids.
+DeviceId = Annotated[str, StringConstraints(pattern=_ID)]
 _NONCE = r"^[0-9a-f]{32,128}$"
 
 

@@ -29,6 +29,7 @@ from server.db import check_schema, make_engine
 from server.errors import ApiError
 from server.models import ApiToken
 from server.routes import admin, devices, registry, telemetry
+from server.schemas import Health, NotReady, Problem, Ready, RootEnvelope
 from server.state import BlobStore, ServerState, load_catalogue, load_trust
 
 log = logging.getLogger("edgefleet.server")
@@ -105,29 +106,48 @@ def create_app(state: ServerState) -> FastAPI:
         app.include_router(router)
 
     @app.get("/healthz", tags=["health"])
-    def healthz() -> dict[str, str]:
+    def healthz() -> Health:
         """The process is up."""
-        return {"status": "ok"}
+        return Health(status="ok")
 
-    @app.get("/readyz", tags=["health"], response_model=None)
-    def readyz() -> dict[str, Any] | JSONResponse:
+    @app.get(
+        "/readyz",
+        tags=["health"],
+        response_model=Ready,
+        responses={503: {"model": NotReady, "description": "The database does not answer."}},
+    )
+    def readyz() -> Ready | JSONResponse:
         """The database answers."""
         try:
             with state.engine.connect() as conn:
                 conn.execute(text("SELECT 1"))
         except Exception as exc:  # any driver error means not ready
-            return JSONResponse(
-                {"status": "unavailable", "reason": str(exc)[:200]}, status_code=503
-            )
-        return {"status": "ready", "root_version": state.trusted.root.version}
+            reason = NotReady(status="unavailable", reason=str(exc)[:200])
+            return JSONResponse(reason.model_dump(), status_code=503)
+        return Ready(status="ready", root_version=state.trusted.root.version)
 
-    @app.get("/metrics", tags=["health"], response_model=None)
+    @app.get(
+        "/metrics",
+        tags=["health"],
+        response_class=PrometheusResponse,
+        responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}},
+    )
     def prometheus() -> Response:
-        return Response(generate_latest(metrics), media_type=CONTENT_TYPE_LATEST)
+        """Request counts and latencies in Prometheus' text format."""
+        return PrometheusResponse(generate_latest(metrics))
 
-    @app.get("/v1/roots/{version}.json", tags=["trust"], response_model=None)
+    @app.get(
+        "/v1/roots/{version}.json",
+        tags=["trust"],
+        response_class=Response,
+        responses={
+            200: {"model": RootEnvelope, "description": "That version of root.json."},
+            404: {"model": Problem, "description": "No such version."},
+        },
+    )
     def root_version(version: int) -> Response:
-        """Every version of the trusted root, so devices can follow rotations."""
+        """Every version of the trusted root, so devices can follow rotations (byte for byte as
+        signed)."""
         data = state.root_chain.get(version)
         if data is None:
             raise ApiError(404, f"no root version {version}; newest is {max(state.root_chain)}")
@@ -135,6 +155,10 @@ def create_app(state: ServerState) -> FastAPI:
 
     app.add_middleware(ObserveMiddleware, requests=requests, latency=latency)
     return app
+
+
+class PrometheusResponse(Response):
+    media_type = CONTENT_TYPE_LATEST
 
 
 class ObserveMiddleware:
