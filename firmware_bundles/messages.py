@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, StringConstraints, field_validator, model_validator
 
 from firmware_bundles.errors import ExpiredError, RollbackError, SchemaError
-from firmware_bundles.manifest import Sha256, check_semver
+from firmware_bundles.manifest import SEMVER_PATTERN, Sha256, check_semver
 from firmware_bundles.root import Root
 from firmware_bundles.schema import Document
 from firmware_bundles.signing import Envelope, SigningKey
@@ -36,7 +36,7 @@ class CapabilityReport(Document):
     hardware_id: str = Field(pattern=_ID)
     generation: str
     platform: str
-    firmware_version: str
+    firmware_version: str = Field(pattern=SEMVER_PATTERN)
     onnxruntime_version: str | None = None
     free_flash_bytes: int = Field(ge=0)
     free_ram_bytes: int = Field(ge=0)

@@ -21,6 +21,8 @@ from prometheus_client import (
 )
 from sqlalchemy import text
 from sqlmodel import Session, select
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from server.auth import hash_token, new_token
 from server.checkin_store import make_store
@@ -101,8 +103,23 @@ def create_app(state: ServerState) -> FastAPI:
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse({"detail": exc.reason}, status_code=exc.status)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            # Starlette names the methods of the first route on the path; a path has one route
+            # per method here, so name them all.
+            headers["Allow"] = ", ".join(sorted(_allowed_methods(app, request)))
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
+
     # Devices first: check-in is the busiest route, and routes are matched in order.
-    for router in (devices.router, telemetry.router, registry.router, admin.router):
+    for router in (
+        devices.router,
+        telemetry.router,
+        registry.router,
+        registry.downloads,
+        admin.router,
+    ):
         app.include_router(router)
 
     @app.get("/healthz", tags=["health"])
@@ -155,6 +172,16 @@ def create_app(state: ServerState) -> FastAPI:
 
     app.add_middleware(ObserveMiddleware, requests=requests, latency=latency)
     return app
+
+
+def _allowed_methods(app: FastAPI, request: Request) -> set[str]:
+    """Every method some route serves on the request's path."""
+    methods: set[str] = set()
+    for route in app.router.routes:
+        match, _ = route.matches(request.scope)
+        if match != Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return methods
 
 
 class PrometheusResponse(Response):

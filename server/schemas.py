@@ -8,9 +8,9 @@ formats' own models, so the document follows them when they change.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, create_model
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
 
 from firmware_bundles.manifest import Provenance
 from firmware_bundles.messages import (
@@ -21,6 +21,45 @@ from firmware_bundles.messages import (
     LatencySketch,
 )
 from firmware_bundles.root import Root
+
+
+class RequestBody(BaseModel):
+    """Base of request bodies: unknown fields are refused, as the schema says."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+def _json_integer(value: Any) -> Any:
+    # JSON Schema's integer: 3 and 3.0, never true or "3" (which pydantic's lax mode takes).
+    if isinstance(value, bool | str):
+        raise ValueError("must be a JSON integer")
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def json_int(minimum: int, maximum: int) -> Any:
+    """An integer as JSON Schema has it, in ``[minimum, maximum]``."""
+    return Annotated[int, Field(ge=minimum, le=maximum), BeforeValidator(_json_integer)]
+
+
+def inline_refs(schema: dict[str, Any]) -> dict[str, Any]:
+    """``schema`` (a pydantic JSON schema) with its ``$defs`` references replaced by their
+    definitions, to embed in the OpenAPI document (no recursive models)."""
+    defs = schema.get("$defs", {})
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return walk(defs[ref.removeprefix("#/$defs/")])
+            return {k: walk(v) for k, v in node.items() if k != "$defs"}
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return node
+
+    result: dict[str, Any] = walk(schema)
+    return result
 
 
 class Problem(BaseModel):
@@ -36,6 +75,14 @@ REFUSALS: dict[int | str, dict[str, Any]] = {
     403: {"model": Problem, "description": "The caller may not do this."},
     404: {"model": Problem, "description": "No such resource."},
     409: {"model": Problem, "description": "Conflicts with the current state."},
+}
+#: REFUSALS for a route whose own answer is not JSON (its refusals still are).
+REFUSALS_AS_JSON: dict[int | str, dict[str, Any]] = {
+    status: {
+        "description": r["description"],
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Problem"}}},
+    }
+    for status, r in REFUSALS.items()
 }
 TOO_LARGE: dict[int | str, dict[str, Any]] = {
     413: {"model": Problem, "description": "The body is over its cap."}

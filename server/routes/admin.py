@@ -3,27 +3,30 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from firmware_bundles.messages import DeviceId
 from server import auth, fleet
+from server.auth import Role
 from server.deps import AdminDep, OperatorDep, ReaderDep, SessionDep, StateDep
 from server.schemas import (
     REFUSALS,
     CohortDevices,
     CohortPublic,
     EnrollmentTokenCreated,
+    RequestBody,
     TokenCreated,
     TokenPublic,
     TokenRevoked,
+    json_int,
 )
 
 router = APIRouter(prefix="/v1", tags=["admin"], responses=REFUSALS)
 
 
-class TokenRequest(BaseModel):
+class TokenRequest(RequestBody):
     name: str = Field(min_length=1, max_length=100)
-    role: str
+    role: Role
 
 
 @router.post("/tokens", status_code=201)
@@ -47,10 +50,11 @@ def revoke_token(token_id: int, session: SessionDep, who: AdminDep) -> TokenRevo
     return TokenRevoked(id=token_id, revoked=True)
 
 
-class EnrollmentTokenRequest(BaseModel):
+class EnrollmentTokenRequest(RequestBody):
     cohort: str | None = None
-    ttl_s: int | None = None
-    max_uses: int = 1
+    #: Default: the server's ``enrollment_token_ttl_s``; at most ten years.
+    ttl_s: json_int(1, 10 * 365 * 24 * 3600) | None = None  # type: ignore[valid-type]
+    max_uses: json_int(1, 2**31 - 1) = 1  # type: ignore[valid-type]
 
 
 @router.post("/enrollment-tokens", status_code=201)
@@ -66,17 +70,28 @@ def create_enrollment_token(
     return EnrollmentTokenCreated(token=token, cohort=body.cohort, max_uses=body.max_uses)
 
 
-class CohortRequest(BaseModel):
+class CohortFilter(RequestBody):
+    """Devices whose attributes match every field given."""
+
+    generation: str | None = None
+    platform: str | None = None
+    hardware_id: str | None = None
+    firmware_min: str | None = None
+    firmware_below: str | None = None
+
+
+class CohortRequest(RequestBody):
     name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9._-]+$")
-    filter: dict[str, str] | None = None
+    filter: CohortFilter | None = None
     members: list[DeviceId] = Field(default_factory=list)
 
 
 @router.post("/cohorts", status_code=201)
 def create_cohort(body: CohortRequest, session: SessionDep, who: OperatorDep) -> CohortPublic:
     """A cohort of static members and/or an attribute filter."""
-    fleet.create_cohort(session=session, name=body.name, filter=body.filter, members=body.members)
-    return CohortPublic(name=body.name, filter=body.filter, members=body.members)
+    filter = None if body.filter is None else body.filter.model_dump(exclude_none=True)
+    fleet.create_cohort(session=session, name=body.name, filter=filter, members=body.members)
+    return CohortPublic(name=body.name, filter=filter, members=body.members)
 
 
 @router.get("/cohorts")

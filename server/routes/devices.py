@@ -7,7 +7,6 @@ id outside the one rule is refused (422) where it enters, as in bodies.
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
-from pydantic import BaseModel
 
 from firmware_bundles.messages import CapabilityReport, CheckInRequest, DeviceId
 from server import fleet, hotpath, registry, telemetry
@@ -23,12 +22,13 @@ from server.schemas import (
     EnrollResult,
     PairingEnded,
     PinResult,
+    RequestBody,
 )
 
 router = APIRouter(prefix="/v1/devices", tags=["devices"], responses=REFUSALS)
 
 
-class EnrollRequest(BaseModel):
+class EnrollRequest(RequestBody):
     enroll_token: str
     device_id: DeviceId
     capabilities: CapabilityReport
@@ -112,7 +112,7 @@ def revoke(device_id: DeviceId, session: SessionDep, who: OperatorDep) -> Device
     return DeviceRevoked(device_id=device_id, revoked=True)
 
 
-class PinRequest(BaseModel):
+class PinRequest(RequestBody):
     version: str | None
 
 

@@ -10,7 +10,6 @@ from typing import Annotated, Any
 
 from anyio import to_thread
 from fastapi import APIRouter, Header, Request, Response
-from pydantic import BaseModel
 
 from server import registry
 from server.bodies import read_body
@@ -18,16 +17,19 @@ from server.deps import OperatorDep, PrincipalDep, PublisherDep, ReaderDep, Sess
 from server.ranges import RangeFileResponse
 from server.schemas import (
     REFUSALS,
+    REFUSALS_AS_JSON,
     TOO_LARGE,
     HilReportAttached,
     ModelPublic,
-    Problem,
     PublishResult,
     Released,
+    RequestBody,
     Withdrawn,
 )
 
 router = APIRouter(prefix="/v1", tags=["registry"], responses=REFUSALS)
+#: Downloads answer bytes, so their refusals are declared as JSON explicitly.
+downloads = APIRouter(prefix="/v1", tags=["registry"], responses=REFUSALS_AS_JSON)
 
 
 def _raw_body(media_type: str, description: str) -> dict[str, Any]:
@@ -45,7 +47,7 @@ def _raw_body(media_type: str, description: str) -> dict[str, Any]:
     "/bundles",
     status_code=201,
     responses=TOO_LARGE,
-    openapi_extra=_raw_body("application/x-tar", "The bundle archive's bytes."),
+    openapi_extra=_raw_body("application/octet-stream", "The bundle archive's bytes."),
 )
 async def publish(
     request: Request, session: SessionDep, state: StateDep, who: PublisherDep
@@ -89,14 +91,14 @@ class TarResponse(Response):
 _BYTES = {"application/x-tar": {"schema": {"type": "string", "format": "binary"}}}
 
 
-@router.get(
+@downloads.get(
     "/bundles/{sha256}",
     response_class=TarResponse,
     responses={
         200: {"description": "The whole bundle.", "content": _BYTES},
         206: {"description": "The byte ranges asked for (Range).", "content": _BYTES},
         304: {"description": "Not modified (If-None-Match)."},
-        416: {"description": "No range asked for is satisfiable.", "model": Problem},
+        416: {"description": "No range asked for is satisfiable.", "content": {"text/plain": {}}},
     },
 )
 def download(
@@ -130,7 +132,7 @@ def show_model(name: str, session: SessionDep, who: ReaderDep) -> ModelPublic:
     return ModelPublic.model_validate(registry.get_model(session, name))
 
 
-class ReleaseRequest(BaseModel):
+class ReleaseRequest(RequestBody):
     target: str | None = None
 
 

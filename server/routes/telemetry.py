@@ -19,7 +19,7 @@ from server.bodies import read_body
 from server.deps import ActingForDep, ReaderDep, SessionDep, StateDep
 from server.errors import ApiError
 from server.models import Device
-from server.schemas import REFUSALS, TOO_LARGE, Rollup, TelemetryAccepted
+from server.schemas import REFUSALS, TOO_LARGE, Rollup, TelemetryAccepted, inline_refs
 from server.state import ServerState
 
 router = APIRouter(prefix="/v1", tags=["telemetry"], responses=REFUSALS)
@@ -28,7 +28,9 @@ router = APIRouter(prefix="/v1", tags=["telemetry"], responses=REFUSALS)
 _BATCH_BODY: dict[str, Any] = {
     "requestBody": {
         "required": True,
-        "content": {"application/json": {"schema": TelemetryBatch.model_json_schema()}},
+        "content": {
+            "application/json": {"schema": inline_refs(TelemetryBatch.model_json_schema())}
+        },
     }
 }
 
