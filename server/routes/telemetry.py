@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from anyio import to_thread
+from anyio import CapacityLimiter, to_thread
 from fastapi import APIRouter, Request
 from sqlmodel import Session
 
@@ -23,6 +23,9 @@ from server.schemas import REFUSALS, TOO_LARGE, Rollup, TelemetryAccepted, inlin
 from server.state import ServerState
 
 router = APIRouter(prefix="/v1", tags=["telemetry"], responses=REFUSALS)
+#: One ingest at a time per worker, as when ingest ran on the event loop: concurrent batches lock
+#: the same rollup rows and race to create them, which retries only absorb one at a time.
+_INGEST = CapacityLimiter(1)
 
 #: The batch as the formats define it (the route reads raw bytes, against a cap).
 _BATCH_BODY: dict[str, Any] = {
@@ -45,7 +48,7 @@ async def upload(
 ) -> TelemetryAccepted:
     """Upload a batch of windows for a device (itself, or the ring it relays for)."""
     body = await read_body(request, state.settings.max_telemetry_batch_bytes, "batch")
-    return await to_thread.run_sync(_ingest, session, state, device, body)
+    return await to_thread.run_sync(_ingest, session, state, device, body, limiter=_INGEST)
 
 
 def _ingest(session: Session, state: ServerState, device: Device, body: bytes) -> TelemetryAccepted:
