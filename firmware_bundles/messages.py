@@ -10,10 +10,10 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, StringConstraints, field_validator, model_validator
 
 from firmware_bundles.errors import ExpiredError, RollbackError, SchemaError
-from firmware_bundles.manifest import Sha256, check_semver
+from firmware_bundles.manifest import SEMVER_PATTERN, Sha256, check_semver
 from firmware_bundles.root import Root
 from firmware_bundles.schema import Document
 from firmware_bundles.signing import Envelope, SigningKey
@@ -27,6 +27,8 @@ from firmware_bundles.telemetry import (
 )
 
 _ID = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+#: A device id, wherever one enters (enrollment, pairing, a URL path): the one rule for ids.
+DeviceId = Annotated[str, StringConstraints(pattern=_ID)]
 _NONCE = r"^[0-9a-f]{32,128}$"
 
 
@@ -42,7 +44,7 @@ class CapabilityReport(Document):
     hardware_id: str = Field(pattern=_ID)
     generation: str
     platform: str
-    firmware_version: str
+    firmware_version: str = Field(pattern=SEMVER_PATTERN)
     onnxruntime_version: str | None = None
     free_flash_bytes: int = Field(ge=0)
     free_ram_bytes: int = Field(ge=0)
