@@ -68,6 +68,7 @@ class VariantReport:
     batch_ms: float | None
     notes: str
     error: str | None
+    detail: str | None = None
 
 
 @dataclass
@@ -201,7 +202,18 @@ def _evaluate(
         if v.error:
             reports.append(
                 VariantReport(
-                    v.name, v.scheme, 0, 0, False, None, None, None, None, v.notes, v.error
+                    v.name,
+                    v.scheme,
+                    0,
+                    0,
+                    False,
+                    None,
+                    None,
+                    None,
+                    None,
+                    v.notes,
+                    v.error,
+                    v.detail,
                 )
             )
             continue

@@ -14,6 +14,7 @@ from edgefleet.common import (
     bundle_errors,
     console,
     fail,
+    literal,
     load_signing_key,
     print_json,
     read_file,
@@ -99,7 +100,7 @@ def bundle_pack(
     if json_out:
         print_json({"bundle": str(out), "sha256": ident, "bytes": len(data)})
     else:
-        console.print(f"packed {out}: {len(data)} bytes, sha256 {ident}")
+        console.print(f"packed {literal(out)}: {len(data)} bytes, sha256 {ident}")
 
 
 def parse_or_fail(data: bytes, path: Path) -> Any:
@@ -125,7 +126,7 @@ def bundle_sign(
     if json_out:
         print_json({"bundle": str(out), "sha256": ident, "bytes": len(data)})
     else:
-        console.print(f"signed {out}: sha256 {ident}")
+        console.print(f"signed {literal(out)}: sha256 {ident}")
 
 
 def _summary(contents: BundleContents) -> dict[str, Any]:
@@ -150,7 +151,7 @@ def _summary(contents: BundleContents) -> dict[str, Any]:
 
 
 def _print_summary(summary: dict[str, Any], title: str) -> None:
-    table = Table(title=title, show_header=False, title_justify="left")
+    table = Table(title=literal(title), show_header=False, title_justify="left")
     table.add_column("field", style="bold")
     table.add_column("value", overflow="fold")
     for key in (
@@ -167,12 +168,13 @@ def _print_summary(summary: dict[str, Any], title: str) -> None:
         "ram_estimate_bytes",
     ):
         value = summary[key]
-        table.add_row(key, ", ".join(value) if isinstance(value, list) else str(value))
-    table.add_row("metrics", ", ".join(f"{k}={v:g}" for k, v in summary["metrics"].items()))
+        table.add_row(key, literal(", ".join(value) if isinstance(value, list) else value))
+    metrics = ", ".join(f"{k}={v:g}" for k, v in summary["metrics"].items())
+    table.add_row("metrics", literal(metrics))
     for f in summary["files"]:
-        table.add_row("file", f"{f['path']}  {f['length']} B  {f['sha256'][:16]}…")
+        table.add_row("file", literal(f"{f['path']}  {f['length']} B  {f['sha256'][:16]}…"))
     for s in summary["signatures"]:
-        table.add_row("signed by", s)
+        table.add_row("signed by", literal(s))
     console.print(table)
 
 
@@ -230,8 +232,9 @@ def bundle_verify(
     else:
         role = trusted.root.roles["release"]
         console.print(
-            f"[green]verified[/] {bundle}: {summary['name']} {summary['version']}"
+            f"[green]verified[/] {literal(bundle)}: {literal(summary['name'])}"
+            f" {literal(summary['version'])}"
             f" (release counter {summary['release_counter']}), sha256 {summary['sha256']},"
             f" {len(verified.release_keyids)} of {role.threshold} release signature(s) needed"
-            + (f", fits {target}" if target else "")
+            + (f", fits {literal(target)}" if target else "")
         )

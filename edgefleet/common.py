@@ -12,6 +12,7 @@ from typing import Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from firmware_bundles import BundleError, SigningKey
 
@@ -22,9 +23,18 @@ err_console = Console(stderr=True, soft_wrap=True)
 EXIT_FAILED = 1
 
 
+def literal(value: object) -> str:
+    """``value`` as text that Rich prints as it is, never as markup.
+
+    Everything that comes from a bundle, a server, a device or a file goes through this before
+    it reaches Rich: a member named ``a[/b]`` is a closing tag to Rich, and crashes it.
+    """
+    return escape(str(value))
+
+
 def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
-    """Print ``error: message`` to stderr and exit with ``code``."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    """Print ``error: message`` to stderr and exit with ``code``; ``message`` is plain text."""
+    err_console.print(f"[bold red]error:[/] {literal(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
