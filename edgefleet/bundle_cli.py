@@ -14,6 +14,7 @@ from edgefleet.common import (
     bundle_errors,
     console,
     fail,
+    feed_file,
     literal,
     load_signing_key,
     print_json,
@@ -22,15 +23,15 @@ from edgefleet.common import (
 )
 from firmware_bundles import (
     BundleContents,
+    BundleReader,
     TargetCatalogue,
     TrustedRoot,
     add_signature,
     build,
     bundle_id,
     created_at_from_env,
-    open_bundle,
-    verify,
 )
+from firmware_bundles.bundle import check_target
 from firmware_bundles.signing import parse_json
 
 bundle_app = typer.Typer(help="Pack, sign, inspect and verify model bundles.", no_args_is_help=True)
@@ -184,9 +185,10 @@ def bundle_inspect(
     json_out: JsonFlag = False,
 ) -> None:
     """Show a bundle's manifest and files without trusting it (files are still hash-checked)."""
-    data = read_file(bundle, "bundle")
+    reader = BundleReader(keep_files=False, with_id=True)
     with bundle_errors(f"{bundle}: "):
-        contents = open_bundle(data, with_id=True)
+        feed_file(bundle, "bundle", reader)
+        contents = reader.finish()
     summary = _summary(contents)
     if json_out:
         print_json({**summary, "manifest": contents.manifest.to_dict()})
@@ -208,20 +210,18 @@ def bundle_verify(
 
     Exits 0 when the bundle is trusted, 1 with the reason when it is not.
     """
-    data = read_file(bundle, "bundle")
     root_bytes = read_file(root, "root")
     now = datetime.now(UTC)
     try:
         with bundle_errors(f"{root}: "):
             trusted = TrustedRoot.from_pinned(root_bytes, now)
+        fit_catalogue = load_catalogue(catalogue) if target else None
+        reader = BundleReader(root=trusted.root, keep_files=False, with_id=True)
         with bundle_errors(f"{bundle}: "):
-            verified = verify(
-                data,
-                trusted.root,
-                target_id=target,
-                catalogue=load_catalogue(catalogue) if target else None,
-                with_id=True,
-            )
+            feed_file(bundle, "bundle", reader)
+            verified = reader.finish_verified()
+            if target is not None:
+                check_target(verified.manifest, target, verified.contents.size, fit_catalogue)
     except typer.Exit:
         if json_out:
             print_json({"ok": False, "bundle": str(bundle)})

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Protocol
 
 import typer
 from rich.console import Console
@@ -42,6 +42,33 @@ def read_file(path: Path, what: str) -> bytes:
     """Read a file, exiting with a message naming ``what`` if it cannot be read."""
     try:
         return path.read_bytes()
+    except FileNotFoundError:
+        fail(f"{what} {path} does not exist", 2)
+    except IsADirectoryError:
+        fail(f"{what} {path} is a directory", 2)
+    except OSError as exc:
+        fail(f"cannot read {what} {path}: {exc.strerror}", 2)
+
+
+class Feedable(Protocol):
+    """A reader that takes a file in pieces (``firmware_bundles.BundleReader``)."""
+
+    def wants(self) -> int: ...
+
+    def feed(self, data: bytes) -> None: ...
+
+
+def feed_file(path: Path, what: str, reader: Feedable) -> None:
+    """Feed a file to ``reader`` in the pieces it asks for, never holding the whole file.
+
+    The reader refuses a header over a cap before the member behind it is read, so a file that
+    claims or holds hundreds of megabytes costs a piece's worth of memory. Its errors propagate;
+    a file that cannot be read exits with a message naming ``what``.
+    """
+    try:
+        with path.open("rb") as fh:
+            while chunk := fh.read(reader.wants()):
+                reader.feed(chunk)
     except FileNotFoundError:
         fail(f"{what} {path} does not exist", 2)
     except IsADirectoryError:
