@@ -19,6 +19,7 @@ from firmware_bundles.catalogue import TargetCatalogue
 from firmware_bundles.errors import SchemaError, SizeLimitError
 from firmware_bundles.manifest import Manifest
 from firmware_bundles.root import Root
+from firmware_bundles.selftest import attach_vectors
 from firmware_bundles.signing import Envelope, SigningKey
 
 
@@ -102,7 +103,8 @@ class BundleReader:
     Args:
         limits: Caps on size and member count.
         root: Verify release signatures against this root (else only open the bundle).
-        keep_files: Keep the files' bytes (else hash them only; ``files`` comes back empty).
+        keep_files: Keep the files' bytes and decode the self-test vectors (else hash the files
+            only; ``files`` comes back empty and format-2 vectors are not decoded).
         with_id: Hash the whole archive for its identity.
     """
 
@@ -115,6 +117,7 @@ class BundleReader:
         with_id: bool = False,
     ) -> None:
         self._root = root
+        self._keep_files = keep_files
         self._envelope: Envelope | None = None
         self._keyids: set[str] = set()
         self._archive = ArchiveReader(
@@ -134,10 +137,13 @@ class BundleReader:
         """The bundle, once every byte was fed.
 
         Raises:
-            ArchiveError: If the archive ends early or lacks a listed file.
+            ArchiveError: If the archive ends early, lacks a listed file, or its self-test file
+                does not hold the vectors the manifest lists.
         """
         archive = self._archive.finish()
         assert self._envelope is not None  # finish() raised if there was no manifest
+        if self._keep_files:
+            attach_vectors(archive.manifest, archive.files)
         return BundleContents(
             id=archive.id,
             envelope=self._envelope,
