@@ -14,7 +14,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 
 from converters import bundling, evaluation, reference
@@ -68,6 +67,7 @@ class VariantReport:
     batch_ms: float | None
     notes: str
     error: str | None
+    detail: str | None = None
 
 
 @dataclass
@@ -201,7 +201,18 @@ def _evaluate(
         if v.error:
             reports.append(
                 VariantReport(
-                    v.name, v.scheme, 0, 0, False, None, None, None, None, v.notes, v.error
+                    v.name,
+                    v.scheme,
+                    0,
+                    0,
+                    False,
+                    None,
+                    None,
+                    None,
+                    None,
+                    v.notes,
+                    v.error,
+                    v.detail,
                 )
             )
             continue
@@ -442,9 +453,15 @@ def _bundle(
                 "model_bytes": float(len(model_file)),
                 "float_model_bytes": float(len(shared["_float_model"])),
             },
-            "self_test": _self_test(model_file or graph_model, held_out.x, chosen.precision),
         }
     )
+    test, test_file = bundling.self_test(
+        model_file or graph_model,
+        held_out.x,
+        chosen.precision,
+        quantised=bundling.input_quantisation(graph_model),
+    )
+    fields["self_test"] = test
     return bundling.build_bundle(
         manifest_fields=fields,
         target=target,
@@ -452,8 +469,5 @@ def _bundle(
         model=model_file,
         created_at=options.created_at,
         keys=options.keys,
+        extra_files={test["file"]: test_file},
     )
-
-
-def _self_test(model: bytes, x: np.ndarray, precision: str) -> dict[str, Any]:
-    return bundling.self_test(model, x, precision)

@@ -9,12 +9,17 @@ import re
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
+from firmware_bundles.errors import MissingFileError
 from firmware_bundles.schema import Document
 
-MANIFEST_FORMAT = 1
+#: The format converters write. Format 1 (self-test vectors as JSON in the manifest) still reads.
+MANIFEST_FORMAT = 2
+MANIFEST_FORMATS = (1, 2)
 MANIFEST_PATH = "manifest.json"
+#: Where format-2 converters put the self-test tensors (any listed path is accepted).
+SELF_TEST_FILE = "self_test.bin"
 
 _SEMVER = re.compile(
     r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
@@ -173,10 +178,96 @@ class SelfTestVector(Document):
 
 
 class SelfTest(Document):
-    """Vectors a device runs after install, before it activates the model."""
+    """Format 1: vectors a device runs after install, before it activates the model, as JSON."""
 
     tolerance: float = Field(ge=0)
     vectors: list[SelfTestVector]
+
+
+#: Bytes per element of the dtypes a self-test file can hold (raw little-endian).
+TENSOR_ITEMSIZE = {
+    "float32": 4,
+    "float16": 2,
+    "int64": 8,
+    "int32": 4,
+    "int8": 1,
+    "uint8": 1,
+    "bool": 1,
+}
+
+
+class TensorLayout(Document):
+    """One tensor of a vector in the self-test file: raw little-endian, C order.
+
+    With ``scale`` the tensor is stored quantised (int8 or uint8, as the model's own input
+    QuantizeLinear does) and its value is ``float32(q - zero_point) * float32(scale)``, rounded to
+    float32 once; the expected outputs were computed on exactly those values.
+    """
+
+    name: str
+    dtype: Literal["float32", "float16", "int64", "int32", "int8", "uint8", "bool"]
+    shape: list[int]
+    scale: float | None = Field(default=None, gt=0)
+    zero_point: int = 0
+
+    @model_validator(mode="after")
+    def _quantised(self) -> TensorLayout:
+        if any(d < 0 for d in self.shape):
+            raise ValueError(f"tensor {self.name!r} has a negative dimension")
+        if self.scale is not None and self.dtype not in ("int8", "uint8"):
+            raise ValueError(f"tensor {self.name!r}: only int8 and uint8 tensors take a scale")
+        if self.scale is None and self.zero_point != 0:
+            raise ValueError(f"tensor {self.name!r}: a zero_point needs a scale")
+        return self
+
+    @property
+    def nbytes(self) -> int:
+        count = 1
+        for d in self.shape:
+            count *= d
+        return count * TENSOR_ITEMSIZE[self.dtype]
+
+
+class SelfTestFile(Document):
+    """Format 2: self-test vectors as binary tensors in a bundle file.
+
+    The file holds ``count`` vectors one after another; each is its ``inputs`` then its
+    ``expected`` outputs, in the order listed here, with no padding. Reading a bundle (never the
+    manifest alone) decodes them into :attr:`vectors`, the same shape format 1 gives.
+    """
+
+    tolerance: float = Field(ge=0)
+    file: str = Field(min_length=1, max_length=200)
+    count: int = Field(ge=0, le=1024)
+    inputs: list[TensorLayout] = Field(min_length=1)
+    expected: list[TensorLayout] = Field(min_length=1)
+    _vectors: list[SelfTestVector] | None = PrivateAttr(default=None)
+
+    @property
+    def vector_bytes(self) -> int:
+        """Bytes of one vector in the file."""
+        return sum(t.nbytes for t in [*self.inputs, *self.expected])
+
+    @property
+    def vectors(self) -> list[SelfTestVector]:
+        """The decoded vectors.
+
+        Raises:
+            MissingFileError: If the manifest was parsed alone, not read from its bundle.
+        """
+        if self._vectors is None:
+            raise MissingFileError(
+                f"self-test vectors are in the bundle file {self.file!r}; read the bundle"
+                " (open_bundle, verify, BundleReader), not the manifest alone",
+                self.file,
+            )
+        return self._vectors
+
+    def __eq__(self, other: object) -> bool:
+        # Decoded vectors are a cache of the file; manifests are equal on their fields.
+        return isinstance(other, SelfTestFile) and self.__dict__ == other.__dict__
+
+    __hash__ = Document.__hash__
 
 
 class Provenance(Document):
@@ -199,7 +290,7 @@ class FileEntry(Document):
 class Manifest(Document):
     """The signed description of a bundle."""
 
-    format: Literal[1] = 1
+    format: Literal[1, 2] = 1
     name: str = Field(pattern=_NAME)
     version: str
     release_counter: int = Field(ge=0)
@@ -212,7 +303,7 @@ class Manifest(Document):
     quantisation: Quantisation
     metrics: dict[str, float]
     reference_histograms: ReferenceHistograms
-    self_test: SelfTest
+    self_test: SelfTest | SelfTestFile
     provenance: Provenance
     files: list[FileEntry]
 
@@ -237,7 +328,36 @@ class Manifest(Document):
             raise ValueError(f"{MANIFEST_PATH} is reserved and cannot be listed in files")
         if self.runtime.model_file not in paths:
             raise ValueError(f"runtime.model_file {self.runtime.model_file!r} is not in files")
+        self._check_self_test()
         return self
+
+    def _check_self_test(self) -> None:
+        test = self.self_test
+        if self.format == 1:
+            if not isinstance(test, SelfTest):
+                raise ValueError("format 1 keeps self_test.vectors in the manifest")
+            return
+        if not isinstance(test, SelfTestFile):
+            raise ValueError(
+                f"format {self.format} keeps self-test vectors in a file (self_test.file)"
+            )
+        entry = next((f for f in self.files if f.path == test.file), None)
+        if entry is None:
+            raise ValueError(f"self_test.file {test.file!r} is not in files")
+        if entry.length != test.count * test.vector_bytes:
+            raise ValueError(
+                f"self_test.file {test.file!r} is {entry.length} bytes; {test.count} vectors"
+                f" of {test.vector_bytes} bytes need {test.count * test.vector_bytes}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict; from format 2 on, fields at their defaults are left out.
+
+        Parsing restores the defaults, so the document means the same and is shorter.
+        """
+        if self.format == 1:
+            return super().to_dict()
+        return self.model_dump(mode="json", by_alias=True, exclude_defaults=True)
 
     def file(self, path: str) -> FileEntry:
         """The entry for ``path``.
