@@ -22,8 +22,7 @@ from device_agent.errors import (
 )
 from device_agent.fetch import GATEWAY_STATUSES, resolve_url
 from device_agent.slots import write_atomic
-from firmware_bundles import BundleError
-from firmware_bundles.messages import CapabilityReport, CheckInRequest, CheckInResponse
+from firmware_bundles.messages import CapabilityReport, CheckInRequest
 from firmware_bundles.signing import canonical_json
 
 CREDENTIALS_FILE = "credentials.json"
@@ -136,12 +135,14 @@ class FleetClient:
         response = self.call("GET", f"/v1/roots/{version}.json", allow=(404,))
         return None if response.status_code == 404 else response.content
 
-    def check_in(self, credential: str, request: CheckInRequest) -> CheckInResponse:
-        """``POST /v1/devices/{id}/check-in``: the server's (unverified) answer.
+    def check_in(self, credential: str, request: CheckInRequest) -> bytes:
+        """``POST /v1/devices/{id}/check-in``: the server's answer, the bytes as received.
+
+        The answer is a signed envelope; :class:`~device_agent.trust.TrustedState` verifies
+        these very bytes, so nothing here parses or re-serialises them.
 
         Raises:
-            ServerRejected: If the answer is not a check-in response, or on a refusal.
-            ServerUnreachable, AuthError: As :meth:`call`.
+            ServerUnreachable, AuthError, ServerRejected: As :meth:`call`.
         """
         response = self.call(
             "POST",
@@ -149,10 +150,7 @@ class FleetClient:
             body=request.to_bytes(),
             credential=credential,
         )
-        try:
-            return CheckInResponse.from_bytes(response.content)
-        except BundleError as exc:
-            raise ServerRejected(response.status_code, f"check-in answer: {exc}") from exc
+        return response.content
 
 
 def error_detail(response: httpx.Response) -> str:

@@ -180,18 +180,21 @@ class RingRelay:
             installed=self._installed(slots),
             capabilities=self._capabilities(identity),
         )
-        response = await asyncio.to_thread(self.fleet.check_in, self.credential, request)
-        envelope = canonical_json(response.assignment_set)
+        # The answer is the signed envelope; the ring gets the very bytes the server sent.
+        envelope = await asyncio.to_thread(self.fleet.check_in, self.credential, request)
         state = TrustedState(self.root, slots.counters, self.catalogue)
-        assignments = state.verify_assignments(
+        verified = state.verify_assignments(
             envelope,
             device_id=identity.device_id,
             hardware_id=identity.hardware_id,
             nonce=identity.nonce,
             now=self.clock(),
         )
+        for assignment, refused in verified.refused:
+            self._last[assignment.model] = ("verify-failed", str(refused))
+            outcome.refused[f"{assignment.model} {assignment.version}"] = str(refused)
         running = _running_sha(slots)
-        for assignment in assignments:
+        for assignment in verified.assignments:
             label = f"{assignment.model} {assignment.version}"
             if assignment.bundle_sha256 == running:
                 outcome.unchanged.append(label)
