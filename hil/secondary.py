@@ -32,6 +32,7 @@ from firmware_bundles.root import Root
 from hil.errors import Refusal
 from hil.micro_runtime import MicroRuntime
 
+
 @dataclass(frozen=True)
 class Verified:
     """An assignment and the staged bundle it names, checked and loaded."""

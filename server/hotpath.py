@@ -19,8 +19,8 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlmodel import Session, col
 
-from firmware_bundles.manifest import FirmwareRange
 from firmware_bundles.check_in import check_in_answer
+from firmware_bundles.manifest import FirmwareRange
 from firmware_bundles.messages import AssignedBundle, CheckInRequest
 from server.auth import hash_token
 from server.checkin_store import Contact, DeviceRow
@@ -148,16 +148,7 @@ async def check_in(
         if reason is not None:
             withheld[model] = reason
             continue
-        bundles.append(
-            AssignedBundle(
-                model=model,
-                version=offer.version,
-                bundle_sha256=offer.sha256,
-                bundle_length=offer.length,
-                release_counter=offer.release_counter,
-                download_url=f"/v1/bundles/{offer.sha256}",
-            )
-        )
+        bundles.append(_assigned(model, offer))
     return check_in_answer(
         state.director_key,
         device_id=device_id,
@@ -178,6 +169,20 @@ def _cached_offers(state: ServerState, device_id: str, hardware_id: str) -> dict
         return None
     offers: dict[str, Offer] | None = state.cached(hardware_id)
     return offers
+
+
+@lru_cache(maxsize=4096)
+def _assigned(model: str, offer: Offer) -> AssignedBundle:
+    """The set's entry for an offer with a bundle, validated once per offer (offers are
+    immutable; the release cache hands out the same ones until a release changes)."""
+    return AssignedBundle(
+        model=model,
+        version=offer.version,
+        bundle_sha256=offer.sha256,
+        bundle_length=offer.length,
+        release_counter=offer.release_counter,
+        download_url=f"/v1/bundles/{offer.sha256}",
+    )
 
 
 @lru_cache(maxsize=4096)

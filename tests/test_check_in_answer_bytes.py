@@ -54,7 +54,10 @@ def _random_set(rng: random.Random) -> dict[str, object]:
             )
             for model in sorted(models)
         ],
-        "withheld": {_text(rng, rng.randint(1, 6)): _text(rng, rng.randint(0, 30)) for _ in range(rng.randint(0, 3))},
+        "withheld": {
+            _text(rng, rng.randint(1, 6)): _text(rng, rng.randint(0, 30))
+            for _ in range(rng.randint(0, 3))
+        },
         "next_check_in_s": rng.randint(1, MAX_NEXT_CHECK_IN_S),
     }
 

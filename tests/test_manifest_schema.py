@@ -188,7 +188,11 @@ def test_an_entry_below_its_floor_is_refused_alone(
     assert [a.model for a in verified.assignments] == [kept]
     ((entry, error),) = [(r.assignment, r.error) for r in verified.refused]
     assert entry.model == refused and isinstance(error, RollbackError)
-    assert (error.model, error.floor, error.offered) == (refused, floors[refused], entry.release_counter)
+    assert (error.model, error.floor, error.offered) == (
+        refused,
+        floors[refused],
+        entry.release_counter,
+    )
     assert f"below {floors[refused]}, the highest seen for {refused}" in str(error)
 
 

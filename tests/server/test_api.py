@@ -142,9 +142,7 @@ def test_incompatible_devices_get_no_assignment_and_a_reason(fleet: Fleet) -> No
     assert "firmware 2.5.0 outside the bundle's range" in r["signed"]["withheld"]["wrist-activity"]
     full_ring = fleet.enroll("ring-full", target="ring-gen3", free_flash_bytes=1000)
     r = fleet.check_in("ring-full", full_ring, firmware="3.1.0").json()
-    assert (
-        r["signed"]["bundles"] == [] and "free" in r["signed"]["withheld"]["wrist-activity"]
-    )
+    assert r["signed"]["bundles"] == [] and "free" in r["signed"]["withheld"]["wrist-activity"]
     ok_ring = fleet.enroll("ring-ok", target="ring-gen3")
     ok = fleet.check_in("ring-ok", ok_ring, firmware="3.1.0").json()
     assert len(ok["signed"]["bundles"]) == 1
