@@ -3,8 +3,9 @@
 Every device calls check-in on a timer, so the server builds the director-signed
 :class:`~firmware_bundles.messages.AssignmentSet` envelope here without validating the set as a
 whole (the entries are validated :class:`~firmware_bundles.messages.AssignedBundle` documents).
-The bytes equal ``AssignmentSet(...).sign(key).to_bytes()``; ``tests/test_check_in_answer.py``
-proves it on many random sets, so a field added to the model must be added here too.
+The bytes equal ``AssignmentSet(...).sign(key).to_bytes()``;
+``tests/test_check_in_answer_bytes.py`` proves it on many random sets, so a field added to the
+model must be added here too.
 """
 
 from __future__ import annotations
