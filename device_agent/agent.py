@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from device_agent.client import FleetClient, parse_check_in_answer
+from device_agent.client import FleetClient
 from device_agent.config import AgentSettings, DeviceConditions, FileConditions
 from device_agent.errors import (
     AgentError,
@@ -49,7 +49,6 @@ from firmware_bundles.messages import (
     CheckInRequest,
     InstalledModel,
 )
-from firmware_bundles.signing import canonical_json
 
 DEVICE_ID_FILE = "device-id"
 ROOT_FILE = "root.json"
@@ -293,7 +292,8 @@ class Agent:
         Raises:
             ServerUnreachable: If the server cannot be reached (the agent is offline).
             TrustError: If a root in the chain or the assignment set does not verify (nothing in
-                it is acted on).
+                it is acted on). An entry below its model's release counter floor is refused
+                alone: it is a ``failed`` install in the result, the other models update.
             AuthError: If the credential is refused.
             ServerRejected: If the server refuses the check-in or answers nonsense.
             ConfigError: If not enrolled and no enrollment token is set.
@@ -316,32 +316,35 @@ class Agent:
             installed=self.installed_models(),
             capabilities=self.capabilities(),
         )
-        answer = parse_check_in_answer(self._client.check_in(credential, request))
-        assignments = self._trusted.verify_assignments(
-            canonical_json(answer.assignment_set),
+        answer = self._client.check_in(credential, request)
+        verified = self._trusted.verify_assignments(
+            answer,
             device_id=self._device_id,
             hardware_id=self._target.id,
             nonce=nonce,
             now=self._clock(),
         )
+        assignments = verified.assignments
         dropped = self._updater.forget_unassigned({a.model: a.bundle_sha256 for a in assignments})
         headers = {"Authorization": f"Bearer {credential}"}
-        installs = [
+        # A refused entry holds back its own model only: the others still update.
+        installs = [self._updater.refuse(a, error) for a, error in verified.refused]
+        installs += [
             self._updater.apply(a, base_url=self.settings.server_url, headers=headers)
             for a in assignments
         ]
         self._write_status(
             last_check_in=self._clock().isoformat(),
             last_error=None,
-            withheld=answer.withheld,
+            withheld=verified.withheld,
             waiting={r.model: r.detail for r in installs if r.action == "waiting"},
-            next_check_in_s=answer.next_check_in_s,
+            next_check_in_s=verified.next_check_in_s,
         )
         return CheckInResult(
             device_id=self._device_id,
             root_version=self._trusted.root_version,
-            next_check_in_s=answer.next_check_in_s,
-            withheld=dict(answer.withheld),
+            next_check_in_s=verified.next_check_in_s,
+            withheld=dict(verified.withheld),
             installs=installs,
             partials_dropped=dropped,
         )
