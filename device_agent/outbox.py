@@ -70,7 +70,7 @@ CREATE TABLE IF NOT EXISTS versions (
     classes TEXT,
     first_run REAL NOT NULL,
     PRIMARY KEY (model, version)
-);
+) WITHOUT ROWID;
 """
 #: Boot epochs count seconds from 2024-01-01T00:00:00Z, not from 1970, so they stay within the
 #: server's 32-bit column until 2092; a clock set far ahead is capped and epochs then grow by one.
