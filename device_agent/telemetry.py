@@ -27,6 +27,7 @@ or a restart.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
 import time
@@ -39,7 +40,7 @@ import numpy as np
 
 from device_agent import histograms
 from device_agent.aggregates import InferenceTape, WindowAggregate
-from device_agent.errors import InferenceError, InputError
+from device_agent.errors import InferenceError, InputError, OutboxError
 from device_agent.outbox import Outbox, RanVersion
 from device_agent.runtime import LoadedModel, ModelIdentity
 from firmware_bundles.messages import TALLY_NAME_PATTERN
@@ -168,8 +169,10 @@ class Recorder:
             tape = self._tapes.get(model.key)
             if tape is None:
                 # Once per tape (a process's first call of a version, or after it idled): the
-                # version is remembered, so its late labels find its bundle after a switch.
-                self.outbox.remember_version(_ran(model))
+                # version is remembered, so its late labels find its bundle after a switch. A
+                # failing disk must not stop predictions; its labels are then refused instead.
+                with contextlib.suppress(OutboxError):
+                    self.outbox.remember_version(_ran(model))
                 tape = self._tapes[model.key] = InferenceTape(model, self.flush_every)
             return tape
 

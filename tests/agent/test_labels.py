@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from device_agent.agent import Agent
-from device_agent.errors import InputError
+from device_agent.errors import InputError, OutboxError
 from device_agent.local_api import LocalApi
 from device_agent.outbox import Outbox
 from device_agent.runtime import LoadedModel
@@ -207,6 +207,21 @@ def test_a_restart_keeps_the_versions_the_device_ran(
         assert labelled[0].window_start.timestamp() == T0
     finally:
         again.close()
+
+
+def test_predictions_go_on_when_the_version_cannot_be_remembered(
+    outbox: Outbox, v1: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def full_disk(ran: Any) -> None:
+        raise OutboxError("database or disk is full")
+
+    monkeypatch.setattr(outbox, "remember_version", full_disk)
+    recorder = Recorder(outbox, DEVICE, clock=Clock(T0))
+    recorder.run(v1, np.zeros((1, 4), np.float32))
+    with pytest.raises(InputError, match="ran \\(none yet\\)"):
+        recorder.label_prediction("gesture", "1.0.0", _utc(T0), "walk")
+    recorder.flush()
+    assert [w.inference_count for w in windows(outbox)] == [1]
 
 
 # -- through the agent facade and the local API -----------------------------------------------
