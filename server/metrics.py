@@ -47,7 +47,7 @@ def parse_time(value: str | None, *, end: bool) -> datetime | None:
     """An ISO 8601 date or time as a UTC instant; a date as ``to`` means the end of that day.
 
     Raises:
-        ApiError: 422 naming the value if it is neither.
+        ApiError: 400 naming the value if it is neither.
     """
     if value is None or value == "":
         return None
@@ -62,7 +62,7 @@ def parse_time(value: str | None, *, end: bool) -> datetime | None:
     except ValueError as exc:
         which = "to" if end else "from"
         raise ApiError(
-            422, f"{which!r} must be an ISO 8601 date or time (UTC), not {value!r}"
+            400, f"{which!r} must be an ISO 8601 date or time (UTC), not {value!r}"
         ) from exc
     return moment.astimezone(UTC)
 
@@ -79,13 +79,13 @@ def make_span(
     """A span from the API's query parameters (default: the seven days up to ``now``).
 
     Raises:
-        ApiError: 422 for a bad time or an empty span.
+        ApiError: 400 for a bad time or an empty span.
     """
     stop = parse_time(end, end=True) or now
     begin = parse_time(start, end=False) or stop - DEFAULT_SPAN
     if begin >= stop:
         raise ApiError(
-            422, f"'from' ({begin.isoformat()}) must be before 'to' ({stop.isoformat()})"
+            400, f"'from' ({begin.isoformat()}) must be before 'to' ({stop.isoformat()})"
         )
     return Span(model, version, hardware_id, begin, stop)
 
@@ -294,7 +294,7 @@ def drift_figures(
     (``{"inputs": {name: counts}, "outputs": {...}}``), on the manifest's bins.
 
     Raises:
-        ApiError: 422 when the two sides' bins differ for a feature (another layout).
+        ApiError: 409 when the two sides' bins differ for a feature (another layout).
     """
     if len(current.devices) < min_devices and not privileged:
         return {"withheld": f"too few devices (fewer than {min_devices})"}
@@ -311,7 +311,7 @@ def drift_figures(
             theirs = baseline_counts[side].get(name) or [0] * bins
             if len(ours) != bins or len(theirs) != bins:
                 raise ApiError(
-                    422,
+                    409,
                     f"{side[:-1]} {name!r}: bins differ ({len(ours)} against {len(theirs)});"
                     " drift needs the same bin edges on both sides",
                 )

@@ -33,13 +33,22 @@ CHI2_METHOD = (
 )
 
 HardwareQuery = Annotated[str | None, Query(description="catalogue hardware id; all if absent")]
+#: An ISO 8601 date, or a date and time with an optional UTC offset.
+ISO_TIME = r"^\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?(Z|[+-]\d{2}:\d{2})?)?$"
 FromQuery = Annotated[
     str | None,
-    Query(alias="from", description="ISO 8601 date or time, UTC (default: 7 days before 'to')"),
+    Query(
+        alias="from",
+        pattern=ISO_TIME,
+        description="ISO 8601 date or time, UTC (default: 7 days before 'to')",
+    ),
 ]
 ToQuery = Annotated[
     str | None,
-    Query(description="ISO 8601 date (through that day) or time (exclusive), UTC; default now"),
+    Query(
+        pattern=ISO_TIME,
+        description="ISO 8601 date (through that day) or time (exclusive), UTC; default now",
+    ),
 ]
 
 
@@ -53,7 +62,7 @@ def _span(
 ) -> metrics.Span:
     if hardware_id is not None and hardware_id not in state.catalogue.targets:
         raise ApiError(
-            422,
+            400,
             f"unknown hardware id {hardware_id!r}; known: "
             + ", ".join(sorted(state.catalogue.targets)),
         )

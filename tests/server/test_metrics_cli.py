@@ -103,7 +103,7 @@ def test_metrics_and_drift_commands(server: tuple[str, str, Path, Path], tmp_pat
     assert feature["counts"] == bins(np.concatenate([w.x0 for w in raws]))
     table = cli("drift", "gait", "1.0.0", *span, url=url, token=admin)
     assert table.returncode == 0 and "x0" in table.stdout and "PSI" in table.stdout
-    bad = cli("metrics", "gait", "1.0.0", "--from", "last tuesday", url=url, token=admin)
+    bad = cli("metrics", "gait", "1.0.0", "--from", "2026-02-30", url=url, token=admin)
     assert bad.returncode == 1 and "'from' must be an ISO 8601 date or time" in bad.stderr
     unknown = cli("drift", "gait", "2.0.0", url=url, token=admin)
     assert unknown.returncode == 1 and "no version 2.0.0 of model gait" in unknown.stderr
