@@ -100,12 +100,14 @@ def seed(url: str, data_dir: Path, devices: int, models: int, assigned: int) -> 
                     }
                 ],
             )
-            publish(
+            bundle = publish(
                 session=session,
                 state=state,
                 publisher="bench",
                 data=build(draft, {"model.onnx": MODEL_BYTES}, [key]),
             )
+            if m == 0:  # telemetry.lua reports windows of this bundle (checked against it)
+                (data_dir / "telemetry_bundle.txt").write_text(bundle.sha256)
             release(
                 session=session, model=name, version="1.2.3", target=None, by="bench", state=state
             )
@@ -146,6 +148,9 @@ def seed(url: str, data_dir: Path, devices: int, models: int, assigned: int) -> 
 
 def wrk(url: str, script: str, creds: Path, duration: int, connections: int) -> tuple[float, int]:
     env = {**os.environ, "EDGEFLEET_BENCH_CREDS": str(creds)}
+    sha = creds.parent / "telemetry_bundle.txt"
+    if sha.exists():
+        env["EDGEFLEET_BENCH_BUNDLE"] = sha.read_text().strip()
     out = subprocess.run(
         [
             "wrk",

@@ -9,6 +9,7 @@ from edgefleet.bundle_cli import bundle_app
 from edgefleet.convert_cli import convert_command
 from edgefleet.hil_cli import hil_app
 from edgefleet.keys_cli import keys_app, root_app
+from edgefleet.metrics_cli import drift_command, metrics_command
 from edgefleet.server_cli import register as register_server
 
 app = typer.Typer(
@@ -21,6 +22,8 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(root_app, name="root")
 app.add_typer(bundle_app, name="bundle")
 app.command("convert")(convert_command)
+app.command("metrics")(metrics_command)
+app.command("drift")(drift_command)
 register_server(app)
 app.add_typer(agent_app, name="agent")
 app.add_typer(hil_app, name="hil")

@@ -11,11 +11,10 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from edgefleet.api import JsonFlag, ServerOpt, TokenOpt
+from edgefleet.api import call as _call
 from edgefleet.common import console, fail, literal, print_json, read_file, write_file
 
-ServerOpt = Annotated[str, typer.Option(envvar="EDGEFLEET_SERVER", help="Server URL.")]
-TokenOpt = Annotated[str, typer.Option(envvar="EDGEFLEET_TOKEN", help="API token.")]
-JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 DataDirOpt = Annotated[Path, typer.Option(envvar="EDGEFLEET_DATA_DIR", help="Data directory.")]
 DbOpt = Annotated[
     str | None,
@@ -168,29 +167,6 @@ def _is_empty(engine: Any) -> bool:
 
 
 # -- clients ------------------------------------------------------------------------------------
-
-
-def _client(server: str, token: str) -> Any:
-    import httpx
-
-    return httpx.Client(base_url=server, headers={"Authorization": f"Bearer {token}"}, timeout=60.0)
-
-
-def _call(server: str, token: str, method: str, path: str, **kwargs: Any) -> Any:
-    import httpx
-
-    try:
-        with _client(server, token) as client:
-            response = client.request(method, path, **kwargs)
-    except httpx.HTTPError as exc:
-        fail(f"cannot reach {server}: {exc}")
-    if response.status_code >= 400:
-        try:
-            detail = response.json().get("detail", response.text)
-        except ValueError:
-            detail = response.text
-        fail(f"{method} {path}: HTTP {response.status_code}: {detail}")
-    return response.json()
 
 
 def publish(

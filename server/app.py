@@ -29,8 +29,10 @@ from server.checkin_store import make_store
 from server.config import Settings
 from server.db import check_schema, make_engine
 from server.errors import ApiError
+from server.jobs import Jobs, jobs_for
 from server.models import ApiToken
 from server.routes import admin, devices, registry, telemetry
+from server.routes import metrics as metrics_routes
 from server.schemas import Health, NotReady, Problem, Ready, RootEnvelope
 from server.state import BlobStore, ServerState, load_catalogue, load_trust
 
@@ -81,7 +83,10 @@ def create_app(state: ServerState) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        jobs = Jobs(jobs_for(state))
+        jobs.start()
         yield
+        await jobs.stop()
         await state.check_in_store.close()
 
     app = FastAPI(
@@ -116,6 +121,7 @@ def create_app(state: ServerState) -> FastAPI:
     for router in (
         devices.router,
         telemetry.router,
+        metrics_routes.router,
         registry.router,
         registry.downloads,
         admin.router,

@@ -38,6 +38,12 @@ class Settings(BaseSettings):
     telemetry_relative_accuracy: float = Field(
         default=DEFAULT_RELATIVE_ACCURACY, ge=MIN_RELATIVE_ACCURACY, lt=1
     )
+    #: A figure over fewer distinct devices is withheld from viewers ("too few devices");
+    #: operators and the rollout gates see it with its device count.
+    min_devices_shown: int = Field(default=5, ge=1)
+    #: Stored windows older than this (event time) are dropped; rollups are kept.
+    telemetry_retention_days: int = Field(default=30, ge=1)
+    telemetry_retention_check_s: float = Field(default=3600.0, gt=0)
     enrollment_token_ttl_s: int = 7 * 24 * 3600
     #: Release a version for a target only if its bundle carries a passing rig report signed by
     #: the root's ``hil`` role (``edgefleet publish --hil-report``).

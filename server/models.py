@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Column, LargeBinary, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Column, Index, LargeBinary, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 
@@ -148,21 +148,53 @@ class TelemetryBatchRecord(SQLModel, table=True):
     received_at: datetime
 
 
+class TelemetryWindowRecord(SQLModel, table=True):
+    """One accepted window of one device, as it arrived: what rollups are derived from, what
+    attributes telemetry to a device and an event time (rollout arms), and what erasing a device's
+    data removes. Dropped after ``telemetry_retention_days`` (its rollup stays).
+    """
+
+    __tablename__ = "telemetry_window"
+    __table_args__ = (
+        Index("ix_telemetry_window_version_start", "model", "version", "window_start"),
+    )
+    id: int | None = Field(default=None, primary_key=True)
+    batch_id: int = Field(foreign_key="telemetry_batch.id", index=True)
+    device_id: str = Field(index=True)
+    hardware_id: str
+    model: str
+    version: str
+    bundle_sha256: str
+    window_start: datetime = Field(index=True)
+    window_s: int
+    #: The window's aggregates (see :mod:`server.aggregate`).
+    aggregate: dict[str, Any] = Field(sa_column=Column(JSON))
+
+
 class TelemetryRollup(SQLModel, table=True):
-    """Merged telemetry per model version x generation x platform x event-time day."""
+    """A device's windows of one model version on one event-time day (UTC), added up.
+
+    Kept per device, so erasing a device's data removes exactly its contribution and a figure can
+    say over how many devices it was computed; fleet figures add these up.
+    """
 
     __tablename__ = "telemetry_rollup"
-    __table_args__ = (UniqueConstraint("model", "version", "generation", "platform", "day"),)
+    __table_args__ = (
+        UniqueConstraint("device_id", "model", "version", "day"),
+        Index("ix_telemetry_rollup_version_day", "model", "version", "day"),
+    )
     id: int | None = Field(default=None, primary_key=True)
-    model: str = Field(index=True)
-    version: str
+    device_id: str = Field(index=True)
+    hardware_id: str
     generation: str
     platform: str
+    model: str
+    version: str
     day: str
-    inference_count: int = 0
-    error_count: int = 0
-    selftest_failure_count: int = 0
-    window_count: int = 0
+    inference_count: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
+    error_count: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
+    selftest_failure_count: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
+    window_count: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
     latency: dict[str, Any] = Field(sa_column=Column(JSON))
     outputs: dict[str, Any] = Field(sa_column=Column(JSON))
     inputs: dict[str, Any] = Field(sa_column=Column(JSON))

@@ -323,3 +323,138 @@ class Ready(BaseModel):
 class NotReady(BaseModel):
     status: Literal["unavailable"]
     reason: str = Field(max_length=200)
+
+
+# Field metrics and drift (server.metrics)
+
+
+class LatencyFigures(BaseModel):
+    """Latency in seconds from the merged sketches (quantiles within the sketch's accuracy)."""
+
+    count: int
+    mean: float | None
+    p50: float | None
+    p95: float | None
+    p99: float | None
+
+
+class OutputFigures(BaseModel):
+    name: str
+    #: Bin names from the manifest (class names, or edges with under/overflow).
+    bins: list[str] | None
+    counts: list[int]
+    proportions: list[float] | None
+
+
+class TallyFigure(BaseModel):
+    count: int
+    #: Per inference.
+    rate: float | None
+
+
+class AccuracyFigures(BaseModel):
+    #: Share of labels that equal the prediction they correct; None without labels.
+    value: float | None
+    #: Labels the accuracy rests on (their prediction known).
+    labels: int
+    labels_without_prediction: int
+
+
+class CompletenessFigures(BaseModel):
+    """Telemetry batches received against those the reporting devices' sequence numbers say
+    were sent."""
+
+    batches_received: int
+    batches_expected: int
+    ratio: float | None
+
+
+class Figures(BaseModel):
+    """A group's field figures, or ``withheld`` saying why not (too few devices, to a viewer)."""
+
+    withheld: str | None = None
+    devices_reporting: int | None = None
+    windows: int | None = None
+    inferences: int | None = None
+    errors: int | None = None
+    error_rate: float | None = None
+    selftest_failures: int | None = None
+    #: Share of reporting devices that reported a self-test failure.
+    selftest_failure_rate: float | None = None
+    latency_s: LatencyFigures | None = None
+    outputs: list[OutputFigures] | None = None
+    feedback: dict[str, TallyFigure] | None = None
+    accuracy: AccuracyFigures | None = None
+    completeness: CompletenessFigures | None = None
+
+
+class DayFigures(Figures):
+    day: str
+
+
+class SpanPublic(BaseModel):
+    model: str
+    version: str
+    hardware_id: str | None
+    start: datetime
+    end: datetime
+
+
+class VersionMetrics(BaseModel):
+    """A version's field figures over an event-time span, in total and per day."""
+
+    span: SpanPublic
+    min_devices_shown: int
+    #: Stored rows that failed the checks and were left out.
+    skipped_rows: int
+    total: Figures
+    days: list[DayFigures]
+
+
+class DriftRow(BaseModel):
+    """Drift of one input feature or output, over every bin (under/overflow and unseen too)."""
+
+    name: str
+    bins: list[str]
+    counts: list[int]
+    baseline_counts: list[int]
+    #: ``ok``, or ``no-data`` when a side has no counts (then the figures are None).
+    status: str
+    current_count: int
+    baseline_count: int
+    psi: float | None
+    js_divergence_bits: float | None
+    chi2: float | None
+    chi2_dof: int | None
+    chi2_p_value: float | None
+    max_abs_proportion_diff: float | None
+
+
+class DriftFigures(BaseModel):
+    withheld: str | None = None
+    devices_reporting: int | None = None
+    inputs: list[DriftRow] | None = None
+    outputs: list[DriftRow] | None = None
+
+
+class VersionDrift(BaseModel):
+    """A version's drift over a span against the manifest's reference or another version."""
+
+    span: SpanPublic
+    #: ``reference`` (the manifest's reference histograms) or a version of the same model.
+    against: str
+    min_devices_shown: int
+    psi_zero_proportion: float
+    method: str
+    baseline_devices_reporting: int | None
+    skipped_rows: int
+    drift: DriftFigures
+
+
+class TelemetryErased(BaseModel):
+    """What erasing a device's telemetry removed."""
+
+    device_id: str
+    windows: int
+    rollups: int
+    batches: int

@@ -1,8 +1,15 @@
-"""Telemetry ingest: idempotent batches merged into rollups per version, generation, platform, day.
+"""Telemetry ingest and storage: idempotent batches, each device's windows kept, and rollups per
+device, model version and event-time day derived from them.
 
 A batch's key (device, boot epoch, sequence) is unique, so a replay is a no-op; every merge adds
-counts (see :mod:`firmware_bundles.telemetry`), so arrival order does not change the totals.
-Sequence numbers start at 0 in each boot epoch; gaps give a device's completeness ratio.
+counts (see :mod:`server.aggregate`), so arrival order does not change the totals. Sequence numbers
+start at 0 in each boot epoch; gaps give a device's completeness ratio.
+
+Each accepted window is stored with its device, bundle and event time (``telemetry_window``), and
+added into its device's rollup for that version and day (``telemetry_rollup``). Windows are kept
+for ``telemetry_retention_days``, rollups for good; erasing a device's telemetry deletes both, so
+every figure changes by exactly its contribution. Fleet figures add rollups up
+(:mod:`server.metrics`).
 
 What one device sends can never break the rollups others write or read: every window is checked
 against the manifest of the bundle it names (published here, for the device's hardware id:
@@ -17,20 +24,26 @@ from __future__ import annotations
 
 import logging
 import math
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
-from pydantic import BaseModel, ConfigDict, ValidationError
-from sqlalchemy import func, or_
+from sqlalchemy import delete, func, or_
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from firmware_bundles import telemetry as merge
+from firmware_bundles import telemetry as sketch
 from firmware_bundles.manifest import Manifest
-from firmware_bundles.messages import Count, LatencySketch, TallyName, TelemetryBatch
+from firmware_bundles.messages import TelemetryBatch
 from firmware_bundles.window_builder import TelemetryLayout
+from server import aggregate
 from server.errors import ApiError
-from server.models import Bundle, Device, TelemetryBatchRecord, TelemetryRollup
+from server.models import (
+    Bundle,
+    Device,
+    TelemetryBatchRecord,
+    TelemetryRollup,
+    TelemetryWindowRecord,
+)
 
 log = logging.getLogger("edgefleet.server.telemetry")
 
@@ -40,17 +53,21 @@ MAX_PROBLEMS_REPORTED = 10
 MAX_CACHED_LAYOUTS = 4096
 _layouts: dict[str, tuple[str, TelemetryLayout]] = {}
 
+#: A device's rollup key: model, version, event-time day (UTC, ISO date).
+_Key = tuple[str, str, str]
+
 
 def ingest(
     *, session: Session, device: Device, batch: TelemetryBatch, relative_accuracy: float
 ) -> bool:
-    """Merge a batch for ``device``; returns False when it was a replay.
+    """Store a batch for ``device``; returns False when it was a replay.
 
-    The batch's windows are first checked (:func:`check_windows`), then folded per rollup key
-    (model, version, generation, platform, event-time day) in memory, so each key's rollup row is
-    read and written once per batch, not once per window. The batch record and every rollup
-    change commit in one transaction; a race with another worker (the same batch, or the first
-    window of a new rollup) rolls back and retries.
+    The batch's windows are checked (:func:`check_windows`), stored, and added per key (model,
+    version, event-time day) into the device's rollups, each row read and written once per batch.
+    The batch record, its windows and the rollup changes commit in one transaction. Only the
+    device's own rows are locked, so devices never wait on each other; a race with another upload
+    of the same device (the same batch, or the first window of a new rollup) rolls back and
+    retries.
 
     Args:
         session: The database session.
@@ -65,7 +82,7 @@ def ingest(
     if batch.device_id != device.id:
         raise ApiError(400, f"batch is for {batch.device_id}, URL for {device.id}")
     check_windows(session, device, batch, relative_accuracy)
-    parts = _fold_batch(batch, relative_accuracy)
+    parts = _add_up(batch, relative_accuracy)
     for attempt in range(3):
         seen = session.exec(
             select(TelemetryBatchRecord.id).where(
@@ -76,18 +93,20 @@ def ingest(
         ).first()
         if seen is not None:
             return False
-        session.add(
-            TelemetryBatchRecord(
-                device_id=device.id,
-                boot_epoch=batch.boot_epoch,
-                sequence=batch.sequence,
-                window_count=len(batch.windows),
-                dropped_windows=batch.dropped_windows,
-                received_at=datetime.now(UTC),
-            )
+        record = TelemetryBatchRecord(
+            device_id=device.id,
+            boot_epoch=batch.boot_epoch,
+            sequence=batch.sequence,
+            window_count=len(batch.windows),
+            dropped_windows=batch.dropped_windows,
+            received_at=datetime.now(UTC),
         )
         try:
-            _merge_parts(session, device, parts, relative_accuracy)
+            session.add(record)
+            session.flush()
+            assert record.id is not None
+            _store_windows(session, device, batch, record.id)
+            _add_into_rollups(session, device, parts, relative_accuracy)
             session.commit()
             return True
         except IntegrityError:
@@ -155,40 +174,7 @@ def _bundle_layouts(session: Session, shas: set[str]) -> dict[str, tuple[str, Te
     return {sha: _layouts[sha] for sha in shas if sha in _layouts}
 
 
-_Key = tuple[str, str, str]  # model, version, day (generation and platform are the device's)
-
-
-def _empty(relative_accuracy: float) -> dict[str, Any]:
-    return {
-        "inference_count": 0,
-        "error_count": 0,
-        "selftest_failure_count": 0,
-        "window_count": 0,
-        "latency": merge.new_sketch(relative_accuracy),
-        "outputs": {},
-        "inputs": {},
-        "feedback": {},
-        "labels": {},
-    }
-
-
-def _fold(into: dict[str, Any], part: dict[str, Any]) -> None:
-    """Add one window's or one part's aggregates into ``into`` (in place).
-
-    Raises:
-        ValueError: If histograms or sketches do not line up.
-    """
-    for field in ("inference_count", "error_count", "selftest_failure_count", "window_count"):
-        into[field] += part[field]
-    merge.merge(into["latency"], part["latency"])
-    merge.merge_named_counts(into["outputs"], part["outputs"].items())
-    merge.merge_named_counts(into["inputs"], part["inputs"].items())
-    merge.merge_tallies(into["feedback"], part["feedback"])
-    for predicted, counts in part["labels"].items():
-        merge.merge_tallies(into["labels"].setdefault(predicted, {}), counts)
-
-
-def _fold_batch(batch: TelemetryBatch, relative_accuracy: float) -> dict[_Key, dict[str, Any]]:
+def _add_up(batch: TelemetryBatch, relative_accuracy: float) -> dict[_Key, dict[str, Any]]:
     """The checked windows of ``batch`` added up per rollup key (they line up: each was checked
     against its bundle's layout and the server's accuracy)."""
     parts: dict[_Key, dict[str, Any]] = {}
@@ -196,104 +182,75 @@ def _fold_batch(batch: TelemetryBatch, relative_accuracy: float) -> dict[_Key, d
         key = (w.model, w.version, w.window_start.astimezone(UTC).date().isoformat())
         part = parts.get(key)
         if part is None:
-            part = parts[key] = _empty(relative_accuracy)
-        _fold(
-            part,
-            {
-                "inference_count": w.inference_count,
-                "error_count": w.error_count,
-                "selftest_failure_count": w.selftest_failure_count,
-                "window_count": 1,
-                "latency": w.latency.model_dump(),
-                "outputs": {h.name: h.counts for h in w.outputs},
-                "inputs": {h.name: h.counts for h in w.inputs},
-                "feedback": w.feedback,
-                "labels": w.labels,
-            },
-        )
+            part = parts[key] = aggregate.empty(relative_accuracy)
+        aggregate.add(part, aggregate.of_window(w))
     return parts
 
 
-class StoredRollup(BaseModel):
-    """What a stored rollup row must hold to be read or merged into (the wire's rules)."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    inference_count: Count
-    error_count: Count
-    selftest_failure_count: Count
-    window_count: Count
-    latency: LatencySketch
-    outputs: dict[str, list[Count]]
-    inputs: dict[str, list[Count]]
-    feedback: dict[TallyName, Count]
-    labels: dict[TallyName, dict[TallyName, Count]]
-
-
-def row_problem(row: TelemetryRollup, relative_accuracy: float) -> str | None:
-    """Why a stored rollup row fails the checks every window passes, or None if it does not."""
-    try:
-        stored = StoredRollup.model_validate(row, from_attributes=True)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"])
-        return f"{len(exc.errors())} invalid fields, first {loc!r}: {first['msg']}"
-    if not math.isclose(stored.latency.relative_accuracy, relative_accuracy):
-        return f"latency sketch at relative accuracy {stored.latency.relative_accuracy}"
-    return None
+def _store_windows(session: Session, device: Device, batch: TelemetryBatch, batch_id: int) -> None:
+    session.bulk_insert_mappings(
+        TelemetryWindowRecord,
+        [
+            {
+                "batch_id": batch_id,
+                "device_id": device.id,
+                "hardware_id": device.hardware_id,
+                "model": w.model,
+                "version": w.version,
+                "bundle_sha256": w.bundle_sha256,
+                "window_start": w.window_start.astimezone(UTC),
+                "window_s": w.window_s,
+                "aggregate": aggregate.of_window(w),
+            }
+            for w in batch.windows
+        ],
+    )
 
 
-def _row_values(rollup: TelemetryRollup) -> dict[str, Any]:
-    # JSON columns are replaced, not mutated, so the ORM sees the change.
-    current = {f: getattr(rollup, f) for f in _ROLLUP_FIELDS}
-    current["latency"] = {**current["latency"], "bins": dict(current["latency"]["bins"])}
-    current["outputs"] = {k: list(v) for k, v in current["outputs"].items()}
-    current["inputs"] = {k: list(v) for k, v in current["inputs"].items()}
-    current["feedback"] = dict(current["feedback"])
-    current["labels"] = {k: dict(v) for k, v in current["labels"].items()}
-    return current
-
-
-def _merge_parts(
+def _add_into_rollups(
     session: Session, device: Device, parts: dict[_Key, dict[str, Any]], relative_accuracy: float
 ) -> None:
-    """Read the batch's rollup rows once (locked) and add each part into its row.
+    """Read the device's rollup rows for the batch's keys once (locked) and add each part in.
 
     A row that fails the checks (which reads skip) is replaced by the part, so one bad row never
-    makes correct devices' data bounce; what it held is logged.
+    makes correct data bounce; what it held is logged.
     """
     if not parts:
         return
     rows = session.exec(
         select(TelemetryRollup)
         .where(
+            TelemetryRollup.device_id == device.id,
             col(TelemetryRollup.model).in_({k[0] for k in parts}),
             col(TelemetryRollup.day).in_({k[2] for k in parts}),
-            TelemetryRollup.generation == device.generation,
-            TelemetryRollup.platform == device.platform,
         )
+        .order_by(col(TelemetryRollup.id))
         .with_for_update()
     ).all()
     existing = {(r.model, r.version, r.day): r for r in rows}
-    for key, part in parts.items():
+    for key in sorted(parts):
+        part = parts[key]
         rollup = existing.get(key)
         if rollup is None:
-            rollup = TelemetryRollup(
-                model=key[0],
-                version=key[1],
-                generation=device.generation,
-                platform=device.platform,
-                day=key[2],
-                **{f: part[f] for f in _ROLLUP_FIELDS},
+            session.add(
+                TelemetryRollup(
+                    device_id=device.id,
+                    hardware_id=device.hardware_id,
+                    generation=device.generation,
+                    platform=device.platform,
+                    model=key[0],
+                    version=key[1],
+                    day=key[2],
+                    **part,
+                )
             )
-            session.add(rollup)
-            session.flush()  # IntegrityError if another worker created it first: ingest retries
+            session.flush()  # IntegrityError if another upload created it first: ingest retries
             continue
-        problem = row_problem(rollup, relative_accuracy)
-        current = _row_values(rollup) if problem is None else None
+        problem = aggregate.problem(rollup, relative_accuracy)
+        current = aggregate.copy(aggregate.values(rollup)) if problem is None else None
         if current is not None:
             try:
-                _fold(current, part)
+                aggregate.add(current, part)
             except ValueError as exc:  # a layout no manifest gives: written before the checks
                 problem, current = str(exc), None
         if current is None:
@@ -302,7 +259,7 @@ def _merge_parts(
                 rollup.id,
                 key,
                 problem,
-                {f: getattr(rollup, f) for f in _ROLLUP_FIELDS},
+                aggregate.values(rollup),
             )
             current = part
         for field, value in current.items():
@@ -310,54 +267,88 @@ def _merge_parts(
         session.add(rollup)
 
 
-_ROLLUP_FIELDS = (
-    "inference_count",
-    "error_count",
-    "selftest_failure_count",
-    "window_count",
-    "latency",
-    "outputs",
-    "inputs",
-    "feedback",
-    "labels",
-)
-
-
 class Rollups(NamedTuple):
-    """Rollups as read: the rows that pass the checks, and how many were skipped."""
+    """Fleet rollups as read: the rows that pass the checks, and how many stored rows were
+    skipped."""
 
     rows: list[dict[str, Any]]
     skipped_rows: int
 
 
 def rollups(session: Session, model: str | None = None, *, relative_accuracy: float) -> Rollups:
-    """Rollups with latency quantiles, for the API and dashboard; a row that fails the checks
-    is skipped, counted and logged, never an error."""
+    """Rollups per model version x generation x platform x day (the devices' rollups added up),
+    with latency quantiles; a stored row that fails the checks is skipped, counted and logged,
+    never an error."""
     query = select(TelemetryRollup)
     if model:
         query = query.where(TelemetryRollup.model == model)
-    result = []
+    groups: dict[tuple[str, str, str, str, str], dict[str, Any]] = {}
     skipped = 0
-    for r in session.exec(
-        query.order_by(
-            TelemetryRollup.model,
-            TelemetryRollup.version,
-            TelemetryRollup.generation,
-            TelemetryRollup.platform,
-            TelemetryRollup.day,
-        )
-    ):
-        problem = row_problem(r, relative_accuracy)
+    for r in session.exec(query.order_by(col(TelemetryRollup.id))):
+        problem = aggregate.problem(r, relative_accuracy)
         if problem is not None:
             log.warning("telemetry rollup %s skipped: %s", r.id, problem)
             skipped += 1
             continue
-        data = r.model_dump(exclude={"id"})
-        data["latency_quantiles_s"] = {
-            q: merge.quantile(r.latency, float(q)) for q in ("0.5", "0.9", "0.99")
-        }
-        result.append(data)
+        key = (r.model, r.version, r.generation, r.platform, r.day)
+        group = groups.get(key)
+        if group is None:
+            group = groups[key] = aggregate.empty(relative_accuracy)
+        aggregate.add(group, aggregate.values(r))
+    result = []
+    for (model_name, version, generation, platform, day), group in sorted(groups.items()):
+        result.append(
+            {
+                "model": model_name,
+                "version": version,
+                "generation": generation,
+                "platform": platform,
+                "day": day,
+                **group,
+                "latency_quantiles_s": {
+                    q: sketch.quantile(group["latency"], float(q)) for q in ("0.5", "0.9", "0.99")
+                },
+            }
+        )
     return Rollups(result, skipped)
+
+
+class Erased(NamedTuple):
+    """What erasing one device's telemetry removed."""
+
+    windows: int
+    rollups: int
+    batches: int
+
+
+def erase_device(session: Session, device_id: str) -> Erased:
+    """Delete every window, rollup and batch record of ``device_id`` (health data), in one
+    transaction: every aggregate then changes by exactly its contribution.
+
+    The batch records go too, so a batch the device still holds and sends again is taken as new.
+    """
+    windows = session.exec(
+        delete(TelemetryWindowRecord).where(col(TelemetryWindowRecord.device_id) == device_id)
+    ).rowcount
+    rollup_rows = session.exec(
+        delete(TelemetryRollup).where(col(TelemetryRollup.device_id) == device_id)
+    ).rowcount
+    batches = session.exec(
+        delete(TelemetryBatchRecord).where(col(TelemetryBatchRecord.device_id) == device_id)
+    ).rowcount
+    session.commit()
+    return Erased(int(windows), int(rollup_rows), int(batches))
+
+
+def drop_expired_windows(session: Session, *, now: datetime, retention_days: int) -> int:
+    """Delete windows whose event time is older than ``retention_days`` before ``now`` (their
+    rollups stay); returns how many."""
+    cutoff = now - timedelta(days=retention_days)
+    dropped = session.exec(
+        delete(TelemetryWindowRecord).where(col(TelemetryWindowRecord.window_start) < cutoff)
+    ).rowcount
+    session.commit()
+    return int(dropped)
 
 
 def completeness(session: Session, device_id: str) -> dict[str, Any]:

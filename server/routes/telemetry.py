@@ -16,10 +16,17 @@ from firmware_bundles.errors import SchemaError
 from firmware_bundles.messages import DeviceId, TelemetryBatch
 from server import telemetry
 from server.bodies import read_body
-from server.deps import ActingForDep, ReaderDep, SessionDep, StateDep
+from server.deps import ActingForDep, AdminDep, ReaderDep, SessionDep, StateDep
 from server.errors import ApiError
 from server.models import Device
-from server.schemas import REFUSALS, TOO_LARGE, Rollup, TelemetryAccepted, inline_refs
+from server.schemas import (
+    REFUSALS,
+    TOO_LARGE,
+    Rollup,
+    TelemetryAccepted,
+    TelemetryErased,
+    inline_refs,
+)
 from server.state import ServerState
 
 router = APIRouter(prefix="/v1", tags=["telemetry"], responses=REFUSALS)
@@ -85,3 +92,17 @@ def rollups(
     )
     response.headers["Edgefleet-Skipped-Rows"] = str(found.skipped_rows)
     return [Rollup.model_validate(r) for r in found.rows]
+
+
+@router.delete("/devices/{device_id}/telemetry")
+def erase_device_telemetry(
+    device_id: DeviceId, session: SessionDep, who: AdminDep
+) -> TelemetryErased:
+    """Erase every stored window, rollup and batch record of a device (health data): every
+    aggregate changes by exactly its contribution. Admin only."""
+    if session.get(Device, device_id) is None:
+        raise ApiError(404, f"no device {device_id}")
+    erased = telemetry.erase_device(session, device_id)
+    return TelemetryErased(
+        device_id=device_id, windows=erased.windows, rollups=erased.rollups, batches=erased.batches
+    )

@@ -199,6 +199,8 @@ def test_a_corrupt_stored_rollup_is_skipped_and_counted(fleet: Fleet) -> None:
         for i, damage in enumerate(CORRUPT):
             session.add(
                 TelemetryRollup(
+                    device_id="good",
+                    hardware_id="phone-android",
                     model=MODELS[0],
                     version="1.0.0",
                     generation="phone",

@@ -1,0 +1,121 @@
+"""Telemetry aggregates as plain dicts: an empty one, one window's, adding one into another, and
+the checks a stored one must pass before it is read or added to. Pure: no database, no I/O.
+
+An aggregate holds what windows add up to: counts, a latency sketch (see
+:mod:`firmware_bundles.telemetry`), named histograms, feedback and label tallies. Adding is
+associative and commutative in everything but the float ``latency.sum``, so any order of arrival
+gives the same counts and quantiles.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from firmware_bundles import telemetry as sketch
+from firmware_bundles.messages import Count, LatencySketch, TallyName, TelemetryWindow
+
+COUNT_FIELDS = ("inference_count", "error_count", "selftest_failure_count", "window_count")
+#: Every field of an aggregate (the columns of a stored rollup).
+FIELDS = (*COUNT_FIELDS, "latency", "outputs", "inputs", "feedback", "labels")
+
+
+def empty(relative_accuracy: float) -> dict[str, Any]:
+    """An aggregate of nothing, at the server's sketch accuracy."""
+    return {
+        "inference_count": 0,
+        "error_count": 0,
+        "selftest_failure_count": 0,
+        "window_count": 0,
+        "latency": sketch.new_sketch(relative_accuracy),
+        "outputs": {},
+        "inputs": {},
+        "feedback": {},
+        "labels": {},
+    }
+
+
+def of_window(window: TelemetryWindow) -> dict[str, Any]:
+    """One checked window as an aggregate (``window_count`` 1)."""
+    return {
+        "inference_count": window.inference_count,
+        "error_count": window.error_count,
+        "selftest_failure_count": window.selftest_failure_count,
+        "window_count": 1,
+        "latency": window.latency.model_dump(),
+        "outputs": {h.name: list(h.counts) for h in window.outputs},
+        "inputs": {h.name: list(h.counts) for h in window.inputs},
+        "feedback": dict(window.feedback),
+        "labels": {k: dict(v) for k, v in window.labels.items()},
+    }
+
+
+def add(into: dict[str, Any], part: dict[str, Any]) -> None:
+    """Add ``part`` into ``into`` in place (``into`` must be a copy the caller owns).
+
+    Raises:
+        ValueError: If histograms or sketches do not line up.
+    """
+    for field in COUNT_FIELDS:
+        into[field] += part[field]
+    sketch.merge(into["latency"], part["latency"])
+    sketch.merge_named_counts(into["outputs"], part["outputs"].items())
+    sketch.merge_named_counts(into["inputs"], part["inputs"].items())
+    sketch.merge_tallies(into["feedback"], part["feedback"])
+    for predicted, counts in part["labels"].items():
+        sketch.merge_tallies(into["labels"].setdefault(predicted, {}), counts)
+
+
+def copy(values: dict[str, Any]) -> dict[str, Any]:
+    """A copy deep enough for :func:`add` (JSON columns are replaced, not mutated, so the ORM
+    sees a change)."""
+    return {
+        **{f: values[f] for f in COUNT_FIELDS},
+        "latency": {**values["latency"], "bins": dict(values["latency"]["bins"])},
+        "outputs": {k: list(v) for k, v in values["outputs"].items()},
+        "inputs": {k: list(v) for k, v in values["inputs"].items()},
+        "feedback": dict(values["feedback"]),
+        "labels": {k: dict(v) for k, v in values["labels"].items()},
+    }
+
+
+class StoredAggregate(BaseModel):
+    """What a stored aggregate must hold to be read or added to (the wire's rules)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    inference_count: Count
+    error_count: Count
+    selftest_failure_count: Count
+    window_count: Count
+    latency: LatencySketch
+    outputs: dict[str, list[Count]]
+    inputs: dict[str, list[Count]]
+    feedback: dict[TallyName, Count]
+    labels: dict[TallyName, dict[TallyName, Count]]
+
+
+def problem(stored: Any, relative_accuracy: float) -> str | None:
+    """Why a stored aggregate (a row, or a dict) fails the checks every window passes, or None.
+
+    An earlier bug may have let such a row in; readers skip and count it rather than fail.
+    """
+    try:
+        if isinstance(stored, dict):
+            checked = StoredAggregate.model_validate(stored)
+        else:
+            checked = StoredAggregate.model_validate(stored, from_attributes=True)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        return f"{len(exc.errors())} invalid fields, first {loc!r}: {first['msg']}"
+    if not math.isclose(checked.latency.relative_accuracy, relative_accuracy):
+        return f"latency sketch at relative accuracy {checked.latency.relative_accuracy}"
+    return None
+
+
+def values(row: Any) -> dict[str, Any]:
+    """The aggregate fields of a stored row, as a dict."""
+    return {f: getattr(row, f) for f in FIELDS}

@@ -1,0 +1,77 @@
+"""Periodic work inside the server process (telemetry retention now; the rollout evaluator
+later): each job runs in a worker thread on its interval, logs its failures and goes on, and
+stops when the server shuts down."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from contextlib import suppress
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlmodel import Session
+
+from server import telemetry
+from server.state import ServerState
+
+log = logging.getLogger("edgefleet.server.jobs")
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str
+    interval_s: float
+    run: Callable[[], object]
+
+
+async def _every(job: Job) -> None:
+    while True:
+        try:
+            result = await asyncio.to_thread(job.run)
+            log.debug("job %s: %s", job.name, result)
+        except Exception:  # one failed run must not stop the job or the server
+            log.exception("job %s failed; next run in %s s", job.name, job.interval_s)
+        await asyncio.sleep(job.interval_s)
+
+
+def jobs_for(state: ServerState) -> list[Job]:
+    """The periodic jobs of a server with ``state``'s settings."""
+    settings = state.settings
+
+    def drop_expired() -> int:
+        with Session(state.engine) as session:
+            dropped = telemetry.drop_expired_windows(
+                session,
+                now=datetime.now(UTC),
+                retention_days=settings.telemetry_retention_days,
+            )
+        if dropped:
+            log.info(
+                "dropped %d telemetry windows older than %d days (rollups kept)",
+                dropped,
+                settings.telemetry_retention_days,
+            )
+        return dropped
+
+    return [Job("telemetry-retention", settings.telemetry_retention_check_s, drop_expired)]
+
+
+class Jobs:
+    """The running jobs of one server process."""
+
+    def __init__(self, jobs: list[Job]) -> None:
+        self._jobs = jobs
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(_every(job), name=job.name) for job in self._jobs]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
