@@ -200,3 +200,74 @@ class TelemetryRollup(SQLModel, table=True):
     inputs: dict[str, Any] = Field(sa_column=Column(JSON))
     feedback: dict[str, Any] = Field(sa_column=Column(JSON))
     labels: dict[str, Any] = Field(sa_column=Column(JSON))
+
+
+class Rollout(SQLModel, table=True):
+    """A staged rollout of one model version to the devices a selector picks.
+
+    ``stages`` and ``gates`` are the plan as created (see :mod:`server.rollouts`); ``previous`` maps
+    each hardware id to the version id its control arm stays on (what was released there when
+    the rollout started).
+    """
+
+    __tablename__ = "rollout"
+    id: int | None = Field(default=None, primary_key=True)
+    model_name: str = Field(index=True)
+    version_id: int = Field(foreign_key="model_version.id")
+    selector: dict[str, Any] = Field(sa_column=Column(JSON))
+    stages: list[dict[str, Any]] = Field(sa_column=Column(JSON))
+    gates: dict[str, Any] = Field(sa_column=Column(JSON))
+    previous: dict[str, Any] = Field(sa_column=Column(JSON))
+    on_failure: str
+    state: str = Field(index=True)
+    stage: int = 0
+    created_by: str
+    created_at: datetime
+    started_at: datetime | None = None
+    stage_started_at: datetime | None = None
+    #: When the last stage short of 100% ended: the control arm's data is taken up to here.
+    control_until: datetime | None = None
+    finished_at: datetime | None = None
+
+
+class RolloutDecision(SQLModel, table=True):
+    """One evaluation or action on a rollout: what was decided, by whom, on which figures."""
+
+    __tablename__ = "rollout_decision"
+    id: int | None = Field(default=None, primary_key=True)
+    rollout_id: int = Field(foreign_key="rollout.id", index=True)
+    at: datetime
+    #: ``evaluator`` for the server's own evaluator, else ``operator:NAME``.
+    actor: str
+    action: str
+    stage: int
+    state_before: str
+    state_after: str
+    reason: str
+    figures: dict[str, Any] = Field(sa_column=Column(JSON))
+
+
+class JobLock(SQLModel, table=True):
+    """A lease that lets one server process at a time run a periodic job (the rollout
+    evaluator): taken by an atomic update when free or expired, renewed while held."""
+
+    __tablename__ = "job_lock"
+    name: str = Field(primary_key=True)
+    holder: str
+    expires_at: datetime
+
+
+class Confirmation(SQLModel, table=True):
+    """The server's word that a version is good for the devices of one hardware id (those a
+    rollout selects, when ``rollout_id`` is set): devices may raise their anti-rollback floor to
+    its release counter, and no assignment may take them below it (see docs/rollback.md)."""
+
+    __tablename__ = "confirmation"
+    id: int | None = Field(default=None, primary_key=True)
+    model_name: str = Field(index=True)
+    hardware_id: str
+    version_id: int = Field(foreign_key="model_version.id")
+    release_counter: int
+    rollout_id: int | None = Field(default=None, foreign_key="rollout.id")
+    confirmed_at: datetime
+    confirmed_by: str
