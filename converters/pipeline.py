@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from converters import bundling, evaluation, reference
+from converters import bundling, evaluation, reference, tflite_variants
 from converters.errors import ConverterError, DataError
 from converters.fitting import VariantFacts, choose
 from converters.onnx_export import Exported, check_parity, export
@@ -166,10 +166,23 @@ def convert(
     float_metric = next(f.metric for f in facts if f.name == "float32")
     shared = _shared_manifest(options, exported, source, train, held_out, calib, calibration_path)
     shared["_float_model"] = variants[0].model
+    tflite_set = None
+    if any(options.catalogue.get(t).format == "tflite" for t in options.targets):
+        progress("building .tflite variants (onnx2tf) and scoring them in TFLite Micro")
+        tflite_set = tflite_variants.make(source, exported, calib.x[:512], held_out)
+        reports += _tflite_reports(tflite_set)
     options.out_dir.mkdir(parents=True, exist_ok=True)
     targets = []
     for target_id in options.targets:
         progress(f"fitting {target_id}")
+        if options.catalogue.get(target_id).format == "tflite":
+            assert tflite_set is not None
+            targets.append(
+                _build_tflite_target(
+                    target_id, options, exported, tflite_set, float_metric, shared, held_out
+                )
+            )
+            continue
         targets.append(
             _build_target(
                 target_id, options, exported, variants, facts, float_metric, shared, held_out
@@ -242,8 +255,99 @@ def _evaluate(
     return facts, reports, outputs
 
 
+def _tflite_reports(tflite_set: tflite_variants.TfliteSet) -> list[VariantReport]:
+    reports = []
+    for v in tflite_set.variants:
+        f = v.facts
+        reports.append(
+            VariantReport(
+                v.kind.name,
+                v.kind.scheme,
+                len(v.model),
+                0,
+                False,
+                None if f is None else f.metric,
+                None if f is None else f.ram_bytes,
+                v.single_ms,
+                None,
+                f"onnx2tf {v.kind.suffix}; TFLM arena measured",
+                v.error,
+            )
+        )
+    return reports
+
+
+def _build_tflite_target(
+    target_id: str,
+    options: ConvertOptions,
+    exported: Exported,
+    tflite_set: tflite_variants.TfliteSet,
+    float_metric: float,
+    shared: dict[str, Any],
+    held_out: Dataset,
+) -> TargetReport:
+    """Choose among the ``.tflite`` variants for a TFLM target and write its bundle."""
+    target = options.catalogue.get(target_id)
+
+    def build(fields: dict[str, Any], target: Any, model: bytes) -> bytes:
+        return bundling.build_bundle(
+            manifest_fields=fields,
+            target=target,
+            model_file=tflite_variants.MODEL_FILE,
+            model=model,
+            created_at=options.created_at,
+            keys=options.keys,
+        )
+
+    candidates = tflite_variants.candidates(tflite_set)
+    if not candidates:
+        reasons = {v.kind.name: [v.error or "not scored"] for v in tflite_set.variants}
+        return TargetReport(
+            target_id, ok=False, reason=f"TFLM ran no .tflite variant: {reasons}", rejected=reasons
+        )
+    overhead = tflite_variants.overhead_bytes(
+        shared, exported, tflite_set, float_metric, held_out, build, target
+    )
+    choice = choose(
+        target,
+        candidates,
+        task=exported.task,
+        float_metric=float_metric,
+        budget=options.budget,
+        bundle_overhead_bytes=overhead,
+    )
+    for v in tflite_set.variants:
+        if v.error:
+            choice.rejected[v.kind.name] = [f"TFLM cannot run it: {v.error}"]
+    if choice.chosen is None:
+        return TargetReport(
+            target_id,
+            ok=False,
+            reason=f"nothing fits {target_id}: {choice.reason()}",
+            rejected=choice.rejected,
+        )
+    variant = tflite_variants.by_name(tflite_set, choice.chosen.name)
+    fields = tflite_variants.manifest_fields(
+        shared, exported, tflite_set, variant, float_metric, held_out
+    )
+    data = build(fields, target, variant.model)
+    path = options.out_dir / f"{options.name}-{options.version}-{target_id}.efb"
+    path.write_bytes(data)
+    return TargetReport(
+        target_id,
+        ok=True,
+        variant=variant.kind.name,
+        bundle=str(path),
+        sha256=bundle_id(data),
+        bundle_bytes=len(data),
+        model_bytes=len(variant.model),
+        metric=choice.chosen.metric,
+        rejected=choice.rejected,
+    )
+
+
 def _versions(kind: str) -> dict[str, str]:
-    names = ["onnx", "onnxruntime", "numpy"]
+    names = ["onnx", "onnxruntime", "numpy", "tflite-micro"]
     names += ["scikit-learn", "skl2onnx"] if kind == "sklearn" else []
     names += ["torch", "onnxscript"] if kind.startswith("torch") else []
     versions = {}

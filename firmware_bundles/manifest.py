@@ -9,11 +9,20 @@ import re
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import (
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from firmware_bundles.schema import Document
 
 MANIFEST_FORMAT = 1
+#: Manifest format 2 adds ``runtime.format = "tflite"`` and the ``runtime.tflite`` block (issue
+#: 14); a bundle of another format stays format 1, byte for byte what it was.
+MANIFEST_FORMAT_TFLITE = 2
 MANIFEST_PATH = "manifest.json"
 
 _SEMVER = re.compile(
@@ -79,16 +88,61 @@ class RamEstimate(Document):
     method: str
 
 
+# --- runtime.tflite (manifest format 2) ------------------------------------------------------
+
+
+class TensorQuantisation(Document):
+    """Affine quantisation of an integer tensor: ``real = (q - zero_point) * scale``."""
+
+    scale: float = Field(gt=0)
+    zero_point: int
+
+
+class TfliteTensor(Document):
+    """The ``.tflite`` side of the model's (single) input or output.
+
+    ``layout`` (inputs only) names the axes the ``.tflite`` expects: onnx2tf turns NCW into NWC
+    and NCHW into NHWC, so a device transposes the manifest's input before it quantises it.
+    """
+
+    dtype: Literal["float32", "int8", "int16"]
+    shape: list[int] = Field(min_length=1)
+    layout: Literal["NC", "NWC", "NHWC"] | None = None
+    quantisation: TensorQuantisation | None = None
+
+    @model_validator(mode="after")
+    def _integer_is_quantised(self) -> TfliteTensor:
+        if (self.dtype != "float32") != (self.quantisation is not None):
+            raise ValueError("an int8/int16 tensor needs quantisation, a float32 one has none")
+        return self
+
+
+class TfliteRuntime(Document):
+    """How a TFLite Micro device runs the ``.tflite`` (only with ``format = "tflite"``)."""
+
+    tflm_version: str = Field(min_length=1)
+    input: TfliteTensor
+    output: TfliteTensor
+
+
+# --- end runtime.tflite -------------------------------------------------------------------
+
+
 class Runtime(Document):
-    """What the model needs from its runtime."""
+    """What the model needs from its runtime.
+
+    For ``format = "tflite"`` the op types are TFLite builtin operator names, ``ram_estimate``
+    is the arena TFLM measured, and ``tflite`` says how to feed and read the tensors.
+    """
 
     model_file: str
-    format: Literal["onnx", "ort"]
+    format: Literal["onnx", "ort", "tflite"]
     opset: int = Field(ge=1)
     op_types: list[str]
-    min_onnxruntime: str
-    precision: Literal["float32", "float16", "int8"]
+    min_onnxruntime: str | None = None
+    precision: Literal["float32", "float16", "int8", "int16"]
     ram_estimate: RamEstimate
+    tflite: TfliteRuntime | None = None
 
     @field_validator("op_types")
     @classmethod
@@ -96,6 +150,23 @@ class Runtime(Document):
         if v != sorted(set(v)):
             raise ValueError("op_types must be sorted and unique")
         return v
+
+    @model_validator(mode="after")
+    def _runtime_fields(self) -> Runtime:
+        if (self.format == "tflite") != (self.tflite is not None):
+            raise ValueError('runtime.tflite is required with format "tflite" and only then')
+        if self.format != "tflite" and self.min_onnxruntime is None:
+            raise ValueError(f"format {self.format!r} needs min_onnxruntime")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _omit_absent(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Absent optional fields are left out, so format-1 manifests serialise as before.
+        data: dict[str, Any] = handler(self)
+        for name in ("tflite", "min_onnxruntime"):
+            if data.get(name) is None:
+                data.pop(name, None)
+        return data
 
 
 class TensorSpec(Document):
@@ -119,7 +190,7 @@ class Calibration(Document):
 class Quantisation(Document):
     """How the chosen variant was made from the float model."""
 
-    scheme: Literal["float32", "fp16", "int8-dynamic", "int8-static"]
+    scheme: Literal["float32", "fp16", "int8-dynamic", "int8-static", "int16x8"]
     per_channel: bool = False
     calibration: Calibration | None = None
     quantised_ops: int = Field(ge=0)
@@ -197,7 +268,7 @@ class FileEntry(Document):
 class Manifest(Document):
     """The signed description of a bundle."""
 
-    format: Literal[1] = 1
+    format: Literal[1, 2] = 1
     name: str = Field(pattern=_NAME)
     version: str
     release_counter: int = Field(ge=0)
@@ -235,6 +306,10 @@ class Manifest(Document):
             raise ValueError(f"{MANIFEST_PATH} is reserved and cannot be listed in files")
         if self.runtime.model_file not in paths:
             raise ValueError(f"runtime.model_file {self.runtime.model_file!r} is not in files")
+        if self.runtime.format == "tflite" and self.format < MANIFEST_FORMAT_TFLITE:
+            raise ValueError(
+                f'runtime.format "tflite" needs manifest format {MANIFEST_FORMAT_TFLITE}'
+            )
         return self
 
     def file(self, path: str) -> FileEntry:
