@@ -19,6 +19,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from firmware_bundles import SigningKey, TargetCatalogue, build
 from hil.micro_runtime import plan_arena_bytes
+from hil.sample_tflite import linear_softmax_tflite
+from hil.tflm_runtime import measure_arena, tflm_version
 
 FEATURES = 4
 CLASSES = 3
@@ -94,7 +96,10 @@ def sample_draft(
         for i in range(3)
     ]
     predicted = np.bincount(outputs.argmax(axis=1), minlength=CLASSES)
+    targets = [catalogue.get(i) for i in target_ids]
+    runtime = _runtime(model, tflite=all(t.format == "tflite" for t in targets))
     return {
+        "format": 2 if runtime["format"] == "tflite" else 1,
         "name": name,
         "version": version,
         "release_counter": release_counter,
@@ -107,20 +112,9 @@ def sample_draft(
                 "platform": t.platform,
                 "firmware": t.firmware.to_dict(),
             }
-            for t in (catalogue.get(i) for i in target_ids)
+            for t in targets
         ],
-        "runtime": {
-            "model_file": "model.onnx",
-            "format": "onnx",
-            "opset": OPSET,
-            "op_types": ["Add", "MatMul", "Softmax"],
-            "min_onnxruntime": "1.17.0",
-            "precision": "float32",
-            "ram_estimate": {
-                "bytes": plan_arena_bytes(onnx.load_from_string(model.onnx_bytes)),
-                "method": "activation liveness, batch 1",
-            },
-        },
+        "runtime": runtime,
         "inputs": [{"name": "input", "dtype": "float32", "shape": [None, FEATURES]}],
         "outputs": [
             {
@@ -148,6 +142,45 @@ def sample_draft(
     }
 
 
+def _runtime(model: SampleModel, *, tflite: bool) -> dict[str, Any]:
+    """The manifest's runtime block: ``.tflite`` for TFLM targets, else ONNX."""
+    if not tflite:
+        return {
+            "model_file": "model.onnx",
+            "format": "onnx",
+            "opset": OPSET,
+            "op_types": ["Add", "MatMul", "Softmax"],
+            "min_onnxruntime": "1.17.0",
+            "precision": "float32",
+            "ram_estimate": {
+                "bytes": plan_arena_bytes(onnx.load_from_string(model.onnx_bytes)),
+                "method": "activation liveness, batch 1",
+            },
+        }
+    tensor = {"dtype": "float32", "quantisation": None}
+    return {
+        "model_file": "model.tflite",
+        "format": "tflite",
+        "opset": OPSET,
+        "op_types": ["FULLY_CONNECTED", "SOFTMAX"],
+        "precision": "float32",
+        "ram_estimate": {
+            "bytes": measure_arena(sample_tflite(model)),
+            "method": f"TFLM arena allocation total, tflite-micro {tflm_version()}",
+        },
+        "tflite": {
+            "tflm_version": tflm_version(),
+            "input": {**tensor, "shape": [1, FEATURES], "layout": "NC"},
+            "output": {**tensor, "shape": [1, CLASSES]},
+        },
+    }
+
+
+def sample_tflite(model: SampleModel) -> bytes:
+    """The sample model as a float32 ``.tflite``."""
+    return linear_softmax_tflite(model.weights, model.bias, "input", "probabilities")
+
+
 def _input_histogram(name: str, values: np.ndarray) -> dict[str, Any]:
     edges = sorted({float(e) for e in np.quantile(values, [0.25, 0.5, 0.75])})
     index = np.searchsorted(np.asarray(edges), values, side="right")
@@ -169,7 +202,11 @@ def sample_bundle(
     model = sample_model(seed)
     draft = sample_draft(model, target_ids, version=version, release_counter=release_counter)
     draft.update(draft_overrides or {})
-    files = {"model.onnx": model.onnx_bytes}
+    runtime = draft["runtime"]
+    if runtime["format"] == "tflite":
+        files = {runtime["model_file"]: sample_tflite(model)}
+    else:
+        files = {runtime["model_file"]: model.onnx_bytes}
     if padding_bytes:
         files["padding.bin"] = bytes(padding_bytes)
     return build(draft, files, keys)

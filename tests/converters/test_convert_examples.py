@@ -134,12 +134,15 @@ def test_converting_twice_gives_identical_bundles(reports: dict[str, Any]) -> No
         assert [t.sha256 for t in first.targets] == [t.sha256 for t in second.targets], example
 
 
-def test_tree_ensemble_fails_for_the_ring_and_builds_elsewhere(reports: dict[str, Any]) -> None:
+def test_tree_ensemble_is_too_big_for_gen3_and_builds_elsewhere(reports: dict[str, Any]) -> None:
     report, _ = reports["cancer-trees"]
     by_target = {t.target_id: t for t in report.targets}
     ring = by_target["ring-gen3"]
     assert not ring.ok
-    assert "float32: op TreeEnsembleClassifier not allowed" in ring.reason
+    # Lowered to tensor ops, the forest runs in TFLM, but its arena is over gen3's 64 KiB and
+    # its int8 variants lose too much accuracy (per-tensor input scales across 30 features).
+    assert ring.reason is not None and "tflite-float32: needs" in ring.reason
+    assert "over the arena" in ring.reason
     assert by_target["phone-android"].ok and by_target["devboard-rpi4"].ok
     # ORT cannot quantise ai.onnx.ml ops: those variants say so rather than claim to be int8.
     int8 = [v for v in report.variants if v.scheme.startswith("int8") and not v.error]

@@ -165,13 +165,17 @@ MISFITS: list[tuple[str, dict[str, Any], str]] = [
         {
             "draft_overrides": {
                 "runtime": {
-                    "model_file": "model.onnx",
-                    "format": "onnx",
+                    "model_file": "model.tflite",
+                    "format": "tflite",
                     "opset": 17,
-                    "op_types": ["Add", "LSTM", "MatMul", "Softmax"],
-                    "min_onnxruntime": "1.17.0",
+                    "op_types": ["FULLY_CONNECTED", "LSTM", "SOFTMAX"],
                     "precision": "float32",
                     "ram_estimate": {"bytes": 28, "method": "test"},
+                    "tflite": {
+                        "tflm_version": "test",
+                        "input": {"dtype": "float32", "shape": [1, 4], "layout": "NC"},
+                        "output": {"dtype": "float32", "shape": [1, 3]},
+                    },
                 }
             }
         },
