@@ -103,6 +103,72 @@ def main() -> None:
                 f"{base.batch_ms:.2f}/{chosen.batch_ms:.2f}",
             )
     Console(width=200).print(table)
+    Console(width=200).print(tflite_table(args.out, key))
+
+
+#: TFLite rows: (example, target) pairs and the old ONNX int8 estimate they replace.
+TFLITE_ROWS = [
+    ("digits-mlp", "ring-gen3"),
+    ("wearable-cnn", "ring-gen3"),
+    ("cancer-trees", "ring-gen4"),
+]
+
+
+def tflite_table(out: Path, key: SigningKey) -> Table:
+    """Chosen .tflite per micro target: size vs float .tflite, TFLM accuracy, measured arena."""
+    table = Table(title="edgefleet convert: .tflite for micro targets, scored in TFLM")
+    for col in (
+        "example",
+        "target",
+        "chosen",
+        "float .tflite B",
+        "chosen B",
+        "ratio (<= 0.42)",
+        "float acc",
+        "TFLM acc",
+        "points lost (<= 1)",
+        "TFLM arena B",
+        "old ONNX estimate B",
+    ):
+        table.add_column(col)
+    for name, target_id in TFLITE_ROWS:
+        data = out / name
+        report = convert(
+            data / EXAMPLES[name][1],
+            data / "train.npz",
+            data / "eval.npz",
+            ConvertOptions(
+                name=name,
+                version="1.0.0",
+                targets=[target_id],
+                keys=[key],
+                out_dir=data / "bundles-tflite",
+                created_at=datetime(2026, 1, 1, tzinfo=UTC),
+            ),
+            data / "calibration.npz",
+        )
+        variants = {v.name: v for v in report.variants}
+        target = report.targets[0]
+        chosen = variants.get(target.variant or "")
+        flt = variants["tflite-float32"]
+        onnx_int8 = variants.get("int8-static-per-channel-minmax")
+        if chosen is None or target.metric is None:
+            table.add_row(name, target_id, "[red]none[/]", *["-"] * 7, (target.reason or "")[:60])
+            continue
+        table.add_row(
+            name,
+            target_id,
+            chosen.name,
+            str(flt.model_bytes),
+            str(chosen.model_bytes),
+            f"{chosen.model_bytes / flt.model_bytes:.3f}",
+            f"{report.float_metric:.4f}",
+            f"{target.metric:.4f}",
+            f"{(report.float_metric - target.metric) * 100:.2f}",
+            str(chosen.ram_bytes),
+            str(onnx_int8.ram_bytes) if onnx_int8 and onnx_int8.ram_bytes else "-",
+        )
+    return table
 
 
 if __name__ == "__main__":
