@@ -120,6 +120,10 @@ def test_three_targets_with_every_fault_pass_and_the_report_is_signed(
         assert checks["fault:disconnect"]["figure"] > 0
         assert checks["telemetry"]["figure"] == 20
         assert checks["parity"]["figure"] <= 1e-5
+        # Rings and the nRF board run the .tflite in TFLM: exact against host TFLM, and the
+        # arena is the one TFLM measured, named with its runtime and version.
+        assert checks["parity"]["figure"] == 0.0 and "TFLM" in checks["parity"]["detail"]
+        assert "runtime TFLM 0.dev" in checks["peak-memory"]["detail"]
     signed = verify_report((tmp_path / "report.json").read_bytes(), lab.keys.make_root()[0])
     assert signed.to_dict()["runs"] == body["runs"]
     for target, path in lab.bundles.items():
