@@ -1,8 +1,11 @@
 """Converter results per example and target: size, accuracy and latency against the float model.
 
-Trains the three examples, converts each for ring-gen3, phone-android and devboard-rpi4, and prints
-float size, chosen variant and size, ratio, float and chosen accuracy, and single-sample and batch
-latency in ONNX Runtime (one thread), with the float model measured in the same run as baseline.
+Trains the three examples, converts each for ring-gen3, ring-gen4, phone-android and
+devboard-rpi4, and prints float size, chosen variant and size, ratio, float and chosen accuracy,
+and single-sample and batch latency (ONNX Runtime, one thread; TFLM one sample per invoke for a
+ring's .tflite), with the float model measured in the same run as baseline. Then bundle bytes per
+example and target against the figures measured before manifest format 2 (kept below), what every
+byte of each ring bundle beyond its model is, and the .tflite rows of the micro targets.
 
     python bench/bench_convert.py [--out build/bench]
 """
@@ -10,8 +13,11 @@ latency in ONNX Runtime (one thread), with the float model measured in the same 
 from __future__ import annotations
 
 import argparse
+import io
+import json
 import subprocess
 import sys
+import tarfile
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -22,6 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from converters.pipeline import ConvertOptions, convert  # noqa: E402
+from converters.reports import ConvertReport  # noqa: E402
 from firmware_bundles import SigningKey  # noqa: E402
 
 EXAMPLES = {
@@ -29,7 +36,69 @@ EXAMPLES = {
     "cancer-trees": ("train_breast_cancer_trees.py", "model.joblib"),
     "wearable-cnn": ("train_wearable_cnn.py", "model.pt2"),
 }
-TARGETS = ["ring-gen3", "phone-android", "devboard-rpi4"]
+TARGETS = ["ring-gen3", "ring-gen4", "phone-android", "devboard-rpi4"]
+#: Measured with this bench's convert settings on c3c9fbb (manifest format 1: self-test vectors
+#: as JSON in the manifest, archives padded to tar's 10 KiB records): (example, target) ->
+#: (bundle bytes, model bytes, manifest bytes, of which self-test JSON, of which histograms JSON).
+#: cancer-trees fits no ring (its forest is 111 KB) then and now.
+BEFORE = {
+    ("digits-mlp", "ring-gen3"): (30720, 6782, 12876, 1163, 9447),
+    ("digits-mlp", "phone-android"): (30720, 6311, 13021, 1420, 9447),
+    ("digits-mlp", "devboard-rpi4"): (30720, 6311, 13020, 1420, 9447),
+    ("cancer-trees", "phone-android"): (133120, 111043, 12648, 878, 9695),
+    ("cancer-trees", "devboard-rpi4"): (133120, 111043, 12647, 878, 9695),
+    ("wearable-cnn", "ring-gen3"): (40960, 18806, 16421, 12970, 1197),
+    ("wearable-cnn", "phone-android"): (40960, 18806, 16418, 12970, 1197),
+    ("wearable-cnn", "devboard-rpi4"): (40960, 18806, 16417, 12970, 1197),
+}
+#: Target for a ring bundle: bundle bytes minus model bytes.
+RING_OVERHEAD_MAX = 8 * 1024
+
+
+def _json_bytes(value: object) -> int:
+    return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
+
+
+def breakdown(bundle: bytes, model_file: str) -> dict[str, int]:
+    """Every byte of a bundle by what it is (the model, manifest parts, other files, tar)."""
+    with tarfile.open(fileobj=io.BytesIO(bundle)) as tar:
+        members = tar.getmembers()
+        manifest_member = tar.extractfile("manifest.json")
+        assert manifest_member is not None
+        envelope = json.loads(manifest_member.read())
+    signed = envelope["signed"]
+    sizes = {m.name: m.size for m in members}
+    parts = {
+        "model": sizes.pop(model_file),
+        "manifest: reference histograms": _json_bytes(signed["reference_histograms"]),
+        "manifest: self-test layout": _json_bytes(signed["self_test"]),
+        "manifest: provenance": _json_bytes(signed["provenance"]),
+        "manifest: runtime, tensors, targets": sum(
+            _json_bytes(signed[k]) for k in ("runtime", "inputs", "outputs", "targets")
+        ),
+    }
+    manifest_bytes = sizes.pop("manifest.json")
+    parts["manifest: signatures"] = manifest_bytes - _json_bytes(signed)
+    parts["manifest: the rest"] = manifest_bytes - sum(
+        v for k, v in parts.items() if k.startswith("manifest")
+    )
+    for name, size in sorted(sizes.items()):
+        parts[f"file {name}"] = size
+    data_end = max(m.offset_data + m.size for m in members)
+    parts["tar: headers"] = 512 * len(members)
+    parts["tar: padding to 512-byte blocks"] = sum(-m.size % 512 for m in members)
+    parts["tar: end of archive"] = len(bundle) - data_end - (-data_end % 512)
+    assert sum(parts.values()) == len(bundle), (parts, len(bundle))
+    return parts
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _names(bundle: bytes) -> list[str]:
+    with tarfile.open(fileobj=io.BytesIO(bundle)) as tar:
+        return tar.getnames()
 
 
 def main() -> None:
@@ -51,6 +120,8 @@ def main() -> None:
         "batch-256 ms float/chosen",
     ):
         table.add_column(col, justify="left" if col in ("example", "target", "chosen") else "right")
+    sizes: dict[tuple[str, str], tuple[dict[str, int], int]] = {}
+    reports: dict[str, ConvertReport] = {}
     for name, (script, model_file) in EXAMPLES.items():
         data = args.out / name
         subprocess.run(
@@ -72,6 +143,7 @@ def main() -> None:
             ),
             data / "calibration.npz",
         )
+        reports[name] = report
         variants = {v.name: v for v in report.variants}
         base = variants["float32"]
         for target in report.targets:
@@ -90,6 +162,9 @@ def main() -> None:
                 )
                 continue
             chosen = variants[target.variant or ""]
+            bundle = Path(target.bundle or "").read_bytes()
+            model_name = next(n for n in _names(bundle) if n.startswith("model."))
+            sizes[(name, target.target_id)] = (breakdown(bundle, model_name), len(bundle))
             table.add_row(
                 name,
                 target.target_id,
@@ -100,13 +175,80 @@ def main() -> None:
                 f"{report.float_metric:.4f}",
                 f"{target.metric:.4f}",
                 f"{base.single_ms:.3f}/{chosen.single_ms:.3f}",
-                f"{base.batch_ms:.2f}/{chosen.batch_ms:.2f}",
+                # TFLM runs one sample per invoke: a .tflite has no batch figure.
+                f"{base.batch_ms:.2f}/{_ms(chosen.batch_ms)}",
             )
-    Console(width=200).print(table)
-    Console(width=200).print(tflite_table(args.out, key))
+    console = Console(width=200)
+    console.print(table)
+    console.print(_sizes_table(sizes))
+    console.print(tflite_table(reports))
+    for (name, target_id), (parts, _) in sizes.items():
+        if target_id.startswith("ring"):
+            console.print(_breakdown_table(name, target_id, parts))
 
 
-#: TFLite rows: (example, target) pairs and the old ONNX int8 estimate they replace.
+def _sizes_table(sizes: dict[tuple[str, str], tuple[dict[str, int], int]]) -> Table:
+    table = Table(title="bundle bytes before (format 1, c3c9fbb) and after (format 2), same run")
+    for col in (
+        "example",
+        "target",
+        "model B before/after",
+        "bundle B before",
+        "bundle B after",
+        "overhead B before",
+        "overhead B after",
+        "manifest B before/after",
+        "self-test B before (JSON)/after (file + layout)",
+    ):
+        table.add_column(col, justify="left" if col in ("example", "target") else "right")
+    for (name, target_id), (parts, total) in sizes.items():
+        before = BEFORE.get((name, target_id))
+        manifest = sum(v for k, v in parts.items() if k.startswith("manifest"))
+        test_after = parts.get("file self_test.bin", 0) + parts["manifest: self-test layout"]
+        overhead = total - parts["model"]
+        flag = ""
+        if target_id.startswith("ring"):
+            flag = " ok" if overhead <= RING_OVERHEAD_MAX else f" over {RING_OVERHEAD_MAX}"
+        if before is None:
+            table.add_row(
+                name,
+                target_id,
+                f"-/{parts['model']}",
+                "-",
+                str(total),
+                "-",
+                f"{overhead}{flag}",
+                f"-/{manifest}",
+                f"-/{test_after}",
+            )
+            continue
+        b_total, b_model, b_manifest, b_test, _ = before
+        table.add_row(
+            name,
+            target_id,
+            f"{b_model}/{parts['model']}",
+            str(b_total),
+            str(total),
+            str(b_total - b_model),
+            f"{overhead}{flag}",
+            f"{b_manifest}/{manifest}",
+            f"{b_test}/{test_after}",
+        )
+    return table
+
+
+def _breakdown_table(name: str, target_id: str, parts: dict[str, int]) -> Table:
+    table = Table(title=f"{name} on {target_id}: every byte beyond the model")
+    table.add_column("what")
+    table.add_column("bytes", justify="right")
+    for what, size in parts.items():
+        if what != "model":
+            table.add_row(what, str(size))
+    table.add_row("total beyond the model", str(sum(parts.values()) - parts["model"]))
+    return table
+
+
+#: TFLite rows: (example, micro target) pairs of the same run.
 TFLITE_ROWS = [
     ("digits-mlp", "ring-gen3"),
     ("wearable-cnn", "ring-gen3"),
@@ -114,9 +256,9 @@ TFLITE_ROWS = [
 ]
 
 
-def tflite_table(out: Path, key: SigningKey) -> Table:
+def tflite_table(reports: dict[str, ConvertReport]) -> Table:
     """Chosen .tflite per micro target: size vs float .tflite, TFLM accuracy, measured arena."""
-    table = Table(title="edgefleet convert: .tflite for micro targets, scored in TFLM")
+    table = Table(title="edgefleet convert: .tflite for micro targets, scored in TFLM (same run)")
     for col in (
         "example",
         "target",
@@ -130,25 +272,11 @@ def tflite_table(out: Path, key: SigningKey) -> Table:
         "TFLM arena B",
         "old ONNX estimate B",
     ):
-        table.add_column(col)
+        table.add_column(col, justify="left" if col in ("example", "target", "chosen") else "right")
     for name, target_id in TFLITE_ROWS:
-        data = out / name
-        report = convert(
-            data / EXAMPLES[name][1],
-            data / "train.npz",
-            data / "eval.npz",
-            ConvertOptions(
-                name=name,
-                version="1.0.0",
-                targets=[target_id],
-                keys=[key],
-                out_dir=data / "bundles-tflite",
-                created_at=datetime(2026, 1, 1, tzinfo=UTC),
-            ),
-            data / "calibration.npz",
-        )
+        report = reports[name]
         variants = {v.name: v for v in report.variants}
-        target = report.targets[0]
+        target = next(t for t in report.targets if t.target_id == target_id)
         chosen = variants.get(target.variant or "")
         flt = variants["tflite-float32"]
         onnx_int8 = variants.get("int8-static-per-channel-minmax")

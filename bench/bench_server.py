@@ -8,7 +8,11 @@ Baselines: a bare FastAPI endpoint on the same uvicorn answering the same reques
 the same size, declared ``async def`` (as the server's routes are) and ``def`` (run in FastAPI's
 threadpool), measured in the same run, interleaved with the server.
 
-    python bench/bench_server.py [--duration 10] [--connections 16] [--assigned 4]
+A second table: check-in requests/s alone, and while distinct ``--publish-mb`` bundles (for
+devboard-rpi4, whose 64 MiB budget allows them; built before the run) are published back to back
+for the whole of the wrk run, from a thread of this process streaming them from disk.
+
+    python bench/bench_server.py [--duration 10] [--connections 16] [--assigned 4] [--publish-mb 50]
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from datetime import UTC, datetime
@@ -60,6 +65,10 @@ def wait(url: str) -> None:
     raise SystemExit(f"{url} did not start")
 
 
+#: The API token the bench publishes with (its hash is seeded into the database).
+PUBLISHER_TOKEN = "efa_bench_publisher"
+
+
 def seed(url: str, data_dir: Path, devices: int, models: int, assigned: int) -> Path:
     """Publish and release ``models`` models, enroll ``devices`` devices straight into the DB."""
     from sqlalchemy import insert
@@ -67,7 +76,7 @@ def seed(url: str, data_dir: Path, devices: int, models: int, assigned: int) -> 
 
     from server.app import build_state
     from server.config import Settings
-    from server.models import Device
+    from server.models import ApiToken, Device
     from server.registry import publish, release
 
     upgrade(url)
@@ -121,6 +130,14 @@ def seed(url: str, data_dir: Path, devices: int, models: int, assigned: int) -> 
                 }
             )
         session.execute(insert(Device), rows)
+        session.add(
+            ApiToken(
+                name="bench",
+                role="publisher",
+                token_hash=hash_token(PUBLISHER_TOKEN),
+                created_at=now,
+            )
+        )
         session.commit()
     creds.write_text("\n".join(lines) + "\n")
     state.engine.dispose()
@@ -178,7 +195,88 @@ def response_size(url: str, creds: Path) -> int:
     return len(r.content)
 
 
-def run_database(kind: str, args: argparse.Namespace, table: Table) -> None:
+def big_bundles(work: Path, data_dir: Path, count: int, megabytes: int) -> list[Path]:
+    """``count`` distinct bundles of about ``megabytes`` MB for devboard-rpi4, written to files."""
+    key = SigningKey.from_pem((data_dir / "keys" / "release.pem").read_bytes())
+    paths = []
+    for i in range(count):
+        draft = manifest_draft(
+            name="big",
+            version=f"1.0.{i}",
+            release_counter=i,
+            targets=[
+                {
+                    "target_id": "devboard-rpi4",
+                    "generation": "devboard",
+                    "platform": "rpi4",
+                    "firmware": {"minimum": "1.0.0"},
+                }
+            ],
+        )
+        path = work / f"big-{i}.bundle"
+        path.write_bytes(build(draft, {"model.onnx": os.urandom(megabytes * 10**6)}, [key]))
+        paths.append(path)
+    return paths
+
+
+class Publisher(threading.Thread):
+    """Publishes the bundles back to back, streamed from disk, until stopped (or out of them)."""
+
+    def __init__(self, url: str, bundles: list[Path]) -> None:
+        super().__init__(daemon=True)
+        self.url, self.bundles = url, bundles
+        self.stop = threading.Event()
+        self.published = self.failed = self.bytes = 0
+        self.started_at = self.elapsed_s = 0.0
+        self.ran_out = False
+
+    def run(self) -> None:
+        self.started_at = time.perf_counter()
+        headers = {
+            "Authorization": f"Bearer {PUBLISHER_TOKEN}",
+            "Content-Type": "application/octet-stream",
+        }
+        with httpx.Client(timeout=300) as client:
+            for path in self.bundles:
+                if self.stop.is_set():
+                    break
+                with path.open("rb") as body:
+                    r = client.post(f"{self.url}/v1/bundles", content=body, headers=headers)
+                if r.status_code == 201:
+                    self.published += 1
+                    self.bytes += path.stat().st_size
+                else:
+                    self.failed += 1
+            else:
+                self.ran_out = not self.stop.is_set()
+        self.elapsed_s = time.perf_counter() - self.started_at
+
+
+def publish_case(
+    kind: str, server_url: str, work: Path, data_dir: Path, creds: Path, args: argparse.Namespace
+) -> list[str]:
+    """Check-in alone, then during back-to-back publishes, in this run; the table row."""
+    bundles = big_bundles(work, data_dir, 2 * args.duration + 4, args.publish_mb)
+    alone, _ = wrk(server_url, "checkin.lua", creds, args.duration, args.connections)
+    publisher = Publisher(server_url, bundles)
+    publisher.start()
+    time.sleep(0.5)  # the first upload is under way before wrk starts
+    during, bad = wrk(server_url, "checkin.lua", creds, args.duration, args.connections)
+    publisher.stop.set()
+    publisher.join()
+    return [
+        kind,
+        f"{alone:,.0f}",
+        f"{during:,.0f}",
+        f"{during / alone:.2f}",
+        str(bad),
+        f"{publisher.published}" + (" (ran out)" if publisher.ran_out else ""),
+        str(publisher.failed),
+        f"{publisher.bytes / 1e6 / max(publisher.elapsed_s, 1e-9):,.0f}",
+    ]
+
+
+def run_database(kind: str, args: argparse.Namespace, table: Table, publish_table: Table) -> None:
     work = Path(tempfile.mkdtemp(prefix=f"edgefleet-bench-{kind}-"))
     data_dir = work / "data"
     init_trust(data_dir)
@@ -242,6 +340,8 @@ def run_database(kind: str, args: argparse.Namespace, table: Table) -> None:
             for process, _ in bares.values():
                 process.terminate()
                 process.wait()
+        if args.publish_mb:
+            publish_table.add_row(*publish_case(kind, server_url, work, data_dir, creds, args))
     finally:
         server.terminate()
         server.wait()
@@ -264,6 +364,12 @@ def main() -> None:
     parser.add_argument("--assigned", type=int, default=4, help="Models each device runs.")
     parser.add_argument("--windows", type=int, default=10)
     parser.add_argument("--databases", default="sqlite,postgresql")
+    parser.add_argument(
+        "--publish-mb",
+        type=int,
+        default=50,
+        help="Size of the bundles published during the check-in-while-publishing case (0: skip).",
+    )
     args = parser.parse_args()
     os.environ["EDGEFLEET_BENCH_WINDOWS"] = str(args.windows)
     if shutil.which("wrk") is None:
@@ -285,9 +391,27 @@ def main() -> None:
         "windows/s",
     ):
         table.add_column(col, justify="left" if col in ("database", "request") else "right")
+    publish_table = Table(
+        title=f"Check-in (wrk -t2 -c{args.connections}, {args.duration}s) alone and while"
+        f" distinct {args.publish_mb} MB devboard-rpi4 bundles are published back to back"
+    )
+    for col in (
+        "database",
+        "check-in alone req/s",
+        "during publishes req/s",
+        "ratio",
+        "non-2xx",
+        "bundles published",
+        "publish failures",
+        "MB/s published",
+    ):
+        publish_table.add_column(col, justify="left" if col == "database" else "right")
     for kind in args.databases.split(","):
-        run_database(kind, args, table)
-    Console(width=160).print(table)
+        run_database(kind, args, table, publish_table)
+    console = Console(width=160)
+    console.print(table)
+    if args.publish_mb:
+        console.print(publish_table)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """From a chosen variant to a signed bundle: ORT format, tensor specs, self-test, manifest.
 
 Everything here is deterministic: the same model bytes, data and build time give the same bundle.
+Self-test vectors go into the bundle as binary tensors (manifest format 2, docs/bundle-format.md):
+a quantised model's inputs in its own input type, everything else raw little-endian.
 """
 
 from __future__ import annotations
@@ -8,15 +10,17 @@ from __future__ import annotations
 import tempfile
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import numpy_helper
 
 from converters.errors import ConverterError
 from firmware_bundles import SigningKey, build
 from firmware_bundles.catalogue import DeviceTarget
+from firmware_bundles.manifest import MANIFEST_FORMAT, SELF_TEST_FILE, TENSOR_ITEMSIZE
 
 _DTYPES = {
     onnx.TensorProto.FLOAT: "float32",
@@ -97,35 +101,105 @@ def _dtype(vi: onnx.ValueInfoProto) -> str:
     return str(name)
 
 
-def self_test(model: bytes, x_eval: np.ndarray, precision: str, count: int = 3) -> dict[str, Any]:
+class InputQuantisation(NamedTuple):
+    """How a quantised graph turns its float input into integers (its input QuantizeLinear)."""
+
+    scale: float
+    zero_point: int
+    dtype: str
+
+
+def input_quantisation(model: bytes) -> InputQuantisation | None:
+    """The graph input's quantisation, if every consumer of the input is one QuantizeLinear
+    with a constant scalar scale and zero point (static QDQ models); else None."""
+    graph = onnx.load_from_string(model).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    name = next(i.name for i in graph.input if i.name not in inits)
+    consumers = [n for n in graph.node if name in n.input]
+    if not consumers or any(n.op_type != "QuantizeLinear" for n in consumers):
+        return None
+    found = set()
+    for node in consumers:
+        if node.input[0] != name or len(node.input) < 3:
+            return None
+        scale, zero = inits.get(node.input[1]), inits.get(node.input[2])
+        if scale is None or zero is None or scale.size != 1 or zero.size != 1:
+            return None
+        if zero.dtype not in (np.int8, np.uint8):
+            return None
+        found.add((float(scale.reshape(())), int(zero.reshape(())), zero.dtype.name))
+    if len(found) != 1:
+        return None
+    return InputQuantisation(*found.pop())
+
+
+def _layout(name: str, array: np.ndarray) -> dict[str, Any]:
+    dtype = array.dtype.name
+    if dtype not in TENSOR_ITEMSIZE:
+        raise ConverterError(f"self-test tensor {name!r} has dtype {dtype}, not storable")
+    return {"name": name, "dtype": dtype, "shape": list(array.shape)}
+
+
+def self_test(
+    model: bytes,
+    x_eval: np.ndarray,
+    precision: str,
+    count: int = 3,
+    quantised: InputQuantisation | None = None,
+) -> tuple[dict[str, Any], bytes]:
     """Self-test vectors: the first ``count`` eval inputs and the model's own outputs for them.
 
+    Returns the manifest's ``self_test`` (format 2) and the file's bytes. Given ``quantised``,
+    inputs are stored as the model's input QuantizeLinear would make them, and the expected
+    outputs are the model's outputs on exactly the values those integers stand for.
+
     Raises:
-        ConverterError: If the model does not run.
+        ConverterError: If the model does not run or an output cannot be stored.
     """
     session = ort.InferenceSession(model, _one_thread(), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
-    vectors = []
-    for i in range(min(count, len(x_eval))):
-        sample = x_eval[i : i + 1]
+    chunks: list[bytes] = []
+    inputs: list[dict[str, Any]] = []
+    expected: list[dict[str, Any]] = []
+    rows = min(count, len(x_eval))
+    if rows == 0:
+        raise ConverterError("no held-out rows to make self-test vectors from")
+    for i in range(rows):
+        stored = np.ascontiguousarray(x_eval[i : i + 1])
+        sample = stored
+        if quantised is not None:
+            stored, sample = _quantise(stored, quantised)
         try:
             outs = session.run(None, {name: sample})
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise ConverterError(f"model failed on eval sample {i}: {exc}") from exc
-        expected = {
-            o.name: compact(np.asarray(v)) for o, v in zip(session.get_outputs(), outs, strict=True)
-        }
-        vectors.append({"inputs": {name: compact(sample)}, "expected": expected})
-    return {"tolerance": SELF_TEST_TOLERANCE[precision], "vectors": vectors}
+        arrays = [(name, stored)] + [
+            (o.name, np.ascontiguousarray(v))
+            for o, v in zip(session.get_outputs(), outs, strict=True)
+        ]
+        if i == 0:
+            inputs = [_layout(name, stored)]
+            if quantised is not None:
+                inputs[0].update(scale=quantised.scale, zero_point=quantised.zero_point)
+            expected = [_layout(n, a) for n, a in arrays[1:]]
+        chunks += [a.astype(a.dtype.newbyteorder("<")).tobytes() for _, a in arrays]
+    manifest = {
+        "tolerance": SELF_TEST_TOLERANCE[precision],
+        "file": SELF_TEST_FILE,
+        "count": rows,
+        "inputs": inputs,
+        "expected": expected,
+    }
+    return manifest, b"".join(chunks)
 
 
-def compact(array: np.ndarray) -> list[Any]:
-    """Nested lists; float32 values in their shortest decimal form, which reads back to the same
-    float32 (about half the JSON of float64 reprs, which matters on a 160 KiB ring budget)."""
-    if array.dtype != np.float32:
-        return array.tolist()
-    flat = [float(np.format_float_positional(v, unique=True, trim="-")) for v in array.ravel()]
-    return np.asarray(flat, dtype=object).reshape(array.shape).tolist()
+def _quantise(x: np.ndarray, q: InputQuantisation) -> tuple[np.ndarray, np.ndarray]:
+    """(the integers stored, the float32 values they stand for), as QuantizeLinear rounds."""
+    info = np.iinfo(np.dtype(q.dtype))
+    scale = np.float32(q.scale)
+    ints = np.clip(np.rint(x / scale) + q.zero_point, info.min, info.max).astype(q.dtype)
+    values = (ints.astype(np.float32) - np.float32(q.zero_point)) * scale
+    return ints, values.astype(np.float32)
 
 
 def _one_thread() -> ort.SessionOptions:
@@ -153,18 +227,21 @@ def build_bundle(
     model: bytes,
     created_at: datetime,
     keys: list[SigningKey],
+    extra_files: dict[str, bytes] | None = None,
 ) -> bytes:
-    """Sign and pack one target's bundle.
+    """Sign and pack one target's bundle (manifest format 2).
 
-    ``manifest_fields`` carries every manifest field except ``targets``, ``created_at`` and
-    ``files``, which this fills in.
+    ``manifest_fields`` carries every manifest field except ``format``, ``targets``,
+    ``created_at`` and ``files``, which this fills in; ``extra_files`` (the self-test file)
+    go into the bundle beside the model.
 
     Raises:
         SchemaError: If the manifest would be invalid.
     """
     draft = {
         **manifest_fields,
+        "format": MANIFEST_FORMAT,
         "targets": [target_ref(target)],
         "created_at": created_at.isoformat(),
     }
-    return build(draft, {model_file: model}, keys)
+    return build(draft, {**(extra_files or {}), model_file: model}, keys)

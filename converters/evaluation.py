@@ -17,12 +17,12 @@ import onnxruntime as ort
 
 from converters.onnx_export import INPUT
 
-RAM_METHOD = (
-    "initializer and node-attribute bytes at stored precision + peak of live activation bytes"
-    " at batch 1, walking nodes in graph order with shapes from onnx.shape_inference (a tensor"
-    " is live from its producer to its last consumer); DequantizeLinear of a constant weight"
-    " counts as the weight (runtimes fuse it), not as a float activation"
-)
+#: Named in every manifest; the method is described once, in docs/bundle-format.md: initializer
+#: and node-attribute bytes at stored precision + peak of live activation bytes at batch 1,
+#: walking nodes in graph order with shapes from onnx.shape_inference (a tensor is live from its
+#: producer to its last consumer); DequantizeLinear of a constant weight counts as the weight
+#: (runtimes fuse it), not as a float activation.
+RAM_METHOD = "edgefleet-weights+peak-live-activations/1"
 _ITEMSIZE = {1: 4, 2: 1, 3: 1, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8}
 
 

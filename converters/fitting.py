@@ -8,6 +8,7 @@ target that nothing fits fails with a reason per variant.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -120,7 +121,7 @@ def choose(
     budget: float,
     bundle_overhead_bytes: int,
 ) -> TargetChoice:
-    """Pick the smallest variant that fits ``target`` and the budget (ties: fastest, then name).
+    """Pick the smallest variant that fits ``target`` and the budget (ties: see :func:`_smallest`).
 
     A variant whose quantisation changed nothing (``same_as_float``) is skipped in favour of the
     float model itself so that nothing is ever called quantised that is not.
@@ -144,5 +145,22 @@ def choose(
         else:
             fitting.append(variant)
     if fitting:
-        choice.chosen = min(fitting, key=lambda v: (v.model_bytes, v.latency_s, v.name))
+        choice.chosen = _smallest(fitting, lambda v: quality_loss(task, float_metric, v.metric))
     return choice
+
+
+#: A tie in size goes to the fastest variant only when it is at least this much faster than every
+#: other; closer timings are noise on a shared machine and would make bundles irreproducible.
+LATENCY_TIE_RATIO = 1.5
+
+
+def _smallest(fitting: list[VariantFacts], loss: Callable[[VariantFacts], float]) -> VariantFacts:
+    """The smallest variant; among equal sizes the clearly fastest, else the least ``loss``, then
+    the first by name (the choice decides the bundle's bytes, so it must not follow jitter)."""
+    size = min(v.model_bytes for v in fitting)
+    tied = sorted((v for v in fitting if v.model_bytes == size), key=lambda v: (loss(v), v.name))
+    fastest = min(tied, key=lambda v: v.latency_s)
+    others = [v for v in tied if v is not fastest]
+    if all(fastest.latency_s * LATENCY_TIE_RATIO <= v.latency_s for v in others):
+        return fastest
+    return tied[0]

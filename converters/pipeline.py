@@ -9,19 +9,19 @@ from __future__ import annotations
 
 import importlib.metadata
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 
-from converters import bundling, evaluation, reference, tflite_variants
+from converters import bundling, evaluation, reference, tflite_target, tflite_variants
 from converters.errors import ConverterError, DataError
 from converters.fitting import VariantFacts, choose
 from converters.onnx_export import Exported, check_parity, export
 from converters.quantise import Variant, make_variants, op_types
+from converters.reports import ConvertReport, TargetReport, VariantReport
 from converters.sources import Dataset, SourceModel, load_data, load_model
 from firmware_bundles import SigningKey, TargetCatalogue, bundle_id
 from firmware_bundles.manifest import check_semver
@@ -53,55 +53,6 @@ class ConvertOptions:
     budget: float = 0.01
     label_column: str | None = None
     catalogue: TargetCatalogue = field(default_factory=TargetCatalogue.load_default)
-
-
-@dataclass
-class VariantReport:
-    name: str
-    scheme: str
-    model_bytes: int
-    quantised_ops: int
-    same_as_float: bool
-    metric: float | None
-    ram_bytes: int | None
-    single_ms: float | None
-    batch_ms: float | None
-    notes: str
-    error: str | None
-
-
-@dataclass
-class TargetReport:
-    target_id: str
-    ok: bool
-    variant: str | None = None
-    bundle: str | None = None
-    sha256: str | None = None
-    bundle_bytes: int | None = None
-    model_bytes: int | None = None
-    metric: float | None = None
-    reason: str | None = None
-    rejected: dict[str, list[str]] = field(default_factory=dict)
-
-
-@dataclass
-class ConvertReport:
-    name: str
-    version: str
-    task: str
-    metric_name: str
-    float_metric: float
-    float_bytes: int
-    parity_max_diff: float
-    variants: list[VariantReport]
-    targets: list[TargetReport]
-
-    @property
-    def ok(self) -> bool:
-        return all(t.ok for t in self.targets)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def validate_options(options: ConvertOptions) -> None:
@@ -170,7 +121,7 @@ def convert(
     if any(options.catalogue.get(t).format == "tflite" for t in options.targets):
         progress("building .tflite variants (onnx2tf) and scoring them in TFLite Micro")
         tflite_set = tflite_variants.make(source, exported, calib.x[:512], held_out)
-        reports += _tflite_reports(tflite_set)
+        reports += tflite_target.variant_reports(tflite_set)
     options.out_dir.mkdir(parents=True, exist_ok=True)
     targets = []
     for target_id in options.targets:
@@ -178,7 +129,7 @@ def convert(
         if options.catalogue.get(target_id).format == "tflite":
             assert tflite_set is not None
             targets.append(
-                _build_tflite_target(
+                tflite_target.build_target(
                     target_id, options, exported, tflite_set, float_metric, shared, held_out
                 )
             )
@@ -214,7 +165,18 @@ def _evaluate(
         if v.error:
             reports.append(
                 VariantReport(
-                    v.name, v.scheme, 0, 0, False, None, None, None, None, v.notes, v.error
+                    v.name,
+                    v.scheme,
+                    0,
+                    0,
+                    False,
+                    None,
+                    None,
+                    None,
+                    None,
+                    v.notes,
+                    v.error,
+                    v.detail,
                 )
             )
             continue
@@ -253,97 +215,6 @@ def _evaluate(
         )
         outputs[v.name] = out
     return facts, reports, outputs
-
-
-def _tflite_reports(tflite_set: tflite_variants.TfliteSet) -> list[VariantReport]:
-    reports = []
-    for v in tflite_set.variants:
-        f = v.facts
-        reports.append(
-            VariantReport(
-                v.kind.name,
-                v.kind.scheme,
-                len(v.model),
-                0,
-                False,
-                None if f is None else f.metric,
-                None if f is None else f.ram_bytes,
-                v.single_ms,
-                None,
-                f"onnx2tf {v.kind.suffix}; TFLM arena measured",
-                v.error,
-            )
-        )
-    return reports
-
-
-def _build_tflite_target(
-    target_id: str,
-    options: ConvertOptions,
-    exported: Exported,
-    tflite_set: tflite_variants.TfliteSet,
-    float_metric: float,
-    shared: dict[str, Any],
-    held_out: Dataset,
-) -> TargetReport:
-    """Choose among the ``.tflite`` variants for a TFLM target and write its bundle."""
-    target = options.catalogue.get(target_id)
-
-    def build(fields: dict[str, Any], target: Any, model: bytes) -> bytes:
-        return bundling.build_bundle(
-            manifest_fields=fields,
-            target=target,
-            model_file=tflite_variants.MODEL_FILE,
-            model=model,
-            created_at=options.created_at,
-            keys=options.keys,
-        )
-
-    candidates = tflite_variants.candidates(tflite_set)
-    if not candidates:
-        reasons = {v.kind.name: [v.error or "not scored"] for v in tflite_set.variants}
-        return TargetReport(
-            target_id, ok=False, reason=f"TFLM ran no .tflite variant: {reasons}", rejected=reasons
-        )
-    overhead = tflite_variants.overhead_bytes(
-        shared, exported, tflite_set, float_metric, held_out, build, target
-    )
-    choice = choose(
-        target,
-        candidates,
-        task=exported.task,
-        float_metric=float_metric,
-        budget=options.budget,
-        bundle_overhead_bytes=overhead,
-    )
-    for v in tflite_set.variants:
-        if v.error:
-            choice.rejected[v.kind.name] = [f"TFLM cannot run it: {v.error}"]
-    if choice.chosen is None:
-        return TargetReport(
-            target_id,
-            ok=False,
-            reason=f"nothing fits {target_id}: {choice.reason()}",
-            rejected=choice.rejected,
-        )
-    variant = tflite_variants.by_name(tflite_set, choice.chosen.name)
-    fields = tflite_variants.manifest_fields(
-        shared, exported, tflite_set, variant, float_metric, held_out
-    )
-    data = build(fields, target, variant.model)
-    path = options.out_dir / f"{options.name}-{options.version}-{target_id}.efb"
-    path.write_bytes(data)
-    return TargetReport(
-        target_id,
-        ok=True,
-        variant=variant.kind.name,
-        bundle=str(path),
-        sha256=bundle_id(data),
-        bundle_bytes=len(data),
-        model_bytes=len(variant.model),
-        metric=choice.chosen.metric,
-        rejected=choice.rejected,
-    )
 
 
 def _versions(kind: str) -> dict[str, str]:
@@ -546,9 +417,15 @@ def _bundle(
                 "model_bytes": float(len(model_file)),
                 "float_model_bytes": float(len(shared["_float_model"])),
             },
-            "self_test": _self_test(model_file or graph_model, held_out.x, chosen.precision),
         }
     )
+    test, test_file = bundling.self_test(
+        model_file or graph_model,
+        held_out.x,
+        chosen.precision,
+        quantised=bundling.input_quantisation(graph_model),
+    )
+    fields["self_test"] = test
     return bundling.build_bundle(
         manifest_fields=fields,
         target=target,
@@ -556,8 +433,5 @@ def _bundle(
         model=model_file,
         created_at=options.created_at,
         keys=options.keys,
+        extra_files={test["file"]: test_file},
     )
-
-
-def _self_test(model: bytes, x: np.ndarray, precision: str) -> dict[str, Any]:
-    return bundling.self_test(model, x, precision)

@@ -58,6 +58,8 @@ class Variant:
         per_channel: Per-channel weight scales (static only).
         calibration: Calibration method name (static only).
         notes: What happened, in words (e.g. why it is the same as float).
+        error: Why the variant could not be made, in our words (shown in the convert table).
+        detail: The quantiser's own message, whole (kept for the build report).
     """
 
     name: str
@@ -70,7 +72,31 @@ class Variant:
     notes: str = ""
     same_as_float: bool = False
     error: str | None = None
+    detail: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+#: ONNX Runtime's messages that we can explain, and what they mean for the variant.
+_KNOWN_FAILURES = {
+    # Entropy and Percentile calibration fail this way when no tensor was collected at all.
+    "Histogram has not been collected": (
+        "nothing to calibrate: the graph has no float tensor that {method} calibration can"
+        " collect (ai.onnx.ml ops such as tree ensembles are never quantised)"
+    ),
+}
+
+
+def explain(exc: Exception, what: str, method: str = "") -> tuple[str, str]:
+    """(our words, the quantiser's own message) for a failure of ``what``.
+
+    onnxruntime and its converters raise untyped errors whose messages address their own API
+    ("Please run collect() first"); the convert table shows what happened to the variant instead.
+    """
+    detail = f"{type(exc).__name__}: {exc}".strip()
+    for marker, words in _KNOWN_FAILURES.items():
+        if marker in str(exc):
+            return words.format(method=method or "the"), detail
+    return f"{what} failed in ONNX Runtime ({type(exc).__name__}); see build-report.json", detail
 
 
 def count_quantised_ops(model: bytes) -> int:
@@ -123,7 +149,8 @@ def fp16(model: bytes) -> Variant:
         data = compact(serialise(converted))
         _loads(data)
     except Exception as exc:  # the converter and ORT raise many kinds
-        return Variant("fp16", "fp16", "float16", b"", error=f"fp16 conversion failed: {exc}")
+        error, detail = explain(exc, "fp16 conversion")
+        return Variant("fp16", "fp16", "float16", b"", error=error, detail=detail)
     variant = Variant("fp16", "fp16", "float16", data, notes="onnxruntime.transformers.float16")
     halves = [
         i
@@ -149,7 +176,8 @@ def int8_dynamic(model: bytes) -> Variant:
                     src, dst, op_types_to_quantize=["MatMul", "Gemm"], weight_type=QuantType.QInt8
                 )
         except Exception as exc:  # onnxruntime.quantization raises many kinds
-            return Variant("int8-dynamic", "int8-dynamic", "int8", b"", error=str(exc))
+            error, detail = explain(exc, "dynamic int8 quantisation")
+            return Variant("int8-dynamic", "int8-dynamic", "int8", b"", error=error, detail=detail)
         data = _normalise(dst.read_bytes())
     return _mark(Variant("int8-dynamic", "int8-dynamic", "int8", data))
 
@@ -180,6 +208,7 @@ def int8_static(
                     extra_options=dict(settings["extra"]),
                 )
         except Exception as exc:  # e.g. "Histogram has not been collected" for ai.onnx.ml graphs
+            error, detail = explain(exc, "static int8 quantisation", settings["method"])
             return Variant(
                 name,
                 "int8-static",
@@ -187,7 +216,8 @@ def int8_static(
                 b"",
                 per_channel=per_channel,
                 calibration=settings["method"],
-                error=str(exc).splitlines()[0][:200],
+                error=error,
+                detail=detail,
             )
         data = _normalise(dst.read_bytes())
     variant = Variant(

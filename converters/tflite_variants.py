@@ -9,6 +9,8 @@ so :func:`converters.fitting.choose` picks among them by the same rule as for ON
 
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,9 +24,12 @@ from converters.onnx_export import INPUT, Exported
 from converters.sources import Dataset, SourceModel
 from converters.tflite import KINDS, TfliteKind, convert
 from firmware_bundles.catalogue import DeviceTarget
-from firmware_bundles.manifest import MANIFEST_FORMAT_TFLITE
+from firmware_bundles.manifest import SELF_TEST_FILE
 
 MODEL_FILE = "model.tflite"
+#: ``runtime.ram_estimate.method`` of a ``.tflite``: TFLM's recorded arena allocation total for
+#: the file (the version is in ``runtime.tflite.tflm_version``); docs/bundle-format.md.
+RAM_METHOD = "tflm-arena-allocation-total/1"
 #: Self-test tolerance by precision. The device runs the same TFLM integer kernels as the host,
 #: so the outputs should agree exactly; the margin covers float kernels on other FPUs.
 SELF_TEST_TOLERANCE = {"float32": 1e-4, "int8": 2e-2, "int16": 2e-3}
@@ -41,6 +46,8 @@ class TfliteVariant:
     facts: VariantFacts | None = None
     tensors: dict[str, Any] = field(default_factory=dict)
     single_ms: float | None = None
+    #: Worst absolute distance of its outputs from the float original's over the held-out data.
+    float_distance: float = math.inf
     error: str | None = None
 
 
@@ -106,8 +113,6 @@ def make(
 
 
 def _score(variant: TfliteVariant, exported: Exported, held_out: Dataset) -> None:
-    import time
-
     try:
         started = time.perf_counter()
         outputs = tflm.predict(variant.model, held_out.x)
@@ -119,6 +124,8 @@ def _score(variant: TfliteVariant, exported: Exported, held_out: Dataset) -> Non
         variant.error = str(exc)
         return
     outputs = outputs.reshape(len(held_out.x), -1)
+    original = np.asarray(exported.reference(held_out.x), dtype=np.float64)
+    variant.float_distance = float(np.abs(outputs - original.reshape(outputs.shape)).max())
     metric = evaluation.quality(exported.task, outputs, held_out.y, exported.class_labels)
     variant.single_ms = elapsed * 1e3 / max(1, len(held_out.x))
     variant.facts = VariantFacts(
@@ -133,18 +140,76 @@ def _score(variant: TfliteVariant, exported: Exported, held_out: Dataset) -> Non
     )
 
 
-def self_test(model: bytes, x_eval: np.ndarray, precision: str, count: int = 3) -> dict[str, Any]:
-    """Self-test vectors: float inputs (manifest layout) and TFLM's dequantised outputs."""
-    samples = np.asarray(x_eval[:count], dtype=np.float32)
-    outputs = tflm.predict(model, samples)
-    vectors = [
-        {
-            "inputs": {INPUT: bundling.compact(samples[i : i + 1])},
-            "expected": {"__output__": bundling.compact(outputs[i : i + 1])},
-        }
-        for i in range(len(samples))
+def self_test(
+    variant: TfliteVariant,
+    exported: Exported,
+    x_eval: np.ndarray,
+    output_name: str,
+    count: int = 3,
+) -> tuple[dict[str, Any], bytes]:
+    """Self-test vectors of a ``.tflite`` bundle: the manifest's ``self_test`` and its file.
+
+    Inputs are stored in the manifest's layout and, where the ``.tflite`` input is an integer,
+    in that type with its scale and zero point (what the device feeds TFLM); the expected outputs
+    are TFLM's dequantised outputs on exactly the values those integers stand for, and the float
+    outputs are the original model's on the same values. ``float_tolerance`` is the larger of
+    the precision's self-test tolerance and the variant's worst distance from the original over
+    the held-out data (rounded up), so it states how far this quantised model strays.
+
+    Raises:
+        QuantisationError: If TFLM cannot run the model.
+        ConverterError: If there are no held-out rows.
+    """
+    assert variant.facts is not None
+    rows = min(count, len(x_eval))
+    if rows == 0:
+        raise ConverterError("no held-out rows to make self-test vectors from")
+    spec = variant.tensors["input"]
+    dtype = np.dtype(spec["dtype"])
+    quant = spec["quantisation"]
+    samples = np.ascontiguousarray(x_eval[:rows], dtype=np.float32)
+    stored, values = samples, samples
+    if quant is not None:
+        # The manifest's layout, the .tflite's integers: quantisation is per tensor, so it
+        # commutes with the transpose the device makes to the .tflite layout.
+        stored = tflm.quantise(samples, dtype, quant)
+        scale, zero = np.float32(quant["scale"]), np.float32(quant["zero_point"])
+        values = ((stored.astype(np.float32) - zero) * scale).astype(np.float32)
+    expected = tflm.predict(variant.model, values).reshape(rows, -1).astype(np.float32)
+    original = np.asarray(exported.reference(values), dtype=np.float32).reshape(expected.shape)
+    chunks = [
+        np.ascontiguousarray(a[i : i + 1]).astype(a.dtype.newbyteorder("<")).tobytes()
+        for i in range(rows)
+        for a in (stored, expected, original)
     ]
-    return {"tolerance": SELF_TEST_TOLERANCE[precision], "vectors": vectors}
+    input_layout: dict[str, Any] = {
+        "name": INPUT,
+        "dtype": stored.dtype.name,
+        "shape": [1, *samples.shape[1:]],
+    }
+    if quant is not None:
+        input_layout.update(scale=quant["scale"], zero_point=quant["zero_point"])
+    output_layout = {"name": output_name, "dtype": "float32", "shape": [1, expected.shape[1]]}
+    manifest = {
+        "tolerance": SELF_TEST_TOLERANCE[variant.kind.precision],
+        "file": SELF_TEST_FILE,
+        "count": rows,
+        "inputs": [input_layout],
+        "expected": [output_layout],
+        "float_outputs": [output_layout],
+        "float_tolerance": max(
+            SELF_TEST_TOLERANCE[variant.kind.precision], _round_up(variant.float_distance)
+        ),
+    }
+    return manifest, b"".join(chunks)
+
+
+def _round_up(value: float, digits: int = 2) -> float:
+    """``value`` rounded up to ``digits`` significant digits (a bound, never below it)."""
+    if value <= 0 or not math.isfinite(value):
+        return value
+    step = 10.0 ** (math.floor(math.log10(value)) - digits + 1)
+    return float(f"{math.ceil(value / step) * step:.{digits}g}")
 
 
 def manifest_fields(
@@ -154,8 +219,13 @@ def manifest_fields(
     variant: TfliteVariant,
     float_metric: float,
     held_out: Dataset,
-) -> dict[str, Any]:
-    """Every manifest field of a ``.tflite`` bundle but targets, created_at and files."""
+) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """Every manifest field of a ``.tflite`` bundle but targets, created_at and files, and the
+    files beside the model (the self-test file).
+
+    Raises:
+        QuantisationError: If TFLM cannot run the model.
+    """
     facts = variant.facts
     assert facts is not None
     graph = onnx.load_from_string(tflite_set.graph)
@@ -165,9 +235,7 @@ def manifest_fields(
         feature_names=shared["_feature_names"],
         class_labels=exported.class_labels,
     )
-    tests = self_test(variant.model, held_out.x, facts.precision)
-    for vector in tests["vectors"]:
-        vector["expected"] = {outputs[0]["name"]: vector["expected"].pop("__output__")}
+    tests, test_file = self_test(variant, exported, held_out.x, outputs[0]["name"])
     metric_name = "accuracy" if exported.task == "classification" else "mae"
     kind = variant.kind
     notes = f"onnx2tf {kind.suffix}, scored in TFLM"
@@ -184,17 +252,13 @@ def manifest_fields(
     fields = {k: v for k, v in shared.items() if not k.startswith("_")}
     fields.update(
         {
-            "format": MANIFEST_FORMAT_TFLITE,
             "runtime": {
                 "model_file": MODEL_FILE,
                 "format": "tflite",
                 "opset": opset,
                 "op_types": list(facts.op_types),
                 "precision": facts.precision,
-                "ram_estimate": {
-                    "bytes": facts.ram_bytes,
-                    "method": f"TFLM arena allocation total, tflite-micro {tflm.tflm_version()}",
-                },
+                "ram_estimate": {"bytes": facts.ram_bytes, "method": RAM_METHOD},
                 "tflite": {"tflm_version": tflm.tflm_version(), **variant.tensors},
             },
             "inputs": inputs,
@@ -209,7 +273,7 @@ def manifest_fields(
             "self_test": tests,
         }
     )
-    return fields
+    return fields, {SELF_TEST_FILE: test_file}
 
 
 def candidates(tflite_set: TfliteSet) -> list[VariantFacts]:
@@ -233,5 +297,5 @@ def overhead_bytes(
 ) -> int:
     """Bytes a ``.tflite`` bundle adds around its model (manifest, self-test, archive)."""
     runnable = next(v for v in tflite_set.variants if v.facts is not None)
-    fields = manifest_fields(shared, exported, tflite_set, runnable, float_metric, held_out)
-    return len(build(fields, target, b"")) + 512
+    fields, files = manifest_fields(shared, exported, tflite_set, runnable, float_metric, held_out)
+    return len(build(fields, files, target, b"")) + 512

@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from device_agent.client import FleetClient
+from device_agent.client import FleetClient, parse_check_in_answer
 from device_agent.config import AgentSettings, DeviceConditions, FileConditions
 from device_agent.errors import (
     AgentError,
@@ -34,10 +34,12 @@ from device_agent.errors import (
     UnknownModelError,
 )
 from device_agent.fetch import BundleFetcher, partial_bundles
-from device_agent.outbox import Outbox, UploadResult, upload_pending
+from device_agent.fsutil import write_atomic
+from device_agent.outbox import Outbox
 from device_agent.runtime import LoadedModel, ModelRuntime
-from device_agent.slots import SlotStore, write_atomic
+from device_agent.slots import SlotStore
 from device_agent.telemetry import Recorder
+from device_agent.telemetry_upload import UploadResult, upload_pending
 from device_agent.trust import TrustedState
 from device_agent.updater import Activated, CheckInResult, Updater, checkpoint_for
 from firmware_bundles import BundleError, open_bundle, parse_root
@@ -121,7 +123,7 @@ class Agent:
             trusted=self._trusted,
             slots=self._slots,
             fetcher=BundleFetcher(
-                self._http, settings, monotonic=timers, checkpoint=checkpoint_for(settings)
+                self._client, settings, monotonic=timers, checkpoint=checkpoint_for(settings)
             ),
             runtime=self._runtime,
             conditions=self._conditions,
@@ -314,7 +316,7 @@ class Agent:
             installed=self.installed_models(),
             capabilities=self.capabilities(),
         )
-        answer = self._client.check_in(credential, request)
+        answer = parse_check_in_answer(self._client.check_in(credential, request))
         assignments = self._trusted.verify_assignments(
             canonical_json(answer.assignment_set),
             device_id=self._device_id,
@@ -377,8 +379,7 @@ class Agent:
             self._recorder.close_due_windows(self._clock().timestamp())
             return upload_pending(
                 self._outbox,
-                self._http,
-                self.settings.server_url,
+                self._client,
                 self._device_id,
                 credential,
                 batch_windows=self.settings.upload_batch_windows,

@@ -2,22 +2,23 @@
 aggregates of open windows.
 
 :class:`InferenceTape` holds preallocated numpy buffers that the hot path copies one row into per
-call; :class:`WindowAggregate` is one window's counts, mutable while it is open and stored as
-canonical :class:`~firmware_bundles.messages.TelemetryWindow` JSON.
+call; :class:`WindowAggregate` is one window's counts (the shared
+:class:`~firmware_bundles.window_builder.TelemetryWindowBuilder`), mutable while it is open and
+stored as canonical :class:`~firmware_bundles.messages.TelemetryWindow` JSON.
 """
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from device_agent.histograms import TelemetryPlan
 from device_agent.runtime import LoadedModel, ModelIdentity
-from firmware_bundles import telemetry as sketch
 from firmware_bundles.messages import TelemetryWindow
 from firmware_bundles.signing import canonical_json
+from firmware_bundles.window_builder import TelemetryWindowBuilder
 
 _NP_DTYPES = {
     "float32": np.float32,
@@ -31,68 +32,41 @@ _NP_DTYPES = {
 }
 
 
-class WindowAggregate:
-    """One open window's aggregates, mutable; stored as TelemetryWindow JSON."""
+@dataclass(eq=False)
+class WindowAggregate(TelemetryWindowBuilder):
+    """One open window of the recorder: the shared window builder, and the outbox row it is
+    stored in (None until first written)."""
 
-    def __init__(self, device_id: str, identity: ModelIdentity, start: int, window_s: int) -> None:
-        self.device_id = device_id
-        self.identity = identity
-        self.start = start
-        self.window_s = window_s
-        self.row_id: int | None = None
-        self.inference_count = 0
-        self.error_count = 0
-        self.selftest_failure_count = 0
-        self.latency = sketch.new_sketch()
-        self.outputs: dict[str, list[int]] = {}
-        self.inputs: dict[str, list[int]] = {}
-        self.feedback: dict[str, int] = {}
-        self.labels: dict[str, dict[str, int]] = {}
+    row_id: int | None = None
+
+    @classmethod
+    def open(
+        cls, device_id: str, identity: ModelIdentity, start: int, window_s: int
+    ) -> WindowAggregate:
+        """A new, empty window of ``identity`` starting at ``start`` (Unix seconds)."""
+        return cls(
+            device_id, identity.name, identity.version, identity.bundle_sha256, start, window_s
+        )
 
     @classmethod
     def from_body(cls, row_id: int, body: bytes) -> WindowAggregate:
-        stored = TelemetryWindow.from_bytes(body)
-        identity = ModelIdentity(stored.model, stored.version, stored.bundle_sha256)
-        start = int(stored.window_start.timestamp())
-        window = cls(stored.device_id, identity, start, stored.window_s)
+        """The window stored in outbox row ``row_id``.
+
+        Raises:
+            SchemaError: If the stored body is not a valid window.
+        """
+        window = cls.from_window(TelemetryWindow.from_bytes(body))
         window.row_id = row_id
-        window.inference_count = stored.inference_count
-        window.error_count = stored.error_count
-        window.selftest_failure_count = stored.selftest_failure_count
-        window.latency = stored.latency.to_dict()
-        window.latency["bins"] = {str(k): v for k, v in window.latency["bins"].items()}
-        window.outputs = {h.name: list(h.counts) for h in stored.outputs}
-        window.inputs = {h.name: list(h.counts) for h in stored.inputs}
-        window.feedback = dict(stored.feedback)
-        window.labels = {k: dict(v) for k, v in stored.labels.items()}
         return window
+
+    @property
+    def identity(self) -> ModelIdentity:
+        return ModelIdentity(self.model, self.version, self.bundle_sha256)
 
     def body(self) -> bytes:
         """Canonical TelemetryWindow JSON. Not validated here (this runs every flush, and every
         field is ours); the outbox validates each window when it builds a batch."""
-        return canonical_json(
-            {
-                "device_id": self.device_id,
-                "model": self.identity.name,
-                "version": self.identity.version,
-                "bundle_sha256": self.identity.bundle_sha256,
-                "window_start": datetime.fromtimestamp(self.start, tz=UTC).isoformat(),
-                "window_s": self.window_s,
-                "inference_count": self.inference_count,
-                "error_count": self.error_count,
-                "selftest_failure_count": self.selftest_failure_count,
-                "latency": self.latency,
-                "outputs": [{"name": k, "counts": v} for k, v in self.outputs.items()],
-                "inputs": [{"name": k, "counts": v} for k, v in self.inputs.items()],
-                "feedback": self.feedback,
-                "labels": self.labels,
-            }
-        )
-
-
-def add_counts(into: dict[str, list[int]], name: str, counts: np.ndarray) -> None:
-    previous = into.get(name)
-    into[name] = counts.tolist() if previous is None else (counts + previous).tolist()
+        return canonical_json(self.to_dict())
 
 
 class InferenceTape:

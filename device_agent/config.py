@@ -7,7 +7,6 @@ come from the target catalogue entry of ``target_id``.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -15,6 +14,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from device_agent.errors import ConfigError
+from device_agent.fsutil import write_atomic
 from firmware_bundles import BundleError, TargetCatalogue
 from firmware_bundles.catalogue import DeviceTarget
 
@@ -145,7 +145,5 @@ class FileConditions:
 
 def write_conditions(state_dir: Path, *, unmetered: bool, charging: bool) -> None:
     """Write ``conditions.json`` atomically (what a phone app's listener would do)."""
-    path = state_dir / "conditions.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"unmetered": unmetered, "charging": charging}))
-    os.replace(tmp, path)
+    data = json.dumps({"unmetered": unmetered, "charging": charging}).encode()
+    write_atomic(state_dir / "conditions.json", data)

@@ -1,10 +1,11 @@
 """Errors raised by the device agent, one root split by who is at fault.
 
-AgentError
+AgentError                 (``retryable``: may the same request succeed if sent again later?)
 ├── ConfigError           the agent cannot start as configured (missing root, unknown target)
 ├── TrustError            something offered did not verify (kind, model, reason)
 ├── DownloadError         a bundle could not be fetched as assigned
-│   ├── StallError        no bytes arrived for ``stall_timeout_s``
+│   ├── StallError        no bytes arrived for ``stall_timeout_s``                 (retryable)
+│   ├── ResumeRefused     the server would not continue the partial: start at 0    (retryable)
 │   ├── DeadlineError     the download took longer than ``download_deadline_s``
 │   ├── OversizeError     the server sent more bytes than the assignment's length
 │   └── NotOfferedError   the server no longer has the bundle (404/410)
@@ -14,11 +15,16 @@ AgentError
 ├── InferenceError        ONNX Runtime failed on inputs that passed the schema check
 ├── UnknownModelError     no active model of that name
 ├── ServerError           the fleet server could not be used
-│   ├── ServerUnreachable connection refused, timed out, or a gateway said so: offline
+│   ├── ServerUnreachable connection refused, timed out, or a gateway said so       (retryable)
 │   ├── AuthError         401/403: the credential is not accepted
-│   └── ServerRejected    any other refusal (status, detail)
+│   └── ServerRejected    any other refusal (status, detail)            (retryable on 429, 5xx)
+│       ├── InvalidRequest  400/413/422: never accepted as sent (a batch is dropped)
+│       └── NotFound        404/410: no such thing on the server
 ├── OutboxError           the telemetry outbox (SQLite) cannot be opened or written
 └── LinkError             a device link failed (issue 6)
+
+HTTP statuses and httpx errors become these in one place, :mod:`device_agent.client` (its module
+docstring has the table); nothing else looks at a status code.
 
 Foreign errors (httpx, firmware_bundles, OSError) are mapped where they enter, with ``raise ...
 from exc`` so the original stays on ``__cause__``.
@@ -44,7 +50,14 @@ TrustKind = Literal[
 
 
 class AgentError(Exception):
-    """Root of every error raised by ``device_agent``."""
+    """Root of every error raised by ``device_agent``.
+
+    Attributes:
+        retryable: Whether the same request may succeed if it is sent again later (a retry loop
+            decides on it; the error's class says who is at fault).
+    """
+
+    retryable: bool = False
 
 
 class ConfigError(AgentError):
@@ -84,6 +97,15 @@ class DownloadError(AgentError):
 
 class StallError(DownloadError):
     """No bytes arrived for ``stall_timeout_s`` (slow-retrieval defence)."""
+
+    retryable = True
+
+
+class ResumeRefused(DownloadError):
+    """The server would not continue the partial download (416, or a 206 whose Content-Range
+    is unusable or starts elsewhere): the partial is dropped and the next attempt starts at 0."""
+
+    retryable = True
 
 
 class DeadlineError(DownloadError):
@@ -176,6 +198,8 @@ class ServerError(AgentError):
 class ServerUnreachable(ServerError):
     """Connection refused, timed out, or a gateway answered 502-504: the agent is offline."""
 
+    retryable = True
+
 
 class AuthError(ServerError):
     """The server refused the credential (401/403).
@@ -197,12 +221,23 @@ class ServerRejected(ServerError):
     Attributes:
         status: The HTTP status.
         detail: The server's reason.
+        retryable: True for 429 (too many requests) and 5xx (the server's own trouble).
     """
 
     def __init__(self, status: int, detail: str) -> None:
         self.status = status
         self.detail = detail
+        self.retryable = status == 429 or status >= 500
         super().__init__(f"server answered {status}: {detail}")
+
+
+class InvalidRequest(ServerRejected):
+    """400, 413 or 422: the server will never accept this request as it was sent (a telemetry
+    batch so refused is dropped and counted)."""
+
+
+class NotFound(ServerRejected):
+    """404 or 410: the server has no such thing (a newer root, a device)."""
 
 
 class OutboxError(AgentError):

@@ -9,41 +9,23 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from urllib.parse import urlsplit
 
-import httpx
-
+from device_agent.client import BundleStream, FleetClient
 from device_agent.config import AgentSettings
 from device_agent.errors import (
-    AuthError,
     DeadlineError,
     DownloadError,
     NotOfferedError,
     OversizeError,
-    ServerRejected,
+    ResumeRefused,
+    ServerError,
     ServerUnreachable,
     StallError,
 )
-
-_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
-#: Statuses that mean a gateway could not reach the server: offline, retry later.
-GATEWAY_STATUSES = frozenset({502, 503, 504})
-
-
-class _Restart(DownloadError):
-    """The server's answer does not continue the partial; start again from zero."""
-
-
-def resolve_url(base_url: str, ref: str) -> str:
-    """``ref`` (a path such as ``/v1/bundles/...``, or an absolute URL) against the server URL,
-    keeping any path prefix the server is mounted under."""
-    if urlsplit(ref).scheme:
-        return ref
-    return f"{base_url.rstrip('/')}/{ref.lstrip('/')}"
+from device_agent.fsutil import fsync_dir
 
 
 def partial_path(partial_dir: Path, sha256: str) -> Path:
@@ -64,22 +46,13 @@ def discard_partial(partial_dir: Path, sha256: str) -> None:
         partial_path(partial_dir, sha256).unlink()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class BundleFetcher:
     """Fetches one bundle into a partial file, resuming what an earlier attempt left.
 
     Args:
-        client: The HTTP client (a test hands one with a ``MockTransport``).
+        client: The fleet client, which makes each request and maps its failures.
         settings: Limits: ``stall_timeout_s``, ``download_deadline_s``,
-            ``max_download_attempts``, ``backoff_initial_s``/``backoff_max_s``,
-            ``http_timeout_s``.
+            ``max_download_attempts``, ``backoff_initial_s``/``backoff_max_s``.
         monotonic: Clock for the stall timer and deadline.
         sleep: How to wait between attempts.
         checkpoint: Called with ``"download"`` once half the bundle is on disk and fsynced
@@ -88,7 +61,7 @@ class BundleFetcher:
 
     def __init__(
         self,
-        client: httpx.Client,
+        client: FleetClient,
         settings: AgentSettings,
         *,
         monotonic: Callable[[], float] = time.monotonic,
@@ -112,9 +85,9 @@ class BundleFetcher:
     ) -> bytes:
         """Download the bundle, resuming a partial, and return its ``length`` bytes.
 
-        Transient failures (stall, connection lost, gateway errors, a short body) are retried up
-        to ``max_download_attempts`` times with exponential backoff, each retry resuming where
-        the last stopped. The bytes are not verified here.
+        Retryable failures (stall, connection lost, gateway and server errors, a refused resume,
+        a short body) are retried up to ``max_download_attempts`` times with exponential
+        backoff, each retry resuming where the last stopped. The bytes are not verified here.
 
         Raises:
             StallError: If no bytes arrived for ``stall_timeout_s`` on the last attempt.
@@ -123,6 +96,7 @@ class BundleFetcher:
                 partial is discarded: its bytes came from a server that does not follow the
                 assignment).
             NotOfferedError: On 404 or 410 (the partial is discarded).
+            ResumeRefused: If the last attempt's resume was refused (the partial is discarded).
             ServerUnreachable: If the server could not be reached on the last attempt.
             AuthError: On 401/403.
             ServerRejected: On another error status.
@@ -138,12 +112,13 @@ class BundleFetcher:
             except (OversizeError, NotOfferedError):
                 discard_partial(partial_dir, sha256)
                 raise
-            except (StallError, ServerUnreachable, _Restart, ServerRejected) as exc:
-                transient = not isinstance(exc, ServerRejected) or exc.status >= 500
-                if isinstance(exc, _Restart):
+            except (DownloadError, ServerError) as exc:
+                if isinstance(exc, ResumeRefused):
                     discard_partial(partial_dir, sha256)
+                if isinstance(exc, StallError):
+                    exc.received_bytes = self._on_disk(partial_dir, sha256)
                 left_s = deadline - self._monotonic()
-                if not transient or attempt >= self.settings.max_download_attempts:
+                if not exc.retryable or attempt >= self.settings.max_download_attempts:
                     raise
                 if left_s <= delay:
                     raise DeadlineError(
@@ -177,72 +152,38 @@ class BundleFetcher:
             offset = 0
         if offset == length:
             return path.read_bytes()
-        request_headers = dict(headers)
-        if offset > 0:
-            request_headers["Range"] = f"bytes={offset}-"
-        timeout = httpx.Timeout(self.settings.http_timeout_s, read=self.settings.stall_timeout_s)
-        try:
-            with self.client.stream("GET", url, headers=request_headers, timeout=timeout) as resp:
-                offset = self._check_response(resp, url, offset, length)
-                self._receive(resp, path, url, offset, length, deadline)
-        except httpx.ReadTimeout as exc:
-            raise StallError(
-                f"no bytes from {url} for {self.settings.stall_timeout_s} s",
-                url,
-                self._on_disk(partial_dir, sha256),
-            ) from exc
-        except httpx.TransportError as exc:
-            raise ServerUnreachable(f"download of {url} failed: {exc!r}") from exc
+        with self.client.download(
+            url, offset=offset, headers=headers, stall_timeout_s=self.settings.stall_timeout_s
+        ) as stream:
+            self._check_lengths(stream, offset, length)
+            self._receive(stream, path, length, deadline)
         return path.read_bytes()
 
-    def _check_response(self, resp: httpx.Response, url: str, offset: int, length: int) -> int:
-        """Check the status and headers; return the offset the body starts at."""
-        status = resp.status_code
-        if status in (404, 410):
-            raise NotOfferedError(f"server no longer offers {url} ({status})", url, offset)
-        if status in (401, 403):
-            resp.read()
-            raise AuthError(status, resp.text[:200])
-        if status in GATEWAY_STATUSES:
-            raise ServerUnreachable(f"gateway answered {status} for {url}")
-        if status == 416:
-            raise _Restart(f"server refused the range from {offset}; restarting", url, offset)
-        if status >= 400:
-            resp.read()
-            raise ServerRejected(status, resp.text[:200])
-        start = 0
-        if status == 206:
-            match = _CONTENT_RANGE.match(resp.headers.get("content-range", ""))
-            if match is None:
-                raise _Restart(f"206 from {url} without a usable Content-Range", url, offset)
-            start = int(match.group(1))
-            total = match.group(3)
-            if total != "*" and int(total) > length:
-                raise OversizeError(
-                    f"server says the bundle is {total} bytes, the assignment {length}",
-                    url,
-                    offset,
-                )
-            if start != offset:
-                raise _Restart(f"server resumed at {start}, the partial ends at {offset}", url)
-        announced = resp.headers.get("content-length")
-        if announced is not None and announced.isdigit() and start + int(announced) > length:
+    @staticmethod
+    def _check_lengths(stream: BundleStream, offset: int, length: int) -> None:
+        """Refuse what the server states beyond the assignment's length, or a resume elsewhere."""
+        url = stream.url
+        if stream.total is not None and stream.total > length:
             raise OversizeError(
-                f"server announces {start + int(announced)} bytes, the assignment {length}",
+                f"server says the bundle is {stream.total} bytes, the assignment {length}",
                 url,
                 offset,
             )
-        return start
+        # A 200 (the server ignored the Range) starts the bundle afresh from byte 0.
+        if stream.partial and stream.start != offset:
+            raise ResumeRefused(
+                f"server resumed at {stream.start}, the partial ends at {offset}", url
+            )
+        if stream.announced is not None and stream.start + stream.announced > length:
+            raise OversizeError(
+                f"server announces {stream.start + stream.announced} bytes, the assignment"
+                f" {length}",
+                url,
+                offset,
+            )
 
-    def _receive(
-        self,
-        resp: httpx.Response,
-        path: Path,
-        url: str,
-        offset: int,
-        length: int,
-        deadline: float,
-    ) -> None:
+    def _receive(self, stream: BundleStream, path: Path, length: int, deadline: float) -> None:
+        url, offset = stream.url, stream.start
         half = length // 2
         stall_s = self.settings.stall_timeout_s
         mode = "r+b" if path.exists() else "wb"
@@ -251,7 +192,7 @@ class BundleFetcher:
             out.seek(offset)
             last_progress = self._monotonic()
             # Unbuffered: every chunk is written as it arrives, so a stall keeps what came.
-            for chunk in resp.iter_bytes():
+            for chunk in stream.chunks():
                 now = self._monotonic()
                 if now - last_progress > stall_s:
                     raise StallError(f"no bytes from {url} for {stall_s} s", url, offset)
@@ -273,7 +214,7 @@ class BundleFetcher:
                 if crossed_half and self._checkpoint is not None:
                     out.flush()
                     os.fsync(out.fileno())
-                    _fsync_dir(path.parent)
+                    fsync_dir(path.parent)
                     self._checkpoint("download")
             out.flush()
             os.fsync(out.fileno())

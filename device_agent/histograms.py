@@ -282,11 +282,14 @@ def _plain(value: Any) -> Any:
 
 def latency_sketch(latency_s: np.ndarray, relative_accuracy: float) -> dict[str, Any]:
     """A sketch of ``latency_s`` equal, bucket for bucket, to adding each value with
-    :func:`firmware_bundles.telemetry.add` (numpy's log may differ from libm's in the last bit,
-    so values whose bucket index lies within rounding of an integer are redone with ``math``)."""
+    :func:`firmware_bundles.telemetry.add`, values clamped to ``[0, MAX_LATENCY_S]`` as there
+    (numpy's log may differ from libm's in the last bit, so values whose bucket index lies within
+    rounding of an integer are redone with ``math``)."""
     result = sketch.new_sketch(relative_accuracy)
     if latency_s.size == 0:
         return result
+    # Clamped as :func:`~firmware_bundles.telemetry.add` clamps, so the sketch stays in range.
+    latency_s = np.clip(latency_s, 0.0, sketch.MAX_LATENCY_S)
     positive = latency_s[latency_s > sketch.MIN_POSITIVE]
     gamma = (1 + relative_accuracy) / (1 - relative_accuracy)
     log_gamma = math.log(gamma)

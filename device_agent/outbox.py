@@ -10,9 +10,14 @@ Boot epoch: at each open, ``max(previous + 1, seconds since 2024-01-01)``, so it
 restarts and stays new even if the database was lost (sequences restart at 0 in each epoch, as
 the server's completeness ratio expects).
 
+A phone also keeps its ring's telemetry here (:meth:`Outbox.put_relayed`): batches keyed as the
+ring made them (ring id, its boot epoch and sequence), sent by
+:func:`device_agent.telemetry_upload.upload_pending` like the phone's own.
+
 Disk is bounded by ``max_bytes`` of stored window and batch bodies: past it the oldest closed
 windows (then the oldest pending batches) are deleted, counted per device, reported in the next
-batch's ``dropped_windows`` and in :meth:`Outbox.stats`. Open windows are never dropped.
+batch's ``dropped_windows`` (a relayed ring's drops show as gaps in its sequence instead) and
+in :meth:`Outbox.stats`. Open windows are never dropped.
 """
 
 from __future__ import annotations
@@ -27,9 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
-
-from device_agent.errors import AuthError, OutboxError, ServerRejected, ServerUnreachable
+from device_agent.errors import OutboxError
 from firmware_bundles.messages import TelemetryBatch
 
 _SCHEMA = """
@@ -55,15 +58,12 @@ CREATE TABLE IF NOT EXISTS batches (
     body BLOB NOT NULL,
     PRIMARY KEY (device_id, boot_epoch, sequence)
 );
+CREATE TABLE IF NOT EXISTS relayed (device_id TEXT PRIMARY KEY);
 """
 #: Boot epochs count seconds from 2024-01-01T00:00:00Z, not from 1970, so they stay within the
 #: server's 32-bit column until 2092; a clock set far ahead is capped and epochs then grow by one.
 BOOT_EPOCH_BASE_S = 1_704_067_200
 _MAX_CLOCK_EPOCH = 2**30
-#: HTTP statuses that mean this batch will never be accepted as it is: drop it, count it.
-_REFUSED_FOREVER = (400, 413, 422)
-#: Gateways answering for a server that is down: the same as unreachable.
-_GATEWAY = (502, 503, 504)
 
 
 @dataclass(frozen=True)
@@ -74,17 +74,6 @@ class StoredWindow:
     device_id: str
     window_start: int
     body: bytes
-
-
-@dataclass(frozen=True)
-class UploadResult:
-    """What one :func:`upload_pending` call did."""
-
-    batches_sent: int = 0
-    windows_sent: int = 0
-    replays: int = 0
-    rejected_batches: int = 0
-    pending_batches: int = 0
 
 
 class Outbox:
@@ -269,8 +258,9 @@ class Outbox:
                 dropped += 1
                 continue
             batch = db.execute(
+                # Oldest stored first: a relayed ring's boot epochs are not on our scale.
                 "SELECT device_id, boot_epoch, sequence, window_count, LENGTH(body) FROM batches"
-                " ORDER BY boot_epoch, sequence LIMIT 1"
+                " ORDER BY rowid LIMIT 1"
             ).fetchone()
             if batch is None:
                 break  # only open windows are left; they are never dropped
@@ -284,12 +274,16 @@ class Outbox:
         return dropped
 
     def _count_dropped(self, db: sqlite3.Connection, device_id: str, count: int) -> None:
-        db.execute(
-            "INSERT INTO devices (device_id, dropped_unreported) VALUES (?, ?)"
-            " ON CONFLICT (device_id) DO UPDATE"
-            " SET dropped_unreported = dropped_unreported + excluded.dropped_unreported",
-            (device_id, count),
-        )
+        relayed = db.execute("SELECT 1 FROM relayed WHERE device_id = ?", (device_id,)).fetchone()
+        # A relayed device's drops reach the server as gaps in its own sequence; a batch of ours
+        # reporting them would start a sequence under its id that the device never had.
+        if relayed is None:
+            db.execute(
+                "INSERT INTO devices (device_id, dropped_unreported) VALUES (?, ?)"
+                " ON CONFLICT (device_id) DO UPDATE"
+                " SET dropped_unreported = dropped_unreported + excluded.dropped_unreported",
+                (device_id, count),
+            )
         self._set_meta("dropped_total", self._meta("dropped_total", 0) + count)
 
     def _compact(self) -> None:
@@ -370,6 +364,39 @@ class Outbox:
             args = (device_id,)
         row = self._db.execute(query + " ORDER BY boot_epoch, sequence LIMIT 1", args).fetchone()
         return None if row is None else bytes(row[0])
+
+    def put_relayed(self, batch: TelemetryBatch) -> None:
+        """Store a batch another device made (the ring this phone relays for), keyed as it came.
+
+        The device's id, boot epoch and sequence are kept, so the server drops a piece it already
+        has however often the ring is read; storing a key again replaces its body. Committed
+        with fsync before it returns: the ring may forget the piece once this returns.
+
+        Raises:
+            OutboxError: If the database cannot be written.
+        """
+        body = batch.to_bytes()
+        with self._durable() as db:
+            db.execute("INSERT OR IGNORE INTO relayed (device_id) VALUES (?)", (batch.device_id,))
+            key = "device_id = ? AND boot_epoch = ? AND sequence = ?"
+            old = db.execute(f"SELECT LENGTH(body) FROM batches WHERE {key}", batch.idempotency_key)
+            previous = old.fetchone()
+            db.execute(
+                "INSERT INTO batches (device_id, boot_epoch, sequence, window_count, body)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (device_id, boot_epoch, sequence) DO UPDATE"
+                " SET window_count = excluded.window_count, body = excluded.body",
+                (*batch.idempotency_key, len(batch.windows), body),
+            )
+            self._bytes += len(body) - (int(previous[0]) if previous else 0)
+            dropped = self._enforce_budget(db)
+        if dropped:
+            self._compact()
+
+    def relayed_devices(self) -> list[str]:
+        """Ids of the devices whose batches :meth:`put_relayed` has stored, in id order."""
+        with self._lock:
+            rows = self._db.execute("SELECT device_id FROM relayed ORDER BY device_id").fetchall()
+        return [str(r[0]) for r in rows]
 
     def acknowledge(self, batch: TelemetryBatch) -> None:
         """Forget a batch the server accepted (or recognised as a replay)."""
@@ -455,68 +482,3 @@ def _batch_bytes(
         }
     )
     return batch.to_bytes()
-
-
-def upload_pending(
-    outbox: Outbox,
-    client: httpx.Client,
-    base_url: str,
-    device_id: str,
-    credential: str,
-    *,
-    batch_windows: int = 50,
-    max_batches: int | None = None,
-) -> UploadResult:
-    """Send ``device_id``'s batches to ``POST /v1/devices/{id}/telemetry`` until none is left.
-
-    Each batch is stored before it is sent and forgotten only once the server answers 200
-    (accepted, or a replay of one it already has), so nothing is lost to a failed attempt. A
-    batch the server refuses as malformed (400, 413, 422) will never be accepted: it is dropped
-    and its windows counted as dropped.
-
-    Raises:
-        ServerUnreachable: Connection failed, timed out, or a gateway answered 502-504; the batch
-            stays pending for the next call.
-        AuthError: The credential was refused (401/403).
-        ServerRejected: Any other error status; the batch stays pending.
-        OutboxError: If the outbox cannot be written.
-    """
-    url = f"{base_url.rstrip('/')}/v1/devices/{device_id}/telemetry"
-    headers = {"Authorization": f"Bearer {credential}", "Content-Type": "application/json"}
-    sent = windows = replays = rejected = 0
-    while max_batches is None or sent + rejected < max_batches:
-        body = outbox.next_batch_bytes(batch_windows, device_id)
-        if body is None:
-            break
-        batch = TelemetryBatch.from_bytes(body)
-        try:
-            response = client.post(url, content=body, headers=headers)
-        except httpx.TransportError as exc:
-            raise ServerUnreachable(f"telemetry upload to {url}: {exc}") from exc
-        detail = _detail(response)
-        if response.status_code == 200:
-            outbox.acknowledge(batch)
-            sent += 1
-            windows += len(batch.windows)
-            replays += bool(response.json().get("replay", False))
-        elif response.status_code in (401, 403):
-            raise AuthError(response.status_code, detail)
-        elif response.status_code in _REFUSED_FOREVER:
-            outbox.reject(batch, f"{response.status_code}: {detail}")
-            rejected += 1
-        elif response.status_code in _GATEWAY:
-            raise ServerUnreachable(f"telemetry upload to {url}: {response.status_code} {detail}")
-        else:
-            raise ServerRejected(response.status_code, detail)
-    pending = int(outbox.stats()["pending_batches"])
-    return UploadResult(sent, windows, replays, rejected, pending)
-
-
-def _detail(response: httpx.Response) -> str:
-    try:
-        data = response.json()
-    except ValueError:
-        return response.text[:500]
-    if isinstance(data, dict) and "detail" in data:
-        return str(data["detail"])
-    return str(data)[:500]

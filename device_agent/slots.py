@@ -18,12 +18,12 @@ import contextlib
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from device_agent.errors import InstallError
+from device_agent.fsutil import fsync_dir, write_atomic
 
 SlotName = Literal["a", "b"]
 SLOT_NAMES: tuple[SlotName, SlotName] = ("a", "b")
@@ -32,32 +32,6 @@ RECORD_FILE = "slots.json"
 _MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _RECORD_FORMAT = 1
 InstallOutcome = Literal["ok", "self-test-failed", "verify-failed", "download-failed"]
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or new file in ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Replace ``path`` with ``data`` so a crash leaves the old or the new file, never a mix."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
 
 
 @dataclass(frozen=True)

@@ -32,17 +32,16 @@ from typing import Any
 import numpy as np
 
 from device_agent import histograms
-from device_agent.aggregates import InferenceTape, WindowAggregate, add_counts
+from device_agent.aggregates import InferenceTape, WindowAggregate
 from device_agent.errors import InferenceError, InputError
 from device_agent.outbox import Outbox
 from device_agent.runtime import LoadedModel, ModelIdentity
-from firmware_bundles import telemetry as sketch
+from firmware_bundles.messages import TALLY_NAME_PATTERN
+from firmware_bundles.window_builder import UNKNOWN_PREDICTION, TelemetryLayout
 
-_KIND = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
+_KIND = re.compile(TALLY_NAME_PATTERN)
 #: Flushes with nothing recorded after which a model version's buffers are released.
 IDLE_FLUSHES_BEFORE_RELEASE = 2
-#: Name under which a late label is counted when the prediction it corrects is not known.
-UNKNOWN_PREDICTION = "unknown"
 
 
 class Recorder:
@@ -175,7 +174,7 @@ class Recorder:
         """Count a failed self-test of a model version (installed, then reverted)."""
         with self._lock:
             window = self._window(ModelIdentity(model, version, bundle_sha256), self._clock())
-            window.selftest_failure_count += 1
+            window.count_error(self_test=True)
             self._save([window])
 
     def feedback(self, model: LoadedModel | ModelIdentity, kind: str) -> None:
@@ -187,7 +186,7 @@ class Recorder:
         self._check_name(model, "kind", kind)
         with self._lock:
             window = self._window(_identity(model), self._clock())
-            window.feedback[kind] = window.feedback.get(kind, 0) + 1
+            window.count_feedback(kind)
             self._save([window])
 
     def label(
@@ -196,16 +195,20 @@ class Recorder:
         """Count a late ground-truth ``label``, against the ``predicted`` one when known.
 
         Raises:
-            InputError: If a label is not a short name.
+            InputError: If a label is not a short name, or (for a model whose manifest declares
+                class labels) not one of its classes.
         """
-        self._check_name(model, "label", label)
-        if predicted is not None:
-            self._check_name(model, "predicted", predicted)
-        key = UNKNOWN_PREDICTION if predicted is None else predicted
+        layout = TelemetryLayout.of(model.manifest) if isinstance(model, LoadedModel) else None
+        for what, value in (("label", label), ("predicted", predicted)):
+            if value is None:
+                continue
+            self._check_name(model, what, value)
+            problem = None if layout is None else layout.label_problem(value)
+            if problem is not None and not (what == "predicted" and value == UNKNOWN_PREDICTION):
+                raise InputError(_identity(model).name, what, problem, repr(value))
         with self._lock:
             window = self._window(_identity(model), self._clock())
-            counts = window.labels.setdefault(key, {})
-            counts[label] = counts.get(label, 0) + 1
+            window.count_label(label, predicted)
             self._save([window])
 
     @staticmethod
@@ -225,7 +228,7 @@ class Recorder:
         key = (identity.bundle_sha256, start)
         window = self._open.get(key)
         if window is None:
-            window = self._open[key] = WindowAggregate(
+            window = self._open[key] = WindowAggregate.open(
                 self.device_id, identity, start, self.window_s
             )
         return window
@@ -261,8 +264,7 @@ class Recorder:
         tape.overflow.clear()
         for when in tape.errors:
             window = self._window(tape.identity, when)
-            window.inference_count += 1
-            window.error_count += 1
+            window.count_error()
             touched[id(window)] = window
         tape.errors.clear()
         return list(touched.values())
@@ -278,20 +280,18 @@ class Recorder:
     ) -> None:
         window = self._window(tape.identity, when)
         touched[id(window)] = window
-        window.inference_count += int(latency_s.size)
-        sketch.merge(
-            window.latency, histograms.latency_sketch(latency_s, sketch.DEFAULT_RELATIVE_ACCURACY)
+        window.merge_latency(
+            histograms.latency_sketch(latency_s, window.relative_accuracy), int(latency_s.size)
         )
         for name, hists in tape.input_groups:
             for hist, counts in zip(
                 hists, histograms.count_inputs(hists, inputs[name]), strict=True
             ):
-                add_counts(window.inputs, hist.name, counts)
+                window.add_counts("inputs", hist.name, counts.tolist())
         for out in tape.plan.outputs:
             if out.output in outputs:
-                add_counts(
-                    window.outputs, out.name, histograms.count_output(out, outputs[out.output])
-                )
+                counts = histograms.count_output(out, outputs[out.output])
+                window.add_counts("outputs", out.name, counts.tolist())
 
     def _save(self, windows: list[WindowAggregate], *, close: bool = False) -> None:
         rows = [(w.row_id, w.device_id, w.start, w.body()) for w in windows]

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 from urllib.parse import urlsplit
 
+from device_agent.client import resolve_url
 from device_agent.config import AgentSettings, DeviceConditions
 from device_agent.errors import (
     AgentError,
@@ -34,7 +35,6 @@ from device_agent.fetch import (
     discard_partial,
     partial_bundles,
     partial_path,
-    resolve_url,
 )
 from device_agent.slots import SlotInfo, SlotName, SlotStore
 from device_agent.trust import TrustedState

@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from edgefleet.common import console, fail, print_json, read_file
+from edgefleet.common import console, fail, literal, print_json, read_file
 
 agent_app = typer.Typer(
     help="The device agent: pull, verify, install, run offline, report late.",
@@ -209,10 +209,10 @@ def status_command(
     for name, m in sorted((status.get("models") or {}).items()):
         sha = m.get("sha256") or m.get("bundle_sha256") or ""
         models.add_row(
-            name,
+            literal(name),
             _text(m.get("version")),
             _text(m.get("active_slot", m.get("active"))),
-            sha[:12],
+            literal(sha[:12]),
             _text(m.get("release_counter")),
             _text(m.get("last_install")),
             _text(m.get("last_error")),
@@ -224,8 +224,8 @@ def _text(value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, dict | list):
-        return json.dumps(value, default=str)
-    return str(value)
+        return literal(json.dumps(value, default=str))
+    return literal(value)
 
 
 def _read_inputs(path: Path) -> Any:
@@ -272,5 +272,5 @@ def predict_command(
         return
     table = Table("output", "values")
     for name, value in outputs.items():
-        table.add_row(name, json.dumps(value))
+        table.add_row(literal(name), literal(json.dumps(value)))
     console.print(table)

@@ -14,6 +14,8 @@ from edgefleet.common import (
     bundle_errors,
     console,
     fail,
+    feed_file,
+    literal,
     load_signing_key,
     print_json,
     read_file,
@@ -21,15 +23,15 @@ from edgefleet.common import (
 )
 from firmware_bundles import (
     BundleContents,
+    BundleReader,
     TargetCatalogue,
     TrustedRoot,
     add_signature,
     build,
     bundle_id,
     created_at_from_env,
-    open_bundle,
-    verify,
 )
+from firmware_bundles.bundle import check_target
 from firmware_bundles.signing import parse_json
 
 bundle_app = typer.Typer(help="Pack, sign, inspect and verify model bundles.", no_args_is_help=True)
@@ -99,7 +101,7 @@ def bundle_pack(
     if json_out:
         print_json({"bundle": str(out), "sha256": ident, "bytes": len(data)})
     else:
-        console.print(f"packed {out}: {len(data)} bytes, sha256 {ident}")
+        console.print(f"packed {literal(out)}: {len(data)} bytes, sha256 {ident}")
 
 
 def parse_or_fail(data: bytes, path: Path) -> Any:
@@ -125,7 +127,7 @@ def bundle_sign(
     if json_out:
         print_json({"bundle": str(out), "sha256": ident, "bytes": len(data)})
     else:
-        console.print(f"signed {out}: sha256 {ident}")
+        console.print(f"signed {literal(out)}: sha256 {ident}")
 
 
 def _summary(contents: BundleContents) -> dict[str, Any]:
@@ -137,6 +139,7 @@ def _summary(contents: BundleContents) -> dict[str, Any]:
         "version": m.version,
         "release_counter": m.release_counter,
         "created_at": m.created_at.isoformat(),
+        "manifest_format": m.format,
         "targets": [t.target_id for t in m.targets],
         "format": m.runtime.format,
         "precision": m.runtime.precision,
@@ -150,7 +153,7 @@ def _summary(contents: BundleContents) -> dict[str, Any]:
 
 
 def _print_summary(summary: dict[str, Any], title: str) -> None:
-    table = Table(title=title, show_header=False, title_justify="left")
+    table = Table(title=literal(title), show_header=False, title_justify="left")
     table.add_column("field", style="bold")
     table.add_column("value", overflow="fold")
     for key in (
@@ -160,6 +163,7 @@ def _print_summary(summary: dict[str, Any], title: str) -> None:
         "sha256",
         "bytes",
         "created_at",
+        "manifest_format",
         "targets",
         "format",
         "precision",
@@ -167,12 +171,13 @@ def _print_summary(summary: dict[str, Any], title: str) -> None:
         "ram_estimate_bytes",
     ):
         value = summary[key]
-        table.add_row(key, ", ".join(value) if isinstance(value, list) else str(value))
-    table.add_row("metrics", ", ".join(f"{k}={v:g}" for k, v in summary["metrics"].items()))
+        table.add_row(key, literal(", ".join(value) if isinstance(value, list) else value))
+    metrics = ", ".join(f"{k}={v:g}" for k, v in summary["metrics"].items())
+    table.add_row("metrics", literal(metrics))
     for f in summary["files"]:
-        table.add_row("file", f"{f['path']}  {f['length']} B  {f['sha256'][:16]}…")
+        table.add_row("file", literal(f"{f['path']}  {f['length']} B  {f['sha256'][:16]}…"))
     for s in summary["signatures"]:
-        table.add_row("signed by", s)
+        table.add_row("signed by", literal(s))
     console.print(table)
 
 
@@ -182,9 +187,10 @@ def bundle_inspect(
     json_out: JsonFlag = False,
 ) -> None:
     """Show a bundle's manifest and files without trusting it (files are still hash-checked)."""
-    data = read_file(bundle, "bundle")
+    reader = BundleReader(keep_files=False, with_id=True)
     with bundle_errors(f"{bundle}: "):
-        contents = open_bundle(data, with_id=True)
+        feed_file(bundle, "bundle", reader)
+        contents = reader.finish()
     summary = _summary(contents)
     if json_out:
         print_json({**summary, "manifest": contents.manifest.to_dict()})
@@ -206,20 +212,18 @@ def bundle_verify(
 
     Exits 0 when the bundle is trusted, 1 with the reason when it is not.
     """
-    data = read_file(bundle, "bundle")
     root_bytes = read_file(root, "root")
     now = datetime.now(UTC)
     try:
         with bundle_errors(f"{root}: "):
             trusted = TrustedRoot.from_pinned(root_bytes, now)
+        fit_catalogue = load_catalogue(catalogue) if target else None
+        reader = BundleReader(root=trusted.root, keep_files=False, with_id=True)
         with bundle_errors(f"{bundle}: "):
-            verified = verify(
-                data,
-                trusted.root,
-                target_id=target,
-                catalogue=load_catalogue(catalogue) if target else None,
-                with_id=True,
-            )
+            feed_file(bundle, "bundle", reader)
+            verified = reader.finish_verified()
+            if target is not None:
+                check_target(verified.manifest, target, verified.contents.size, fit_catalogue)
     except typer.Exit:
         if json_out:
             print_json({"ok": False, "bundle": str(bundle)})
@@ -230,8 +234,9 @@ def bundle_verify(
     else:
         role = trusted.root.roles["release"]
         console.print(
-            f"[green]verified[/] {bundle}: {summary['name']} {summary['version']}"
+            f"[green]verified[/] {literal(bundle)}: {literal(summary['name'])}"
+            f" {literal(summary['version'])}"
             f" (release counter {summary['release_counter']}), sha256 {summary['sha256']},"
             f" {len(verified.release_keyids)} of {role.threshold} release signature(s) needed"
-            + (f", fits {target}" if target else "")
+            + (f", fits {literal(target)}" if target else "")
         )

@@ -8,10 +8,11 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Protocol
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from firmware_bundles import BundleError, SigningKey
 
@@ -22,9 +23,18 @@ err_console = Console(stderr=True, soft_wrap=True)
 EXIT_FAILED = 1
 
 
+def literal(value: object) -> str:
+    """``value`` as text that Rich prints as it is, never as markup.
+
+    Everything that comes from a bundle, a server, a device or a file goes through this before
+    it reaches Rich: a member named ``a[/b]`` is a closing tag to Rich, and crashes it.
+    """
+    return escape(str(value))
+
+
 def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
-    """Print ``error: message`` to stderr and exit with ``code``."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    """Print ``error: message`` to stderr and exit with ``code``; ``message`` is plain text."""
+    err_console.print(f"[bold red]error:[/] {literal(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -32,6 +42,33 @@ def read_file(path: Path, what: str) -> bytes:
     """Read a file, exiting with a message naming ``what`` if it cannot be read."""
     try:
         return path.read_bytes()
+    except FileNotFoundError:
+        fail(f"{what} {path} does not exist", 2)
+    except IsADirectoryError:
+        fail(f"{what} {path} is a directory", 2)
+    except OSError as exc:
+        fail(f"cannot read {what} {path}: {exc.strerror}", 2)
+
+
+class Feedable(Protocol):
+    """A reader that takes a file in pieces (``firmware_bundles.BundleReader``)."""
+
+    def wants(self) -> int: ...
+
+    def feed(self, data: bytes) -> None: ...
+
+
+def feed_file(path: Path, what: str, reader: Feedable) -> None:
+    """Feed a file to ``reader`` in the pieces it asks for, never holding the whole file.
+
+    The reader refuses a header over a cap before the member behind it is read, so a file that
+    claims or holds hundreds of megabytes costs a piece's worth of memory. Its errors propagate;
+    a file that cannot be read exits with a message naming ``what``.
+    """
+    try:
+        with path.open("rb") as fh:
+            while chunk := fh.read(reader.wants()):
+                reader.feed(chunk)
     except FileNotFoundError:
         fail(f"{what} {path} does not exist", 2)
     except IsADirectoryError:

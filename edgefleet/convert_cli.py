@@ -12,7 +12,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from edgefleet.bundle_cli import load_catalogue
-from edgefleet.common import bundle_errors, console, fail, load_signing_key, print_json
+from edgefleet.common import bundle_errors, console, fail, literal, load_signing_key, print_json
 from firmware_bundles import BundleError, created_at_from_env
 
 
@@ -104,11 +104,12 @@ def convert_command(
 
 
 def _print(report: object) -> None:
-    from converters.pipeline import ConvertReport
+    from converters.reports import ConvertReport
 
     assert isinstance(report, ConvertReport)
     metric = report.metric_name
-    table = Table(title=f"{report.name} {report.version}: variants on held-out data ({metric})")
+    title = f"{report.name} {report.version}: variants on held-out data ({metric})"
+    table = Table(title=literal(title))
     for col in (
         "variant",
         "bytes",
@@ -120,13 +121,20 @@ def _print(report: object) -> None:
         "batch ms",
         "note",
     ):
-        table.add_column(col, justify="left" if col in ("variant", "note") else "right")
+        table.add_column(
+            col,
+            justify="left" if col in ("variant", "note") else "right",
+            overflow="fold" if col == "note" else "ellipsis",
+        )
     for v in report.variants:
         if v.error:
-            table.add_row(v.name, "-", "-", "-", "-", "-", "-", "-", f"skipped: {v.error[:48]}")
+            # Our words, whole; the quantiser's own message is in build-report.json.
+            table.add_row(
+                literal(v.name), "-", "-", "-", "-", "-", "-", "-", literal(f"skipped: {v.error}")
+            )
             continue
         table.add_row(
-            v.name,
+            literal(v.name),
             str(v.model_bytes),
             f"{v.model_bytes / report.float_bytes:.2f}",
             f"{v.metric:.4f}",
@@ -144,10 +152,14 @@ def _print(report: object) -> None:
     for t in report.targets:
         if t.ok:
             targets.add_row(
-                t.target_id, t.variant or "", str(t.bundle_bytes), f"{t.metric:.4f}", t.sha256 or ""
+                literal(t.target_id),
+                literal(t.variant or ""),
+                str(t.bundle_bytes),
+                f"{t.metric:.4f}",
+                literal(t.sha256 or ""),
             )
         else:
-            targets.add_row(t.target_id, "[red]none[/]", "-", "-", t.reason or "")
+            targets.add_row(literal(t.target_id), "[red]none[/]", "-", "-", literal(t.reason or ""))
     console.print(targets)
     console.print(
         f"parity of float ONNX vs original: max diff {report.parity_max_diff:.2e};"

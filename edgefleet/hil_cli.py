@@ -24,6 +24,7 @@ from edgefleet.common import (
     bundle_errors,
     console,
     fail,
+    literal,
     load_signing_key,
     print_json,
     read_file,
@@ -127,7 +128,8 @@ def hil_run(
     else:
         _print(result)
         console.print(
-            f"report: {paths['json']}  junit: {paths['junit']}  summary: {paths['markdown']}"
+            f"report: {literal(paths['json'])}  junit: {literal(paths['junit'])}"
+            f"  summary: {literal(paths['markdown'])}"
         )
     if not result.passed:
         raise typer.Exit(EXIT_FAILED)
@@ -146,7 +148,12 @@ def _print(result: object) -> None:
             style = {"pass": "green", "fail": "bold red", "skip": "yellow"}[check.status]
             figure = "" if check.figure is None else f"{check.figure} {check.unit}".strip()
             table.add_row(
-                run.spec, bundle, check.name, f"[{style}]{check.status}[/]", figure, check.limit
+                literal(run.spec),
+                literal(bundle),
+                literal(check.name),
+                f"[{style}]{literal(check.status)}[/]",
+                literal(figure),
+                literal(check.limit),
             )
     console.print(table)
     console.print("[green]PASSED[/]" if result.passed else "[bold red]FAILED[/]")
@@ -172,11 +179,11 @@ def hil_samples(
         with bundle_errors():
             data = sample_bundle(keys, [target_id])
         write_file(out / f"sample-{target_id}.efb", data)
-        console.print(f"wrote {out / f'sample-{target_id}.efb'} ({len(data)} bytes)")
+        console.print(f"wrote {literal(out / f'sample-{target_id}.efb')} ({len(data)} bytes)")
     x, y = heldout(samples)
     out.mkdir(parents=True, exist_ok=True)
     np.savez(out / "heldout.npz", X=x, y=y)
-    console.print(f"wrote {out / 'heldout.npz'} ({samples} rows)")
+    console.print(f"wrote {literal(out / 'heldout.npz')} ({samples} rows)")
 
 
 @hil_app.command("verify-report")
@@ -198,6 +205,6 @@ def hil_verify_report(
         print_json(report.to_dict())
     else:
         verdict = "passed" if report.passed else "FAILED"
-        console.print(f"{report_file}: signature ok; the run {verdict}")
+        console.print(f"{literal(report_file)}: signature ok; the run {verdict}")
     if not report.passed:
         raise typer.Exit(EXIT_FAILED)

@@ -12,6 +12,7 @@ from edgefleet.common import (
     bundle_errors,
     console,
     fail,
+    literal,
     load_signing_key,
     print_json,
     read_file,
@@ -44,7 +45,8 @@ def keys_generate(
         print_json({"keyid": key.keyid, "private": str(out), "public": str(pub)})
     else:
         console.print(
-            f"key [bold]{key.keyid}[/]\n  private {out} (keep it offline)\n  public  {pub}"
+            f"key [bold]{key.keyid}[/]\n  private {literal(out)} (keep it offline)"
+            f"\n  public  {literal(pub)}"
         )
 
 
@@ -110,7 +112,7 @@ def root_init(
         envelope = sign_root(root, signers)
         TrustedRoot.from_pinned(envelope.to_bytes(), datetime.now(UTC))
     write_file(out, envelope.to_bytes(), force=force)
-    console.print(f"root version 1 written to {out}, expires {root.expires.isoformat()}")
+    console.print(f"root version 1 written to {literal(out)}, expires {root.expires.isoformat()}")
 
 
 @root_app.command("sign")
@@ -162,7 +164,7 @@ def root_rotate(
         )
         envelope = sign_root(new, [load_signing_key(p) for p in sign_key])
     write_file(out, envelope.to_bytes())
-    console.print(f"root version {new.version} written to {out}")
+    console.print(f"root version {new.version} written to {literal(out)}")
     _report_chain_check(old, envelope.to_bytes())
 
 
@@ -172,7 +174,9 @@ def _report_chain_check(old: Root, new_bytes: bytes) -> None:
         trusted.update(new_bytes)
         console.print("  chain check: accepted by holders of the old root")
     except Exception as exc:
-        console.print(f"  [yellow]chain check: not yet accepted[/] ({exc}); add signatures")
+        console.print(
+            f"  [yellow]chain check: not yet accepted[/] ({literal(exc)}); add signatures"
+        )
 
 
 @root_app.command("verify")

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from edgefleet.common import console, fail, print_json, read_file, write_file
+from edgefleet.common import console, fail, literal, print_json, read_file, write_file
 
 ServerOpt = Annotated[str, typer.Option(envvar="EDGEFLEET_SERVER", help="Server URL.")]
 TokenOpt = Annotated[str, typer.Option(envvar="EDGEFLEET_TOKEN", help="API token.")]
@@ -123,10 +123,10 @@ def serve(
     data_dir.mkdir(parents=True, exist_ok=True)
     if init:
         for path in init_trust(data_dir):
-            console.print(f"created {path}")
+            console.print(f"created {literal(path)}")
         console.print(
-            f"trusted root: {data_dir / 'root.json'}; release key for `edgefleet bundle"
-            f" pack --key`: {data_dir / 'keys' / 'release.pem'}"
+            f"trusted root: {literal(data_dir / 'root.json')}; release key for `edgefleet bundle"
+            f" pack --key`: {literal(data_dir / 'keys' / 'release.pem')}"
         )
     settings = _settings(
         data_dir,
@@ -144,13 +144,13 @@ def serve(
         fail(str(exc), 2)
     token = ensure_admin_token(state)
     if token:
-        console.print(f"first start: admin token (shown once) [bold]{token}[/]")
+        console.print(f"first start: admin token (shown once) [bold]{literal(token)}[/]")
     logging.basicConfig(
         level=getattr(logging, log_level.upper(), logging.INFO),
         format="%(message)s",
         stream=sys.stdout,
     )
-    console.print(f"serving on http://{host}:{port} (data in {data_dir})")
+    console.print(f"serving on http://{literal(host)}:{port} (data in {literal(data_dir)})")
     if workers != 1:
         fail("--workers > 1: run several `edgefleet serve` processes behind a load balancer", 2)
     app = create_app(state)
@@ -232,10 +232,13 @@ def publish(
     if json_out:
         print_json(results)
     for r in [] if json_out else results:
-        console.print(f"published {r['model']} {r['version']} for {r['target_id']}: {r['sha256']}")
+        console.print(
+            f"published {literal(r['model'])} {literal(r['version'])}"
+            f" for {literal(r['target_id'])}: {literal(r['sha256'])}"
+        )
         if "hil" in r:
             verdict = "passes" if r["hil"]["passed"] else "does NOT pass"
-            console.print(f"  HIL report attached ({r['hil']['runs']} run(s)): {verdict}")
+            console.print(f"  HIL report attached ({literal(r['hil']['runs'])} run(s)): {verdict}")
 
 
 def release(
@@ -258,7 +261,7 @@ def release(
         json={"target": target},
     )
     print_json(r) if json_out else console.print(
-        f"released {model} {version} for {', '.join(r['released_for'])}"
+        f"released {literal(model)} {literal(version)} for {literal(', '.join(r['released_for']))}"
     )
 
 
@@ -271,7 +274,7 @@ def withdraw(
 ) -> None:
     """Stop assigning a version; its devices get the previous released version."""
     r = _call(server, token, "POST", f"/v1/models/{model}/versions/{version}/withdraw")
-    print_json(r) if json_out else console.print(f"withdrew {model} {version}")
+    print_json(r) if json_out else console.print(f"withdrew {literal(model)} {literal(version)}")
 
 
 def pin(
@@ -290,7 +293,9 @@ def pin(
         f"/v1/devices/{device}/pins/{model}",
         json={"version": None if version == "none" else version},
     )
-    print_json(r) if json_out else console.print(f"pinned {device} to {model} {version}")
+    print_json(r) if json_out else console.print(
+        f"pinned {literal(device)} to {literal(model)} {literal(version)}"
+    )
 
 
 @models_app.command("list")
@@ -305,12 +310,12 @@ def models_list(
     for m in models:
         for v in m["versions"]:
             table.add_row(
-                m["name"],
-                v["version"],
-                str(v["release_counter"]),
-                ", ".join(v["released_for"]),
-                ", ".join(b["target_id"] for b in v["bundles"]),
-                str(v["withdrawn"]),
+                literal(m["name"]),
+                literal(v["version"]),
+                literal(v["release_counter"]),
+                literal(", ".join(v["released_for"])),
+                literal(", ".join(b["target_id"] for b in v["bundles"])),
+                literal(v["withdrawn"]),
             )
     console.print(table)
 
@@ -336,12 +341,12 @@ def devices_list(
     table = Table("device", "hardware id", "firmware", "relay", "last seen", "revoked")
     for d in devices:
         table.add_row(
-            d["id"],
-            d["hardware_id"],
-            d["firmware_version"],
-            d["relay_id"] or "",
-            d["last_seen"] or "never",
-            str(d["revoked"]),
+            literal(d["id"]),
+            literal(d["hardware_id"]),
+            literal(d["firmware_version"]),
+            literal(d["relay_id"] or ""),
+            literal(d["last_seen"] or "never"),
+            literal(d["revoked"]),
         )
     console.print(table)
 
@@ -364,7 +369,7 @@ def devices_revoke(
     json_out: JsonFlag = False,
 ) -> None:
     r = _call(server, token, "POST", f"/v1/devices/{device}/revoke")
-    print_json(r) if json_out else console.print(f"revoked {device}")
+    print_json(r) if json_out else console.print(f"revoked {literal(device)}")
 
 
 @tokens_app.command("create")
@@ -377,7 +382,9 @@ def tokens_create(
 ) -> None:
     """Create an API token (printed once)."""
     r = _call(server, token, "POST", "/v1/tokens", json={"name": name, "role": role})
-    print_json(r) if json_out else console.print(f"token {r['id']} ({role}): {r['token']}")
+    print_json(r) if json_out else console.print(
+        f"token {literal(r['id'])} ({literal(role)}): {literal(r['token'])}"
+    )
 
 
 @tokens_app.command("revoke")
@@ -388,7 +395,7 @@ def tokens_revoke(
     json_out: JsonFlag = False,
 ) -> None:
     r = _call(server, token, "DELETE", f"/v1/tokens/{token_id}")
-    print_json(r) if json_out else console.print(f"revoked token {token_id}")
+    print_json(r) if json_out else console.print(f"revoked token {literal(token_id)}")
 
 
 @tokens_app.command("enroll")
@@ -408,7 +415,7 @@ def tokens_enroll(
         "/v1/enrollment-tokens",
         json={"cohort": cohort, "max_uses": max_uses, "ttl_s": ttl_s},
     )
-    print_json(r) if json_out else console.print(f"enrollment token: {r['token']}")
+    print_json(r) if json_out else console.print(f"enrollment token: {literal(r['token'])}")
 
 
 @cohorts_app.command("create")
@@ -440,7 +447,7 @@ def cohorts_create(
         "/v1/cohorts",
         json={"name": name, "filter": flt or None, "members": member or []},
     )
-    print_json(r) if json_out else console.print(f"created cohort {name}")
+    print_json(r) if json_out else console.print(f"created cohort {literal(name)}")
 
 
 @cohorts_app.command("list")
@@ -452,7 +459,9 @@ def cohorts_list(
         print_json(cohorts)
         return
     for c in cohorts:
-        console.print(f"{c['name']}: {len(c['devices'])} devices, filter {c['filter']}")
+        console.print(
+            f"{literal(c['name'])}: {len(c['devices'])} devices, filter {literal(c['filter'])}"
+        )
 
 
 def register(app: typer.Typer) -> None:

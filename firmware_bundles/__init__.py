@@ -6,6 +6,7 @@ Pure: bytes in, objects out; no network, no database, no clock (callers pass ``n
 from firmware_bundles.archive import ArchiveLimits, bundle_id, pack
 from firmware_bundles.bundle import (
     BundleContents,
+    BundleReader,
     VerifiedBundle,
     add_signature,
     build,
@@ -43,6 +44,7 @@ __all__ = [
     "ArchiveLimits",
     "BundleContents",
     "BundleError",
+    "BundleReader",
     "CatalogueError",
     "DeviceTarget",
     "DuplicateMemberError",

@@ -2,6 +2,8 @@
 
 ``build`` turns a manifest draft and files into signed archive bytes; ``verify`` takes archive
 bytes and a trusted root and returns the verified manifest and files, or raises why not.
+:class:`BundleReader` does the same from pieces its caller reads, so a bundle on disk is checked
+without holding it in memory (the release signatures before any file is read).
 """
 
 from __future__ import annotations
@@ -12,17 +14,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from firmware_bundles.archive import (
-    ArchiveLimits,
-    bundle_id,
-    check_files,
-    pack,
-    read_members,
-)
+from firmware_bundles.archive import ArchiveLimits, ArchiveReader, pack
 from firmware_bundles.catalogue import TargetCatalogue
-from firmware_bundles.errors import SchemaError
+from firmware_bundles.errors import SchemaError, SizeLimitError
 from firmware_bundles.manifest import Manifest
 from firmware_bundles.root import Root
+from firmware_bundles.selftest import attach_vectors
 from firmware_bundles.signing import Envelope, SigningKey
 
 
@@ -81,33 +78,6 @@ class BundleContents:
     size: int
 
 
-def open_bundle(
-    data: bytes, limits: ArchiveLimits | None = None, *, with_id: bool = False
-) -> BundleContents:
-    """Parse a bundle and check that its files match its manifest (not its signatures).
-
-    Args:
-        data: The archive bytes.
-        limits: Caps on size and member count.
-        with_id: Also hash the whole archive for its identity (one more pass over the bytes).
-
-    Raises:
-        ArchiveError: On unsafe members, missing or extra files, or hash and length mismatches.
-        SchemaError: If the manifest is malformed.
-    """
-    contents = read_members(data, limits or ArchiveLimits())
-    envelope = Envelope.from_bytes(contents.manifest_bytes, "manifest")
-    manifest = Manifest.from_dict(envelope.signed)
-    check_files(manifest, contents.members)
-    return BundleContents(
-        id=bundle_id(data) if with_id else None,
-        envelope=envelope,
-        manifest=manifest,
-        files=contents.members,
-        size=len(data),
-    )
-
-
 @dataclass(frozen=True)
 class VerifiedBundle:
     """A bundle whose release signatures and file hashes checked out."""
@@ -122,6 +92,100 @@ class VerifiedBundle:
     def file(self, path: str) -> bytes:
         """The bytes of a listed file."""
         return bytes(self.contents.files[path])
+
+
+class BundleReader:
+    """Opens or verifies a bundle from pieces its caller reads (see :class:`ArchiveReader`).
+
+    With a ``root``, the manifest's release signatures are checked as soon as the manifest
+    member is complete, before any file is read.
+
+    Args:
+        limits: Caps on size and member count.
+        root: Verify release signatures against this root (else only open the bundle).
+        keep_files: Keep the files' bytes and decode the self-test vectors (else hash the files
+            only; ``files`` comes back empty and format-2 vectors are not decoded).
+        with_id: Hash the whole archive for its identity.
+    """
+
+    def __init__(
+        self,
+        limits: ArchiveLimits | None = None,
+        *,
+        root: Root | None = None,
+        keep_files: bool = True,
+        with_id: bool = False,
+    ) -> None:
+        self._root = root
+        self._keep_files = keep_files
+        self._envelope: Envelope | None = None
+        self._keyids: set[str] = set()
+        self._archive = ArchiveReader(
+            limits or ArchiveLimits(), self._manifest, keep_files=keep_files, with_id=with_id
+        )
+        self.wants = self._archive.wants
+        self.feed = self._archive.feed
+
+    def _manifest(self, data: bytes) -> Manifest:
+        envelope = Envelope.from_bytes(data, "manifest")
+        if self._root is not None:
+            self._keyids = self._root.verify(envelope, "release")
+        self._envelope = envelope
+        return Manifest.from_dict(envelope.signed)
+
+    def finish(self) -> BundleContents:
+        """The bundle, once every byte was fed.
+
+        Raises:
+            ArchiveError: If the archive ends early, lacks a listed file, or its self-test file
+                does not hold the vectors the manifest lists.
+        """
+        archive = self._archive.finish()
+        assert self._envelope is not None  # finish() raised if there was no manifest
+        if self._keep_files:
+            attach_vectors(archive.manifest, archive.files)
+        return BundleContents(
+            id=archive.id,
+            envelope=self._envelope,
+            manifest=archive.manifest,
+            files=archive.files,
+            size=archive.size,
+        )
+
+    def finish_verified(self) -> VerifiedBundle:
+        """The bundle with the release keys that signed it (a ``root`` was given).
+
+        Raises:
+            ArchiveError: If the archive ends early or lacks a listed file.
+        """
+        assert self._root is not None, "finish_verified needs a root"
+        return VerifiedBundle(contents=self.finish(), release_keyids=self._keyids)
+
+
+def _read_all(data: bytes, reader: BundleReader, limits: ArchiveLimits | None) -> None:
+    cap = (limits or ArchiveLimits()).max_archive_bytes
+    if len(data) > cap:
+        raise SizeLimitError(f"bundle is {len(data)} bytes, over the cap {cap}")
+    reader.feed(data)
+
+
+def open_bundle(
+    data: bytes, limits: ArchiveLimits | None = None, *, with_id: bool = False
+) -> BundleContents:
+    """Parse a bundle and check that its files match its manifest (not its signatures).
+
+    Args:
+        data: The archive bytes.
+        limits: Caps on size and member count.
+        with_id: Also hash the whole archive for its identity (one more pass over the bytes).
+
+    Raises:
+        ArchiveError: On unsafe members, missing or extra files, or hash and length mismatches.
+        SchemaError: If the manifest is malformed.
+    """
+    reader = BundleReader(limits, with_id=with_id)
+    _read_all(data, reader, limits)
+    return reader.finish()
 
 
 def verify(
@@ -145,21 +209,23 @@ def verify(
         ThresholdError: If release signatures fall short.
         CatalogueError: If the bundle is not built for ``target_id`` or does not fit it.
     """
-    contents = read_members(data, limits or ArchiveLimits())
-    envelope = Envelope.from_bytes(contents.manifest_bytes, "manifest")
-    keyids = root.verify(envelope, "release")
-    manifest = Manifest.from_dict(envelope.signed)
-    check_files(manifest, contents.members)
+    reader = BundleReader(limits, root=root, with_id=with_id)
+    _read_all(data, reader, limits)
+    bundle = reader.finish_verified()
     if target_id is not None:
-        (catalogue or TargetCatalogue.load_default()).check_fits(manifest, target_id, len(data))
-    bundle = BundleContents(
-        id=bundle_id(data) if with_id else None,
-        envelope=envelope,
-        manifest=manifest,
-        files=contents.members,
-        size=len(data),
-    )
-    return VerifiedBundle(contents=bundle, release_keyids=keyids)
+        check_target(bundle.manifest, target_id, bundle.contents.size, catalogue)
+    return bundle
+
+
+def check_target(
+    manifest: Manifest, target_id: str, size: int, catalogue: TargetCatalogue | None = None
+) -> None:
+    """Check that a bundle of ``size`` bytes is built for ``target_id`` and fits it.
+
+    Raises:
+        CatalogueError: If it is not built for the target or does not fit it.
+    """
+    (catalogue or TargetCatalogue.load_default()).check_fits(manifest, target_id, size)
 
 
 def add_signature(data: bytes, key: SigningKey, limits: ArchiveLimits | None = None) -> bytes:

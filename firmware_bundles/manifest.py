@@ -11,25 +11,31 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     Field,
+    PrivateAttr,
     SerializerFunctionWrapHandler,
     field_validator,
     model_serializer,
     model_validator,
 )
 
+from firmware_bundles.errors import MissingFileError
 from firmware_bundles.schema import Document
 
-MANIFEST_FORMAT = 1
-#: Manifest format 2 adds ``runtime.format = "tflite"`` and the ``runtime.tflite`` block (issue
-#: 14); a bundle of another format stays format 1, byte for byte what it was.
-MANIFEST_FORMAT_TFLITE = 2
+#: The format converters write. Format 1 (self-test vectors as JSON in the manifest, ONNX and
+#: ORT models only) still reads; format 2 keeps vectors in a file and adds ``.tflite`` models.
+MANIFEST_FORMAT = 2
+MANIFEST_FORMATS = (1, 2)
 MANIFEST_PATH = "manifest.json"
+#: Where format-2 converters put the self-test tensors (any listed path is accepted).
+SELF_TEST_FILE = "self_test.bin"
 
 _SEMVER = re.compile(
     r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
     r"(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?"
     r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?$"
 )
+#: The semantic-version rule as a JSON Schema ``pattern``.
+SEMVER_PATTERN = _SEMVER.pattern
 _NAME = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 _SHA256 = r"^[0-9a-f]{64}$"
 
@@ -242,10 +248,133 @@ class SelfTestVector(Document):
 
 
 class SelfTest(Document):
-    """Vectors a device runs after install, before it activates the model."""
+    """Format 1: vectors a device runs after install, before it activates the model, as JSON."""
 
     tolerance: float = Field(ge=0)
     vectors: list[SelfTestVector]
+
+
+#: Bytes per element of the dtypes a self-test file can hold (raw little-endian).
+TENSOR_ITEMSIZE = {
+    "float32": 4,
+    "float16": 2,
+    "int64": 8,
+    "int32": 4,
+    "int16": 2,
+    "int8": 1,
+    "uint8": 1,
+    "bool": 1,
+}
+
+
+class TensorLayout(Document):
+    """One tensor of a vector in the self-test file: raw little-endian, C order.
+
+    With ``scale`` the tensor is stored quantised (int8, uint8 or int16: the model's own input
+    type, from its input QuantizeLinear or its ``.tflite`` input tensor) and its value is
+    ``float32(q - zero_point) * float32(scale)``, rounded to float32 once; the expected outputs
+    were computed on exactly those values.
+    """
+
+    name: str
+    dtype: Literal["float32", "float16", "int64", "int32", "int16", "int8", "uint8", "bool"]
+    shape: list[int]
+    scale: float | None = Field(default=None, gt=0)
+    zero_point: int = 0
+
+    @model_validator(mode="after")
+    def _quantised(self) -> TensorLayout:
+        if any(d < 0 for d in self.shape):
+            raise ValueError(f"tensor {self.name!r} has a negative dimension")
+        if self.scale is not None and self.dtype not in ("int8", "uint8", "int16"):
+            raise ValueError(
+                f"tensor {self.name!r}: only int8, uint8 and int16 tensors take a scale"
+            )
+        if self.scale is None and self.zero_point != 0:
+            raise ValueError(f"tensor {self.name!r}: a zero_point needs a scale")
+        return self
+
+    @property
+    def nbytes(self) -> int:
+        count = 1
+        for d in self.shape:
+            count *= d
+        return count * TENSOR_ITEMSIZE[self.dtype]
+
+
+class SelfTestFile(Document):
+    """Format 2: self-test vectors as binary tensors in a bundle file.
+
+    The file holds ``count`` vectors one after another; each is its ``inputs``, its
+    ``expected`` outputs, then its ``float_outputs``, in the order listed here, with no padding.
+    Reading a bundle (never the manifest alone) decodes them into :attr:`vectors`, the same shape
+    format 1 gives, and :attr:`float_vectors`.
+
+    ``expected`` are the bundled model's own outputs (a device's runtime must give them within
+    ``tolerance``). ``float_outputs``, when listed, are the float original's outputs (the trained
+    model before export and quantisation) for the same inputs: what the quantised model stands
+    for, which a test rig compares the device's outputs with within ``float_tolerance``.
+    """
+
+    tolerance: float = Field(ge=0)
+    file: str = Field(min_length=1, max_length=200)
+    count: int = Field(ge=0, le=1024)
+    inputs: list[TensorLayout] = Field(min_length=1)
+    expected: list[TensorLayout] = Field(min_length=1)
+    float_outputs: list[TensorLayout] = Field(default_factory=list)
+    float_tolerance: float | None = Field(default=None, ge=0)
+    _vectors: list[SelfTestVector] | None = PrivateAttr(default=None)
+    _float_vectors: list[dict[str, list[Any]]] | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _float_outputs_named(self) -> SelfTestFile:
+        if bool(self.float_outputs) != (self.float_tolerance is not None):
+            raise ValueError("float_outputs and float_tolerance come together")
+        expected = {t.name for t in self.expected}
+        for layout in self.float_outputs:
+            if layout.name not in expected:
+                raise ValueError(f"float output {layout.name!r} is not an expected output")
+        return self
+
+    @property
+    def vector_bytes(self) -> int:
+        """Bytes of one vector in the file."""
+        return sum(t.nbytes for t in [*self.inputs, *self.expected, *self.float_outputs])
+
+    @property
+    def vectors(self) -> list[SelfTestVector]:
+        """The decoded vectors.
+
+        Raises:
+            MissingFileError: If the manifest was parsed alone, not read from its bundle.
+        """
+        if self._vectors is None:
+            raise self._not_decoded()
+        return self._vectors
+
+    @property
+    def float_vectors(self) -> list[dict[str, list[Any]]]:
+        """The float original's outputs per vector, by output name (empty dicts if not listed).
+
+        Raises:
+            MissingFileError: If the manifest was parsed alone, not read from its bundle.
+        """
+        if self._float_vectors is None:
+            raise self._not_decoded()
+        return self._float_vectors
+
+    def _not_decoded(self) -> MissingFileError:
+        return MissingFileError(
+            f"self-test vectors are in the bundle file {self.file!r}; read the bundle"
+            " (open_bundle, verify, BundleReader), not the manifest alone",
+            self.file,
+        )
+
+    def __eq__(self, other: object) -> bool:
+        # Decoded vectors are a cache of the file; manifests are equal on their fields.
+        return isinstance(other, SelfTestFile) and self.__dict__ == other.__dict__
+
+    __hash__ = Document.__hash__
 
 
 class Provenance(Document):
@@ -281,7 +410,7 @@ class Manifest(Document):
     quantisation: Quantisation
     metrics: dict[str, float]
     reference_histograms: ReferenceHistograms
-    self_test: SelfTest
+    self_test: SelfTest | SelfTestFile
     provenance: Provenance
     files: list[FileEntry]
 
@@ -306,11 +435,38 @@ class Manifest(Document):
             raise ValueError(f"{MANIFEST_PATH} is reserved and cannot be listed in files")
         if self.runtime.model_file not in paths:
             raise ValueError(f"runtime.model_file {self.runtime.model_file!r} is not in files")
-        if self.runtime.format == "tflite" and self.format < MANIFEST_FORMAT_TFLITE:
-            raise ValueError(
-                f'runtime.format "tflite" needs manifest format {MANIFEST_FORMAT_TFLITE}'
-            )
+        if self.runtime.format == "tflite" and self.format < 2:
+            raise ValueError('runtime.format "tflite" needs manifest format 2')
+        self._check_self_test()
         return self
+
+    def _check_self_test(self) -> None:
+        test = self.self_test
+        if self.format == 1:
+            if not isinstance(test, SelfTest):
+                raise ValueError("format 1 keeps self_test.vectors in the manifest")
+            return
+        if not isinstance(test, SelfTestFile):
+            raise ValueError(
+                f"format {self.format} keeps self-test vectors in a file (self_test.file)"
+            )
+        entry = next((f for f in self.files if f.path == test.file), None)
+        if entry is None:
+            raise ValueError(f"self_test.file {test.file!r} is not in files")
+        if entry.length != test.count * test.vector_bytes:
+            raise ValueError(
+                f"self_test.file {test.file!r} is {entry.length} bytes; {test.count} vectors"
+                f" of {test.vector_bytes} bytes need {test.count * test.vector_bytes}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict; from format 2 on, fields at their defaults are left out.
+
+        Parsing restores the defaults, so the document means the same and is shorter.
+        """
+        if self.format == 1:
+            return super().to_dict()
+        return self.model_dump(mode="json", by_alias=True, exclude_defaults=True)
 
     def file(self, path: str) -> FileEntry:
         """The entry for ``path``.

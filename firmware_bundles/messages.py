@@ -8,17 +8,27 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, StringConstraints, field_validator, model_validator
 
 from firmware_bundles.errors import ExpiredError, RollbackError, SchemaError
-from firmware_bundles.manifest import Sha256, check_semver
+from firmware_bundles.manifest import SEMVER_PATTERN, Sha256, check_semver
 from firmware_bundles.root import Root
 from firmware_bundles.schema import Document
 from firmware_bundles.signing import Envelope, SigningKey
+from firmware_bundles.telemetry import (
+    BIN_KEY_MAX,
+    BIN_KEY_MIN,
+    MAX_COUNT,
+    MAX_LATENCY_S,
+    MIN_RELATIVE_ACCURACY,
+    bin_key_bounds,
+)
 
 _ID = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+#: A device id, wherever one enters (enrollment, pairing, a URL path): the one rule for ids.
+DeviceId = Annotated[str, StringConstraints(pattern=_ID)]
 _NONCE = r"^[0-9a-f]{32,128}$"
 
 
@@ -34,7 +44,7 @@ class CapabilityReport(Document):
     hardware_id: str = Field(pattern=_ID)
     generation: str
     platform: str
-    firmware_version: str
+    firmware_version: str = Field(pattern=SEMVER_PATTERN)
     onnxruntime_version: str | None = None
     free_flash_bytes: int = Field(ge=0)
     free_ram_bytes: int = Field(ge=0)
@@ -233,32 +243,78 @@ class CheckInResponse(Document):
     next_check_in_s: int = Field(default=3600, ge=1)
 
 
+#: A count that crosses the wire: a non-negative integer (strictly: not a bool, float or numeric
+#: string) that fits the signed 32-bit counters firmware keeps.
+Count = Annotated[int, Field(strict=True, ge=0, le=MAX_COUNT)]
+#: A latency sketch's bucket key. A JSON object key, so a decimal string on the wire (an integer
+#: in CBOR); bounded by :data:`~firmware_bundles.telemetry.BIN_KEY_MIN`..``BIN_KEY_MAX``, the keys
+#: a latency up to ``MAX_LATENCY_S`` can have at the finest accepted accuracy, so ``gamma ** key``
+#: stays a finite float (each sketch also checks its keys against its own accuracy).
+SketchBinKey = Annotated[int, Field(ge=BIN_KEY_MIN, le=BIN_KEY_MAX)]
+#: Latency in seconds, as the sketch clamps it.
+LatencySeconds = Annotated[float, Field(ge=0, le=MAX_LATENCY_S, allow_inf_nan=False)]
+#: A feedback kind, label or predicted class: 1-64 letters, digits or ``_.:-``.
+TALLY_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$"
+TallyName = Annotated[str, Field(pattern=TALLY_NAME_PATTERN)]
+
+
 class LatencySketch(Document):
     """A mergeable latency sketch in DDSketch's log-bucket form.
 
     Values (seconds) map to bucket ``ceil(log(v) / log(gamma))`` with
     ``gamma = (1 + a) / (1 - a)`` for relative accuracy ``a``. Merging adds counts per bucket, so
-    merges are associative and commutative and any order gives the same sketch.
+    merges are associative and commutative and any order gives the same sketch. ``count`` is
+    ``zero_count`` plus the buckets' counts; ``min`` and ``max`` are set exactly when it is not 0.
     """
 
-    relative_accuracy: float = Field(gt=0, lt=1)
-    bins: dict[int, int] = Field(default_factory=dict)
-    zero_count: int = Field(default=0, ge=0)
-    count: int = Field(default=0, ge=0)
-    sum: float = 0.0
-    min: float | None = None
-    max: float | None = None
+    relative_accuracy: float = Field(ge=MIN_RELATIVE_ACCURACY, lt=1, allow_inf_nan=False)
+    bins: dict[SketchBinKey, Count] = Field(default_factory=dict)
+    zero_count: Count = 0
+    count: Count = 0
+    sum: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    min: LatencySeconds | None = None
+    max: LatencySeconds | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> LatencySketch:
+        bins = self.bins
+        if bins:
+            low, high = bin_key_bounds(self.relative_accuracy)
+            if min(bins) < low or max(bins) > high:
+                raise ValueError(
+                    f"bin keys must lie in {low}..{high} at relative accuracy"
+                    f" {self.relative_accuracy} (latencies up to {MAX_LATENCY_S:g} s)"
+                )
+        if self.count != self.zero_count + sum(bins.values()):
+            raise ValueError("count must equal zero_count plus the bins' counts")
+        if (self.min is None or self.max is None) != (self.count == 0):
+            raise ValueError("min and max are set exactly when count is not 0")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError("min must not exceed max")
+        if self.sum > self.count * MAX_LATENCY_S:
+            raise ValueError(f"sum exceeds count times {MAX_LATENCY_S:g} s")
+        return self
 
 
 class HistogramCounts(Document):
     """Counts on a manifest histogram's bins (same layout: under, bins, over or unseen)."""
 
-    name: str
-    counts: list[int]
+    name: str = Field(min_length=1, max_length=256)
+    counts: list[Count]
+
+
+def _unique_names(histograms: list[HistogramCounts], field: str) -> None:
+    names = [h.name for h in histograms]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{field}: each histogram name may appear once")
 
 
 class TelemetryWindow(Document):
-    """Aggregates of one model version on one device over one event-time window."""
+    """Aggregates of one model version on one device over one event-time window.
+
+    Build one with :class:`firmware_bundles.window_builder.TelemetryWindowBuilder`; check it
+    against its bundle's manifest with :class:`firmware_bundles.window_builder.TelemetryLayout`.
+    """
 
     device_id: str = Field(pattern=_ID)
     model: str
@@ -266,16 +322,23 @@ class TelemetryWindow(Document):
     bundle_sha256: Sha256
     window_start: datetime
     window_s: int = Field(gt=0, le=86400)
-    inference_count: int = Field(ge=0)
-    error_count: int = Field(default=0, ge=0)
-    selftest_failure_count: int = Field(default=0, ge=0)
+    inference_count: Count
+    error_count: Count = 0
+    selftest_failure_count: Count = 0
     latency: LatencySketch
     outputs: list[HistogramCounts] = Field(default_factory=list)
     inputs: list[HistogramCounts] = Field(default_factory=list)
-    feedback: dict[str, int] = Field(default_factory=dict)
-    labels: dict[str, dict[str, int]] = Field(default_factory=dict)
+    feedback: dict[TallyName, Count] = Field(default_factory=dict)
+    #: Per predicted class (or ``unknown``), per true label, a count.
+    labels: dict[TallyName, dict[TallyName, Count]] = Field(default_factory=dict)
 
     _check_start = field_validator("window_start")(_utc)
+
+    @model_validator(mode="after")
+    def _names(self) -> TelemetryWindow:
+        _unique_names(self.outputs, "outputs")
+        _unique_names(self.inputs, "inputs")
+        return self
 
 
 class TelemetryBatch(Document):
@@ -286,7 +349,7 @@ class TelemetryBatch(Document):
     boot_epoch: int = Field(ge=0, le=2**31 - 1)
     sequence: int = Field(ge=0, le=2**31 - 1)
     windows: list[TelemetryWindow]
-    dropped_windows: int = Field(default=0, ge=0)
+    dropped_windows: Count = 0
 
     @model_validator(mode="after")
     def _same_device(self) -> TelemetryBatch:

@@ -8,6 +8,14 @@ quantiles; only the float ``sum`` depends on order, within rounding.
 Mapping (DDSketch's logarithmic mapping): ``gamma = (1 + a) / (1 - a)``; a value ``v > 0`` goes to
 bucket ``ceil(log(v) / log(gamma))``; bucket ``i`` stands for ``2 * gamma**i / (gamma + 1)``, within
 relative error ``a`` of every value in it.
+
+Limits (why a sketch from a device can be trusted to merge and read back): latencies are clamped
+to ``(MIN_POSITIVE, MAX_LATENCY_S]`` (at or below ``MIN_POSITIVE`` they count as zero), so every
+bucket key lies in :func:`bin_key_bounds` of the sketch's accuracy, far inside the range where
+``gamma ** key`` is a finite, non-zero float (a key of 10**6 at 1% would overflow it); relative
+accuracies finer than ``MIN_RELATIVE_ACCURACY`` are refused so that range has a fixed outer bound
+(``BIN_KEY_MIN``..``BIN_KEY_MAX``) for the wire type; counts fit a signed 32-bit counter
+(``MAX_COUNT``), as firmware keeps them.
 """
 
 from __future__ import annotations
@@ -17,8 +25,33 @@ from collections.abc import Iterable
 from typing import Any
 
 DEFAULT_RELATIVE_ACCURACY = 0.01
+#: The finest relative accuracy a sketch may have (0.1%: ten times finer than the default).
+MIN_RELATIVE_ACCURACY = 0.001
 #: Values at or below this count as zero (sub-nanosecond latencies are timer noise).
 MIN_POSITIVE = 1e-9
+#: Latencies above this (one day, the longest window) are recorded as this: no inference that
+#: slow is still one, and the bound keeps every sum of counts times latencies finite.
+MAX_LATENCY_S = 86400.0
+#: Largest count on the wire: firmware keeps counts as signed 32-bit integers.
+MAX_COUNT = 2**31 - 1
+
+
+def _log_gamma(relative_accuracy: float) -> float:
+    return math.log((1 + relative_accuracy) / (1 - relative_accuracy))
+
+
+def bin_key_bounds(relative_accuracy: float) -> tuple[int, int]:
+    """The lowest and highest bucket key a latency in ``(MIN_POSITIVE, MAX_LATENCY_S]`` can have
+    at ``relative_accuracy`` (the low end one wider, for rounding in ``log``)."""
+    log_gamma = _log_gamma(relative_accuracy)
+    return (
+        math.floor(math.log(MIN_POSITIVE) / log_gamma),
+        math.ceil(math.log(MAX_LATENCY_S) / log_gamma),
+    )
+
+
+#: Bounds on any bucket key at any accepted relative accuracy (the wire type's bounds).
+BIN_KEY_MIN, BIN_KEY_MAX = bin_key_bounds(MIN_RELATIVE_ACCURACY)
 
 
 def new_sketch(relative_accuracy: float = DEFAULT_RELATIVE_ACCURACY) -> dict[str, Any]:
@@ -41,12 +74,19 @@ def _gamma(sketch: dict[str, Any]) -> float:
 
 def bucket(value: float, relative_accuracy: float) -> int:
     """The bucket index of a positive value."""
-    gamma = (1 + relative_accuracy) / (1 - relative_accuracy)
-    return math.ceil(math.log(value) / math.log(gamma))
+    return math.ceil(math.log(value) / _log_gamma(relative_accuracy))
 
 
 def add(sketch: dict[str, Any], value: float, count: int = 1) -> None:
-    """Record ``value`` (seconds) ``count`` times, in place."""
+    """Record ``value`` (seconds, clamped to ``[0, MAX_LATENCY_S]``) ``count`` times, in place.
+
+    Raises:
+        ValueError: If ``value`` is NaN.
+    """
+    value = float(value)
+    if math.isnan(value):
+        raise ValueError("a latency cannot be NaN")
+    value = min(max(value, 0.0), MAX_LATENCY_S)
     if value <= MIN_POSITIVE:
         sketch["zero_count"] += count
     else:

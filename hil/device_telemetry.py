@@ -1,9 +1,10 @@
 """Telemetry windows kept by an emulated ring or board, read and acknowledged over SMP.
 
-Per model version and event-time window it counts inferences and errors, sketches latency
-(:mod:`firmware_bundles.telemetry`) and bins outputs and inputs on the manifest's reference
-edges. A telemetry read seals the open windows into numbered pieces; the server adds pieces of
-the same window together, so sealing early loses nothing.
+Per model version and event-time window it counts inferences and errors, sketches latency and
+bins outputs and inputs on the manifest's reference edges, into the same
+:class:`~firmware_bundles.window_builder.TelemetryWindowBuilder` the agent uses. A telemetry read
+seals the open windows into numbered pieces; the server adds pieces of the same window together,
+so sealing early loses nothing.
 """
 
 from __future__ import annotations
@@ -11,14 +12,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 import cbor2
 import numpy as np
 
 from firmware_bundles import Manifest
-from firmware_bundles import telemetry as sketches
 from firmware_bundles.manifest import Histogram
+from firmware_bundles.window_builder import TelemetryWindowBuilder
 
 
 @dataclass
@@ -40,7 +41,7 @@ class DeviceTelemetry:
     device_id: str
     window_s: int
     clock: Callable[[], datetime]
-    _open: dict[tuple[str, str, str, int], dict[str, Any]] = field(default_factory=dict)
+    _open: dict[tuple[str, str, str, int], TelemetryWindowBuilder] = field(default_factory=dict)
     _sealed: list[_Piece] = field(default_factory=list)
     _next_seq: int = 1
 
@@ -54,27 +55,25 @@ class DeviceTelemetry:
     ) -> None:
         """Count one inference."""
         window = self._window(manifest, bundle_sha256)
-        window["inference_count"] += 1
-        sketches.add(window["latency"], latency_s)
-        _bin_into(window["inputs"], manifest.reference_histograms.inputs, _features(inputs))
+        window.count_inference(latency_s)
+        _bin_into(window, "inputs", manifest.reference_histograms.inputs, _features(inputs))
         first = outputs.get(manifest.outputs[0].name) if manifest.outputs else None
         if first is not None:
             _bin_into(
-                window["outputs"], manifest.reference_histograms.outputs, _labels(manifest, first)
+                window, "outputs", manifest.reference_histograms.outputs, _labels(manifest, first)
             )
 
     def record_error(self, manifest: Manifest, bundle_sha256: str, *, self_test: bool) -> None:
-        """Count a failed inference, or a failed self-test."""
-        window = self._window(manifest, bundle_sha256)
-        window["selftest_failure_count" if self_test else "error_count"] += 1
+        """Count a failed inference (as an inference and an error), or a failed self-test."""
+        self._window(manifest, bundle_sha256).count_error(self_test=self_test)
 
     def seal(self) -> None:
         """Close every open window piece and number it."""
         for key in sorted(self._open, key=lambda k: (k[3], k[0], k[1])):
-            window = self._open[key]
+            window = self._open[key].to_dict()
             # The sketch keeps bucket keys as JSON strings; on the wire they are CBOR integers.
             latency = window["latency"]
-            latency["bins"] = {int(k): v for k, v in latency["bins"].items()}
+            window["latency"] = {**latency, "bins": {int(k): v for k, v in latency["bins"].items()}}
             self._sealed.append(_Piece(self._next_seq, window))
             self._next_seq += 1
         self._open.clear()
@@ -98,27 +97,14 @@ class DeviceTelemetry:
         self._sealed = [p for p in self._sealed if p.seq > upto]
         return len(self._sealed)
 
-    def _window(self, manifest: Manifest, bundle_sha256: str) -> dict[str, Any]:
+    def _window(self, manifest: Manifest, bundle_sha256: str) -> TelemetryWindowBuilder:
         now = self.clock().astimezone(UTC)
         start = int(now.timestamp()) // self.window_s * self.window_s
         key = (manifest.name, manifest.version, bundle_sha256, start)
         if key not in self._open:
-            self._open[key] = {
-                "device_id": self.device_id,
-                "model": manifest.name,
-                "version": manifest.version,
-                "bundle_sha256": bundle_sha256,
-                "window_start": datetime.fromtimestamp(start, UTC).isoformat(),
-                "window_s": self.window_s,
-                "inference_count": 0,
-                "error_count": 0,
-                "selftest_failure_count": 0,
-                "latency": sketches.new_sketch(),
-                "outputs": [],
-                "inputs": [],
-                "feedback": {},
-                "labels": {},
-            }
+            self._open[key] = TelemetryWindowBuilder(
+                self.device_id, manifest.name, manifest.version, bundle_sha256, start, self.window_s
+            )
         return self._open[key]
 
 
@@ -141,7 +127,10 @@ def _labels(manifest: Manifest, output: np.ndarray) -> list[np.ndarray]:
 
 
 def _bin_into(
-    counts: list[dict[str, Any]], histograms: list[Histogram], series: list[np.ndarray]
+    window: TelemetryWindowBuilder,
+    kind: Literal["inputs", "outputs"],
+    histograms: list[Histogram],
+    series: list[np.ndarray],
 ) -> None:
     for histogram, values in zip(histograms, series, strict=False):
         if histogram.kind == "numeric":
@@ -151,8 +140,4 @@ def _bin_into(
             n = len(histogram.categories)
             index = np.where((values >= 0) & (values < n), values, n).astype(np.int64)
             bins = np.bincount(index, minlength=n + 1)
-        entry = next((c for c in counts if c["name"] == histogram.name), None)
-        if entry is None:
-            counts.append({"name": histogram.name, "counts": [int(b) for b in bins]})
-        else:
-            entry["counts"] = [a + int(b) for a, b in zip(entry["counts"], bins, strict=True)]
+        window.add_counts(kind, histogram.name, bins.tolist())

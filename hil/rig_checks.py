@@ -26,7 +26,15 @@ from device_agent.link import (
 )
 from device_agent.link import model_group as mg
 from device_agent.runtime import ModelRuntime
-from firmware_bundles import BundleError, Manifest, TargetCatalogue, open_bundle, verify
+from firmware_bundles import (
+    BundleContents,
+    BundleError,
+    Manifest,
+    TargetCatalogue,
+    open_bundle,
+    verify,
+)
+from firmware_bundles.manifest import SelfTestFile
 from firmware_bundles.root import Root
 from hil.director import LabDirector
 from hil.errors import Refusal
@@ -169,6 +177,9 @@ class BundleOnDevice:
                 f"{len(samples)} samples against {host.name} on the host",
             )
         )
+        float_runs = await self._float_original(run, client, manifest, contents)
+        if float_runs is None:
+            return
         self._accuracy(run, manifest, predicted, y)
         p95 = round(float(np.percentile(latencies, 95)), 4)
         limit = self.limits.latency_p95_max_ms
@@ -186,7 +197,49 @@ class BundleOnDevice:
                 self._runtime_named(),
             )
         )
-        await self._telemetry(run, client, len(samples))
+        await self._telemetry(run, client, len(samples) + float_runs)
+
+    async def _float_original(
+        self, run: DeviceRun, client: DeviceClient, manifest: Manifest, contents: BundleContents
+    ) -> int | None:
+        """The device's outputs on the self-test inputs against the float original's.
+
+        The bundle carries the original (pre-export, pre-quantisation) model's outputs for its
+        self-test inputs; the device must stay within the manifest's ``float_tolerance`` of
+        them. A bundle without them (format 1, or built without) skips the check.
+
+        Returns:
+            How many inferences it ran on the device (telemetry counts them), None if they
+            did not run.
+        """
+        test = contents.manifest.self_test
+        if not isinstance(test, SelfTestFile) or test.float_tolerance is None:
+            run.add(Check("float-original", "skip", detail="the bundle carries no float outputs"))
+            return 0
+        spec = manifest.inputs[0]
+        worst = 0.0
+        try:
+            for vector, floats in zip(test.vectors, test.float_vectors, strict=True):
+                inputs = {k: np.asarray(v, dtype=spec.dtype) for k, v in vector.inputs.items()}
+                got = await client.infer(inputs)
+                for name, value in floats.items():
+                    diff = np.abs(got.outputs[name].astype(np.float64) - np.asarray(value))
+                    worst = max(worst, float(diff.max()) if diff.size else 0.0)
+        except (LinkError, InputError, KeyError) as exc:
+            run.add(Check("float-original", "fail", detail=f"self-test inputs did not run: {exc}"))
+            return None
+        run.add(
+            Check(
+                "float-original",
+                "pass" if worst <= test.float_tolerance else "fail",
+                worst,
+                "abs error",
+                f"<= {test.float_tolerance:g}",
+                f"{test.count} self-test inputs against the float original's outputs in the"
+                f" bundle (precision {manifest.runtime.precision})",
+            )
+        )
+        return test.count
 
     def _runtime_named(self) -> str:
         """The device's runtime, version and arena kind, as an emulated device reports it."""

@@ -105,6 +105,24 @@ def _dequantise(y: np.ndarray, q: TensorQuantisation | None) -> np.ndarray:
     return ((y.astype(np.float64) - q.zero_point) * q.scale).astype(np.float32)
 
 
+def invoke(model: bytes, x: np.ndarray) -> np.ndarray:
+    """Outputs of a float-I/O ``.tflite`` for the rows of ``x``, one invoke per row (host side:
+    sample bundles and their self-test vectors).
+
+    Raises:
+        Refusal: BUNDLE_INVALID if TFLM cannot load the model.
+    """
+    it, reason = _interpreter(model, _MEASURING_ARENA_BYTES)
+    if it is None:
+        raise Refusal(ModelRc.BUNDLE_INVALID, f"TFLM cannot load the model: {reason}")
+    rows = []
+    for row in np.asarray(x, dtype=np.float32):
+        it.set_input(row[None, ...], 0)
+        it.invoke()
+        rows.append(np.asarray(it.get_output(0), dtype=np.float32))
+    return np.concatenate(rows)
+
+
 _TO_LAYOUT = {"NWC": (0, 2, 1), "NHWC": (0, 2, 3, 1)}
 
 

@@ -21,6 +21,8 @@ from prometheus_client import (
 )
 from sqlalchemy import text
 from sqlmodel import Session, select
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from server.auth import hash_token, new_token
 from server.checkin_store import make_store
@@ -29,6 +31,7 @@ from server.db import check_schema, make_engine
 from server.errors import ApiError
 from server.models import ApiToken
 from server.routes import admin, devices, registry, telemetry
+from server.schemas import Health, NotReady, Problem, Ready, RootEnvelope
 from server.state import BlobStore, ServerState, load_catalogue, load_trust
 
 log = logging.getLogger("edgefleet.server")
@@ -100,34 +103,68 @@ def create_app(state: ServerState) -> FastAPI:
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse({"detail": exc.reason}, status_code=exc.status)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            # Starlette names the methods of the first route on the path; a path has one route
+            # per method here, so name them all.
+            headers["Allow"] = ", ".join(sorted(_allowed_methods(app, request)))
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
+
     # Devices first: check-in is the busiest route, and routes are matched in order.
-    for router in (devices.router, telemetry.router, registry.router, admin.router):
+    for router in (
+        devices.router,
+        telemetry.router,
+        registry.router,
+        registry.downloads,
+        admin.router,
+    ):
         app.include_router(router)
 
     @app.get("/healthz", tags=["health"])
-    def healthz() -> dict[str, str]:
+    def healthz() -> Health:
         """The process is up."""
-        return {"status": "ok"}
+        return Health(status="ok")
 
-    @app.get("/readyz", tags=["health"], response_model=None)
-    def readyz() -> dict[str, Any] | JSONResponse:
+    @app.get(
+        "/readyz",
+        tags=["health"],
+        response_model=Ready,
+        responses={503: {"model": NotReady, "description": "The database does not answer."}},
+    )
+    def readyz() -> Ready | JSONResponse:
         """The database answers."""
         try:
             with state.engine.connect() as conn:
                 conn.execute(text("SELECT 1"))
         except Exception as exc:  # any driver error means not ready
-            return JSONResponse(
-                {"status": "unavailable", "reason": str(exc)[:200]}, status_code=503
-            )
-        return {"status": "ready", "root_version": state.trusted.root.version}
+            reason = NotReady(status="unavailable", reason=str(exc)[:200])
+            return JSONResponse(reason.model_dump(), status_code=503)
+        return Ready(status="ready", root_version=state.trusted.root.version)
 
-    @app.get("/metrics", tags=["health"], response_model=None)
+    @app.get(
+        "/metrics",
+        tags=["health"],
+        response_class=PrometheusResponse,
+        responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}},
+    )
     def prometheus() -> Response:
-        return Response(generate_latest(metrics), media_type=CONTENT_TYPE_LATEST)
+        """Request counts and latencies in Prometheus' text format."""
+        return PrometheusResponse(generate_latest(metrics))
 
-    @app.get("/v1/roots/{version}.json", tags=["trust"], response_model=None)
+    @app.get(
+        "/v1/roots/{version}.json",
+        tags=["trust"],
+        response_class=Response,
+        responses={
+            200: {"model": RootEnvelope, "description": "That version of root.json."},
+            404: {"model": Problem, "description": "No such version."},
+        },
+    )
     def root_version(version: int) -> Response:
-        """Every version of the trusted root, so devices can follow rotations."""
+        """Every version of the trusted root, so devices can follow rotations (byte for byte as
+        signed)."""
         data = state.root_chain.get(version)
         if data is None:
             raise ApiError(404, f"no root version {version}; newest is {max(state.root_chain)}")
@@ -135,6 +172,20 @@ def create_app(state: ServerState) -> FastAPI:
 
     app.add_middleware(ObserveMiddleware, requests=requests, latency=latency)
     return app
+
+
+def _allowed_methods(app: FastAPI, request: Request) -> set[str]:
+    """Every method some route serves on the request's path."""
+    methods: set[str] = set()
+    for route in app.router.routes:
+        match, _ = route.matches(request.scope)
+        if match != Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return methods
+
+
+class PrometheusResponse(Response):
+    media_type = CONTENT_TYPE_LATEST
 
 
 class ObserveMiddleware:

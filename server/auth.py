@@ -12,9 +12,13 @@ import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Literal
 
+from sqlmodel import Session, col, select
+
 from server.errors import ApiError
+from server.models import ApiToken
 
 Role = Literal["admin", "publisher", "operator", "viewer"]
 ROLES: tuple[Role, ...] = ("admin", "publisher", "operator", "viewer")
@@ -71,3 +75,36 @@ def bearer(header: str | None) -> str:
 
 def same(a: str, b: str) -> bool:
     return hmac.compare_digest(a, b)
+
+
+def create_api_token(*, session: Session, name: str, role: str) -> tuple[ApiToken, str]:
+    """A new API token with ``role``: its row and the token itself (shown once).
+
+    Raises:
+        ApiError: 400 for an unknown role.
+    """
+    if role not in ROLES:
+        raise ApiError(400, f"unknown role {role!r}; roles: {', '.join(ROLES)}")
+    token = new_token("api")
+    row = ApiToken(name=name, role=role, token_hash=hash_token(token), created_at=datetime.now(UTC))
+    session.add(row)
+    session.commit()
+    return row, token
+
+
+def api_token_by_value(session: Session, token: str) -> ApiToken | None:
+    return session.exec(select(ApiToken).where(ApiToken.token_hash == hash_token(token))).first()
+
+
+def list_api_tokens(session: Session) -> list[ApiToken]:
+    return list(session.exec(select(ApiToken).order_by(col(ApiToken.id))))
+
+
+def revoke_api_token(*, session: Session, token_id: int) -> None:
+    """Raises: ApiError 404 for an unknown token."""
+    row = session.get(ApiToken, token_id)
+    if row is None:
+        raise ApiError(404, f"no token {token_id}")
+    row.revoked = True
+    session.add(row)
+    session.commit()

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from firmware_bundles.telemetry import DEFAULT_RELATIVE_ACCURACY, MIN_RELATIVE_ACCURACY
 
 
 class Settings(BaseSettings):
@@ -29,6 +32,10 @@ class Settings(BaseSettings):
     max_bundle_upload_bytes: int = 256 * 1024 * 1024
     max_telemetry_batch_bytes: int = 4 * 1024 * 1024
     max_windows_per_batch: int = 1000
+    #: The latency-sketch relative accuracy rollups merge at; windows at another are refused.
+    telemetry_relative_accuracy: float = Field(
+        default=DEFAULT_RELATIVE_ACCURACY, ge=MIN_RELATIVE_ACCURACY, lt=1
+    )
     enrollment_token_ttl_s: int = 7 * 24 * 3600
     #: Release a version for a target only if its bundle carries a passing rig report signed by
     #: the root's ``hil`` role (``edgefleet publish --hil-report``).

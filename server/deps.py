@@ -6,12 +6,13 @@ from collections.abc import Callable, Iterator
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
-from sqlmodel import Session, select
+from sqlmodel import Session
 
-from server.auth import Principal, bearer, hash_token
+from firmware_bundles.messages import DeviceId
+from server.auth import Principal, api_token_by_value, bearer
 from server.errors import ApiError
-from server.fleet import device_by_credential
-from server.models import ApiToken, Device
+from server.fleet import authorise_device, device_by_credential
+from server.models import Device
 from server.state import ServerState
 
 
@@ -24,11 +25,17 @@ StateDep = Annotated[ServerState, Depends(get_state)]
 
 
 def get_session(state: StateDep) -> Iterator[Session]:
-    with Session(state.engine, expire_on_commit=False) as session:
+    with state.sessions() as session:
         yield session
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
+
+
+def _end_read(session: Session) -> None:
+    """End the credential lookup's transaction, so its pooled connection (SQLite has one) is not
+    held while the route waits on a slow upload's body; the objects read stay loaded."""
+    session.commit()
 
 
 def get_principal(
@@ -42,10 +49,12 @@ def get_principal(
     token = bearer(authorization)
     if token.startswith("efd_"):
         device = device_by_credential(session, token)
+        _end_read(session)
         if device is None or device.revoked:
             raise ApiError(401, "device credential is not valid or was revoked")
         return Principal(kind="device", name=device.id)
-    row = session.exec(select(ApiToken).where(ApiToken.token_hash == hash_token(token))).first()
+    row = api_token_by_value(session, token)
+    _end_read(session)
     if row is None or row.revoked:
         raise ApiError(401, "API token is not valid or was revoked")
     return Principal(kind="api", name=row.name, role=row.role)
@@ -64,12 +73,28 @@ def get_device(
     """
     token = bearer(authorization)
     device = device_by_credential(session, token)
+    _end_read(session)
     if device is None or device.revoked:
         raise ApiError(401, "a valid device credential is required")
     return device
 
 
 DeviceDep = Annotated[Device, Depends(get_device)]
+
+
+def get_acting_for(device_id: DeviceId, caller: DeviceDep, session: SessionDep) -> Device:
+    """The device named in the path, if the caller may act for it (itself, or as its relay).
+
+    Raises:
+        ApiError: 403 otherwise.
+    """
+    device = authorise_device(caller, device_id, session)
+    _end_read(session)
+    return device
+
+
+#: The device a device route acts on, checked before the body is read.
+ActingForDep = Annotated[Device, Depends(get_acting_for)]
 
 
 def _requires(action: str) -> Callable[[Principal], Principal]:

@@ -1,21 +1,19 @@
-"""Devices: enrollment (direct, or a ring through its phone), authorisation, cohorts, and the
-release state offered to each hardware id (check-in itself is in :mod:`server.hotpath`).
+"""Devices: enrollment (direct, or a ring through its phone), authorisation, pairing, revocation
+and cohorts (check-in is in :mod:`server.hotpath`; what a device is offered, :mod:`server.offers`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
-from sqlmodel import Session, col, select
+from sqlmodel import Session, select
 
 from firmware_bundles.manifest import FirmwareRange
 from firmware_bundles.messages import CapabilityReport
-from server.auth import hash_token, new_token
+from server.auth import Principal, hash_token, new_token
 from server.errors import ApiError
-from server.models import Bundle, Cohort, CohortMember, Device, EnrollmentToken, ModelVersion
-from server.registry import current_versions
+from server.models import Cohort, CohortMember, Device, EnrollmentToken
+from server.schemas import DevicePublic
 from server.state import ServerState
 
 
@@ -122,76 +120,6 @@ def authorise_device(caller: Device, target_id: str, session: Session) -> Device
     return target
 
 
-@dataclass(frozen=True)
-class Offer:
-    """What a model offers one hardware id: the current version and its bundle, if any."""
-
-    version: str
-    release_counter: int
-    sha256: str | None = None
-    length: int = 0
-    firmware_min: str = "0.0.0"
-    firmware_below: str | None = None
-
-
-def _offer(session: Session, version_id: int, hardware_id: str) -> Offer | None:
-    version = session.get(ModelVersion, version_id)
-    if version is None:
-        return None
-    bundle = session.exec(
-        select(Bundle).where(Bundle.version_id == version_id, Bundle.target_id == hardware_id)
-    ).first()
-    if bundle is None:
-        return Offer(version.version, version.release_counter)
-    return Offer(
-        version.version,
-        version.release_counter,
-        bundle.sha256,
-        bundle.length,
-        bundle.firmware_min,
-        bundle.firmware_below,
-    )
-
-
-def offers_for(session: Session, state: ServerState, hardware_id: str) -> dict[str, Offer]:
-    """Current version and bundle per model for ``hardware_id``, cached for a short time.
-
-    Every check-in needs this and it changes only on release, withdraw or publish, which clear
-    the cache of the worker that made them; other workers see a change within
-    ``release_cache_ttl_s``.
-    """
-    cached: dict[str, Offer] | None = state.cached(hardware_id)
-    if cached is not None:
-        return cached
-    wanted = current_versions(session, hardware_id)
-    bundles = {
-        b.version_id: b
-        for b in session.exec(
-            select(Bundle).where(
-                col(Bundle.version_id).in_([v.id for v in wanted.values()]),
-                Bundle.target_id == hardware_id,
-            )
-        )
-    }
-    offers = {}
-    for model, version in wanted.items():
-        b = bundles.get(version.id or -1)
-        offers[model] = (
-            Offer(version.version, version.release_counter)
-            if b is None
-            else Offer(
-                version.version,
-                version.release_counter,
-                b.sha256,
-                b.length,
-                b.firmware_min,
-                b.firmware_below,
-            )
-        )
-    state.cache(hardware_id, offers)
-    return offers
-
-
 def cohort_devices(session: Session, cohort: Cohort) -> list[str]:
     """Members of a cohort: static members plus devices matching its filter."""
     members = {
@@ -211,10 +139,85 @@ def cohort_devices(session: Session, cohort: Cohort) -> list[str]:
     return sorted(members)
 
 
-def device_public(device: Device) -> dict[str, Any]:
+def device_public(device: Device) -> DevicePublic:
     """A device as the API shows it (no credential hash)."""
-    data = device.model_dump(exclude={"credential_hash"})
-    for key in ("enrolled_at", "last_seen"):
-        if data.get(key) is not None:
-            data[key] = data[key].isoformat()
-    return data
+    return DevicePublic.model_validate(device.model_dump(exclude={"credential_hash"}))
+
+
+def get_device(session: Session, device_id: str) -> Device:
+    """Raises: ApiError 404 if there is no such device."""
+    device = session.get(Device, device_id)
+    if device is None:
+        raise ApiError(404, f"no device {device_id}")
+    return device
+
+
+def list_devices(session: Session) -> list[Device]:
+    return list(session.exec(select(Device).order_by(Device.id)))
+
+
+def unpair(*, session: Session, who: Principal, device_id: str) -> None:
+    """End ``device_id``'s pairing: by the device itself, its relay, or an operator.
+
+    Raises:
+        ApiError: 404 for an unknown device, 403 for anyone else.
+    """
+    device = get_device(session, device_id)
+    if who.kind == "api":
+        who.require("operate")
+    elif who.name not in (device.id, device.relay_id):
+        raise ApiError(403, f"device {who.name} may not unpair {device_id}")
+    device.relay_id = None
+    session.add(device)
+    session.commit()
+
+
+def revoke(*, session: Session, device_id: str) -> None:
+    """Revoke a device's credential; its pairings end with it.
+
+    Raises:
+        ApiError: 404 for an unknown device.
+    """
+    device = get_device(session, device_id)
+    device.revoked = True
+    session.add(device)
+    for paired in session.exec(select(Device).where(Device.relay_id == device_id)):
+        paired.relay_id = None
+        session.add(paired)
+    session.commit()
+
+
+#: Keys a cohort filter may have.
+FILTER_KEYS = {"generation", "platform", "hardware_id", "firmware_min", "firmware_below"}
+
+
+def create_cohort(
+    *, session: Session, name: str, filter: dict[str, str] | None, members: list[str]
+) -> None:
+    """A cohort of static members and/or an attribute filter.
+
+    Raises:
+        ApiError: 400 for unknown filter keys, 409 if it exists, 404 for unknown members.
+    """
+    unknown = set(filter or {}) - FILTER_KEYS
+    if unknown:
+        raise ApiError(
+            400, f"unknown filter keys {sorted(unknown)}; allowed: {sorted(FILTER_KEYS)}"
+        )
+    if session.get(Cohort, name) is not None:
+        raise ApiError(409, f"cohort {name} exists")
+    missing = [d for d in members if session.get(Device, d) is None]
+    if missing:
+        raise ApiError(404, f"no such devices: {missing[:5]}")
+    session.add(Cohort(name=name, filter=filter, created_at=datetime.now(UTC)))
+    session.flush()
+    for device_id in members:
+        session.add(CohortMember(cohort=name, device_id=device_id))
+    session.commit()
+
+
+def list_cohorts(session: Session) -> list[tuple[Cohort, list[str]]]:
+    """Every cohort with its members' ids."""
+    return [
+        (c, cohort_devices(session, c)) for c in session.exec(select(Cohort).order_by(Cohort.name))
+    ]

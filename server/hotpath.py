@@ -3,9 +3,9 @@
 Every device calls this on a timer, so it avoids the ORM and FastAPI's threadpool: one
 ``UPDATE ... RETURNING`` authenticates the device by credential hash and records last-seen, nonce
 and reported state (run on the raw driver connection, SQLite in the event loop, PostgreSQL on an
-asyncio connection pool so the loop serves other requests while the database works); release
-state per hardware id and the set of pinned devices come from short-lived caches; and the answer
-is one director-signed :class:`~firmware_bundles.messages.AssignmentSet`.
+asyncio connection pool so the loop serves other requests while the database works); what the
+device is offered comes from :mod:`server.offers` (cached); and the answer is one
+director-signed :class:`~firmware_bundles.messages.AssignmentSet`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import select, update
-from sqlmodel import Session, col
+from sqlmodel import col
 
 from firmware_bundles.manifest import FirmwareRange
 from firmware_bundles.messages import CheckInRequest
@@ -25,8 +25,8 @@ from firmware_bundles.signing import canonical_json
 from server.auth import hash_token
 from server.checkin_store import Contact, DeviceRow
 from server.errors import ApiError
-from server.fleet import Offer, _offer, offers_for
-from server.models import Device, Pin
+from server.models import Device
+from server.offers import Offer, offers_for_device
 from server.state import ServerState
 
 _DEVICE_COLUMNS = (
@@ -39,22 +39,8 @@ _DEVICE_COLUMNS = (
 )
 
 
-#: Release-cache key of the set of devices holding any pin.
-PINNED = "__pinned__"
-
-
 def _row(conn: Any, where: Any) -> Any:
     return conn.execute(select(*_DEVICE_COLUMNS).where(where)).first()
-
-
-def pinned_devices(conn: Any, state: ServerState) -> set[str]:
-    """Ids of devices with any pin, re-read at most every ``release_cache_ttl_s`` (and at once in
-    the worker that changes a pin)."""
-    ids: set[str] | None = state.cached(PINNED)
-    if ids is None:
-        ids = {r[0] for r in conn.execute(select(col(Pin.device_id)).distinct())}
-        state.cache(PINNED, ids)
-    return ids
 
 
 def _relay_check_in(state: ServerState, contact: Contact) -> DeviceRow:
@@ -86,30 +72,6 @@ def _relay_check_in(state: ServerState, contact: Contact) -> DeviceRow:
         )
 
 
-def _offers(state: ServerState, device_id: str, hardware_id: str) -> dict[str, Offer]:
-    """What is released for the device's hardware id, with its pins applied."""
-    with state.engine.connect() as conn:
-        pinned = device_id in pinned_devices(conn, state)
-        pins = (
-            conn.execute(
-                select(col(Pin.model_name), col(Pin.version_id)).where(
-                    col(Pin.device_id) == device_id
-                )
-            ).all()
-            if pinned
-            else []
-        )
-    with Session(state.engine) as session:
-        offers = offers_for(session, state, hardware_id)
-        if pins:
-            offers = dict(offers)
-            for model, version_id in pins:
-                held = _offer(session, version_id, hardware_id)
-                if held is not None:
-                    offers[model] = held
-    return offers
-
-
 async def check_in(
     state: ServerState, credential: str, device_id: str, request: CheckInRequest
 ) -> bytes:
@@ -137,9 +99,7 @@ async def check_in(
     device = await state.check_in_store.record(contact)
     if device is None:
         device = await asyncio.to_thread(_relay_check_in, state, contact)
-    offers = _cached_offers(state, device_id, device.hardware_id)
-    if offers is None:
-        offers = await asyncio.to_thread(_offers, state, device_id, device.hardware_id)
+    offers = await offers_for_device(state, device_id, device.hardware_id)
     bundles, withheld = [], {}
     for model, offer in sorted(offers.items()):
         reason = _why_not(
@@ -187,15 +147,6 @@ async def check_in(
             b"}",
         )
     )
-
-
-def _cached_offers(state: ServerState, device_id: str, hardware_id: str) -> dict[str, Offer] | None:
-    """Release state from the caches when both are fresh and the device holds no pin."""
-    pinned = state.cached(PINNED)
-    if pinned is None or device_id in pinned:
-        return None
-    offers: dict[str, Offer] | None = state.cached(hardware_id)
-    return offers
 
 
 @lru_cache(maxsize=4096)

@@ -5,14 +5,14 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlmodel import Session, col, select
+from sqlmodel import Session, select
 
 from firmware_bundles import ArchiveLimits, BundleError, bundle_id, verify
 from firmware_bundles.errors import CatalogueError
 from firmware_bundles.manifest import semver_key
 from firmware_bundles.messages import HilReport, verify_hil_report
 from server.errors import ApiError
-from server.models import Bundle, Model, ModelVersion, Pin, Release
+from server.models import Bundle, Device, Model, ModelVersion, Pin, Release
 from server.state import ServerState
 
 
@@ -230,7 +230,13 @@ def withdraw(*, session: Session, model: str, version: str) -> None:
 
 
 def pin(*, session: Session, device_id: str, model: str, version: str | None) -> None:
-    """Hold a device on ``version`` of ``model``; ``None`` removes the pin."""
+    """Hold a device on ``version`` of ``model``; ``None`` removes the pin.
+
+    Raises:
+        ApiError: 404 for an unknown device or version.
+    """
+    if session.get(Device, device_id) is None:
+        raise ApiError(404, f"no device {device_id}")
     existing = session.get(Pin, (device_id, model))
     if version is None:
         if existing is not None:
@@ -247,23 +253,32 @@ def pin(*, session: Session, device_id: str, model: str, version: str | None) ->
     session.commit()
 
 
-def current_versions(session: Session, target_id: str) -> dict[str, ModelVersion]:
-    """For each model, the newest release for ``target_id`` whose version is not withdrawn."""
-    rows = session.exec(
-        select(Release, ModelVersion)
-        .join(ModelVersion, col(ModelVersion.id) == col(Release.version_id))
-        .where(Release.target_id == target_id, col(ModelVersion.withdrawn).is_(False))
-        .order_by(col(Release.released_at).desc(), col(Release.id).desc())
-    ).all()
-    current: dict[str, ModelVersion] = {}
-    for rel, version in rows:
-        current.setdefault(rel.model_name, version)
-    return current
+def get_bundle(session: Session, sha256: str) -> Bundle:
+    """Raises: ApiError 404 for an unknown bundle."""
+    bundle = session.get(Bundle, sha256)
+    if bundle is None:
+        raise ApiError(404, f"no bundle {sha256}")
+    return bundle
 
 
-def list_models(session: Session) -> list[dict[str, Any]]:
-    """Every model with its versions (newest first) and bundles per target."""
-    versions = session.exec(select(ModelVersion)).all()
+def get_model(session: Session, name: str) -> dict[str, Any]:
+    """One model as :func:`list_models` has it.
+
+    Raises:
+        ApiError: 404 for an unknown model.
+    """
+    for model in list_models(session, name):
+        if model["name"] == name:
+            return model
+    raise ApiError(404, f"no model {name}")
+
+
+def list_models(session: Session, name: str | None = None) -> list[dict[str, Any]]:
+    """Every model (or only ``name``), its versions (newest first) and bundles per target."""
+    query = select(ModelVersion)
+    if name is not None:
+        query = query.where(ModelVersion.model_name == name)
+    versions = session.exec(query).all()
     bundles = session.exec(select(Bundle)).all()
     releases = session.exec(select(Release)).all()
     by_version: dict[int, list[Bundle]] = {}

@@ -5,19 +5,21 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine
+from sqlalchemy.orm import sessionmaker
+from sqlmodel import Session
 
 from firmware_bundles import SigningKey, TargetCatalogue, TrustedRoot
 from firmware_bundles.errors import BundleError
 from firmware_bundles.root import parse_root
 from server.config import Settings
 from server.errors import ConfigError
+from server.offers import OfferCache
 
 
 class BlobStore:
@@ -48,7 +50,7 @@ class BlobStore:
 
 @dataclass
 class ServerState:
-    """Shared by every request (read-only after start)."""
+    """Shared by every request (read-only after start, but for the offer cache)."""
 
     settings: Settings
     engine: Engine
@@ -59,19 +61,15 @@ class ServerState:
     blobs: BlobStore
     #: Check-in's single-statement store (raw driver connection; asyncio pool on PostgreSQL).
     check_in_store: Any = None
-    #: hardware id -> (monotonic time read, offers); see server.fleet.offers_for
-    release_cache: dict[str, tuple[float, Any]] = field(default_factory=dict)
+    #: What devices are offered, dropped after each commit that changes it (server.offers).
+    offers: OfferCache = field(init=False)
+    #: Sessions for requests; their commits keep ``offers`` current.
+    sessions: sessionmaker[Session] = field(init=False)
 
-    def cached(self, key: str) -> Any:
-        """A release-cache entry younger than ``release_cache_ttl_s``, or None."""
-        entry = self.release_cache.get(key)
-        if entry is None or time.monotonic() - entry[0] >= self.settings.release_cache_ttl_s:
-            return None
-        return entry[1]
-
-    def cache(self, key: str, value: Any) -> None:
-        """Remember ``value`` under ``key`` from now on."""
-        self.release_cache[key] = (time.monotonic(), value)
+    def __post_init__(self) -> None:
+        self.offers = OfferCache(ttl_s=self.settings.release_cache_ttl_s)
+        self.sessions = sessionmaker(self.engine, class_=Session, expire_on_commit=False)
+        self.offers.watch(self.sessions)
 
 
 def load_trust(settings: Settings) -> tuple[TrustedRoot, dict[int, bytes], SigningKey]:

@@ -76,10 +76,10 @@ def sign_with(signers: Callable[[Keys], list[SigningKey]]) -> Callable[[bytes, K
 
 def duplicate_signature(_: bytes, k: Keys) -> bytes:
     env_bytes = build(manifest_draft(), LISTED, k.release[:1])
-    from firmware_bundles.archive import pack, read_members
+    from firmware_bundles import open_bundle
+    from firmware_bundles.archive import pack
 
-    contents = read_members(env_bytes, ArchiveLimits())
-    env = Envelope.from_bytes(contents.manifest_bytes)
+    env = open_bundle(env_bytes).envelope
     env.signatures = env.signatures * 2
     return pack(env.to_bytes(), LISTED)
 
@@ -266,3 +266,58 @@ def test_revoked_release_key_stops_counting(keys: Keys) -> None:
     trusted.update(revoked.make_root(version=2)[1].to_bytes(), NOW)
     with pytest.raises(ThresholdError, match="unknown key"):
         verify(build(manifest_draft(), LISTED, keys.release), trusted.root)
+
+
+@pytest.mark.parametrize("piece", [1, 7, 512, 4096, 1 << 20])
+def test_pieces_of_any_size_verify_to_the_same_bundle(
+    bundle_bytes: bytes, root: Root, piece: int
+) -> None:
+    from firmware_bundles import BundleReader, bundle_id
+
+    reader = BundleReader(root=root, with_id=True)
+    for start in range(0, len(bundle_bytes), piece):
+        reader.feed(bundle_bytes[start : start + piece])
+    bundle = reader.finish_verified()
+    assert bundle.contents.id == bundle_id(bundle_bytes)
+    assert bundle.file("model.onnx") == MODEL_BYTES
+    assert bundle.release_keyids == verify(bundle_bytes, root).release_keyids
+
+
+def test_bundle_padded_to_tar_records_as_before_still_verifies(keys: Keys, root: Root) -> None:
+    """Archives written before blocks-only padding carry zeros up to 10 KiB records."""
+    new = build(manifest_draft(), LISTED, keys.release)
+    old = new + bytes(-len(new) % tarfile.RECORDSIZE)
+    assert len(old) % tarfile.RECORDSIZE == 0 and len(new) % 512 == 0 and len(new) < len(old)
+    assert verify(old, root).manifest == verify(new, root).manifest
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda b: b + b"\x01", "after the end of the archive"),
+        (lambda b: b[:1000], "ends inside"),
+        (lambda b: b[:700], "ends inside"),
+    ],
+    ids=["data-after-end", "truncated-member", "truncated-header"],
+)
+def test_damaged_archive_is_refused(
+    bundle_bytes: bytes, root: Root, mutate: Callable[[bytes], bytes], message: str
+) -> None:
+    from firmware_bundles import ArchiveError
+
+    with pytest.raises(ArchiveError, match=message):
+        verify(mutate(bundle_bytes), root)
+
+
+def test_header_longer_than_the_manifest_says_is_refused_before_its_bytes(
+    keys: Keys, root: Root
+) -> None:
+    """The reader refuses on the header: none of the member's bytes is needed to say no."""
+    from firmware_bundles import BundleReader, LengthMismatchError
+
+    bad = craft([("model.onnx", REG, MODEL_BYTES + b"x")], keys, LISTED)
+    with tarfile.open(fileobj=io.BytesIO(bad)) as tar:
+        header_end = tar.getmember("model.onnx").offset_data
+    reader = BundleReader(root=root)
+    with pytest.raises(LengthMismatchError, match="manifest says 10240"):
+        reader.feed(bad[:header_end])

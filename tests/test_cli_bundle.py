@@ -268,3 +268,58 @@ def test_demo_short_mode_runs(tmp_path: Path) -> None:
         proc.stdout,
     )
     assert made and made.group(1) == made.group(2), proc.stdout[-3000:]
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """The real `edgefleet` in a subprocess (Rich markup errors surface only in a real console)."""
+    return subprocess.run(
+        [sys.executable, "-m", "edgefleet", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "300"},
+        timeout=120,
+    )
+
+
+MARKUP_NAMES = ["a[/b]", "[bold]x[/bold]"]
+
+
+@pytest.mark.parametrize("command", ["inspect", "verify"])
+def test_names_from_a_bundle_are_printed_literally(workspace: Path, command: str) -> None:
+    """A file called ``a[/b]`` and a metric called ``[bold]x[/bold]`` are text, not markup."""
+    from firmware_bundles import SigningKey, build
+
+    keys = [SigningKey.from_pem(Path(f"rel{i}.pem").read_bytes()) for i in (1, 2)]
+    draft = manifest_draft(metrics={"accuracy": 0.9, "[bold]x[/bold]": 1.0})
+    data = build(draft, {"model.onnx": MODEL_BYTES, "a[/b]": b"x"}, keys)
+    Path("odd.efb").write_bytes(data)
+    args = ["--root", "root.json"] if command == "verify" else []
+    proc = _cli("bundle", command, "odd.efb", *args)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "Traceback" not in out
+    if command == "inspect":
+        for name in MARKUP_NAMES:
+            assert name in proc.stdout, proc.stdout
+
+
+@pytest.mark.parametrize("command", ["inspect", "verify"])
+def test_refusal_naming_a_markup_member_is_printed_literally(workspace: Path, command: str) -> None:
+    """The error for an unlisted member ``[bold]x[/bold]`` shows the name as it is, exit 1."""
+    import io
+    import tarfile
+
+    assert pack("rel1.pem", "rel2.pem")[0] == 0
+    buf = io.BytesIO(Path("b.efb").read_bytes())
+    with tarfile.open(fileobj=buf, mode="a", format=tarfile.USTAR_FORMAT) as tar:
+        for name in MARKUP_NAMES:
+            info = tarfile.TarInfo(name)
+            info.size = 1
+            tar.addfile(info, io.BytesIO(b"x"))
+    Path("bad.efb").write_bytes(buf.getvalue())
+    args = ["--root", "root.json"] if command == "verify" else []
+    proc = _cli("bundle", command, "bad.efb", *args)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out
+    assert "Traceback" not in out
+    assert "member 'a[/b]' is not listed in the manifest" in proc.stderr, proc.stderr

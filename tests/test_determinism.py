@@ -99,3 +99,16 @@ def test_other_build_time_other_bytes(tmp_path: Path, keys: Keys) -> None:
     one = _pack_in_subprocess(a, {"SOURCE_DATE_EPOCH": "1767225600"}, umask=0o022)
     two = _pack_in_subprocess(a, {"SOURCE_DATE_EPOCH": "1767225601"}, umask=0o022)
     assert one != two
+
+
+def test_archive_is_blocks_only_with_no_record_padding(keys: Keys) -> None:
+    """Each member costs its 512-byte header and its data rounded up to a block; then 1,024."""
+    files = {"model.onnx": MODEL_BYTES, "labels.txt": b"rest\nmove\n"}
+    data = build(manifest_draft(), files, keys.release)
+    import io
+    import tarfile
+
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        sizes = [m.size for m in tar.getmembers()]
+    assert len(data) == sum(512 + s + -s % 512 for s in sizes) + 1024
+    assert build(manifest_draft(), dict(reversed(files.items())), keys.release) == data

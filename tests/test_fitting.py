@@ -80,3 +80,12 @@ def test_ties_broken_by_latency() -> None:
 def test_regression_budget_is_relative_mae() -> None:
     assert quality_loss("regression", 2.0, 2.02) == pytest.approx(0.01)
     assert quality_loss("classification", 0.97, 0.96) > 0.0099
+
+
+def test_close_timings_do_not_decide_a_tie_so_the_choice_reproduces() -> None:
+    """Equal sizes and timings within noise: the more accurate, then the first name, wins."""
+    a = replace(INT8, name="int8-a", latency_s=1.00e-4, metric=INT8.metric - 0.001)
+    b = replace(INT8, name="int8-b", latency_s=1.04e-4)
+    c = replace(INT8, name="int8-c", latency_s=0.97e-4)
+    assert pick("phone-android", [a, b, c]).chosen == b
+    assert pick("phone-android", [c, b, a]).chosen == b

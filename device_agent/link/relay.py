@@ -3,16 +3,15 @@
 A ring has no internet. Its phone checks in *for* it (the server accepts the phone's credential
 for a ring it paired), verifies the ring's assignment set and bundles as a Primary (the phone's
 pinned root, the ring's own release counters), pushes them over the link, and lets the ring
-verify again as a Secondary. Telemetry goes the other way: the ring's window pieces are queued
-durably, one batch per piece keyed by the ring's device id, boot epoch and sequence number, so
-the server drops a piece it already has if the ring is read twice, and only then acknowledged
-on the ring.
+verify again as a Secondary. Telemetry goes the other way: the ring's window pieces are stored
+in the phone's durable outbox, one batch per piece keyed by the ring's device id, boot epoch and
+sequence number (so the server drops a piece it already has if the ring is read twice), and only
+then acknowledged on the ring; they are uploaded as the phone's own batches are.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -20,13 +19,14 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from device_agent.client import FleetClient
+from device_agent.client import FleetClient, parse_check_in_answer, resolve_url
 from device_agent.errors import DownloadError, TrustError
-from device_agent.fetch import BundleFetcher, resolve_url
+from device_agent.fetch import BundleFetcher
 from device_agent.link import model_group as mg
 from device_agent.link.client import DeviceClient
 from device_agent.link.errors import DeviceRejected
-from device_agent.slots import write_atomic
+from device_agent.outbox import Outbox
+from device_agent.telemetry_upload import upload_pending
 from device_agent.trust import TrustedState
 from firmware_bundles import TargetCatalogue, TrustedRoot
 from firmware_bundles.messages import (
@@ -49,8 +49,6 @@ _SLOT_STATUS: dict[str, SlotStatus] = {
     "standby": "standby",
     "failed": "failed",
 }
-#: Statuses with which the server refuses a batch for good (malformed, too big).
-_REFUSED_FOREVER = (400, 413, 422)
 LastInstall = Literal["ok", "self-test-failed", "verify-failed", "download-failed"]
 
 
@@ -66,35 +64,6 @@ class RelayOutcome:
     telemetry_uploaded: int = 0
 
 
-class RelayQueue:
-    """The ring's telemetry batches on the phone's disk, one file each, until the server has them.
-
-    Args:
-        directory: Where the batch files live.
-        max_batches: Cap on queued batches; the oldest are dropped (and counted) past it.
-    """
-
-    def __init__(self, directory: Path, max_batches: int = 10_000) -> None:
-        self.directory = directory
-        self.max_batches = max_batches
-        self.dropped = 0
-        directory.mkdir(parents=True, exist_ok=True)
-
-    def put(self, batch: TelemetryBatch) -> None:
-        """Store a batch durably (atomic write); storing the same key again replaces it."""
-        device, epoch, sequence = batch.idempotency_key
-        name = f"{device}.{epoch:010d}.{sequence:010d}.json"
-        write_atomic(self.directory / name, batch.to_bytes(), 0o600)
-        pending = self.pending()
-        for stale in pending[: max(0, len(pending) - self.max_batches)]:
-            stale.unlink(missing_ok=True)
-            self.dropped += 1
-
-    def pending(self) -> list[Path]:
-        """Queued batch files, oldest key first."""
-        return sorted(self.directory.glob("*.json"))
-
-
 class RingRelay:
     """Serves one paired ring from its phone.
 
@@ -105,7 +74,7 @@ class RingRelay:
         root: The phone's pinned root.
         fetcher: The phone's bundle fetcher.
         work_dir: Where partial downloads for the ring are kept.
-        queue: The ring's telemetry queue.
+        outbox: The phone's durable telemetry outbox, which keeps the ring's batches too.
         catalogue: Target catalogue (the packaged one by default).
         clock: The phone's clock.
     """
@@ -119,7 +88,7 @@ class RingRelay:
         root: TrustedRoot,
         fetcher: BundleFetcher,
         work_dir: Path,
-        queue: RelayQueue,
+        outbox: Outbox,
         catalogue: TargetCatalogue | None = None,
         clock: Callable[[], datetime] | None = None,
     ) -> None:
@@ -129,7 +98,7 @@ class RingRelay:
         self.root = root
         self.fetcher = fetcher
         self.work_dir = work_dir
-        self.queue = queue
+        self.outbox = outbox
         self.catalogue = catalogue or TargetCatalogue.load_default()
         self.clock = clock or (lambda: datetime.now(UTC))
         self._last: dict[str, tuple[LastInstall, str | None]] = {}
@@ -142,17 +111,13 @@ class RingRelay:
             LinkError: If the ring does not answer.
         """
         identity = await self.ring.identity()
-        body = {
-            "enroll_token": enroll_token,
-            "device_id": identity.device_id,
-            "capabilities": self._capabilities(identity).to_dict(),
-        }
         await asyncio.to_thread(
-            self.fleet.call,
-            "POST",
-            f"/v1/devices/{phone_id}/relay-enroll",
-            body=canonical_json(body),
-            credential=self.credential,
+            self.fleet.relay_enroll,
+            self.credential,
+            phone_id,
+            enroll_token=enroll_token,
+            device_id=identity.device_id,
+            capabilities=self._capabilities(identity),
         )
         return identity.device_id
 
@@ -160,7 +125,7 @@ class RingRelay:
         """Install what the server assigns the ring, then carry its telemetry to the server.
 
         Raises:
-            ServerError: If the server cannot be reached (telemetry stays queued).
+            ServerError: If the server cannot be reached (telemetry stays in the outbox).
             LinkError: If the ring stops answering.
         """
         outcome = await self.install_assigned()
@@ -180,7 +145,8 @@ class RingRelay:
             installed=self._installed(slots),
             capabilities=self._capabilities(identity),
         )
-        response = await asyncio.to_thread(self.fleet.check_in, self.credential, request)
+        answer = await asyncio.to_thread(self.fleet.check_in, self.credential, request)
+        response = parse_check_in_answer(answer)
         envelope = canonical_json(response.assignment_set)
         state = TrustedState(self.root, slots.counters, self.catalogue)
         assignments = state.verify_assignments(
@@ -241,15 +207,21 @@ class RingRelay:
         )
 
     async def pull_telemetry(self) -> int:
-        """Queue the ring's window pieces durably, then acknowledge them on the ring."""
-        queued = 0
+        """Store the ring's window pieces durably in the outbox, then acknowledge them on the
+        ring.
+
+        Raises:
+            OutboxError: If the outbox cannot be written (nothing is acknowledged).
+            LinkError: If the ring stops answering.
+        """
+        stored = 0
         while True:
             read = await self.ring.read_telemetry()
             if not read.windows:
-                return queued
+                return stored
             ring_id = read.windows[0][1].device_id
             for sequence, window in read.windows:
-                self.queue.put(
+                self.outbox.put_relayed(
                     TelemetryBatch(
                         device_id=ring_id,
                         boot_epoch=read.boot_epoch,
@@ -257,38 +229,31 @@ class RingRelay:
                         windows=[window],
                     )
                 )
-                queued += 1
+                stored += 1
             await self.ring.ack_telemetry(read.windows[-1][0])
             if not read.more:
-                return queued
+                return stored
 
     async def upload_telemetry(self) -> int:
-        """Send queued batches with the phone's credential; each is forgotten once answered.
+        """Send the relayed batches in the outbox with the phone's credential.
 
-        A replay of a batch the server has is answered 200 too; one it refuses as malformed
-        (400, 413, 422) will never be accepted and is dropped (counted in the queue).
+        Each is forgotten once the server has it (a replay of one it already has included); one
+        it refuses as invalid will never be accepted and is dropped (counted in the outbox's
+        stats).
+
+        Returns:
+            How many batches the server now has.
 
         Raises:
-            ServerError: If the server cannot be reached or refuses otherwise; the rest stay
-                queued.
+            ServerError: If the server cannot be reached or refuses otherwise; the rest stay in
+                the outbox.
         """
         sent = 0
-        for path in self.queue.pending():
-            body = path.read_bytes()
-            device_id = json.loads(body)["device_id"]
-            response = await asyncio.to_thread(
-                self.fleet.call,
-                "POST",
-                f"/v1/devices/{device_id}/telemetry",
-                body=body,
-                credential=self.credential,
-                allow=_REFUSED_FOREVER,
+        for device_id in self.outbox.relayed_devices():
+            result = await asyncio.to_thread(
+                upload_pending, self.outbox, self.fleet, device_id, self.credential
             )
-            path.unlink(missing_ok=True)
-            if response.status_code in _REFUSED_FOREVER:
-                self.queue.dropped += 1
-            else:
-                sent += 1
+            sent += result.batches_sent
         return sent
 
     def _installed(self, slots: mg.SlotsResponse) -> list[InstalledModel]:

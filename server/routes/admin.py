@@ -2,118 +2,101 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-from typing import Any
-
 from fastapi import APIRouter
-from pydantic import BaseModel, Field
-from sqlmodel import select
+from pydantic import Field
 
-from server import fleet
-from server.auth import ROLES, hash_token, new_token
+from firmware_bundles.messages import DeviceId
+from server import auth, fleet
+from server.auth import Role
 from server.deps import AdminDep, OperatorDep, ReaderDep, SessionDep, StateDep
-from server.errors import ApiError
-from server.models import ApiToken, Cohort, CohortMember, Device
+from server.schemas import (
+    REFUSALS,
+    CohortDevices,
+    CohortPublic,
+    EnrollmentTokenCreated,
+    RequestBody,
+    TokenCreated,
+    TokenPublic,
+    TokenRevoked,
+    json_int,
+)
 
-router = APIRouter(prefix="/v1", tags=["admin"])
+router = APIRouter(prefix="/v1", tags=["admin"], responses=REFUSALS)
 
 
-class TokenRequest(BaseModel):
+class TokenRequest(RequestBody):
     name: str = Field(min_length=1, max_length=100)
-    role: str
+    role: Role
 
 
 @router.post("/tokens", status_code=201)
-def create_token(body: TokenRequest, session: SessionDep, who: AdminDep) -> dict[str, Any]:
+def create_token(body: TokenRequest, session: SessionDep, who: AdminDep) -> TokenCreated:
     """Create an API token; the token is shown once."""
-    if body.role not in ROLES:
-        raise ApiError(400, f"unknown role {body.role!r}; roles: {', '.join(ROLES)}")
-    token = new_token("api")
-    row = ApiToken(
-        name=body.name, role=body.role, token_hash=hash_token(token), created_at=datetime.now(UTC)
-    )
-    session.add(row)
-    session.commit()
-    return {"id": row.id, "name": row.name, "role": row.role, "token": token}
+    row, token = auth.create_api_token(session=session, name=body.name, role=body.role)
+    assert row.id is not None
+    return TokenCreated(id=row.id, name=row.name, role=row.role, token=token)
 
 
 @router.get("/tokens")
-def list_tokens(session: SessionDep, who: AdminDep) -> list[dict[str, Any]]:
+def list_tokens(session: SessionDep, who: AdminDep) -> list[TokenPublic]:
     return [
-        {
-            "id": t.id,
-            "name": t.name,
-            "role": t.role,
-            "revoked": t.revoked,
-            "created_at": t.created_at.isoformat(),
-        }
-        for t in session.exec(select(ApiToken))
+        TokenPublic.model_validate(t, from_attributes=True) for t in auth.list_api_tokens(session)
     ]
 
 
 @router.delete("/tokens/{token_id}")
-def revoke_token(token_id: int, session: SessionDep, who: AdminDep) -> dict[str, Any]:
-    row = session.get(ApiToken, token_id)
-    if row is None:
-        raise ApiError(404, f"no token {token_id}")
-    row.revoked = True
-    session.add(row)
-    session.commit()
-    return {"id": token_id, "revoked": True}
+def revoke_token(token_id: int, session: SessionDep, who: AdminDep) -> TokenRevoked:
+    auth.revoke_api_token(session=session, token_id=token_id)
+    return TokenRevoked(id=token_id, revoked=True)
 
 
-class EnrollmentTokenRequest(BaseModel):
+class EnrollmentTokenRequest(RequestBody):
     cohort: str | None = None
-    ttl_s: int | None = None
-    max_uses: int = 1
+    #: Default: the server's ``enrollment_token_ttl_s``; at most ten years.
+    ttl_s: json_int(1, 10 * 365 * 24 * 3600) | None = None  # type: ignore[valid-type]
+    max_uses: json_int(1, 2**31 - 1) = 1  # type: ignore[valid-type]
 
 
 @router.post("/enrollment-tokens", status_code=201)
 def create_enrollment_token(
     body: EnrollmentTokenRequest, session: SessionDep, state: StateDep, who: OperatorDep
-) -> dict[str, Any]:
+) -> EnrollmentTokenCreated:
     token = fleet.create_enrollment_token(
         session=session,
         cohort=body.cohort,
         max_uses=body.max_uses,
         ttl_s=body.ttl_s or state.settings.enrollment_token_ttl_s,
     )
-    return {"token": token, "cohort": body.cohort, "max_uses": body.max_uses}
+    return EnrollmentTokenCreated(token=token, cohort=body.cohort, max_uses=body.max_uses)
 
 
-class CohortRequest(BaseModel):
+class CohortFilter(RequestBody):
+    """Devices whose attributes match every field given."""
+
+    generation: str | None = None
+    platform: str | None = None
+    hardware_id: str | None = None
+    firmware_min: str | None = None
+    firmware_below: str | None = None
+
+
+class CohortRequest(RequestBody):
     name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9._-]+$")
-    filter: dict[str, str] | None = None
-    members: list[str] = Field(default_factory=list)
-
-
-FILTER_KEYS = {"generation", "platform", "hardware_id", "firmware_min", "firmware_below"}
+    filter: CohortFilter | None = None
+    members: list[DeviceId] = Field(default_factory=list)
 
 
 @router.post("/cohorts", status_code=201)
-def create_cohort(body: CohortRequest, session: SessionDep, who: OperatorDep) -> dict[str, Any]:
+def create_cohort(body: CohortRequest, session: SessionDep, who: OperatorDep) -> CohortPublic:
     """A cohort of static members and/or an attribute filter."""
-    unknown = set(body.filter or {}) - FILTER_KEYS
-    if unknown:
-        raise ApiError(
-            400, f"unknown filter keys {sorted(unknown)}; allowed: {sorted(FILTER_KEYS)}"
-        )
-    if session.get(Cohort, body.name) is not None:
-        raise ApiError(409, f"cohort {body.name} exists")
-    missing = [d for d in body.members if session.get(Device, d) is None]
-    if missing:
-        raise ApiError(404, f"no such devices: {missing[:5]}")
-    session.add(Cohort(name=body.name, filter=body.filter, created_at=datetime.now(UTC)))
-    session.flush()
-    for device_id in body.members:
-        session.add(CohortMember(cohort=body.name, device_id=device_id))
-    session.commit()
-    return {"name": body.name, "filter": body.filter, "members": body.members}
+    filter = None if body.filter is None else body.filter.model_dump(exclude_none=True)
+    fleet.create_cohort(session=session, name=body.name, filter=filter, members=body.members)
+    return CohortPublic(name=body.name, filter=filter, members=body.members)
 
 
 @router.get("/cohorts")
-def list_cohorts(session: SessionDep, who: ReaderDep) -> list[dict[str, Any]]:
+def list_cohorts(session: SessionDep, who: ReaderDep) -> list[CohortDevices]:
     return [
-        {"name": c.name, "filter": c.filter, "devices": fleet.cohort_devices(session, c)}
-        for c in session.exec(select(Cohort).order_by(Cohort.name))
+        CohortDevices(name=c.name, filter=c.filter, devices=devices)
+        for c, devices in fleet.list_cohorts(session)
     ]

@@ -1,39 +1,62 @@
-"""Bundles and models: publish, download, list, release, withdraw."""
+"""Bundles and models: publish, download, list, release, withdraw.
+
+Uploads are read on the event loop against their cap; verification and the database work run in
+a worker thread, so check-ins sharing the loop go on while a large bundle is checked.
+"""
 
 from __future__ import annotations
 
 from typing import Annotated, Any
 
+from anyio import to_thread
 from fastapi import APIRouter, Header, Request, Response
-from fastapi.responses import FileResponse
-from pydantic import BaseModel
 
 from server import registry
+from server.bodies import read_body
 from server.deps import OperatorDep, PrincipalDep, PublisherDep, ReaderDep, SessionDep, StateDep
-from server.errors import ApiError
-from server.models import Bundle
+from server.ranges import RangeFileResponse
+from server.schemas import (
+    REFUSALS,
+    REFUSALS_AS_JSON,
+    TOO_LARGE,
+    HilReportAttached,
+    ModelPublic,
+    PublishResult,
+    Released,
+    RequestBody,
+    Withdrawn,
+)
 
-router = APIRouter(prefix="/v1", tags=["registry"])
+router = APIRouter(prefix="/v1", tags=["registry"], responses=REFUSALS)
+#: Downloads answer bytes, so their refusals are declared as JSON explicitly.
+downloads = APIRouter(prefix="/v1", tags=["registry"], responses=REFUSALS_AS_JSON)
 
 
-class PublishResult(BaseModel):
-    sha256: str
-    model: str
-    version: str
-    target_id: str
-    length: int
+def _raw_body(media_type: str, description: str) -> dict[str, Any]:
+    """OpenAPI for a route that reads its body as bytes."""
+    return {
+        "requestBody": {
+            "required": True,
+            "description": description,
+            "content": {media_type: {"schema": {"type": "string", "format": "binary"}}},
+        }
+    }
 
 
-@router.post("/bundles", status_code=201)
+@router.post(
+    "/bundles",
+    status_code=201,
+    responses=TOO_LARGE,
+    openapi_extra=_raw_body("application/octet-stream", "The bundle archive's bytes."),
+)
 async def publish(
     request: Request, session: SessionDep, state: StateDep, who: PublisherDep
 ) -> PublishResult:
     """Upload a bundle (the raw archive bytes as the body); verified before it is stored."""
-    data = await request.body()
-    if len(data) > state.settings.max_bundle_upload_bytes:
-        raise ApiError(413, f"bundle over {state.settings.max_bundle_upload_bytes} bytes")
-    bundle = registry.publish(session=session, state=state, data=data, publisher=who.name)
-    state.release_cache.clear()
+    data = await read_body(request, state.settings.max_bundle_upload_bytes, "bundle")
+    bundle = await to_thread.run_sync(
+        lambda: registry.publish(session=session, state=state, data=data, publisher=who.name)
+    )
     manifest = bundle.manifest
     return PublishResult(
         sha256=bundle.sha256,
@@ -44,19 +67,40 @@ async def publish(
     )
 
 
-@router.post("/bundles/{sha256}/hil-report")
+@router.post(
+    "/bundles/{sha256}/hil-report",
+    responses=TOO_LARGE,
+    openapi_extra=_raw_body("application/json", "A rig report signed by the root's hil role."),
+)
 async def attach_hil_report(
     sha256: str, request: Request, session: SessionDep, state: StateDep, who: PublisherDep
-) -> dict[str, Any]:
+) -> HilReportAttached:
     """Attach a rig report (signed by the root's ``hil`` role) to a published bundle; a passing
     one lets the version be released where the server requires HIL reports."""
-    data = await request.body()
-    if len(data) > state.settings.max_hil_report_bytes:
-        raise ApiError(413, f"HIL report over {state.settings.max_hil_report_bytes} bytes")
-    return registry.attach_hil_report(session=session, state=state, sha256=sha256, data=data)
+    data = await read_body(request, state.settings.max_hil_report_bytes, "HIL report")
+    attached = await to_thread.run_sync(
+        lambda: registry.attach_hil_report(session=session, state=state, sha256=sha256, data=data)
+    )
+    return HilReportAttached.model_validate(attached)
 
 
-@router.get("/bundles/{sha256}", response_model=None)
+class TarResponse(Response):
+    media_type = "application/x-tar"
+
+
+_BYTES = {"application/x-tar": {"schema": {"type": "string", "format": "binary"}}}
+
+
+@downloads.get(
+    "/bundles/{sha256}",
+    response_class=TarResponse,
+    responses={
+        200: {"description": "The whole bundle.", "content": _BYTES},
+        206: {"description": "The byte ranges asked for (Range).", "content": _BYTES},
+        304: {"description": "Not modified (If-None-Match)."},
+        416: {"description": "No range asked for is satisfiable.", "content": {"text/plain": {}}},
+    },
+)
 def download(
     sha256: str,
     session: SessionDep,
@@ -67,13 +111,11 @@ def download(
     """A bundle's bytes: immutable, with ETag and Range (resume)."""
     if who.kind == "api":
         who.require("read")
-    bundle = session.get(Bundle, sha256)
-    if bundle is None:
-        raise ApiError(404, f"no bundle {sha256}")
+    registry.get_bundle(session, sha256)
     etag = f'"{sha256}"'
     if if_none_match == etag:
         return Response(status_code=304, headers={"ETag": etag})
-    return FileResponse(
+    return RangeFileResponse(
         state.blobs.path(sha256),
         media_type="application/x-tar",
         headers={"ETag": etag, "Cache-Control": "public, max-age=31536000, immutable"},
@@ -81,19 +123,16 @@ def download(
 
 
 @router.get("/models")
-def list_models(session: SessionDep, who: ReaderDep) -> list[dict[str, Any]]:
-    return registry.list_models(session)
+def list_models(session: SessionDep, who: ReaderDep) -> list[ModelPublic]:
+    return [ModelPublic.model_validate(m) for m in registry.list_models(session)]
 
 
 @router.get("/models/{name}")
-def show_model(name: str, session: SessionDep, who: ReaderDep) -> dict[str, Any]:
-    for model in registry.list_models(session):
-        if model["name"] == name:
-            return model
-    raise ApiError(404, f"no model {name}")
+def show_model(name: str, session: SessionDep, who: ReaderDep) -> ModelPublic:
+    return ModelPublic.model_validate(registry.get_model(session, name))
 
 
-class ReleaseRequest(BaseModel):
+class ReleaseRequest(RequestBody):
     target: str | None = None
 
 
@@ -105,25 +144,16 @@ def release(
     session: SessionDep,
     state: StateDep,
     who: OperatorDep,
-) -> dict[str, Any]:
+) -> Released:
     """Make a version current for one target, or for every target it has a bundle for."""
-    state.release_cache.clear()
     targets = registry.release(
-        session=session,
-        model=name,
-        version=version,
-        target=body.target,
-        by=who.name,
-        state=state,
+        session=session, model=name, version=version, target=body.target, by=who.name, state=state
     )
-    return {"model": name, "version": version, "released_for": targets}
+    return Released(model=name, version=version, released_for=targets)
 
 
 @router.post("/models/{name}/versions/{version}/withdraw")
-def withdraw(
-    name: str, version: str, session: SessionDep, state: StateDep, who: OperatorDep
-) -> dict[str, Any]:
+def withdraw(name: str, version: str, session: SessionDep, who: OperatorDep) -> Withdrawn:
     """Stop assigning a version; its devices get the previous released version."""
     registry.withdraw(session=session, model=name, version=version)
-    state.release_cache.clear()
-    return {"model": name, "version": version, "withdrawn": True}
+    return Withdrawn(model=name, version=version, withdrawn=True)

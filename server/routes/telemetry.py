@@ -1,29 +1,57 @@
-"""Telemetry: batch upload (idempotent) and rollups."""
+"""Telemetry: batch upload (idempotent) and rollups.
+
+The body is read on the event loop against its cap; parsing and the database work run in a worker
+thread, so check-ins sharing the loop are not held up by a large batch.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request
+from anyio import CapacityLimiter, to_thread
+from fastapi import APIRouter, Request, Response
+from sqlmodel import Session
 
 from firmware_bundles.errors import SchemaError
-from firmware_bundles.messages import TelemetryBatch
-from server import fleet, telemetry
-from server.deps import DeviceDep, ReaderDep, SessionDep, StateDep
+from firmware_bundles.messages import DeviceId, TelemetryBatch
+from server import telemetry
+from server.bodies import read_body
+from server.deps import ActingForDep, ReaderDep, SessionDep, StateDep
 from server.errors import ApiError
+from server.models import Device
+from server.schemas import REFUSALS, TOO_LARGE, Rollup, TelemetryAccepted, inline_refs
+from server.state import ServerState
 
-router = APIRouter(prefix="/v1", tags=["telemetry"])
+router = APIRouter(prefix="/v1", tags=["telemetry"], responses=REFUSALS)
+#: One ingest at a time per worker, as when ingest ran on the event loop: concurrent batches lock
+#: the same rollup rows and race to create them, which retries only absorb one at a time.
+_INGEST = CapacityLimiter(1)
+
+#: The batch as the formats define it (the route reads raw bytes, against a cap).
+_BATCH_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": inline_refs(TelemetryBatch.model_json_schema())}
+        },
+    }
+}
 
 
-@router.post("/devices/{device_id}/telemetry")
+@router.post("/devices/{device_id}/telemetry", responses=TOO_LARGE, openapi_extra=_BATCH_BODY)
 async def upload(
-    device_id: str, request: Request, session: SessionDep, state: StateDep, caller: DeviceDep
-) -> dict[str, Any]:
+    device_id: DeviceId,
+    request: Request,
+    session: SessionDep,
+    state: StateDep,
+    device: ActingForDep,
+) -> TelemetryAccepted:
     """Upload a batch of windows for a device (itself, or the ring it relays for)."""
-    device = fleet.authorise_device(caller, device_id, session)
-    body = await request.body()
-    if len(body) > state.settings.max_telemetry_batch_bytes:
-        raise ApiError(413, f"batch over {state.settings.max_telemetry_batch_bytes} bytes")
+    body = await read_body(request, state.settings.max_telemetry_batch_bytes, "batch")
+    return await to_thread.run_sync(_ingest, session, state, device, body, limiter=_INGEST)
+
+
+def _ingest(session: Session, state: ServerState, device: Device, body: bytes) -> TelemetryAccepted:
     try:
         batch = TelemetryBatch.from_bytes(body)
     except SchemaError as exc:
@@ -33,10 +61,27 @@ async def upload(
             413,
             f"batch has {len(batch.windows)} windows, over {state.settings.max_windows_per_batch}",
         )
-    accepted = telemetry.ingest(session=session, device=device, batch=batch)
-    return {"accepted": accepted, "replay": not accepted, "windows": len(batch.windows)}
+    accepted = telemetry.ingest(
+        session=session,
+        device=device,
+        batch=batch,
+        relative_accuracy=state.settings.telemetry_relative_accuracy,
+    )
+    return TelemetryAccepted(accepted=accepted, replay=not accepted, windows=len(batch.windows))
 
 
 @router.get("/telemetry/rollups")
-def rollups(session: SessionDep, who: ReaderDep, model: str | None = None) -> list[dict[str, Any]]:
-    return telemetry.rollups(session, model)
+def rollups(
+    session: SessionDep,
+    who: ReaderDep,
+    state: StateDep,
+    response: Response,
+    model: str | None = None,
+) -> list[Rollup]:
+    """Rollups; stored rows that fail the checks are skipped and counted in the
+    ``Edgefleet-Skipped-Rows`` header."""
+    found = telemetry.rollups(
+        session, model, relative_accuracy=state.settings.telemetry_relative_accuracy
+    )
+    response.headers["Edgefleet-Skipped-Rows"] = str(found.skipped_rows)
+    return [Rollup.model_validate(r) for r in found.rows]

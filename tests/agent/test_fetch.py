@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from device_agent.agent import Agent
+from device_agent.client import FleetClient
 from device_agent.config import AgentSettings, write_conditions
 from device_agent.errors import (
     NotOfferedError,
@@ -179,7 +180,9 @@ def _fetcher(handler: httpx.MockTransport, tmp_path: Path, **settings: object) -
         "backoff_max_s": 3.0,
         **settings,
     }
-    return BundleFetcher(httpx.Client(transport=handler), AgentSettings(**values))  # type: ignore[arg-type]
+    config = AgentSettings(**values)  # type: ignore[arg-type]
+    client = FleetClient(httpx.Client(transport=handler), "https://fleet.simulator", tmp_path, 10)
+    return BundleFetcher(client, config)
 
 
 def test_backoff_doubles_up_to_its_cap_between_bounded_attempts(tmp_path: Path) -> None:

@@ -10,11 +10,15 @@ import httpx
 import numpy as np
 import pytest
 
+from device_agent.client import FleetClient
 from device_agent.errors import AuthError, ServerUnreachable
-from device_agent.outbox import BOOT_EPOCH_BASE_S, Outbox, upload_pending
+from device_agent.outbox import BOOT_EPOCH_BASE_S, Outbox
 from device_agent.runtime import LoadedModel, ModelRuntime
 from device_agent.telemetry import Recorder
+from device_agent.telemetry_upload import upload_pending
+from firmware_bundles import build
 from firmware_bundles import telemetry as sketch
+from firmware_bundles.manifest import Manifest
 from firmware_bundles.messages import TelemetryBatch
 from tests.agent import onnx_models as m
 from tests.agent.recording import DEVICE, HOUR, T0, Clock, record_burst, rollups, windows
@@ -28,9 +32,23 @@ database_url = server_conftest.database_url
 postgres_available = server_conftest.postgres_available
 
 
+def _client(fleet: Fleet, tmp_path: Path) -> FleetClient:
+    """The agent's fleet client on the in-process server."""
+    return FleetClient(fleet.client, "http://testserver", tmp_path, 5)
+
+
 @pytest.fixture(scope="module")
 def classifier() -> LoadedModel:
     return m.load(m.classifier(), m.classifier_manifest())
+
+
+def published(fleet: Fleet, manifest: Manifest | None = None) -> LoadedModel:
+    """The classifier, published on ``fleet`` and loaded under its bundle's SHA-256 (the server
+    checks each window against the manifest of the bundle it names)."""
+    manifest = manifest or m.classifier_manifest()
+    draft = {k: v for k, v in manifest.to_dict().items() if k != "files"}
+    bundle = build(draft, {"model.onnx": m.classifier()}, [fleet.release_key])
+    return ModelRuntime().load(fleet.publish(bundle)["sha256"], manifest, m.classifier())
 
 
 def test_the_outbox_survives_a_restart_with_the_same_idempotency_keys(
@@ -135,9 +153,10 @@ def test_a_full_outbox_drops_the_oldest_closed_windows_and_reports_them(
 
 
 def test_upload_to_the_real_server_gives_rollups_equal_to_the_recorded_totals(
-    server: Fleet, tmp_path: Path, classifier: LoadedModel
+    server: Fleet, tmp_path: Path
 ) -> None:
     fleet = server
+    classifier = published(fleet)
     credential = fleet.enroll(DEVICE)
     outbox = Outbox(tmp_path / "outbox.sqlite", 1 << 20)
     clock = Clock(T0 + 60)
@@ -151,15 +170,15 @@ def test_upload_to_the_real_server_gives_rollups_equal_to_the_recorded_totals(
 
     # The server is away: nothing is lost, the batch waits.
     with httpx.Client(timeout=2) as offline, pytest.raises(ServerUnreachable):
-        upload_pending(outbox, offline, "http://127.0.0.1:9", DEVICE, credential)
+        upload_pending(
+            outbox, FleetClient(offline, "http://127.0.0.1:9", tmp_path, 2), DEVICE, credential
+        )
     assert outbox.stats()["pending_batches"] == 1
     with pytest.raises(AuthError):
-        upload_pending(outbox, fleet.client, "http://testserver", DEVICE, "efd_wrong")
+        upload_pending(outbox, _client(fleet, tmp_path), DEVICE, "efd_wrong")
     pending = outbox.next_batch_bytes(50)
 
-    result = upload_pending(
-        outbox, fleet.client, "http://testserver", DEVICE, credential, batch_windows=1
-    )
+    result = upload_pending(outbox, _client(fleet, tmp_path), DEVICE, credential, batch_windows=1)
     assert (result.batches_sent, result.windows_sent, result.replays) == (1, 2, 0)
     assert result.pending_batches == 0
     [rollup] = rollups(fleet, "gesture")
@@ -194,9 +213,10 @@ def test_upload_to_the_real_server_gives_rollups_equal_to_the_recorded_totals(
 
 
 def test_a_retry_after_a_lost_answer_resends_the_same_key_and_is_a_no_op(
-    server: Fleet, tmp_path: Path, classifier: LoadedModel
+    server: Fleet, tmp_path: Path
 ) -> None:
     fleet = server
+    classifier = published(fleet)
     credential = fleet.enroll(DEVICE)
     outbox = Outbox(tmp_path / "outbox.sqlite", 1 << 20)
     recorder = Recorder(outbox, DEVICE, clock=Clock(T0))
@@ -212,7 +232,7 @@ def test_a_retry_after_a_lost_answer_resends_the_same_key_and_is_a_no_op(
     outbox.close()  # the device restarts before it hears the answer
 
     reopened = Outbox(tmp_path / "outbox.sqlite", 1 << 20)
-    result = upload_pending(reopened, fleet.client, "http://testserver", DEVICE, credential)
+    result = upload_pending(reopened, _client(fleet, tmp_path), DEVICE, credential)
     assert (result.batches_sent, result.replays) == (1, 1)
     assert rollups(fleet, "gesture") == before
     assert before[0]["inference_count"] == 42
@@ -220,17 +240,16 @@ def test_a_retry_after_a_lost_answer_resends_the_same_key_and_is_a_no_op(
     reopened.close()
 
 
-def test_a_batch_the_server_refuses_is_dropped_and_counted(
-    server: Fleet, tmp_path: Path, classifier: LoadedModel
-) -> None:
+def test_a_batch_the_server_refuses_is_dropped_and_counted(server: Fleet, tmp_path: Path) -> None:
     fleet = server
+    classifier = published(fleet)
     credential = fleet.enroll(DEVICE)
     outbox = Outbox(tmp_path / "outbox.sqlite", 1 << 20)
     recorder = Recorder(outbox, DEVICE, clock=Clock(T0))
     record_burst(recorder, classifier, 10)
     recorder.close_due_windows(include_open=True)
-    upload_pending(outbox, fleet.client, "http://testserver", DEVICE, credential)
-    # A build of the same name and version with four classes: the server's rollup has three.
+    upload_pending(outbox, _client(fleet, tmp_path), DEVICE, credential)
+    # A device that takes the published bundle for one with four classes: its manifest has three.
     four = m.classifier_manifest(
         outputs=[
             {
@@ -242,20 +261,55 @@ def test_a_batch_the_server_refuses_is_dropped_and_counted(
         ],
         output_histograms=[m.categorical("probabilities", [*m.CLASSES, "jump"])],
     )
-    other = ModelRuntime().load("f" * 64, four, m.classifier())
-    recorder.run(other, np.zeros((1, 4), np.float32))
-    recorder.close_due_windows(include_open=True)
-    result = upload_pending(outbox, fleet.client, "http://testserver", DEVICE, credential)
+    other = ModelRuntime().load(classifier.identity.bundle_sha256, four, m.classifier())
+    confused = Recorder(outbox, DEVICE, clock=Clock(T0))  # a fresh tape: four classes counted
+    confused.run(other, np.zeros((1, 4), np.float32))
+    confused.close_due_windows(include_open=True)
+    result = upload_pending(outbox, _client(fleet, tmp_path), DEVICE, credential)
     # Refused, dropped, and the drop reported at once in a batch of no windows.
     assert (result.batches_sent, result.windows_sent, result.rejected_batches) == (1, 0, 1)
     stats = outbox.stats()
     assert stats["dropped_windows"] == 1 and stats["dropped_unreported"] == 0
     assert stats["rejected_batches"] == 1
-    assert "400" in stats["last_rejection"] and "bins" in stats["last_rejection"]
+    assert "422" in stats["last_rejection"] and "has 5 counts" in stats["last_rejection"]
     r = fleet.client.get(f"/v1/devices/{DEVICE}", headers=fleet.auth(fleet.token("viewer")))
     assert r.json()["telemetry"]["windows_dropped_on_device"] == 1
     assert r.json()["telemetry"]["batches_received"] == 2  # sequence 1 was refused: a gap
     assert r.json()["telemetry"]["batches_expected"] == 3
     [rollup] = rollups(fleet, "gesture")
     assert rollup["inference_count"] == 12  # the refused window is not in it
+    outbox.close()
+
+
+def test_relayed_batches_keep_the_rings_keys_and_their_drops_make_no_batch_of_ours(
+    tmp_path: Path, classifier: LoadedModel
+) -> None:
+    scratch = Outbox(tmp_path / "ring-side.sqlite", 1 << 20)
+    recorder = Recorder(scratch, "ring-1", clock=Clock())
+    record_burst(recorder, classifier, 5)
+    recorder.close_due_windows(include_open=True)
+    [window] = windows(scratch, "ring-1")
+    scratch.close()
+    pieces = [
+        TelemetryBatch(device_id="ring-1", boot_epoch=3, sequence=s, windows=[window])
+        for s in range(5)
+    ]
+    size = len(pieces[0].to_bytes())
+    # Room for two pieces; the phone's own boot epoch is far above the ring's 3.
+    outbox = Outbox(tmp_path / "phone.sqlite", 2 * size + size // 2)
+    for piece in pieces:
+        outbox.put_relayed(piece)
+    outbox.put_relayed(pieces[4])  # the ring read twice: replaced, not stored twice
+    stats = outbox.stats()
+    assert (stats["pending_batches"], stats["bytes"]) == (2, 2 * size)
+    assert stats["dropped_windows"] == 3  # the oldest stored went first
+    assert stats["dropped_unreported"] == 0  # the server sees the ring's gap itself
+    sent = []
+    while (body := outbox.next_batch_bytes(50, "ring-1")) is not None:
+        batch = TelemetryBatch.from_bytes(body)
+        sent.append(batch.idempotency_key)
+        outbox.acknowledge(batch)
+    # Only what the ring made, under its keys: no batch of the phone's epoch under its id.
+    assert sent == [("ring-1", 3, 3), ("ring-1", 3, 4)]
+    assert outbox.relayed_devices() == ["ring-1"]
     outbox.close()

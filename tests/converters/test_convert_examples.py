@@ -16,7 +16,8 @@ import onnxruntime as ort
 import pytest
 
 from converters import tflm
-from converters.pipeline import ConvertOptions, ConvertReport, convert
+from converters.pipeline import ConvertOptions, convert
+from converters.reports import ConvertReport
 from firmware_bundles import SigningKey, TargetCatalogue, TrustedRoot, verify
 from firmware_bundles import open_bundle as verify_plain
 from tests.converters.conftest import EXAMPLES

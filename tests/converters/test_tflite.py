@@ -5,12 +5,15 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from converters.pipeline import ConvertOptions, ConvertReport, convert
+from converters.pipeline import ConvertOptions, convert
+from converters.reports import ConvertReport
 from converters.tflite import ToolEnvMissing, tool_python
 from firmware_bundles import SigningKey, TargetCatalogue, open_bundle
-from hil.tflm_runtime import measure_arena
+from firmware_bundles.manifest import SelfTestFile
+from hil.tflm_runtime import TflmRuntime, measure_arena
 from tests.converters.conftest import EXAMPLES
 
 BUILD_TIME = datetime(2026, 1, 1, tzinfo=UTC)
@@ -78,10 +81,38 @@ def test_ring_bundle_is_full_integer_tflite_within_budget(
     model = bytes(contents.files["model.tflite"])
     # The recorded arena is what TFLM allocates for the bundled file, not an estimate.
     assert manifest.runtime.ram_estimate.bytes == measure_arena(model)
-    assert "TFLM" in manifest.runtime.ram_estimate.method
+    assert manifest.runtime.ram_estimate.method == "tflm-arena-allocation-total/1"
     target = TargetCatalogue.load_default().get("ring-gen3")
     assert all(target.allows_op(op) for op in manifest.runtime.op_types)
     assert "FULLY_CONNECTED" in manifest.runtime.op_types
+
+
+def test_ring_self_test_is_in_the_file_in_the_models_input_type_with_float_outputs(
+    digits: tuple[ConvertReport, ConvertReport],
+) -> None:
+    contents = open_bundle(Path(digits[0].targets[0].bundle or "").read_bytes())
+    manifest = contents.manifest
+    test, tflite = manifest.self_test, manifest.runtime.tflite
+    assert isinstance(test, SelfTestFile) and tflite is not None
+    assert tflite.input.quantisation is not None
+    # Inputs stored as the .tflite's int8, with its own scale and zero point: a byte an element.
+    stored = test.inputs[0]
+    assert (stored.dtype, stored.shape) == ("int8", [1, 64])
+    assert stored.scale == tflite.input.quantisation.scale
+    assert stored.zero_point == tflite.input.quantisation.zero_point
+    assert len(contents.files["self_test.bin"]) == 3 * (64 + 10 * 4 * 2)
+    # The float original's outputs ride along, and the int8 model stays within float_tolerance.
+    assert [t.name for t in test.float_outputs] == ["probabilities"]
+    assert test.float_tolerance is not None and test.float_tolerance >= test.tolerance
+    worst = max(
+        float(np.abs(np.asarray(v.expected["probabilities"]) - f["probabilities"]).max())
+        for v, f in zip(test.vectors, test.float_vectors, strict=True)
+    )
+    assert 0 < worst <= test.float_tolerance
+    # The ring's TFLM reproduces the expected outputs exactly from the stored integers.
+    runtime = TflmRuntime(manifest, bytes(contents.files["model.tflite"]), 65536)
+    result = runtime.self_test()
+    assert result.passed and result.worst_error == 0.0, result.detail
 
 
 def test_converting_twice_gives_identical_tflite_bundles(

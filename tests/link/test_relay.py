@@ -10,19 +10,22 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from sqlmodel import Session, select
 
 from device_agent.client import FleetClient
 from device_agent.config import AgentSettings
 from device_agent.fetch import BundleFetcher
 from device_agent.link import DeviceClient
 from device_agent.link.ble import BumbleConnectionLink
-from device_agent.link.relay import RelayQueue, RingRelay
+from device_agent.link.relay import RingRelay
+from device_agent.outbox import Outbox
 from firmware_bundles import TrustedRoot
 from firmware_bundles.messages import TelemetryBatch
 from hil.ble_device import BleRing
 from hil.device import EmulatedDevice
 from hil.profiles import profile_for
 from hil.samples import heldout, sample_bundle
+from server.models import TelemetryBatchRecord
 from tests.server.conftest import Fleet, running_fleet
 
 SERVER = "http://testserver"
@@ -34,7 +37,14 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
         yield running
 
 
-def _relay(fleet: Fleet, ring: DeviceClient, phone: str, tmp_path: Path) -> RingRelay:
+def _outbox(tmp_path: Path) -> Outbox:
+    """The phone's outbox (a SQLite file in its state dir), opened as at the phone's start."""
+    return Outbox(tmp_path / "phone" / "outbox.sqlite", 1 << 20)
+
+
+def _relay(
+    fleet: Fleet, ring: DeviceClient, phone: str, tmp_path: Path, outbox: Outbox | None = None
+) -> RingRelay:
     root_path = fleet.state.settings.data_dir / "root.json"
     settings = AgentSettings(
         server_url=SERVER,
@@ -44,14 +54,15 @@ def _relay(fleet: Fleet, ring: DeviceClient, phone: str, tmp_path: Path) -> Ring
         stall_timeout_s=5,
         max_download_attempts=1,
     )
+    fleet_client = FleetClient(fleet.client, SERVER, tmp_path / "phone", timeout_s=5)
     return RingRelay(
         ring=ring,
-        fleet=FleetClient(fleet.client, SERVER, tmp_path / "phone", timeout_s=5),
+        fleet=fleet_client,
         credential=phone,
         root=TrustedRoot.from_pinned(root_path.read_bytes(), datetime.now(UTC)),
-        fetcher=BundleFetcher(fleet.client, settings),
+        fetcher=BundleFetcher(fleet_client, settings),
         work_dir=tmp_path / "phone" / "ring",
-        queue=RelayQueue(tmp_path / "phone" / "ring-telemetry"),
+        outbox=outbox or _outbox(tmp_path),
     )
 
 
@@ -106,7 +117,7 @@ def test_phone_installs_its_rings_assignment_and_carries_telemetry_back(
                 sequence=1,
                 windows=[],
             )
-            relay.queue.put(batch)
+            relay.outbox.put_relayed(batch)
             assert await relay.upload_telemetry() == 1
             assert _inferences(fleet) == len(rows)
         finally:
@@ -146,6 +157,76 @@ def test_a_bundle_the_phone_cannot_verify_never_reaches_the_ring(
             assert "SHA-256" in outcome.refused["wrist-activity 1.0.0"]
             assert device.store.stats.upload_sessions == 0
             assert (await client.slots()).active is None
+        finally:
+            await ring.stop()
+
+    asyncio.run(scenario())
+
+
+def _server_batches(fleet: Fleet, device_id: str) -> list[tuple[int, int, int]]:
+    """(boot epoch, sequence, windows) of every batch the server accepted for ``device_id``."""
+    with Session(fleet.state.engine) as session:
+        rows = session.exec(
+            select(TelemetryBatchRecord).where(TelemetryBatchRecord.device_id == device_id)
+        ).all()
+    return sorted((r.boot_epoch, r.sequence, r.window_count) for r in rows)
+
+
+def test_the_rings_telemetry_survives_a_phone_restart_in_the_outbox_with_the_rings_keys(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    """Pulled from the ring and acknowledged there, then the phone restarts before it is online:
+    the pieces are in the phone's SQLite outbox, go up after the restart under the ring's own id,
+    boot epoch and sequence numbers, and a piece stored again is a replay the server drops."""
+    bundle = sample_bundle([fleet.release_key], ["ring-gen3"])
+    fleet.publish(bundle)
+    fleet.release("wrist-activity", "1.0.0")
+    phone = fleet.enroll("phone-1")
+    token = fleet.client.post(
+        "/v1/enrollment-tokens", json={}, headers=fleet.auth(fleet.token("operator"))
+    ).json()["token"]
+    device = EmulatedDevice(
+        profile_for("ring-gen3"), tmp_path / "ring.flash", fleet.root, device_id="ring-1"
+    )
+    rows = heldout(7, seed=5)[0]
+
+    async def scenario() -> None:
+        ring = BleRing(device)
+        await ring.start()
+        try:
+            client = DeviceClient(BumbleConnectionLink(await ring.connect()))
+            await client.connect()
+            before = _relay(fleet, client, phone, tmp_path)
+            await before.enroll_ring("phone-1", token)
+            assert (await before.install_assigned()).installed == ["wrist-activity 1.0.0"]
+            for row in rows:
+                await client.infer({"input": row[None, :]})
+            on_ring = await client.read_telemetry()  # read, not acknowledged: the ring's keys
+            keys = [(on_ring.boot_epoch, sequence) for sequence, _ in on_ring.windows]
+            assert keys
+
+            assert await before.pull_telemetry() == len(keys)
+            assert (await client.read_telemetry()).windows == [], "acknowledged on the ring"
+            before.outbox.close()  # the phone restarts before it reaches the server
+
+            reopened = _outbox(tmp_path)
+            assert reopened.stats()["pending_batches"] == len(keys)
+            after = _relay(fleet, client, phone, tmp_path, reopened)
+            assert await after.upload_telemetry() == len(keys)
+            assert _server_batches(fleet, "ring-1") == [(e, s, 1) for e, s in keys]
+            assert reopened.boot_epoch not in {e for e, _ in keys}, "not the phone's epoch"
+            assert _inferences(fleet) == len(rows)
+            assert reopened.stats()["pending_batches"] == 0
+
+            # The ring read twice (its acknowledgement lost): stored again, sent, dropped.
+            replay = TelemetryBatch(
+                device_id="ring-1", boot_epoch=keys[0][0], sequence=keys[0][1], windows=[]
+            )
+            reopened.put_relayed(replay)
+            assert await after.upload_telemetry() == 1
+            assert _server_batches(fleet, "ring-1") == [(e, s, 1) for e, s in keys]
+            assert _inferences(fleet) == len(rows)
+            reopened.close()
         finally:
             await ring.stop()
 

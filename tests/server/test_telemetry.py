@@ -17,8 +17,9 @@ from tests.server.conftest import Fleet
 DEVICES, BATCHES, WINDOWS = 6, 8, 3
 
 
-def trace(model: str, prefix: str) -> list[tuple[str, dict[str, Any]]]:
-    """Per device, numbered batches of hourly windows with latencies, outputs, inputs, labels."""
+def trace(model: str, prefix: str, bundle_sha256: str) -> list[tuple[str, dict[str, Any]]]:
+    """Per device, numbered batches of hourly windows with latencies, outputs, inputs, labels
+    (on the test manifest's layout: ``label`` and ``x0`` with 3 counts, classes rest/move)."""
     rng = np.random.default_rng(7)
     start = datetime(2026, 3, 1, tzinfo=UTC)
     batches = []
@@ -37,7 +38,7 @@ def trace(model: str, prefix: str) -> list[tuple[str, dict[str, Any]]]:
                         "device_id": device,
                         "model": model,
                         "version": "1.0.0",
-                        "bundle_sha256": "0" * 64,
+                        "bundle_sha256": bundle_sha256,
                         "window_start": when.isoformat(),
                         "window_s": 3600,
                         "inference_count": n,
@@ -45,15 +46,15 @@ def trace(model: str, prefix: str) -> list[tuple[str, dict[str, Any]]]:
                         "latency": lat,
                         "outputs": [
                             {
-                                "name": "probabilities",
-                                "counts": rng.multinomial(n, [0.5, 0.3, 0.2, 0.0]).tolist(),
+                                "name": "label",
+                                "counts": rng.multinomial(n, [0.5, 0.5, 0.0]).tolist(),
                             }
                         ],
                         "inputs": [
-                            {"name": "x0", "counts": rng.multinomial(n, [0.1] * 10).tolist()}
+                            {"name": "x0", "counts": rng.multinomial(n, [0.2, 0.5, 0.3]).tolist()}
                         ],
                         "feedback": {"thumbs_up": int(rng.integers(0, 3))},
-                        "labels": {"walk": {"walk": int(rng.integers(0, 3))}},
+                        "labels": {"move": {"move": int(rng.integers(0, 3))}},
                     }
                 )
             batches.append(
@@ -86,8 +87,9 @@ def rollups(fleet: Fleet, model: str) -> list[dict[str, Any]]:
 
 
 def test_shuffled_late_and_duplicated_batches_give_the_same_rollups(fleet: Fleet) -> None:
-    in_order = trace("trace-a", "ordered")
-    shuffled = trace("trace-b", "shuffled")
+    sha = {m: fleet.publish(fleet.bundle(name=m))["sha256"] for m in ("trace-a", "trace-b")}
+    in_order = trace("trace-a", "ordered", sha["trace-a"])
+    shuffled = trace("trace-b", "shuffled", sha["trace-b"])
     creds = {
         f"{p}-{d}": fleet.enroll(f"{p}-{d}")
         for p in ("ordered", "shuffled")
@@ -141,6 +143,7 @@ def test_sequence_gaps_give_completeness(fleet: Fleet) -> None:
     assert info["telemetry"]["batches_received"] == 3
     assert info["telemetry"]["batches_expected"] == 4
     assert info["telemetry"]["completeness"] == 0.75
+    assert info["telemetry"]["skipped_rows"] == 0
 
 
 def test_malformed_batches_are_refused_with_the_field(fleet: Fleet) -> None:

@@ -1,0 +1,206 @@
+"""What a device is offered: per model, the version and bundle it should run now.
+
+One entry point, :func:`offers_for_device`: the current release per model for the device's
+hardware id, with the device's pins applied (staged rollouts plug in here next, as arms per
+device). Every check-in asks, so answers come from an :class:`OfferCache` that keeps the release
+state per hardware id and the set of pinned devices for ``release_cache_ttl_s``. The worker that
+commits a change to what is offered drops its cache after the commit (:meth:`OfferCache.watch`);
+other workers see the change within the TTL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from sqlalchemy import event
+from sqlalchemy.orm import sessionmaker
+from sqlmodel import Session, col, select
+
+from server.models import Bundle, ModelVersion, Pin, Release
+
+if TYPE_CHECKING:
+    from server.state import ServerState
+
+#: Tables whose rows decide what is offered; a commit that changed any of them drops the cache.
+OFFER_TABLES: tuple[type[Any], ...] = (Release, ModelVersion, Bundle, Pin)
+_CHANGED = "edgefleet.offers_changed"
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Offer:
+    """What a model offers one device: the version, and its bundle for the hardware id if any."""
+
+    version: str
+    release_counter: int
+    sha256: str | None = None
+    length: int = 0
+    firmware_min: str = "0.0.0"
+    firmware_below: str | None = None
+
+
+#: Model name -> what it offers.
+Offers = Mapping[str, Offer]
+
+
+@dataclass(frozen=True)
+class _Fresh(Generic[T]):
+    read_at: float
+    value: T
+
+
+class OfferCache:
+    """Release state per hardware id and the ids of pinned devices, each fresh for ``ttl_s``.
+
+    A read that started before an invalidation is not stored after it (the generation
+    counter), so a commit is never followed by a stale entry for another TTL.
+    """
+
+    def __init__(self, ttl_s: float) -> None:
+        self.ttl_s = ttl_s
+        self.generation = 0
+        self._by_hardware: dict[str, _Fresh[Offers]] = {}
+        self._pinned: _Fresh[frozenset[str]] | None = None
+
+    def _fresh(self, entry: _Fresh[T] | None) -> T | None:
+        if entry is None or time.monotonic() - entry.read_at >= self.ttl_s:
+            return None
+        return entry.value
+
+    def released(self, hardware_id: str) -> Offers | None:
+        """What is released for ``hardware_id``, if read within the TTL."""
+        return self._fresh(self._by_hardware.get(hardware_id))
+
+    def pinned(self) -> frozenset[str] | None:
+        """Ids of devices holding any pin, if read within the TTL."""
+        return self._fresh(self._pinned)
+
+    def lookup(self, device_id: str, hardware_id: str) -> Offers | None:
+        """The device's offers when the cache alone can answer (no pin, both entries fresh)."""
+        pinned = self.pinned()
+        if pinned is None or device_id in pinned:
+            return None
+        return self.released(hardware_id)
+
+    def put_released(self, generation: int, hardware_id: str, offers: Offers) -> None:
+        if generation == self.generation:
+            self._by_hardware[hardware_id] = _Fresh(time.monotonic(), offers)
+
+    def put_pinned(self, generation: int, device_ids: frozenset[str]) -> None:
+        if generation == self.generation:
+            self._pinned = _Fresh(time.monotonic(), device_ids)
+
+    def invalidate(self) -> None:
+        """Forget everything; the next check-in of each hardware id reads the database."""
+        self.generation += 1
+        self._by_hardware = {}
+        self._pinned = None
+
+    def watch(self, sessions: sessionmaker[Session]) -> None:
+        """Invalidate after each commit, by a session from ``sessions``, that changed a row of
+        :data:`OFFER_TABLES` (after, so no check-in caches what the commit replaces)."""
+
+        @event.listens_for(sessions, "after_flush")
+        def _note(session: Session, _: Any) -> None:
+            touched = (*session.new, *session.dirty, *session.deleted)
+            if any(isinstance(row, OFFER_TABLES) for row in touched):
+                session.info[_CHANGED] = True
+
+        @event.listens_for(sessions, "after_commit")
+        def _committed(session: Session) -> None:
+            if session.info.pop(_CHANGED, False):
+                self.invalidate()
+
+        @event.listens_for(sessions, "after_rollback")
+        def _rolled_back(session: Session) -> None:
+            session.info.pop(_CHANGED, None)
+
+
+async def offers_for_device(state: ServerState, device_id: str, hardware_id: str) -> Offers:
+    """Per model, what ``device_id`` (of ``hardware_id``) is offered now.
+
+    From the cache on the event loop when it can answer; otherwise read in a worker thread.
+    """
+    cached = state.offers.lookup(device_id, hardware_id)
+    if cached is not None:
+        return cached
+    return await asyncio.to_thread(read_offers, state, device_id, hardware_id)
+
+
+def read_offers(state: ServerState, device_id: str, hardware_id: str) -> Offers:
+    """:func:`offers_for_device` from the database (refreshing the cache's entries)."""
+    cache = state.offers
+    generation = cache.generation
+    with Session(state.engine) as session:
+        pinned = cache.pinned()
+        if pinned is None:
+            pinned = frozenset(session.exec(select(Pin.device_id).distinct()).all())
+            cache.put_pinned(generation, pinned)
+        released = cache.released(hardware_id)
+        if released is None:
+            released = _released(session, hardware_id)
+            cache.put_released(generation, hardware_id, released)
+        if device_id not in pinned:
+            return released
+        offers = dict(released)
+        for pin in session.exec(select(Pin).where(Pin.device_id == device_id)):
+            held = _offer_of(session, pin.version_id, hardware_id)
+            if held is not None:
+                offers[pin.model_name] = held
+        return offers
+
+
+def current_versions(session: Session, hardware_id: str) -> dict[str, ModelVersion]:
+    """For each model, the newest release for ``hardware_id`` whose version is not withdrawn."""
+    rows = session.exec(
+        select(Release, ModelVersion)
+        .join(ModelVersion, col(ModelVersion.id) == col(Release.version_id))
+        .where(Release.target_id == hardware_id, col(ModelVersion.withdrawn).is_(False))
+        .order_by(col(Release.released_at).desc(), col(Release.id).desc())
+    ).all()
+    current: dict[str, ModelVersion] = {}
+    for rel, version in rows:
+        current.setdefault(rel.model_name, version)
+    return current
+
+
+def _released(session: Session, hardware_id: str) -> Offers:
+    wanted = current_versions(session, hardware_id)
+    bundles = {
+        b.version_id: b
+        for b in session.exec(
+            select(Bundle).where(
+                col(Bundle.version_id).in_([v.id for v in wanted.values()]),
+                Bundle.target_id == hardware_id,
+            )
+        )
+    }
+    return {model: _offer(v, bundles.get(v.id or -1)) for model, v in wanted.items()}
+
+
+def _offer_of(session: Session, version_id: int, hardware_id: str) -> Offer | None:
+    version = session.get(ModelVersion, version_id)
+    if version is None:
+        return None
+    bundle = session.exec(
+        select(Bundle).where(Bundle.version_id == version_id, Bundle.target_id == hardware_id)
+    ).first()
+    return _offer(version, bundle)
+
+
+def _offer(version: ModelVersion, bundle: Bundle | None) -> Offer:
+    if bundle is None:
+        return Offer(version.version, version.release_counter)
+    return Offer(
+        version.version,
+        version.release_counter,
+        bundle.sha256,
+        bundle.length,
+        bundle.firmware_min,
+        bundle.firmware_below,
+    )
