@@ -18,18 +18,19 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from importlib import metadata
 from typing import Any
 
 import httpx
 import numpy as np
 
-from device_agent.client import FleetClient, parse_check_in_answer
+from device_agent.client import FleetClient
 from device_agent.config import AgentSettings, DeviceConditions, FileConditions
 from device_agent.errors import (
     AgentError,
     ConfigError,
+    InputError,
     InstallError,
     UnknownModelError,
 )
@@ -38,7 +39,7 @@ from device_agent.fsutil import write_atomic
 from device_agent.outbox import Outbox
 from device_agent.runtime import LoadedModel, ModelRuntime
 from device_agent.slots import SlotStore
-from device_agent.telemetry import Recorder
+from device_agent.telemetry import Recorder, parse_prediction_time
 from device_agent.telemetry_upload import UploadResult, upload_pending
 from device_agent.trust import TrustedState
 from device_agent.updater import Activated, CheckInResult, Updater, checkpoint_for
@@ -49,7 +50,6 @@ from firmware_bundles.messages import (
     CheckInRequest,
     InstalledModel,
 )
-from firmware_bundles.signing import canonical_json
 
 DEVICE_ID_FILE = "device-id"
 ROOT_FILE = "root.json"
@@ -89,6 +89,9 @@ class Agent:
     ) -> None:
         self.settings = settings
         self.state_dir = settings.state_dir
+        if clock is None and settings.test_clock_offset_s:
+            offset = timedelta(seconds=settings.test_clock_offset_s)
+            clock = lambda: datetime.now(UTC) + offset  # noqa: E731 (tests only, see settings)
         self._clock = clock or (lambda: datetime.now(UTC))
         self._owns_http = http is None
         self._http = http or httpx.Client(timeout=settings.http_timeout_s)
@@ -114,6 +117,8 @@ class Agent:
             flush_every=settings.telemetry_flush_every,
             # No wrapper around the default clock: predict reads it on every call.
             clock=None if clock is None else (lambda: self._clock().timestamp()),
+            label_max_age_s=settings.label_max_age_s,
+            label_clock_skew_s=settings.label_clock_skew_s,
         )
         timers: Callable[[], float] = (
             time.monotonic if clock is None else (lambda: self._clock().timestamp())
@@ -293,7 +298,8 @@ class Agent:
         Raises:
             ServerUnreachable: If the server cannot be reached (the agent is offline).
             TrustError: If a root in the chain or the assignment set does not verify (nothing in
-                it is acted on).
+                it is acted on). An entry below its model's release counter floor is refused
+                alone: it is a ``failed`` install in the result, the other models update.
             AuthError: If the credential is refused.
             ServerRejected: If the server refuses the check-in or answers nonsense.
             ConfigError: If not enrolled and no enrollment token is set.
@@ -316,32 +322,35 @@ class Agent:
             installed=self.installed_models(),
             capabilities=self.capabilities(),
         )
-        answer = parse_check_in_answer(self._client.check_in(credential, request))
-        assignments = self._trusted.verify_assignments(
-            canonical_json(answer.assignment_set),
+        answer = self._client.check_in(credential, request)
+        verified = self._trusted.verify_assignments(
+            answer,
             device_id=self._device_id,
             hardware_id=self._target.id,
             nonce=nonce,
             now=self._clock(),
         )
+        assignments = verified.assignments
         dropped = self._updater.forget_unassigned({a.model: a.bundle_sha256 for a in assignments})
         headers = {"Authorization": f"Bearer {credential}"}
-        installs = [
+        # A refused entry holds back its own model only: the others still update.
+        installs = [self._updater.refuse(a, error) for a, error in verified.refused]
+        installs += [
             self._updater.apply(a, base_url=self.settings.server_url, headers=headers)
             for a in assignments
         ]
         self._write_status(
             last_check_in=self._clock().isoformat(),
             last_error=None,
-            withheld=answer.withheld,
+            withheld=verified.withheld,
             waiting={r.model: r.detail for r in installs if r.action == "waiting"},
-            next_check_in_s=answer.next_check_in_s,
+            next_check_in_s=verified.next_check_in_s,
         )
         return CheckInResult(
             device_id=self._device_id,
             root_version=self._trusted.root_version,
-            next_check_in_s=answer.next_check_in_s,
-            withheld=dict(answer.withheld),
+            next_check_in_s=verified.next_check_in_s,
+            withheld=dict(verified.withheld),
             installs=installs,
             partials_dropped=dropped,
         )
@@ -395,16 +404,45 @@ class Agent:
         """
         self._recorder.feedback(self._model(model), kind)
 
-    def label(self, model: str, label: Any, predicted: Any = None) -> None:
+    def label(
+        self,
+        model: str,
+        label: Any,
+        predicted: Any = None,
+        *,
+        predicted_at: datetime | str | None = None,
+        version: str | None = None,
+    ) -> None:
         """Count a late ground-truth ``label`` against what was ``predicted``, if known.
 
-        Integer class labels are counted under their decimal spelling.
+        With ``predicted_at`` (an ISO 8601 time with its UTC offset, or an aware datetime) and
+        ``version`` (the model version that made the prediction) it is counted in that
+        version's telemetry window of that time, even after the device switched versions;
+        without both, in the active version's current window. Integer class labels are counted
+        under their decimal spelling.
 
         Raises:
-            UnknownModelError: If no version of ``model`` is active.
-            InputError: If a label is not a short name.
+            UnknownModelError: If neither form names a version and none of ``model`` is active.
+            InputError: If only one of ``predicted_at`` and ``version`` is given; if this device
+                never ran ``version``; if ``predicted_at`` is malformed, in the future beyond
+                ``label_clock_skew_s`` or older than ``label_max_age_s``; if a label is not a
+                short name or not one of the version's classes.
         """
-        self._recorder.label(self._model(model), _label(label), _label(predicted))
+        if predicted_at is None and version is None:
+            self._recorder.label(self._model(model), _label(label), _label(predicted))
+            return
+        if predicted_at is None or version is None:
+            missing = "predicted_at" if predicted_at is None else "version"
+            raise InputError(
+                model,
+                missing,
+                "predicted_at and version together (or neither, for the current window)",
+                "only the other",
+            )
+        if not isinstance(version, str):
+            raise InputError(model, "version", "a version string", repr(version))
+        when = parse_prediction_time(model, predicted_at)
+        self._recorder.label_prediction(model, version, when, _label(label), _label(predicted))
 
     # -- inference --------------------------------------------------------------------------
 

@@ -53,8 +53,7 @@ from device_agent.errors import (
     StallError,
 )
 from device_agent.fsutil import write_atomic
-from firmware_bundles import BundleError
-from firmware_bundles.messages import CapabilityReport, CheckInRequest, CheckInResponse
+from firmware_bundles.messages import CapabilityReport, CheckInRequest
 from firmware_bundles.signing import canonical_json
 
 CREDENTIALS_FILE = "credentials.json"
@@ -274,8 +273,8 @@ class FleetClient:
     def check_in(self, credential: str, request: CheckInRequest) -> bytes:
         """``POST /v1/devices/{id}/check-in`` (the device's own, or its paired ring's).
 
-        Returns:
-            The answer's body exactly as received: the caller verifies these bytes.
+        The answer is a signed envelope; :class:`~device_agent.trust.TrustedState` verifies
+        these very bytes, so nothing here parses or re-serialises them.
 
         Raises:
             ServerUnreachable, AuthError, ServerRejected: As the module docstring's table.
@@ -353,18 +352,6 @@ def _bundle_stream(response: httpx.Response, url: str, stall_timeout_s: float) -
         raise ResumeRefused(f"206 from {url} without a usable Content-Range", url)
     total = None if match.group(3) == "*" else int(match.group(3))
     return BundleStream(response, url, int(match.group(1)), total, stall_timeout_s)
-
-
-def parse_check_in_answer(body: bytes) -> CheckInResponse:
-    """The check-in answer's fields (unverified).
-
-    Raises:
-        ServerRejected: If the server answered something that is not a check-in response.
-    """
-    try:
-        return CheckInResponse.from_bytes(body)
-    except BundleError as exc:
-        raise ServerRejected(200, f"check-in answer: {exc}") from exc
 
 
 def error_detail(response: httpx.Response) -> str:

@@ -60,6 +60,11 @@ class AgentSettings(BaseSettings):
     outbox_max_bytes: int = Field(default=16 * _MIB, ge=64 * 1024)
     upload_batch_windows: int = Field(default=50, ge=1)
     ort_threads: int = Field(default=1, ge=1)
+    #: Oldest prediction a late label may name (``predicted_at``), seconds before now.
+    label_max_age_s: float = Field(default=30 * 86400.0, gt=0)
+    #: How far in the agent's future a labelled prediction's time may lie (clock disagreement
+    #: between the labelling app and the agent), seconds.
+    label_clock_skew_s: float = Field(default=300.0, ge=0)
     #: Crash-test hook, for fault tests only: at the named install step the agent writes
     #: ``<state_dir>/paused-at-<step>`` and sleeps forever, so a test can SIGKILL it there.
     #: ``download``: half the bundle's bytes on disk, partial file fsynced; ``written``: bundle
@@ -67,6 +72,10 @@ class AgentSettings(BaseSettings):
     #: switched; ``switched``: slot state switched to self-test, self-test not run;
     #: ``self-tested``: self-test passed, activation not recorded.
     test_pause_at: PauseStep | None = None
+    #: Clock hook, for end-to-end tests only: the agent's clock (check-ins, telemetry event
+    #: time, label ages) runs this many seconds from the system's, so a test can make a
+    #: prediction "7 days ago" in a real process. Never set on a device.
+    test_clock_offset_s: float = 0.0
 
     @model_validator(mode="after")
     def _backoff(self) -> AgentSettings:

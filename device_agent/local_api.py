@@ -7,8 +7,12 @@ request is one JSON object on one line, each answer one line: ``{"ok": true, "re
     {"op": "status"}
     {"op": "predict", "model": NAME, "inputs": nested lists | {input name: nested lists}}
     {"op": "feedback", "model": NAME, "kind": KIND}
-    {"op": "label", "model": NAME, "label": LABEL, "predicted": LABEL | null}
+    {"op": "label", "model": NAME, "label": LABEL, "predicted": LABEL | null,
+     "predicted_at": ISO 8601 TIME WITH OFFSET, "version": VERSION}
     {"op": "check-in-now"}
+
+A label with ``predicted_at`` and ``version`` counts in that version's window of that time
+(after a version switch too); one with neither, in the active version's current window.
 
 The socket is mode 0600 (only the agent's user may talk to it) and the server is threaded, so a
 prediction never waits for a check-in in progress.
@@ -93,7 +97,15 @@ class AgentApi(Protocol):
 
     def feedback(self, model: str, kind: str) -> None: ...
 
-    def label(self, model: str, label: Any, predicted: Any = None) -> None: ...
+    def label(
+        self,
+        model: str,
+        label: Any,
+        predicted: Any = None,
+        *,
+        predicted_at: str | None = None,
+        version: str | None = None,
+    ) -> None: ...
 
 
 def _jsonable(value: Any) -> Any:
@@ -113,6 +125,13 @@ def _field(request: Mapping[str, Any], name: str, kind: type | tuple[type, ...])
     value = request[name]
     if not isinstance(value, kind):
         raise BadRequest(f"field {name!r} must be {getattr(kind, '__name__', kind)}")
+    return value
+
+
+def _optional(request: Mapping[str, Any], name: str, kind: type) -> Any:
+    value = request.get(name)
+    if value is not None and not isinstance(value, kind):
+        raise BadRequest(f"field {name!r} must be {kind.__name__} or null")
     return value
 
 
@@ -183,6 +202,8 @@ class LocalApi:
                 _field(request, "model", str),
                 _field(request, "label", (str, int)),
                 request.get("predicted"),
+                predicted_at=_optional(request, "predicted_at", str),
+                version=_optional(request, "version", str),
             )
             return {"recorded": True}
         if op == "check-in-now":
@@ -345,8 +366,20 @@ class LocalApiClient:
     def feedback(self, model: str, kind: str) -> None:
         self.call("feedback", model=model, kind=kind)
 
-    def label(self, model: str, label: Any, predicted: Any = None) -> None:
-        self.call("label", model=model, label=label, predicted=predicted)
+    def label(
+        self,
+        model: str,
+        label: Any,
+        predicted: Any = None,
+        predicted_at: str | None = None,
+        version: str | None = None,
+    ) -> None:
+        """Count a late label; with ``predicted_at`` (ISO 8601 with offset) and ``version``, for
+        the prediction that version made then."""
+        fields: dict[str, Any] = {"model": model, "label": label, "predicted": predicted}
+        if predicted_at is not None or version is not None:
+            fields.update(predicted_at=predicted_at, version=version)
+        self.call("label", **fields)
 
     def check_in_now(self) -> None:
         """Ask the agent to check in at once instead of waiting for its interval."""

@@ -14,6 +14,10 @@ A phone also keeps its ring's telemetry here (:meth:`Outbox.put_relayed`): batch
 ring made them (ring id, its boot epoch and sequence), sent by
 :func:`device_agent.telemetry_upload.upload_pending` like the phone's own.
 
+The outbox also remembers every model version this device ran (:meth:`Outbox.remember_version`):
+its bundle and label classes, so a label that arrives after the device moved on is counted for the
+version that made the prediction, across restarts and version switches.
+
 Disk is bounded by ``max_bytes`` of stored window and batch bodies: past it the oldest closed
 windows (then the oldest pending batches) are deleted, counted per device, reported in the next
 batch's ``dropped_windows`` (a relayed ring's drops show as gaps in its sequence instead) and
@@ -59,11 +63,29 @@ CREATE TABLE IF NOT EXISTS batches (
     PRIMARY KEY (device_id, boot_epoch, sequence)
 );
 CREATE TABLE IF NOT EXISTS relayed (device_id TEXT PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS versions (
+    model TEXT NOT NULL,
+    version TEXT NOT NULL,
+    bundle_sha256 TEXT NOT NULL,
+    classes TEXT,
+    first_run REAL NOT NULL,
+    PRIMARY KEY (model, version)
+) WITHOUT ROWID;
 """
 #: Boot epochs count seconds from 2024-01-01T00:00:00Z, not from 1970, so they stay within the
 #: server's 32-bit column until 2092; a clock set far ahead is capped and epochs then grow by one.
 BOOT_EPOCH_BASE_S = 1_704_067_200
 _MAX_CLOCK_EPOCH = 2**30
+
+
+@dataclass(frozen=True)
+class RanVersion:
+    """A model version this device ran: its bundle, and its label classes (None: any name)."""
+
+    model: str
+    version: str
+    bundle_sha256: str
+    classes: frozenset[str] | None
 
 
 @dataclass(frozen=True)
@@ -291,6 +313,38 @@ class Outbox:
         with self._lock, contextlib.suppress(sqlite3.Error):
             self._db.execute("PRAGMA incremental_vacuum")
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    # -- versions ran -----------------------------------------------------------------------
+
+    def remember_version(self, ran: RanVersion) -> None:
+        """Record that this device ran ``ran`` (again: its bundle and classes are refreshed).
+
+        Raises:
+            OutboxError: If the database cannot be written.
+        """
+        classes = None if ran.classes is None else json.dumps(sorted(ran.classes))
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO versions (model, version, bundle_sha256, classes, first_run)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (model, version) DO UPDATE"
+                " SET bundle_sha256 = excluded.bundle_sha256, classes = excluded.classes",
+                (ran.model, ran.version, ran.bundle_sha256, classes, time.time()),
+            )
+
+    def ran_versions(self, model: str) -> dict[str, RanVersion]:
+        """Every version of ``model`` this device ran, by version."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT version, bundle_sha256, classes FROM versions WHERE model = ?"
+                " ORDER BY first_run",
+                (model,),
+            ).fetchall()
+        return {
+            str(r[0]): RanVersion(
+                model, str(r[0]), str(r[1]), None if r[2] is None else frozenset(json.loads(r[2]))
+            )
+            for r in rows
+        }
 
     # -- batches ----------------------------------------------------------------------------
 

@@ -17,15 +17,22 @@ buffers fill, and always on an explicit flush, window close and close; so a cras
 the inferences still buffered (under ``flush_every`` per model) and those aggregated in the last
 ``persist_every_s``. On a device predicting a few times a second every flush is written; under a
 bench's tens of thousands per second the SQLite write is not repeated every 256 calls.
+
+Late labels (:meth:`Recorder.label_prediction`) name the time of the prediction they correct and
+the model version that made it; they are counted in that version's window of that time (a new
+piece of it if that window was already uploaded), which the outbox's map of versions this device
+ran (:meth:`~device_agent.outbox.Outbox.remember_version`) makes possible after a version switch
+or a restart.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
 import time
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from time import perf_counter_ns
 from typing import Any
 
@@ -33,8 +40,8 @@ import numpy as np
 
 from device_agent import histograms
 from device_agent.aggregates import InferenceTape, WindowAggregate
-from device_agent.errors import InferenceError, InputError
-from device_agent.outbox import Outbox
+from device_agent.errors import InferenceError, InputError, OutboxError
+from device_agent.outbox import Outbox, RanVersion
 from device_agent.runtime import LoadedModel, ModelIdentity
 from firmware_bundles.messages import TALLY_NAME_PATTERN
 from firmware_bundles.window_builder import UNKNOWN_PREDICTION, TelemetryLayout
@@ -42,6 +49,13 @@ from firmware_bundles.window_builder import UNKNOWN_PREDICTION, TelemetryLayout
 _KIND = re.compile(TALLY_NAME_PATTERN)
 #: Flushes with nothing recorded after which a model version's buffers are released.
 IDLE_FLUSHES_BEFORE_RELEASE = 2
+#: Default oldest prediction a late label may correct (30 days): older ones are refused, as the
+#: server's raw windows and a device's memory of its versions do not reach further back.
+DEFAULT_LABEL_MAX_AGE_S = 30 * 86400.0
+#: Default clock disagreement allowed between the labelling app and the agent: a prediction
+#: time at most this far in the agent's future is accepted.
+DEFAULT_LABEL_CLOCK_SKEW_S = 300.0
+_TIME_FORMAT = "an ISO 8601 time with its UTC offset, e.g. 2026-05-01T12:00:00Z"
 
 
 class Recorder:
@@ -55,6 +69,8 @@ class Recorder:
         clock: Event time, Unix seconds (``time.time``); called once per inference.
         persist_every_s: Least time between writes of windows when buffers fill.
         monotonic: The clock for ``persist_every_s``.
+        label_max_age_s: Oldest prediction (by ``clock``) a late label may name.
+        label_clock_skew_s: How far in ``clock``'s future a labelled prediction may lie.
     """
 
     def __init__(
@@ -66,6 +82,8 @@ class Recorder:
         clock: Callable[[], float] | None = None,
         persist_every_s: float = 1.0,
         monotonic: Callable[[], float] = time.monotonic,
+        label_max_age_s: float = DEFAULT_LABEL_MAX_AGE_S,
+        label_clock_skew_s: float = DEFAULT_LABEL_CLOCK_SKEW_S,
     ) -> None:
         if not 0 < window_s <= 86400:
             raise ValueError("window_s must be in (0, 86400]")
@@ -78,6 +96,8 @@ class Recorder:
         self._clock = clock or time.time
         self.persist_every_s = persist_every_s
         self._monotonic = monotonic
+        self.label_max_age_s = label_max_age_s
+        self.label_clock_skew_s = label_clock_skew_s
         self._last_persist = monotonic()
         self._lock = threading.Lock()
         self._tapes: dict[str, InferenceTape] = {}
@@ -148,6 +168,11 @@ class Recorder:
         with self._lock:
             tape = self._tapes.get(model.key)
             if tape is None:
+                # Once per tape (a process's first call of a version, or after it idled): the
+                # version is remembered, so its late labels find its bundle after a switch. A
+                # failing disk must not stop predictions; its labels are then refused instead.
+                with contextlib.suppress(OutboxError):
+                    self.outbox.remember_version(_ran(model))
                 tape = self._tapes[model.key] = InferenceTape(model, self.flush_every)
             return tape
 
@@ -183,7 +208,7 @@ class Recorder:
         Raises:
             InputError: If ``kind`` is not a short name (letters, digits, ``_.:-``).
         """
-        self._check_name(model, "kind", kind)
+        self._check_name(_identity(model).name, "kind", kind)
         with self._lock:
             window = self._window(_identity(model), self._clock())
             window.count_feedback(kind)
@@ -192,30 +217,76 @@ class Recorder:
     def label(
         self, model: LoadedModel | ModelIdentity, label: str, predicted: str | None = None
     ) -> None:
-        """Count a late ground-truth ``label``, against the ``predicted`` one when known.
+        """Count a late ground-truth ``label`` in ``model``'s current window, against the
+        ``predicted`` one when known (the form for labels that name no prediction time).
 
         Raises:
             InputError: If a label is not a short name, or (for a model whose manifest declares
                 class labels) not one of its classes.
         """
-        layout = TelemetryLayout.of(model.manifest) if isinstance(model, LoadedModel) else None
+        identity = _identity(model)
+        classes = (
+            TelemetryLayout.of(model.manifest).classes if isinstance(model, LoadedModel) else None
+        )
+        self._check_labels(identity.name, classes, label, predicted)
+        with self._lock:
+            window = self._window(identity, self._clock())
+            window.count_label(label, predicted)
+            self._save([window])
+
+    def label_prediction(
+        self,
+        model: str,
+        version: str,
+        predicted_at: datetime,
+        label: str,
+        predicted: str | None = None,
+    ) -> None:
+        """Count a late ``label`` for the prediction ``version`` of ``model`` made at
+        ``predicted_at``: in that version's window of that time, whichever version runs now.
+
+        Raises:
+            InputError: If this device never ran ``version`` of ``model``; if ``predicted_at``
+                is more than ``label_clock_skew_s`` in the future or older than
+                ``label_max_age_s``; if a label is not a short name or not one of that version's
+                classes.
+        """
+        ran = self.outbox.ran_versions(model)
+        found = ran.get(version)
+        if found is None:
+            known = ", ".join(ran) or "none yet"
+            raise InputError(
+                model, "version", f"a version of {model} this device ran ({known})", repr(version)
+            )
+        when = check_prediction_time(
+            model, predicted_at, self._clock(), self.label_max_age_s, self.label_clock_skew_s
+        )
+        self._check_labels(model, found.classes, label, predicted)
+        with self._lock:
+            identity = ModelIdentity(model, version, found.bundle_sha256)
+            window = self._window(identity, when)
+            window.count_label(label, predicted)
+            self._save([window])
+
+    def _check_labels(
+        self, model: str, classes: frozenset[str] | None, label: str, predicted: str | None
+    ) -> None:
         for what, value in (("label", label), ("predicted", predicted)):
             if value is None:
                 continue
             self._check_name(model, what, value)
-            problem = None if layout is None else layout.label_problem(value)
-            if problem is not None and not (what == "predicted" and value == UNKNOWN_PREDICTION):
-                raise InputError(_identity(model).name, what, problem, repr(value))
-        with self._lock:
-            window = self._window(_identity(model), self._clock())
-            window.count_label(label, predicted)
-            self._save([window])
+            if classes is not None and value not in classes:
+                if what == "predicted" and value == UNKNOWN_PREDICTION:
+                    continue
+                raise InputError(
+                    model, what, f"one of the model's classes {sorted(classes)}", repr(value)
+                )
 
     @staticmethod
-    def _check_name(model: LoadedModel | ModelIdentity, what: str, value: str) -> None:
+    def _check_name(model: str, what: str, value: str) -> None:
         if not isinstance(value, str) or not _KIND.match(value):
             raise InputError(
-                _identity(model).name,
+                model,
                 what,
                 "a name of 1-64 letters, digits or _.:- (starting with a letter or digit)",
                 repr(value),
@@ -376,3 +447,69 @@ class Recorder:
 
 def _identity(model: LoadedModel | ModelIdentity) -> ModelIdentity:
     return model.identity if isinstance(model, LoadedModel) else model
+
+
+def _ran(model: LoadedModel) -> RanVersion:
+    identity = model.identity
+    classes = TelemetryLayout.of(model.manifest).classes
+    return RanVersion(identity.name, identity.version, identity.bundle_sha256, classes)
+
+
+def parse_prediction_time(model: str, value: object) -> datetime:
+    """A label's ``predicted_at``: an ISO 8601 time with its UTC offset (``Z`` or ``+00:00``;
+    another offset is converted), or an aware datetime; in UTC.
+
+    Raises:
+        InputError: If ``value`` is not such a time (epoch numbers and times without an offset
+            are refused: their meaning would be a guess).
+    """
+    when: datetime | None = None
+    if isinstance(value, datetime):
+        when = value
+    elif isinstance(value, str):
+        try:
+            when = datetime.fromisoformat(value)
+        except ValueError:
+            when = None
+    if when is None or when.tzinfo is None or when.utcoffset() is None:
+        raise InputError(model, "predicted_at", _TIME_FORMAT, repr(value))
+    return when.astimezone(UTC)
+
+
+def check_prediction_time(
+    model: str, predicted_at: datetime, now_s: float, max_age_s: float, skew_s: float
+) -> float:
+    """``predicted_at`` in Unix seconds, if it lies in ``[now - max_age, now + skew]``.
+
+    Raises:
+        InputError: If it is too far in the future or too old, or not timezone-aware.
+    """
+    if predicted_at.tzinfo is None:
+        raise InputError(model, "predicted_at", _TIME_FORMAT, repr(predicted_at.isoformat()))
+    when = predicted_at.timestamp()
+    shown = repr(_iso(when))
+    if when > now_s + skew_s:
+        raise InputError(
+            model,
+            "predicted_at",
+            f"a time no later than the device's clock ({_iso(now_s)}) plus {_span(skew_s)}",
+            shown,
+        )
+    if when < now_s - max_age_s:
+        raise InputError(
+            model,
+            "predicted_at",
+            f"a time within {_span(max_age_s)} before the device's clock ({_iso(now_s)})",
+            shown,
+        )
+    return when
+
+
+def _span(seconds: float) -> str:
+    if seconds >= 86400 and seconds % 3600 == 0:
+        return f"{seconds / 86400:g} days"
+    return f"{seconds:g} s"
+
+
+def _iso(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).isoformat().replace("+00:00", "Z")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -21,60 +22,54 @@ from firmware_bundles import (
     BundleError,
     CatalogueError,
     ExpiredError,
+    ReplayError,
     RollbackError,
-    SchemaError,
     SignatureError,
     TargetCatalogue,
     TrustedRoot,
     VerifiedBundle,
+    WrongDeviceError,
+    WrongHardwareError,
     parse_root,
     verify,
 )
 from firmware_bundles.messages import Assignment, verify_assignments
 from firmware_bundles.root import Root
-from firmware_bundles.signing import Envelope
 
 _COUNTERS_FORMAT = 1
-#: SchemaError fields that verify_assignments uses for addressing and replay.
-_FIELD_KINDS: dict[str, TrustKind] = {
-    "device_id": "wrong-device",
-    "hardware_id": "wrong-hardware",
-    "nonce": "replay",
-}
 
 
 def _kind(exc: BundleError) -> TrustKind:
-    """Which trust check a firmware_bundles error stands for."""
-    if isinstance(exc, SignatureError):
-        return "signature"
-    if isinstance(exc, ExpiredError):
-        return "expired"
-    if isinstance(exc, RollbackError):
-        return "rollback"
-    if isinstance(exc, ArchiveError):
-        return "archive"
-    if isinstance(exc, CatalogueError):
-        return "target"
-    if isinstance(exc, SchemaError):
-        for field in exc.fields:
-            if field in _FIELD_KINDS:
-                return _FIELD_KINDS[field]
-    return "schema"
+    """Which trust check a firmware_bundles error stands for, by its type."""
+    kinds: tuple[tuple[type[BundleError], TrustKind], ...] = (
+        (SignatureError, "signature"),
+        (ExpiredError, "expired"),
+        (RollbackError, "rollback"),
+        (WrongDeviceError, "wrong-device"),
+        (WrongHardwareError, "wrong-hardware"),
+        (ReplayError, "replay"),
+        (ArchiveError, "archive"),
+        (CatalogueError, "target"),
+    )
+    return next((kind for error, kind in kinds if isinstance(exc, error)), "schema")
 
 
-def _rolled_back_model(data: bytes, floors: Mapping[str, int]) -> str | None:
-    """The model whose entry went below its floor, for the error only (the set is refused)."""
-    try:
-        bundles = Envelope.from_bytes(data, "assignment set").signed.get("bundles")
-    except BundleError:
-        return None
-    for entry in bundles if isinstance(bundles, list) else []:
-        if not isinstance(entry, dict):
-            continue
-        model, counter = entry.get("model"), entry.get("release_counter")
-        if isinstance(model, str) and isinstance(counter, int) and counter < floors.get(model, 0):
-            return model
-    return None
+@dataclass(frozen=True)
+class TrustedAssignments:
+    """What a device may act on from one check-in answer, in the agent's terms.
+
+    Attributes:
+        assignments: The entries to bring into effect, in the set's order.
+        refused: One ``rollback`` error per entry below its model's floor (the error names the
+            model); the other models still update.
+        withheld: Models the server has for this device but does not assign, and why.
+        next_check_in_s: When the director asks to hear from the device again.
+    """
+
+    assignments: list[Assignment]
+    refused: list[tuple[Assignment, TrustError]]
+    withheld: dict[str, str]
+    next_check_in_s: int
 
 
 class TrustedState:
@@ -173,31 +168,31 @@ class TrustedState:
 
     def verify_assignments(
         self, data: bytes, *, device_id: str, hardware_id: str, nonce: str, now: datetime
-    ) -> list[Assignment]:
-        """Check the director-signed assignment set of one check-in before acting on it.
+    ) -> TrustedAssignments:
+        """Check the check-in answer (the director-signed assignment set) before acting on it.
 
         Checks, in order: the root has not expired, the director's signature threshold, the
-        device id, the hardware id, the nonce this check-in sent, the expiry, and that no entry's
-        release counter is below the highest installed for its model. The set is trusted or
-        refused as a whole (one signature covers every model).
+        device id, the hardware id, the nonce this check-in sent and the expiry, each refusing
+        the whole answer (one signature covers every model); then each entry's release counter
+        against the highest installed for its model, refusing that entry alone.
 
         Args:
-            data: The envelope bytes of ``CheckInResponse.assignment_set``.
+            data: The check-in answer's bytes, as received.
             device_id: This device's id.
             hardware_id: This device's hardware (catalogue target) id.
             nonce: The nonce the check-in sent.
             now: The current time.
 
         Returns:
-            One assignment per model.
+            The assignments to act on and the refused entries with their ``rollback`` errors.
 
         Raises:
             TrustError: ``expired``, ``signature``, ``wrong-device``, ``wrong-hardware``,
-                ``replay``, ``rollback`` or ``schema``; for ``rollback`` naming the model.
+                ``replay`` or ``schema``.
         """
         self.check_root_expiry(now)
         try:
-            return verify_assignments(
+            verified = verify_assignments(
                 data,
                 self._trusted.root,
                 device_id=device_id,
@@ -207,10 +202,14 @@ class TrustedState:
                 min_release_counters=self._counters,
             )
         except BundleError as exc:
-            model = (
-                _rolled_back_model(data, self._counters) if isinstance(exc, RollbackError) else None
-            )
-            raise TrustError(_kind(exc), str(exc), model) from exc
+            raise TrustError(_kind(exc), str(exc)) from exc
+        refused = [
+            (r.assignment, TrustError("rollback", str(r.error), r.assignment.model))
+            for r in verified.refused
+        ]
+        return TrustedAssignments(
+            verified.assignments, refused, verified.withheld, verified.next_check_in_s
+        )
 
     def verify_bundle(
         self,

@@ -288,6 +288,18 @@ class Updater:
         report.detail = f"{assignment.version} active in slot {activated.info.slot}"
         return report
 
+    def refuse(self, assignment: Assignment, error: TrustError) -> InstallReport:
+        """Record that ``assignment`` was refused before any download (its release counter is
+        below the model's floor) in its model's slot record, and report it as failed.
+
+        The bundle is not marked failed: the entry is refused again at each check-in that
+        still names it, and a later assignment above the floor installs as usual.
+        """
+        model = assignment.model
+        self.slots.note_failure(model, "verify-failed", str(error))
+        report = InstallReport(model, "failed", assignment.version, assignment.bundle_sha256)
+        return self._failed(report, error)
+
     @staticmethod
     def _failed(report: InstallReport, exc: AgentError) -> InstallReport:
         report.action = "failed"

@@ -1,9 +1,9 @@
 """``edgefleet agent``: run the device agent, and ask a running one for its status or a prediction.
 
 ``run`` takes every :class:`device_agent.config.AgentSettings` field as an option (or its
-``EDGEFLEET_AGENT_*`` variable); ``status`` and ``predict`` talk to the running agent through the
-Unix socket in its state dir. The device packages are imported inside the commands, so the rest
-of the CLI works without the ``device`` extra.
+``EDGEFLEET_AGENT_*`` variable); ``status``, ``predict`` and ``label`` talk to the running agent
+through the Unix socket in its state dir. The device packages are imported inside the commands, so
+the rest of the CLI works without the ``device`` extra.
 """
 
 from __future__ import annotations
@@ -119,6 +119,21 @@ def run_command(
     ] = None,
     ort_threads: Annotated[
         int | None, _opt("ort_threads", "ONNX Runtime intra-op threads (default 1).")
+    ] = None,
+    label_max_age_s: Annotated[
+        float | None,
+        _opt("label_max_age_s", "Oldest prediction a late label may name, s (default 30 days)."),
+    ] = None,
+    label_clock_skew_s: Annotated[
+        float | None,
+        _opt("label_clock_skew_s", "How far ahead a labelled prediction may lie, s (default 300)."),
+    ] = None,
+    test_clock_offset_s: Annotated[
+        float | None,
+        _opt(
+            "test_clock_offset_s",
+            "End-to-end tests only: run the agent's clock this many seconds off the system's.",
+        ),
     ] = None,
     test_pause_at: Annotated[
         str | None,
@@ -274,3 +289,35 @@ def predict_command(
     for name, value in outputs.items():
         table.add_row(literal(name), literal(json.dumps(value)))
     console.print(table)
+
+
+@agent_app.command("label")
+def label_command(
+    model: Annotated[str, typer.Argument(help="Model name.")],
+    label: Annotated[str, typer.Argument(help="The true label (a class of the model).")],
+    predicted: Annotated[
+        str | None, typer.Option("--predicted", help="What the model predicted, if known.")
+    ] = None,
+    predicted_at: Annotated[
+        str | None,
+        typer.Option(
+            "--predicted-at",
+            help="When the prediction was made: ISO 8601 with its UTC offset"
+            " (2026-05-01T12:00:00Z). With --version.",
+        ),
+    ] = None,
+    version: Annotated[
+        str | None,
+        typer.Option("--version", help="The model version that made the prediction."),
+    ] = None,
+    state_dir: StateDirOpt = DEFAULT_STATE_DIR,
+) -> None:
+    """Count a late ground-truth label on a running agent.
+
+    With --predicted-at and --version it counts for that version's window of that time, even
+    after the device switched versions; without them, in the active version's current window.
+    """
+    if (predicted_at is None) != (version is None):
+        fail("--predicted-at and --version go together (or neither, for the current window)", 2)
+    _call(state_dir, "label", model, label, predicted, predicted_at, version)
+    console.print(f"label {label!r} counted for {model} {version or '(active version)'}")

@@ -17,6 +17,7 @@ from firmware_bundles.bundle import (
 from firmware_bundles.catalogue import DeviceTarget, TargetCatalogue
 from firmware_bundles.errors import (
     ArchiveError,
+    AssignmentError,
     BundleError,
     CatalogueError,
     DuplicateMemberError,
@@ -24,6 +25,7 @@ from firmware_bundles.errors import (
     HashMismatchError,
     LengthMismatchError,
     MissingFileError,
+    ReplayError,
     RollbackError,
     RootError,
     SchemaError,
@@ -32,6 +34,8 @@ from firmware_bundles.errors import (
     ThresholdError,
     UnlistedMemberError,
     UnsafeMemberError,
+    WrongDeviceError,
+    WrongHardwareError,
 )
 from firmware_bundles.manifest import Manifest
 from firmware_bundles.root import Root, TrustedRoot, new_root, parse_root, sign_root
@@ -42,6 +46,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ArchiveError",
     "ArchiveLimits",
+    "AssignmentError",
     "BundleContents",
     "BundleError",
     "BundleReader",
@@ -55,6 +60,7 @@ __all__ = [
     "Manifest",
     "MissingFileError",
     "PublicKey",
+    "ReplayError",
     "RollbackError",
     "Root",
     "RootError",
@@ -68,6 +74,8 @@ __all__ = [
     "UnlistedMemberError",
     "UnsafeMemberError",
     "VerifiedBundle",
+    "WrongDeviceError",
+    "WrongHardwareError",
     "add_signature",
     "build",
     "bundle_id",

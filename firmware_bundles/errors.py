@@ -6,7 +6,11 @@ BundleError
 │   └── ThresholdError     fewer valid signatures than a role's threshold
 ├── RootError              a trusted root cannot be accepted
 │   ├── ExpiredError       a root or assignment is past its expiry
-│   └── RollbackError      a version or release counter went back
+│   └── RollbackError      a version or release counter went back (model, floor, offered)
+├── AssignmentError        a signed assignment set is not for this device and check-in
+│   ├── WrongDeviceError   addressed to another device id
+│   ├── WrongHardwareError for another hardware id
+│   └── ReplayError        carries another nonce than the one sent
 ├── ArchiveError           the archive itself is unsafe or inconsistent
 │   ├── UnsafeMemberError  absolute path, `..`, link, device, directory
 │   ├── DuplicateMemberError
@@ -76,7 +80,52 @@ class ExpiredError(RootError):
 
 
 class RollbackError(RootError):
-    """A version or counter that may only grow went back."""
+    """A version or counter that may only grow went back.
+
+    Attributes:
+        model: The model whose release counter went back (None for a root version).
+        floor: The lowest acceptable value (for a model: the highest release counter seen).
+        offered: The value offered.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        model: str | None = None,
+        floor: int | None = None,
+        offered: int | None = None,
+    ) -> None:
+        self.model = model
+        self.floor = floor
+        self.offered = offered
+        super().__init__(message)
+
+
+class AssignmentError(BundleError):
+    """A director-signed assignment set verified but is not meant for this device and check-in.
+
+    Attributes:
+        expected: What this device has or sent.
+        found: What the set says.
+    """
+
+    def __init__(self, message: str, *, expected: str, found: str) -> None:
+        self.expected = expected
+        self.found = found
+        super().__init__(message)
+
+
+class WrongDeviceError(AssignmentError):
+    """The set is addressed to another device id."""
+
+
+class WrongHardwareError(AssignmentError):
+    """The set is for another hardware id (catalogue target id)."""
+
+
+class ReplayError(AssignmentError):
+    """The set carries another nonce than the one this check-in sent: an old answer replayed."""
 
 
 class ArchiveError(BundleError):

@@ -7,12 +7,19 @@ assignment set) travel in an :class:`~firmware_bundles.signing.Envelope`.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, StringConstraints, field_validator, model_validator
 
-from firmware_bundles.errors import ExpiredError, RollbackError, SchemaError
+from firmware_bundles.errors import (
+    ExpiredError,
+    ReplayError,
+    RollbackError,
+    WrongDeviceError,
+    WrongHardwareError,
+)
 from firmware_bundles.manifest import SEMVER_PATTERN, Sha256, check_semver
 from firmware_bundles.root import Root
 from firmware_bundles.schema import Document
@@ -125,12 +132,19 @@ class AssignedBundle(Document):
     download_url: str
 
 
+#: The longest a signed answer may tell a device to wait before its next check-in (a day): even
+#: the director's own word cannot keep a device from hearing of a fix for longer.
+MAX_NEXT_CHECK_IN_S = 24 * 3600
+
+
 class AssignmentSet(Document):
-    """Everything the director assigns one device at one check-in, signed once.
+    """Everything the director tells one device at one check-in, signed once.
 
     As Uptane's director signs one targets document per vehicle: one signature per check-in
     (rather than one per model) and a consistent view, so entries from different check-ins
     cannot be mixed. It carries the device's nonce; an empty ``bundles`` list is a valid answer.
+    What the device acts on besides the bundles (why a model is withheld, when to check in
+    next) is in here too, so nobody on the path can change it (a freeze attack).
     """
 
     type: Literal["assignments"] = Field(default="assignments", alias="_type")
@@ -140,6 +154,9 @@ class AssignmentSet(Document):
     issued_at: datetime
     expires_at: datetime
     bundles: list[AssignedBundle] = Field(default_factory=list)
+    #: Models the server has for this device but does not assign, and why.
+    withheld: dict[str, str] = Field(default_factory=dict)
+    next_check_in_s: int = Field(default=3600, ge=1, le=MAX_NEXT_CHECK_IN_S)
 
     _check_times = field_validator("issued_at", "expires_at")(_utc)
 
@@ -170,6 +187,32 @@ class AssignmentSet(Document):
         return [Assignment(**common, **b.model_dump()) for b in self.bundles]
 
 
+@dataclass(frozen=True)
+class RefusedAssignment:
+    """One entry of a verified set that the device must not act on, and why."""
+
+    assignment: Assignment
+    error: RollbackError
+
+
+@dataclass(frozen=True)
+class VerifiedAssignments:
+    """A director-signed :class:`AssignmentSet` a device may act on, entry by entry.
+
+    Attributes:
+        assignments: The entries to bring into effect, in the set's order.
+        refused: Entries below the device's release counter floor for their model; the other
+            models still update.
+        withheld: Models the server has for this device but does not assign, and why.
+        next_check_in_s: When the director asks to hear from the device again.
+    """
+
+    assignments: list[Assignment]
+    refused: list[RefusedAssignment]
+    withheld: dict[str, str]
+    next_check_in_s: int
+
+
 def verify_assignments(
     data: bytes,
     root: Root,
@@ -179,11 +222,14 @@ def verify_assignments(
     nonce: str,
     now: datetime,
     min_release_counters: Mapping[str, int] | None = None,
-) -> list[Assignment]:
+) -> VerifiedAssignments:
     """Check a director-signed :class:`AssignmentSet` as a device must before acting on it.
 
+    The set-level checks (signature, device, hardware, nonce, expiry) refuse the whole set; an
+    entry below its model's floor is refused alone.
+
     Args:
-        data: The envelope's bytes (``CheckInResponse.assignment_set``, serialised).
+        data: The check-in answer's bytes as received (the set's envelope).
         root: The device's trusted root.
         device_id: This device (or, for a relay, the device the set is for).
         hardware_id: Its hardware id (catalogue target id).
@@ -192,55 +238,75 @@ def verify_assignments(
         min_release_counters: Per model, the highest release counter seen so far.
 
     Returns:
-        One assignment per model, in the set's order.
+        The entries to act on, the refused ones with their :class:`RollbackError`, and the rest
+        of what the set tells the device.
 
     Raises:
-        SchemaError: If malformed, or addressed to another device or hardware id, or carrying
-            another nonce (a replay).
+        SchemaError: If malformed.
         ThresholdError: If the director's signature threshold is not met.
+        WrongDeviceError: If addressed to another device.
+        WrongHardwareError: If for another hardware id.
+        ReplayError: If it carries another nonce than the one sent.
         ExpiredError: If expired at ``now``.
-        RollbackError: If an entry's release counter is below the highest seen for its model.
     """
     envelope = Envelope.from_bytes(data, "assignment set")
     root.verify(envelope, "director")
     signed = AssignmentSet.from_dict(envelope.signed)
     if signed.device_id != device_id:
-        raise SchemaError(
-            "assignment set",
-            [f"addressed to device {signed.device_id}, not {device_id}"],
-            ["device_id"],
+        raise WrongDeviceError(
+            f"assignment set is addressed to device {signed.device_id}, not {device_id}",
+            expected=device_id,
+            found=signed.device_id,
         )
     if signed.hardware_id != hardware_id:
-        raise SchemaError(
-            "assignment set",
-            [f"for hardware {signed.hardware_id}, this device is {hardware_id}"],
-            ["hardware_id"],
+        raise WrongHardwareError(
+            f"assignment set is for hardware {signed.hardware_id}, this device is {hardware_id}",
+            expected=hardware_id,
+            found=signed.hardware_id,
         )
     if signed.nonce != nonce:
-        raise SchemaError(
-            "assignment set", ["nonce differs from the one sent (replay?)"], ["nonce"]
+        raise ReplayError(
+            "assignment set nonce differs from the one sent (replay?)",
+            expected=nonce,
+            found=signed.nonce,
         )
     if now >= signed.expires_at:
         raise ExpiredError(f"assignment set expired at {signed.expires_at.isoformat()}")
     floors = min_release_counters or {}
-    for entry in signed.bundles:
-        floor = floors.get(entry.model, 0)
-        if entry.release_counter < floor:
-            raise RollbackError(
-                f"release counter {entry.release_counter} is below {floor},"
-                f" the highest seen for {entry.model}"
-            )
-    return signed.assignments()
+    accepted, refused = [], []
+    for assignment in signed.assignments():
+        floor = floors.get(assignment.model, 0)
+        if assignment.release_counter >= floor:
+            accepted.append(assignment)
+            continue
+        error = RollbackError(
+            f"release counter {assignment.release_counter} is below {floor},"
+            f" the highest seen for {assignment.model}",
+            model=assignment.model,
+            floor=floor,
+            offered=assignment.release_counter,
+        )
+        refused.append(RefusedAssignment(assignment, error))
+    return VerifiedAssignments(accepted, refused, dict(signed.withheld), signed.next_check_in_s)
+
+
+class EnvelopeSignature(Document):
+    """One signature of an envelope: the key id and the base64 Ed25519 signature."""
+
+    keyid: str
+    sig: str
 
 
 class CheckInResponse(Document):
-    """The server's answer to a check-in: one signed assignment set, and why any model has none."""
+    """The server's answer to a check-in: the director-signed envelope of one
+    :class:`AssignmentSet`, nothing outside it.
 
-    #: Envelope of a signed :class:`AssignmentSet`, verified by the device with
-    #: :func:`verify_assignments`.
-    assignment_set: dict[str, Any]
-    withheld: dict[str, str] = Field(default_factory=dict)
-    next_check_in_s: int = Field(default=3600, ge=1)
+    This class documents the wire shape (the route's schema); a device does not parse the answer
+    with it but hands the bytes it received to :func:`verify_assignments`.
+    """
+
+    signed: AssignmentSet
+    signatures: list[EnvelopeSignature]
 
 
 #: A count that crosses the wire: a non-negative integer (strictly: not a bool, float or numeric

@@ -84,7 +84,16 @@ class Root(Document):
             keys=self.public_keys(),
             authorised=spec.keyids,
             threshold=spec.threshold,
+            roles_of=self.roles_of(),
         )
+
+    def roles_of(self) -> dict[str, list[str]]:
+        """Key id to the roles it signs for."""
+        held: dict[str, list[str]] = {}
+        for name, spec in self.roles.items():
+            for keyid in spec.keyids:
+                held.setdefault(keyid, []).append(name)
+        return held
 
     def is_expired(self, now: datetime) -> bool:
         """Whether this root has expired at ``now``."""

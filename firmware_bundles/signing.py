@@ -257,11 +257,13 @@ def verify_threshold(
     keys: Mapping[str, PublicKey],
     authorised: Iterable[str],
     threshold: int,
+    roles_of: Mapping[str, Iterable[str]] | None = None,
 ) -> set[str]:
     """Check that ``threshold`` distinct authorised keys signed ``envelope``.
 
     Each key counts once however many signatures it left. A signature by a key outside
-    ``authorised`` or absent from ``keys`` never counts.
+    ``authorised`` or absent from ``keys`` never counts; when ``roles_of`` (key id -> the roles
+    it holds) knows the key, the reason names those roles rather than calling it unknown.
 
     Returns:
         The key ids whose signature verified.
@@ -281,7 +283,7 @@ def verify_threshold(
         if sig.keyid in valid:
             rejected.append((sig.keyid, "duplicate signature by the same key, counted once"))
         elif sig.keyid not in allowed or sig.keyid not in keys:
-            rejected.append((sig.keyid, f"unknown key, not a {role} key"))
+            rejected.append((sig.keyid, _not_authorised(sig.keyid, role, roles_of or {})))
         elif not keys[sig.keyid].verify(sig.sig, message):
             rejected.append((sig.keyid, "invalid signature"))
         else:
@@ -289,6 +291,14 @@ def verify_threshold(
     if len(valid) < threshold:
         raise ThresholdError(role, len(valid), threshold, rejected)
     return valid
+
+
+def _not_authorised(keyid: str, role: str, roles_of: Mapping[str, Iterable[str]]) -> str:
+    """Why a signature by ``keyid`` does not count for ``role``, naming the roles it does hold."""
+    held = sorted(roles_of.get(keyid, ()))
+    if not held:
+        return f"unknown key, not a {role} key"
+    return f"a {' and '.join(held)} key, not a {role} key"
 
 
 __all__ = [

@@ -4,11 +4,14 @@ Per model version and event-time window it counts inferences and errors, sketche
 bins outputs and inputs on the manifest's reference edges, into the same
 :class:`~firmware_bundles.window_builder.TelemetryWindowBuilder` the agent uses. A telemetry read
 seals the open windows into numbered pieces; the server adds pieces of the same window together,
-so sealing early loses nothing.
+so sealing early loses nothing. A late label (:meth:`DeviceTelemetry.record_label`) names the
+time and version of its prediction and is counted in that version's window of that time, so the
+pieces the phone relays carry it where it belongs with no change to their format.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -17,9 +20,22 @@ from typing import Any, Literal
 import cbor2
 import numpy as np
 
+from device_agent.errors import InputError
+from device_agent.telemetry import (
+    DEFAULT_LABEL_CLOCK_SKEW_S,
+    DEFAULT_LABEL_MAX_AGE_S,
+    check_prediction_time,
+)
 from firmware_bundles import Manifest
 from firmware_bundles.manifest import Histogram
-from firmware_bundles.window_builder import TelemetryWindowBuilder
+from firmware_bundles.messages import TALLY_NAME_PATTERN
+from firmware_bundles.window_builder import (
+    UNKNOWN_PREDICTION,
+    TelemetryLayout,
+    TelemetryWindowBuilder,
+)
+
+_NAME = re.compile(TALLY_NAME_PATTERN)
 
 
 @dataclass
@@ -36,12 +52,19 @@ class DeviceTelemetry:
         device_id: The device's id, written into every window.
         window_s: Window length in seconds.
         clock: The device's clock.
+        label_max_age_s: Oldest prediction a late label may name.
+        label_clock_skew_s: How far in the device's future a labelled prediction may lie.
     """
 
     device_id: str
     window_s: int
     clock: Callable[[], datetime]
+    label_max_age_s: float = DEFAULT_LABEL_MAX_AGE_S
+    label_clock_skew_s: float = DEFAULT_LABEL_CLOCK_SKEW_S
     _open: dict[tuple[str, str, str, int], TelemetryWindowBuilder] = field(default_factory=dict)
+    #: (model, version) -> (bundle SHA-256, label classes) of every version that ran. RAM, as a
+    #: small ring keeps it beside its windows; a power cut forgets both.
+    _ran: dict[tuple[str, str], tuple[str, frozenset[str] | None]] = field(default_factory=dict)
     _sealed: list[_Piece] = field(default_factory=list)
     _next_seq: int = 1
 
@@ -66,6 +89,48 @@ class DeviceTelemetry:
     def record_error(self, manifest: Manifest, bundle_sha256: str, *, self_test: bool) -> None:
         """Count a failed inference (as an inference and an error), or a failed self-test."""
         self._window(manifest, bundle_sha256).count_error(self_test=self_test)
+
+    def record_label(
+        self,
+        model: str,
+        version: str,
+        predicted_at: datetime,
+        label: str,
+        predicted: str | None = None,
+    ) -> None:
+        """Count a late ``label`` for the prediction ``version`` of ``model`` made at
+        ``predicted_at``, in that version's window of that time.
+
+        Raises:
+            ValueError: If this device has not run ``version`` since it booted, if
+                ``predicted_at`` is out of range (see the agent's
+                :func:`~device_agent.telemetry.check_prediction_time`), or if a label is not a
+                short name or not one of the version's classes.
+        """
+        ran = self._ran.get((model, version))
+        if ran is None:
+            known = ", ".join(v for m, v in self._ran if m == model) or "none yet"
+            raise ValueError(f"{model}: version {version!r} is not one this device ran ({known})")
+        bundle_sha256, classes = ran
+        try:
+            when = check_prediction_time(
+                model,
+                predicted_at,
+                self.clock().timestamp(),
+                self.label_max_age_s,
+                self.label_clock_skew_s,
+            )
+        except InputError as exc:
+            raise ValueError(str(exc)) from exc
+        for what, value in (("label", label), ("predicted", predicted)):
+            if value is None or (what == "predicted" and value == UNKNOWN_PREDICTION):
+                continue
+            if not isinstance(value, str) or not _NAME.match(value):
+                raise ValueError(f"{model}: {what} {value!r} is not a short name")
+            if classes is not None and value not in classes:
+                raise ValueError(f"{model}: {what} {value!r} is not one of {sorted(classes)}")
+        start = int(when) // self.window_s * self.window_s
+        self._builder(model, version, bundle_sha256, start).count_label(label, predicted)
 
     def seal(self) -> None:
         """Close every open window piece and number it."""
@@ -100,10 +165,18 @@ class DeviceTelemetry:
     def _window(self, manifest: Manifest, bundle_sha256: str) -> TelemetryWindowBuilder:
         now = self.clock().astimezone(UTC)
         start = int(now.timestamp()) // self.window_s * self.window_s
-        key = (manifest.name, manifest.version, bundle_sha256, start)
+        if (manifest.name, manifest.version) not in self._ran:
+            classes = TelemetryLayout.of(manifest).classes
+            self._ran[(manifest.name, manifest.version)] = (bundle_sha256, classes)
+        return self._builder(manifest.name, manifest.version, bundle_sha256, start)
+
+    def _builder(
+        self, model: str, version: str, bundle_sha256: str, start: int
+    ) -> TelemetryWindowBuilder:
+        key = (model, version, bundle_sha256, start)
         if key not in self._open:
             self._open[key] = TelemetryWindowBuilder(
-                self.device_id, manifest.name, manifest.version, bundle_sha256, start, self.window_s
+                self.device_id, model, version, bundle_sha256, start, self.window_s
             )
         return self._open[key]
 

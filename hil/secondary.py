@@ -17,24 +17,21 @@ from device_agent.link.model_group import ModelRc
 from firmware_bundles import (
     ArchiveError,
     BundleContents,
+    BundleError,
     DeviceTarget,
     ExpiredError,
-    RollbackError,
+    ReplayError,
     SchemaError,
     SignatureError,
+    WrongDeviceError,
+    WrongHardwareError,
     open_bundle,
 )
-from firmware_bundles.messages import Assignment, verify_assignments
+from firmware_bundles.messages import Assignment, VerifiedAssignments, verify_assignments
 from firmware_bundles.root import Root
 from hil.errors import Refusal
 from hil.micro_runtime import MicroRuntime, load_runtime
 from hil.tflm_runtime import TflmRuntime
-
-_FIELD_RC = {
-    "device_id": ModelRc.WRONG_DEVICE,
-    "hardware_id": ModelRc.WRONG_HARDWARE,
-    "nonce": ModelRc.NONCE,
-}
 
 
 @dataclass(frozen=True)
@@ -63,12 +60,18 @@ def verify_activation(
     """Check an assignment set envelope and the staged bundle bytes, in the documented order.
 
     The set may assign several models; the entry whose SHA-256 is the staged bundle's applies.
+    An entry below its model's release counter floor refuses that entry only, so the set still
+    activates a bundle another entry names.
 
     Raises:
         Refusal: With the model group's rc and a reason naming the failed check.
     """
-    assignments = _check_assignments(envelope, root, device, now)
+    verified = _check_assignments(envelope, root, device, now)
     digest = hashlib.sha256(staged).hexdigest()
+    for refused in verified.refused:
+        if refused.assignment.bundle_sha256 == digest:
+            raise Refusal(ModelRc.ROLLBACK, str(refused.error))
+    assignments = verified.assignments
     assignment = next((a for a in assignments if a.bundle_sha256 == digest), None)
     if assignment is None:
         named = ", ".join(f"{a.model} {a.bundle_sha256[:16]}..." for a in assignments) or "nothing"
@@ -108,7 +111,7 @@ def verify_activation(
 
 def _check_assignments(
     envelope: bytes, root: Root, device: DeviceFacts, now: datetime
-) -> list[Assignment]:
+) -> VerifiedAssignments:
     if device.nonce is None:
         raise Refusal(ModelRc.NONCE, "no nonce issued since boot; read identity first")
     try:
@@ -121,15 +124,20 @@ def _check_assignments(
             now=now,
             min_release_counters=device.counters,
         )
-    except SignatureError as exc:
-        raise Refusal(ModelRc.SIGNATURE, str(exc)) from exc
-    except ExpiredError as exc:
-        raise Refusal(ModelRc.EXPIRED, str(exc)) from exc
-    except RollbackError as exc:
-        raise Refusal(ModelRc.ROLLBACK, str(exc)) from exc
-    except SchemaError as exc:
-        rc = next((_FIELD_RC[f] for f in exc.fields if f in _FIELD_RC), ModelRc.BAD_REQUEST)
-        raise Refusal(rc, str(exc)) from exc
+    except BundleError as exc:
+        raise Refusal(_rc(exc), str(exc)) from exc
+
+
+def _rc(exc: BundleError) -> ModelRc:
+    """The model group's rc for a refused assignment set, by the error's type."""
+    codes: tuple[tuple[type[BundleError], ModelRc], ...] = (
+        (SignatureError, ModelRc.SIGNATURE),
+        (ExpiredError, ModelRc.EXPIRED),
+        (WrongDeviceError, ModelRc.WRONG_DEVICE),
+        (WrongHardwareError, ModelRc.WRONG_HARDWARE),
+        (ReplayError, ModelRc.NONCE),
+    )
+    return next((rc for error, rc in codes if isinstance(exc, error)), ModelRc.BAD_REQUEST)
 
 
 def _check_fit(contents: BundleContents, device: DeviceFacts) -> None:

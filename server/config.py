@@ -7,6 +7,7 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from firmware_bundles.messages import MAX_NEXT_CHECK_IN_S
 from firmware_bundles.telemetry import DEFAULT_RELATIVE_ACCURACY, MIN_RELATIVE_ACCURACY
 
 
@@ -28,7 +29,8 @@ class Settings(BaseSettings):
     #: How long a worker reuses what is released per target before re-reading the database;
     #: the worker that made a change sees it at once, others within this time.
     release_cache_ttl_s: float = 2.0
-    next_check_in_s: int = 3600
+    #: Signed into every assignment set; a device refuses a set asking for more than a day.
+    next_check_in_s: int = Field(default=3600, ge=1, le=MAX_NEXT_CHECK_IN_S)
     max_bundle_upload_bytes: int = 256 * 1024 * 1024
     max_telemetry_batch_bytes: int = 4 * 1024 * 1024
     max_windows_per_batch: int = 1000

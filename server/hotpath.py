@@ -4,14 +4,14 @@ Every device calls this on a timer, so it avoids the ORM and FastAPI's threadpoo
 ``UPDATE ... RETURNING`` authenticates the device by credential hash and records last-seen, nonce
 and reported state (run on the raw driver connection, SQLite in the event loop, PostgreSQL on an
 asyncio connection pool so the loop serves other requests while the database works); what the
-device is offered comes from :mod:`server.offers` (cached); and the answer is one
-director-signed :class:`~firmware_bundles.messages.AssignmentSet`.
+device is offered comes from :mod:`server.offers` (cached); and the answer is the envelope of one
+director-signed :class:`~firmware_bundles.messages.AssignmentSet`, built by
+:func:`firmware_bundles.check_in.check_in_answer`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import Any
@@ -19,9 +19,9 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlmodel import col
 
+from firmware_bundles.check_in import check_in_answer
 from firmware_bundles.manifest import FirmwareRange
-from firmware_bundles.messages import CheckInRequest
-from firmware_bundles.signing import canonical_json
+from firmware_bundles.messages import AssignedBundle, CheckInRequest
 from server.auth import hash_token
 from server.checkin_store import Contact, DeviceRow
 from server.errors import ApiError
@@ -108,44 +108,31 @@ async def check_in(
         if reason is not None:
             withheld[model] = reason
             continue
-        bundles.append(
-            {
-                "bundle_length": offer.length,
-                "bundle_sha256": offer.sha256,
-                "download_url": f"/v1/bundles/{offer.sha256}",
-                "model": model,
-                "release_counter": offer.release_counter,
-                "version": offer.version,
-            }
-        )
-    expires = now + timedelta(seconds=state.settings.assignment_ttl_s)
-    signed = {
-        "_type": "assignments",
-        "bundles": bundles,
-        "device_id": device_id,
-        "expires_at": expires.isoformat().replace("+00:00", "Z"),
-        "hardware_id": device.hardware_id,
-        "issued_at": now.isoformat().replace("+00:00", "Z"),
-        "nonce": request.nonce,
-    }
-    signed_bytes = canonical_json(signed)
-    key = state.director_key
-    # The answer's keys are sorted as canonical JSON would sort them; the signed part is reused
-    # byte for byte rather than serialised twice (key ids and base64 need no escaping).
-    return b"".join(
-        (
-            b'{"assignment_set":{"signatures":[{"keyid":"',
-            key.keyid.encode(),
-            b'","sig":"',
-            base64.b64encode(key.sign(signed_bytes)),
-            b'"}],"signed":',
-            signed_bytes,
-            b'},"next_check_in_s":',
-            str(state.settings.next_check_in_s).encode(),
-            b',"withheld":',
-            canonical_json(withheld) if withheld else b"{}",
-            b"}",
-        )
+        bundles.append(_assigned(model, offer))
+    return check_in_answer(
+        state.director_key,
+        device_id=device_id,
+        hardware_id=device.hardware_id,
+        nonce=request.nonce,
+        issued_at=now,
+        expires_at=now + timedelta(seconds=state.settings.assignment_ttl_s),
+        bundles=bundles,
+        withheld=withheld,
+        next_check_in_s=state.settings.next_check_in_s,
+    )
+
+
+@lru_cache(maxsize=4096)
+def _assigned(model: str, offer: Offer) -> AssignedBundle:
+    """The set's entry for an offer with a bundle, validated once per offer (offers are
+    immutable; the release cache hands out the same ones until a release changes)."""
+    return AssignedBundle(
+        model=model,
+        version=offer.version,
+        bundle_sha256=offer.sha256,
+        bundle_length=offer.length,
+        release_counter=offer.release_counter,
+        download_url=f"/v1/bundles/{offer.sha256}",
     )
 
 

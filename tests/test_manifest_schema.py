@@ -9,7 +9,14 @@ import pytest
 
 from firmware_bundles import SchemaError, build
 from firmware_bundles.bundle import file_entries
-from firmware_bundles.errors import ExpiredError, RollbackError, ThresholdError
+from firmware_bundles.errors import (
+    ExpiredError,
+    ReplayError,
+    RollbackError,
+    ThresholdError,
+    WrongDeviceError,
+    WrongHardwareError,
+)
 from firmware_bundles.manifest import Manifest, semver_key
 from firmware_bundles.messages import AssignmentSet, TelemetryBatch, verify_assignments
 from tests.conftest import MODEL_BYTES, NOW, Keys, manifest_draft
@@ -135,17 +142,10 @@ def check(keys: Keys, signed_by: Any = None, **expect: Any) -> Any:
 
 ASSIGNMENT_CASES = [
     ("release-key-not-director", {"signed_by": "release"}, ThresholdError, "role director"),
-    ("wrong-device", {"device_id": "ring-0002"}, SchemaError, "addressed to device"),
-    ("wrong-hardware", {"hardware_id": "ring-gen4"}, SchemaError, "for hardware"),
-    ("replayed-nonce", {"nonce": "cd" * 16}, SchemaError, "nonce"),
+    ("wrong-device", {"device_id": "ring-0002"}, WrongDeviceError, "addressed to device"),
+    ("wrong-hardware", {"hardware_id": "ring-gen4"}, WrongHardwareError, "for hardware"),
+    ("replayed-nonce", {"nonce": "cd" * 16}, ReplayError, "nonce"),
     ("expired", {"now": NOW + timedelta(hours=2)}, ExpiredError, "expired"),
-    ("rollback", {"min_release_counters": {"wrist-activity": 8}}, RollbackError, "below 8"),
-    (
-        "rollback-of-second-model",
-        {"min_release_counters": {"sleep-stage": 3}},
-        RollbackError,
-        "below 3, the highest seen for sleep-stage",
-    ),
 ]
 
 
@@ -164,12 +164,36 @@ def test_bad_assignment_set_is_refused(
 
 
 def test_good_assignment_set_verifies_into_one_assignment_per_model(keys: Keys) -> None:
-    assignments = check(keys, min_release_counters={"wrist-activity": 7})
-    assert [(a.model, a.release_counter) for a in assignments] == [
+    verified = check(keys, min_release_counters={"wrist-activity": 7})
+    assert [(a.model, a.release_counter) for a in verified.assignments] == [
         ("wrist-activity", 7),
         ("sleep-stage", 2),
     ]
-    assert all(a.nonce == NONCE and a.device_id == "ring-0001" for a in assignments)
+    assert all(a.nonce == NONCE and a.device_id == "ring-0001" for a in verified.assignments)
+    assert verified.refused == []
+
+
+@pytest.mark.parametrize(
+    ("floors", "refused", "kept"),
+    [
+        ({"wrist-activity": 8}, "wrist-activity", "sleep-stage"),
+        ({"sleep-stage": 3}, "sleep-stage", "wrist-activity"),
+    ],
+    ids=["first-model", "second-model"],
+)
+def test_an_entry_below_its_floor_is_refused_alone(
+    keys: Keys, floors: dict[str, int], refused: str, kept: str
+) -> None:
+    verified = check(keys, min_release_counters=floors)
+    assert [a.model for a in verified.assignments] == [kept]
+    ((entry, error),) = [(r.assignment, r.error) for r in verified.refused]
+    assert entry.model == refused and isinstance(error, RollbackError)
+    assert (error.model, error.floor, error.offered) == (
+        refused,
+        floors[refused],
+        entry.release_counter,
+    )
+    assert f"below {floors[refused]}, the highest seen for {refused}" in str(error)
 
 
 def test_an_entry_changed_after_signing_breaks_the_signature(keys: Keys) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from device_agent.client import FleetClient, parse_check_in_answer, resolve_url
+from device_agent.client import FleetClient, resolve_url
 from device_agent.errors import DownloadError, TrustError
 from device_agent.fetch import BundleFetcher
 from device_agent.link import model_group as mg
@@ -37,7 +37,6 @@ from firmware_bundles.messages import (
     SlotStatus,
     TelemetryBatch,
 )
-from firmware_bundles.signing import canonical_json
 
 _SLOT_STATUS: dict[str, SlotStatus] = {
     "empty": "empty",
@@ -145,19 +144,21 @@ class RingRelay:
             installed=self._installed(slots),
             capabilities=self._capabilities(identity),
         )
-        answer = await asyncio.to_thread(self.fleet.check_in, self.credential, request)
-        response = parse_check_in_answer(answer)
-        envelope = canonical_json(response.assignment_set)
+        # The answer is the signed envelope; the ring gets the very bytes the server sent.
+        envelope = await asyncio.to_thread(self.fleet.check_in, self.credential, request)
         state = TrustedState(self.root, slots.counters, self.catalogue)
-        assignments = state.verify_assignments(
+        verified = state.verify_assignments(
             envelope,
             device_id=identity.device_id,
             hardware_id=identity.hardware_id,
             nonce=identity.nonce,
             now=self.clock(),
         )
+        for assignment, refused in verified.refused:
+            self._last[assignment.model] = ("verify-failed", str(refused))
+            outcome.refused[f"{assignment.model} {assignment.version}"] = str(refused)
         running = _running_sha(slots)
-        for assignment in assignments:
+        for assignment in verified.assignments:
             label = f"{assignment.model} {assignment.version}"
             if assignment.bundle_sha256 == running:
                 outcome.unchanged.append(label)

@@ -28,6 +28,7 @@ from tests.agent.simulator import FakeClock, FleetSimulator
 from tests.conftest import NOW, Keys
 
 MODEL = "gesture"
+OTHER_MODEL = "keyword"
 FEATURES = 4
 CLASSES = ["rest", "tap", "swipe"]
 #: The input tests predict on to tell which version answers.
@@ -92,6 +93,7 @@ def make_bundle(
     target: str = "phone-android",
     selftest_ok: bool = True,
     padding_bytes: int = 0,
+    name: str = MODEL,
 ) -> BuiltBundle:
     """A signed bundle of the linear model, with self-test vectors computed by ONNX Runtime.
 
@@ -103,7 +105,7 @@ def make_bundle(
     generation, platform, firmware = TARGETS[target]
     shift = 0.0 if selftest_ok else 0.2
     draft: dict[str, Any] = {
-        "name": MODEL,
+        "name": name,
         "version": version,
         "release_counter": counter,
         "created_at": "2026-01-01T00:00:00+00:00",
@@ -178,6 +180,8 @@ class Bundles:
     ring: BuiltBundle
     bad_selftest: BuiltBundle
     one_signature: BuiltBundle
+    #: v1 of a second model (:data:`OTHER_MODEL`), for sets that assign two.
+    other: BuiltBundle
 
 
 @pytest.fixture(scope="session")
@@ -191,6 +195,7 @@ def bundles(keys: Keys) -> Bundles:
             keys.release, version="2.0.0", counter=2, seed=2, selftest_ok=False
         ),
         one_signature=make_bundle(keys.release[:1], version="2.0.0", counter=2, seed=2),
+        other=make_bundle(keys.release, version="1.0.0", counter=1, seed=4, name=OTHER_MODEL),
     )
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -26,9 +26,9 @@ from typing import Any
 import httpx
 
 from firmware_bundles import SigningKey, open_bundle
+from firmware_bundles.check_in import check_in_answer
 from firmware_bundles.messages import (
     AssignedBundle,
-    AssignmentSet,
     CapabilityReport,
     CheckInRequest,
     TelemetryBatch,
@@ -36,7 +36,15 @@ from firmware_bundles.messages import (
 from firmware_bundles.signing import canonical_json
 
 #: Fields of the signed set (the rest of ``assignment_overrides`` go into every bundle entry).
-SET_FIELDS = {"device_id", "hardware_id", "nonce", "issued_at", "expires_at"}
+SET_FIELDS = {
+    "device_id",
+    "hardware_id",
+    "nonce",
+    "issued_at",
+    "expires_at",
+    "withheld",
+    "next_check_in_s",
+}
 _RANGE = re.compile(r"^bytes=(\d+)-$")
 
 
@@ -103,6 +111,8 @@ class FleetSimulator:
         # Hostile behaviour, one attribute each.
         self.assignment_overrides: dict[str, Any] = {}
         self.replay_last_answer = False
+        #: Edits the check-in answer (parsed JSON) after it was signed, as a path attacker would.
+        self.tamper_answer: Callable[[dict[str, Any]], None] | None = None
         self.stall_after_bytes: int | None = None
         self.drip_s = 0.0
         self.extra_bytes = 0
@@ -212,6 +222,8 @@ class FleetSimulator:
             "nonce": body.nonce,
             "issued_at": now,
             "expires_at": now + timedelta(seconds=self.assignment_ttl_s),
+            "withheld": self.withheld,
+            "next_check_in_s": self.next_check_in_s,
         }
         entries = []
         for model, sha in sorted(self.offers.items()):
@@ -229,15 +241,13 @@ class FleetSimulator:
             )
             entries.append(AssignedBundle.from_dict(entry))
         signed.update({k: v for k, v in self.assignment_overrides.items() if k in SET_FIELDS})
-        assignment_set = AssignmentSet(**signed, bundles=entries)
-        envelope = assignment_set.sign(self.director_key)
-        answer = canonical_json(
-            {
-                "assignment_set": envelope.to_dict(),
-                "withheld": self.withheld,
-                "next_check_in_s": self.next_check_in_s,
-            }
-        )
+        # Built as the server builds it (no validation of the set), so a test can have the
+        # director sign what a device must still refuse.
+        answer = check_in_answer(self.director_key, bundles=entries, **signed)
+        if self.tamper_answer is not None:
+            document = json.loads(answer)
+            self.tamper_answer(document)
+            answer = canonical_json(document)
         self._last_answer[device_id] = answer
         return httpx.Response(200, content=answer, headers={"content-type": "application/json"})
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import timedelta
 
+import numpy as np
 import pytest
 
 from device_agent.agent import Agent
@@ -20,7 +21,14 @@ from device_agent.errors import (
     TrustError,
 )
 from firmware_bundles import SigningKey, sign_root
-from tests.agent.conftest import MODEL, AgentFactory, Bundles, assert_answers
+from tests.agent.conftest import (
+    MODEL,
+    OTHER_MODEL,
+    PROBE,
+    AgentFactory,
+    Bundles,
+    assert_answers,
+)
 from tests.agent.simulator import FleetSimulator
 from tests.conftest import NOW, Keys
 
@@ -126,9 +134,11 @@ def test_older_bundle_after_newer_is_refused_as_rollback(
     sim.assign(MODEL, bundles.v2.data)
     assert installed.check_in().installs[0].action == "installed"
     sim.assign(MODEL, bundles.v1.data)
-    with pytest.raises(TrustError) as refused:
-        installed.check_in()
-    assert refused.value.kind == "rollback" and refused.value.model == MODEL
+    fetched = len(sim.downloads(bundles.v1.sha256))
+    refused = _outcome(installed)
+    assert isinstance(refused, TrustError)
+    assert refused.kind == "rollback" and refused.model == MODEL and "below 2" in str(refused)
+    assert len(sim.downloads(bundles.v1.sha256)) == fetched, "refused before any download"
     assert_answers(installed, bundles.v2)
 
 
@@ -139,8 +149,8 @@ def test_rollback_floor_survives_a_restart(
     installed.check_in()
     restarted = make_agent()
     sim.assign(MODEL, bundles.v1.data)
-    with pytest.raises(TrustError, match="rollback"):
-        restarted.check_in()
+    refused = _outcome(restarted)
+    assert isinstance(refused, TrustError) and refused.kind == "rollback"
     assert_answers(restarted, bundles.v2)
 
 
@@ -187,3 +197,29 @@ def test_expired_root_freezes_updates_not_inference(
         installed.check_in()
     assert refused.value.kind == "expired"
     assert_answers(installed, bundles.v1)
+
+
+def test_rollback_in_one_entry_refuses_that_model_and_installs_the_others(
+    installed: Agent, sim: FleetSimulator, bundles: Bundles
+) -> None:
+    """A pin (or a withdrawal) below the device's floor for one model holds only that model."""
+    sim.assign(MODEL, bundles.v2.data)
+    installed.check_in()
+    sim.assign(MODEL, bundles.v1.data)  # below the floor of 2
+    sim.assign(OTHER_MODEL, bundles.other.data)
+    result = installed.check_in()
+    assert {r.model: r.action for r in result.installs} == {
+        MODEL: "failed",
+        OTHER_MODEL: "installed",
+    }
+    refused = result.errors[MODEL]
+    assert isinstance(refused, TrustError) and refused.kind == "rollback"
+    assert refused.model == MODEL and "below 2" in str(refused)
+    assert_answers(installed, bundles.v2)
+    np.testing.assert_allclose(
+        installed.predict(OTHER_MODEL, PROBE)["probabilities"], bundles.other.expected(), rtol=1e-6
+    )
+    models = installed.status()["models"]
+    assert models[MODEL]["version"] == "2.0.0" and "rollback" in models[MODEL]["last_error"]
+    assert models[MODEL]["last_install"] == "verify-failed"
+    assert models[OTHER_MODEL]["version"] == "1.0.0" and models[OTHER_MODEL]["last_error"] is None

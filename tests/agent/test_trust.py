@@ -15,6 +15,7 @@ from device_agent.errors import ConfigError, TrustError
 from device_agent.trust import TrustedState
 from firmware_bundles import SigningKey, sign_root
 from firmware_bundles.messages import AssignedBundle, AssignmentSet
+from firmware_bundles.signing import Envelope
 from tests.agent.conftest import MODEL, AgentFactory, Bundles
 from tests.conftest import NOW, Keys
 
@@ -88,7 +89,8 @@ def test_root_rotation_needs_the_new_roots_threshold_too(keys: Keys, root_bytes:
     assert state.root_version == 2 and _state(state.root_bytes()).root_version == 2
 
 
-def _assignment_set(keys: Keys, bundles: Bundles, **overrides: Any) -> bytes:
+def _fields(bundles: Bundles, **overrides: Any) -> dict[str, Any]:
+    """A valid assignment set for phone-1 as JSON-ready fields, with ``overrides``."""
     entry = AssignedBundle(
         model=MODEL,
         version="1.0.0",
@@ -97,16 +99,20 @@ def _assignment_set(keys: Keys, bundles: Bundles, **overrides: Any) -> bytes:
         release_counter=1,
         download_url="/v1/bundles/x",
     )
-    fields: dict[str, Any] = {
-        "device_id": "phone-1",
-        "hardware_id": "phone-android",
-        "nonce": NONCE,
-        "issued_at": NOW,
-        "expires_at": NOW.replace(hour=1),
-        "bundles": [entry],
-        **overrides,
-    }
-    return AssignmentSet(**fields).sign(keys.director[0]).to_bytes()
+    fields = AssignmentSet(
+        device_id="phone-1",
+        hardware_id="phone-android",
+        nonce=NONCE,
+        issued_at=NOW,
+        expires_at=NOW.replace(hour=1),
+        bundles=[entry],
+    ).to_dict()
+    fields.update({k: v.isoformat() if k.endswith("_at") else v for k, v in overrides.items()})
+    return fields
+
+
+def _assignment_set(keys: Keys, bundles: Bundles, **overrides: Any) -> bytes:
+    return AssignmentSet(**_fields(bundles, **overrides)).sign(keys.director[0]).to_bytes()
 
 
 def test_verified_assignment_then_bundle_bytes(
@@ -114,9 +120,11 @@ def test_verified_assignment_then_bundle_bytes(
 ) -> None:
     state = _state(root_bytes)
     data = _assignment_set(keys, bundles)
-    (assignment,) = state.verify_assignments(
+    trusted = state.verify_assignments(
         data, device_id="phone-1", hardware_id="phone-android", nonce=NONCE, now=NOW
     )
+    (assignment,) = trusted.assignments
+    assert trusted.refused == [] and trusted.next_check_in_s == 3600
     verified = state.verify_bundle(
         bundles.v1.data, assignment, "phone-android", firmware_version="14.0.0", now=NOW
     )
@@ -127,6 +135,46 @@ def test_verified_assignment_then_bundle_bytes(
     with pytest.raises(TrustError, match=r"firmware 9\.0\.0 is outside") as old_firmware:
         state.verify_bundle(bundles.v1.data, assignment, "phone-android", firmware_version="9.0.0")
     assert old_firmware.value.kind == "target"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "kind", "reason"),
+    [
+        ({"device_id": "phone-2"}, "wrong-device", "addressed to device phone-2, not phone-1"),
+        ({"hardware_id": "ring-gen3"}, "wrong-hardware", "for hardware ring-gen3"),
+        ({"nonce": "ab" * 16}, "replay", "nonce differs"),
+        ({"expires_at": NOW}, "schema", "expires_at must be after issued_at"),
+        ({"next_check_in_s": 0}, "schema", "next_check_in_s"),
+    ],
+    ids=["wrong-device", "wrong-hardware", "replay", "expiry-before-issue", "no-wait"],
+)
+def test_a_set_for_another_device_or_check_in_is_refused_whole(
+    keys: Keys, root_bytes: bytes, bundles: Bundles, overrides: Any, kind: str, reason: str
+) -> None:
+    fields = _fields(bundles, **overrides)
+    data = Envelope(signed=fields)
+    data.sign(keys.director[0])
+    with pytest.raises(TrustError, match=reason) as refused:
+        _state(root_bytes).verify_assignments(
+            data.to_bytes(), device_id="phone-1", hardware_id="phone-android", nonce=NONCE, now=NOW
+        )
+    assert refused.value.kind == kind and refused.value.model is None
+
+
+def test_an_entry_below_its_floor_is_refused_alone(
+    keys: Keys, root_bytes: bytes, bundles: Bundles
+) -> None:
+    state = _state(root_bytes, b'{"release_counters": {"%s": 2}}' % MODEL.encode())
+    fields = _fields(bundles)
+    fields["bundles"].append({**fields["bundles"][0], "model": "keyword", "release_counter": 0})
+    data = AssignmentSet(**fields).sign(keys.director[0]).to_bytes()
+    trusted = state.verify_assignments(
+        data, device_id="phone-1", hardware_id="phone-android", nonce=NONCE, now=NOW
+    )
+    assert [a.model for a in trusted.assignments] == ["keyword"]
+    ((assignment, refused),) = trusted.refused
+    assert assignment.model == MODEL and refused.kind == "rollback" and refused.model == MODEL
+    assert "release counter 1 is below 2" in refused.reason
 
 
 # -- settings --------------------------------------------------------------------------------

@@ -277,3 +277,36 @@ def test_upload_over_an_unconfirmed_fallback_is_refused(
         assert refused.value.rc == ModelRc.BUSY
 
     _run(tmp_path, root, keys, body)
+
+
+def test_a_rolled_back_entry_refuses_that_model_only(
+    tmp_path: Path, root: Root, keys: Keys
+) -> None:
+    """A set whose entry for one model is below the ring's floor still activates another model
+    it assigns; the rolled-back entry itself is refused, naming its model and floor."""
+    first = _bundle(keys)  # wrist-activity, release counter 4
+    older = _bundle(keys, seed=1, version="0.9.0", release_counter=3)
+    other = _bundle(
+        keys, seed=2, version="1.0.0", release_counter=1, draft_overrides={"name": "sleep-stage"}
+    )
+
+    async def body(bench: Bench) -> None:
+        identity = await bench.identity()
+        await bench.client.upload_model(first)
+        await bench.client.activate(bench.director.assign(identity, [first]))
+        await bench.client.self_test()
+        identity = await bench.identity()
+        await bench.client.upload_model(older)
+        with pytest.raises(DeviceRejected) as refused:
+            await bench.client.activate(bench.director.assign(identity, [older, other]))
+        assert refused.value.rc == ModelRc.ROLLBACK
+        assert "wrist-activity" in refused.value.reason and "below 4" in refused.value.reason
+        identity = await bench.identity()
+        await bench.client.upload_model(other)
+        activated = await bench.client.activate(bench.director.assign(identity, [older, other]))
+        assert (activated.model, activated.model_version) == ("sleep-stage", "1.0.0")
+        await bench.client.self_test()
+        slots = await bench.client.slots()
+        assert slots.counters == {"wrist-activity": 4, "sleep-stage": 1}
+
+    _run(tmp_path, root, keys, body)

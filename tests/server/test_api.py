@@ -111,18 +111,16 @@ def test_assignment_is_director_signed_for_the_device_with_its_nonce(fleet: Flee
     nonce = uuid.uuid4().hex
     r = fleet.check_in("phone-1", credential, nonce=nonce)
     assert r.status_code == 200, r.text
-    import json
-
-    assignments = verify_assignments(
-        json.dumps(r.json()["assignment_set"]).encode(),
+    verified = verify_assignments(
+        r.content,
         Root.from_dict(fleet.root.to_dict()),
         device_id="phone-1",
         hardware_id="phone-android",
         nonce=nonce,
         now=datetime.now(UTC),
     )
-    assert len(assignments) == 1
-    assignment = assignments[0]
+    (assignment,) = verified.assignments
+    assert verified.refused == [] and verified.withheld == {}
     assert assignment.bundle_sha256 == published["sha256"]
     assert assignment.release_counter == 4 and assignment.bundle_length == published["length"]
     device = fleet.client.get("/v1/devices/phone-1", headers=fleet.auth(fleet.token("viewer")))
@@ -132,7 +130,7 @@ def test_assignment_is_director_signed_for_the_device_with_its_nonce(fleet: Flee
 def test_publishing_alone_assigns_nothing(fleet: Fleet) -> None:
     fleet.publish(fleet.bundle())
     credential = fleet.enroll("phone-1")
-    assert fleet.check_in("phone-1", credential).json()["assignment_set"]["signed"]["bundles"] == []
+    assert fleet.check_in("phone-1", credential).json()["signed"]["bundles"] == []
 
 
 def test_incompatible_devices_get_no_assignment_and_a_reason(fleet: Fleet) -> None:
@@ -140,16 +138,14 @@ def test_incompatible_devices_get_no_assignment_and_a_reason(fleet: Fleet) -> No
     fleet.release("wrist-activity", "1.0.0")
     old_ring = fleet.enroll("ring-old", target="ring-gen3", firmware_version="2.5.0")
     r = fleet.check_in("ring-old", old_ring, firmware="2.5.0").json()
-    assert r["assignment_set"]["signed"]["bundles"] == []
-    assert "firmware 2.5.0 outside the bundle's range" in r["withheld"]["wrist-activity"]
+    assert r["signed"]["bundles"] == []
+    assert "firmware 2.5.0 outside the bundle's range" in r["signed"]["withheld"]["wrist-activity"]
     full_ring = fleet.enroll("ring-full", target="ring-gen3", free_flash_bytes=1000)
     r = fleet.check_in("ring-full", full_ring, firmware="3.1.0").json()
-    assert (
-        r["assignment_set"]["signed"]["bundles"] == [] and "free" in r["withheld"]["wrist-activity"]
-    )
+    assert r["signed"]["bundles"] == [] and "free" in r["signed"]["withheld"]["wrist-activity"]
     ok_ring = fleet.enroll("ring-ok", target="ring-gen3")
     ok = fleet.check_in("ring-ok", ok_ring, firmware="3.1.0").json()
-    assert len(ok["assignment_set"]["signed"]["bundles"]) == 1
+    assert len(ok["signed"]["bundles"]) == 1
 
 
 def test_withdraw_falls_back_and_pin_holds(fleet: Fleet) -> None:
@@ -160,7 +156,7 @@ def test_withdraw_falls_back_and_pin_holds(fleet: Fleet) -> None:
     cred = fleet.enroll("phone-1")
 
     def version() -> str:
-        signed = fleet.check_in("phone-1", cred).json()["assignment_set"]["signed"]
+        signed = fleet.check_in("phone-1", cred).json()["signed"]
         return str(signed["bundles"][0]["version"])
 
     assert version() == "1.1.0"
@@ -214,7 +210,7 @@ def test_relay_phone_serves_its_ring_and_an_unpaired_phone_cannot(fleet: Fleet) 
     body = {"device_id": "ring-1", "nonce": ring_nonce, "firmware_version": "3.1.0"}
     r = fleet.client.post("/v1/devices/ring-1/check-in", json=body, headers=fleet.auth(phone))
     assert r.status_code == 200
-    signed = r.json()["assignment_set"]["signed"]
+    signed = r.json()["signed"]
     assert len(signed["bundles"]) == 1
     assert signed["device_id"] == "ring-1" and signed["hardware_id"] == "ring-gen3"
     assert signed["nonce"] == ring_nonce

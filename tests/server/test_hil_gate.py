@@ -98,7 +98,7 @@ def test_a_passing_report_opens_the_gate(gated: Fleet) -> None:
     }
     assert release(gated).status_code == 200
     credential = gated.enroll("phone-1")
-    bundles = gated.check_in("phone-1", credential).json()["assignment_set"]["signed"]["bundles"]
+    bundles = gated.check_in("phone-1", credential).json()["signed"]["bundles"]
     assert [b["bundle_sha256"] for b in bundles] == [published["sha256"]]
 
 

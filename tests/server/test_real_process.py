@@ -110,7 +110,7 @@ def test_publish_release_check_in_and_download_over_http(
         headers=headers,
         json={"device_id": "phone-9", "nonce": uuid.uuid4().hex, "firmware_version": "14.0.0"},
     )
-    assignment = r.json()["assignment_set"]["signed"]["bundles"][0]
+    assignment = r.json()["signed"]["bundles"][0]
     assert assignment["bundle_sha256"] == sha
     part = httpx.get(
         f"{url}{assignment['download_url']}", headers={**headers, "Range": "bytes=1000-"}
