@@ -152,9 +152,10 @@ def self_test(
     Inputs are stored in the manifest's layout and, where the ``.tflite`` input is an integer,
     in that type with its scale and zero point (what the device feeds TFLM); the expected outputs
     are TFLM's dequantised outputs on exactly the values those integers stand for, and the float
-    outputs are the original model's on the same values. ``float_tolerance`` is the larger of
-    the precision's self-test tolerance and the variant's worst distance from the original over
-    the held-out data (rounded up), so it states how far this quantised model strays.
+    outputs are the original model's on the held-out rows they were quantised from.
+    ``float_tolerance`` is the larger of the precision's self-test tolerance and the variant's
+    worst distance from the original over the held-out data (rounded up), so it states how far
+    this quantised model strays.
 
     Raises:
         QuantisationError: If TFLM cannot run the model.
@@ -176,7 +177,9 @@ def self_test(
         scale, zero = np.float32(quant["scale"]), np.float32(quant["zero_point"])
         values = ((stored.astype(np.float32) - zero) * scale).astype(np.float32)
     expected = tflm.predict(variant.model, values).reshape(rows, -1).astype(np.float32)
-    original = np.asarray(exported.reference(values), dtype=np.float32).reshape(expected.shape)
+    # The original on the held-out rows themselves (before the input is quantised): the pair
+    # float_distance measured, so these vectors are within float_tolerance on the host.
+    original = np.asarray(exported.reference(samples), dtype=np.float32).reshape(expected.shape)
     chunks = [
         np.ascontiguousarray(a[i : i + 1]).astype(a.dtype.newbyteorder("<")).tobytes()
         for i in range(rows)
