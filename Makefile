@@ -9,14 +9,31 @@ PACKAGES := firmware_bundles converters server device_agent hil edgefleet
 # Exactly the CPU wheel on the CI machines' disk; any other version downloads gigabytes.
 TORCH := torch==2.13.0
 
-.PHONY: demo test lint typecheck pytest bench clean
+# The ONNX -> TFLite tool environment (onnx2tf pins numpy 1.26, onnx 1.19, onnxruntime 1.23,
+# TensorFlow 2.19 exactly, which cannot share .venv); converters/tflite.py calls it as a
+# subprocess. About 1.5-2.5 min to install, 2.6 GB.
+TFLITE_VENV := .venv-tflite
+TFLITE_STAMP := $(TFLITE_VENV)/.installed
+ONNX2TF := onnx2tf==1.29.24
+
+.PHONY: demo test lint typecheck pytest bench clean tflite-env
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
 	$(BIN)/python -m pip install --quiet -e ".[convert,torch,device,server,dev,ble]"
+	$(BIN)/python -m pip check
 	touch $(STAMP)
+
+$(TFLITE_STAMP):
+	test -x $(TFLITE_VENV)/bin/python || $(PYTHON) -m venv $(TFLITE_VENV)
+	$(TFLITE_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(TFLITE_VENV)/bin/python -m pip install --quiet "$(ONNX2TF)"
+	$(TFLITE_VENV)/bin/python -m pip check
+	touch $(TFLITE_STAMP)
+
+tflite-env: $(TFLITE_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python demo/run_demo.py
@@ -28,12 +45,12 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy $(PACKAGES)
 
-pytest: $(STAMP)
+pytest: $(STAMP) $(TFLITE_STAMP)
 	$(BIN)/python -m pytest
 
 test: lint typecheck pytest
 
-bench: $(STAMP)
+bench: $(STAMP) $(TFLITE_STAMP)
 	$(BIN)/python bench/bench_verify.py
 	$(BIN)/python bench/bench_convert.py
 	$(BIN)/python bench/bench_agent.py

@@ -1,10 +1,11 @@
 """Converter results per example and target: size, accuracy and latency against the float model.
 
-Trains the three examples, converts each for ring-gen3, phone-android and devboard-rpi4, and prints
-float size, chosen variant and size, ratio, float and chosen accuracy, and single-sample and batch
-latency in ONNX Runtime (one thread), with the float model measured in the same run as baseline.
-Then bundle bytes per example and target against the figures measured before manifest format 2
-(kept below), and what every byte of each bundle beyond its model is.
+Trains the three examples, converts each for ring-gen3, ring-gen4, phone-android and
+devboard-rpi4, and prints float size, chosen variant and size, ratio, float and chosen accuracy,
+and single-sample and batch latency (ONNX Runtime, one thread; TFLM one sample per invoke for a
+ring's .tflite), with the float model measured in the same run as baseline. Then bundle bytes per
+example and target against the figures measured before manifest format 2 (kept below), what every
+byte of each ring bundle beyond its model is, and the .tflite rows of the micro targets.
 
     python bench/bench_convert.py [--out build/bench]
 """
@@ -27,6 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from converters.pipeline import ConvertOptions, convert  # noqa: E402
+from converters.reports import ConvertReport  # noqa: E402
 from firmware_bundles import SigningKey  # noqa: E402
 
 EXAMPLES = {
@@ -34,7 +36,7 @@ EXAMPLES = {
     "cancer-trees": ("train_breast_cancer_trees.py", "model.joblib"),
     "wearable-cnn": ("train_wearable_cnn.py", "model.pt2"),
 }
-TARGETS = ["ring-gen3", "phone-android", "devboard-rpi4"]
+TARGETS = ["ring-gen3", "ring-gen4", "phone-android", "devboard-rpi4"]
 #: Measured with this bench's convert settings on c3c9fbb (manifest format 1: self-test vectors
 #: as JSON in the manifest, archives padded to tar's 10 KiB records): (example, target) ->
 #: (bundle bytes, model bytes, manifest bytes, of which self-test JSON, of which histograms JSON).
@@ -90,6 +92,10 @@ def breakdown(bundle: bytes, model_file: str) -> dict[str, int]:
     return parts
 
 
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def _names(bundle: bytes) -> list[str]:
     with tarfile.open(fileobj=io.BytesIO(bundle)) as tar:
         return tar.getnames()
@@ -115,6 +121,7 @@ def main() -> None:
     ):
         table.add_column(col, justify="left" if col in ("example", "target", "chosen") else "right")
     sizes: dict[tuple[str, str], tuple[dict[str, int], int]] = {}
+    reports: dict[str, ConvertReport] = {}
     for name, (script, model_file) in EXAMPLES.items():
         data = args.out / name
         subprocess.run(
@@ -136,6 +143,7 @@ def main() -> None:
             ),
             data / "calibration.npz",
         )
+        reports[name] = report
         variants = {v.name: v for v in report.variants}
         base = variants["float32"]
         for target in report.targets:
@@ -155,7 +163,7 @@ def main() -> None:
                 continue
             chosen = variants[target.variant or ""]
             bundle = Path(target.bundle or "").read_bytes()
-            model_name = "model.ort" if "model.ort" in _names(bundle) else "model.onnx"
+            model_name = next(n for n in _names(bundle) if n.startswith("model."))
             sizes[(name, target.target_id)] = (breakdown(bundle, model_name), len(bundle))
             table.add_row(
                 name,
@@ -167,11 +175,13 @@ def main() -> None:
                 f"{report.float_metric:.4f}",
                 f"{target.metric:.4f}",
                 f"{base.single_ms:.3f}/{chosen.single_ms:.3f}",
-                f"{base.batch_ms:.2f}/{chosen.batch_ms:.2f}",
+                # TFLM runs one sample per invoke: a .tflite has no batch figure.
+                f"{base.batch_ms:.2f}/{_ms(chosen.batch_ms)}",
             )
     console = Console(width=200)
     console.print(table)
     console.print(_sizes_table(sizes))
+    console.print(tflite_table(reports))
     for (name, target_id), (parts, _) in sizes.items():
         if target_id.startswith("ring"):
             console.print(_breakdown_table(name, target_id, parts))
@@ -235,6 +245,57 @@ def _breakdown_table(name: str, target_id: str, parts: dict[str, int]) -> Table:
         if what != "model":
             table.add_row(what, str(size))
     table.add_row("total beyond the model", str(sum(parts.values()) - parts["model"]))
+    return table
+
+
+#: TFLite rows: (example, micro target) pairs of the same run.
+TFLITE_ROWS = [
+    ("digits-mlp", "ring-gen3"),
+    ("wearable-cnn", "ring-gen3"),
+    ("cancer-trees", "ring-gen4"),
+]
+
+
+def tflite_table(reports: dict[str, ConvertReport]) -> Table:
+    """Chosen .tflite per micro target: size vs float .tflite, TFLM accuracy, measured arena."""
+    table = Table(title="edgefleet convert: .tflite for micro targets, scored in TFLM (same run)")
+    for col in (
+        "example",
+        "target",
+        "chosen",
+        "float .tflite B",
+        "chosen B",
+        "ratio (<= 0.42)",
+        "float acc",
+        "TFLM acc",
+        "points lost (<= 1)",
+        "TFLM arena B",
+        "old ONNX estimate B",
+    ):
+        table.add_column(col, justify="left" if col in ("example", "target", "chosen") else "right")
+    for name, target_id in TFLITE_ROWS:
+        report = reports[name]
+        variants = {v.name: v for v in report.variants}
+        target = next(t for t in report.targets if t.target_id == target_id)
+        chosen = variants.get(target.variant or "")
+        flt = variants["tflite-float32"]
+        onnx_int8 = variants.get("int8-static-per-channel-minmax")
+        if chosen is None or target.metric is None:
+            table.add_row(name, target_id, "[red]none[/]", *["-"] * 7, (target.reason or "")[:60])
+            continue
+        table.add_row(
+            name,
+            target_id,
+            chosen.name,
+            str(flt.model_bytes),
+            str(chosen.model_bytes),
+            f"{chosen.model_bytes / flt.model_bytes:.3f}",
+            f"{report.float_metric:.4f}",
+            f"{target.metric:.4f}",
+            f"{(report.float_metric - target.metric) * 100:.2f}",
+            str(chosen.ram_bytes),
+            str(onnx_int8.ram_bytes) if onnx_int8 and onnx_int8.ram_bytes else "-",
+        )
     return table
 
 

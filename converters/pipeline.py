@@ -9,18 +9,19 @@ from __future__ import annotations
 
 import importlib.metadata
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import onnx
 
-from converters import bundling, evaluation, reference
+from converters import bundling, evaluation, reference, tflite_target, tflite_variants
 from converters.errors import ConverterError, DataError
 from converters.fitting import VariantFacts, choose
 from converters.onnx_export import Exported, check_parity, export
 from converters.quantise import Variant, make_variants, op_types
+from converters.reports import ConvertReport, TargetReport, VariantReport
 from converters.sources import Dataset, SourceModel, load_data, load_model
 from firmware_bundles import SigningKey, TargetCatalogue, bundle_id
 from firmware_bundles.manifest import check_semver
@@ -52,56 +53,6 @@ class ConvertOptions:
     budget: float = 0.01
     label_column: str | None = None
     catalogue: TargetCatalogue = field(default_factory=TargetCatalogue.load_default)
-
-
-@dataclass
-class VariantReport:
-    name: str
-    scheme: str
-    model_bytes: int
-    quantised_ops: int
-    same_as_float: bool
-    metric: float | None
-    ram_bytes: int | None
-    single_ms: float | None
-    batch_ms: float | None
-    notes: str
-    error: str | None
-    detail: str | None = None
-
-
-@dataclass
-class TargetReport:
-    target_id: str
-    ok: bool
-    variant: str | None = None
-    bundle: str | None = None
-    sha256: str | None = None
-    bundle_bytes: int | None = None
-    model_bytes: int | None = None
-    metric: float | None = None
-    reason: str | None = None
-    rejected: dict[str, list[str]] = field(default_factory=dict)
-
-
-@dataclass
-class ConvertReport:
-    name: str
-    version: str
-    task: str
-    metric_name: str
-    float_metric: float
-    float_bytes: int
-    parity_max_diff: float
-    variants: list[VariantReport]
-    targets: list[TargetReport]
-
-    @property
-    def ok(self) -> bool:
-        return all(t.ok for t in self.targets)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def validate_options(options: ConvertOptions) -> None:
@@ -166,10 +117,23 @@ def convert(
     float_metric = next(f.metric for f in facts if f.name == "float32")
     shared = _shared_manifest(options, exported, source, train, held_out, calib, calibration_path)
     shared["_float_model"] = variants[0].model
+    tflite_set = None
+    if any(options.catalogue.get(t).format == "tflite" for t in options.targets):
+        progress("building .tflite variants (onnx2tf) and scoring them in TFLite Micro")
+        tflite_set = tflite_variants.make(source, exported, calib.x[:512], held_out)
+        reports += tflite_target.variant_reports(tflite_set)
     options.out_dir.mkdir(parents=True, exist_ok=True)
     targets = []
     for target_id in options.targets:
         progress(f"fitting {target_id}")
+        if options.catalogue.get(target_id).format == "tflite":
+            assert tflite_set is not None
+            targets.append(
+                tflite_target.build_target(
+                    target_id, options, exported, tflite_set, float_metric, shared, held_out
+                )
+            )
+            continue
         targets.append(
             _build_target(
                 target_id, options, exported, variants, facts, float_metric, shared, held_out
@@ -254,7 +218,7 @@ def _evaluate(
 
 
 def _versions(kind: str) -> dict[str, str]:
-    names = ["onnx", "onnxruntime", "numpy"]
+    names = ["onnx", "onnxruntime", "numpy", "tflite-micro"]
     names += ["scikit-learn", "skl2onnx"] if kind == "sklearn" else []
     names += ["torch", "onnxscript"] if kind.startswith("torch") else []
     versions = {}

@@ -104,7 +104,7 @@ def convert_command(
 
 
 def _print(report: object) -> None:
-    from converters.pipeline import ConvertReport
+    from converters.reports import ConvertReport
 
     assert isinstance(report, ConvertReport)
     metric = report.metric_name
@@ -141,7 +141,8 @@ def _print(report: object) -> None:
             str(v.quantised_ops),
             str(v.ram_bytes),
             f"{v.single_ms:.3f}",
-            f"{v.batch_ms:.2f}",
+            # TFLM runs one sample per invoke: .tflite variants have no batch figure.
+            "-" if v.batch_ms is None else f"{v.batch_ms:.2f}",
             "same as float" if v.same_as_float else "",
         )
     console.print(table)

@@ -23,6 +23,7 @@ _PRECISION_OF_SCHEME = {
     "fp16": "float16",
     "int8-dynamic": "int8",
     "int8-static": "int8",
+    "int16x8": "int16",
 }
 
 
@@ -36,8 +37,8 @@ class DeviceTarget(Document):
     max_bundle_bytes: int = Field(gt=0)
     ram_arena_bytes: int = Field(gt=0)
     allowed_ops: list[str]
-    precisions: list[Literal["float32", "float16", "int8"]]
-    format: Literal["onnx", "ort"]
+    precisions: list[Literal["float32", "float16", "int8", "int16"]]
+    format: Literal["onnx", "ort", "tflite"]
     links: list[Literal["ble", "serial", "https"]]
     firmware: FirmwareRange
 

@@ -9,12 +9,20 @@ import re
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, PrivateAttr, field_validator, model_validator
+from pydantic import (
+    Field,
+    PrivateAttr,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from firmware_bundles.errors import MissingFileError
 from firmware_bundles.schema import Document
 
-#: The format converters write. Format 1 (self-test vectors as JSON in the manifest) still reads.
+#: The format converters write. Format 1 (self-test vectors as JSON in the manifest, ONNX and
+#: ORT models only) still reads; format 2 keeps vectors in a file and adds ``.tflite`` models.
 MANIFEST_FORMAT = 2
 MANIFEST_FORMATS = (1, 2)
 MANIFEST_PATH = "manifest.json"
@@ -86,16 +94,61 @@ class RamEstimate(Document):
     method: str
 
 
+# --- runtime.tflite (manifest format 2) ------------------------------------------------------
+
+
+class TensorQuantisation(Document):
+    """Affine quantisation of an integer tensor: ``real = (q - zero_point) * scale``."""
+
+    scale: float = Field(gt=0)
+    zero_point: int
+
+
+class TfliteTensor(Document):
+    """The ``.tflite`` side of the model's (single) input or output.
+
+    ``layout`` (inputs only) names the axes the ``.tflite`` expects: onnx2tf turns NCW into NWC
+    and NCHW into NHWC, so a device transposes the manifest's input before it quantises it.
+    """
+
+    dtype: Literal["float32", "int8", "int16"]
+    shape: list[int] = Field(min_length=1)
+    layout: Literal["NC", "NWC", "NHWC"] | None = None
+    quantisation: TensorQuantisation | None = None
+
+    @model_validator(mode="after")
+    def _integer_is_quantised(self) -> TfliteTensor:
+        if (self.dtype != "float32") != (self.quantisation is not None):
+            raise ValueError("an int8/int16 tensor needs quantisation, a float32 one has none")
+        return self
+
+
+class TfliteRuntime(Document):
+    """How a TFLite Micro device runs the ``.tflite`` (only with ``format = "tflite"``)."""
+
+    tflm_version: str = Field(min_length=1)
+    input: TfliteTensor
+    output: TfliteTensor
+
+
+# --- end runtime.tflite -------------------------------------------------------------------
+
+
 class Runtime(Document):
-    """What the model needs from its runtime."""
+    """What the model needs from its runtime.
+
+    For ``format = "tflite"`` the op types are TFLite builtin operator names, ``ram_estimate``
+    is the arena TFLM measured, and ``tflite`` says how to feed and read the tensors.
+    """
 
     model_file: str
-    format: Literal["onnx", "ort"]
+    format: Literal["onnx", "ort", "tflite"]
     opset: int = Field(ge=1)
     op_types: list[str]
-    min_onnxruntime: str
-    precision: Literal["float32", "float16", "int8"]
+    min_onnxruntime: str | None = None
+    precision: Literal["float32", "float16", "int8", "int16"]
     ram_estimate: RamEstimate
+    tflite: TfliteRuntime | None = None
 
     @field_validator("op_types")
     @classmethod
@@ -103,6 +156,23 @@ class Runtime(Document):
         if v != sorted(set(v)):
             raise ValueError("op_types must be sorted and unique")
         return v
+
+    @model_validator(mode="after")
+    def _runtime_fields(self) -> Runtime:
+        if (self.format == "tflite") != (self.tflite is not None):
+            raise ValueError('runtime.tflite is required with format "tflite" and only then')
+        if self.format != "tflite" and self.min_onnxruntime is None:
+            raise ValueError(f"format {self.format!r} needs min_onnxruntime")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _omit_absent(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Absent optional fields are left out, so format-1 manifests serialise as before.
+        data: dict[str, Any] = handler(self)
+        for name in ("tflite", "min_onnxruntime"):
+            if data.get(name) is None:
+                data.pop(name, None)
+        return data
 
 
 class TensorSpec(Document):
@@ -126,7 +196,7 @@ class Calibration(Document):
 class Quantisation(Document):
     """How the chosen variant was made from the float model."""
 
-    scheme: Literal["float32", "fp16", "int8-dynamic", "int8-static"]
+    scheme: Literal["float32", "fp16", "int8-dynamic", "int8-static", "int16x8"]
     per_channel: bool = False
     calibration: Calibration | None = None
     quantised_ops: int = Field(ge=0)
@@ -190,6 +260,7 @@ TENSOR_ITEMSIZE = {
     "float16": 2,
     "int64": 8,
     "int32": 4,
+    "int16": 2,
     "int8": 1,
     "uint8": 1,
     "bool": 1,
@@ -199,13 +270,14 @@ TENSOR_ITEMSIZE = {
 class TensorLayout(Document):
     """One tensor of a vector in the self-test file: raw little-endian, C order.
 
-    With ``scale`` the tensor is stored quantised (int8 or uint8, as the model's own input
-    QuantizeLinear does) and its value is ``float32(q - zero_point) * float32(scale)``, rounded to
-    float32 once; the expected outputs were computed on exactly those values.
+    With ``scale`` the tensor is stored quantised (int8, uint8 or int16: the model's own input
+    type, from its input QuantizeLinear or its ``.tflite`` input tensor) and its value is
+    ``float32(q - zero_point) * float32(scale)``, rounded to float32 once; the expected outputs
+    were computed on exactly those values.
     """
 
     name: str
-    dtype: Literal["float32", "float16", "int64", "int32", "int8", "uint8", "bool"]
+    dtype: Literal["float32", "float16", "int64", "int32", "int16", "int8", "uint8", "bool"]
     shape: list[int]
     scale: float | None = Field(default=None, gt=0)
     zero_point: int = 0
@@ -214,8 +286,10 @@ class TensorLayout(Document):
     def _quantised(self) -> TensorLayout:
         if any(d < 0 for d in self.shape):
             raise ValueError(f"tensor {self.name!r} has a negative dimension")
-        if self.scale is not None and self.dtype not in ("int8", "uint8"):
-            raise ValueError(f"tensor {self.name!r}: only int8 and uint8 tensors take a scale")
+        if self.scale is not None and self.dtype not in ("int8", "uint8", "int16"):
+            raise ValueError(
+                f"tensor {self.name!r}: only int8, uint8 and int16 tensors take a scale"
+            )
         if self.scale is None and self.zero_point != 0:
             raise ValueError(f"tensor {self.name!r}: a zero_point needs a scale")
         return self
@@ -231,9 +305,15 @@ class TensorLayout(Document):
 class SelfTestFile(Document):
     """Format 2: self-test vectors as binary tensors in a bundle file.
 
-    The file holds ``count`` vectors one after another; each is its ``inputs`` then its
-    ``expected`` outputs, in the order listed here, with no padding. Reading a bundle (never the
-    manifest alone) decodes them into :attr:`vectors`, the same shape format 1 gives.
+    The file holds ``count`` vectors one after another; each is its ``inputs``, its
+    ``expected`` outputs, then its ``float_outputs``, in the order listed here, with no padding.
+    Reading a bundle (never the manifest alone) decodes them into :attr:`vectors`, the same shape
+    format 1 gives, and :attr:`float_vectors`.
+
+    ``expected`` are the bundled model's own outputs (a device's runtime must give them within
+    ``tolerance``). ``float_outputs``, when listed, are the float original's outputs (the trained
+    model before export and quantisation) for the same inputs: what the quantised model stands
+    for, which a test rig compares the device's outputs with within ``float_tolerance``.
     """
 
     tolerance: float = Field(ge=0)
@@ -241,12 +321,25 @@ class SelfTestFile(Document):
     count: int = Field(ge=0, le=1024)
     inputs: list[TensorLayout] = Field(min_length=1)
     expected: list[TensorLayout] = Field(min_length=1)
+    float_outputs: list[TensorLayout] = Field(default_factory=list)
+    float_tolerance: float | None = Field(default=None, ge=0)
     _vectors: list[SelfTestVector] | None = PrivateAttr(default=None)
+    _float_vectors: list[dict[str, list[Any]]] | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _float_outputs_named(self) -> SelfTestFile:
+        if bool(self.float_outputs) != (self.float_tolerance is not None):
+            raise ValueError("float_outputs and float_tolerance come together")
+        expected = {t.name for t in self.expected}
+        for layout in self.float_outputs:
+            if layout.name not in expected:
+                raise ValueError(f"float output {layout.name!r} is not an expected output")
+        return self
 
     @property
     def vector_bytes(self) -> int:
         """Bytes of one vector in the file."""
-        return sum(t.nbytes for t in [*self.inputs, *self.expected])
+        return sum(t.nbytes for t in [*self.inputs, *self.expected, *self.float_outputs])
 
     @property
     def vectors(self) -> list[SelfTestVector]:
@@ -256,12 +349,26 @@ class SelfTestFile(Document):
             MissingFileError: If the manifest was parsed alone, not read from its bundle.
         """
         if self._vectors is None:
-            raise MissingFileError(
-                f"self-test vectors are in the bundle file {self.file!r}; read the bundle"
-                " (open_bundle, verify, BundleReader), not the manifest alone",
-                self.file,
-            )
+            raise self._not_decoded()
         return self._vectors
+
+    @property
+    def float_vectors(self) -> list[dict[str, list[Any]]]:
+        """The float original's outputs per vector, by output name (empty dicts if not listed).
+
+        Raises:
+            MissingFileError: If the manifest was parsed alone, not read from its bundle.
+        """
+        if self._float_vectors is None:
+            raise self._not_decoded()
+        return self._float_vectors
+
+    def _not_decoded(self) -> MissingFileError:
+        return MissingFileError(
+            f"self-test vectors are in the bundle file {self.file!r}; read the bundle"
+            " (open_bundle, verify, BundleReader), not the manifest alone",
+            self.file,
+        )
 
     def __eq__(self, other: object) -> bool:
         # Decoded vectors are a cache of the file; manifests are equal on their fields.
@@ -328,6 +435,8 @@ class Manifest(Document):
             raise ValueError(f"{MANIFEST_PATH} is reserved and cannot be listed in files")
         if self.runtime.model_file not in paths:
             raise ValueError(f"runtime.model_file {self.runtime.model_file!r} is not in files")
+        if self.runtime.format == "tflite" and self.format < 2:
+            raise ValueError('runtime.format "tflite" needs manifest format 2')
         self._check_self_test()
         return self
 

@@ -25,6 +25,7 @@ _CODES = {
     "float16": "e",
     "int64": "q",
     "int32": "i",
+    "int16": "h",
     "int8": "b",
     "uint8": "B",
     "bool": "?",
@@ -65,8 +66,10 @@ def decode_tensor(layout: TensorLayout, data: bytes | memoryview) -> list[Any]:
     return _reshape(values, layout.shape)
 
 
-def decode_vectors(test: SelfTestFile, data: bytes | memoryview) -> list[SelfTestVector]:
-    """The vectors of a self-test file.
+def decode_vectors(
+    test: SelfTestFile, data: bytes | memoryview
+) -> tuple[list[SelfTestVector], list[dict[str, list[Any]]]]:
+    """The vectors of a self-test file, and the float original's outputs of each.
 
     Raises:
         LengthMismatchError: If the file's length is not ``count`` vectors.
@@ -78,17 +81,18 @@ def decode_vectors(test: SelfTestFile, data: bytes | memoryview) -> list[SelfTes
             test.file,
         )
     view = memoryview(data)
-    vectors, offset = [], 0
+    vectors, floats, offset = [], [], 0
     for _ in range(test.count):
-        tensors: list[dict[str, list[Any]]] = [{}, {}]
-        for part, layouts in enumerate((test.inputs, test.expected)):
+        tensors: list[dict[str, list[Any]]] = [{}, {}, {}]
+        for part, layouts in enumerate((test.inputs, test.expected, test.float_outputs)):
             for layout in layouts:
                 tensors[part][layout.name] = decode_tensor(
                     layout, view[offset : offset + layout.nbytes]
                 )
                 offset += layout.nbytes
         vectors.append(SelfTestVector.model_construct(inputs=tensors[0], expected=tensors[1]))
-    return vectors
+        floats.append(tensors[2])
+    return vectors, floats
 
 
 def attach_vectors(manifest: Manifest, files: Mapping[str, bytes | memoryview]) -> None:
@@ -103,4 +107,4 @@ def attach_vectors(manifest: Manifest, files: Mapping[str, bytes | memoryview]) 
         return
     if test.file not in files:
         raise MissingFileError(f"self-test file {test.file!r} is missing", test.file)
-    test._vectors = decode_vectors(test, files[test.file])
+    test._vectors, test._float_vectors = decode_vectors(test, files[test.file])

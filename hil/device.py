@@ -91,7 +91,10 @@ class EmulatedDevice:
         save_record(self.flash, self.record)
         self.firmware = FirmwareSlots(self.flash, self.record, self.profile.firmware_slot_bytes)
         self.firmware.boot(self.profile.firmware_version)
-        self.store = ModelStore(self.flash, self.record, self.profile.target.max_bundle_bytes)
+        target = self.profile.target
+        self.store = ModelStore(
+            self.flash, self.record, target.max_bundle_bytes, target.ram_arena_bytes
+        )
         self.store.boot()
         self.telemetry = DeviceTelemetry(
             self.device_id, self.profile.telemetry_window_s, self.clock

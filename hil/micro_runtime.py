@@ -1,10 +1,11 @@
-"""ONNX Runtime standing in for the micro runtime on a ring or board, with its arena planned.
+"""The runtime of an emulated ring or board: TFLite Micro for ``.tflite`` bundles.
 
-A ring would run the model in a TFLite-Micro-style interpreter with one preallocated tensor
-arena; the emulated device runs the same graph in ONNX Runtime (one thread, through the agent's
-:mod:`device_agent.runtime`) and plans the arena the way such an interpreter does: weights stay
-in flash, and the arena must hold every activation that is alive at once, in graph order, with
-batch 1.
+Rings and Cortex-M boards run models in TensorFlow Lite Micro; a ``format = "tflite"`` bundle
+runs in the real TFLM interpreter (:mod:`hil.tflm_runtime`) with the target's arena. A bundle of
+another format (an operator's own catalogue may still send ONNX to a board) runs in ONNX
+Runtime (one thread, through the agent's :mod:`device_agent.runtime`) with its arena planned
+the way such an interpreter does: weights stay in flash, and the arena must hold every
+activation that is alive at once, in graph order, with batch 1.
 """
 
 from __future__ import annotations
@@ -23,6 +24,14 @@ from device_agent.link.model_group import ModelRc
 from device_agent.runtime import ModelRuntime, SelfTestResult
 from firmware_bundles import Manifest
 from hil.errors import Refusal
+from hil.tflm_runtime import TflmRuntime
+
+
+def ort_version() -> str:
+    """The installed onnxruntime version."""
+    import onnxruntime
+
+    return str(onnxruntime.__version__)
 
 
 def plan_arena_bytes(model: onnx.ModelProto) -> int:
@@ -72,16 +81,33 @@ def _tensor_bytes(info: onnx.ValueInfoProto) -> int:
     return itemsize * math.prod(dims)
 
 
+def load_runtime(
+    manifest: Manifest, model_bytes: bytes, ram_arena_bytes: int
+) -> TflmRuntime | MicroRuntime:
+    """The runtime for the bundle's format: TFLM for ``tflite``, else ONNX Runtime.
+
+    Raises:
+        Refusal: BUNDLE_INVALID if the runtime cannot load the model, DOES_NOT_FIT if TFLM
+            needs more arena than ``ram_arena_bytes``.
+    """
+    if manifest.runtime.format == "tflite":
+        return TflmRuntime(manifest, model_bytes, ram_arena_bytes)
+    return MicroRuntime(manifest, model_bytes)
+
+
 class MicroRuntime:
-    """One loaded model, its inputs checked on the manifest's schema (the agent's runtime).
+    """One loaded ONNX model, its inputs checked on the manifest's schema (the agent's runtime).
 
     Raises:
         Refusal: BUNDLE_INVALID if ONNX Runtime cannot load the model or its graph disagrees
             with the manifest.
     """
 
+    name = "ONNX Runtime (stand-in)"
+
     def __init__(self, manifest: Manifest, model_bytes: bytes) -> None:
         self.manifest = manifest
+        self.version = ort_version()
         try:
             self.arena_bytes = plan_arena_bytes(onnx.load_from_string(model_bytes))
         except Exception as exc:  # protobuf and onnx raise many unrelated types

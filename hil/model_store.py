@@ -16,9 +16,10 @@ from device_agent.link.model_group import ModelRc
 from firmware_bundles import ArchiveError, Manifest, SchemaError, open_bundle
 from hil.errors import Refusal
 from hil.flash import Flash
-from hil.micro_runtime import MicroRuntime
+from hil.micro_runtime import MicroRuntime, load_runtime
 from hil.record import DeviceRecord, SlotRecord, save_record
 from hil.secondary import Verified
+from hil.tflm_runtime import TflmRuntime
 
 SLOT_REGIONS = ("model-0", "model-1")
 
@@ -55,7 +56,7 @@ class Running:
     slot: int
     manifest: Manifest
     sha256: str
-    runtime: MicroRuntime
+    runtime: MicroRuntime | TflmRuntime
 
 
 class ModelStore:
@@ -65,10 +66,14 @@ class ModelStore:
         flash: The device's flash.
         record: Its persistent record (saved through :func:`hil.record.save_record`).
         slot_bytes: Capacity of each slot: the target's bundle budget.
+        arena_bytes: The tensor arena the runtime gets: the target's RAM budget.
     """
 
-    def __init__(self, flash: Flash, record: DeviceRecord, slot_bytes: int) -> None:
+    def __init__(
+        self, flash: Flash, record: DeviceRecord, slot_bytes: int, arena_bytes: int
+    ) -> None:
         self.flash = flash
+        self.arena_bytes = arena_bytes
         self.record = record
         self.slot_bytes = slot_bytes
         self.session: UploadSession | None = None
@@ -108,7 +113,8 @@ class ModelStore:
         except (ArchiveError, SchemaError) as exc:
             raise Refusal(ModelRc.BUNDLE_INVALID, f"slot {slot}: {exc}") from exc
         manifest = contents.manifest
-        runtime = MicroRuntime(manifest, bytes(contents.files[manifest.runtime.model_file]))
+        model = bytes(contents.files[manifest.runtime.model_file])
+        runtime = load_runtime(manifest, model, self.arena_bytes)
         return Running(slot, manifest, digest, runtime)
 
     # --- upload -------------------------------------------------------------------------

@@ -26,12 +26,22 @@ from device_agent.link import (
 )
 from device_agent.link import model_group as mg
 from device_agent.runtime import ModelRuntime
-from firmware_bundles import BundleError, Manifest, TargetCatalogue, open_bundle, verify
+from firmware_bundles import (
+    BundleContents,
+    BundleError,
+    Manifest,
+    TargetCatalogue,
+    open_bundle,
+    verify,
+)
+from firmware_bundles.manifest import SelfTestFile
 from firmware_bundles.root import Root
 from hil.director import LabDirector
+from hil.errors import Refusal
 from hil.faults import FaultyLink
 from hil.report import Check, DeviceRun
 from hil.targets import DeviceUnderTest
+from hil.tflm_runtime import TflmRuntime
 
 
 @dataclass(frozen=True)
@@ -134,9 +144,8 @@ class BundleOnDevice:
         """Held-out data through the device against the host's reference, then telemetry."""
         manifest = self.manifest
         contents = open_bundle(self.bundle)
-        reference = ModelRuntime().load(
-            "reference", manifest, bytes(contents.files[manifest.runtime.model_file])
-        )
+        model = bytes(contents.files[manifest.runtime.model_file])
+        host = _host_reference(manifest, model)
         spec = manifest.inputs[0]
         client = await self.client()
         worst, latencies, arena, predicted = 0.0, [], 0, []
@@ -145,17 +154,19 @@ class BundleOnDevice:
             for row in samples:
                 inputs = {spec.name: np.asarray(row[None, ...], dtype=spec.dtype)}
                 got = await client.infer(inputs)
-                want = reference.run(inputs)
+                want = host.run(inputs)
                 for name, value in want.items():
                     diff = np.abs(got.outputs[name].astype(np.float64) - value.astype(np.float64))
                     worst = max(worst, float(diff.max()) if diff.size else 0.0)
                 latencies.append(got.latency_us / 1000)
                 arena = max(arena, got.arena_bytes)
                 predicted.append(int(np.argmax(got.outputs[manifest.outputs[0].name])))
-        except (LinkError, InputError, KeyError) as exc:
+        except (LinkError, InputError, KeyError, Refusal) as exc:
             run.add(Check("parity", "fail", detail=f"held-out data did not run: {exc}"))
             return
-        tolerance = manifest.self_test.tolerance
+        # The same .tflite in TFLM on the host must give the device's outputs exactly; an
+        # ONNX bundle is held to the manifest's tolerance against ONNX Runtime on the host.
+        tolerance = 0.0 if host.exact else manifest.self_test.tolerance
         run.add(
             Check(
                 "parity",
@@ -163,9 +174,12 @@ class BundleOnDevice:
                 worst,
                 "abs error",
                 f"<= {tolerance:g}",
-                f"{len(samples)} samples against ONNX Runtime on the host",
+                f"{len(samples)} samples against {host.name} on the host",
             )
         )
+        float_runs = await self._float_original(run, client, manifest, contents)
+        if float_runs is None:
+            return
         self._accuracy(run, manifest, predicted, y)
         p95 = round(float(np.percentile(latencies, 95)), 4)
         limit = self.limits.latency_p95_max_ms
@@ -180,10 +194,63 @@ class BundleOnDevice:
                 arena,
                 "bytes",
                 f"<= {budget}",
-                "planned tensor arena",
+                self._runtime_named(),
             )
         )
-        await self._telemetry(run, client, len(samples))
+        await self._telemetry(run, client, len(samples) + float_runs)
+
+    async def _float_original(
+        self, run: DeviceRun, client: DeviceClient, manifest: Manifest, contents: BundleContents
+    ) -> int | None:
+        """The device's outputs on the self-test inputs against the float original's.
+
+        The bundle carries the original (pre-export, pre-quantisation) model's outputs for its
+        self-test inputs; the device must stay within the manifest's ``float_tolerance`` of
+        them. A bundle without them (format 1, or built without) skips the check.
+
+        Returns:
+            How many inferences it ran on the device (telemetry counts them), None if they
+            did not run.
+        """
+        test = contents.manifest.self_test
+        if not isinstance(test, SelfTestFile) or test.float_tolerance is None:
+            run.add(Check("float-original", "skip", detail="the bundle carries no float outputs"))
+            return 0
+        spec = manifest.inputs[0]
+        worst = 0.0
+        try:
+            for vector, floats in zip(test.vectors, test.float_vectors, strict=True):
+                inputs = {k: np.asarray(v, dtype=spec.dtype) for k, v in vector.inputs.items()}
+                got = await client.infer(inputs)
+                for name, value in floats.items():
+                    diff = np.abs(got.outputs[name].astype(np.float64) - np.asarray(value))
+                    worst = max(worst, float(diff.max()) if diff.size else 0.0)
+        except (LinkError, InputError, KeyError) as exc:
+            run.add(Check("float-original", "fail", detail=f"self-test inputs did not run: {exc}"))
+            return None
+        run.add(
+            Check(
+                "float-original",
+                "pass" if worst <= test.float_tolerance else "fail",
+                worst,
+                "abs error",
+                f"<= {test.float_tolerance:g}",
+                f"{test.count} self-test inputs against the float original's outputs in the"
+                f" bundle (precision {manifest.runtime.precision})",
+            )
+        )
+        return test.count
+
+    def _runtime_named(self) -> str:
+        """The device's runtime, version and arena kind, as an emulated device reports it."""
+        if self.dut.emulated is None:
+            return "tensor arena the device reported"
+        running = self.dut.call(lambda d: d.store.running)
+        if running is None:
+            return "tensor arena"
+        runtime = running.runtime
+        kind = "measured" if runtime.name == "TFLM" else "planned"
+        return f"runtime {runtime.name} {runtime.version}; arena {kind} by the runtime"
 
     def _accuracy(
         self, run: DeviceRun, manifest: Manifest, predicted: list[int], y: np.ndarray | None
@@ -352,6 +419,29 @@ class BundleOnDevice:
                 f" {'unchanged' if same_model else 'changed'}",
             )
         )
+
+
+class _HostReference:
+    """The bundle's model on the host: TFLM for ``.tflite`` (exact), else ONNX Runtime."""
+
+    def __init__(self, manifest: Manifest, model: bytes) -> None:
+        self.exact = manifest.runtime.format == "tflite"
+        if self.exact:
+            self._tflm: TflmRuntime | None = TflmRuntime(manifest, model, 1 << 24)
+            self.name = f"TFLM {self._tflm.version}"
+        else:
+            self._tflm = None
+            self._ort = ModelRuntime().load("reference", manifest, model)
+            self.name = "ONNX Runtime"
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._tflm is not None:
+            return self._tflm.run(inputs)[0]
+        return self._ort.run(inputs)
+
+
+def _host_reference(manifest: Manifest, model: bytes) -> _HostReference:
+    return _HostReference(manifest, model)
 
 
 def _wilson_upper(successes: int, n: int, z: float = 1.96) -> float:

@@ -30,7 +30,8 @@ from firmware_bundles import (
 from firmware_bundles.messages import Assignment, VerifiedAssignments, verify_assignments
 from firmware_bundles.root import Root
 from hil.errors import Refusal
-from hil.micro_runtime import MicroRuntime
+from hil.micro_runtime import MicroRuntime, load_runtime
+from hil.tflm_runtime import TflmRuntime
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class Verified:
 
     assignment: Assignment
     contents: BundleContents
-    runtime: MicroRuntime
+    runtime: MicroRuntime | TflmRuntime
 
 
 @dataclass(frozen=True)
@@ -97,11 +98,12 @@ def verify_activation(
             f" {ours[0]} {ours[1]} counter {ours[2]}",
         )
     _check_fit(contents, device)
-    runtime = MicroRuntime(manifest, bytes(contents.files[manifest.runtime.model_file]))
+    model = bytes(contents.files[manifest.runtime.model_file])
+    runtime = load_runtime(manifest, model, device.target.ram_arena_bytes)
     if runtime.arena_bytes > device.target.ram_arena_bytes:
         raise Refusal(
             ModelRc.DOES_NOT_FIT,
-            f"planned arena is {runtime.arena_bytes} bytes, RAM budget is"
+            f"{runtime.name} arena is {runtime.arena_bytes} bytes, RAM budget is"
             f" {device.target.ram_arena_bytes}",
         )
     return Verified(assignment, contents, runtime)

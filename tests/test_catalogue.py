@@ -92,6 +92,6 @@ def test_fit_reasons_are_all_reported() -> None:
         "over the 163840 byte budget by 36160",
         "RAM",
         "TreeEnsembleClassifier",
-        "format ort, target wants onnx",
+        "format ort, target wants tflite",
     ):
         assert reason in text

@@ -41,7 +41,7 @@ def test_smallest_variant_inside_budget_wins() -> None:
 
 
 def test_fp16_is_not_offered_to_a_target_without_fp16() -> None:
-    choice = pick("ring-gen3", [FLOAT, FP16])
+    choice = pick("devboard-rpi4", [FLOAT, FP16])
     assert choice.chosen == FLOAT
     assert "precision float16 not supported" in choice.rejected["fp16"]
 

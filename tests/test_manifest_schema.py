@@ -43,7 +43,7 @@ SCHEMA_CASES = [
     ("naive-created-at", full(created_at="2026-01-01T00:00:00"), "timezone"),
     (
         "bad-format",
-        full(runtime={**manifest_draft()["runtime"], "format": "tflite"}),
+        full(runtime={**manifest_draft()["runtime"], "format": "tensorrt"}),
         "runtime.format",
     ),
     (

@@ -30,6 +30,7 @@ EVERY_CHECK = {
     "activate",
     "self-test",
     "parity",
+    "float-original",
     "accuracy",
     "latency-p95",
     "peak-memory",
@@ -118,8 +119,17 @@ def test_three_targets_with_every_fault_pass_and_the_report_is_signed(
         assert set(checks) == EVERY_CHECK
         assert all(c["status"] == "pass" and c["figure"] is not None for c in checks.values())
         assert checks["fault:disconnect"]["figure"] > 0
-        assert checks["telemetry"]["figure"] == 20
+        # 20 held-out rows and the 3 self-test inputs run against the float original.
+        assert checks["telemetry"]["figure"] == 23
         assert checks["parity"]["figure"] <= 1e-5
+        # Rings and the nRF board run the .tflite in TFLM: exact against host TFLM, and the
+        # arena is the one TFLM measured, named with its runtime and version.
+        assert checks["parity"]["figure"] == 0.0 and "TFLM" in checks["parity"]["detail"]
+        assert "runtime TFLM 0.dev" in checks["peak-memory"]["detail"]
+        # And against the float original's outputs the bundle carries, within its tolerance.
+        float_check = checks["float-original"]
+        assert float_check["limit"] == "<= 1e-05" and 0 < float_check["figure"] <= 1e-5
+        assert "3 self-test inputs" in float_check["detail"]
     signed = verify_report((tmp_path / "report.json").read_bytes(), lab.keys.make_root()[0])
     assert signed.to_dict()["runs"] == body["runs"]
     for target, path in lab.bundles.items():

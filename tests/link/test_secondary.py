@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from device_agent.link import DeviceClient, DeviceRejected, MemoryLink, ModelRc
@@ -165,13 +166,17 @@ MISFITS: list[tuple[str, dict[str, Any], str]] = [
         {
             "draft_overrides": {
                 "runtime": {
-                    "model_file": "model.onnx",
-                    "format": "onnx",
+                    "model_file": "model.tflite",
+                    "format": "tflite",
                     "opset": 17,
-                    "op_types": ["Add", "LSTM", "MatMul", "Softmax"],
-                    "min_onnxruntime": "1.17.0",
+                    "op_types": ["FULLY_CONNECTED", "LSTM", "SOFTMAX"],
                     "precision": "float32",
                     "ram_estimate": {"bytes": 28, "method": "test"},
+                    "tflite": {
+                        "tflm_version": "test",
+                        "input": {"dtype": "float32", "shape": [1, 4], "layout": "NC"},
+                        "output": {"dtype": "float32", "shape": [1, 3]},
+                    },
                 }
             }
         },
@@ -225,17 +230,10 @@ def test_failed_self_test_reverts_to_the_previous_model(
     tmp_path: Path, root: Root, keys: Keys
 ) -> None:
     good = _bundle(keys)
-    broken_vectors = {
-        "tolerance": 1e-6,
-        "vectors": [
-            {
-                "inputs": {"input": [[0.0, 0.0, 0.0, 0.0]]},
-                "expected": {"probabilities": [[1.0, 0.0, 0.0]]},
-            }
-        ],
-    }
+    # Three vectors of zeros that claim [1, 0, 0]: the model gives about [0.3, 0.4, 0.3].
+    vector = np.zeros(4, "<f4").tobytes() + np.asarray([1, 0, 0] * 2, "<f4").tobytes()
     bad = _bundle(
-        keys, version="1.1.0", release_counter=5, draft_overrides={"self_test": broken_vectors}
+        keys, version="1.1.0", release_counter=5, file_overrides={"self_test.bin": vector * 3}
     )
 
     async def body(bench: Bench) -> None:
