@@ -35,7 +35,7 @@ $(TFLITE_STAMP):
 
 tflite-env: $(TFLITE_STAMP)
 
-demo: $(STAMP)
+demo: $(STAMP) $(TFLITE_STAMP)
 	$(BIN)/python demo/run_demo.py
 
 lint: $(STAMP)
