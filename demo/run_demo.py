@@ -347,7 +347,8 @@ def main() -> None:
     if not Path("bundles/trees/trees-demo-1.0.0-phone-android.efb").exists():
         raise SystemExit("demo failed: the tree ensemble should still build for the phone")
     print(
-        "(the tree ensemble, lowered to tensor ops, needs more RAM than ring-gen3 has; it builds for the phone and the Pi)"
+        "(the tree ensemble, lowered to tensor ops, needs more RAM than ring-gen3 has;"
+        " it builds for the phone and the Pi)"
     )
     edgefleet(
         "bundle",
