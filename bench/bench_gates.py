@@ -69,8 +69,11 @@ INPUT_BASE = _input_base()
 
 def _mix_for(target: float, base: np.ndarray, other: np.ndarray, divergence) -> float:  # type: ignore[no-untyped-def]
     """The mixing weight toward ``other`` at which ``divergence(mix, base)`` reaches ``target``."""
-    return float(optimize.brentq(lambda lam: divergence((1 - lam) * base + lam * other, base)
-                                 - target, 1e-9, 1.0))
+    return float(
+        optimize.brentq(
+            lambda lam: divergence((1 - lam) * base + lam * other, base) - target, 1e-9, 1.0
+        )
+    )
 
 
 OUTPUT_OTHER = OUTPUT_BASE[::-1].copy()
@@ -99,7 +102,9 @@ class Trace:
     install_failed: np.ndarray
 
 
-def simulate(rng: np.random.Generator, scenario: str, days: int, treated_count: int | None) -> Trace:
+def simulate(
+    rng: np.random.Generator, scenario: str, days: int, treated_count: int | None
+) -> Trace:
     n, total = DEVICES, PRE_DAYS + days
     if treated_count is None:
         treated = rng.random(n) < STAGE_SHARE
@@ -118,8 +123,9 @@ def simulate(rng: np.random.Generator, scenario: str, days: int, treated_count: 
     p_neg = rng.beta(FEEDBACK_MEAN * 50, (1 - FEEDBACK_MEAN) * 50, n)
     negative = rng.binomial(inferences, p_neg[:, None])
     labelled = rng.binomial(inferences, LABELLED_SHARE)
-    acc = rng.beta(ACCURACY_MEAN * ACCURACY_CONCENTRATION,
-                   (1 - ACCURACY_MEAN) * ACCURACY_CONCENTRATION, n)
+    acc = rng.beta(
+        ACCURACY_MEAN * ACCURACY_CONCENTRATION, (1 - ACCURACY_MEAN) * ACCURACY_CONCENTRATION, n
+    )
     acc = np.broadcast_to(acc[:, None], (n, total)).copy()
     if scenario == "accuracy -3 pt":
         acc[on_new] -= ACCURACY_POINTS
@@ -141,15 +147,32 @@ def simulate(rng: np.random.Generator, scenario: str, days: int, treated_count: 
     day_end = (np.arange(total) - PRE_DAYS + 1)[None, :]
     delay = np.minimum(rng.exponential(UPLOAD_DELAY_MEAN_DAYS, (n, total)), UPLOAD_DELAY_MAX_DAYS)
     arrival = day_end + delay
-    label_delay = np.minimum(rng.exponential(UPLOAD_DELAY_MEAN_DAYS, (n, total)),
-                             UPLOAD_DELAY_MAX_DAYS)
+    label_delay = np.minimum(
+        rng.exponential(UPLOAD_DELAY_MEAN_DAYS, (n, total)), UPLOAD_DELAY_MAX_DAYS
+    )
     label_arrival = day_end + LABEL_DELAY_DAYS + label_delay
     install_failed = (rng.random(n) < INSTALL_FAILURE).astype(float)
-    return Trace(treated, inferences, errors, selftest, negative, labelled, correct, latency,
-                 latency_value, outputs, inputs, arrival, label_arrival, install_failed)
+    return Trace(
+        treated,
+        inferences,
+        errors,
+        selftest,
+        negative,
+        labelled,
+        correct,
+        latency,
+        latency_value,
+        outputs,
+        inputs,
+        arrival,
+        label_arrival,
+        install_failed,
+    )
 
 
-def _p95_log(hist: np.ndarray, values: np.ndarray, q: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+def _p95_log(
+    hist: np.ndarray, values: np.ndarray, q: float = 0.95
+) -> tuple[np.ndarray, np.ndarray]:
     """Per device: the log latency at rank ``q (n - 1)`` of its histogram (as the sketch reads
     it), and ``n``. ``values`` is the bucket's log latency per device."""
     count = hist.sum(axis=1)
@@ -170,22 +193,43 @@ class Rollout:
         self.at, self.label_at = np.clip(at, 0, looks), np.clip(label_at, 0, looks)
         self.looks = looks
         stage = np.arange(trace.arrival.shape[1]) >= PRE_DAYS
-        self.days_cur = self._cum(np.broadcast_to(stage, trace.arrival.shape).astype(int), self.at,
-                                  stage)
+        self.days_cur = self._cum(
+            np.broadcast_to(stage, trace.arrival.shape).astype(int), self.at, stage
+        )
         self.last_cur = self._last(stage)
-        self.cur = {name: self._cum(getattr(trace, name), self.at, stage) for name in
-                    ("inferences", "errors", "selftest", "negative", "latency", "outputs",
-                     "inputs")}
-        self.cur.update({name: self._cum(getattr(trace, name), self.label_at, stage)
-                         for name in ("labelled", "correct")})
+        self.cur = {
+            name: self._cum(getattr(trace, name), self.at, stage)
+            for name in (
+                "inferences",
+                "errors",
+                "selftest",
+                "negative",
+                "latency",
+                "outputs",
+                "inputs",
+            )
+        }
+        self.cur.update(
+            {
+                name: self._cum(getattr(trace, name), self.label_at, stage)
+                for name in ("labelled", "correct")
+            }
+        )
         pre = ~stage
         if use_baseline:
-            self.pre = {name: self._cum(getattr(trace, name), self.at, pre) for name in
-                        ("inferences", "errors", "selftest", "negative", "latency")}
-            self.pre.update({name: self._cum(getattr(trace, name), self.label_at, pre)
-                             for name in ("labelled", "correct")})
-            self.pre["days"] = self._cum(np.broadcast_to(pre, trace.arrival.shape).astype(int),
-                                         self.at, pre)
+            self.pre = {
+                name: self._cum(getattr(trace, name), self.at, pre)
+                for name in ("inferences", "errors", "selftest", "negative", "latency")
+            }
+            self.pre.update(
+                {
+                    name: self._cum(getattr(trace, name), self.label_at, pre)
+                    for name in ("labelled", "correct")
+                }
+            )
+            self.pre["days"] = self._cum(
+                np.broadcast_to(pre, trace.arrival.shape).astype(int), self.at, pre
+            )
 
     def _cum(self, x: np.ndarray, at: np.ndarray, days: np.ndarray) -> np.ndarray:
         """Totals of ``x`` over ``days`` arrived by each look: (look, device, ...)."""
@@ -244,18 +288,23 @@ class Rollout:
                 )
                 for name, (v, count) in vals.items()
             }
-            install = np.where(first_in[arm], t.install_failed[arm], nan) if treated else (
-                np.full(int(arm.sum()), nan))
-            arms.append(gates.ArmData(
-                devices=int(arm.sum()),
-                inferences=inf[arm].astype(float),
-                metrics=metrics,
-                outputs={"class": c["outputs"][arm]},
-                inputs={f"x{f}": c["inputs"][arm][:, f, :] for f in range(INPUT_FEATURES)},
-                install_failed=install,
-                batches_received=int(days_seen[arm].sum()),
-                batches_expected=int(self.last_cur[look][arm].sum()),
-            ))
+            install = (
+                np.where(first_in[arm], t.install_failed[arm], nan)
+                if treated
+                else (np.full(int(arm.sum()), nan))
+            )
+            arms.append(
+                gates.ArmData(
+                    devices=int(arm.sum()),
+                    inferences=inf[arm].astype(float),
+                    metrics=metrics,
+                    outputs={"class": c["outputs"][arm]},
+                    inputs={f"x{f}": c["inputs"][arm][:, f, :] for f in range(INPUT_FEATURES)},
+                    install_failed=install,
+                    batches_received=int(days_seen[arm].sum()),
+                    batches_expected=int(self.last_cur[look][arm].sum()),
+                )
+            )
         pooled = {"p95": [_pooled_p95(c["latency"][a], value[a]) for a in (t.treated, ~t.treated)]}
         return arms[0], arms[1], pooled
 
@@ -268,18 +317,25 @@ def _pooled_p95(hist: np.ndarray, value: np.ndarray) -> float:
     cum = np.cumsum(merged)
     if cum[-1] == 0:
         return float("nan")
-    return float(np.exp((np.searchsorted(cum, 0.95 * (cum[-1] - 1), side="right") + low)
-                        * LOG_GAMMA))
+    return float(
+        np.exp((np.searchsorted(cum, 0.95 * (cum[-1] - 1), side="right") + low) * LOG_GAMMA)
+    )
 
 
-def flagger_fails(tr: gates.ArmData, co: gates.ArmData, pooled: dict, cfg: gates.GateConfig) -> bool:  # type: ignore[type-arg]
+def flagger_fails(
+    tr: gates.ArmData, co: gates.ArmData, pooled: dict[str, list[float]], cfg: gates.GateConfig
+) -> bool:
     """Flagger-style: pooled treatment figures against control with the same thresholds, no
     statistics, no minimum evidence (a check with no data at all is skipped)."""
 
     def rate(arm: gates.ArmData, name: str) -> float:
         m = arm.metrics[name]
         ok = ~np.isnan(m.values)
-        return float((m.values[ok] * m.counts[ok]).sum() / m.counts[ok].sum()) if ok.any() else math.nan
+        return (
+            float((m.values[ok] * m.counts[ok]).sum() / m.counts[ok].sum())
+            if ok.any()
+            else math.nan
+        )
 
     checks = [
         rate(tr, "error_rate") - rate(co, "error_rate") > cfg.error_rate.max_increase,
@@ -290,8 +346,9 @@ def flagger_fails(tr: gates.ArmData, co: gates.ArmData, pooled: dict, cfg: gates
     ]
     out_t, out_c = tr.outputs["class"].sum(0), co.outputs["class"].sum(0)
     if out_t.sum() and out_c.sum():
-        checks.append(gates.js_bits(out_t / out_t.sum(), out_c / out_c.sum())
-                      > cfg.output_shift.max_js_bits)
+        checks.append(
+            gates.js_bits(out_t / out_t.sum(), out_c / out_c.sum()) > cfg.output_shift.max_js_bits
+        )
     for name in tr.inputs:
         a, b = tr.inputs[name].sum(0), co.inputs[name].sum(0)
         if a.sum() and b.sum():
@@ -310,8 +367,13 @@ class Outcome:
     advanced_day: float  # first advance-ok at or after the minimum duration (inf: never)
 
 
-def run_rollout(seed: int, scenario: str, cfg: gates.GateConfig, use_baseline: bool,
-                treated_count: int | None = None) -> Outcome:
+def run_rollout(
+    seed: int,
+    scenario: str,
+    cfg: gates.GateConfig,
+    use_baseline: bool,
+    treated_count: int | None = None,
+) -> Outcome:
     _, min_days = SCENARIOS[scenario]
     horizon = 3 * min_days
     rng = np.random.default_rng(seed)
@@ -351,25 +413,30 @@ def main() -> None:
     args = parser.parse_args()
     aa_runs, runs, tiny_runs = (20, 10, 12) if args.quick else (200, 100, 60)
     cfg = gates.GateConfig()
-    print("settings: %d devices, %.0f%% stage, daily inferences gamma(mean %.0f, shape %.0f), "
-          "error rate beta(mean %.0f%%, concentration %.0f), uploads exponential(mean %.0f d) "
-          "capped at %.0f d, min duration %d d (%d d with labels %d d late), a look every %.0f h, "
-          "horizon 3 x min duration, baseline week %s"
-          % (DEVICES, 100 * STAGE_SHARE, MEAN_DAILY_INFERENCES, INFERENCE_SHAPE, 100 * ERROR_MEAN,
-             ERROR_CONCENTRATION, UPLOAD_DELAY_MEAN_DAYS, UPLOAD_DELAY_MAX_DAYS,
-             MIN_DURATION_DAYS, LABEL_MIN_DURATION_DAYS, LABEL_DELAY_DAYS,
-             24 * EVALUATION_EVERY_DAYS, "off" if args.no_baseline else "on"))
-    print(f"gates: alpha {cfg.alpha} over {len(cfg.enabled_gates())} gates; thresholds: error "
-          f"+{cfg.error_rate.max_increase}, p95 +{cfg.latency.max_relative_increase:.0%}, accuracy "
-          f"-{cfg.accuracy.max_drop}, JS {cfg.output_shift.max_js_bits} bit, PSI "
-          f"{cfg.input_drift.max_psi}; Flagger-style: same thresholds on pooled figures, halt "
-          "at the first look that crosses one")
+    print(
+        f"settings: {DEVICES} devices, {STAGE_SHARE:.0%} stage, daily inferences gamma(mean"
+        f" {MEAN_DAILY_INFERENCES:.0f}, shape {INFERENCE_SHAPE:.0f}), error rate beta(mean"
+        f" {ERROR_MEAN:.0%}, concentration {ERROR_CONCENTRATION:.0f}), uploads exponential(mean"
+        f" {UPLOAD_DELAY_MEAN_DAYS:.0f} d) capped at {UPLOAD_DELAY_MAX_DAYS:.0f} d, min duration"
+        f" {MIN_DURATION_DAYS} d ({LABEL_MIN_DURATION_DAYS} d with labels {LABEL_DELAY_DAYS} d"
+        f" late), a look every {24 * EVALUATION_EVERY_DAYS:.0f} h, horizon 3 x min duration,"
+        f" baseline week {'off' if args.no_baseline else 'on'}"
+    )
+    print(
+        f"gates: alpha {cfg.alpha} over {len(cfg.enabled_gates())} gates; thresholds: error "
+        f"+{cfg.error_rate.max_increase}, p95 +{cfg.latency.max_relative_increase:.0%}, accuracy "
+        f"-{cfg.accuracy.max_drop}, JS {cfg.output_shift.max_js_bits} bit, PSI "
+        f"{cfg.input_drift.max_psi}; Flagger-style: same thresholds on pooled figures, halt "
+        "at the first look that crosses one"
+    )
     started = time.perf_counter()
     rows = []
     for k, (scenario, (gate, min_days)) in enumerate(SCENARIOS.items()):
         count = aa_runs if gate is None else runs
-        outs = [run_rollout(args.seed * 100_000 + k * 10_000 + i, scenario, cfg,
-                            not args.no_baseline) for i in range(count)]
+        outs = [
+            run_rollout(args.seed * 100_000 + k * 10_000 + i, scenario, cfg, not args.no_baseline)
+            for i in range(count)
+        ]
         horizon = 3 * min_days
         ours = [o.ours_fail_day for o in outs]
         right = sum(gate in o.ours_gates for o in outs) if gate else 0
@@ -380,30 +447,48 @@ def main() -> None:
     names = list(SCENARIOS)
     for i in range(tiny_runs):
         scenario = names[i % len(names)]
-        tiny.append((scenario, run_rollout(args.seed * 100_000 + 90_000 + i, scenario, cfg,
-                                           not args.no_baseline, treated_count=3)))
+        tiny.append(
+            (
+                scenario,
+                run_rollout(
+                    args.seed * 100_000 + 90_000 + i,
+                    scenario,
+                    cfg,
+                    not args.no_baseline,
+                    treated_count=3,
+                ),
+            )
+        )
     elapsed = time.perf_counter() - started
     print()
-    header = (f"{'scenario':<22}{'runs':>5}{'horizon d':>10} | {'ours: halted':>13}{'right gate':>11}"
-              f"{'median d':>9}{'p90 d':>7} | {'Flagger: halted':>16}{'median d':>9}{'p90 d':>7}")
+    header = (
+        f"{'scenario':<22}{'runs':>5}{'horizon d':>10} | {'ours: halted':>13}{'right gate':>11}"
+        f"{'median d':>9}{'p90 d':>7} | {'Flagger: halted':>16}{'median d':>9}{'p90 d':>7}"
+    )
     print(header)
     print("-" * len(header))
-    for scenario, count, horizon, ours, right, flag, outs in rows:
+    for scenario, count, horizon, ours, right, flag, _outs in rows:
         hit = sum(d <= horizon for d in ours)
         fhit = sum(d <= horizon for d in flag)
         right_s = f"{right}/{count}" if scenario != "A/A" else "-"
-        print(f"{scenario:<22}{count:>5}{horizon:>10} | {hit / count:>12.1%} {right_s:>10}"
-              f"{_days(ours, 0.5):>9}{_days(ours, 0.9):>7} | {fhit / count:>15.1%}"
-              f"{_days(flag, 0.5):>9}{_days(flag, 0.9):>7}")
+        print(
+            f"{scenario:<22}{count:>5}{horizon:>10} | {hit / count:>12.1%} {right_s:>10}"
+            f"{_days(ours, 0.5):>9}{_days(ours, 0.9):>7} | {fhit / count:>15.1%}"
+            f"{_days(flag, 0.5):>9}{_days(flag, 0.9):>7}"
+        )
     aa = rows[0][6]
     by_min = sum(o.advanced_day <= MIN_DURATION_DAYS for o in aa)
     by_end = sum(o.advanced_day < math.inf for o in aa)
-    print(f"\nA/A: advance-ok at the minimum duration ({MIN_DURATION_DAYS} d) in {by_min}/{len(aa)}"
-          f", by the horizon in {by_end}/{len(aa)}; other outcomes were holds")
+    print(
+        f"\nA/A: advance-ok at the minimum duration ({MIN_DURATION_DAYS} d) in {by_min}/{len(aa)}"
+        f", by the horizon in {by_end}/{len(aa)}; other outcomes were holds"
+    )
     ours_tiny = sum(o.ours_fail_day < math.inf for _, o in tiny)
     flag_tiny = sum(o.flagger_fail_day < math.inf for _, o in tiny)
-    print(f"3 treatment devices ({len(tiny)} rollouts, every scenario in turn): ours halted "
-          f"{ours_tiny} (every look held), Flagger-style halted {flag_tiny}")
+    print(
+        f"3 treatment devices ({len(tiny)} rollouts, every scenario in turn): ours halted "
+        f"{ours_tiny} (every look held), Flagger-style halted {flag_tiny}"
+    )
     print(f"run time {elapsed:.0f} s")
 
 

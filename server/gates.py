@@ -78,7 +78,7 @@ class RateGate(_Gate):
 class InstallGate(_Gate):
     """Harm when more than this share of treatment devices fail to install and self-test."""
 
-    max_failure_rate: float = Field(default=0.05, gt=0, lt=1)
+    max_failure_rate: float = Field(default=0.10, gt=0, lt=1)
 
 
 class LatencyGate(_Gate):
