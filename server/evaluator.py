@@ -42,6 +42,8 @@ from server.models import (
 log = logging.getLogger("edgefleet.server.evaluator")
 
 EVALUATOR = "evaluator"
+#: How far before the rollout's start each device's baseline on the previous version reaches.
+BASELINE = timedelta(days=7)
 _FAILED_INSTALL = {"self-test-failed", "verify-failed", "download-failed"}
 
 
@@ -174,12 +176,29 @@ def arms(session: Session, rollout: Rollout, relative_accuracy: float) -> Arms:
         relative_accuracy,
     )
     batches = _batches(session, [d.id for d in treatment + control])
+    # Each device's own week on the previous version before the rollout: a baseline that takes
+    # the devices' own spread out of the comparison (CUPED), the same period for both arms.
+    everyone = treatment + control
+    baselines = _aggregates(
+        session,
+        rollout.model_name,
+        {
+            d.id: previous_versions[d.hardware_id]
+            for d in everyone
+            if d.hardware_id in previous_versions
+        },
+        [d.id for d in everyone],
+        rollout.started_at - BASELINE,
+        rollout.started_at,
+        relative_accuracy,
+    )
 
     def sample(device: Device, aggs: dict[str, dict[str, Any]], install: bool) -> Any:
         received, expected = batches.get(device.id, (0, 0))
         return gates.DeviceSample(
             device_id=device.id,
             aggregate=aggs.get(device.id) or aggregate.empty(relative_accuracy),
+            baseline=baselines.get(device.id),
             install_succeeded=(
                 _install_outcome(device, rollout.model_name, new.version) if install else None
             ),
