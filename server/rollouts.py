@@ -17,7 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sqlmodel import Session, select
 
-from firmware_bundles.manifest import check_semver
+from firmware_bundles.manifest import SEMVER_PATTERN, check_semver
 from server.errors import ApiError
 from server.models import Bundle, Cohort, ModelVersion, Rollout, RolloutDecision
 from server.offers import current_versions
@@ -65,8 +65,8 @@ class Selector(BaseModel):
 
     cohorts: list[str] = Field(default_factory=list)
     hardware_ids: list[str] = Field(default_factory=list)
-    firmware_min: str = "0.0.0"
-    firmware_below: str | None = None
+    firmware_min: str = Field(default="0.0.0", pattern=SEMVER_PATTERN)
+    firmware_below: str | None = Field(default=None, pattern=SEMVER_PATTERN)
 
     @model_validator(mode="after")
     def _firmware(self) -> Selector:
@@ -92,14 +92,14 @@ class RolloutPlan(BaseModel):
     on_failure: Literal["halt", "rollback"] = "rollback"
     draft: bool = False
 
-    @model_validator(mode="after")
-    def _stages(self) -> RolloutPlan:
+    def check_stages(self) -> None:
+        """Raises: ApiError 400 unless the percentages increase and end at 100 (a rule the
+        request's schema cannot state, so it is the documented refusal, not a 422)."""
         percents = [s.percent for s in self.stages]
         if any(b <= a for a, b in itertools.pairwise(percents)):
-            raise ValueError(f"stage percentages must increase: {percents}")
+            raise ApiError(400, f"stage percentages must increase: {percents}")
         if percents[-1] != 100:
-            raise ValueError(f"the last stage must be 100%, not {percents[-1]}%")
-        return self
+            raise ApiError(400, f"the last stage must be 100%, not {percents[-1]:g}%")
 
 
 def _now() -> datetime:
@@ -140,8 +140,9 @@ def create(session: Session, plan: RolloutPlan, *, by: str, catalogue_ids: set[s
     Raises:
         ApiError: 404 for an unknown version or cohort; 409 for a withdrawn version, one without
             a bundle for a selected hardware id, or another rollout of the model on those
-            hardware ids; 400 for an unknown hardware id.
+            hardware ids; 400 for an unknown hardware id or stages that do not increase to 100.
     """
+    plan.check_stages()
     version = get_version(session, plan.model, plan.version)
     if version.withdrawn:
         raise ApiError(409, f"{plan.model} {plan.version} is withdrawn")

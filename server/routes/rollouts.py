@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Path, Query
 from pydantic import ValidationError
 from sqlmodel import Session, col, select
 
@@ -26,6 +26,8 @@ from server.rollouts import RolloutPlan
 from server.schemas import REFUSALS
 
 router = APIRouter(prefix="/v1", tags=["rollouts"], responses=REFUSALS)
+#: Rollout ids are the database's 32-bit keys.
+RolloutId = Annotated[int, Path(ge=1, le=2**31 - 1)]
 
 
 def _public(session: Session, rollout: Rollout) -> RolloutPublic:
@@ -124,7 +126,7 @@ def list_rollouts(
 
 @router.get("/rollouts/{rollout_id}")
 def show_rollout(
-    rollout_id: int,
+    rollout_id: RolloutId,
     session: SessionDep,
     who: ReaderDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
@@ -135,7 +137,7 @@ def show_rollout(
 
 @router.post("/rollouts/{rollout_id}/evaluate")
 def evaluate_rollout(
-    rollout_id: int, session: SessionDep, state: StateDep, who: OperatorDep
+    rollout_id: RolloutId, session: SessionDep, state: StateDep, who: OperatorDep
 ) -> DecisionPublic:
     """Run the evaluator on this rollout now (the same code as the periodic job); the decision
     names the operator who asked as its actor."""
@@ -155,7 +157,7 @@ def evaluate_rollout(
 
 @router.post("/rollouts/{rollout_id}/{action}")
 def act_on_rollout(
-    rollout_id: int,
+    rollout_id: RolloutId,
     action: Literal["start", "pause", "resume", "approve", "abort", "rollback", "confirm"],
     session: SessionDep,
     who: OperatorDep,

@@ -182,8 +182,8 @@ def test_release_and_withdraw_are_refused_while_a_rollout_owns_the_model(fleet: 
     [
         ({"version": "9.9.9"}, 404, "no version 9.9.9"),
         ({"version": "1.0.0"}, 409, "already released"),
-        ({"stages": [{"percent": 25}, {"percent": 5}, {"percent": 100}]}, 422, "must increase"),
-        ({"stages": [{"percent": 5}, {"percent": 50}]}, 422, "last stage must be 100"),
+        ({"stages": [{"percent": 25}, {"percent": 5}, {"percent": 100}]}, 400, "must increase"),
+        ({"stages": [{"percent": 5}, {"percent": 50}]}, 400, "last stage must be 100"),
         ({"selector": {"cohorts": ["nobody"]}}, 404, "no cohort 'nobody'"),
         ({"selector": {"hardware_ids": ["toaster"]}}, 400, "unknown hardware id toaster"),
         ({"selector": {"hardware_ids": ["ring-gen3"]}}, 409, "no bundle for ring-gen3"),
