@@ -10,6 +10,7 @@ from edgefleet.convert_cli import convert_command
 from edgefleet.hil_cli import hil_app
 from edgefleet.keys_cli import keys_app, root_app
 from edgefleet.metrics_cli import drift_command, metrics_command
+from edgefleet.rollout_cli import rollout_app
 from edgefleet.server_cli import register as register_server
 
 app = typer.Typer(
@@ -25,6 +26,7 @@ app.command("convert")(convert_command)
 app.command("metrics")(metrics_command)
 app.command("drift")(drift_command)
 register_server(app)
+app.add_typer(rollout_app, name="rollout")
 app.add_typer(agent_app, name="agent")
 app.add_typer(hil_app, name="hil")
 

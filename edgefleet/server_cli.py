@@ -109,6 +109,27 @@ def serve(
             help="Release a version for a target only if its bundle has a passing rig report.",
         ),
     ] = False,
+    min_devices_shown: Annotated[
+        int | None,
+        typer.Option(
+            envvar="EDGEFLEET_MIN_DEVICES_SHOWN",
+            help="Figures over fewer devices show 'too few devices' to viewers [default: 5].",
+        ),
+    ] = None,
+    telemetry_retention_days: Annotated[
+        int | None,
+        typer.Option(
+            envvar="EDGEFLEET_TELEMETRY_RETENTION_DAYS",
+            help="Drop stored windows older than this (rollups stay) [default: 30].",
+        ),
+    ] = None,
+    rollout_evaluation_s: Annotated[
+        float | None,
+        typer.Option(
+            envvar="EDGEFLEET_ROLLOUT_EVALUATION_S",
+            help="Seconds between rollout evaluations [default: 60].",
+        ),
+    ] = None,
     workers: Annotated[int, typer.Option(help="Worker processes.")] = 1,
     log_level: Annotated[str, typer.Option(help="info logs one JSON line per request.")] = "info",
 ) -> None:
@@ -133,6 +154,9 @@ def serve(
         root_path=root,
         director_key_path=director_key,
         require_hil_report=require_hil_report or None,
+        min_devices_shown=min_devices_shown,
+        telemetry_retention_days=telemetry_retention_days,
+        rollout_evaluation_s=rollout_evaluation_s,
     )
     url = settings.resolved_database_url()
     if database_url is None and _is_empty(make_engine(url)):

@@ -44,6 +44,8 @@ class Settings(BaseSettings):
     #: Stored windows older than this (event time) are dropped; rollups are kept.
     telemetry_retention_days: int = Field(default=30, ge=1)
     telemetry_retention_check_s: float = Field(default=3600.0, gt=0)
+    #: How often the rollout evaluator runs (one process at a time, under a lease).
+    rollout_evaluation_s: float = Field(default=60.0, gt=0)
     enrollment_token_ttl_s: int = 7 * 24 * 3600
     #: Release a version for a target only if its bundle carries a passing rig report signed by
     #: the root's ``hil`` role (``edgefleet publish --hil-report``).

@@ -99,7 +99,10 @@ async def check_in(
     device = await state.check_in_store.record(contact)
     if device is None:
         device = await asyncio.to_thread(_relay_check_in, state, contact)
-    offers = await offers_for_device(state, device_id, device.hardware_id)
+    running = {m.model: m.version for m in request.installed if m.version is not None}
+    offers = await offers_for_device(
+        state, device_id, device.hardware_id, request.firmware_version, running
+    )
     bundles, withheld = [], {}
     for model, offer in sorted(offers.items()):
         reason = _why_not(

@@ -1,6 +1,6 @@
-"""Periodic work inside the server process (telemetry retention now; the rollout evaluator
-later): each job runs in a worker thread on its interval, logs its failures and goes on, and
-stops when the server shuts down."""
+"""Periodic work inside the server process (telemetry retention, the rollout evaluator): each
+job runs in a worker thread on its interval, logs its failures and goes on, and stops when the
+server shuts down."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 
 from sqlmodel import Session
 
-from server import telemetry
+from server import evaluator, telemetry
 from server.state import ServerState
 
 log = logging.getLogger("edgefleet.server.jobs")
@@ -55,7 +55,18 @@ def jobs_for(state: ServerState) -> list[Job]:
             )
         return dropped
 
-    return [Job("telemetry-retention", settings.telemetry_retention_check_s, drop_expired)]
+    def evaluate_rollouts() -> int:
+        with Session(state.engine) as session:
+            return evaluator.evaluate_due(
+                session,
+                relative_accuracy=settings.telemetry_relative_accuracy,
+                lease_s=3 * settings.rollout_evaluation_s,
+            )
+
+    return [
+        Job("telemetry-retention", settings.telemetry_retention_check_s, drop_expired),
+        Job("rollout-evaluator", settings.rollout_evaluation_s, evaluate_rollouts),
+    ]
 
 
 class Jobs:

@@ -1,9 +1,10 @@
 """What a device is offered: per model, the version and bundle it should run now.
 
 One entry point, :func:`offers_for_device`: the current release per model for the device's
-hardware id, with the device's pins applied (staged rollouts plug in here next, as arms per
-device). Every check-in asks, so answers come from an :class:`OfferCache` that keeps the release
-state per hardware id and the set of pinned devices for ``release_cache_ttl_s``. The worker that
+hardware id, then what each staged rollout covering it decides for the device's arm
+(:mod:`server.arms`), then the device's pins (pins win). Every check-in asks, so answers come
+from an :class:`OfferCache` that keeps the release state and the rollouts' rules per hardware id
+and the set of pinned devices for ``release_cache_ttl_s``. The worker that
 commits a change to what is offered drops its cache after the commit (:meth:`OfferCache.watch`);
 other workers see the change within the TTL.
 """
@@ -20,13 +21,22 @@ from sqlalchemy import event
 from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session, col, select
 
-from server.models import Bundle, ModelVersion, Pin, Release
+from server.arms import OFFERING, ArmRule, apply_rules
+from server.models import Bundle, Cohort, CohortMember, ModelVersion, Pin, Release, Rollout
 
 if TYPE_CHECKING:
     from server.state import ServerState
 
 #: Tables whose rows decide what is offered; a commit that changed any of them drops the cache.
-OFFER_TABLES: tuple[type[Any], ...] = (Release, ModelVersion, Bundle, Pin)
+OFFER_TABLES: tuple[type[Any], ...] = (
+    Release,
+    ModelVersion,
+    Bundle,
+    Pin,
+    Rollout,
+    Cohort,
+    CohortMember,
+)
 _CHANGED = "edgefleet.offers_changed"
 
 T = TypeVar("T")
@@ -65,6 +75,7 @@ class OfferCache:
         self.ttl_s = ttl_s
         self.generation = 0
         self._by_hardware: dict[str, _Fresh[Offers]] = {}
+        self._rules: dict[str, _Fresh[tuple[ArmRule, ...]]] = {}
         self._pinned: _Fresh[frozenset[str]] | None = None
 
     def _fresh(self, entry: _Fresh[T] | None) -> T | None:
@@ -80,16 +91,31 @@ class OfferCache:
         """Ids of devices holding any pin, if read within the TTL."""
         return self._fresh(self._pinned)
 
-    def lookup(self, device_id: str, hardware_id: str) -> Offers | None:
-        """The device's offers when the cache alone can answer (no pin, both entries fresh)."""
+    def rules(self, hardware_id: str) -> tuple[ArmRule, ...] | None:
+        """The rollouts' rules for ``hardware_id``, if read within the TTL."""
+        return self._fresh(self._rules.get(hardware_id))
+
+    def lookup(
+        self, device_id: str, hardware_id: str, firmware: str, running: Mapping[str, str]
+    ) -> Offers | None:
+        """The device's offers when the cache alone can answer (no pin, every entry fresh)."""
         pinned = self.pinned()
         if pinned is None or device_id in pinned:
             return None
-        return self.released(hardware_id)
+        released, rules = self.released(hardware_id), self.rules(hardware_id)
+        if released is None or rules is None:
+            return None
+        return (
+            apply_rules(released, list(rules), device_id, firmware, running) if rules else released
+        )
 
     def put_released(self, generation: int, hardware_id: str, offers: Offers) -> None:
         if generation == self.generation:
             self._by_hardware[hardware_id] = _Fresh(time.monotonic(), offers)
+
+    def put_rules(self, generation: int, hardware_id: str, rules: tuple[ArmRule, ...]) -> None:
+        if generation == self.generation:
+            self._rules[hardware_id] = _Fresh(time.monotonic(), rules)
 
     def put_pinned(self, generation: int, device_ids: frozenset[str]) -> None:
         if generation == self.generation:
@@ -99,6 +125,7 @@ class OfferCache:
         """Forget everything; the next check-in of each hardware id reads the database."""
         self.generation += 1
         self._by_hardware = {}
+        self._rules = {}
         self._pinned = None
 
     def watch(self, sessions: sessionmaker[Session]) -> None:
@@ -121,18 +148,32 @@ class OfferCache:
             session.info.pop(_CHANGED, None)
 
 
-async def offers_for_device(state: ServerState, device_id: str, hardware_id: str) -> Offers:
-    """Per model, what ``device_id`` (of ``hardware_id``) is offered now.
+async def offers_for_device(
+    state: ServerState,
+    device_id: str,
+    hardware_id: str,
+    firmware: str = "0.0.0",
+    running: Mapping[str, str] | None = None,
+) -> Offers:
+    """Per model, what ``device_id`` (of ``hardware_id``, on ``firmware``, reporting
+    ``running``: model -> version) is offered now.
 
     From the cache on the event loop when it can answer; otherwise read in a worker thread.
     """
-    cached = state.offers.lookup(device_id, hardware_id)
+    running = running or {}
+    cached = state.offers.lookup(device_id, hardware_id, firmware, running)
     if cached is not None:
         return cached
-    return await asyncio.to_thread(read_offers, state, device_id, hardware_id)
+    return await asyncio.to_thread(read_offers, state, device_id, hardware_id, firmware, running)
 
 
-def read_offers(state: ServerState, device_id: str, hardware_id: str) -> Offers:
+def read_offers(
+    state: ServerState,
+    device_id: str,
+    hardware_id: str,
+    firmware: str = "0.0.0",
+    running: Mapping[str, str] | None = None,
+) -> Offers:
     """:func:`offers_for_device` from the database (refreshing the cache's entries)."""
     cache = state.offers
     generation = cache.generation
@@ -145,14 +186,58 @@ def read_offers(state: ServerState, device_id: str, hardware_id: str) -> Offers:
         if released is None:
             released = _released(session, hardware_id)
             cache.put_released(generation, hardware_id, released)
+        rules = cache.rules(hardware_id)
+        if rules is None:
+            rules = rollout_rules(session, hardware_id)
+            cache.put_rules(generation, hardware_id, rules)
+        offers = apply_rules(released, list(rules), device_id, firmware, running or {})
         if device_id not in pinned:
-            return released
-        offers = dict(released)
+            return offers
         for pin in session.exec(select(Pin).where(Pin.device_id == device_id)):
             held = _offer_of(session, pin.version_id, hardware_id)
             if held is not None:
                 offers[pin.model_name] = held
         return offers
+
+
+def rollout_rules(session: Session, hardware_id: str) -> tuple[ArmRule, ...]:
+    """What each rollout that decides offers on ``hardware_id`` does there."""
+    from server.fleet import cohort_devices  # fleet imports this module's cache users
+
+    rules = []
+    for rollout in session.exec(
+        select(Rollout).where(col(Rollout.state).in_(OFFERING)).order_by(col(Rollout.id))
+    ):
+        selector = rollout.selector
+        if hardware_id not in selector["hardware_ids"] or rollout.id is None:
+            continue
+        new = _offer_of(session, rollout.version_id, hardware_id)
+        if new is None:
+            continue
+        previous_id = rollout.previous.get(hardware_id)
+        previous = None if previous_id is None else _offer_of(session, previous_id, hardware_id)
+        members: frozenset[str] | None = None
+        if selector.get("cohorts"):
+            names: set[str] = set()
+            for name in selector["cohorts"]:
+                cohort = session.get(Cohort, name)
+                if cohort is not None:
+                    names |= set(cohort_devices(session, cohort))
+            members = frozenset(names)
+        rules.append(
+            ArmRule(
+                rollout_id=rollout.id,
+                model=rollout.model_name,
+                state=rollout.state,
+                percent=float(rollout.stages[rollout.stage]["percent"]),
+                cohort_devices=members,
+                firmware_min=selector.get("firmware_min", "0.0.0"),
+                firmware_below=selector.get("firmware_below"),
+                new=new,
+                previous=previous,
+            )
+        )
+    return tuple(rules)
 
 
 def current_versions(session: Session, hardware_id: str) -> dict[str, ModelVersion]:

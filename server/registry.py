@@ -5,14 +5,15 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from firmware_bundles import ArchiveLimits, BundleError, bundle_id, verify
 from firmware_bundles.errors import CatalogueError
 from firmware_bundles.manifest import semver_key
 from firmware_bundles.messages import HilReport, verify_hil_report
+from server.arms import OWNING
 from server.errors import ApiError
-from server.models import Bundle, Device, Model, ModelVersion, Pin, Release
+from server.models import Bundle, Device, Model, ModelVersion, Pin, Release, Rollout
 from server.state import ServerState
 
 
@@ -200,6 +201,7 @@ def release(
                 f" it has: {', '.join(targets) or 'none'}",
             )
         targets = [target]
+    _refuse_if_owned(session, model, targets, "release")
     if state.settings.require_hil_report:
         by_target = {b.target_id: b for b in bundles}
         held = {t: why for t in targets if (why := _hil_gate(state, by_target[t])) is not None}
@@ -221,9 +223,37 @@ def release(
     return targets
 
 
+def owning_rollout(session: Session, model: str, hardware_ids: list[str]) -> Rollout | None:
+    """A rollout of ``model`` that still owns one of ``hardware_ids`` (see
+    :data:`server.arms.OWNING`), if any."""
+    for rollout in session.exec(
+        select(Rollout).where(Rollout.model_name == model, col(Rollout.state).in_(OWNING))
+    ):
+        if set(rollout.selector["hardware_ids"]) & set(hardware_ids):
+            return rollout
+    return None
+
+
+def _refuse_if_owned(session: Session, model: str, hardware_ids: list[str], what: str) -> None:
+    """Raises: ApiError 409 naming the rollout that owns ``model`` on these hardware ids."""
+    owner = owning_rollout(session, model, hardware_ids)
+    if owner is not None:
+        raise ApiError(
+            409,
+            f"cannot {what} {model}: rollout {owner.id} ({owner.state}) of it covers"
+            f" {', '.join(owner.selector['hardware_ids'])}; abort, roll back or finish it first",
+        )
+
+
 def withdraw(*, session: Session, model: str, version: str) -> None:
-    """Stop assigning ``version``; its devices fall back to the previous released version."""
+    """Stop assigning ``version``; its devices fall back to the previous released version.
+
+    Raises:
+        ApiError: 404 if unknown; 409 while a rollout of the model covers its hardware ids.
+    """
     found = get_version(session, model, version)
+    built = list(session.exec(select(Bundle.target_id).where(Bundle.version_id == found.id)))
+    _refuse_if_owned(session, model, built, "withdraw a version of")
     found.withdrawn = True
     session.add(found)
     session.commit()

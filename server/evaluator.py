@@ -1,0 +1,400 @@
+"""The rollout evaluator: gathers each arm's evidence, asks the gates, and moves the rollout.
+
+Windows count by the version they ran: the treatment arm is the new version's windows from the
+devices the current stage takes; the control arm is the previous version's windows from the
+selected devices it does not take (a treatment device's windows from before it switched count in
+neither). Both from the rollout's start in event time; from the 100% stage on, the control is
+its data up to the end of the stage before. The device is the unit: one sample per device.
+
+The periodic job (:func:`evaluate_due`) runs in one server process at a time under a lease in
+the database (:class:`~server.models.JobLock`); ``POST /v1/rollouts/{id}/evaluate`` runs the same
+:func:`evaluate` on demand. Gates decide pass, fail or hold (:mod:`server.gates`); thin data holds
+and never rolls back; a stage thin past its deadline waits for a person.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import update
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col, func, select
+
+from firmware_bundles.manifest import FirmwareRange
+from server import aggregate, gates, rollouts
+from server.arms import in_treatment
+from server.fleet import cohort_devices
+from server.models import (
+    Cohort,
+    Device,
+    JobLock,
+    Release,
+    Rollout,
+    RolloutDecision,
+    TelemetryBatchRecord,
+    TelemetryWindowRecord,
+)
+
+log = logging.getLogger("edgefleet.server.evaluator")
+
+EVALUATOR = "evaluator"
+#: How far before the rollout's start each device's baseline on the previous version reaches.
+BASELINE = timedelta(days=7)
+_FAILED_INSTALL = {"self-test-failed", "verify-failed", "download-failed"}
+
+
+@dataclass
+class Arms:
+    """The devices of each arm and their samples."""
+
+    treatment: list[gates.DeviceSample]
+    control: list[gates.DeviceSample]
+    expected_share: float
+
+
+def selected_devices(session: Session, rollout: Rollout) -> list[Device]:
+    """The devices the rollout's selector picks (now: later enrollees join)."""
+    selector = rollout.selector
+    query = select(Device).where(
+        col(Device.hardware_id).in_(selector["hardware_ids"]), col(Device.revoked).is_(False)
+    )
+    devices = list(session.exec(query.order_by(col(Device.id))))
+    if selector.get("cohorts"):
+        members: set[str] = set()
+        for name in selector["cohorts"]:
+            cohort = session.get(Cohort, name)
+            if cohort is not None:
+                members |= set(cohort_devices(session, cohort))
+        devices = [d for d in devices if d.id in members]
+    firmware = FirmwareRange(
+        minimum=selector.get("firmware_min", "0.0.0"), below=selector.get("firmware_below")
+    )
+    return [d for d in devices if firmware.contains(d.firmware_version)]
+
+
+def _install_outcome(device: Device, model: str, version: str) -> bool | None:
+    for entry in device.installed or []:
+        if entry.get("model") != model:
+            continue
+        if entry.get("version") == version and entry.get("last_install") in (None, "ok"):
+            return True
+        if entry.get("last_install") in _FAILED_INSTALL:
+            return False
+    return None
+
+
+def _aggregates(
+    session: Session,
+    model: str,
+    versions: dict[str, str],
+    devices: list[str],
+    start: datetime,
+    end: datetime | None,
+    relative_accuracy: float,
+) -> dict[str, dict[str, Any]]:
+    """Per device, its windows of its arm's version (``versions``: device -> version)."""
+    found: dict[str, dict[str, Any]] = {}
+    for i in range(0, len(devices), 500):
+        chunk = devices[i : i + 500]
+        query = select(TelemetryWindowRecord).where(
+            TelemetryWindowRecord.model == model,
+            col(TelemetryWindowRecord.device_id).in_(chunk),
+            col(TelemetryWindowRecord.window_start) >= start,
+        )
+        if end is not None:
+            query = query.where(col(TelemetryWindowRecord.window_start) < end)
+        for w in session.exec(query.order_by(col(TelemetryWindowRecord.id))):
+            if versions.get(w.device_id) != w.version:
+                continue
+            if aggregate.problem(w.aggregate, relative_accuracy) is not None:
+                continue
+            into = found.get(w.device_id)
+            if into is None:
+                into = found[w.device_id] = aggregate.empty(relative_accuracy)
+            aggregate.add(into, w.aggregate)
+    return found
+
+
+def _batches(session: Session, devices: list[str]) -> dict[str, tuple[int, int]]:
+    counts: dict[str, tuple[int, int]] = {}
+    for i in range(0, len(devices), 500):
+        rows = session.exec(
+            select(
+                TelemetryBatchRecord.device_id,
+                TelemetryBatchRecord.boot_epoch,
+                func.count(),
+                func.max(TelemetryBatchRecord.sequence),
+            )
+            .where(col(TelemetryBatchRecord.device_id).in_(devices[i : i + 500]))
+            .group_by(col(TelemetryBatchRecord.device_id), col(TelemetryBatchRecord.boot_epoch))
+        ).all()
+        for device_id, _, received, top in rows:
+            got, expected = counts.get(device_id, (0, 0))
+            counts[device_id] = (got + int(received), expected + int(top) + 1)
+    return counts
+
+
+def arms(session: Session, rollout: Rollout, relative_accuracy: float) -> Arms:
+    """Each arm's devices and evidence for the rollout's current stage."""
+    assert rollout.id is not None and rollout.started_at is not None
+    new = rollouts.version_of(session, rollout.version_id)
+    assert new is not None
+    stages = rollout.stages
+    percent = stages[rollout.stage]["percent"]
+    control_percent = percent
+    if percent >= 100 and rollout.stage > 0:
+        control_percent = stages[rollout.stage - 1]["percent"]
+    devices = selected_devices(session, rollout)
+    treatment = [d for d in devices if in_treatment(rollout.id, d.id, percent)]
+    control = [d for d in devices if not in_treatment(rollout.id, d.id, control_percent)]
+    previous_versions = {
+        h: v.version
+        for h, vid in rollout.previous.items()
+        if (v := rollouts.version_of(session, vid)) is not None
+    }
+    control = [d for d in control if d.hardware_id in previous_versions]
+    t_aggs = _aggregates(
+        session,
+        rollout.model_name,
+        {d.id: new.version for d in treatment},
+        [d.id for d in treatment],
+        rollout.started_at,
+        None,
+        relative_accuracy,
+    )
+    c_aggs = _aggregates(
+        session,
+        rollout.model_name,
+        {d.id: previous_versions[d.hardware_id] for d in control},
+        [d.id for d in control],
+        rollout.started_at,
+        rollout.control_until if percent >= 100 else None,
+        relative_accuracy,
+    )
+    batches = _batches(session, [d.id for d in treatment + control])
+    # Each device's own week on the previous version before the rollout: a baseline that takes
+    # the devices' own spread out of the comparison (CUPED), the same period for both arms.
+    everyone = treatment + control
+    baselines = _aggregates(
+        session,
+        rollout.model_name,
+        {
+            d.id: previous_versions[d.hardware_id]
+            for d in everyone
+            if d.hardware_id in previous_versions
+        },
+        [d.id for d in everyone],
+        rollout.started_at - BASELINE,
+        rollout.started_at,
+        relative_accuracy,
+    )
+
+    def sample(device: Device, aggs: dict[str, dict[str, Any]], install: bool) -> Any:
+        received, expected = batches.get(device.id, (0, 0))
+        return gates.DeviceSample(
+            device_id=device.id,
+            aggregate=aggs.get(device.id) or aggregate.empty(relative_accuracy),
+            baseline=baselines.get(device.id),
+            install_succeeded=(
+                _install_outcome(device, rollout.model_name, new.version) if install else None
+            ),
+            batches_received=received,
+            batches_expected=expected,
+        )
+
+    t_samples = [sample(d, t_aggs, True) for d in treatment]
+    c_samples = [sample(d, c_aggs, False) for d in control]
+    share = percent / 100
+    if not 0 < share < 1:
+        total = len(t_samples) + len(c_samples)
+        share = len(t_samples) / total if total and c_samples and t_samples else 0.5
+    return Arms(t_samples, c_samples, share)
+
+
+def evaluate(
+    session: Session, rollout: Rollout, *, now: datetime, relative_accuracy: float, actor: str
+) -> RolloutDecision:
+    """Judge the rollout's current stage, move it if the gates say so, and log the decision
+    with its figures. Only a running rollout moves; any other is judged and logged as it is.
+    """
+    found = arms(session, rollout, relative_accuracy)
+    config = gates.GateConfig.model_validate(rollout.gates)
+    verdict = gates.judge(
+        found.treatment, found.control, config, expected_treatment_share=found.expected_share
+    )
+    stage = rollout.stages[rollout.stage]
+    inferences = {
+        arm: sum(s.aggregate["inference_count"] for s in samples)
+        for arm, samples in (("treatment", found.treatment), ("control", found.control))
+    }
+    figures = {
+        "verdict": verdict.to_dict(),
+        "stage": rollout.stage + 1,
+        "percent": stage["percent"],
+        "devices": {"treatment": len(found.treatment), "control": len(found.control)},
+        "inferences": inferences,
+    }
+    before = rollout.state
+    assert rollout.stage_started_at is not None
+    in_stage = (now - rollout.stage_started_at).total_seconds()
+    if before != "running":
+        return rollouts.log(
+            session,
+            rollout,
+            actor=actor,
+            action="evaluate",
+            before=before,
+            reason=f"{rollout.state}: judged, not moved ({verdict.decision}: {verdict.reason})",
+            figures=figures,
+        )
+    if verdict.decision == "fail":
+        state = "rolled-back" if rollout.on_failure == "rollback" else "halted"
+        rollouts.move(
+            session,
+            rollout,
+            state,
+            actor=actor,
+            action="halt",
+            reason=f"gate failed: {verdict.reason}",
+            figures=figures,
+        )
+        return _last(session, rollout)
+    thin = _thin(stage, found, inferences)
+    if verdict.decision == "hold" or thin:
+        reason = thin or verdict.reason
+        if in_stage >= stage["thin_deadline_s"]:
+            rollouts.move(
+                session,
+                rollout,
+                "waiting-for-approval",
+                actor=actor,
+                action="wait",
+                reason=f"still thin after {in_stage / 3600:.1f} h: {reason}",
+                figures=figures,
+            )
+            return _last(session, rollout)
+        return rollouts.log(
+            session,
+            rollout,
+            actor=actor,
+            action="hold",
+            before=before,
+            reason=reason,
+            figures=figures,
+        )
+    if in_stage < stage["min_duration_s"]:
+        return rollouts.log(
+            session,
+            rollout,
+            actor=actor,
+            action="hold",
+            before=before,
+            reason=f"gates pass; stage minimum duration {stage['min_duration_s']} s not reached"
+            f" ({in_stage:.0f} s)",
+            figures=figures,
+        )
+    if stage["approval"]:
+        rollouts.move(
+            session,
+            rollout,
+            "waiting-for-approval",
+            actor=actor,
+            action="wait",
+            reason="gates pass; this stage needs an operator's approval",
+            figures=figures,
+        )
+        return _last(session, rollout)
+    rollouts.advance(session, rollout, actor=actor, reason="every gate passed", figures=figures)
+    if rollout.state == "completed":
+        _release(session, rollout, now)
+    return _last(session, rollout)
+
+
+def _thin(stage: dict[str, Any], found: Arms, inferences: dict[str, int]) -> str | None:
+    for arm, samples in (("treatment", found.treatment), ("control", found.control)):
+        reporting = sum(1 for s in samples if s.aggregate["inference_count"] > 0)
+        if reporting < stage["min_devices"]:
+            return f"{arm}: {reporting} devices reporting, the stage needs {stage['min_devices']}"
+        if inferences[arm] < stage["min_inferences"]:
+            return f"{arm}: {inferences[arm]} inferences, the stage needs {stage['min_inferences']}"
+    return None
+
+
+def _last(session: Session, rollout: Rollout) -> RolloutDecision:
+    session.flush()
+    return session.exec(
+        select(RolloutDecision)
+        .where(RolloutDecision.rollout_id == rollout.id)
+        .order_by(col(RolloutDecision.id).desc())
+    ).first()  # type: ignore[return-value]
+
+
+def _release(session: Session, rollout: Rollout, now: datetime) -> None:
+    """A completed rollout over whole hardware ids becomes their release."""
+    selector = rollout.selector
+    whole = not selector.get("cohorts") and selector.get("firmware_min", "0.0.0") == "0.0.0"
+    whole = whole and selector.get("firmware_below") is None
+    if not whole:
+        return  # the rollout keeps offering the version to the devices it selects
+    for h in selector["hardware_ids"]:
+        session.add(
+            Release(
+                model_name=rollout.model_name,
+                target_id=h,
+                version_id=rollout.version_id,
+                released_at=now,
+                released_by=f"rollout {rollout.id}",
+            )
+        )
+
+
+# -- the periodic job ---------------------------------------------------------------------------
+
+_HOLDER = uuid.uuid4().hex
+
+
+def take_lease(session: Session, name: str, *, now: datetime, ttl_s: float) -> bool:
+    """Take or renew the lease ``name`` for this process; False while another holds it."""
+    expires = now + timedelta(seconds=ttl_s)
+    taken = session.exec(
+        update(JobLock)
+        .where(
+            col(JobLock.name) == name,
+            (col(JobLock.holder) == _HOLDER) | (col(JobLock.expires_at) < now),
+        )
+        .values(holder=_HOLDER, expires_at=expires)
+    ).rowcount
+    if taken:
+        session.commit()
+        return True
+    try:
+        session.add(JobLock(name=name, holder=_HOLDER, expires_at=expires))
+        session.commit()
+        return True
+    except IntegrityError:
+        session.rollback()
+        return False
+
+
+def evaluate_due(session: Session, *, relative_accuracy: float, lease_s: float) -> int:
+    """Evaluate every running rollout, if this process holds the evaluator's lease; returns
+    how many were evaluated."""
+    now = datetime.now(UTC)
+    if not take_lease(session, "rollout-evaluator", now=now, ttl_s=lease_s):
+        return 0
+    done = 0
+    for rollout in session.exec(select(Rollout).where(Rollout.state == "running")).all():
+        try:
+            evaluate(
+                session, rollout, now=now, relative_accuracy=relative_accuracy, actor=EVALUATOR
+            )
+            session.commit()
+            done += 1
+        except Exception:  # one rollout's trouble must not stop the others
+            session.rollback()
+            log.exception("evaluating rollout %s failed", rollout.id)
+    return done
