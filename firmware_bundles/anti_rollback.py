@@ -58,7 +58,8 @@ class ReleaseCounters:
         self, model: str, installed: dict[str, int], confirmed: dict[str, int]
     ) -> ReleaseCounters:
         reached = min(confirmed.get(model, 0), installed.get(model, 0))
-        return ReleaseCounters(_bump(self.floors, model, reached), installed, confirmed)
+        floors = _bump(self.floors, model, reached) if reached > self.floor(model) else self.floors
+        return ReleaseCounters(floors, installed, confirmed)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready; ``release_counters`` keeps its old name (the floors) so a device's
