@@ -20,13 +20,14 @@ from sqlalchemy import event
 from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session, col, select
 
-from server.models import Bundle, ModelVersion, Pin, Release
+from server.confirmations import ConfirmedCounters, RolloutMembership, read_confirmed
+from server.models import Bundle, Confirmation, ModelVersion, Pin, Release
 
 if TYPE_CHECKING:
     from server.state import ServerState
 
 #: Tables whose rows decide what is offered; a commit that changed any of them drops the cache.
-OFFER_TABLES: tuple[type[Any], ...] = (Release, ModelVersion, Bundle, Pin)
+OFFER_TABLES: tuple[type[Any], ...] = (Release, ModelVersion, Bundle, Pin, Confirmation)
 _CHANGED = "edgefleet.offers_changed"
 
 T = TypeVar("T")
@@ -66,6 +67,10 @@ class OfferCache:
         self.generation = 0
         self._by_hardware: dict[str, _Fresh[Offers]] = {}
         self._pinned: _Fresh[frozenset[str]] | None = None
+        self._confirmed: dict[str, _Fresh[ConfirmedCounters]] = {}
+        #: Says whether a device is in a rollout, for rollout-scoped confirmations (set by the
+        #: rollout code; without it those confirmations raise no device's floor).
+        self.rollout_member: RolloutMembership | None = None
 
     def _fresh(self, entry: _Fresh[T] | None) -> T | None:
         if entry is None or time.monotonic() - entry.read_at >= self.ttl_s:
@@ -87,6 +92,14 @@ class OfferCache:
             return None
         return self.released(hardware_id)
 
+    def confirmed(self, hardware_id: str) -> ConfirmedCounters | None:
+        """The confirmations for ``hardware_id``, if read within the TTL."""
+        return self._fresh(self._confirmed.get(hardware_id))
+
+    def put_confirmed(self, generation: int, hardware_id: str, value: ConfirmedCounters) -> None:
+        if generation == self.generation:
+            self._confirmed[hardware_id] = _Fresh(time.monotonic(), value)
+
     def put_released(self, generation: int, hardware_id: str, offers: Offers) -> None:
         if generation == self.generation:
             self._by_hardware[hardware_id] = _Fresh(time.monotonic(), offers)
@@ -100,6 +113,7 @@ class OfferCache:
         self.generation += 1
         self._by_hardware = {}
         self._pinned = None
+        self._confirmed = {}
 
     def watch(self, sessions: sessionmaker[Session]) -> None:
         """Invalidate after each commit, by a session from ``sessions``, that changed a row of
@@ -130,6 +144,22 @@ async def offers_for_device(state: ServerState, device_id: str, hardware_id: str
     if cached is not None:
         return cached
     return await asyncio.to_thread(read_offers, state, device_id, hardware_id)
+
+
+async def confirmed_for_hardware(state: ServerState, hardware_id: str) -> ConfirmedCounters:
+    """The confirmations for ``hardware_id`` (docs/rollback.md), cached as the offers are."""
+    cached = state.offers.confirmed(hardware_id)
+    if cached is not None:
+        return cached
+    return await asyncio.to_thread(_read_confirmed, state, hardware_id)
+
+
+def _read_confirmed(state: ServerState, hardware_id: str) -> ConfirmedCounters:
+    generation = state.offers.generation
+    with Session(state.engine) as session:
+        value = read_confirmed(session, hardware_id)
+    state.offers.put_confirmed(generation, hardware_id, value)
+    return value
 
 
 def read_offers(state: ServerState, device_id: str, hardware_id: str) -> Offers:
