@@ -9,8 +9,8 @@ self-test; until then the previous active slot is what runs, whatever step a cra
 An install goes: :meth:`begin_install` (slot ``installing``) -> :meth:`write` -> :meth:`sync` ->
 :meth:`begin_self_test` (slot ``self-test``, recorded as the trial) -> :meth:`activate` (slot
 ``active``, the old one ``standby``) or :meth:`revert` (slot ``failed``). Going back to the
-standby slot skips the writing: :meth:`begin_switch_back` puts it on trial as it is. :meth:`recover` at
-start-up reverts a trial a crash interrupted and empties a half-written slot.
+standby slot skips the writing: :meth:`begin_switch_back` puts it on trial as it is.
+:meth:`recover` at start-up reverts a trial a crash interrupted and empties a half-written slot.
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 
 :class:`TrustedState` holds the trusted root (advanced only along its signed chain) and the
 anti-rollback counters per model (:class:`~firmware_bundles.anti_rollback.ReleaseCounters`: the
-floor rises only to a version the server confirmed and the device ran; ``docs/rollback.md``). The updater fetches bytes and saves what this returns; this
-module decides whether the bytes are trusted, in the manner of python-tuf's
-``TrustedMetadataSet``.
+floor rises only to a version the server confirmed and the device ran; ``docs/rollback.md``).
+The updater fetches bytes and saves what this returns; this module decides whether the bytes are
+trusted, in the manner of python-tuf's ``TrustedMetadataSet``.
 """
 
 from __future__ import annotations

@@ -55,7 +55,7 @@ class ReleaseCounters:
         return self._settled(model, _bump(self.installed, model, counter), self.confirmed)
 
     def _settled(
-        self, model: str, installed: dict[str, int], confirmed: dict[str, int]
+        self, model: str, installed: Mapping[str, int], confirmed: Mapping[str, int]
     ) -> ReleaseCounters:
         reached = min(confirmed.get(model, 0), installed.get(model, 0))
         floors = _bump(self.floors, model, reached) if reached > self.floor(model) else self.floors

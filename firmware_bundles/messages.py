@@ -21,7 +21,6 @@ from pydantic import (
 )
 
 from firmware_bundles.anti_rollback import ReleaseCounters
-
 from firmware_bundles.errors import (
     ExpiredError,
     ReplayError,

@@ -248,9 +248,7 @@ class ModelStore:
         info = record.slots[record.active]
         info.state = "active"
         if info.model is not None:
-            counters = record.release_counters().record_installed(
-                info.model, info.release_counter
-            )
+            counters = record.release_counters().record_installed(info.model, info.release_counter)
             record.keep(counters)
         record.confirmed, record.fallback = True, None
         save_record(self.flash, record)

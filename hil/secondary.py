@@ -2,9 +2,10 @@
 
 In Uptane's terms the ring is a Secondary: the phone (Primary) verified everything, and the
 ring checks at least the director's signature over the assignment, its own device and hardware
-ids, its nonce, the release counter against its floor (which rises only to a release the
-server confirmed and the ring ran: ``docs/rollback.md``), and the bundle's hash and length. The emulated device also checks the archive's file hashes, the manifest against the
-assignment, and that the bundle fits it, as ``docs/device-protocol.md`` asks of firmware.
+ids, its nonce, the release counter against its floor (which rises only to a release the server
+confirmed and the ring ran: ``docs/rollback.md``), and the bundle's hash and length. The
+emulated device also checks the archive's file hashes, the manifest against the assignment, and
+that the bundle fits it, as ``docs/device-protocol.md`` asks of firmware.
 """
 
 from __future__ import annotations

@@ -37,9 +37,7 @@ class ConfirmedCounters:
     fleet: Mapping[str, int] = field(default_factory=dict)
     by_rollout: Mapping[str, tuple[tuple[int, int], ...]] = field(default_factory=dict)
 
-    def counter(
-        self, model: str, device_id: str, member: RolloutMembership | None = None
-    ) -> int:
+    def counter(self, model: str, device_id: str, member: RolloutMembership | None = None) -> int:
         """The highest release counter of ``model`` confirmed for ``device_id`` (0 if none).
 
         Rollout-scoped confirmations count only where ``member`` says the device is in the
@@ -76,7 +74,9 @@ def confirmed_counter(
 ) -> int:
     """The release counter of ``model`` confirmed for ``device_id`` of ``hardware_id`` (0 if
     none), from the database or from what :func:`read_confirmed` read for that hardware id."""
-    counters = source if isinstance(source, ConfirmedCounters) else read_confirmed(source, hardware_id)
+    counters = source
+    if not isinstance(counters, ConfirmedCounters):
+        counters = read_confirmed(counters, hardware_id)
     return counters.counter(model, device_id, member)
 
 
