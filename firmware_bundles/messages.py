@@ -11,14 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import (
-    Field,
-    SerializerFunctionWrapHandler,
-    StringConstraints,
-    field_validator,
-    model_serializer,
-    model_validator,
-)
+from pydantic import Field, StringConstraints, field_validator, model_validator
 
 from firmware_bundles.anti_rollback import ReleaseCounters
 from firmware_bundles.errors import (
@@ -145,14 +138,9 @@ class AssignedBundle(Document):
     bundle_length: int = Field(gt=0)
     release_counter: int = Field(ge=0)
     download_url: str
-    confirmed_release_counter: int | None = Field(default=None, ge=0)
-
-    @model_serializer(mode="wrap")
-    def _omit_unconfirmed(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        data: dict[str, Any] = handler(self)
-        if data.get("confirmed_release_counter") is None:
-            data.pop("confirmed_release_counter", None)
-        return data
+    confirmed_release_counter: int | None = Field(
+        default=None, ge=0, exclude_if=lambda v: v is None
+    )
 
 
 #: The longest a signed answer may tell a device to wait before its next check-in (a day): even
