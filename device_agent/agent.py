@@ -323,6 +323,7 @@ class Agent:
             capabilities=self.capabilities(),
         )
         answer = self._client.check_in(credential, request)
+        counters = self._trusted.counters
         verified = self._trusted.verify_assignments(
             answer,
             device_id=self._device_id,
@@ -330,6 +331,9 @@ class Agent:
             nonce=nonce,
             now=self._clock(),
         )
+        # A confirmation heard may have raised a floor: durable before anything acts on the set.
+        if self._trusted.counters != counters:
+            self._save_counters()
         assignments = verified.assignments
         dropped = self._updater.forget_unassigned({a.model: a.bundle_sha256 for a in assignments})
         headers = {"Authorization": f"Bearer {credential}"}

@@ -8,8 +8,9 @@ self-test; until then the previous active slot is what runs, whatever step a cra
 
 An install goes: :meth:`begin_install` (slot ``installing``) -> :meth:`write` -> :meth:`sync` ->
 :meth:`begin_self_test` (slot ``self-test``, recorded as the trial) -> :meth:`activate` (slot
-``active``, the old one ``standby``) or :meth:`revert` (slot ``failed``). :meth:`recover` at
-start-up reverts a trial a crash interrupted and empties a half-written slot.
+``active``, the old one ``standby``) or :meth:`revert` (slot ``failed``). Going back to the
+standby slot skips the writing: :meth:`begin_switch_back` puts it on trial as it is.
+:meth:`recover` at start-up reverts a trial a crash interrupted and empties a half-written slot.
 """
 
 from __future__ import annotations
@@ -228,6 +229,17 @@ class SlotStore:
         record.trial = slot
         self.save(model, record)
 
+    def begin_switch_back(self, model: str, slot: SlotName) -> None:
+        """Put the intact ``standby`` slot on trial again, with no byte of it rewritten (going
+        back to the previous version, docs/rollback.md); the active slot still runs. A crash
+        during this trial leaves the slot ``standby`` again."""
+        record = self.record(model)
+        self._expect(record, model, slot, "standby")
+        record.slots[slot]["status"] = "self-test"
+        record.slots[slot]["switch_back"] = True
+        record.trial = slot
+        self.save(model, record)
+
     def activate(self, model: str, slot: SlotName) -> SlotInfo:
         """Make the trial ``slot`` active; the previous active slot becomes standby."""
         record = self.record(model)
@@ -236,6 +248,7 @@ class SlotStore:
         if previous is not None and previous != slot and previous in record.slots:
             record.slots[previous]["status"] = "standby"
         record.slots[slot]["status"] = "active"
+        record.slots[slot].pop("switch_back", None)
         record.active = slot
         record.trial = None
         record.last_install = "ok"
@@ -250,6 +263,7 @@ class SlotStore:
         record = self.record(model)
         entry = record.slots.setdefault(slot, {})
         entry["status"] = "failed"
+        entry.pop("switch_back", None)
         if record.trial == slot:
             record.trial = None
         record.last_install = outcome
@@ -300,7 +314,11 @@ class SlotStore:
             if record.trial is not None:
                 entry = record.slots.get(record.trial, {})
                 sha = str(entry.get("sha256"))
-                entry["status"] = "reverted"
+                # A standby put back on trial was never rewritten: still a good fallback.
+                intact = entry.pop("switch_back", False) and self._intact(
+                    model, record, record.trial
+                )
+                entry["status"] = "standby" if intact else "reverted"
                 record.interrupted[sha] = record.interrupted.get(sha, 0) + 1
                 record.last_install = None
                 record.last_error = (

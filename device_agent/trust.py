@@ -1,9 +1,10 @@
 """Every trust decision of a Primary (full verification), on bytes, with no I/O.
 
-:class:`TrustedState` holds the trusted root (advanced only along its signed chain) and the highest
-release counter installed per model. The updater fetches bytes and saves what this returns; this
-module decides whether the bytes are trusted, in the manner of python-tuf's
-``TrustedMetadataSet``.
+:class:`TrustedState` holds the trusted root (advanced only along its signed chain) and the
+anti-rollback counters per model (:class:`~firmware_bundles.anti_rollback.ReleaseCounters`: the
+floor rises only to a version the server confirmed and the device ran; ``docs/rollback.md``).
+The updater fetches bytes and saves what this returns; this module decides whether the bytes are
+trusted, in the manner of python-tuf's ``TrustedMetadataSet``.
 """
 
 from __future__ import annotations
@@ -33,10 +34,13 @@ from firmware_bundles import (
     parse_root,
     verify,
 )
+from firmware_bundles.anti_rollback import ReleaseCounters
 from firmware_bundles.messages import Assignment, verify_assignments
 from firmware_bundles.root import Root
 
-_COUNTERS_FORMAT = 1
+#: Format 2 adds the installed and confirmed counters; format 1's ``release_counters`` (raised
+#: at each activation under the old rule) are read as the floors, which they are.
+_COUNTERS_FORMAT = 2
 
 
 def _kind(exc: BundleError) -> TrustKind:
@@ -73,7 +77,7 @@ class TrustedAssignments:
 
 
 class TrustedState:
-    """The root a device trusts and the release counters it has installed.
+    """The root a device trusts and its anti-rollback counters.
 
     Takes bytes, makes every trust decision, does no I/O; callers persist :meth:`root_bytes` and
     :meth:`counters_to_bytes` after a change.
@@ -82,11 +86,13 @@ class TrustedState:
     def __init__(
         self,
         trusted_root: TrustedRoot,
-        release_counters: Mapping[str, int] | None = None,
+        release_counters: ReleaseCounters | Mapping[str, int] | None = None,
         catalogue: TargetCatalogue | None = None,
     ) -> None:
         self._trusted = trusted_root
-        self._counters: dict[str, int] = dict(release_counters or {})
+        if not isinstance(release_counters, ReleaseCounters):
+            release_counters = ReleaseCounters.from_floors(release_counters or {})
+        self._counters = release_counters
         self._catalogue = catalogue or TargetCatalogue.load_default()
 
     @classmethod
@@ -163,8 +169,14 @@ class TrustedState:
             raise TrustError("expired", str(exc)) from exc
 
     def release_counter(self, model: str) -> int:
-        """The highest release counter installed for ``model`` (0 if none)."""
-        return self._counters.get(model, 0)
+        """The anti-rollback floor of ``model``: no assignment below it is accepted (0 if
+        none)."""
+        return self._counters.floor(model)
+
+    @property
+    def counters(self) -> ReleaseCounters:
+        """Floors, highest installed and highest confirmed, per model."""
+        return self._counters
 
     def verify_assignments(
         self, data: bytes, *, device_id: str, hardware_id: str, nonce: str, now: datetime
@@ -173,8 +185,10 @@ class TrustedState:
 
         Checks, in order: the root has not expired, the director's signature threshold, the
         device id, the hardware id, the nonce this check-in sent and the expiry, each refusing
-        the whole answer (one signature covers every model); then each entry's release counter
-        against the highest installed for its model, refusing that entry alone.
+        the whole answer (one signature covers every model); then it hears each entry's
+        confirmed release counter (which may raise that model's floor: call
+        :meth:`counters_to_bytes` and persist if :attr:`counters` changed) and holds each entry's
+        release counter to its model's floor, refusing that entry alone.
 
         Args:
             data: The check-in answer's bytes, as received.
@@ -203,6 +217,7 @@ class TrustedState:
             )
         except BundleError as exc:
             raise TrustError(_kind(exc), str(exc)) from exc
+        self._counters = verified.counters
         refused = [
             (r.assignment, TrustError("rollback", str(r.error), r.assignment.model))
             for r in verified.refused
@@ -269,11 +284,12 @@ class TrustedState:
                 f" assignment names {assigned[0]} {assigned[1]} (release counter {assigned[2]})",
                 model,
             )
-        floor = self._counters.get(model, 0)
+        floor = self._counters.floor(model)
         if manifest.release_counter < floor:
             raise TrustError(
                 "rollback",
-                f"release counter {manifest.release_counter} is below {floor}, installed before",
+                f"release counter {manifest.release_counter} is below {floor}, the floor for"
+                f" {model}",
                 model,
             )
         target = manifest.target(target_id)
@@ -292,34 +308,35 @@ class TrustedState:
         return bundle
 
     def record_installed(self, model: str, release_counter: int) -> bool:
-        """Raise the floor for ``model`` to ``release_counter`` once it is active.
+        """Note that ``release_counter`` of ``model`` passed its self-test and is active.
+
+        The version is on trial: the floor rises only as far as the server confirmed for this
+        device (``docs/rollback.md``), so the director may still take the device back to it.
 
         Returns:
-            Whether the floor changed (and so needs persisting).
+            Whether the counters changed (and so need persisting).
         """
-        if release_counter > self._counters.get(model, 0):
-            self._counters[model] = release_counter
-            return True
-        return False
+        before = self._counters
+        self._counters = before.record_installed(model, release_counter)
+        return self._counters != before
 
     def counters_to_bytes(self) -> bytes:
-        """The release counters, to persist."""
+        """The anti-rollback counters, to persist."""
         return json.dumps(
-            {"format": _COUNTERS_FORMAT, "release_counters": dict(sorted(self._counters.items()))},
-            sort_keys=True,
+            {"format": _COUNTERS_FORMAT, **self._counters.to_dict()}, sort_keys=True
         ).encode()
 
 
-def _parse_counters(data: bytes | None) -> dict[str, int]:
+def _parse_counters(data: bytes | None) -> ReleaseCounters:
     if data is None:
-        return {}
+        return ReleaseCounters()
     try:
         doc: Any = json.loads(data)
     except ValueError as exc:
         raise TrustError("schema", f"release counters are not JSON: {exc}") from exc
-    counters = doc.get("release_counters") if isinstance(doc, dict) else None
-    if not isinstance(counters, dict) or not all(
-        isinstance(k, str) and isinstance(v, int) and v >= 0 for k, v in counters.items()
-    ):
+    if not isinstance(doc, dict) or not isinstance(doc.get("release_counters"), dict):
         raise TrustError("schema", "release counters must map model names to integers >= 0")
-    return dict(counters)
+    try:
+        return ReleaseCounters.from_dict(doc)
+    except ValueError as exc:
+        raise TrustError("schema", f"release counters: {exc}") from exc

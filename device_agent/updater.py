@@ -275,7 +275,10 @@ class Updater:
             self.slots.note_failure(model, "download-failed", str(exc))
             return self._failed(report, exc)
         try:
-            activated = self._install(assignment, bundle, data)
+            if local is not None and local.status == "standby":
+                activated = self._switch_back(assignment, bundle, local.slot)
+            else:
+                activated = self._install(assignment, bundle, data)
         except SelfTestError as exc:
             return self._failed(report, exc)
         except InstallError as exc:
@@ -402,6 +405,36 @@ class Updater:
         self.checkpoint("fsynced")
         self.slots.begin_self_test(model, slot)
         self.checkpoint("switched")
+        return self._trial(slot, assignment, bundle)
+
+    def _switch_back(
+        self, assignment: Assignment, bundle: VerifiedBundle, slot: SlotName
+    ) -> Activated:
+        """Go back to the bundle in the standby slot (re-verified from disk by the caller): no
+        download and no rewrite; on trial, self-tested, then activated (docs/rollback.md).
+
+        Raises:
+            SelfTestError: If the self-test failed (the slot is marked failed; the active one
+                keeps running).
+            InstallError: If the slot record could not be written.
+        """
+        model = assignment.model
+        try:
+            self.slots.begin_switch_back(model, slot)
+            self.checkpoint("switched")
+            return self._trial(slot, assignment, bundle)
+        except OSError as exc:
+            raise InstallError(
+                f"could not switch {model} back to slot {slot}: {exc}", model
+            ) from exc
+
+    def _trial(self, slot: SlotName, assignment: Assignment, bundle: VerifiedBundle) -> Activated:
+        """Self-test the bundle on trial in ``slot``; activate it, or revert.
+
+        Raises:
+            SelfTestError: If the self-test failed (the install is reverted).
+        """
+        model = assignment.model
         loaded, passed, detail = self._self_test(bundle, assignment.bundle_sha256)
         if loaded is None or not passed:
             self.slots.revert(model, slot, "self-test-failed", f"self-test failed: {detail}")

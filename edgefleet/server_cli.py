@@ -277,6 +277,31 @@ def withdraw(
     print_json(r) if json_out else console.print(f"withdrew {literal(model)} {literal(version)}")
 
 
+def confirm(
+    model: str,
+    version: str,
+    hardware_id: Annotated[
+        str | None,
+        typer.Option(help="Only this hardware id (default: every one it has a bundle for)."),
+    ] = None,
+    server: ServerOpt = "http://127.0.0.1:8080",
+    token: TokenOpt = "",
+    json_out: JsonFlag = False,
+) -> None:
+    """Confirm a version: devices that ran it never go below it again (docs/rollback.md)."""
+    r = _call(
+        server,
+        token,
+        "POST",
+        f"/v1/models/{model}/versions/{version}/confirm",
+        json={"hardware_id": hardware_id},
+    )
+    print_json(r) if json_out else console.print(
+        f"confirmed {literal(model)} {literal(version)} (release counter"
+        f" {literal(r['release_counter'])}) for {literal(', '.join(r['confirmed_for']))}"
+    )
+
+
 def pin(
     device: str,
     model: str,
@@ -470,6 +495,7 @@ def register(app: typer.Typer) -> None:
     app.command("publish")(publish)
     app.command("release")(release)
     app.command("withdraw")(withdraw)
+    app.command("confirm")(confirm)
     app.command("pin")(pin)
     app.add_typer(db_app, name="db")
     app.add_typer(models_app, name="models")

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, StringConstraints, field_validator, model_validator
 
+from firmware_bundles.anti_rollback import ReleaseCounters
 from firmware_bundles.errors import (
     ExpiredError,
     ReplayError,
@@ -108,6 +109,7 @@ class Assignment(Document):
     bundle_length: int = Field(gt=0)
     release_counter: int = Field(ge=0)
     download_url: str
+    confirmed_release_counter: int | None = Field(default=None, ge=0)
     issued_at: datetime
     expires_at: datetime
     nonce: str = Field(pattern=_NONCE)
@@ -122,7 +124,13 @@ class Assignment(Document):
 
 
 class AssignedBundle(Document):
-    """One model's entry in an :class:`AssignmentSet`."""
+    """One model's entry in an :class:`AssignmentSet`.
+
+    ``confirmed_release_counter``: the release counter of the newest version the server
+    confirmed for this device (``docs/rollback.md``); the device's floor for the model rises
+    to it once it has installed that far. Left out of the bytes when None (nothing confirmed),
+    so sets without it read as before.
+    """
 
     model: str = Field(min_length=1)
     version: str
@@ -130,6 +138,9 @@ class AssignedBundle(Document):
     bundle_length: int = Field(gt=0)
     release_counter: int = Field(ge=0)
     download_url: str
+    confirmed_release_counter: int | None = Field(
+        default=None, ge=0, exclude_if=lambda v: v is None
+    )
 
 
 #: The longest a signed answer may tell a device to wait before its next check-in (a day): even
@@ -205,12 +216,15 @@ class VerifiedAssignments:
             models still update.
         withheld: Models the server has for this device but does not assign, and why.
         next_check_in_s: When the director asks to hear from the device again.
+        counters: The device's counters after the set's confirmed release counters were heard
+            (floors raised first, then every entry held to them); persist them if changed.
     """
 
     assignments: list[Assignment]
     refused: list[RefusedAssignment]
     withheld: dict[str, str]
     next_check_in_s: int
+    counters: ReleaseCounters
 
 
 def verify_assignments(
@@ -221,12 +235,13 @@ def verify_assignments(
     hardware_id: str,
     nonce: str,
     now: datetime,
-    min_release_counters: Mapping[str, int] | None = None,
+    min_release_counters: ReleaseCounters | Mapping[str, int] | None = None,
 ) -> VerifiedAssignments:
     """Check a director-signed :class:`AssignmentSet` as a device must before acting on it.
 
-    The set-level checks (signature, device, hardware, nonce, expiry) refuse the whole set; an
-    entry below its model's floor is refused alone.
+    The set-level checks (signature, device, hardware, nonce, expiry) refuse the whole set.
+    Then each entry's ``confirmed_release_counter`` is heard (which may raise its model's floor,
+    never lower it: ``docs/rollback.md``), and an entry below its model's floor is refused alone.
 
     Args:
         data: The check-in answer's bytes as received (the set's envelope).
@@ -235,7 +250,8 @@ def verify_assignments(
         hardware_id: Its hardware id (catalogue target id).
         nonce: The nonce sent with the check-in.
         now: The current time.
-        min_release_counters: Per model, the highest release counter seen so far.
+        min_release_counters: The device's :class:`ReleaseCounters`, or (old callers) just its
+            floor per model.
 
     Returns:
         The entries to act on, the refused ones with their :class:`RollbackError`, and the rest
@@ -272,22 +288,30 @@ def verify_assignments(
         )
     if now >= signed.expires_at:
         raise ExpiredError(f"assignment set expired at {signed.expires_at.isoformat()}")
-    floors = min_release_counters or {}
+    counters = min_release_counters
+    if not isinstance(counters, ReleaseCounters):
+        counters = ReleaseCounters.from_floors(counters or {})
+    entries = signed.assignments()
+    for entry in entries:
+        if entry.confirmed_release_counter is not None:
+            counters = counters.hear_confirmed(entry.model, entry.confirmed_release_counter)
     accepted, refused = [], []
-    for assignment in signed.assignments():
-        floor = floors.get(assignment.model, 0)
+    for assignment in entries:
+        floor = counters.floor(assignment.model)
         if assignment.release_counter >= floor:
             accepted.append(assignment)
             continue
         error = RollbackError(
-            f"release counter {assignment.release_counter} is below {floor},"
-            f" the highest seen for {assignment.model}",
+            f"release counter {assignment.release_counter} is below {floor}, the floor for"
+            f" {assignment.model} (the last release confirmed for this device and run on it)",
             model=assignment.model,
             floor=floor,
             offered=assignment.release_counter,
         )
         refused.append(RefusedAssignment(assignment, error))
-    return VerifiedAssignments(accepted, refused, dict(signed.withheld), signed.next_check_in_s)
+    return VerifiedAssignments(
+        accepted, refused, dict(signed.withheld), signed.next_check_in_s, counters
+    )
 
 
 class EnvelopeSignature(Document):

@@ -216,7 +216,7 @@ class EmulatedDevice:
             target=self.profile.target,
             firmware_version=self.firmware.version,
             nonce=self.nonce,
-            counters=dict(self.record.counters),
+            counters=self.record.release_counters(),
         )
         digest = hashlib.sha256(envelope).digest()
         if self._nonce_used_by not in (None, digest):

@@ -8,7 +8,7 @@ assign each device the bundle under test exactly as the fleet server would: one
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -37,12 +37,21 @@ class LabDirector:
         self.valid_for_s = valid_for_s
         self.clock = clock or (lambda: datetime.now(UTC))
 
-    def assign(self, identity: IdentityResponse, archives: list[bytes], **overrides: Any) -> bytes:
+    def assign(
+        self,
+        identity: IdentityResponse,
+        archives: list[bytes],
+        *,
+        confirmed: Mapping[str, int] | None = None,
+        **overrides: Any,
+    ) -> bytes:
         """The signed envelope assigning the bundles ``archives`` to the device of ``identity``.
 
-        ``overrides`` replace fields of the set (``hardware_id``, ``nonce``, ...) so tests can
-        make a set a device must refuse.
+        ``confirmed`` names, per model, the confirmed release counter its entry carries
+        (``docs/rollback.md``); ``overrides`` replace fields of the set (``hardware_id``,
+        ``nonce``, ...) so tests can make a set a device must refuse.
         """
+        confirmed = confirmed or {}
         now = self.clock()
         entries = []
         for bundle in archives:
@@ -55,6 +64,7 @@ class LabDirector:
                     "bundle_length": len(bundle),
                     "release_counter": manifest.release_counter,
                     "download_url": f"hil://{identity.device_id}/{manifest.name}",
+                    "confirmed_release_counter": confirmed.get(manifest.name),
                 }
             )
         fields: dict[str, Any] = {

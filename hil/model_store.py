@@ -194,25 +194,34 @@ class ModelStore:
     # --- activation ---------------------------------------------------------------------
 
     def staged(self) -> bytes:
-        """The completed upload's bytes, re-read from flash.
+        """The completed upload's bytes, re-read from flash; with no upload session, the
+        standby slot's bytes (going back to the previous model without an upload).
 
         Raises:
-            Refusal: NO_BUNDLE if nothing complete is staged.
+            Refusal: NO_BUNDLE if nothing complete is staged and the inactive slot is not a
+                standby.
         """
         session = self.session
+        if session is None:
+            standby = self.record.slots[self.inactive]
+            if standby.state == "standby" and standby.length > 0:
+                return self.staged_bytes(self.inactive, standby.length)
         if session is None or not session.complete or session.slot != self.inactive:
-            raise Refusal(ModelRc.NO_BUNDLE, "no completed upload in the inactive slot")
+            raise Refusal(
+                ModelRc.NO_BUNDLE, "no completed upload and no standby model in the inactive slot"
+            )
         return self.staged_bytes(session.slot, session.length)
 
     def staged_bytes(self, slot: int, length: int) -> bytes:
         return self.flash.read(SLOT_REGIONS[slot], 0, length)
 
     def activate(self, verified: Verified) -> dict[str, Any]:
-        """Switch to the verified staged bundle, unconfirmed, the old slot as fallback."""
-        assert self.session is not None
-        slot = self.session.slot
+        """Switch to the verified staged bundle (or the standby slot), unconfirmed, the old
+        slot as fallback, keeping the counters the verification heard."""
+        slot = self.inactive if self.session is None else self.session.slot
         assignment = verified.assignment
         record = self.record
+        record.keep(verified.counters)
         previous = record.active
         record.slots[slot] = SlotRecord(
             state="testing",
@@ -238,15 +247,15 @@ class ModelStore:
         }
 
     def confirm(self) -> None:
-        """Make the testing slot permanent and raise the stored release counter."""
+        """Make the testing slot permanent (self-tested) and count it as installed; the floor
+        rises only as far as the server confirmed (docs/rollback.md)."""
         record = self.record
         assert record.active is not None
         info = record.slots[record.active]
         info.state = "active"
         if info.model is not None:
-            record.counters[info.model] = max(
-                record.counters.get(info.model, 0), info.release_counter
-            )
+            counters = record.release_counters().record_installed(info.model, info.release_counter)
+            record.keep(counters)
         record.confirmed, record.fallback = True, None
         save_record(self.flash, record)
 

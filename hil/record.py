@@ -13,6 +13,7 @@ import zlib
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from firmware_bundles.anti_rollback import ReleaseCounters
 from hil.flash import Flash
 
 RECORD_REGIONS = ("record-a", "record-b")
@@ -63,8 +64,24 @@ class DeviceRecord:
     confirmed: bool = True
     fallback: int | None = None
     slots: list[SlotRecord] = field(default_factory=lambda: [SlotRecord(), SlotRecord()])
+    #: The anti-rollback floors per model (docs/rollback.md), with the highest release
+    #: counter installed and self-tested, and the highest the director said was confirmed.
     counters: dict[str, int] = field(default_factory=dict)
+    installed_counters: dict[str, int] = field(default_factory=dict)
+    confirmed_counters: dict[str, int] = field(default_factory=dict)
     firmware: FirmwareRecord = field(default_factory=FirmwareRecord)
+
+    def release_counters(self) -> ReleaseCounters:
+        """The counters as the shared rule keeps them."""
+        return ReleaseCounters(
+            dict(self.counters), dict(self.installed_counters), dict(self.confirmed_counters)
+        )
+
+    def keep(self, counters: ReleaseCounters) -> None:
+        """Take ``counters`` into the record (the caller saves it)."""
+        self.counters = dict(counters.floors)
+        self.installed_counters = dict(counters.installed)
+        self.confirmed_counters = dict(counters.confirmed)
 
     def to_bytes(self) -> bytes:
         body = json.dumps(asdict(self), sort_keys=True, separators=(",", ":")).encode()
@@ -96,6 +113,10 @@ def _from_dict(raw: dict[str, Any]) -> DeviceRecord:
         fallback=raw["fallback"],
         slots=[SlotRecord(**s) for s in raw["slots"]],
         counters=dict(raw["counters"]),
+        # A record from before the rule: its counters rose at each confirm, so they are also
+        # the highest installed.
+        installed_counters=dict(raw.get("installed_counters", raw["counters"])),
+        confirmed_counters=dict(raw.get("confirmed_counters", {})),
         firmware=FirmwareRecord(
             primary=_image(firmware.get("primary")),
             secondary=_image(firmware.get("secondary")),

@@ -2,9 +2,10 @@
 
 In Uptane's terms the ring is a Secondary: the phone (Primary) verified everything, and the
 ring checks at least the director's signature over the assignment, its own device and hardware
-ids, its nonce, the release counter against the one it stored, and the bundle's hash and
-length. The emulated device also checks the archive's file hashes, the manifest against the
-assignment, and that the bundle fits it, as ``docs/device-protocol.md`` asks of firmware.
+ids, its nonce, the release counter against its floor (which rises only to a release the server
+confirmed and the ring ran: ``docs/rollback.md``), and the bundle's hash and length. The
+emulated device also checks the archive's file hashes, the manifest against the assignment, and
+that the bundle fits it, as ``docs/device-protocol.md`` asks of firmware.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from firmware_bundles import (
     WrongHardwareError,
     open_bundle,
 )
+from firmware_bundles.anti_rollback import ReleaseCounters
 from firmware_bundles.messages import Assignment, VerifiedAssignments, verify_assignments
 from firmware_bundles.root import Root
 from hil.errors import Refusal
@@ -41,6 +43,8 @@ class Verified:
     assignment: Assignment
     contents: BundleContents
     runtime: MicroRuntime | TflmRuntime
+    #: The device's counters after the set's confirmations were heard, to persist.
+    counters: ReleaseCounters
 
 
 @dataclass(frozen=True)
@@ -51,7 +55,7 @@ class DeviceFacts:
     target: DeviceTarget
     firmware_version: str
     nonce: str | None
-    counters: dict[str, int]
+    counters: ReleaseCounters
 
 
 def verify_activation(
@@ -59,7 +63,8 @@ def verify_activation(
 ) -> Verified:
     """Check an assignment set envelope and the staged bundle bytes, in the documented order.
 
-    The set may assign several models; the entry whose SHA-256 is the staged bundle's applies.
+    ``staged`` is a completed upload, or the standby slot's bytes when going back to it. The set
+    may assign several models; the entry whose SHA-256 is the staged bundle's applies.
     An entry below its model's release counter floor refuses that entry only, so the set still
     activates a bundle another entry names.
 
@@ -106,7 +111,7 @@ def verify_activation(
             f"{runtime.name} arena is {runtime.arena_bytes} bytes, RAM budget is"
             f" {device.target.ram_arena_bytes}",
         )
-    return Verified(assignment, contents, runtime)
+    return Verified(assignment, contents, runtime, verified.counters)
 
 
 def _check_assignments(

@@ -20,7 +20,9 @@ if TYPE_CHECKING:
 BUCKETS = 10_000
 
 #: States in which a rollout decides what its devices are offered.
-OFFERING = frozenset({"running", "paused", "waiting-for-approval", "halted", "rolled-back"})
+OFFERING = frozenset(
+    {"running", "paused", "waiting-for-approval", "halted", "rolled-back", "completed"}
+)
 #: States in which a rollout still owns its model on its hardware ids (release and withdraw of
 #: that model there are refused; another rollout of it on them too).
 OWNING = frozenset({"draft", "running", "paused", "waiting-for-approval", "halted"})

@@ -311,6 +311,7 @@ def evaluate(
     rollouts.advance(session, rollout, actor=actor, reason="every gate passed", figures=figures)
     if rollout.state == "completed":
         _release(session, rollout, now)
+        rollouts.confirm_for_rollout(session, rollout, by=actor)
     return _last(session, rollout)
 
 

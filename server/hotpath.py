@@ -4,7 +4,8 @@ Every device calls this on a timer, so it avoids the ORM and FastAPI's threadpoo
 ``UPDATE ... RETURNING`` authenticates the device by credential hash and records last-seen, nonce
 and reported state (run on the raw driver connection, SQLite in the event loop, PostgreSQL on an
 asyncio connection pool so the loop serves other requests while the database works); what the
-device is offered comes from :mod:`server.offers` (cached); and the answer is the envelope of one
+device is offered, and the release counter confirmed for it per model (``docs/rollback.md``),
+come from :mod:`server.offers` (cached); and the answer is the envelope of one
 director-signed :class:`~firmware_bundles.messages.AssignmentSet`, built by
 :func:`firmware_bundles.check_in.check_in_answer`.
 """
@@ -26,7 +27,7 @@ from server.auth import hash_token
 from server.checkin_store import Contact, DeviceRow
 from server.errors import ApiError
 from server.models import Device
-from server.offers import Offer, offers_for_device
+from server.offers import Offer, confirmed_for_hardware, offers_for_device
 from server.state import ServerState
 
 _DEVICE_COLUMNS = (
@@ -103,6 +104,7 @@ async def check_in(
     offers = await offers_for_device(
         state, device_id, device.hardware_id, request.firmware_version, running
     )
+    confirmed = await confirmed_for_hardware(state, device.hardware_id)
     bundles, withheld = [], {}
     for model, offer in sorted(offers.items()):
         reason = _why_not(
@@ -111,7 +113,8 @@ async def check_in(
         if reason is not None:
             withheld[model] = reason
             continue
-        bundles.append(_assigned(model, offer))
+        counter = confirmed.counter(model, device_id, state.offers.rollout_member)
+        bundles.append(_assigned(model, offer, counter or None))
     return check_in_answer(
         state.director_key,
         device_id=device_id,
@@ -126,9 +129,11 @@ async def check_in(
 
 
 @lru_cache(maxsize=4096)
-def _assigned(model: str, offer: Offer) -> AssignedBundle:
-    """The set's entry for an offer with a bundle, validated once per offer (offers are
-    immutable; the release cache hands out the same ones until a release changes)."""
+def _assigned(model: str, offer: Offer, confirmed: int | None) -> AssignedBundle:
+    """The set's entry for an offer with a bundle, validated once per offer and confirmed
+    counter (offers are immutable; the release cache hands out the same ones until a release
+    changes). ``confirmed`` is None while nothing is confirmed, so the entry reads as before
+    (docs/check-in.md)."""
     return AssignedBundle(
         model=model,
         version=offer.version,
@@ -136,6 +141,7 @@ def _assigned(model: str, offer: Offer) -> AssignedBundle:
         bundle_length=offer.length,
         release_counter=offer.release_counter,
         download_url=f"/v1/bundles/{offer.sha256}",
+        confirmed_release_counter=confirmed,
     )
 
 

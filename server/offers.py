@@ -21,8 +21,18 @@ from sqlalchemy import event
 from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session, col, select
 
-from server.arms import OFFERING, ArmRule, apply_rules
-from server.models import Bundle, Cohort, CohortMember, ModelVersion, Pin, Release, Rollout
+from server.arms import OFFERING, ArmRule, apply_rules, in_treatment
+from server.confirmations import ConfirmedCounters, RolloutMembership, read_confirmed
+from server.models import (
+    Bundle,
+    Cohort,
+    CohortMember,
+    Confirmation,
+    ModelVersion,
+    Pin,
+    Release,
+    Rollout,
+)
 
 if TYPE_CHECKING:
     from server.state import ServerState
@@ -36,6 +46,7 @@ OFFER_TABLES: tuple[type[Any], ...] = (
     Rollout,
     Cohort,
     CohortMember,
+    Confirmation,
 )
 _CHANGED = "edgefleet.offers_changed"
 
@@ -77,6 +88,9 @@ class OfferCache:
         self._by_hardware: dict[str, _Fresh[Offers]] = {}
         self._rules: dict[str, _Fresh[tuple[ArmRule, ...]]] = {}
         self._pinned: _Fresh[frozenset[str]] | None = None
+        self._confirmed: dict[str, _Fresh[ConfirmedCounters]] = {}
+        #: Says whether a device is in a rollout, for rollout-scoped confirmations.
+        self.rollout_member: RolloutMembership | None = self.in_rollout
 
     def _fresh(self, entry: _Fresh[T] | None) -> T | None:
         if entry is None or time.monotonic() - entry.read_at >= self.ttl_s:
@@ -109,6 +123,25 @@ class OfferCache:
             apply_rules(released, list(rules), device_id, firmware, running) if rules else released
         )
 
+    def in_rollout(self, rollout_id: int, device_id: str) -> bool:
+        """Whether the device is in rollout ``rollout_id``'s treatment arm, by the rules cached
+        for any hardware id (False when they are not cached: a rollout-scoped confirmation then
+        raises no floor, which never makes a device refuse what it is assigned)."""
+        for fresh in self._rules.values():
+            for rule in fresh.value:
+                if rule.rollout_id == rollout_id:
+                    selected = rule.cohort_devices is None or device_id in rule.cohort_devices
+                    return selected and in_treatment(rollout_id, device_id, rule.percent)
+        return False
+
+    def confirmed(self, hardware_id: str) -> ConfirmedCounters | None:
+        """The confirmations for ``hardware_id``, if read within the TTL."""
+        return self._fresh(self._confirmed.get(hardware_id))
+
+    def put_confirmed(self, generation: int, hardware_id: str, value: ConfirmedCounters) -> None:
+        if generation == self.generation:
+            self._confirmed[hardware_id] = _Fresh(time.monotonic(), value)
+
     def put_released(self, generation: int, hardware_id: str, offers: Offers) -> None:
         if generation == self.generation:
             self._by_hardware[hardware_id] = _Fresh(time.monotonic(), offers)
@@ -127,6 +160,7 @@ class OfferCache:
         self._by_hardware = {}
         self._rules = {}
         self._pinned = None
+        self._confirmed = {}
 
     def watch(self, sessions: sessionmaker[Session]) -> None:
         """Invalidate after each commit, by a session from ``sessions``, that changed a row of
@@ -165,6 +199,22 @@ async def offers_for_device(
     if cached is not None:
         return cached
     return await asyncio.to_thread(read_offers, state, device_id, hardware_id, firmware, running)
+
+
+async def confirmed_for_hardware(state: ServerState, hardware_id: str) -> ConfirmedCounters:
+    """The confirmations for ``hardware_id`` (docs/rollback.md), cached as the offers are."""
+    cached = state.offers.confirmed(hardware_id)
+    if cached is not None:
+        return cached
+    return await asyncio.to_thread(_read_confirmed, state, hardware_id)
+
+
+def _read_confirmed(state: ServerState, hardware_id: str) -> ConfirmedCounters:
+    generation = state.offers.generation
+    with Session(state.engine) as session:
+        value = read_confirmed(session, hardware_id)
+    state.offers.put_confirmed(generation, hardware_id, value)
+    return value
 
 
 def read_offers(

@@ -18,8 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sqlmodel import Session, select
 
 from firmware_bundles.manifest import SEMVER_PATTERN, check_semver
+from server import confirmations
 from server.errors import ApiError
-from server.models import Bundle, Cohort, ModelVersion, Rollout, RolloutDecision
+from server.models import Bundle, Cohort, Confirmation, ModelVersion, Rollout, RolloutDecision
 from server.offers import current_versions
 from server.registry import get_version, owning_rollout
 
@@ -223,6 +224,7 @@ def act(session: Session, rollout_id: int, action: Action, *, by: str) -> Rollou
     if action == "confirm":
         if rollout.state in ("draft", "rolled-back"):
             raise ApiError(409, f"rollout {rollout_id} is {rollout.state}: nothing to confirm")
+        confirm_for_rollout(session, rollout, by=by)
         log(
             session,
             rollout,
@@ -233,6 +235,12 @@ def act(session: Session, rollout_id: int, action: Action, *, by: str) -> Rollou
         )
         session.commit()
         return rollout
+    if action == "rollback" and _confirmed(session, rollout):
+        raise ApiError(
+            409,
+            f"rollout {rollout_id} was confirmed: its devices' anti-rollback floor may be at the"
+            " new version, so they would refuse the previous one (docs/rollback.md)",
+        )
     allowed, after = TRANSITIONS[action]
     if rollout.state not in allowed:
         raise ApiError(
@@ -305,3 +313,32 @@ def advance(
 
 def version_of(session: Session, version_id: int | None) -> ModelVersion | None:
     return None if version_id is None else session.get(ModelVersion, version_id)
+
+
+def _confirmed(session: Session, rollout: Rollout) -> bool:
+    return (
+        session.exec(select(Confirmation).where(Confirmation.rollout_id == rollout.id)).first()
+        is not None
+    )
+
+
+def confirm_for_rollout(session: Session, rollout: Rollout, *, by: str) -> None:
+    """Confirm the rollout's version for its devices (docs/rollback.md): for every device of its
+    hardware ids when it selects them all, else for the devices it selects (the caller commits;
+    ``confirm`` commits too)."""
+    selector = rollout.selector
+    whole = (
+        not selector.get("cohorts")
+        and selector.get("firmware_min", "0.0.0") == "0.0.0"
+        and selector.get("firmware_below") is None
+    )
+    version = version_of(session, rollout.version_id)
+    assert version is not None
+    confirmations.confirm(
+        session,
+        rollout.model_name,
+        version.version,
+        list(selector["hardware_ids"]),
+        by,
+        None if whole else rollout.id,
+    )

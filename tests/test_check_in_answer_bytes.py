@@ -51,6 +51,7 @@ def _random_set(rng: random.Random) -> dict[str, object]:
                 bundle_length=rng.randint(1, 2**40),
                 release_counter=rng.randint(0, 2**31),
                 download_url="/v1/bundles/" + _text(rng, rng.randint(0, 20)),
+                confirmed_release_counter=rng.choice([None, rng.randint(0, 2**31)]),
             )
             for model in sorted(models)
         ],

@@ -193,7 +193,7 @@ def test_an_entry_below_its_floor_is_refused_alone(
         floors[refused],
         entry.release_counter,
     )
-    assert f"below {floors[refused]}, the highest seen for {refused}" in str(error)
+    assert f"below {floors[refused]}, the floor for {refused}" in str(error)
 
 
 def test_an_entry_changed_after_signing_breaks_the_signature(keys: Keys) -> None:

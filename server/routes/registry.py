@@ -1,4 +1,4 @@
-"""Bundles and models: publish, download, list, release, withdraw.
+"""Bundles and models: publish, download, list, release, withdraw, confirm.
 
 Uploads are read on the event loop against their cap; verification and the database work run in
 a worker thread, so check-ins sharing the loop go on while a large bundle is checked.
@@ -10,8 +10,9 @@ from typing import Annotated, Any
 
 from anyio import to_thread
 from fastapi import APIRouter, Header, Request, Response
+from pydantic import BaseModel, Field
 
-from server import registry
+from server import confirmations, registry
 from server.bodies import read_body
 from server.deps import OperatorDep, PrincipalDep, PublisherDep, ReaderDep, SessionDep, StateDep
 from server.ranges import RangeFileResponse
@@ -157,3 +158,48 @@ def withdraw(name: str, version: str, session: SessionDep, who: OperatorDep) -> 
     """Stop assigning a version; its devices get the previous released version."""
     registry.withdraw(session=session, model=name, version=version)
     return Withdrawn(model=name, version=version, withdrawn=True)
+
+
+class ConfirmRequest(RequestBody):
+    hardware_id: str | None = Field(
+        default=None, description="Only this hardware id (default: every one it has a bundle for)."
+    )
+
+
+class Confirmed(BaseModel):
+    model: str
+    version: str
+    release_counter: int
+    confirmed_for: list[str]
+    confirmed_by: str
+
+
+@router.post("/models/{name}/versions/{version}/confirm")
+def confirm(
+    name: str,
+    version: str,
+    session: SessionDep,
+    state: StateDep,
+    who: OperatorDep,
+    body: ConfirmRequest | None = None,
+) -> Confirmed:
+    """Confirm a version for every device of a hardware id: each check-in answer then names its
+    release counter, and devices that ran it raise their anti-rollback floor to it, so nobody
+    (not even the director) takes them below it again (docs/rollback.md). A release alone does
+    not confirm."""
+    hardware_id = None if body is None else body.hardware_id
+    found, targets = confirmations.confirm(
+        session,
+        name,
+        version,
+        None if hardware_id is None else [hardware_id],
+        who.name,
+        catalogue=state.catalogue,
+    )
+    return Confirmed(
+        model=name,
+        version=version,
+        release_counter=found.release_counter,
+        confirmed_for=targets,
+        confirmed_by=who.name,
+    )

@@ -85,7 +85,13 @@ ATTACKS: list[tuple[str, Attack, type[AgentError], str | None]] = [
     ("bad-signature", _sim(director_key=SigningKey.generate()), TrustError, "signature"),
     ("wrong-device", _set(device_id="phone-android-someone-else"), TrustError, "wrong-device"),
     ("wrong-hardware", _set(hardware_id="ring-gen3"), TrustError, "wrong-hardware"),
-    ("rollback-below-release-counter", _set(release_counter=0), TrustError, "rollback"),
+    # v1 confirmed (the floor rises to 1, which v1 reached), an entry at 0 below it.
+    (
+        "rollback-below-confirmed-floor",
+        _set(release_counter=0, confirmed_release_counter=1),
+        TrustError,
+        "rollback",
+    ),
     (
         "expired-assignment",
         _set(issued_at=NOW - timedelta(hours=2), expires_at=NOW - timedelta(seconds=1)),
@@ -128,11 +134,13 @@ def test_attack_is_refused_and_v1_keeps_answering(
     assert installed.status()["models"][MODEL]["version"] == "1.0.0"
 
 
-def test_older_bundle_after_newer_is_refused_as_rollback(
+def test_older_bundle_after_newer_confirmed_is_refused_as_rollback(
     installed: Agent, sim: FleetSimulator, bundles: Bundles
 ) -> None:
+    sim.assignment_overrides["confirmed_release_counter"] = 2
     sim.assign(MODEL, bundles.v2.data)
     assert installed.check_in().installs[0].action == "installed"
+    sim.assignment_overrides.clear()  # the director-key holder leaves the confirmation out
     sim.assign(MODEL, bundles.v1.data)
     fetched = len(sim.downloads(bundles.v1.sha256))
     refused = _outcome(installed)
@@ -145,8 +153,10 @@ def test_older_bundle_after_newer_is_refused_as_rollback(
 def test_rollback_floor_survives_a_restart(
     installed: Agent, make_agent: AgentFactory, sim: FleetSimulator, bundles: Bundles
 ) -> None:
+    sim.assignment_overrides["confirmed_release_counter"] = 2
     sim.assign(MODEL, bundles.v2.data)
     installed.check_in()
+    sim.assignment_overrides.clear()
     restarted = make_agent()
     sim.assign(MODEL, bundles.v1.data)
     refused = _outcome(restarted)
@@ -203,9 +213,11 @@ def test_rollback_in_one_entry_refuses_that_model_and_installs_the_others(
     installed: Agent, sim: FleetSimulator, bundles: Bundles
 ) -> None:
     """A pin (or a withdrawal) below the device's floor for one model holds only that model."""
+    sim.assignment_overrides["confirmed_release_counter"] = 2
     sim.assign(MODEL, bundles.v2.data)
     installed.check_in()
-    sim.assign(MODEL, bundles.v1.data)  # below the floor of 2
+    sim.assignment_overrides.clear()
+    sim.assign(MODEL, bundles.v1.data)  # below the floor of 2 (v2 confirmed)
     sim.assign(OTHER_MODEL, bundles.other.data)
     result = installed.check_in()
     assert {r.model: r.action for r in result.installs} == {

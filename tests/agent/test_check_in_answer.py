@@ -40,6 +40,7 @@ EDITS: list[tuple[str, Edit]] = [
     ("bundles.0.bundle_length", lambda v: v + 1),
     ("bundles.0.release_counter", lambda v: v + 5),
     ("bundles.0.download_url", lambda v: "https://attacker.example/bundle"),
+    ("bundles.0.confirmed_release_counter", lambda v: v - 1),
 ]
 
 
@@ -70,6 +71,7 @@ def _edit(path: str, change: Edit) -> Callable[[dict[str, Any]], None]:
 def test_an_answer_edited_after_signing_is_refused(
     installed: Agent, sim: FleetSimulator, bundles: Bundles, path: str, change: Edit
 ) -> None:
+    sim.assignment_overrides["confirmed_release_counter"] = 1  # present, so it can be edited
     sim.assign(MODEL, bundles.v2.data)
     sim.tamper_answer = _edit(path, change)
     with pytest.raises(TrustError) as refused:

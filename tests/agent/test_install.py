@@ -218,9 +218,11 @@ def test_activation_recorded_before_the_counters_still_sets_the_rollback_floor(
 ) -> None:
     store = SlotStore(tmp_path / "state")
     _switched(store, bundles.v2)
-    store.activate(MODEL, "b")  # crash here: trust.json still says 1
+    store.activate(MODEL, "b")  # crash here: trust.json still says 1 installed
     restarted = make_agent()
     assert_answers(restarted, bundles.v2)
+    # v2 confirmed: the floor rises to min(2, installed), so v2 must count as installed.
+    sim.assignment_overrides["confirmed_release_counter"] = 2
     sim.assign(MODEL, bundles.v1.data)
     refused = restarted.check_in().errors[MODEL]
     assert isinstance(refused, TrustError) and refused.kind == "rollback"

@@ -56,7 +56,15 @@ def test_malformed_release_counters_are_refused(root_bytes: bytes, counters: byt
 def test_release_counters_round_trip_and_only_go_up(root_bytes: bytes) -> None:
     state = _state(root_bytes)
     assert state.record_installed(MODEL, 4) and not state.record_installed(MODEL, 3)
-    assert _state(root_bytes, state.counters_to_bytes()).release_counter(MODEL) == 4
+    assert state.release_counter(MODEL) == 0, "an activated version is on trial"
+    again = _state(root_bytes, state.counters_to_bytes())
+    assert again.counters == state.counters and again.counters.installed == {MODEL: 4}
+
+
+def test_counters_written_under_the_old_rule_keep_their_floor(root_bytes: bytes) -> None:
+    old = b'{"format": 1, "release_counters": {"%s": 3}}' % MODEL.encode()
+    state = _state(root_bytes, old)
+    assert state.release_counter(MODEL) == 3 and state.counters.installed == {MODEL: 3}
 
 
 def _next_root(keys: Keys, version: int, signers: list[SigningKey]) -> bytes:

@@ -81,7 +81,7 @@ def test_refusal_is_an_smp_v2_error_with_a_reason(tmp_path: Path, root: Root) ->
     header, body = _answer(frame)
     assert header.op == smpheader.OP.WRITE_RSP and header.command_id == 3
     assert body["err"] == {"group": 65, "rc": int(mg.ModelRc.NO_BUNDLE)}
-    assert body["rsn"] == "no completed upload in the inactive slot"
+    assert body["rsn"] == "no completed upload and no standby model in the inactive slot"
 
 
 def test_unknown_command_gets_mgmt_enotsup(tmp_path: Path, root: Root) -> None:

@@ -79,6 +79,11 @@ def test_phone_installs_its_rings_assignment_and_carries_telemetry_back(
     bundle = sample_bundle([fleet.release_key], ["ring-gen3"])
     fleet.publish(bundle)
     fleet.release("wrist-activity", "1.0.0")
+    confirmed = fleet.client.post(  # so the ring's floor rises once it ran it (docs/rollback.md)
+        "/v1/models/wrist-activity/versions/1.0.0/confirm",
+        headers=fleet.auth(fleet.token("operator")),
+    )
+    assert confirmed.status_code == 200, confirmed.text
     phone = fleet.enroll("phone-1")
     token = fleet.client.post(
         "/v1/enrollment-tokens", json={}, headers=fleet.auth(fleet.token("operator"))
@@ -132,6 +137,11 @@ def test_a_bundle_the_phone_cannot_verify_never_reaches_the_ring(
     bundle = sample_bundle([fleet.release_key], ["ring-gen3"])
     fleet.publish(bundle)
     fleet.release("wrist-activity", "1.0.0")
+    confirmed = fleet.client.post(  # so the ring's floor rises once it ran it (docs/rollback.md)
+        "/v1/models/wrist-activity/versions/1.0.0/confirm",
+        headers=fleet.auth(fleet.token("operator")),
+    )
+    assert confirmed.status_code == 200, confirmed.text
     phone = fleet.enroll("phone-1")
     token = fleet.client.post(
         "/v1/enrollment-tokens", json={}, headers=fleet.auth(fleet.token("operator"))
@@ -181,6 +191,11 @@ def test_the_rings_telemetry_survives_a_phone_restart_in_the_outbox_with_the_rin
     bundle = sample_bundle([fleet.release_key], ["ring-gen3"])
     fleet.publish(bundle)
     fleet.release("wrist-activity", "1.0.0")
+    confirmed = fleet.client.post(  # so the ring's floor rises once it ran it (docs/rollback.md)
+        "/v1/models/wrist-activity/versions/1.0.0/confirm",
+        headers=fleet.auth(fleet.token("operator")),
+    )
+    assert confirmed.status_code == 200, confirmed.text
     phone = fleet.enroll("phone-1")
     token = fleet.client.post(
         "/v1/enrollment-tokens", json={}, headers=fleet.auth(fleet.token("operator"))

@@ -237,13 +237,16 @@ def test_failed_self_test_reverts_to_the_previous_model(
     )
 
     async def body(bench: Bench) -> None:
+        confirmed = {"wrist-activity": 5}  # both confirmed: the floor follows what ran
         identity = await bench.identity()
         await bench.client.upload_model(good)
-        await bench.client.activate(bench.director.assign(identity, [good]))
+        await bench.client.activate(bench.director.assign(identity, [good], confirmed=confirmed))
         await bench.client.self_test()
         identity = await bench.identity()
         await bench.client.upload_model(bad)
-        activated = await bench.client.activate(bench.director.assign(identity, [bad]))
+        activated = await bench.client.activate(
+            bench.director.assign(identity, [bad], confirmed=confirmed)
+        )
         assert activated.state == "testing"
         with pytest.raises(DeviceRejected) as refused:
             await bench.client.self_test()
@@ -293,7 +296,8 @@ def test_a_rolled_back_entry_refuses_that_model_only(
     async def body(bench: Bench) -> None:
         identity = await bench.identity()
         await bench.client.upload_model(first)
-        await bench.client.activate(bench.director.assign(identity, [first]))
+        confirmed = {"wrist-activity": 4, "sleep-stage": 1}
+        await bench.client.activate(bench.director.assign(identity, [first], confirmed=confirmed))
         await bench.client.self_test()
         identity = await bench.identity()
         await bench.client.upload_model(older)
@@ -303,10 +307,87 @@ def test_a_rolled_back_entry_refuses_that_model_only(
         assert "wrist-activity" in refused.value.reason and "below 4" in refused.value.reason
         identity = await bench.identity()
         await bench.client.upload_model(other)
-        activated = await bench.client.activate(bench.director.assign(identity, [older, other]))
+        activated = await bench.client.activate(
+            bench.director.assign(identity, [older, other], confirmed=confirmed)
+        )
         assert (activated.model, activated.model_version) == ("sleep-stage", "1.0.0")
         await bench.client.self_test()
         slots = await bench.client.slots()
         assert slots.counters == {"wrist-activity": 4, "sleep-stage": 1}
+
+    _run(tmp_path, root, keys, body)
+
+
+# -- going back (docs/rollback.md) ----------------------------------------------------------------
+
+
+def _on_second(bench: Bench, first: bytes, second: bytes, confirmed: int | None) -> Any:
+    """The ring ran ``first`` (4), then ``second`` (5) under a set naming ``confirmed``."""
+
+    async def steps() -> None:
+        identity = await bench.identity()
+        await bench.client.upload_model(first)
+        await bench.client.activate(bench.director.assign(identity, [first]))
+        await bench.client.self_test()
+        identity = await bench.identity()
+        await bench.client.upload_model(second)
+        named = {} if confirmed is None else {"wrist-activity": confirmed}
+        await bench.client.activate(bench.director.assign(identity, [second], confirmed=named))
+        await bench.client.self_test()
+
+    return steps()
+
+
+@pytest.mark.parametrize("confirmed", [None, 4], ids=["nothing-confirmed", "first-confirmed"])
+def test_the_ring_goes_back_to_its_standby_slot_without_an_upload(
+    tmp_path: Path, root: Root, keys: Keys, confirmed: int | None
+) -> None:
+    first, second = _bundle(keys), _bundle(keys, seed=1, version="1.1.0", release_counter=5)
+
+    async def body(bench: Bench) -> None:
+        await _on_second(bench, first, second, confirmed)
+        uploads = bench.device.store.stats.upload_sessions
+        identity = await bench.identity()
+        named = {} if confirmed is None else {"wrist-activity": confirmed}
+        activated = await bench.client.activate(
+            bench.director.assign(identity, [first], confirmed=named)
+        )
+        assert (activated.slot, activated.model_version, activated.state) == (0, "1.0.0", "testing")
+        await bench.client.self_test()
+        assert bench.device.store.stats.upload_sessions == uploads, "no upload"
+        slots = await bench.client.slots()
+        assert slots.active == 0 and slots.confirmed
+        assert [s.state for s in slots.slots] == ["active", "standby"]
+        assert slots.counters.get("wrist-activity", 0) == (confirmed or 0)
+
+    _run(tmp_path, root, keys, body)
+
+
+@pytest.mark.parametrize(
+    "lie", [None, 0], ids=["confirmation-left-out", "lower-confirmation-named"]
+)
+def test_a_director_only_rollback_below_the_confirmed_version_is_refused_by_the_ring(
+    tmp_path: Path, root: Root, keys: Keys, lie: int | None
+) -> None:
+    """The second version confirmed (floor 5): a set signed with the director key alone that
+    names the first, from the standby slot or uploaded again, is refused, across a reboot."""
+    first, second = _bundle(keys), _bundle(keys, seed=1, version="1.1.0", release_counter=5)
+
+    async def body(bench: Bench) -> None:
+        await _on_second(bench, first, second, confirmed=5)
+        bench.device.boot()
+        named = {} if lie is None else {"wrist-activity": lie}
+        for upload in (False, True):
+            identity = await bench.identity()
+            if upload:
+                await bench.client.upload_model(first)
+            with pytest.raises(DeviceRejected) as refused:
+                await bench.client.activate(
+                    bench.director.assign(identity, [first], confirmed=named)
+                )
+            assert refused.value.rc == ModelRc.ROLLBACK
+            assert "wrist-activity" in refused.value.reason and "below 5" in refused.value.reason
+        slots = await bench.client.slots()
+        assert slots.active == 1 and slots.counters == {"wrist-activity": 5}
 
     _run(tmp_path, root, keys, body)

@@ -8,6 +8,7 @@ does not answer, the PostgreSQL runs are skipped with the reason in pytest's sum
 from __future__ import annotations
 
 import os
+import struct
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,6 +33,8 @@ TARGETS = {
     "ring-gen3": ("ring-gen3", "nrf52840", {"minimum": "3.0.0", "below": "4.0.0"}),
     "phone-android": ("phone", "android", {"minimum": "10.0.0"}),
 }
+#: Catalogue targets whose bundles are TFLite (rings and nRF boards).
+MICRO_TARGETS = {"ring-gen3", "ring-gen4", "devboard-nrf52840"}
 CAPS = {
     "ring-gen3": {
         "hardware_id": "ring-gen3",
@@ -141,10 +144,34 @@ class Fleet:
                 }
             ],
         )
+        files = {"model.onnx": MODEL_BYTES}
+        if target in MICRO_TARGETS:
+            # Rings take TFLite Micro bundles (the catalogue says format tflite). The server
+            # never runs the model, so a placeholder file with the manifest of one will do.
+            draft["format"] = 2
+            draft["runtime"] = {
+                **draft["runtime"],
+                "model_file": "model.tflite",
+                "format": "tflite",
+                "op_types": ["FULLY_CONNECTED", "SOFTMAX"],
+                "min_onnxruntime": None,
+                "tflite": {
+                    "tflm_version": "test",
+                    "input": {"dtype": "float32", "shape": [1, 4], "layout": "NC"},
+                    "output": {"dtype": "float32", "shape": [1, 2]},
+                },
+            }
+            draft["self_test"] = {
+                "tolerance": 1e-4,
+                "file": "self_test.bin",
+                "count": 1,
+                "inputs": [{"name": "input", "dtype": "float32", "shape": [1, 4]}],
+                "expected": [{"name": "probabilities", "dtype": "float32", "shape": [1, 2]}],
+            }
+            vector = struct.pack("<4f", 0, 0, 0, 0) + struct.pack("<2f", 0.5, 0.5)
+            files = {"model.tflite": b"TFL3" + MODEL_BYTES, "self_test.bin": vector}
         draft["runtime"] = {**draft["runtime"], **runtime}
-        return build(
-            draft, {"model.onnx": MODEL_BYTES}, [self.release_key] if keys is None else keys
-        )
+        return build(draft, files, [self.release_key] if keys is None else keys)
 
     def publish(self, data: bytes, expect: int = 201) -> dict[str, Any]:
         r = self.client.post(

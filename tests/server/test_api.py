@@ -86,7 +86,9 @@ BAD_BUNDLES = [
     ("wrongly-signed", lambda f: f.bundle(keys=[SigningKey.generate()]), "unknown key"),
     (
         "catalogue-violating",
-        lambda f: f.bundle(target="ring-gen3", op_types=["Add", "TreeEnsembleClassifier"]),
+        lambda f: f.bundle(
+            target="ring-gen3", op_types=["FULLY_CONNECTED", "TreeEnsembleClassifier"]
+        ),
         "ops not allowed: TreeEnsembleClassifier",
     ),
     ("not-a-bundle", lambda f: b"hello", "not a bundle archive"),
