@@ -71,7 +71,7 @@ def agent_on_v1(tmp: Path) -> Iterator[tuple[ServerProcess, AgentProcess, Signin
     agent: AgentProcess | None = None
     try:
         server.start()
-        key = SigningKey.from_pem((server.data_dir / "keys" / "release.pem").read_bytes())
+        key = server.release_key
         v1 = build_bundle(tmp, key, version="1.0.0", release_counter=1, seed=1)
         server.publish_and_release(v1.path, MODEL, "1.0.0")
         settings = agent_settings(server, tmp / "state", server.enroll_token())

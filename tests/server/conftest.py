@@ -24,6 +24,7 @@ from server.app import build_state, create_app, ensure_admin_token
 from server.config import Settings
 from server.db import upgrade
 from tests.conftest import MODEL_BYTES, manifest_draft
+from tests.procs import ServerProcess
 
 PG_URL = os.environ.get(
     "EDGEFLEET_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -223,3 +224,13 @@ def running_fleet(database_url: str, tmp_path: Path) -> Iterator[Fleet]:
 def fleet(database_url: str, tmp_path: Path) -> Iterator[Fleet]:
     with running_fleet(database_url, tmp_path) as running:
         yield running
+
+
+@pytest.fixture()
+def server(tmp_path: Path) -> Iterator[ServerProcess]:
+    """`edgefleet serve --init` as a user runs it: uvicorn on loopback, SQLite under tmp_path."""
+    proc = ServerProcess(data_dir=tmp_path / "data", log_dir=tmp_path)
+    try:
+        yield proc.start()
+    finally:
+        proc.stop()

@@ -30,7 +30,8 @@ CLASSES = ["rest", "move", "run"]
 DAY0 = datetime(2026, 3, 2, tzinfo=UTC)
 
 
-def publish(fleet: Fleet, name: str, version: str, counter: int = 1) -> str:
+def draft(name: str, version: str, counter: int = 1) -> dict[str, Any]:
+    """A three-class model with one input on :data:`EDGES` (a drift baseline to compare with)."""
     draft = manifest_draft(name=name, version=version, release_counter=counter)
     draft["outputs"][0]["class_labels"] = CLASSES
     draft["outputs"][0]["shape"] = [None, 3]
@@ -48,7 +49,11 @@ def publish(fleet: Fleet, name: str, version: str, counter: int = 1) -> str:
             }
         ],
     }
-    data = build(draft, {"model.onnx": MODEL_BYTES}, [fleet.release_key])
+    return draft
+
+
+def publish(fleet: Fleet, name: str, version: str, counter: int = 1) -> str:
+    data = build(draft(name, version, counter), {"model.onnx": MODEL_BYTES}, [fleet.release_key])
     return str(fleet.publish(data)["sha256"])
 
 
