@@ -25,7 +25,7 @@ from hil.device import EmulatedDevice
 from hil.director import LabDirector
 from hil.profiles import profile_for
 from hil.samples import sample_bundle
-from tests.conftest import Keys
+from tests.conftest import Keys, onnx_runtime
 
 TARGETS = ["ring-gen3"]
 
@@ -146,19 +146,7 @@ MISFITS: list[tuple[str, dict[str, Any], str]] = [
     ("not-built-for-ring", {"targets": ["ring-gen4"]}, "built for ring-gen4, not ring-gen3"),
     (
         "ram-estimate-over-arena",
-        {
-            "draft_overrides": {
-                "runtime": {
-                    "model_file": "model.onnx",
-                    "format": "onnx",
-                    "opset": 17,
-                    "op_types": ["Add", "MatMul", "Softmax"],
-                    "min_onnxruntime": "1.17.0",
-                    "precision": "float32",
-                    "ram_estimate": {"bytes": 70_000, "method": "test"},
-                }
-            }
-        },
+        {"draft_overrides": {"runtime": onnx_runtime(ram_bytes=70_000)}},
         "needs about 70000 bytes of RAM, arena is 65536",
     ),
     (

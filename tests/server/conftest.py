@@ -23,16 +23,12 @@ from firmware_bundles import SigningKey, build, new_root, sign_root
 from server.app import build_state, create_app, ensure_admin_token
 from server.config import Settings
 from server.db import upgrade
-from tests.conftest import MODEL_BYTES, manifest_draft
+from tests.conftest import MODEL_BYTES, manifest_draft, target_entry
 from tests.procs import ServerProcess
 
 PG_URL = os.environ.get(
     "EDGEFLEET_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
-TARGETS = {
-    "ring-gen3": ("ring-gen3", "nrf52840", {"minimum": "3.0.0", "below": "4.0.0"}),
-    "phone-android": ("phone", "android", {"minimum": "10.0.0"}),
-}
 CAPS = {
     "ring-gen3": {
         "hardware_id": "ring-gen3",
@@ -128,19 +124,11 @@ class Fleet:
         keys: list[SigningKey] | None = None,
         **runtime: Any,
     ) -> bytes:
-        generation, platform, firmware = TARGETS[target]
         draft = manifest_draft(
             name=name,
             version=version,
             release_counter=counter,
-            targets=[
-                {
-                    "target_id": target,
-                    "generation": generation,
-                    "platform": platform,
-                    "firmware": firmware,
-                }
-            ],
+            targets=[target_entry(target)],
         )
         draft["runtime"] = {**draft["runtime"], **runtime}
         return build(
