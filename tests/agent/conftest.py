@@ -23,7 +23,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from device_agent.agent import Agent
 from device_agent.config import AgentSettings
+from device_agent.outbox import Outbox
+from device_agent.runtime import LoadedModel
 from firmware_bundles import SigningKey, build
+from tests.agent import onnx_models as m
 from tests.agent.simulator import FakeClock, FleetSimulator
 from tests.conftest import NOW, Keys, classifier_draft, onnx_runtime, target_entry
 
@@ -150,6 +153,20 @@ def bundles(keys: Keys) -> Bundles:
         one_signature=make_bundle(keys.release[:1], version="2.0.0", counter=2, seed=2),
         other=make_bundle(keys.release, version="1.0.0", counter=1, seed=4, name=OTHER_MODEL),
     )
+
+
+@pytest.fixture()
+def outbox(tmp_path: Path) -> Iterator[Outbox]:
+    """A telemetry outbox of 1 MiB at ``tmp_path/outbox.sqlite``, closed afterwards."""
+    box = Outbox(tmp_path / "outbox.sqlite", 1 << 20)
+    yield box
+    box.close()
+
+
+@pytest.fixture(scope="module")
+def classifier() -> LoadedModel:
+    """The hand-checkable classifier of :mod:`tests.agent.onnx_models`, loaded."""
+    return m.load(m.classifier(), m.classifier_manifest())
 
 
 @pytest.fixture(scope="session")
