@@ -40,6 +40,15 @@ class Bench:
     async def identity(self) -> mg.IdentityResponse:
         return await self.client.identity()
 
+    async def install(self, bundle: bytes) -> mg.IdentityResponse:
+        """Upload, activate (a set the director signs for a fresh nonce) and self-test
+        ``bundle``; the identity that set was made for."""
+        identity = await self.identity()
+        await self.client.upload_model(bundle)
+        await self.client.activate(self.director.assign(identity, [bundle]))
+        await self.client.self_test()
+        return identity
+
 
 def _run(
     tmp_path: Path, root: Root, keys: Keys, body: Callable[[Bench], Coroutine[Any, Any, None]]
@@ -196,10 +205,7 @@ def test_a_used_nonce_is_good_for_its_own_set_only(tmp_path: Path, root: Root, k
     first, second = _bundle(keys), _bundle(keys, seed=1, version="1.1.0", release_counter=5)
 
     async def body(bench: Bench) -> None:
-        identity = await bench.identity()
-        await bench.client.upload_model(first)
-        await bench.client.activate(bench.director.assign(identity, [first]))
-        await bench.client.self_test()
+        identity = await bench.install(first)
         await bench.client.upload_model(second)
         replay = bench.director.assign(identity, [second])  # another set, the used nonce
         with pytest.raises(DeviceRejected) as refused:
@@ -225,10 +231,7 @@ def test_failed_self_test_reverts_to_the_previous_model(
     )
 
     async def body(bench: Bench) -> None:
-        identity = await bench.identity()
-        await bench.client.upload_model(good)
-        await bench.client.activate(bench.director.assign(identity, [good]))
-        await bench.client.self_test()
+        await bench.install(good)
         identity = await bench.identity()
         await bench.client.upload_model(bad)
         activated = await bench.client.activate(bench.director.assign(identity, [bad]))
@@ -253,10 +256,7 @@ def test_upload_over_an_unconfirmed_fallback_is_refused(
     first, second = _bundle(keys), _bundle(keys, seed=1, version="1.1.0", release_counter=5)
 
     async def body(bench: Bench) -> None:
-        identity = await bench.identity()
-        await bench.client.upload_model(first)
-        await bench.client.activate(bench.director.assign(identity, [first]))
-        await bench.client.self_test()
+        await bench.install(first)
         identity = await bench.identity()
         await bench.client.upload_model(second)
         await bench.client.activate(bench.director.assign(identity, [second]))
@@ -279,10 +279,7 @@ def test_a_rolled_back_entry_refuses_that_model_only(
     )
 
     async def body(bench: Bench) -> None:
-        identity = await bench.identity()
-        await bench.client.upload_model(first)
-        await bench.client.activate(bench.director.assign(identity, [first]))
-        await bench.client.self_test()
+        await bench.install(first)
         identity = await bench.identity()
         await bench.client.upload_model(older)
         with pytest.raises(DeviceRejected) as refused:
