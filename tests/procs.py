@@ -67,6 +67,18 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
     )
 
 
+def terminate(proc: subprocess.Popen[bytes], *, timeout_s: float) -> int:
+    """SIGTERM ``proc`` if it still runs and wait (SIGKILL after ``timeout_s``); its exit code."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
 def json_lines(path: Path) -> list[dict[str, Any]]:
     """The JSON objects among the lines of a log file (other lines are skipped)."""
     out = []
@@ -147,13 +159,8 @@ class ServerProcess:
         return self
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            terminate(self.proc, timeout_s=15)
         self.proc = None
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
@@ -256,14 +263,7 @@ class AgentProcess:
         """SIGTERM and wait (SIGKILL if it does not stop); the exit code."""
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        code = self.proc.returncode
+        code = terminate(self.proc, timeout_s=30)
         self.proc = None
         return code
 
