@@ -163,13 +163,21 @@ def fp16(model: bytes) -> Variant:
     return variant
 
 
+@contextlib.contextmanager
+def _model_files(model: bytes) -> Iterator[tuple[Path, Path]]:
+    """The float model in a temporary file, and the path the quantiser writes its result to
+    (onnxruntime.quantization takes paths, not bytes)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "f.onnx", Path(tmp) / "q.onnx"
+        src.write_bytes(model)
+        yield src, dst
+
+
 def int8_dynamic(model: bytes) -> Variant:
     """Dynamic int8 on MatMul/Gemm only (dynamic ConvInteger is slower than float)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    with tempfile.TemporaryDirectory() as tmp:
-        src, dst = Path(tmp) / "f.onnx", Path(tmp) / "q.onnx"
-        src.write_bytes(model)
+    with _model_files(model) as (src, dst):
         try:
             with quiet():
                 quantize_dynamic(
@@ -191,9 +199,7 @@ def int8_static(
     granularity = "per-channel" if per_channel else "per-tensor"
     name = f"int8-static-{granularity}-{method}"
     settings = CALIBRATIONS[method]
-    with tempfile.TemporaryDirectory() as tmp:
-        src, dst = Path(tmp) / "f.onnx", Path(tmp) / "q.onnx"
-        src.write_bytes(model)
+    with _model_files(model) as (src, dst):
         try:
             with quiet():
                 quantize_static(

@@ -85,22 +85,21 @@ def layout_of(input_shape: tuple[int, ...]) -> str:
     return {2: "NC", 3: "NWC", 4: "NHWC"}.get(len(input_shape), "N" + "?" * (len(input_shape) - 1))
 
 
+#: Axis order from channels-first (NCW, NCHW) to the channels-last layout onnx2tf gives the
+#: model, by the samples' rank.
+_CHANNELS_LAST = {3: (0, 2, 1), 4: (0, 2, 3, 1)}
+
+
 def to_tflite_layout(x: np.ndarray) -> np.ndarray:
     """Channels-first samples (NCW, NCHW) in the channels-last layout onnx2tf gives the model."""
-    if x.ndim == 3:
-        return np.ascontiguousarray(x.transpose(0, 2, 1))
-    if x.ndim == 4:
-        return np.ascontiguousarray(x.transpose(0, 2, 3, 1))
-    return x
+    axes = _CHANNELS_LAST.get(x.ndim)
+    return x if axes is None else np.ascontiguousarray(x.transpose(axes))
 
 
 def from_tflite_layout(x: np.ndarray) -> np.ndarray:
     """The inverse of :func:`to_tflite_layout`."""
-    if x.ndim == 3:
-        return np.ascontiguousarray(x.transpose(0, 2, 1))
-    if x.ndim == 4:
-        return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
-    return x
+    axes = _CHANNELS_LAST.get(x.ndim)
+    return x if axes is None else np.ascontiguousarray(x.transpose(np.argsort(axes)))
 
 
 def convert(model: bytes, calibration: np.ndarray, input_name: str) -> dict[str, bytes]:

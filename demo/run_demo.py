@@ -49,6 +49,13 @@ def edgefleet(*args: str, check: bool = True) -> subprocess.CompletedProcess[str
     return proc
 
 
+def pack(out: str, *keys: str) -> None:
+    """`edgefleet bundle pack` of the demo's draft and model, signed with ``keys``."""
+    signers = [arg for key in keys for arg in ("--key", key)]
+    draft = ["--manifest", "manifest.draft.json", "--file", "model.onnx"]
+    edgefleet("bundle", "pack", *draft, *signers, "--out", out)
+
+
 def train(short: bool) -> tuple[bytes, np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
     """A logistic regression on 8x8 digits, written as MatMul + Add + Softmax ONNX."""
     x, y = load_digits(return_X_y=True)
@@ -219,18 +226,7 @@ def main() -> None:
     print(f"model.onnx: {len(model)} bytes, held-out accuracy {accuracy:.3f}")
 
     step("4. Pack with one release key, add the second; each signature makes a new bundle")
-    edgefleet(
-        "bundle",
-        "pack",
-        "--manifest",
-        "manifest.draft.json",
-        "--file",
-        "model.onnx",
-        "--key",
-        "keys/release1.pem",
-        "--out",
-        "digits-1sig.efb",
-    )
+    pack("digits-1sig.efb", "keys/release1.pem")
     edgefleet("bundle", "verify", "digits-1sig.efb", "--root", "root.json", check=False)
     edgefleet(
         "bundle", "sign", "digits-1sig.efb", "--key", "keys/release2.pem", "--out", "digits.efb"
@@ -241,20 +237,7 @@ def main() -> None:
     edgefleet("bundle", "verify", "digits.efb", "--root", "root.json", "--target", "phone-android")
 
     step("6. Pack again: byte-identical (deterministic archive, no clock read)")
-    edgefleet(
-        "bundle",
-        "pack",
-        "--manifest",
-        "manifest.draft.json",
-        "--file",
-        "model.onnx",
-        "--key",
-        "keys/release1.pem",
-        "--key",
-        "keys/release2.pem",
-        "--out",
-        "again.efb",
-    )
+    pack("again.efb", "keys/release1.pem", "keys/release2.pem")
     same = Path("again.efb").read_bytes() == Path("digits.efb").read_bytes()
     print(f"identical to digits.efb: {same}")
     if not same:

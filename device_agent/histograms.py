@@ -13,13 +13,16 @@ value among the edges; the result is the same as ``searchsorted(edges, v, side="
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 
 from firmware_bundles import telemetry as sketch
 from firmware_bundles.manifest import Histogram, Manifest, TensorSpec
+
+H = TypeVar("H")
 
 
 @dataclass(frozen=True)
@@ -85,21 +88,17 @@ class TelemetryPlan:
 
     @classmethod
     def from_manifest(cls, manifest: Manifest) -> TelemetryPlan:
-        unmatched: list[str] = []
-        inputs = []
-        for hist in manifest.reference_histograms.inputs:
+        reference = manifest.reference_histograms
+
+        def input_histogram(hist: Histogram) -> InputHistogram | None:
             found = _find_input(manifest.inputs, hist)
-            if found is None:
-                unmatched.append(hist.name)
-            else:
-                inputs.append(InputHistogram(hist.name, found[0], found[1], Bins.of(hist)))
-        outputs = []
-        for hist in manifest.reference_histograms.outputs:
-            out = _find_output(manifest.outputs, hist)
-            if out is None:
-                unmatched.append(hist.name)
-            else:
-                outputs.append(out)
+            return None if found is None else InputHistogram(hist.name, *found, Bins.of(hist))
+
+        unmatched: list[str] = []
+        inputs = _matched(reference.inputs, input_histogram, unmatched)
+        outputs = _matched(
+            reference.outputs, lambda h: _find_output(manifest.outputs, h), unmatched
+        )
         if not manifest.reference_histograms.outputs:
             for spec in manifest.outputs:
                 if spec.class_labels and spec.dtype in ("float32", "float16"):
@@ -132,6 +131,21 @@ def _slice_names(spec: TensorSpec) -> list[str] | None:
             return list(spec.feature_names)
         return None if width is None else [f"feature_{i}" for i in range(width)]
     return None if width is None else [f"channel_{i}" for i in range(width)]
+
+
+def _matched(
+    hists: list[Histogram], find: Callable[[Histogram], H | None], unmatched: list[str]
+) -> list[H]:
+    """What ``find`` makes of each reference histogram; the names it finds nothing for are
+    added to ``unmatched``."""
+    found = []
+    for hist in hists:
+        made = find(hist)
+        if made is None:
+            unmatched.append(hist.name)
+        else:
+            found.append(made)
+    return found
 
 
 def _find_input(specs: list[TensorSpec], hist: Histogram) -> tuple[str, int | None] | None:

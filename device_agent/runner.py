@@ -21,17 +21,20 @@ from datetime import UTC, datetime
 from enum import Enum
 from pathlib import Path
 from types import FrameType
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
 from device_agent.agent import Agent
 from device_agent.config import AgentSettings
 from device_agent.errors import AgentError, AuthError, ConfigError, ServerUnreachable
 from device_agent.local_api import AgentAlreadyRunning, LocalApi, LocalApiServer, socket_path
+from device_agent.telemetry_upload import UploadResult
+from device_agent.updater import CheckInResult
 
 #: Exit codes of :func:`run`.
 EXIT_OK = 0
 EXIT_ENROLL_REFUSED = 2
 LOCK_FILE = "agent.lock"
+T = TypeVar("T")
 
 
 def _plain(value: Any) -> Any:
@@ -190,23 +193,26 @@ class Runner:
         else:
             self._back_off(unreachable)
 
-    def _check_in(self) -> ServerUnreachable | None:
-        """Check in and log the outcome; the error if the server could not be reached."""
+    def _step(self, event: str, step: Callable[[], T]) -> T | ServerUnreachable | None:
+        """Run one step of a round, logging a failure under ``event``: the step's result, the
+        error if the server could not be reached, or None if it answered but the step failed."""
         try:
-            result = self.agent.check_in()
+            return step()
         except ServerUnreachable as exc:
-            self.log("check-in", outcome="unreachable", message=str(exc))
+            self.log(event, outcome="unreachable", message=str(exc))
             return exc
         except AgentError as exc:
-            # The server answered (so it is reachable) but the round failed: say why and go on.
+            # The server answered (so it is reachable) but the step failed: say why and go on.
             self.log(
-                "check-in",
-                outcome="error",
-                type=type(exc).__name__,
-                message=str(exc),
-                **_fields(exc),
+                event, outcome="error", type=type(exc).__name__, message=str(exc), **_fields(exc)
             )
             return None
+
+    def _check_in(self) -> ServerUnreachable | None:
+        """Check in and log the outcome; the error if the server could not be reached."""
+        result = self._step("check-in", self.agent.check_in)
+        if not isinstance(result, CheckInResult):
+            return result
         record = _plain(result)
         installs = record.pop("installs", []) if isinstance(record, dict) else []
         models = {i.get("model"): i.get("action") for i in installs if isinstance(i, dict)}
@@ -220,14 +226,9 @@ class Runner:
 
     def _upload(self) -> ServerUnreachable | None:
         """Upload closed telemetry windows and log the outcome; the error if offline."""
-        try:
-            result = self.agent.upload_telemetry()
-        except ServerUnreachable as exc:
-            self.log("upload", outcome="unreachable", message=str(exc))
-            return exc
-        except AgentError as exc:
-            self.log("upload", outcome="error", type=type(exc).__name__, message=str(exc))
-            return None
+        result = self._step("upload", self.agent.upload_telemetry)
+        if not isinstance(result, UploadResult):
+            return result
         record = _plain(result)
         self.log("upload", outcome="ok", **(record if isinstance(record, dict) else {}))
         return None

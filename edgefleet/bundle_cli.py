@@ -96,12 +96,7 @@ def bundle_pack(
     keys = [load_signing_key(p) for p in key]
     with bundle_errors(f"{manifest}: "):
         data = build(draft, files, keys)
-    write_file(out, data)
-    ident = bundle_id(data)
-    if json_out:
-        print_json({"bundle": str(out), "sha256": ident, "bytes": len(data)})
-    else:
-        console.print(f"packed {literal(out)}: {len(data)} bytes, sha256 {ident}")
+    _write_bundle(out, data, "packed", json_out)
 
 
 def parse_or_fail(data: bytes, path: Path) -> Any:
@@ -122,12 +117,17 @@ def bundle_sign(
     with bundle_errors(f"{bundle}: "):
         for path in key:
             data = add_signature(data, load_signing_key(path))
+    _write_bundle(out, data, "signed", json_out)
+
+
+def _write_bundle(out: Path, data: bytes, done: str, json_out: bool) -> None:
+    """Write a new bundle to ``out`` and say what was ``done`` (its size and SHA-256)."""
     write_file(out, data)
     ident = bundle_id(data)
     if json_out:
         print_json({"bundle": str(out), "sha256": ident, "bytes": len(data)})
     else:
-        console.print(f"signed {literal(out)}: sha256 {ident}")
+        console.print(f"{done} {literal(out)}: {len(data)} bytes, sha256 {ident}")
 
 
 def _summary(contents: BundleContents) -> dict[str, Any]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from device_agent.fsutil import write_atomic
 from firmware_bundles import BundleError, SigningKey
 
 console = Console(soft_wrap=True)
@@ -42,12 +42,17 @@ def read_file(path: Path, what: str) -> bytes:
     """Read a file, exiting with a message naming ``what`` if it cannot be read."""
     try:
         return path.read_bytes()
-    except FileNotFoundError:
-        fail(f"{what} {path} does not exist", 2)
-    except IsADirectoryError:
-        fail(f"{what} {path} is a directory", 2)
     except OSError as exc:
-        fail(f"cannot read {what} {path}: {exc.strerror}", 2)
+        _cannot_read(path, what, exc)
+
+
+def _cannot_read(path: Path, what: str, exc: OSError) -> NoReturn:
+    """Exit with a message naming ``what`` and why ``path`` could not be read."""
+    if isinstance(exc, FileNotFoundError):
+        fail(f"{what} {path} does not exist", 2)
+    if isinstance(exc, IsADirectoryError):
+        fail(f"{what} {path} is a directory", 2)
+    fail(f"cannot read {what} {path}: {exc.strerror}", 2)
 
 
 class Feedable(Protocol):
@@ -69,12 +74,8 @@ def feed_file(path: Path, what: str, reader: Feedable) -> None:
         with path.open("rb") as fh:
             while chunk := fh.read(reader.wants()):
                 reader.feed(chunk)
-    except FileNotFoundError:
-        fail(f"{what} {path} does not exist", 2)
-    except IsADirectoryError:
-        fail(f"{what} {path} is a directory", 2)
     except OSError as exc:
-        fail(f"cannot read {what} {path}: {exc.strerror}", 2)
+        _cannot_read(path, what, exc)
 
 
 def write_file(path: Path, data: bytes, *, private: bool = False, force: bool = True) -> None:
@@ -82,17 +83,7 @@ def write_file(path: Path, data: bytes, *, private: bool = False, force: bool = 
     if path.exists() and not force:
         fail(f"{path} exists; pass --force to overwrite it", 2)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_atomic(path, data, 0o600 if private else 0o644)
 
 
 def load_signing_key(path: Path) -> SigningKey:

@@ -7,8 +7,14 @@ from pathlib import Path
 import numpy as np
 
 
-def split_and_save(x: np.ndarray, y: np.ndarray, out: Path, seed: int = 0) -> dict[str, Path]:
-    """Shuffle with ``seed``; 70% train, 30% eval; calibration = the first 256 training rows."""
+def split_and_save(
+    x: np.ndarray, y: np.ndarray, out: Path, seed: int = 0
+) -> tuple[np.lib.npyio.NpzFile, np.lib.npyio.NpzFile]:
+    """Shuffle with ``seed``; 70% train, 30% eval; calibration = the first 256 training rows.
+
+    Writes ``train.npz``, ``eval.npz`` and ``calibration.npz`` into ``out``; returns the train
+    and eval files as written (``X`` and ``y``), so a script trains on exactly what it saved.
+    """
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(x))
     x, y = x[order].astype(np.float32), y[order]
@@ -22,4 +28,4 @@ def split_and_save(x: np.ndarray, y: np.ndarray, out: Path, seed: int = 0) -> di
     }.items():
         paths[name] = out / f"{name}.npz"
         np.savez(paths[name], X=xs, y=ys)
-    return paths
+    return np.load(paths["train"]), np.load(paths["eval"])

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import joblib
-import numpy as np
 from sklearn.datasets import load_breast_cancer
 from sklearn.ensemble import RandomForestClassifier
 
@@ -25,9 +24,7 @@ def main() -> None:
     parser.add_argument("--trees", type=int, default=100)
     args = parser.parse_args()
     x, y = load_breast_cancer(return_X_y=True)
-    paths = split_and_save(x, y, args.out)
-    train = np.load(paths["train"])
-    held_out = np.load(paths["eval"])
+    train, held_out = split_and_save(x, y, args.out)
     model = RandomForestClassifier(n_estimators=args.trees, max_depth=8, random_state=0, n_jobs=1)
     model.fit(train["X"], train["y"])
     joblib.dump(model, args.out / "model.joblib")

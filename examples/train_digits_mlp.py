@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import joblib
-import numpy as np
 from sklearn.datasets import load_digits
 from sklearn.neural_network import MLPClassifier
 from sklearn.pipeline import Pipeline
@@ -29,9 +28,7 @@ def main() -> None:
     parser.add_argument("--max-iter", type=int, default=300)
     args = parser.parse_args()
     x, y = load_digits(return_X_y=True)
-    paths = split_and_save(x, y, args.out)
-    train = np.load(paths["train"])
-    held_out = np.load(paths["eval"])
+    train, held_out = split_and_save(x, y, args.out)
     model = Pipeline(
         [
             ("scale", StandardScaler()),

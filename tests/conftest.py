@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -17,65 +18,119 @@ NOW = datetime(2026, 6, 1, tzinfo=UTC)
 MODEL_BYTES = bytes(range(256)) * 40
 
 
-def manifest_draft(files: dict[str, bytes] | None = None, **overrides: Any) -> dict[str, Any]:
-    """A valid manifest draft (every field but files) for a tiny float model."""
-    model = (files or {"model.onnx": MODEL_BYTES}).get("model.onnx", MODEL_BYTES)
-    draft: dict[str, Any] = {
-        "name": "wrist-activity",
-        "version": "1.2.3",
-        "release_counter": 7,
+#: Catalogue targets the tests build for: generation, platform and firmware range.
+TARGETS: dict[str, tuple[str, str, dict[str, str]]] = {
+    "phone-android": ("phone", "android", {"minimum": "10.0.0"}),
+    "ring-gen3": ("ring-gen3", "nrf52840", {"minimum": "3.0.0", "below": "4.0.0"}),
+}
+
+
+def target_entry(target_id: str) -> dict[str, Any]:
+    """A manifest's ``targets`` entry for one of :data:`TARGETS`."""
+    generation, platform, firmware = TARGETS[target_id]
+    return {
+        "target_id": target_id,
+        "generation": generation,
+        "platform": platform,
+        "firmware": dict(firmware),
+    }
+
+
+def onnx_runtime(
+    op_types: tuple[str, ...] = ("Add", "MatMul", "Softmax"),
+    *,
+    ram_bytes: int = 4096,
+    method: str = "test",
+) -> dict[str, Any]:
+    """A manifest's ``runtime`` for a float32 ``model.onnx`` at opset 17."""
+    return {
+        "model_file": "model.onnx",
+        "format": "onnx",
+        "opset": 17,
+        "op_types": list(op_types),
+        "min_onnxruntime": "1.17.0",
+        "precision": "float32",
+        "ram_estimate": {"bytes": ram_bytes, "method": method},
+    }
+
+
+def classifier_draft(
+    model: bytes,
+    *,
+    classes: list[str],
+    features: int,
+    vectors: list[tuple[list[list[float]], list[list[float]]]],
+    input_histograms: list[dict[str, Any]],
+    label_counts: list[int],
+    name: str = "wrist-activity",
+    version: str = "1.2.3",
+    release_counter: int = 7,
+    targets: list[dict[str, Any]] | None = None,
+    runtime: dict[str, Any] | None = None,
+    feature_names: list[str] | None = None,
+    accuracy: float = 0.95,
+    tolerance: float = 1e-4,
+) -> dict[str, Any]:
+    """A manifest draft (every field but files) for a float classifier ``input`` [N, features]
+    -> ``probabilities`` [N, len(classes)]; ``vectors`` are (input rows, expected rows) pairs."""
+    tensor: dict[str, Any] = {"name": "input", "dtype": "float32", "shape": [None, features]}
+    if feature_names is not None:
+        tensor["feature_names"] = feature_names
+    draft = {
+        "name": name,
+        "version": version,
+        "release_counter": release_counter,
         "created_at": "2026-01-01T00:00:00+00:00",
         "task": "classification",
-        "targets": [
-            {
-                "target_id": "phone-android",
-                "generation": "phone",
-                "platform": "android",
-                "firmware": {"minimum": "10.0.0"},
-            },
-        ],
-        "runtime": {
-            "model_file": "model.onnx",
-            "format": "onnx",
-            "opset": 17,
-            "op_types": ["Add", "MatMul", "Softmax"],
-            "min_onnxruntime": "1.17.0",
-            "precision": "float32",
-            "ram_estimate": {"bytes": 4096, "method": "test"},
-        },
-        "inputs": [{"name": "input", "dtype": "float32", "shape": [None, 4]}],
+        "targets": targets or [target_entry("phone-android")],
+        "runtime": runtime or onnx_runtime(),
+        "inputs": [tensor],
         "outputs": [
             {
                 "name": "probabilities",
                 "dtype": "float32",
-                "shape": [None, 2],
-                "class_labels": ["rest", "move"],
+                "shape": [None, len(classes)],
+                "class_labels": classes,
             }
         ],
         "quantisation": {"scheme": "float32", "quantised_ops": 0},
-        "metrics": {"accuracy": 0.95},
+        "metrics": {"accuracy": accuracy},
         "reference_histograms": {
-            "inputs": [{"name": "x0", "kind": "numeric", "edges": [0.0, 1.0], "counts": [1, 2, 3]}],
+            "inputs": input_histograms,
             "outputs": [
                 {
                     "name": "label",
                     "kind": "categorical",
-                    "categories": ["rest", "move"],
-                    "counts": [5, 5, 0],
+                    "categories": classes,
+                    "counts": label_counts,
                 }
             ],
         },
         "self_test": {
-            "tolerance": 1e-4,
+            "tolerance": tolerance,
             "vectors": [
-                {
-                    "inputs": {"input": [[0.0, 0.0, 0.0, 0.0]]},
-                    "expected": {"probabilities": [[0.5, 0.5]]},
-                }
+                {"inputs": {"input": x}, "expected": {"probabilities": y}} for x, y in vectors
             ],
         },
         "provenance": {"source_model_sha256": hashlib.sha256(model).hexdigest()},
     }
+    # A copy, so a test that edits one list (class labels, categories) edits only that one.
+    return copy.deepcopy(draft)
+
+
+def manifest_draft(files: dict[str, bytes] | None = None, **overrides: Any) -> dict[str, Any]:
+    """A valid manifest draft (every field but files) for a tiny float model."""
+    model = (files or {"model.onnx": MODEL_BYTES}).get("model.onnx", MODEL_BYTES)
+    draft = classifier_draft(
+        model,
+        classes=["rest", "move"],
+        features=4,
+        vectors=[([[0.0, 0.0, 0.0, 0.0]], [[0.5, 0.5]])],
+        input_histograms=[
+            {"name": "x0", "kind": "numeric", "edges": [0.0, 1.0], "counts": [1, 2, 3]}
+        ],
+        label_counts=[5, 5, 0],
+    )
     draft.update(overrides)
     return draft
 

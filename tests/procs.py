@@ -18,6 +18,8 @@ from typing import Any, TypeVar
 
 import httpx
 
+from firmware_bundles import SigningKey
+
 T = TypeVar("T")
 #: How long a test waits for a state it expects; generous, since CI machines are shared.
 DEADLINE_S = 60.0
@@ -65,6 +67,18 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
     )
 
 
+def terminate(proc: subprocess.Popen[bytes], *, timeout_s: float) -> int:
+    """SIGTERM ``proc`` if it still runs and wait (SIGKILL after ``timeout_s``); its exit code."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
 def json_lines(path: Path) -> list[dict[str, Any]]:
     """The JSON objects among the lines of a log file (other lines are skipped)."""
     out = []
@@ -79,12 +93,18 @@ def json_lines(path: Path) -> list[dict[str, Any]]:
 
 @dataclass
 class ServerProcess:
-    """`edgefleet serve --init` on loopback, stoppable and restartable on the same port and data."""
+    """`edgefleet serve --init` on loopback, stoppable and restartable on the same port and data.
+
+    ``init=False`` starts on trust material that is already there (no admin token is printed);
+    ``serve_args`` are further `serve` options (``--database-url``, ``--log-level``).
+    """
 
     data_dir: Path
     log_dir: Path
     port: int = field(default_factory=free_port)
     admin_token: str = ""
+    init: bool = True
+    serve_args: tuple[str, ...] = ()
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
 
@@ -100,22 +120,19 @@ class ServerProcess:
         """The server's JSON request log lines, over every start."""
         return [r for log in self.logs for r in json_lines(log) if "path" in r]
 
+    @property
+    def release_key(self) -> SigningKey:
+        """The release key `serve --init` made for the development root."""
+        return SigningKey.from_pem((self.data_dir / "keys" / "release.pem").read_bytes())
+
     def start(self) -> ServerProcess:
         self.starts += 1
         log = self.log_dir / f"server-{self.starts}.log"
+        init = ["--init"] if self.init else []
+        where = ["--data-dir", str(self.data_dir), "--port", str(self.port)]
         with log.open("wb") as out:
             self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "edgefleet",
-                    "serve",
-                    "--init",
-                    "--data-dir",
-                    str(self.data_dir),
-                    "--port",
-                    str(self.port),
-                ],
+                [sys.executable, "-m", "edgefleet", "serve", *init, *where, *self.serve_args],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, "COLUMNS": "200"},
@@ -142,13 +159,8 @@ class ServerProcess:
         return self
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            terminate(self.proc, timeout_s=15)
         self.proc = None
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
@@ -167,18 +179,36 @@ class ServerProcess:
         assert r.status_code < 400, r.text
         return r.json()
 
-    def publish_and_release(self, bundle: Path, model: str, version: str) -> str:
-        """Publish a bundle file and release its version; its SHA-256."""
+    def publish(self, bundle: Path) -> str:
+        """Publish a bundle file with `edgefleet publish`; its SHA-256."""
         published = self.cli("publish", str(bundle), "--json")
         assert published.returncode == 0, published.stderr
+        return str(json.loads(published.stdout)[0]["sha256"])
+
+    def publish_and_release(self, bundle: Path, model: str, version: str) -> str:
+        """Publish a bundle file and release its version; its SHA-256."""
+        sha = self.publish(bundle)
         released = self.cli("release", model, version)
         assert released.returncode == 0, released.stderr
-        return str(json.loads(published.stdout)[0]["sha256"])
+        return sha
 
     def enroll_token(self, max_uses: int = 10) -> str:
         created = self.cli("tokens", "enroll", "--max-uses", str(max_uses), "--json")
         assert created.returncode == 0, created.stderr
         return str(json.loads(created.stdout)["token"])
+
+    def enroll(self, device_id: str, capabilities: dict[str, Any]) -> str:
+        """Enroll ``device_id`` over HTTP with a fresh token; its credential."""
+        enrolled = httpx.post(
+            f"{self.url}/v1/devices/enroll",
+            json={
+                "enroll_token": self.enroll_token(),
+                "device_id": device_id,
+                "capabilities": capabilities,
+            },
+        )
+        assert enrolled.status_code == 201, enrolled.text
+        return str(enrolled.json()["credential"])
 
 
 @dataclass
@@ -233,14 +263,7 @@ class AgentProcess:
         """SIGTERM and wait (SIGKILL if it does not stop); the exit code."""
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        code = self.proc.returncode
+        code = terminate(self.proc, timeout_s=30)
         self.proc = None
         return code
 

@@ -58,48 +58,28 @@ def _manifest_of(bundle: bytes) -> bytes:
         return member.read()
 
 
+def _manifest_then_model(path: Path, manifest: bytes, model_size: int, hole: int) -> Path:
+    """The signed manifest member, then a ``model.onnx`` header claiming ``model_size`` bytes,
+    then ``hole`` zero bytes (what the file really holds after that header)."""
+    head = [_header("manifest.json", len(manifest)), manifest, _pad(len(manifest))]
+    return _write(path, [*head, _header("model.onnx", model_size), hole])
+
+
 def _huge_member(tmp: Path, manifest: bytes) -> Path:
     """A 300 MB model member (over the 256 MiB member cap)."""
     size = 300 * MB
-    return _write(
-        tmp / "huge-member.efb",
-        [
-            _header("manifest.json", len(manifest)),
-            manifest,
-            _pad(len(manifest)),
-            _header("model.onnx", size),
-            size + _pad(size) + 1024,
-        ],
-    )
+    return _manifest_then_model(tmp / "huge-member.efb", manifest, size, size + _pad(size) + 1024)
 
 
 def _lying_header(tmp: Path, manifest: bytes) -> Path:
     """A header claiming a 1 TiB member in a 300 MB file."""
-    return _write(
-        tmp / "lying-header.efb",
-        [
-            _header("manifest.json", len(manifest)),
-            manifest,
-            _pad(len(manifest)),
-            _header("model.onnx", 1 << 40),
-            300 * MB,
-        ],
-    )
+    return _manifest_then_model(tmp / "lying-header.efb", manifest, 1 << 40, 300 * MB)
 
 
 def _longer_than_manifest(tmp: Path, manifest: bytes) -> Path:
     """A 200 MB model member (under the cap) where the manifest says 10,240 bytes."""
     size = 200 * MB
-    return _write(
-        tmp / "longer-than-manifest.efb",
-        [
-            _header("manifest.json", len(manifest)),
-            manifest,
-            _pad(len(manifest)),
-            _header("model.onnx", size),
-            size + 1024,
-        ],
-    )
+    return _manifest_then_model(tmp / "longer-than-manifest.efb", manifest, size, size + 1024)
 
 
 def _huge_manifest(tmp: Path, manifest: bytes) -> Path:
@@ -119,17 +99,7 @@ def _wrong_hash_at_length(tmp: Path, keys: Keys) -> Path:
     size = 200 * MB
     draft = manifest_draft()
     signed = build(draft, {"model.onnx": b"\x01" * size}, keys.release)
-    manifest = _manifest_of(signed)
-    return _write(
-        tmp / "wrong-hash.efb",
-        [
-            _header("manifest.json", len(manifest)),
-            manifest,
-            _pad(len(manifest)),
-            _header("model.onnx", size),
-            size + 1024,
-        ],
-    )
+    return _manifest_then_model(tmp / "wrong-hash.efb", _manifest_of(signed), size, size + 1024)
 
 
 #: Runs the real CLI and, at exit, writes its own peak RSS (VmHWM of this process image; the

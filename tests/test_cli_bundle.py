@@ -55,19 +55,16 @@ def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
-def pack(*keys: str, out: str = "b.efb") -> tuple[int, str]:
+def pack_args(
+    *keys: str, manifest: str = "draft.json", file: str = "model.onnx", out: str = "b.efb"
+) -> list[str]:
+    """`bundle pack` of ``manifest`` and ``file``, signed with ``keys``, to ``out``."""
     key_args = [a for k in keys for a in ("--key", k)]
-    return run(
-        "bundle",
-        "pack",
-        "--manifest",
-        "draft.json",
-        "--file",
-        "model.onnx",
-        *key_args,
-        "--out",
-        out,
-    )
+    return ["bundle", "pack", "--manifest", manifest, "--file", file, *key_args, "--out", out]
+
+
+def pack(*keys: str, out: str = "b.efb") -> tuple[int, str]:
+    return run(*pack_args(*keys, out=out))
 
 
 def test_private_key_is_0600(workspace: Path) -> None:
@@ -114,51 +111,9 @@ def test_verify_for_a_target_it_was_not_built_for(workspace: Path) -> None:
         ),
         (["bundle", "verify", "draft.json", "--root", "root.json"], "not a bundle archive"),
         (["bundle", "verify", "model.onnx", "--root", "draft.json"], "invalid root"),
-        (
-            [
-                "bundle",
-                "pack",
-                "--manifest",
-                "model.onnx",
-                "--file",
-                "model.onnx",
-                "--key",
-                "rel1.pem",
-                "--out",
-                "x.efb",
-            ],
-            "not valid JSON",
-        ),
-        (
-            [
-                "bundle",
-                "pack",
-                "--manifest",
-                "draft.json",
-                "--file",
-                "model.onnx",
-                "--key",
-                "rel1.pem.pub",
-                "--out",
-                "x.efb",
-            ],
-            "not a PEM private key",
-        ),
-        (
-            [
-                "bundle",
-                "pack",
-                "--manifest",
-                "draft.json",
-                "--file",
-                "nope.onnx",
-                "--key",
-                "rel1.pem",
-                "--out",
-                "x.efb",
-            ],
-            "file nope.onnx does not exist",
-        ),
+        (pack_args("rel1.pem", manifest="model.onnx", out="x.efb"), "not valid JSON"),
+        (pack_args("rel1.pem.pub", out="x.efb"), "not a PEM private key"),
+        (pack_args("rel1.pem", file="nope.onnx", out="x.efb"), "file nope.onnx does not exist"),
         (["root", "init", "--out", "r.json", "--root-key", "root.pem"], "no keys for role"),
         (
             [

@@ -55,14 +55,7 @@ async def check_in(device_id: DeviceId, body: CheckInRequest, request: Request) 
 @router.post("/enroll", status_code=201)
 def enroll(body: EnrollRequest, session: SessionDep, state: StateDep) -> EnrollResult:
     """Enroll with an enrollment token; returns the device's credential (shown once)."""
-    credential = fleet.enroll(
-        session=session,
-        state=state,
-        enroll_token=body.enroll_token,
-        device_id=body.device_id,
-        capabilities=body.capabilities,
-    )
-    return EnrollResult(device_id=body.device_id, credential=credential)
+    return _enroll(session, state, body)
 
 
 @router.post("/{relay_id}/relay-enroll", status_code=201)
@@ -76,15 +69,22 @@ def relay_enroll(
     """A phone enrolls its ring: the ring is recorded as paired with the phone."""
     if caller.id != relay_id:
         raise ApiError(403, f"device {caller.id} may not relay as {relay_id}")
+    return _enroll(session, state, body, relay_id=caller.id)
+
+
+def _enroll(
+    session: SessionDep, state: StateDep, body: EnrollRequest, relay_id: str | None = None
+) -> EnrollResult:
+    """Enroll ``body``'s device (paired with ``relay_id`` when a relay enrolls it)."""
     credential = fleet.enroll(
         session=session,
         state=state,
         enroll_token=body.enroll_token,
         device_id=body.device_id,
         capabilities=body.capabilities,
-        relay_id=caller.id,
+        relay_id=relay_id,
     )
-    return EnrollResult(device_id=body.device_id, credential=credential, relay_id=caller.id)
+    return EnrollResult(device_id=body.device_id, credential=credential, relay_id=relay_id)
 
 
 @router.delete("/{device_id}/pairing")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Depends, Query
 
 from server import metrics
 from server.auth import PERMISSIONS, Principal
@@ -21,7 +21,6 @@ from server.schemas import (
     VersionDrift,
     VersionMetrics,
 )
-from server.state import ServerState
 
 router = APIRouter(prefix="/v1", tags=["metrics"], responses=REFUSALS)
 
@@ -53,20 +52,24 @@ ToQuery = Annotated[
 
 
 def _span(
-    state: ServerState,
+    state: StateDep,
     name: str,
     version: str,
-    hardware_id: str | None,
-    start: str | None,
-    end: str | None,
+    hardware_id: HardwareQuery = None,
+    start: FromQuery = None,
+    to: ToQuery = None,
 ) -> metrics.Span:
+    """The version and event-time span a figures route is asked about (path and query)."""
     if hardware_id is not None and hardware_id not in state.catalogue.targets:
         raise ApiError(
             400,
             f"unknown hardware id {hardware_id!r}; known: "
             + ", ".join(sorted(state.catalogue.targets)),
         )
-    return metrics.make_span(name, version, hardware_id, start, end, now=datetime.now(UTC))
+    return metrics.make_span(name, version, hardware_id, start, to, now=datetime.now(UTC))
+
+
+SpanDep = Annotated[metrics.Span, Depends(_span)]
 
 
 def _public(span: metrics.Span) -> SpanPublic:
@@ -86,19 +89,14 @@ def _privileged(who: Principal) -> bool:
 
 @router.get("/models/{name}/versions/{version}/metrics")
 def version_metrics(
-    name: str,
-    version: str,
     session: SessionDep,
     state: StateDep,
     who: ReaderDep,
-    hardware_id: HardwareQuery = None,
-    start: FromQuery = None,
-    to: ToQuery = None,
+    span: SpanDep,
     by: Literal["day", "none"] = "day",
 ) -> VersionMetrics:
     """Inferences, devices, error and self-test failure rates, latency quantiles, outputs,
     feedback, accuracy from labels and completeness, in total and per event-time day."""
-    span = _span(state, name, version, hardware_id, start, to)
     accuracy = state.settings.telemetry_relative_accuracy
     found = metrics.collect(session, span, accuracy)
     manifest = metrics.reference(session, span)
@@ -124,14 +122,10 @@ def version_metrics(
 
 @router.get("/models/{name}/versions/{version}/drift")
 def version_drift(
-    name: str,
-    version: str,
     session: SessionDep,
     state: StateDep,
     who: ReaderDep,
-    hardware_id: HardwareQuery = None,
-    start: FromQuery = None,
-    to: ToQuery = None,
+    span: SpanDep,
     against: Annotated[
         str, Query(description="'reference' (the manifest's) or another version of the model")
     ] = "reference",
@@ -139,7 +133,6 @@ def version_drift(
     """PSI, Jensen-Shannon divergence, chi-square and the largest proportion difference per
     input feature and output, against the manifest's reference or another version over the
     same span, from counts on the manifest's fixed bins."""
-    span = _span(state, name, version, hardware_id, start, to)
     accuracy = state.settings.telemetry_relative_accuracy
     found = metrics.collect(session, span, accuracy)
     manifest = metrics.reference(session, span)
@@ -152,7 +145,7 @@ def version_drift(
     else:
         other = metrics.collect(
             session,
-            metrics.Span(name, against, hardware_id, span.start, span.end),
+            metrics.Span(span.model, against, span.hardware_id, span.start, span.end),
             accuracy,
         )
         skipped += other.skipped_rows

@@ -23,9 +23,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 from device_agent.agent import Agent
 from device_agent.config import AgentSettings
+from device_agent.outbox import Outbox
+from device_agent.runtime import LoadedModel
 from firmware_bundles import SigningKey, build
+from tests.agent import onnx_models as m
 from tests.agent.simulator import FakeClock, FleetSimulator
-from tests.conftest import NOW, Keys
+from tests.conftest import NOW, Keys, classifier_draft, onnx_runtime, target_entry
 
 MODEL = "gesture"
 OTHER_MODEL = "keyword"
@@ -33,10 +36,6 @@ FEATURES = 4
 CLASSES = ["rest", "tap", "swipe"]
 #: The input tests predict on to tell which version answers.
 PROBE = np.array([[0.5, -1.0, 0.25, 2.0]], dtype=np.float32)
-TARGETS = {
-    "phone-android": ("phone", "android", {"minimum": "10.0.0"}),
-    "ring-gen3": ("ring-gen3", "nrf52840", {"minimum": "3.0.0", "below": "4.0.0"}),
-}
 
 
 def linear_model(seed: int) -> bytes:
@@ -102,70 +101,27 @@ def make_bundle(
     """
     model = linear_model(seed)
     vectors = np.random.default_rng(7).normal(0, 1, (3, 1, FEATURES)).astype(np.float32)
-    generation, platform, firmware = TARGETS[target]
     shift = 0.0 if selftest_ok else 0.2
-    draft: dict[str, Any] = {
-        "name": name,
-        "version": version,
-        "release_counter": counter,
-        "created_at": "2026-01-01T00:00:00+00:00",
-        "task": "classification",
-        "targets": [
-            {
-                "target_id": target,
-                "generation": generation,
-                "platform": platform,
-                "firmware": firmware,
-            }
+    feature_names = [f"f{i}" for i in range(FEATURES)]
+    draft = classifier_draft(
+        model,
+        classes=CLASSES,
+        features=FEATURES,
+        feature_names=feature_names,
+        vectors=[(x.tolist(), (run_onnx(model, x) + shift).tolist()) for x in vectors],
+        tolerance=1e-5,
+        input_histograms=[
+            {"name": f, "kind": "numeric", "edges": [-1.0, 0.0, 1.0], "counts": [1] * 4}
+            for f in feature_names
         ],
-        "runtime": {
-            "model_file": "model.onnx",
-            "format": "onnx",
-            "opset": 17,
-            "op_types": ["Add", "MatMul", "Softmax"],
-            "min_onnxruntime": "1.17.0",
-            "precision": "float32",
-            "ram_estimate": {"bytes": 4096, "method": "weights + activations"},
-        },
-        "inputs": [
-            {
-                "name": "input",
-                "dtype": "float32",
-                "shape": [None, FEATURES],
-                "feature_names": [f"f{i}" for i in range(FEATURES)],
-            }
-        ],
-        "outputs": [
-            {
-                "name": "probabilities",
-                "dtype": "float32",
-                "shape": [None, len(CLASSES)],
-                "class_labels": CLASSES,
-            }
-        ],
-        "quantisation": {"scheme": "float32", "quantised_ops": 0},
-        "metrics": {"accuracy": 0.9},
-        "reference_histograms": {
-            "inputs": [
-                {"name": f"f{i}", "kind": "numeric", "edges": [-1.0, 0.0, 1.0], "counts": [1] * 4}
-                for i in range(FEATURES)
-            ],
-            "outputs": [
-                {"name": "label", "kind": "categorical", "categories": CLASSES, "counts": [1] * 4}
-            ],
-        },
-        "self_test": {
-            "tolerance": 1e-5,
-            "vectors": [
-                {
-                    "inputs": {"input": x.tolist()},
-                    "expected": {"probabilities": (run_onnx(model, x) + shift).tolist()},
-                }
-                for x in vectors
-            ],
-        },
-        "provenance": {"source_model_sha256": hashlib.sha256(model).hexdigest()},
-    }
+        label_counts=[1] * 4,
+        name=name,
+        version=version,
+        release_counter=counter,
+        targets=[target_entry(target)],
+        runtime=onnx_runtime(method="weights + activations"),
+        accuracy=0.9,
+    )
     files = {"model.onnx": model}
     if padding_bytes:
         files["padding.bin"] = np.random.default_rng(seed).bytes(padding_bytes)
@@ -197,6 +153,20 @@ def bundles(keys: Keys) -> Bundles:
         one_signature=make_bundle(keys.release[:1], version="2.0.0", counter=2, seed=2),
         other=make_bundle(keys.release, version="1.0.0", counter=1, seed=4, name=OTHER_MODEL),
     )
+
+
+@pytest.fixture()
+def outbox(tmp_path: Path) -> Iterator[Outbox]:
+    """A telemetry outbox of 1 MiB at ``tmp_path/outbox.sqlite``, closed afterwards."""
+    box = Outbox(tmp_path / "outbox.sqlite", 1 << 20)
+    yield box
+    box.close()
+
+
+@pytest.fixture(scope="module")
+def classifier() -> LoadedModel:
+    """The hand-checkable classifier of :mod:`tests.agent.onnx_models`, loaded."""
+    return m.load(m.classifier(), m.classifier_manifest())
 
 
 @pytest.fixture(scope="session")

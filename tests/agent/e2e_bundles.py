@@ -19,6 +19,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from firmware_bundles import SigningKey, build
+from tests.conftest import classifier_draft, onnx_runtime
 
 MODEL = "e2e-activity"
 FEATURES = 8
@@ -84,68 +85,27 @@ def _draft(model: bytes, version: str, counter: int) -> dict[str, Any]:
     session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
     vectors_in = np.random.default_rng(99).normal(0, 1, (3, 1, FEATURES)).astype(np.float32)
     names = [f"f{i}" for i in range(FEATURES)]
-    return {
-        "name": MODEL,
-        "version": version,
-        "release_counter": counter,
-        "created_at": "2026-01-01T00:00:00+00:00",
-        "task": "classification",
-        "targets": [
-            {
-                "target_id": "phone-android",
-                "generation": "phone",
-                "platform": "android",
-                "firmware": {"minimum": "10.0.0"},
-            }
+    return classifier_draft(
+        model,
+        classes=CLASSES,
+        features=FEATURES,
+        feature_names=names,
+        vectors=[(x.tolist(), session.run(None, {"input": x})[0].tolist()) for x in vectors_in],
+        input_histograms=[
+            {"name": n, "kind": "numeric", "edges": [-0.5, 0.0, 0.5], "counts": [1, 2, 2, 1]}
+            for n in names
         ],
-        "runtime": {
-            "model_file": "model.onnx",
-            "format": "onnx",
-            "opset": 17,
-            "op_types": ["Add", "MatMul", "Relu", "Softmax"],
-            "min_onnxruntime": "1.17.0",
-            "precision": "float32",
-            "ram_estimate": {"bytes": len(model) + HIDDEN * 8, "method": "weights + activations"},
-        },
-        "inputs": [
-            {"name": "input", "dtype": "float32", "shape": [None, FEATURES], "feature_names": names}
-        ],
-        "outputs": [
-            {
-                "name": "probabilities",
-                "dtype": "float32",
-                "shape": [None, len(CLASSES)],
-                "class_labels": CLASSES,
-            }
-        ],
-        "quantisation": {"scheme": "float32", "quantised_ops": 0},
-        "metrics": {"accuracy": 0.9},
-        "reference_histograms": {
-            "inputs": [
-                {"name": n, "kind": "numeric", "edges": [-0.5, 0.0, 0.5], "counts": [1, 2, 2, 1]}
-                for n in names
-            ],
-            "outputs": [
-                {
-                    "name": "label",
-                    "kind": "categorical",
-                    "categories": CLASSES,
-                    "counts": [3, 3, 3, 0],
-                }
-            ],
-        },
-        "self_test": {
-            "tolerance": 1e-4,
-            "vectors": [
-                {
-                    "inputs": {"input": x.tolist()},
-                    "expected": {"probabilities": session.run(None, {"input": x})[0].tolist()},
-                }
-                for x in vectors_in
-            ],
-        },
-        "provenance": {"source_model_sha256": hashlib.sha256(model).hexdigest()},
-    }
+        label_counts=[3, 3, 3, 0],
+        name=MODEL,
+        version=version,
+        release_counter=counter,
+        runtime=onnx_runtime(
+            ("Add", "MatMul", "Relu", "Softmax"),
+            ram_bytes=len(model) + HIDDEN * 8,
+            method="weights + activations",
+        ),
+        accuracy=0.9,
+    )
 
 
 def build_bundle(

@@ -205,12 +205,22 @@ class FleetSimulator:
         self.devices[device_id] = SimDevice(device_id, credential, caps)
         return httpx.Response(201, json={"device_id": device_id, "credential": credential})
 
-    def _check_in(self, request: httpx.Request, device_id: str) -> httpx.Response:
+    def _acting_for(
+        self, request: httpx.Request, device_id: str, unknown: str
+    ) -> SimDevice | httpx.Response:
+        """The device whose credential ``request`` carries, if it is ``device_id``; else the
+        refusal (401 with the route's ``unknown`` message, or 403)."""
         device = self._device(request)
         if device is None:
-            return _detail(401, "a valid device credential is required")
+            return _detail(401, unknown)
         if device.device_id != device_id:
             return _detail(403, f"device {device.device_id} may not act for device {device_id}")
+        return device
+
+    def _check_in(self, request: httpx.Request, device_id: str) -> httpx.Response:
+        device = self._acting_for(request, device_id, "a valid device credential is required")
+        if isinstance(device, httpx.Response):
+            return device
         body = CheckInRequest.from_bytes(request.content)
         device.check_ins.append(body)
         if self.replay_last_answer and device_id in self._last_answer:
@@ -252,11 +262,11 @@ class FleetSimulator:
         return httpx.Response(200, content=answer, headers={"content-type": "application/json"})
 
     def _telemetry(self, request: httpx.Request, device_id: str) -> httpx.Response:
-        device = self._device(request)
-        if device is None:
-            return _detail(401, "device credential is not valid or was revoked")
-        if device.device_id != device_id:
-            return _detail(403, f"device {device.device_id} may not act for {device_id}")
+        refused = self._acting_for(
+            request, device_id, "device credential is not valid or was revoked"
+        )
+        if isinstance(refused, httpx.Response):
+            return refused
         batch = TelemetryBatch.from_bytes(request.content)
         accepted = batch.idempotency_key not in self._telemetry_keys
         if accepted:

@@ -71,7 +71,7 @@ def agent_on_v1(tmp: Path) -> Iterator[tuple[ServerProcess, AgentProcess, Signin
     agent: AgentProcess | None = None
     try:
         server.start()
-        key = SigningKey.from_pem((server.data_dir / "keys" / "release.pem").read_bytes())
+        key = server.release_key
         v1 = build_bundle(tmp, key, version="1.0.0", release_counter=1, seed=1)
         server.publish_and_release(v1.path, MODEL, "1.0.0")
         settings = agent_settings(server, tmp / "state", server.enroll_token())
@@ -346,6 +346,10 @@ def test_sigterm_stops_cleanly_and_a_restart_serves_at_once(fleet: Fleet) -> Non
         client.predict("other", PROBE)
 
 
+#: Settings `agent run` accepts (a row below adds one bad setting to them).
+AGENT_ARGS = ["--server", "http://x", "--root", "r.json", "--target", "phone-android"]
+
+
 @pytest.mark.parametrize(
     ("args", "code", "message"),
     [
@@ -353,46 +357,17 @@ def test_sigterm_stops_cleanly_and_a_restart_serves_at_once(fleet: Fleet) -> Non
         (["--server", "http://x", "--target", "phone-android"], 2, "missing --root"),
         (["--server", "http://x", "--root", "r.json"], 2, "missing --target"),
         (
-            [
-                "--server",
-                "http://x",
-                "--root",
-                "r.json",
-                "--target",
-                "phone-android",
-                "--check-in-interval-s",
-                "0",
-            ],
+            [*AGENT_ARGS, "--check-in-interval-s", "0"],
             2,
             "--check-in-interval-s: Input should be greater than 0",
         ),
         (
-            [
-                "--server",
-                "http://x",
-                "--root",
-                "r.json",
-                "--target",
-                "phone-android",
-                "--backoff-initial-s",
-                "10",
-                "--backoff-max-s",
-                "1",
-            ],
+            [*AGENT_ARGS, "--backoff-initial-s", "10", "--backoff-max-s", "1"],
             2,
             "backoff_max_s must be at least backoff_initial_s",
         ),
         (
-            [
-                "--server",
-                "http://x",
-                "--root",
-                "r.json",
-                "--target",
-                "phone-android",
-                "--test-pause-at",
-                "reboot",
-            ],
+            [*AGENT_ARGS, "--test-pause-at", "reboot"],
             2,
             "--test-pause-at: Input should be",
         ),

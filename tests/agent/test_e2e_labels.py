@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 
 from device_agent.local_api import LocalApiClient, socket_path
-from firmware_bundles import SigningKey
 from tests.agent.e2e_bundles import CLASSES, MODEL, PROBE, build_bundle
 from tests.agent.test_e2e import active_version, agent_settings
 from tests.procs import AgentProcess, ServerProcess, wait_for
@@ -58,7 +57,7 @@ def test_a_label_a_week_late_after_a_version_switch_counts_for_the_version_that_
     processes: tuple[ServerProcess, AgentProcess], tmp_path: Path
 ) -> None:
     server, agent = processes
-    key = SigningKey.from_pem((server.data_dir / "keys" / "release.pem").read_bytes())
+    key = server.release_key
     v1 = build_bundle(tmp_path, key, version="1.0.0", release_counter=1, seed=1)
     v2 = build_bundle(tmp_path, key, version="2.0.0", release_counter=2, seed=2)
     server.publish_and_release(v1.path, MODEL, "1.0.0")

@@ -20,19 +20,28 @@ from device_agent.errors import (
     TrustError,
 )
 from device_agent.fetch import BundleFetcher, partial_path
+from device_agent.updater import CheckInResult
 from tests.agent.conftest import MODEL, AgentFactory, Bundles, assert_answers
 from tests.agent.simulator import FleetSimulator
 
 STALL_AT = 8000
 
 
+def _stalled(
+    make_agent: AgentFactory, sim: FleetSimulator, bundles: Bundles
+) -> tuple[Agent, str, CheckInResult]:
+    """v3 assigned, and an agent whose one download attempt stalled at :data:`STALL_AT`."""
+    sha = sim.assign(MODEL, bundles.v3.data)
+    sim.stall_after_bytes = STALL_AT
+    agent = make_agent(max_download_attempts=1)
+    return agent, sha, agent.check_in()
+
+
 def test_download_resumes_from_the_persisted_partial_after_a_restart(
     make_agent: AgentFactory, sim: FleetSimulator, bundles: Bundles, tmp_path: Path
 ) -> None:
-    sha = sim.assign(MODEL, bundles.v3.data)
-    sim.stall_after_bytes = STALL_AT
-    first = make_agent(max_download_attempts=1)
-    assert isinstance(first.check_in().errors[MODEL], StallError)
+    first, sha, result = _stalled(make_agent, sim, bundles)
+    assert isinstance(result.errors[MODEL], StallError)
     partial = partial_path(tmp_path / "state" / "partial", sha)
     assert partial.stat().st_size == STALL_AT
     assert first.status()["downloads"] == {sha: STALL_AT}
@@ -50,9 +59,7 @@ def test_download_resumes_from_the_persisted_partial_after_a_restart(
 def test_a_server_that_ignores_range_gets_a_fresh_download(
     make_agent: AgentFactory, sim: FleetSimulator, bundles: Bundles
 ) -> None:
-    sha = sim.assign(MODEL, bundles.v3.data)
-    sim.stall_after_bytes = STALL_AT
-    make_agent(max_download_attempts=1).check_in()
+    _, sha, _ = _stalled(make_agent, sim, bundles)
     sim.stall_after_bytes, sim.ignore_range = None, True
     agent = make_agent()
     assert agent.check_in().installs[0].action == "installed"
@@ -75,10 +82,7 @@ def test_retries_are_bounded_and_each_one_resumes(
 def test_partial_is_dropped_when_the_assignment_disappears(
     make_agent: AgentFactory, sim: FleetSimulator, bundles: Bundles, tmp_path: Path
 ) -> None:
-    sha = sim.assign(MODEL, bundles.v3.data)
-    sim.stall_after_bytes = STALL_AT
-    agent = make_agent(max_download_attempts=1)
-    agent.check_in()
+    agent, sha, _ = _stalled(make_agent, sim, bundles)
     sim.offers.clear()
     result = agent.check_in()
     assert result.partials_dropped == [sha] and result.installs == []
@@ -88,10 +92,7 @@ def test_partial_is_dropped_when_the_assignment_disappears(
 def test_partial_is_kept_while_offline(
     make_agent: AgentFactory, sim: FleetSimulator, bundles: Bundles, tmp_path: Path
 ) -> None:
-    sha = sim.assign(MODEL, bundles.v3.data)
-    sim.stall_after_bytes = STALL_AT
-    agent = make_agent(max_download_attempts=1)
-    agent.check_in()
+    agent, sha, _ = _stalled(make_agent, sim, bundles)
     sim.offline = True
     with pytest.raises(ServerUnreachable, match="connection refused"):
         agent.check_in()

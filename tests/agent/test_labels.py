@@ -27,16 +27,9 @@ from tests.agent.simulator import FleetSimulator
 DAY = 86400
 
 
-@pytest.fixture()
-def outbox(tmp_path: Path) -> Any:
-    box = Outbox(tmp_path / "outbox.sqlite", 1 << 20)
-    yield box
-    box.close()
-
-
 @pytest.fixture(scope="module")
-def v1() -> LoadedModel:
-    return m.load(m.classifier(), m.classifier_manifest())
+def v1(classifier: LoadedModel) -> LoadedModel:
+    return classifier
 
 
 @pytest.fixture(scope="module")

@@ -37,11 +37,6 @@ def _client(fleet: Fleet, tmp_path: Path) -> FleetClient:
     return FleetClient(fleet.client, "http://testserver", tmp_path, 5)
 
 
-@pytest.fixture(scope="module")
-def classifier() -> LoadedModel:
-    return m.load(m.classifier(), m.classifier_manifest())
-
-
 def published(fleet: Fleet, manifest: Manifest | None = None) -> LoadedModel:
     """The classifier, published on ``fleet`` and loaded under its bundle's SHA-256 (the server
     checks each window against the manifest of the bundle it names)."""
@@ -153,12 +148,10 @@ def test_a_full_outbox_drops_the_oldest_closed_windows_and_reports_them(
 
 
 def test_upload_to_the_real_server_gives_rollups_equal_to_the_recorded_totals(
-    server: Fleet, tmp_path: Path
+    server: Fleet, outbox: Outbox, tmp_path: Path
 ) -> None:
     fleet = server
-    classifier = published(fleet)
-    credential = fleet.enroll(DEVICE)
-    outbox = Outbox(tmp_path / "outbox.sqlite", 1 << 20)
+    classifier, credential = published(fleet), fleet.enroll(DEVICE)
     clock = Clock(T0 + 60)
     recorder = Recorder(outbox, DEVICE, window_s=HOUR, flush_every=32, clock=clock)
     expected = record_burst(recorder, classifier, 150)
@@ -213,12 +206,10 @@ def test_upload_to_the_real_server_gives_rollups_equal_to_the_recorded_totals(
 
 
 def test_a_retry_after_a_lost_answer_resends_the_same_key_and_is_a_no_op(
-    server: Fleet, tmp_path: Path
+    server: Fleet, outbox: Outbox, tmp_path: Path
 ) -> None:
     fleet = server
-    classifier = published(fleet)
-    credential = fleet.enroll(DEVICE)
-    outbox = Outbox(tmp_path / "outbox.sqlite", 1 << 20)
+    classifier, credential = published(fleet), fleet.enroll(DEVICE)
     recorder = Recorder(outbox, DEVICE, clock=Clock(T0))
     record_burst(recorder, classifier, 40)
     recorder.close_due_windows(include_open=True)

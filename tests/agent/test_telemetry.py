@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,18 +18,6 @@ from firmware_bundles import telemetry as sketch
 from firmware_bundles.manifest import Histogram
 from tests.agent import onnx_models as m
 from tests.agent.recording import DEVICE, HOUR, T0, Clock, windows
-
-
-@pytest.fixture()
-def outbox(tmp_path: Path) -> Any:
-    box = Outbox(tmp_path / "outbox.sqlite", 1 << 20)
-    yield box
-    box.close()
-
-
-@pytest.fixture(scope="module")
-def classifier() -> LoadedModel:
-    return m.load(m.classifier(), m.classifier_manifest())
 
 
 def test_counts_equal_the_predictions_exactly(outbox: Outbox, classifier: LoadedModel) -> None:

@@ -6,9 +6,12 @@ import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from converters.pipeline import ConvertOptions, convert
+from converters.reports import ConvertReport
 from firmware_bundles import SigningKey, TrustedRoot, new_root, sign_root
 
 REPO = Path(__file__).resolve().parents[2]
@@ -17,6 +20,37 @@ EXAMPLES = {
     "cancer-trees": ("train_breast_cancer_trees.py", "model.joblib"),
     "wearable-cnn": ("train_wearable_cnn.py", "model.pt2"),
 }
+
+#: The converter's ``created_at`` in these tests, so bundles reproduce byte for byte.
+BUILD_TIME = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def convert_example(
+    example: str,
+    directory: Path,
+    keys: list[SigningKey],
+    out: Path,
+    targets: list[str],
+    **options: Any,
+) -> ConvertReport:
+    """Convert a trained example (its model and train, eval and calibration splits in
+    ``directory``) as version 1.0.0 for ``targets``; ``options`` are further ConvertOptions."""
+    settings = ConvertOptions(
+        name=example,
+        version="1.0.0",
+        targets=targets,
+        keys=keys,
+        out_dir=out,
+        created_at=BUILD_TIME,
+        **options,
+    )
+    return convert(
+        directory / EXAMPLES[example][1],
+        directory / "train.npz",
+        directory / "eval.npz",
+        settings,
+        directory / "calibration.npz",
+    )
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,6 @@ data, not through the converter's evaluator.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -16,35 +15,17 @@ import onnxruntime as ort
 import pytest
 
 from converters import tflm
-from converters.pipeline import ConvertOptions, convert
 from converters.reports import ConvertReport
 from firmware_bundles import SigningKey, TargetCatalogue, TrustedRoot, verify
 from firmware_bundles import open_bundle as verify_plain
-from tests.converters.conftest import EXAMPLES
+from tests.converters.conftest import convert_example
 
 TARGETS = ["ring-gen3", "phone-android", "devboard-rpi4"]
-BUILD_TIME = datetime(2026, 1, 1, tzinfo=UTC)
 BUDGET = 0.01
 
 
 def run_convert(example: str, directory: Path, keys: list[SigningKey], out: Path) -> ConvertReport:
-    options = ConvertOptions(
-        name=example,
-        version="1.0.0",
-        targets=TARGETS,
-        keys=keys,
-        out_dir=out,
-        created_at=BUILD_TIME,
-        release_counter=3,
-        budget=BUDGET,
-    )
-    return convert(
-        directory / EXAMPLES[example][1],
-        directory / "train.npz",
-        directory / "eval.npz",
-        options,
-        directory / "calibration.npz",
-    )
+    return convert_example(example, directory, keys, out, TARGETS, release_counter=3, budget=BUDGET)
 
 
 @pytest.fixture(scope="module")

@@ -2,41 +2,17 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from converters.pipeline import ConvertOptions, convert
 from converters.reports import ConvertReport
 from converters.tflite import ToolEnvMissing, tool_python
 from firmware_bundles import SigningKey, TargetCatalogue, open_bundle
 from firmware_bundles.manifest import SelfTestFile
 from hil.tflm_runtime import TflmRuntime, measure_arena
-from tests.converters.conftest import EXAMPLES
-
-BUILD_TIME = datetime(2026, 1, 1, tzinfo=UTC)
-
-
-def _convert(
-    example: str, directory: Path, keys: list[SigningKey], out: Path, targets: list[str]
-) -> ConvertReport:
-    options = ConvertOptions(
-        name=example,
-        version="1.0.0",
-        targets=targets,
-        keys=keys,
-        out_dir=out,
-        created_at=BUILD_TIME,
-    )
-    return convert(
-        directory / EXAMPLES[example][1],
-        directory / "train.npz",
-        directory / "eval.npz",
-        options,
-        directory / "calibration.npz",
-    )
+from tests.converters.conftest import convert_example
 
 
 @pytest.fixture(scope="module")
@@ -45,14 +21,14 @@ def digits(
     release_keys: list[SigningKey],
     tmp_path_factory: pytest.TempPathFactory,
 ) -> tuple[ConvertReport, ConvertReport]:
-    first = _convert(
+    first = convert_example(
         "digits-mlp",
         examples["digits-mlp"],
         release_keys,
         tmp_path_factory.mktemp("a"),
         ["ring-gen3"],
     )
-    second = _convert(
+    second = convert_example(
         "digits-mlp",
         examples["digits-mlp"],
         release_keys,
@@ -125,7 +101,7 @@ def test_converting_twice_gives_identical_tflite_bundles(
 def test_forest_reaches_ring_gen4_within_the_budget(
     examples: dict[str, Path], release_keys: list[SigningKey], tmp_path: Path
 ) -> None:
-    report = _convert(
+    report = convert_example(
         "cancer-trees", examples["cancer-trees"], release_keys, tmp_path, ["ring-gen4"]
     )
     ring = report.targets[0]

@@ -32,18 +32,24 @@ def gated_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Se
         proc.stop()
 
 
-def test_only_a_bundle_with_a_passing_rig_report_is_released(
-    gated_server: ServerProcess, tmp_path: Path
-) -> None:
-    data, keys = gated_server.data_dir, gated_server.data_dir / "keys"
-    server = ["--server", gated_server.url, "--token", gated_server.admin_token]
+def _ring_sample(keys: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """`edgefleet hil samples` for ring-gen3, signed with the server's release key: the samples
+    directory (with its held-out data) and the bundle in it."""
     samples = tmp_path / "samples"
     made = edgefleet(
         "hil", "samples", "--key", str(keys / "release.pem"), "--out", str(samples),
         "--target", "ring-gen3",
     )  # fmt: skip
     assert made.returncode == 0, made.stderr
-    bundle = samples / "sample-ring-gen3.efb"
+    return samples, samples / "sample-ring-gen3.efb"
+
+
+def test_only_a_bundle_with_a_passing_rig_report_is_released(
+    gated_server: ServerProcess, tmp_path: Path
+) -> None:
+    data, keys = gated_server.data_dir, gated_server.data_dir / "keys"
+    server = ["--server", gated_server.url, "--token", gated_server.admin_token]
+    samples, bundle = _ring_sample(keys, tmp_path)
 
     # Published without a report: the gate holds the release and says why.
     published = edgefleet("publish", str(bundle), "--json", *server)
@@ -82,13 +88,7 @@ def test_a_report_re_signed_by_a_key_outside_the_hil_role_is_refused(
 ) -> None:
     keys = gated_server.data_dir / "keys"
     server = ["--server", gated_server.url, "--token", gated_server.admin_token]
-    samples = tmp_path / "samples"
-    made = edgefleet(
-        "hil", "samples", "--key", str(keys / "release.pem"), "--out", str(samples),
-        "--target", "ring-gen3",
-    )  # fmt: skip
-    assert made.returncode == 0, made.stderr
-    bundle = samples / "sample-ring-gen3.efb"
+    samples, bundle = _ring_sample(keys, tmp_path)
     report_dir = tmp_path / "report"
     rig = edgefleet(
         "hil", "run", "--bundle", str(bundle), "--device", "emulated:ring-gen3",

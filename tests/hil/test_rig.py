@@ -74,20 +74,15 @@ def lab(tmp_path_factory: pytest.TempPathFactory, keys: Keys) -> Lab:
     )
 
 
+def _hil_run(lab: Lab, report: Path) -> list[str]:
+    """`hil run` on the lab's held-out data, root and keys, reporting to ``report``."""
+    keys = ["--root", str(lab.root), "--director-key", str(lab.director), "--hil-key", str(lab.hil)]
+    return ["hil", "run", "--data", str(lab.data), "--report", str(report), *keys]
+
+
 def _run(lab: Lab, report: Path, *extra: str, devices: list[str] | None = None) -> tuple[int, str]:
     args = [
-        "hil",
-        "run",
-        "--data",
-        str(lab.data),
-        "--report",
-        str(report),
-        "--root",
-        str(lab.root),
-        "--director-key",
-        str(lab.director),
-        "--hil-key",
-        str(lab.hil),
+        *_hil_run(lab, report),
         "--max-samples",
         "20",
         "--baud",
@@ -173,18 +168,7 @@ def test_a_failing_check_fails_the_run(lab: Lab, tmp_path: Path) -> None:
 
 def test_a_device_without_a_bundle_for_its_target_fails(lab: Lab, tmp_path: Path) -> None:
     args = [
-        "hil",
-        "run",
-        "--data",
-        str(lab.data),
-        "--report",
-        str(tmp_path),
-        "--root",
-        str(lab.root),
-        "--director-key",
-        str(lab.director),
-        "--hil-key",
-        str(lab.hil),
+        *_hil_run(lab, tmp_path),
         "--bundle",
         str(lab.bundles["ring-gen4"]),
         "--device",

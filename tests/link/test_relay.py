@@ -5,9 +5,11 @@ over the radio-paced Bumble link, and the phone's own fleet client, fetcher and 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+import contextlib
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 from sqlmodel import Session, select
@@ -35,6 +37,49 @@ SERVER = "http://testserver"
 def fleet(tmp_path: Path) -> Iterator[Fleet]:
     with running_fleet(f"sqlite:///{tmp_path / 'fleet.db'}", tmp_path) as running:
         yield running
+
+
+class Released(NamedTuple):
+    """The sample ring bundle, published and released; the phone's credential; an enrollment
+    token for the ring; the emulated ring (``ring-1``), not yet enrolled."""
+
+    bundle: bytes
+    phone: str
+    token: str
+    device: EmulatedDevice
+
+
+@pytest.fixture()
+def released(fleet: Fleet, tmp_path: Path) -> Released:
+    bundle = sample_bundle([fleet.release_key], ["ring-gen3"])
+    fleet.publish(bundle)
+    fleet.release("wrist-activity", "1.0.0")
+    confirmed = fleet.client.post(  # so the ring's floor rises once it ran it (docs/rollback.md)
+        "/v1/models/wrist-activity/versions/1.0.0/confirm",
+        headers=fleet.auth(fleet.token("operator")),
+    )
+    assert confirmed.status_code == 200, confirmed.text
+    phone = fleet.enroll("phone-1")
+    token = fleet.client.post(
+        "/v1/enrollment-tokens", json={}, headers=fleet.auth(fleet.token("operator"))
+    ).json()["token"]
+    device = EmulatedDevice(
+        profile_for("ring-gen3"), tmp_path / "ring.flash", fleet.root, device_id="ring-1"
+    )
+    return Released(bundle, phone, token, device)
+
+
+@contextlib.asynccontextmanager
+async def _ring_link(device: EmulatedDevice) -> AsyncIterator[DeviceClient]:
+    """The ring served over the Bumble link, and a connected client to it."""
+    ring = BleRing(device)
+    await ring.start()
+    try:
+        client = DeviceClient(BumbleConnectionLink(await ring.connect()))
+        await client.connect()
+        yield client
+    finally:
+        await ring.stop()
 
 
 def _outbox(tmp_path: Path) -> Outbox:
@@ -74,31 +119,13 @@ def _inferences(fleet: Fleet) -> int:
 
 
 def test_phone_installs_its_rings_assignment_and_carries_telemetry_back(
-    fleet: Fleet, tmp_path: Path
+    fleet: Fleet, released: Released, tmp_path: Path
 ) -> None:
-    bundle = sample_bundle([fleet.release_key], ["ring-gen3"])
-    fleet.publish(bundle)
-    fleet.release("wrist-activity", "1.0.0")
-    confirmed = fleet.client.post(  # so the ring's floor rises once it ran it (docs/rollback.md)
-        "/v1/models/wrist-activity/versions/1.0.0/confirm",
-        headers=fleet.auth(fleet.token("operator")),
-    )
-    assert confirmed.status_code == 200, confirmed.text
-    phone = fleet.enroll("phone-1")
-    token = fleet.client.post(
-        "/v1/enrollment-tokens", json={}, headers=fleet.auth(fleet.token("operator"))
-    ).json()["token"]
-    device = EmulatedDevice(
-        profile_for("ring-gen3"), tmp_path / "ring.flash", fleet.root, device_id="ring-1"
-    )
+    _, phone, token, device = released
     rows = heldout(5, seed=4)[0]
 
     async def scenario() -> None:
-        ring = BleRing(device)
-        await ring.start()
-        try:
-            client = DeviceClient(BumbleConnectionLink(await ring.connect()))
-            await client.connect()
+        async with _ring_link(device) as client:
             relay = _relay(fleet, client, phone, tmp_path)
             assert await relay.enroll_ring("phone-1", token) == "ring-1"
 
@@ -125,41 +152,21 @@ def test_phone_installs_its_rings_assignment_and_carries_telemetry_back(
             relay.outbox.put_relayed(batch)
             assert await relay.upload_telemetry() == 1
             assert _inferences(fleet) == len(rows)
-        finally:
-            await ring.stop()
 
     asyncio.run(scenario())
 
 
 def test_a_bundle_the_phone_cannot_verify_never_reaches_the_ring(
-    fleet: Fleet, tmp_path: Path
+    fleet: Fleet, released: Released, tmp_path: Path
 ) -> None:
-    bundle = sample_bundle([fleet.release_key], ["ring-gen3"])
-    fleet.publish(bundle)
-    fleet.release("wrist-activity", "1.0.0")
-    confirmed = fleet.client.post(  # so the ring's floor rises once it ran it (docs/rollback.md)
-        "/v1/models/wrist-activity/versions/1.0.0/confirm",
-        headers=fleet.auth(fleet.token("operator")),
-    )
-    assert confirmed.status_code == 200, confirmed.text
-    phone = fleet.enroll("phone-1")
-    token = fleet.client.post(
-        "/v1/enrollment-tokens", json={}, headers=fleet.auth(fleet.token("operator"))
-    ).json()["token"]
-    device = EmulatedDevice(
-        profile_for("ring-gen3"), tmp_path / "ring.flash", fleet.root, device_id="ring-1"
-    )
+    bundle, phone, token, device = released
     # The server's blob store is corrupted: the download no longer matches the assignment.
     blobs = list((fleet.state.settings.data_dir).rglob("*"))
     stored = next(p for p in blobs if p.is_file() and p.read_bytes() == bundle)
     stored.write_bytes(bundle[:-1] + bytes([bundle[-1] ^ 1]))
 
     async def scenario() -> None:
-        ring = BleRing(device)
-        await ring.start()
-        try:
-            client = DeviceClient(BumbleConnectionLink(await ring.connect()))
-            await client.connect()
+        async with _ring_link(device) as client:
             relay = _relay(fleet, client, phone, tmp_path)
             await relay.enroll_ring("phone-1", token)
             outcome = await relay.install_assigned()
@@ -167,8 +174,6 @@ def test_a_bundle_the_phone_cannot_verify_never_reaches_the_ring(
             assert "SHA-256" in outcome.refused["wrist-activity 1.0.0"]
             assert device.store.stats.upload_sessions == 0
             assert (await client.slots()).active is None
-        finally:
-            await ring.stop()
 
     asyncio.run(scenario())
 
@@ -183,34 +188,16 @@ def _server_batches(fleet: Fleet, device_id: str) -> list[tuple[int, int, int]]:
 
 
 def test_the_rings_telemetry_survives_a_phone_restart_in_the_outbox_with_the_rings_keys(
-    fleet: Fleet, tmp_path: Path
+    fleet: Fleet, released: Released, tmp_path: Path
 ) -> None:
     """Pulled from the ring and acknowledged there, then the phone restarts before it is online:
     the pieces are in the phone's SQLite outbox, go up after the restart under the ring's own id,
     boot epoch and sequence numbers, and a piece stored again is a replay the server drops."""
-    bundle = sample_bundle([fleet.release_key], ["ring-gen3"])
-    fleet.publish(bundle)
-    fleet.release("wrist-activity", "1.0.0")
-    confirmed = fleet.client.post(  # so the ring's floor rises once it ran it (docs/rollback.md)
-        "/v1/models/wrist-activity/versions/1.0.0/confirm",
-        headers=fleet.auth(fleet.token("operator")),
-    )
-    assert confirmed.status_code == 200, confirmed.text
-    phone = fleet.enroll("phone-1")
-    token = fleet.client.post(
-        "/v1/enrollment-tokens", json={}, headers=fleet.auth(fleet.token("operator"))
-    ).json()["token"]
-    device = EmulatedDevice(
-        profile_for("ring-gen3"), tmp_path / "ring.flash", fleet.root, device_id="ring-1"
-    )
+    _, phone, token, device = released
     rows = heldout(7, seed=5)[0]
 
     async def scenario() -> None:
-        ring = BleRing(device)
-        await ring.start()
-        try:
-            client = DeviceClient(BumbleConnectionLink(await ring.connect()))
-            await client.connect()
+        async with _ring_link(device) as client:
             before = _relay(fleet, client, phone, tmp_path)
             await before.enroll_ring("phone-1", token)
             assert (await before.install_assigned()).installed == ["wrist-activity 1.0.0"]
@@ -242,7 +229,5 @@ def test_the_rings_telemetry_survives_a_phone_restart_in_the_outbox_with_the_rin
             assert _server_batches(fleet, "ring-1") == [(e, s, 1) for e, s in keys]
             assert _inferences(fleet) == len(rows)
             reopened.close()
-        finally:
-            await ring.stop()
 
     asyncio.run(scenario())

@@ -25,7 +25,7 @@ from hil.device import EmulatedDevice
 from hil.director import LabDirector
 from hil.profiles import profile_for
 from hil.samples import sample_bundle
-from tests.conftest import Keys
+from tests.conftest import Keys, onnx_runtime
 
 TARGETS = ["ring-gen3"]
 
@@ -39,6 +39,15 @@ class Bench:
 
     async def identity(self) -> mg.IdentityResponse:
         return await self.client.identity()
+
+    async def install(self, bundle: bytes) -> mg.IdentityResponse:
+        """Upload, activate (a set the director signs for a fresh nonce) and self-test
+        ``bundle``; the identity that set was made for."""
+        identity = await self.identity()
+        await self.client.upload_model(bundle)
+        await self.client.activate(self.director.assign(identity, [bundle]))
+        await self.client.self_test()
+        return identity
 
 
 def _run(
@@ -146,19 +155,7 @@ MISFITS: list[tuple[str, dict[str, Any], str]] = [
     ("not-built-for-ring", {"targets": ["ring-gen4"]}, "built for ring-gen4, not ring-gen3"),
     (
         "ram-estimate-over-arena",
-        {
-            "draft_overrides": {
-                "runtime": {
-                    "model_file": "model.onnx",
-                    "format": "onnx",
-                    "opset": 17,
-                    "op_types": ["Add", "MatMul", "Softmax"],
-                    "min_onnxruntime": "1.17.0",
-                    "precision": "float32",
-                    "ram_estimate": {"bytes": 70_000, "method": "test"},
-                }
-            }
-        },
+        {"draft_overrides": {"runtime": onnx_runtime(ram_bytes=70_000)}},
         "needs about 70000 bytes of RAM, arena is 65536",
     ),
     (
@@ -208,10 +205,7 @@ def test_a_used_nonce_is_good_for_its_own_set_only(tmp_path: Path, root: Root, k
     first, second = _bundle(keys), _bundle(keys, seed=1, version="1.1.0", release_counter=5)
 
     async def body(bench: Bench) -> None:
-        identity = await bench.identity()
-        await bench.client.upload_model(first)
-        await bench.client.activate(bench.director.assign(identity, [first]))
-        await bench.client.self_test()
+        identity = await bench.install(first)
         await bench.client.upload_model(second)
         replay = bench.director.assign(identity, [second])  # another set, the used nonce
         with pytest.raises(DeviceRejected) as refused:
@@ -268,10 +262,7 @@ def test_upload_over_an_unconfirmed_fallback_is_refused(
     first, second = _bundle(keys), _bundle(keys, seed=1, version="1.1.0", release_counter=5)
 
     async def body(bench: Bench) -> None:
-        identity = await bench.identity()
-        await bench.client.upload_model(first)
-        await bench.client.activate(bench.director.assign(identity, [first]))
-        await bench.client.self_test()
+        await bench.install(first)
         identity = await bench.identity()
         await bench.client.upload_model(second)
         await bench.client.activate(bench.director.assign(identity, [second]))

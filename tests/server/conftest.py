@@ -24,15 +24,12 @@ from firmware_bundles import SigningKey, build, new_root, sign_root
 from server.app import build_state, create_app, ensure_admin_token
 from server.config import Settings
 from server.db import upgrade
-from tests.conftest import MODEL_BYTES, manifest_draft
+from tests.conftest import MODEL_BYTES, manifest_draft, target_entry
+from tests.procs import ServerProcess
 
 PG_URL = os.environ.get(
     "EDGEFLEET_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
-TARGETS = {
-    "ring-gen3": ("ring-gen3", "nrf52840", {"minimum": "3.0.0", "below": "4.0.0"}),
-    "phone-android": ("phone", "android", {"minimum": "10.0.0"}),
-}
 #: Catalogue targets whose bundles are TFLite (rings and nRF boards).
 MICRO_TARGETS = {"ring-gen3", "ring-gen4", "devboard-nrf52840"}
 CAPS = {
@@ -130,19 +127,11 @@ class Fleet:
         keys: list[SigningKey] | None = None,
         **runtime: Any,
     ) -> bytes:
-        generation, platform, firmware = TARGETS[target]
         draft = manifest_draft(
             name=name,
             version=version,
             release_counter=counter,
-            targets=[
-                {
-                    "target_id": target,
-                    "generation": generation,
-                    "platform": platform,
-                    "firmware": firmware,
-                }
-            ],
+            targets=[target_entry(target)],
         )
         files = {"model.onnx": MODEL_BYTES}
         if target in MICRO_TARGETS:
@@ -250,3 +239,13 @@ def running_fleet(database_url: str, tmp_path: Path) -> Iterator[Fleet]:
 def fleet(database_url: str, tmp_path: Path) -> Iterator[Fleet]:
     with running_fleet(database_url, tmp_path) as running:
         yield running
+
+
+@pytest.fixture()
+def server(tmp_path: Path) -> Iterator[ServerProcess]:
+    """`edgefleet serve --init` as a user runs it: uvicorn on loopback, SQLite under tmp_path."""
+    proc = ServerProcess(data_dir=tmp_path / "data", log_dir=tmp_path)
+    try:
+        yield proc.start()
+    finally:
+        proc.stop()

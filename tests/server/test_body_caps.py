@@ -7,7 +7,6 @@ from __future__ import annotations
 import select
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -26,14 +25,10 @@ GIVE_UP_BYTES = 512 * MiB
 CHUNK = b"x" * (64 * 1024)
 
 
-@pytest.fixture()
-def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[ServerProcess]:
+@pytest.fixture(autouse=True)
+def _low_publish_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Set before the ``server`` fixture starts the process (autouse fixtures come first)."""
     monkeypatch.setenv("EDGEFLEET_MAX_BUNDLE_UPLOAD_BYTES", str(PUBLISH_CAP_BYTES))
-    proc = ServerProcess(data_dir=tmp_path / "data", log_dir=tmp_path)
-    try:
-        yield proc.start()
-    finally:
-        proc.stop()
 
 
 def _status_kib(pid: int, field: str) -> int:
@@ -93,16 +88,7 @@ def _send_until_answered(
 
 def _routes(server: ServerProcess) -> dict[str, tuple[str, str, int]]:
     """Each upload route: its path, a credential it accepts, and its cap in bytes."""
-    enrolled = httpx.post(
-        f"{server.url}/v1/devices/enroll",
-        json={
-            "enroll_token": server.enroll_token(),
-            "device_id": "phone-1",
-            "capabilities": CAPS["phone-android"],
-        },
-    )
-    assert enrolled.status_code == 201, enrolled.text
-    device = enrolled.json()["credential"]
+    device = server.enroll("phone-1", CAPS["phone-android"])
     admin = server.admin_token
     return {
         "telemetry": ("/v1/devices/phone-1/telemetry", device, 4 * MiB),

@@ -30,7 +30,8 @@ CLASSES = ["rest", "move", "run"]
 DAY0 = datetime(2026, 3, 2, tzinfo=UTC)
 
 
-def publish(fleet: Fleet, name: str, version: str, counter: int = 1) -> str:
+def draft(name: str, version: str, counter: int = 1) -> dict[str, Any]:
+    """A three-class model with one input on :data:`EDGES` (a drift baseline to compare with)."""
     draft = manifest_draft(name=name, version=version, release_counter=counter)
     draft["outputs"][0]["class_labels"] = CLASSES
     draft["outputs"][0]["shape"] = [None, 3]
@@ -48,7 +49,11 @@ def publish(fleet: Fleet, name: str, version: str, counter: int = 1) -> str:
             }
         ],
     }
-    data = build(draft, {"model.onnx": MODEL_BYTES}, [fleet.release_key])
+    return draft
+
+
+def publish(fleet: Fleet, name: str, version: str, counter: int = 1) -> str:
+    data = build(draft(name, version, counter), {"model.onnx": MODEL_BYTES}, [fleet.release_key])
     return str(fleet.publish(data)["sha256"])
 
 
@@ -263,12 +268,18 @@ def _same_figures(a: dict[str, Any], b: dict[str, Any], path: str = "") -> None:
         assert a == b, path
 
 
+def _published_with_raw(
+    fleet: Fleet, models: tuple[str, ...], prefix: str, devices: int, days: int, *, seed: int
+) -> tuple[dict[str, str], list[Raw], Uploader]:
+    """Version 1.0.0 of each of ``models`` published (their SHA-256s by name), ``days`` days of
+    raw values for devices ``prefix-0``, ..., and an uploader for them."""
+    shas = {m: publish(fleet, m, "1.0.0") for m in models}
+    names = [f"{prefix}-{i}" for i in range(devices)]
+    return shas, make_raw(np.random.default_rng(seed), names, days), Uploader(fleet)
+
+
 def test_late_shuffled_and_duplicated_uploads_give_the_same_metrics(fleet: Fleet) -> None:
-    rng = np.random.default_rng(5)
-    shas = {m: publish(fleet, m, "1.0.0") for m in ("inorder", "late")}
-    devices = [f"phone-{i}" for i in range(7)]
-    raws = make_raw(rng, devices, 14)
-    up = Uploader(fleet)
+    shas, raws, up = _published_with_raw(fleet, ("inorder", "late"), "phone", 7, 14, seed=5)
     for device, rs in _uploads_in_order(raws):
         up.send(device, [window(r, "inorder", "1.0.0", shas["inorder"]) for r in rs])
     # The same windows arriving 1-14 days late, shuffled, and a fifth of the batches sent twice.
@@ -295,11 +306,7 @@ def test_late_shuffled_and_duplicated_uploads_give_the_same_metrics(fleet: Fleet
 
 
 def test_erasing_a_device_changes_every_aggregate_by_exactly_its_contribution(fleet: Fleet) -> None:
-    rng = np.random.default_rng(9)
-    shas = {m: publish(fleet, m, "1.0.0") for m in ("kept", "all")}
-    devices = [f"ring-{i}" for i in range(6)]
-    raws = make_raw(rng, devices, 4)
-    up = Uploader(fleet)
+    shas, raws, up = _published_with_raw(fleet, ("kept", "all"), "ring", 6, 4, seed=9)
     for device, rs in _uploads_in_order(raws):
         up.send(device, [window(r, "all", "1.0.0", shas["all"]) for r in rs])
         if device != "ring-3":

@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 
-from firmware_bundles import SigningKey, build
+from firmware_bundles import build
 from tests.conftest import manifest_draft
 from tests.procs import ServerProcess, wait_for
 
@@ -21,17 +19,8 @@ from tests.procs import ServerProcess, wait_for
 BIG_MODEL_BYTES = 12 * 1024 * 1024
 
 
-@pytest.fixture()
-def server(tmp_path: Path) -> Iterator[ServerProcess]:
-    proc = ServerProcess(data_dir=tmp_path / "data", log_dir=tmp_path)
-    try:
-        yield proc.start()
-    finally:
-        proc.stop()
-
-
 def _publish_big_bundle(server: ServerProcess, tmp_path: Path) -> tuple[str, int]:
-    key = SigningKey.from_pem((server.data_dir / "keys" / "release.pem").read_bytes())
+    key = server.release_key
     model = bytes(range(256)) * (BIG_MODEL_BYTES // 256)
     draft = manifest_draft(
         {"model.onnx": model},

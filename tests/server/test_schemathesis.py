@@ -8,77 +8,30 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
+from tests.procs import ServerProcess, cli
 from tests.server.conftest import CAPS
-from tests.server.test_real_process import free_port
 
 SCHEMATHESIS = Path(sys.executable).with_name("schemathesis")
 
 
 def test_no_server_errors_for_admin_or_device(database_url: str, tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "edgefleet",
-            "db",
-            "upgrade",
-            "--data-dir",
-            str(data_dir),
-            "--database-url",
-            database_url,
-        ],
-        check=True,
-        capture_output=True,
+    upgraded = cli("db", "upgrade", "--data-dir", str(data_dir), "--database-url", database_url)
+    assert upgraded.returncode == 0, upgraded.stderr
+    server = ServerProcess(
+        data_dir=data_dir,
+        log_dir=tmp_path,
+        serve_args=("--database-url", database_url, "--log-level", "warning"),
     )
-    port = free_port()
-    log = tmp_path / "server.log"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "edgefleet",
-            "serve",
-            "--init",
-            "--data-dir",
-            str(data_dir),
-            "--database-url",
-            database_url,
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-        ],
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(100):
-            try:
-                httpx.get(f"{url}/healthz", timeout=1)
-                break
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        admin = re.search(r"efa_[A-Za-z0-9_-]+", log.read_text())
-        assert admin, log.read_text()
-        headers = {"Authorization": f"Bearer {admin.group(0)}"}
-        enroll = httpx.post(f"{url}/v1/enrollment-tokens", json={}, headers=headers).json()
-        device = httpx.post(
-            f"{url}/v1/devices/enroll",
-            json={
-                "enroll_token": enroll["token"],
-                "device_id": "fuzz-phone",
-                "capabilities": CAPS["phone-android"],
-            },
-        ).json()["credential"]
-        for token in (admin.group(0), device):
+        server.start()
+        device = server.enroll("fuzz-phone", CAPS["phone-android"])
+        url = server.url
+        for token in (server.admin_token, device):
             result = subprocess.run(
                 [
                     str(SCHEMATHESIS),
@@ -105,7 +58,7 @@ def test_no_server_errors_for_admin_or_device(database_url: str, tmp_path: Path)
             assert result.returncode == 0, summary
             assert re.search(r"\d+ generated, \d+ passed", summary), summary
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-    if "Traceback" in log.read_text():
-        pytest.fail("server logged a traceback:\n" + log.read_text()[-3000:])
+        server.stop()
+    log = server.logs[0].read_text()
+    if "Traceback" in log:
+        pytest.fail("server logged a traceback:\n" + log[-3000:])

@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
-import pytest
 
 from tests.procs import ServerProcess
 from tests.server.conftest import CAPS
@@ -22,25 +19,8 @@ from tests.server.conftest import CAPS
 LIVENESS_TIMEOUT_S = 20.0
 
 
-@pytest.fixture()
-def server(tmp_path: Path) -> Iterator[ServerProcess]:
-    proc = ServerProcess(data_dir=tmp_path / "data", log_dir=tmp_path)
-    try:
-        yield proc.start()
-    finally:
-        proc.stop()
-
-
 def test_admin_reads_are_answered_during_device_check_ins(server: ServerProcess) -> None:
-    enrolled = httpx.post(
-        f"{server.url}/v1/devices/enroll",
-        json={
-            "enroll_token": server.enroll_token(),
-            "device_id": "phone-1",
-            "capabilities": CAPS["phone-android"],
-        },
-    )
-    credential = enrolled.json()["credential"]
+    credential = server.enroll("phone-1", CAPS["phone-android"])
     stop = threading.Event()
     check_ins: list[int] = []
 

@@ -21,6 +21,20 @@ branch_labels = None
 depends_on = None
 
 _S = sqlmodel.sql.sqltypes.AutoString
+#: A rollup's counts and its JSON aggregates, in 0001's table and in this one.
+_COUNTS = ("inference_count", "error_count", "selftest_failure_count", "window_count")
+_AGGREGATES = ("latency", "outputs", "inputs", "feedback", "labels")
+
+
+def _strings(*names: str) -> list[sa.Column[str]]:
+    """Required string columns."""
+    return [sa.Column(name, _S(), nullable=False) for name in names]
+
+
+def _rollup_figures(count_type: type[sa.Integer]) -> list[sa.Column[object]]:
+    """The counts (of ``count_type``) and the nullable JSON aggregates of a rollup."""
+    counts = [sa.Column(name, count_type(), nullable=False) for name in _COUNTS]
+    return [*counts, *(sa.Column(name, sa.JSON(), nullable=True) for name in _AGGREGATES)]
 
 
 def upgrade() -> None:
@@ -30,22 +44,8 @@ def upgrade() -> None:
     op.create_table(
         "telemetry_rollup",
         sa.Column("id", sa.Integer(), nullable=False),
-        sa.Column("device_id", _S(), nullable=False),
-        sa.Column("hardware_id", _S(), nullable=False),
-        sa.Column("generation", _S(), nullable=False),
-        sa.Column("platform", _S(), nullable=False),
-        sa.Column("model", _S(), nullable=False),
-        sa.Column("version", _S(), nullable=False),
-        sa.Column("day", _S(), nullable=False),
-        sa.Column("inference_count", sa.BigInteger(), nullable=False),
-        sa.Column("error_count", sa.BigInteger(), nullable=False),
-        sa.Column("selftest_failure_count", sa.BigInteger(), nullable=False),
-        sa.Column("window_count", sa.BigInteger(), nullable=False),
-        sa.Column("latency", sa.JSON(), nullable=True),
-        sa.Column("outputs", sa.JSON(), nullable=True),
-        sa.Column("inputs", sa.JSON(), nullable=True),
-        sa.Column("feedback", sa.JSON(), nullable=True),
-        sa.Column("labels", sa.JSON(), nullable=True),
+        *_strings("device_id", "hardware_id", "generation", "platform", "model", "version", "day"),
+        *_rollup_figures(sa.BigInteger),
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("device_id", "model", "version", "day"),
     )
@@ -58,11 +58,7 @@ def upgrade() -> None:
         "telemetry_window",
         sa.Column("id", sa.Integer(), nullable=False),
         sa.Column("batch_id", sa.Integer(), nullable=False),
-        sa.Column("device_id", _S(), nullable=False),
-        sa.Column("hardware_id", _S(), nullable=False),
-        sa.Column("model", _S(), nullable=False),
-        sa.Column("version", _S(), nullable=False),
-        sa.Column("bundle_sha256", _S(), nullable=False),
+        *_strings("device_id", "hardware_id", "model", "version", "bundle_sha256"),
         sa.Column("window_start", sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
         sa.Column("window_s", sa.Integer(), nullable=False),
         sa.Column("aggregate", sa.JSON(), nullable=True),
@@ -81,23 +77,12 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_table("telemetry_window")
     op.drop_table("telemetry_rollup")
+    # 0001's table, as 0001 made it.
     op.create_table(
         "telemetry_rollup",
         sa.Column("id", sa.Integer(), nullable=False),
-        sa.Column("model", _S(), nullable=False),
-        sa.Column("version", _S(), nullable=False),
-        sa.Column("generation", _S(), nullable=False),
-        sa.Column("platform", _S(), nullable=False),
-        sa.Column("day", _S(), nullable=False),
-        sa.Column("inference_count", sa.Integer(), nullable=False),
-        sa.Column("error_count", sa.Integer(), nullable=False),
-        sa.Column("selftest_failure_count", sa.Integer(), nullable=False),
-        sa.Column("window_count", sa.Integer(), nullable=False),
-        sa.Column("latency", sa.JSON(), nullable=True),
-        sa.Column("outputs", sa.JSON(), nullable=True),
-        sa.Column("inputs", sa.JSON(), nullable=True),
-        sa.Column("feedback", sa.JSON(), nullable=True),
-        sa.Column("labels", sa.JSON(), nullable=True),
+        *_strings("model", "version", "generation", "platform", "day"),
+        *_rollup_figures(sa.Integer),
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("model", "version", "generation", "platform", "day"),
     )
