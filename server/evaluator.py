@@ -22,20 +22,18 @@ from typing import Any
 
 from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, col, func, select
+from sqlmodel import Session, col, select
 
 from firmware_bundles.manifest import FirmwareRange
-from server import aggregate, gates, rollouts
+from server import aggregate, gates, rollouts, telemetry
 from server.arms import in_treatment
-from server.fleet import cohort_devices
+from server.fleet import cohorts_members
 from server.models import (
-    Cohort,
     Device,
     JobLock,
     Release,
     Rollout,
     RolloutDecision,
-    TelemetryBatchRecord,
     TelemetryWindowRecord,
 )
 
@@ -63,12 +61,8 @@ def selected_devices(session: Session, rollout: Rollout) -> list[Device]:
         col(Device.hardware_id).in_(selector["hardware_ids"]), col(Device.revoked).is_(False)
     )
     devices = list(session.exec(query.order_by(col(Device.id))))
-    if selector.get("cohorts"):
-        members: set[str] = set()
-        for name in selector["cohorts"]:
-            cohort = session.get(Cohort, name)
-            if cohort is not None:
-                members |= set(cohort_devices(session, cohort))
+    members = cohorts_members(session, selector.get("cohorts") or [])
+    if members is not None:
         devices = [d for d in devices if d.id in members]
     firmware = FirmwareRange(
         minimum=selector.get("firmware_min", "0.0.0"), below=selector.get("firmware_below")
@@ -119,25 +113,6 @@ def _aggregates(
     return found
 
 
-def _batches(session: Session, devices: list[str]) -> dict[str, tuple[int, int]]:
-    counts: dict[str, tuple[int, int]] = {}
-    for i in range(0, len(devices), 500):
-        rows = session.exec(
-            select(
-                TelemetryBatchRecord.device_id,
-                TelemetryBatchRecord.boot_epoch,
-                func.count(),
-                func.max(TelemetryBatchRecord.sequence),
-            )
-            .where(col(TelemetryBatchRecord.device_id).in_(devices[i : i + 500]))
-            .group_by(col(TelemetryBatchRecord.device_id), col(TelemetryBatchRecord.boot_epoch))
-        ).all()
-        for device_id, _, received, top in rows:
-            got, expected = counts.get(device_id, (0, 0))
-            counts[device_id] = (got + int(received), expected + int(top) + 1)
-    return counts
-
-
 def arms(session: Session, rollout: Rollout, relative_accuracy: float) -> Arms:
     """Each arm's devices and evidence for the rollout's current stage."""
     assert rollout.id is not None and rollout.started_at is not None
@@ -175,7 +150,7 @@ def arms(session: Session, rollout: Rollout, relative_accuracy: float) -> Arms:
         rollout.control_until if percent >= 100 else None,
         relative_accuracy,
     )
-    batches = _batches(session, [d.id for d in treatment + control])
+    batches = telemetry.batch_counts(session, [d.id for d in treatment + control])
     # Each device's own week on the previous version before the rollout: a baseline that takes
     # the devices' own spread out of the comparison (CUPED), the same period for both arms.
     everyone = treatment + control
@@ -241,73 +216,48 @@ def evaluate(
     before = rollout.state
     assert rollout.stage_started_at is not None
     in_stage = (now - rollout.stage_started_at).total_seconds()
-    if before != "running":
-        return rollouts.log(
-            session,
-            rollout,
-            actor=actor,
-            action="evaluate",
-            before=before,
-            reason=f"{rollout.state}: judged, not moved ({verdict.decision}: {verdict.reason})",
-            figures=figures,
-        )
-    if verdict.decision == "fail":
-        state = "rolled-back" if rollout.on_failure == "rollback" else "halted"
+
+    def record(action: str, reason: str, state: str | None = None) -> RolloutDecision:
+        """Log the decision, moving the rollout to ``state`` when given."""
+        if state is None:
+            return rollouts.log(
+                session,
+                rollout,
+                actor=actor,
+                action=action,
+                before=before,
+                reason=reason,
+                figures=figures,
+            )
         rollouts.move(
-            session,
-            rollout,
-            state,
-            actor=actor,
-            action="halt",
-            reason=f"gate failed: {verdict.reason}",
-            figures=figures,
+            session, rollout, state, actor=actor, action=action, reason=reason, figures=figures
         )
         return _last(session, rollout)
+
+    if before != "running":
+        why = f"{verdict.decision}: {verdict.reason}"
+        return record("evaluate", f"{rollout.state}: judged, not moved ({why})")
+    if verdict.decision == "fail":
+        state = "rolled-back" if rollout.on_failure == "rollback" else "halted"
+        return record("halt", f"gate failed: {verdict.reason}", state)
     thin = _thin(stage, found, inferences)
     if verdict.decision == "hold" or thin:
         reason = thin or verdict.reason
         if in_stage >= stage["thin_deadline_s"]:
-            rollouts.move(
-                session,
-                rollout,
-                "waiting-for-approval",
-                actor=actor,
-                action="wait",
-                reason=f"still thin after {in_stage / 3600:.1f} h: {reason}",
-                figures=figures,
+            hours = in_stage / 3600
+            return record(
+                "wait", f"still thin after {hours:.1f} h: {reason}", "waiting-for-approval"
             )
-            return _last(session, rollout)
-        return rollouts.log(
-            session,
-            rollout,
-            actor=actor,
-            action="hold",
-            before=before,
-            reason=reason,
-            figures=figures,
-        )
+        return record("hold", reason)
     if in_stage < stage["min_duration_s"]:
-        return rollouts.log(
-            session,
-            rollout,
-            actor=actor,
-            action="hold",
-            before=before,
-            reason=f"gates pass; stage minimum duration {stage['min_duration_s']} s not reached"
-            f" ({in_stage:.0f} s)",
-            figures=figures,
+        minimum = stage["min_duration_s"]
+        return record(
+            "hold", f"gates pass; stage minimum duration {minimum} s not reached ({in_stage:.0f} s)"
         )
     if stage["approval"]:
-        rollouts.move(
-            session,
-            rollout,
-            "waiting-for-approval",
-            actor=actor,
-            action="wait",
-            reason="gates pass; this stage needs an operator's approval",
-            figures=figures,
+        return record(
+            "wait", "gates pass; this stage needs an operator's approval", "waiting-for-approval"
         )
-        return _last(session, rollout)
     rollouts.advance(session, rollout, actor=actor, reason="every gate passed", figures=figures)
     if rollout.state == "completed":
         _release(session, rollout, now)

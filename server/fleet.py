@@ -139,6 +139,19 @@ def cohort_devices(session: Session, cohort: Cohort) -> list[str]:
     return sorted(members)
 
 
+def cohorts_members(session: Session, names: list[str]) -> frozenset[str] | None:
+    """The devices of any of the cohorts ``names`` (None when no cohort is named: any device);
+    an unknown name adds nobody."""
+    if not names:
+        return None
+    members: set[str] = set()
+    for name in names:
+        cohort = session.get(Cohort, name)
+        if cohort is not None:
+            members |= set(cohort_devices(session, cohort))
+    return frozenset(members)
+
+
 def device_public(device: Device) -> DevicePublic:
     """A device as the API shows it (no credential hash)."""
     return DevicePublic.model_validate(device.model_dump(exclude={"credential_hash"}))

@@ -16,15 +16,16 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
-from sqlmodel import Session, col, func, select
+from sqlmodel import Session, col, select
 
 from firmware_bundles import telemetry as sketch
 from firmware_bundles.manifest import Histogram, Manifest
 from firmware_bundles.window_builder import UNKNOWN_PREDICTION
 from server import aggregate, drift
 from server.errors import ApiError
-from server.models import Bundle, TelemetryBatchRecord, TelemetryRollup, TelemetryWindowRecord
+from server.models import Bundle, TelemetryRollup, TelemetryWindowRecord
 from server.registry import get_version
+from server.telemetry import batch_counts
 
 #: The span a query covers when it names none: the last seven days.
 DEFAULT_SPAN = timedelta(days=7)
@@ -176,24 +177,9 @@ def collect(session: Session, span: Span, relative_accuracy: float) -> Collected
 def completeness(session: Session, devices: Iterable[str]) -> dict[str, Any]:
     """Batches received against those the devices' sequence numbers say were sent, added over
     ``devices`` (all of each device's uploads: batches are per device, not per version)."""
-    ids = sorted(devices)
-    received = expected = 0
-    for i in range(0, len(ids), 1000):
-        rows = session.exec(
-            select(
-                TelemetryBatchRecord.device_id,
-                TelemetryBatchRecord.boot_epoch,
-                func.count(),
-                func.max(TelemetryBatchRecord.sequence),
-            )
-            .where(
-                col(TelemetryBatchRecord.device_id).in_(ids[i : i + 1000]),
-                col(TelemetryBatchRecord.sequence) >= 0,
-            )
-            .group_by(col(TelemetryBatchRecord.device_id), col(TelemetryBatchRecord.boot_epoch))
-        ).all()
-        received += sum(int(r[2]) for r in rows)
-        expected += sum(int(r[3]) + 1 for r in rows)
+    counts = batch_counts(session, sorted(devices)).values()
+    received = sum(got for got, _ in counts)
+    expected = sum(want for _, want in counts)
     return {
         "batches_received": received,
         "batches_expected": expected,

@@ -252,7 +252,7 @@ def read_offers(
 
 def rollout_rules(session: Session, hardware_id: str) -> tuple[ArmRule, ...]:
     """What each rollout that decides offers on ``hardware_id`` does there."""
-    from server.fleet import cohort_devices  # fleet imports this module's cache users
+    from server.fleet import cohorts_members  # fleet imports this module's cache users
 
     rules = []
     for rollout in session.exec(
@@ -266,14 +266,7 @@ def rollout_rules(session: Session, hardware_id: str) -> tuple[ArmRule, ...]:
             continue
         previous_id = rollout.previous.get(hardware_id)
         previous = None if previous_id is None else _offer_of(session, previous_id, hardware_id)
-        members: frozenset[str] | None = None
-        if selector.get("cohorts"):
-            names: set[str] = set()
-            for name in selector["cohorts"]:
-                cohort = session.get(Cohort, name)
-                if cohort is not None:
-                    names |= set(cohort_devices(session, cohort))
-            members = frozenset(names)
+        members = cohorts_members(session, selector.get("cohorts") or [])
         rules.append(
             ArmRule(
                 rollout_id=rollout.id,

@@ -392,3 +392,27 @@ def completeness(session: Session, device_id: str) -> dict[str, Any]:
         "windows_dropped_on_device": dropped,
         "skipped_rows": int(skipped),
     }
+
+
+def batch_counts(session: Session, devices: list[str]) -> dict[str, tuple[int, int]]:
+    """Per device: telemetry batches received, and those its sequence numbers say were sent
+    (over all its boot epochs; a record with a negative sequence is left out)."""
+    counts: dict[str, tuple[int, int]] = {}
+    for i in range(0, len(devices), 500):
+        rows = session.exec(
+            select(
+                TelemetryBatchRecord.device_id,
+                TelemetryBatchRecord.boot_epoch,
+                func.count(),
+                func.max(TelemetryBatchRecord.sequence),
+            )
+            .where(
+                col(TelemetryBatchRecord.device_id).in_(devices[i : i + 500]),
+                col(TelemetryBatchRecord.sequence) >= 0,
+            )
+            .group_by(col(TelemetryBatchRecord.device_id), col(TelemetryBatchRecord.boot_epoch))
+        ).all()
+        for device_id, _, received, top in rows:
+            got, expected = counts.get(device_id, (0, 0))
+            counts[device_id] = (got + int(received), expected + int(top) + 1)
+    return counts
