@@ -335,14 +335,17 @@ class Updater:
         send = dict(headers) if same_origin else {}
         path = partial_path(self.partial_dir, assignment.bundle_sha256)
         resumed = path.exists() and path.stat().st_size > 0
-        fetcher = self.fetcher
-        data = fetcher.fetch(
-            url,
-            assignment.bundle_sha256,
-            assignment.bundle_length,
-            self.partial_dir,
-            headers=send,
-        )
+
+        def fetch() -> bytes:
+            return self.fetcher.fetch(
+                url,
+                assignment.bundle_sha256,
+                assignment.bundle_length,
+                self.partial_dir,
+                headers=send,
+            )
+
+        data = fetch()
         try:
             return self._verify(data, assignment, now), data
         except TrustError as exc:
@@ -351,13 +354,7 @@ class Updater:
         # A partial from an earlier run may have been damaged by a power cut (unflushed
         # pages); fetch once from zero before blaming the server.
         discard_partial(self.partial_dir, assignment.bundle_sha256)
-        data = fetcher.fetch(
-            url,
-            assignment.bundle_sha256,
-            assignment.bundle_length,
-            self.partial_dir,
-            headers=send,
-        )
+        data = fetch()
         return self._verify(data, assignment, now), data
 
     def _verify(self, data: bytes, assignment: Assignment, now: datetime) -> VerifiedBundle:

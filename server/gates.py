@@ -388,17 +388,7 @@ def _two_arm_gate(name: str, t: ArmData, c: ArmData, cfg: GateConfig, alpha: flo
         float(np.nansum(tm.counts * ~np.isnan(tm.values))),
         float(np.nansum(cm.counts * ~np.isnan(cm.values))),
     )
-    base = GateResult(
-        name,
-        "hold",
-        "",
-        threshold,
-        alpha,
-        treatment_devices=nt,
-        control_devices=nc,
-        treatment_inferences=inf_t,
-        control_inferences=inf_c,
-    )
+    base = _pending(name, threshold, alpha, (nt, nc), (inf_t, inf_c))
     thin = _thin(what, (nt, nc), evidence, need, cfg)
     if thin is not None:
         return _no_data(base, spec.required, thin)
@@ -418,6 +408,23 @@ def _two_arm_gate(name: str, t: ArmData, c: ArmData, cfg: GateConfig, alpha: flo
         status, reason = "hold", f"not yet conclusive: harm {figures}"
     return GateResult(
         name, status, reason, threshold, alpha, est, lo, hi, raw_t, raw_c, nt, nc, inf_t, inf_c
+    )
+
+
+def _pending(
+    name: str, threshold: float, alpha: float, devices: tuple[int, int], inferences: tuple[int, int]
+) -> GateResult:
+    """A gate's result before it is decided: its counts, status hold."""
+    return GateResult(
+        name,
+        "hold",
+        "",
+        threshold,
+        alpha,
+        treatment_devices=devices[0],
+        control_devices=devices[1],
+        treatment_inferences=inferences[0],
+        control_inferences=inferences[1],
     )
 
 
@@ -512,17 +519,7 @@ def _shift_gate(name: str, t: ArmData, c: ArmData, cfg: GateConfig, alpha: float
         mt, mc = tot_t > 0, tot_c > 0
         nt, nc = int(mt.sum()), int(mc.sum())
         inf_t, inf_c = int(tot_t.sum()), int(tot_c.sum())
-        here = GateResult(
-            name,
-            "hold",
-            "",
-            threshold,
-            alpha,
-            treatment_devices=nt,
-            control_devices=nc,
-            treatment_inferences=inf_t,
-            control_inferences=inf_c,
-        )
+        here = _pending(name, threshold, alpha, (nt, nc), (inf_t, inf_c))
         thin = _thin("observations", (nt, nc), (inf_t, inf_c), cfg.min_inferences_per_arm, cfg)
         if thin is not None:
             result = _no_data(here, spec.required, f"{hist}: {thin}")

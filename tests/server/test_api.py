@@ -217,35 +217,23 @@ def test_relay_phone_serves_its_ring_and_an_unpaired_phone_cannot(fleet: Fleet) 
     assert signed["device_id"] == "ring-1" and signed["hardware_id"] == "ring-gen3"
     assert signed["nonce"] == ring_nonce
     batch = b'{"device_id":"ring-1","boot_epoch":1,"sequence":0,"windows":[]}'
-    assert (
-        fleet.client.post(
-            "/v1/devices/ring-1/telemetry", content=batch, headers=fleet.auth(phone)
-        ).status_code
-        == 200
-    )
-    assert (
-        fleet.client.post(
-            "/v1/devices/ring-1/check-in", json=body, headers=fleet.auth(stranger)
-        ).status_code
-        == 403
-    )
-    assert (
-        fleet.client.post(
-            "/v1/devices/ring-1/telemetry", content=batch, headers=fleet.auth(stranger)
-        ).status_code
-        == 403
-    )
+
+    def status(path: str, credential: str, **body: object) -> int:
+        return int(
+            fleet.client.post(
+                f"/v1/devices/ring-1/{path}", headers=fleet.auth(credential), **body
+            ).status_code
+        )
+
+    assert status("telemetry", phone, content=batch) == 200
+    assert status("check-in", stranger, json=body) == 403
+    assert status("telemetry", stranger, content=batch) == 403
     # Unpairing ends it for the phone too.
     assert (
         fleet.client.delete("/v1/devices/ring-1/pairing", headers=fleet.auth(phone)).status_code
         == 200
     )
-    assert (
-        fleet.client.post(
-            "/v1/devices/ring-1/check-in", json=body, headers=fleet.auth(phone)
-        ).status_code
-        == 403
-    )
+    assert status("check-in", phone, json=body) == 403
 
 
 def test_enrollment_token_limits(fleet: Fleet) -> None:
