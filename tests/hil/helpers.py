@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Coroutine, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -55,12 +55,16 @@ async def client_of(dut: DeviceUnderTest) -> DeviceClient:
 
 
 async def install(
-    dut: DeviceUnderTest, bundle: bytes, director: LabDirector
+    dut: DeviceUnderTest,
+    bundle: bytes,
+    director: LabDirector,
+    confirmed: Mapping[str, int] | None = None,
 ) -> tuple[UploadResult, mg.ActivateResponse, mg.SelfTestResponse]:
-    """Upload, activate under a fresh assignment set, and self-test ``bundle``."""
+    """Upload, activate under a fresh assignment set (naming ``confirmed`` counters), and
+    self-test ``bundle``."""
     client = await client_of(dut)
     identity = await client.identity()
     uploaded = await client.upload_model(bundle)
-    activated = await client.activate(director.assign(identity, [bundle]))
+    activated = await client.activate(director.assign(identity, [bundle], confirmed=confirmed))
     tested = await client.self_test()
     return uploaded, activated, tested

@@ -32,7 +32,9 @@ def test_install_infer_and_telemetry(
 ) -> None:
     async def scenario() -> None:
         async with running(make_dut(kind, tmp_path, root)) as dut:
-            uploaded, activated, tested = await install(dut, bundles["v1"], director)
+            # Confirmed, so the floor rises to it once it ran (docs/rollback.md).
+            confirmed = {"wrist-activity": 5}
+            uploaded, activated, tested = await install(dut, bundles["v1"], director, confirmed)
             assert uploaded.length == len(bundles["v1"]) and uploaded.resumed_from == 0
             assert activated.state == "testing" and activated.model_version == "1.0.0"
             assert tested.passed and tested.state == "active" and tested.vectors == 3
@@ -183,7 +185,7 @@ def test_release_counter_rollback_is_refused(
 ) -> None:
     async def scenario() -> None:
         async with running(make_dut(kind, tmp_path, root)) as dut:
-            await install(dut, bundles["v1"], director)  # counter 5
+            await install(dut, bundles["v1"], director, {"wrist-activity": 5})  # confirmed 5
             client = await client_of(dut)
             identity = await client.identity()
             await client.upload_model(bundles["old"])  # counter 3
