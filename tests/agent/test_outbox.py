@@ -128,21 +128,23 @@ def test_a_full_outbox_drops_the_oldest_closed_windows_and_reports_them(
         recorder.run(classifier, np.zeros((1, 4), np.float32))
         recorder.close_due_windows(clock.now + HOUR)
     stats = outbox.stats()
-    assert stats["closed_windows"] == 10
-    assert stats["dropped_windows"] == 15 == stats["dropped_unreported"]
+    # Room for about ten: a window's size varies by a few bytes with the latencies measured.
+    kept = stats["closed_windows"]
+    assert 9 <= kept <= 11, kept
+    assert stats["dropped_windows"] == 25 - kept == stats["dropped_unreported"]
     assert stats["bytes"] <= limit
     batch = outbox.next_batch(50)
     assert batch is not None
-    assert batch.dropped_windows == 15
+    assert batch.dropped_windows == 25 - kept
     starts = [int(w.window_start.timestamp() - T0) // HOUR for w in batch.windows]
-    assert starts == list(range(15, 25))  # the newest ten were kept
+    assert starts == list(range(25 - kept, 25))  # the newest were kept
     outbox.acknowledge(batch)
     clock.now = T0 + 30 * HOUR
     recorder.run(classifier, np.zeros((1, 4), np.float32))
     recorder.close_due_windows(include_open=True)
     following = outbox.next_batch(50)
     assert following is not None and following.dropped_windows == 0
-    assert outbox.stats()["dropped_windows"] == 15
+    assert outbox.stats()["dropped_windows"] == 25 - kept
     outbox.close()
     assert path.stat().st_size < limit + 64 * 1024  # freed pages went back to the disk
 
