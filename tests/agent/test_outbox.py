@@ -146,7 +146,9 @@ def test_a_full_outbox_drops_the_oldest_closed_windows_and_reports_them(
     assert following is not None and following.dropped_windows == 0
     assert outbox.stats()["dropped_windows"] == 25 - kept
     outbox.close()
-    assert path.stat().st_size < limit + 64 * 1024  # freed pages went back to the disk
+    # Bounded by the byte budget plus SQLite's fixed pages (a few per table and index, the
+    # versions table included): 25 windows written, the file did not grow to hold them.
+    assert path.stat().st_size < limit + 80 * 1024
 
 
 def test_upload_to_the_real_server_gives_rollups_equal_to_the_recorded_totals(
