@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -241,6 +242,21 @@ def publish(
             console.print(f"  HIL report attached ({literal(r['hil']['runs'])} run(s)): {verdict}")
 
 
+def _on_version(
+    server: str,
+    token: str,
+    json_out: bool,
+    model: str,
+    version: str,
+    action: str,
+    body: dict[str, Any] | None,
+    said: Callable[[Any], str],
+) -> None:
+    """POST an action on a model version and print its answer (JSON, or a line)."""
+    r = _call(server, token, "POST", f"/v1/models/{model}/versions/{version}/{action}", json=body)
+    print_json(r) if json_out else console.print(f"{literal(model)} {literal(version)}: {said(r)}")
+
+
 def release(
     model: str,
     version: str,
@@ -253,15 +269,15 @@ def release(
     json_out: JsonFlag = False,
 ) -> None:
     """Make a published version current (publishing alone assigns nothing)."""
-    r = _call(
+    _on_version(
         server,
         token,
-        "POST",
-        f"/v1/models/{model}/versions/{version}/release",
-        json={"target": target},
-    )
-    print_json(r) if json_out else console.print(
-        f"released {literal(model)} {literal(version)} for {literal(', '.join(r['released_for']))}"
+        json_out,
+        model,
+        version,
+        "release",
+        {"target": target},
+        lambda r: f"released for {literal(', '.join(r['released_for']))}",
     )
 
 
@@ -273,8 +289,7 @@ def withdraw(
     json_out: JsonFlag = False,
 ) -> None:
     """Stop assigning a version; its devices get the previous released version."""
-    r = _call(server, token, "POST", f"/v1/models/{model}/versions/{version}/withdraw")
-    print_json(r) if json_out else console.print(f"withdrew {literal(model)} {literal(version)}")
+    _on_version(server, token, json_out, model, version, "withdraw", None, lambda r: "withdrawn")
 
 
 def confirm(
@@ -289,16 +304,18 @@ def confirm(
     json_out: JsonFlag = False,
 ) -> None:
     """Confirm a version: devices that ran it never go below it again (docs/rollback.md)."""
-    r = _call(
+    _on_version(
         server,
         token,
-        "POST",
-        f"/v1/models/{model}/versions/{version}/confirm",
-        json={"hardware_id": hardware_id},
-    )
-    print_json(r) if json_out else console.print(
-        f"confirmed {literal(model)} {literal(version)} (release counter"
-        f" {literal(r['release_counter'])}) for {literal(', '.join(r['confirmed_for']))}"
+        json_out,
+        model,
+        version,
+        "confirm",
+        {"hardware_id": hardware_id},
+        lambda r: (
+            f"confirmed (release counter {literal(r['release_counter'])}) for"
+            f" {literal(', '.join(r['confirmed_for']))}"
+        ),
     )
 
 
