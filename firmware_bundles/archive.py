@@ -155,7 +155,8 @@ class ArchiveReader:
     Args:
         limits: Caps on members, sizes and their total.
         on_manifest: Parses (and may verify) the manifest member.
-        keep_files: Keep each file's bytes for :meth:`finish` (else only hash them).
+        keep_files: Keep each file's bytes for :meth:`finish` (else hash the model file only, and
+            keep the other files no bigger than ``limits.max_manifest_bytes``).
         with_id: Hash the whole archive for its identity as it streams by.
     """
 
@@ -289,11 +290,17 @@ class ArchiveReader:
                 raise LengthMismatchError(
                     f"file {name!r} is {info.size} bytes, manifest says {entry.length}", name
                 )
-        keep = self._keep or name == MANIFEST_PATH
+        keep = self._keep or entry is None or self._is_metadata(name, info.size)
         self._member = _Member(name, info.size, entry, keep)
         self._state, self._need = "data", info.size
         if info.size == 0:
             self._end_member()
+
+    def _is_metadata(self, name: str, size: int) -> bool:
+        # Without keep_files, the files beside the model (self-test vectors, references) are
+        # still kept when they are no bigger than a manifest may be: memory stays bounded.
+        assert self._manifest is not None
+        return name != self._manifest.runtime.model_file and size <= self._limits.max_manifest_bytes
 
     def _end_member(self) -> None:
         member = self._member

@@ -17,7 +17,7 @@ from typing import Any
 from firmware_bundles.archive import ArchiveLimits, ArchiveReader, pack
 from firmware_bundles.catalogue import TargetCatalogue
 from firmware_bundles.errors import SchemaError, SizeLimitError
-from firmware_bundles.manifest import Manifest
+from firmware_bundles.manifest import Manifest, SelfTestFile
 from firmware_bundles.root import Root
 from firmware_bundles.selftest import attach_vectors
 from firmware_bundles.signing import Envelope, SigningKey
@@ -103,8 +103,9 @@ class BundleReader:
     Args:
         limits: Caps on size and member count.
         root: Verify release signatures against this root (else only open the bundle).
-        keep_files: Keep the files' bytes and decode the self-test vectors (else hash the files
-            only; ``files`` comes back empty and format-2 vectors are not decoded).
+        keep_files: Keep every file's bytes (else only hash the model file, and keep the files
+            beside it that are no bigger than a manifest may be). The self-test vectors are
+            decoded whenever their file was kept.
         with_id: Hash the whole archive for its identity.
     """
 
@@ -142,7 +143,8 @@ class BundleReader:
         """
         archive = self._archive.finish()
         assert self._envelope is not None  # finish() raised if there was no manifest
-        if self._keep_files:
+        test = archive.manifest.self_test
+        if self._keep_files or (isinstance(test, SelfTestFile) and test.file in archive.files):
             attach_vectors(archive.manifest, archive.files)
         return BundleContents(
             id=archive.id,

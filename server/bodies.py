@@ -5,14 +5,17 @@ whatever the client claims or sends."""
 from __future__ import annotations
 
 import io
+from collections.abc import AsyncIterator
 
 from fastapi import Request
 
 from server.errors import ApiError
 
 
-async def read_body(request: Request, max_bytes: int, what: str) -> bytes:
-    """The request's body, at most ``max_bytes`` of it.
+async def body_pieces(
+    request: Request, max_bytes: int, what: str, piece_bytes: int = 1 << 20
+) -> AsyncIterator[bytes]:
+    """The request's body in pieces of about ``piece_bytes``, at most ``max_bytes`` in all.
 
     Raises:
         ApiError: 413 naming ``what`` and the cap when the declared or received length is over
@@ -24,9 +27,27 @@ async def read_body(request: Request, max_bytes: int, what: str) -> bytes:
             raise ApiError(400, f"Content-Length {declared[:40]!r} is not a length in bytes")
         if int(declared) > max_bytes:
             raise ApiError(413, f"{what} over {max_bytes} bytes (Content-Length {declared})")
-    body = io.BytesIO()
+    received = 0
+    piece = io.BytesIO()
     async for chunk in request.stream():
-        if body.tell() + len(chunk) > max_bytes:
+        received += len(chunk)
+        if received > max_bytes:
             raise ApiError(413, f"{what} over {max_bytes} bytes")
-        body.write(chunk)
+        piece.write(chunk)
+        if piece.tell() >= piece_bytes:
+            yield piece.getvalue()
+            piece = io.BytesIO()
+    if piece.tell():
+        yield piece.getvalue()
+
+
+async def read_body(request: Request, max_bytes: int, what: str) -> bytes:
+    """The request's body, at most ``max_bytes`` of it (see :func:`body_pieces`).
+
+    Raises:
+        ApiError: As :func:`body_pieces`.
+    """
+    body = io.BytesIO()
+    async for piece in body_pieces(request, max_bytes, what):
+        body.write(piece)
     return body.getvalue()

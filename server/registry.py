@@ -7,37 +7,83 @@ from typing import Any
 
 from sqlmodel import Session, col, select
 
-from firmware_bundles import ArchiveLimits, BundleError, bundle_id, verify
+from firmware_bundles import ArchiveLimits, BundleError, BundleReader, VerifiedBundle
 from firmware_bundles.errors import CatalogueError
 from firmware_bundles.manifest import semver_key
 from firmware_bundles.messages import HilReport, verify_hil_report
 from server.arms import OWNING
 from server.errors import ApiError
 from server.models import Bundle, Device, Model, ModelVersion, Pin, Release, Rollout
-from server.state import ServerState
+from server.state import BlobSpool, ServerState
 
 
-def publish(*, session: Session, state: ServerState, data: bytes, publisher: str) -> Bundle:
-    """Verify a bundle against the trusted root and the catalogue, then store and register it.
+class BundleUpload:
+    """A bundle arriving in pieces: verified as it streams by and spooled to the blob store.
+
+    The release signatures are checked as soon as the manifest has arrived, and every file is
+    hashed as it passes, so a bad upload is refused before the rest of it is read; the model's
+    bytes are never held in memory.
+    """
+
+    def __init__(self, state: ServerState) -> None:
+        limits = ArchiveLimits(max_total_bytes=state.settings.max_bundle_upload_bytes)
+        self._reader = BundleReader(limits, root=state.trusted.root, keep_files=False, with_id=True)
+        self._spool: BlobSpool = state.blobs.spool()
+        self.length = 0
+
+    def feed(self, piece: bytes) -> None:
+        """Take the next bytes of the upload.
+
+        Raises:
+            ApiError: 400 naming the problem as soon as the bytes so far show the bundle is bad.
+        """
+        try:
+            self._reader.feed(piece)
+        except BundleError as exc:
+            raise ApiError(400, f"bundle refused: {exc}") from exc
+        self._spool.write(piece)
+        self.length += len(piece)
+
+    def finish(self) -> VerifiedBundle:
+        """The verified bundle, once every byte was fed.
+
+        Raises:
+            ApiError: 400 if the archive ended early or lacks a listed file.
+        """
+        try:
+            return self._reader.finish_verified()
+        except BundleError as exc:
+            raise ApiError(400, f"bundle refused: {exc}") from exc
+
+    def keep(self, sha256: str) -> None:
+        """File the spooled bytes in the blob store (durably) under their SHA-256."""
+        self._spool.keep(sha256)
+
+    def discard(self) -> None:
+        """Drop the spooled bytes (no-op once kept)."""
+        self._spool.discard()
+
+
+def publish(
+    *, session: Session, state: ServerState, upload: BundleUpload, publisher: str
+) -> Bundle:
+    """Register a bundle whose bytes were all fed to ``upload``, and keep its blob.
 
     Raises:
         ApiError: 400 with the reason if it does not verify or fit its target; 409 if the same
             version exists with another release counter.
     """
-    limits = ArchiveLimits(max_total_bytes=state.settings.max_bundle_upload_bytes)
-    try:
-        verified = verify(data, state.trusted.root, limits=limits)
-    except BundleError as exc:
-        raise ApiError(400, f"bundle refused: {exc}") from exc
+    verified = upload.finish()
     manifest = verified.manifest
     if len(manifest.targets) != 1:
         raise ApiError(400, "bundle refused: a bundle must name exactly one target")
     target = manifest.targets[0]
     try:
-        state.catalogue.check_fits(manifest, target.target_id, len(data))
+        state.catalogue.check_fits(manifest, target.target_id, upload.length)
     except CatalogueError as exc:
         raise ApiError(400, f"bundle refused: {exc}") from exc
-    sha = bundle_id(data)
+    sha = verified.contents.id
+    assert sha is not None  # the reader hashed the archive (with_id)
     existing = session.get(Bundle, sha)
     if existing is not None:
         return existing
@@ -75,13 +121,13 @@ def publish(*, session: Session, state: ServerState, data: bytes, publisher: str
             f"{manifest.name} {manifest.version} already has bundle"
             f" {clash.sha256[:12]} for {target.target_id}; publish a new version",
         )
-    state.blobs.put(data)
+    upload.keep(sha)
     assert version.id is not None
     bundle = Bundle(
         sha256=sha,
         version_id=version.id,
         target_id=target.target_id,
-        length=len(data),
+        length=upload.length,
         format=manifest.runtime.format,
         firmware_min=target.firmware.minimum,
         firmware_below=target.firmware.below,

@@ -32,6 +32,12 @@ class BlobStore:
     def path(self, sha256: str) -> Path:
         return self.directory / sha256[:2] / sha256
 
+    def spool(self) -> BlobSpool:
+        """A file to write a blob into as it arrives; :meth:`BlobSpool.keep` files it."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".spool-")
+        return BlobSpool(self, Path(tmp), os.fdopen(fd, "wb"))
+
     def put(self, data: bytes) -> str:
         """Store ``data``; returns its SHA-256."""
         digest = hashlib.sha256(data).hexdigest()
@@ -46,6 +52,34 @@ class BlobStore:
             os.fsync(fh.fileno())
         os.replace(tmp, target)
         return digest
+
+
+class BlobSpool:
+    """A blob being written: appended to, then kept under its SHA-256 or discarded."""
+
+    def __init__(self, store: BlobStore, path: Path, fh: Any) -> None:
+        self._store, self._path, self._fh = store, path, fh
+
+    def write(self, data: bytes) -> None:
+        self._fh.write(data)
+
+    def keep(self, sha256: str) -> None:
+        """Make the bytes durable and file them as blob ``sha256`` (its caller hashed them)."""
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+        target = self._store.path(sha256)
+        if target.exists():
+            self._path.unlink(missing_ok=True)
+            return
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self._path, target)
+
+    def discard(self) -> None:
+        """Drop what was written (no-op once kept)."""
+        if not self._fh.closed:
+            self._fh.close()
+        self._path.unlink(missing_ok=True)
 
 
 @dataclass

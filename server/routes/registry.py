@@ -13,7 +13,7 @@ from fastapi import APIRouter, Header, Request, Response
 from pydantic import BaseModel, Field
 
 from server import confirmations, registry
-from server.bodies import read_body
+from server.bodies import body_pieces, read_body
 from server.deps import OperatorDep, PrincipalDep, PublisherDep, ReaderDep, SessionDep, StateDep
 from server.ranges import RangeFileResponse
 from server.schemas import (
@@ -54,10 +54,19 @@ async def publish(
     request: Request, session: SessionDep, state: StateDep, who: PublisherDep
 ) -> PublishResult:
     """Upload a bundle (the raw archive bytes as the body); verified before it is stored."""
-    data = await read_body(request, state.settings.max_bundle_upload_bytes, "bundle")
-    bundle = await to_thread.run_sync(
-        lambda: registry.publish(session=session, state=state, data=data, publisher=who.name)
-    )
+    upload = registry.BundleUpload(state)
+    try:
+        cap = state.settings.max_bundle_upload_bytes
+        async for piece in body_pieces(request, cap, "bundle"):
+            # Hashing runs off the event loop that check-ins share (hashlib frees the GIL).
+            await to_thread.run_sync(upload.feed, piece)
+        bundle = await to_thread.run_sync(
+            lambda: registry.publish(
+                session=session, state=state, upload=upload, publisher=who.name
+            )
+        )
+    finally:
+        upload.discard()
     manifest = bundle.manifest
     return PublishResult(
         sha256=bundle.sha256,

@@ -4,6 +4,8 @@ it passes the cap, while the server's peak memory grows by under 64 MB."""
 
 from __future__ import annotations
 
+import itertools
+import os
 import select
 import socket
 import time
@@ -12,6 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from firmware_bundles import build
+from tests.conftest import manifest_draft
 from tests.procs import ServerProcess
 from tests.server.conftest import CAPS
 
@@ -59,16 +63,20 @@ def _answer(sock: socket.socket) -> tuple[int, bytes]:
 
 
 def _send_until_answered(
-    port: int, path: str, token: str, *, chunked: bool
+    port: int, path: str, token: str, *, chunked: bool, body: bytes | None = None
 ) -> tuple[int, bytes, int]:
-    """Send an endless body (chunked, or under a 1 TB Content-Length) until the server answers;
-    the status, the answer, and the body bytes sent before it came."""
+    """Send ``body`` (else an endless one) chunked, or under a 1 TB Content-Length, until the
+    server answers; the status, the answer, and the body bytes sent before it came."""
     framing = "Transfer-Encoding: chunked" if chunked else f"Content-Length: {10**12}"
     head = (
         f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n"
         f"Content-Type: application/octet-stream\r\n{framing}\r\n\r\n"
     ).encode()
-    piece = (b"%x\r\n" % len(CHUNK) + CHUNK + b"\r\n") if chunked else CHUNK
+    pieces = (
+        (body[i : i + len(CHUNK)] for i in range(0, len(body), len(CHUNK)))
+        if body is not None
+        else itertools.repeat(CHUNK)
+    )
     sent = 0
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
         sock.sendall(head)
@@ -78,11 +86,12 @@ def _send_until_answered(
             if readable:
                 return *_answer(sock), sent
             if writable:
+                chunk = next(pieces, b"")
                 try:
-                    sock.sendall(piece)
+                    sock.sendall((b"%x\r\n" % len(chunk) + chunk + b"\r\n") if chunked else chunk)
                 except (BrokenPipeError, ConnectionResetError):
                     return *_answer(sock), sent
-                sent += len(CHUNK)
+                sent += len(chunk)
     raise AssertionError(f"no answer after {sent} body bytes sent")
 
 
@@ -108,6 +117,14 @@ def test_bodies_over_their_cap_are_refused_with_413_and_bounded_memory(
         status, answer, sent = _send_until_answered(server.port, path, token, chunked=chunked)
         growth = _status_kib(pid, "VmHWM") * 1024 - before
         print(f"{name} chunked={chunked}: {status} after {sent} B sent, peak RSS +{growth} B")
+        if chunked and name == "publish":
+            # A bundle is verified as it streams in: bytes that are no bundle archive are
+            # refused at once, long before the cap.
+            assert status == 400, (name, answer)
+            assert b"not a bundle archive" in answer, (name, answer)
+            assert sent < 8 * MiB, (name, sent)
+            assert growth < MAX_GROWTH_BYTES, (name, growth)
+            continue
         assert status == 413, (name, answer)
         assert str(cap).encode() in answer, (name, answer)
         if not chunked:
@@ -118,3 +135,28 @@ def test_bodies_over_their_cap_are_refused_with_413_and_bounded_memory(
         assert growth < MAX_GROWTH_BYTES, (name, growth)
     # The server goes on serving.
     assert httpx.get(f"{server.url}/healthz").status_code == 200
+
+
+def test_a_bundle_over_the_cap_is_refused_at_its_member_header_and_nothing_is_kept(
+    server: ServerProcess,
+) -> None:
+    """A signed bundle whose model is over the publish cap, streamed: refused as soon as the
+    member header arrives (just after the manifest), not after the whole body; no blob or spool
+    file is left behind; the server's memory stays bounded."""
+    assert server.proc is not None
+    model = os.urandom(40 * MiB)
+    bundle = build(
+        manifest_draft({"model.onnx": model}), {"model.onnx": model}, [server.release_key]
+    )
+    before = _reset_peak(server.proc.pid)
+    status, answer, sent = _send_until_answered(
+        server.port, "/v1/bundles", server.admin_token, chunked=True, body=bundle
+    )
+    growth = _status_kib(server.proc.pid, "VmHWM") * 1024 - before
+    print(f"40 MiB model, cap {PUBLISH_CAP_BYTES}: {status} after {sent} B sent, +{growth} B RSS")
+    assert status == 400, answer
+    assert str(PUBLISH_CAP_BYTES).encode() in answer, answer
+    assert sent < 8 * MiB, sent
+    assert growth < MAX_GROWTH_BYTES, growth
+    blobs = server.data_dir / "blobs"
+    assert not [p for p in blobs.rglob("*") if p.is_file()], "a refused upload left a file behind"
