@@ -1,0 +1,67 @@
+/* EdgeFleet dashboard: draws each chart from the JSON block beside it (uPlot), and again after
+   htmx swaps in new content. The same numbers are in the table under each chart. */
+(function () {
+  "use strict";
+
+  var PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2",
+    "#7f7f7f", "#bcbd22", "#17becf"];
+  /** Every drawn chart by its id (the browser tests read uPlot's data from here). */
+  var charts = {};
+  window.edgefleetCharts = charts;
+
+  function utc(ts) {
+    return uPlot.tzDate(new Date(ts * 1e3), "Etc/UTC");
+  }
+
+  function draw(spec, box) {
+    var width = Math.max(box.clientWidth, 320);
+    var opts = {
+      width: width,
+      height: 240,
+      tzDate: utc,
+      scales: { x: { time: true } },
+      axes: [{}, { label: spec.y_label, size: 70 }],
+      series: [{ label: spec.x_label }].concat(spec.labels.map(function (label, i) {
+        return {
+          label: label,
+          stroke: PALETTE[i % PALETTE.length],
+          width: 2,
+          dash: label === "threshold" ? [6, 4] : undefined,
+          points: { show: true, size: 5 },
+          spanGaps: false
+        };
+      }))
+    };
+    return new uPlot(opts, spec.data, box);
+  }
+
+  function drawAll(root) {
+    var blocks = root.querySelectorAll('script[type="application/json"][data-chart]');
+    Array.prototype.forEach.call(blocks, function (block) {
+      var spec = JSON.parse(block.textContent);
+      var box = document.getElementById(spec.id + "-plot");
+      if (!box || box.dataset.drawn) return;
+      box.dataset.drawn = "1";
+      charts[spec.id] = draw(spec, box);
+    });
+  }
+
+  function resizeAll() {
+    Object.keys(charts).forEach(function (id) {
+      var box = document.getElementById(id + "-plot");
+      if (box) charts[id].setSize({ width: Math.max(box.clientWidth, 320), height: 240 });
+    });
+  }
+
+  document.addEventListener("DOMContentLoaded", function () {
+    drawAll(document);
+    var pending = null;
+    window.addEventListener("resize", function () {
+      clearTimeout(pending);
+      pending = setTimeout(resizeAll, 150);
+    });
+  });
+  document.addEventListener("htmx:afterSettle", function (event) {
+    drawAll(event.target);
+  });
+})();
