@@ -113,7 +113,9 @@ def vendor(*, update: bool) -> list[str]:
                 if update:
                     entry["sha256"] = digest
                 elif digest != entry["sha256"]:
-                    problems.append(f"{label}: {source} has SHA-256 {digest}, recorded {entry['sha256']}")
+                    problems.append(
+                        f"{label}: {source} has SHA-256 {digest}, recorded {entry['sha256']}"
+                    )
                     continue
                 staged[VENDOR_DIR / entry["path"]] = files[source]
     if problems:

@@ -48,17 +48,20 @@ def chart(
     series: Sequence[tuple[str, Sequence[Cell]]],
     y_label: str,
     x_label: str = "day (UTC)",
-    kind: str = "line",
+    x_unit: str = "day",
 ) -> dict[str, Any]:
-    """One chart: ``series`` are (label, values) with one value per ``x``."""
+    """One chart: ``series`` are (label, values) with one value per ``x``; ``x_unit`` is
+    ``day`` (x values are UTC midnights) or ``time``."""
     for label, values in series:
         if len(values) != len(x):
-            raise ValueError(f"{chart_id}: series {label!r} has {len(values)} values for {len(x)} x")
+            raise ValueError(
+                f"{chart_id}: series {label!r} has {len(values)} values for {len(x)} x"
+            )
     withheld = [[v.reason if isinstance(v, Withheld) else None for v in s] for _, s in series]
     return {
         "id": chart_id,
         "title": title,
-        "kind": kind,
+        "x_unit": x_unit,
         "x_label": x_label,
         "y_label": y_label,
         "x_text": list(x_text),

@@ -5,7 +5,7 @@ last checked in, telemetry completeness and install outcomes, from the same func
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from datetime import UTC, datetime, time, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlmodel import Session, col, select
@@ -164,14 +164,12 @@ def _last_seen_chart(devices: list[Device], now: datetime) -> dict[str, Any]:
     for d in devices:
         if d.last_seen is not None:
             counts[d.hardware_id][charts.utc(d.last_seen).date().isoformat()] += 1
-    first = datetime.combine(today - timedelta(days=LAST_SEEN_DAYS - 1), time(), UTC)
-    return charts.by_day(
+    hardware_ids = sorted({d.hardware_id for d in devices})
+    return charts.chart(
         "last_seen",
         f"Devices by day of last check-in (last {LAST_SEEN_DAYS} days; older not shown)",
-        days,
-        [
-            (hardware_id, lambda day, c=counts[hardware_id]: c.get(day, 0))
-            for hardware_id in sorted({d.hardware_id for d in devices})
-        ],
+        x=[charts.day_x(day) for day in days],
+        x_text=days,
+        series=[(h, [counts[h].get(day, 0) for day in days]) for h in hardware_ids],
         y_label="devices",
-    ) | {"since": first.isoformat()}
+    )

@@ -162,22 +162,26 @@ def model_page(
         "drift": None,
         "drift_days": [],
         "drift_features": [],
-        "charts": {"overview": [
-            charts.by_day(
-                "inferences",
-                "Inferences per day, by version",
-                days,
-                [(v, _day_value(by_version[v], "inferences")) for v in shown],
-                y_label="inferences",
-            ),
-            charts.by_day(
-                "error_rate",
-                "Error rate per day, by version",
-                days,
-                [(v, _day_value(by_version[v], "error_rate")) for v in shown],
-                y_label="errors per inference",
-            ),
-        ], "version": [], "drift": []},
+        "charts": {
+            "overview": [
+                charts.by_day(
+                    "inferences",
+                    "Inferences per day, by version",
+                    days,
+                    [(v, _day_value(by_version[v], "inferences")) for v in shown],
+                    y_label="inferences",
+                ),
+                charts.by_day(
+                    "error_rate",
+                    "Error rate per day, by version",
+                    days,
+                    [(v, _day_value(by_version[v], "error_rate")) for v in shown],
+                    y_label="errors per inference",
+                ),
+            ],
+            "version": [],
+            "drift": [],
+        },
     }
     if focus is None or focus not in per_version:
         return page
@@ -223,12 +227,20 @@ def _day_drift(
 
 def _psi_chart(drift_days: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     names = sorted({n for d in drift_days for n in d["psi"]})
-    return charts.by_day(
+    days = [d["day"] for d in drift_days]
+    return charts.chart(
         "drift_psi",
         "Drift against the manifest's reference: PSI per feature and output, per day",
-        [d["day"] for d in drift_days],
-        [
-            (name, lambda day, n=name: next(d["psi"].get(n) for d in drift_days if d["day"] == day))
+        x=[charts.day_x(day) for day in days],
+        x_text=days,
+        series=[
+            (
+                name,
+                [
+                    charts.Withheld(d["withheld"]) if d["withheld"] else d["psi"].get(name)
+                    for d in drift_days
+                ],
+            )
             for name in names
         ],
         y_label="PSI",
@@ -288,7 +300,9 @@ def detail_charts(
         series = []
         for side, side_days in sides:
             for i, bin_name in enumerate(bins):
-                series.append((label(f"{name}={bin_name}", side), _output_share(side_days, name, i)))
+                series.append(
+                    (label(f"{name}={bin_name}", side), _output_share(side_days, name, i))
+                )
         result.append(
             charts.by_day(
                 f"{prefix}outputs{index}",

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -38,20 +39,31 @@ SECURITY_HEADERS = {
 }
 TITLES = {400: "Bad request", 401: "Log in", 403: "Not allowed", 404: "Not found", 409: "Conflict"}
 
+#: What a table shows for a figure that does not exist (an en dash).
+MISSING = "\u2013"
+
 Build = Callable[[Session, Principal], dict[str, Any]]
 
 
 def _number(value: Any) -> str:
     """A figure as a table shows it: integers whole, other numbers to 4 significant digits."""
     if value is None:
-        return "–"
+        return MISSING
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, int):
         return str(value)
     if isinstance(value, float):
-        return f"{value:.4g}" if math.isfinite(value) else "–"
+        return f"{value:.4g}" if math.isfinite(value) else MISSING
     return str(value)
+
+
+def _when(value: str | None) -> str:
+    """An ISO 8601 instant as a table shows it: to the second, UTC."""
+    if not value:
+        return MISSING
+    moment = datetime.fromisoformat(value).astimezone(UTC)
+    return f"{moment:%Y-%m-%d %H:%M:%S} UTC"
 
 
 def _environment() -> Environment:
@@ -59,8 +71,9 @@ def _environment() -> Environment:
         loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(), auto_reload=False
     )
     env.filters["num"] = _number
-    env.filters["pct"] = lambda v: "–" if v is None else f"{100 * v:.1f}%"
-    env.filters["short"] = lambda sha: sha[:12] if sha else "–"
+    env.filters["pct"] = lambda v: MISSING if v is None else f"{100 * v:.1f}%"
+    env.filters["short"] = lambda sha: sha[:12] if sha else MISSING
+    env.filters["when"] = _when
     return env
 
 

@@ -93,7 +93,10 @@ def gate_charts(decisions: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 f"gate_{gate}",
                 f"Gate {gate}: {GATE_FIGURES.get(gate, 'figure')} against its threshold",
                 x=[charts.time_x(m) for m in moments],
-                x_text=[f"{m:%Y-%m-%d %H:%M:%S} ({p['status']})" for m, p in zip(moments, points, strict=True)],
+                x_text=[
+                    f"{m:%Y-%m-%d %H:%M:%S} ({p['status']})"
+                    for m, p in zip(moments, points, strict=True)
+                ],
                 series=[
                     (name, [p[key] for p in points])
                     for name, key in (
@@ -105,6 +108,7 @@ def gate_charts(decisions: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 ],
                 y_label=gate,
                 x_label="evaluation (UTC)",
+                x_unit="time",
             )
         )
     return result
@@ -151,8 +155,13 @@ def rollout_compare_page(
         arm_versions = sorted(set(versions.values()))
         manifest = metrics.reference(
             session,
-            metrics.Span(rollout.model_name, arm_versions[0] if arm_versions else members.new_version,
-                         None, rollout.started_at, rollout.started_at),
+            metrics.Span(
+                rollout.model_name,
+                arm_versions[0] if arm_versions else members.new_version,
+                None,
+                rollout.started_at,
+                rollout.started_at,
+            ),
         )
 
         def figures(group: metrics.Group, m: Any = manifest) -> dict[str, Any]:
@@ -177,6 +186,8 @@ def rollout_compare_page(
         "since": charts.utc(rollout.started_at).isoformat(),
         "min_devices_shown": minimum,
         "arms": sides,
-        "totals": totals_rows([(label, sides[arm]["total"]) for arm, (label, _) in zip(sides, labelled, strict=True)]),
+        "totals": totals_rows(
+            [(label, sides[arm]["total"]) for arm, (label, _) in zip(sides, labelled, strict=True)]
+        ),
         "charts": detail_charts(labelled, all_days),
     }

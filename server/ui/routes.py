@@ -167,7 +167,9 @@ async def act(request: Request, rollout_id: str, action: str) -> Response:
                 ui.principal.require("operate")
                 rollout = get_rollout(db, rollout_id)
                 assert rollout.id is not None
-                rollouts.act(db, rollout.id, cast(Action, action), by=f"operator:{ui.principal.name}")
+                rollouts.act(
+                    db, rollout.id, cast(Action, action), by=f"operator:{ui.principal.name}"
+                )
             except ApiError as exc:
                 if not partial:
                     return pages.error_page(request, exc.status, exc.reason, ui=ui)

@@ -82,7 +82,9 @@ def load_secret(settings: Settings) -> bytes:
 
 
 def _mac(secret: bytes, purpose: bytes, token_id: int, expires: int, nonce: str) -> str:
-    message = b"|".join([_VERSION, purpose, str(token_id).encode(), str(expires).encode(), nonce.encode()])
+    message = b"|".join(
+        [_VERSION, purpose, str(token_id).encode(), str(expires).encode(), nonce.encode()]
+    )
     digest = hmac.new(secret, message, hashlib.sha256).digest()
     return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
@@ -125,7 +127,12 @@ def verify(secret: bytes, value: str | None, db: Session, *, now: datetime) -> U
 
 
 def check_action(
-    session: UiSession, *, origin: str | None, referer: str | None, own_origin: str, csrf: str | None
+    session: UiSession,
+    *,
+    origin: str | None,
+    referer: str | None,
+    own_origin: str,
+    csrf: str | None,
 ) -> None:
     """Refuse an action not sent from our own pages with this session's CSRF token.
 

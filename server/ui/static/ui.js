@@ -13,6 +13,19 @@
     return uPlot.tzDate(new Date(ts * 1e3), "Etc/UTC");
   }
 
+  var DAY_S = 86400;
+
+  /** Ticks on whole UTC days, labelled as dates, for charts whose x values are days. */
+  function dayAxis() {
+    return {
+      space: 60,
+      incrs: [DAY_S, 2 * DAY_S, 7 * DAY_S, 14 * DAY_S, 28 * DAY_S],
+      values: function (u, splits) {
+        return splits.map(function (ts) { return new Date(ts * 1e3).toISOString().slice(0, 10); });
+      }
+    };
+  }
+
   function draw(spec, box) {
     var width = Math.max(box.clientWidth, 320);
     var opts = {
@@ -20,7 +33,7 @@
       height: 240,
       tzDate: utc,
       scales: { x: { time: true } },
-      axes: [{}, { label: spec.y_label, size: 70 }],
+      axes: [spec.x_unit === "day" ? dayAxis() : {}, { label: spec.y_label, size: 70 }],
       series: [{ label: spec.x_label }].concat(spec.labels.map(function (label, i) {
         return {
           label: label,
