@@ -24,7 +24,7 @@ Days = Mapping[str, Mapping[str, Any]]
 QUANTILES = ("p50", "p95", "p99")
 #: The figures of a totals row, as (column, path into the API's figures).
 TOTALS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("devices", ("devices_reporting",)),
+    ("devices reporting", ("devices_reporting",)),
     ("inferences", ("inferences",)),
     ("error rate", ("error_rate",)),
     ("self-test failure rate", ("selftest_failure_rate",)),

@@ -26,20 +26,43 @@
     };
   }
 
+  /** Series named "figure · side" (two versions or arms on one chart): one colour per figure,
+      a dashed line for the second side; others: one colour each, thresholds dashed. */
+  function styles(labels) {
+    var figures = [], sides = [];
+    labels.forEach(function (label) {
+      var parts = label.split(" · ");
+      if (parts.length === 2) {
+        if (figures.indexOf(parts[0]) < 0) figures.push(parts[0]);
+        if (sides.indexOf(parts[1]) < 0) sides.push(parts[1]);
+      }
+    });
+    return labels.map(function (label, i) {
+      var parts = label.split(" · ");
+      if (parts.length === 2 && sides.length > 1) {
+        return { stroke: PALETTE[figures.indexOf(parts[0]) % PALETTE.length],
+                 dash: sides.indexOf(parts[1]) > 0 ? [6, 3] : undefined };
+      }
+      return { stroke: PALETTE[i % PALETTE.length], dash: label === "threshold" ? [6, 4] : undefined };
+    });
+  }
+
   function draw(spec, box) {
     var width = Math.max(box.clientWidth, 320);
+    var style = styles(spec.labels);
     var opts = {
       width: width,
       height: 240,
       tzDate: utc,
+      padding: [null, 40, null, null],
       scales: { x: { time: true } },
       axes: [spec.x_unit === "day" ? dayAxis() : {}, { label: spec.y_label, size: 70 }],
       series: [{ label: spec.x_label }].concat(spec.labels.map(function (label, i) {
         return {
           label: label,
-          stroke: PALETTE[i % PALETTE.length],
+          stroke: style[i].stroke,
           width: 2,
-          dash: label === "threshold" ? [6, 4] : undefined,
+          dash: style[i].dash,
           points: { show: true, size: 5 },
           spanGaps: false
         };
