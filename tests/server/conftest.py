@@ -190,7 +190,7 @@ class Fleet:
             "/v1/bundles", content=data, headers=self.auth(self.token("publisher"))
         )
         assert r.status_code == expect, r.text
-        return r.json()  # type: ignore[no-any-return]
+        return r.json()
 
     def release(self, model: str, version: str, target: str | None = None) -> None:
         r = self.client.post(
@@ -211,7 +211,7 @@ class Fleet:
         }
         r = self.client.post("/v1/devices/enroll", json=body)
         assert r.status_code == 201, r.text
-        return r.json()["credential"]  # type: ignore[no-any-return]
+        return r.json()["credential"]
 
     def check_in(
         self, device_id: str, credential: str, nonce: str | None = None, firmware: str = "14.0.0"

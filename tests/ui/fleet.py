@@ -11,6 +11,7 @@ hourly windows (three a day) with labels that thin out towards today.
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -66,8 +67,9 @@ EXTRA_CAPS = {
         "free_ram_bytes": 10**9,
     },
 }
-#: Chromium as Debian ships it; never a browser Playwright downloads.
-CHROMIUM = Path("/usr/bin/chromium")
+#: Chromium as Debian ships it (``EDGEFLEET_CHROMIUM`` names another); never a browser
+#: Playwright downloads.
+CHROMIUM = Path(os.environ.get("EDGEFLEET_CHROMIUM", "/usr/bin/chromium"))
 #: Headless without Chromium's own connections (refused by a closed network, many at a time).
 CHROMIUM_ARGS = [
     "--no-sandbox",
