@@ -16,7 +16,11 @@ TFLITE_VENV := .venv-tflite
 TFLITE_STAMP := $(TFLITE_VENV)/.installed
 ONNX2TF := onnx2tf==1.29.24
 
-.PHONY: demo test lint typecheck pytest bench clean tflite-env
+# The browser tests drive Debian's Chromium (never a browser Playwright downloads).
+CHROMIUM := /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: demo test lint typecheck pytest bench clean tflite-env vendor chromium screenshots
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,7 +49,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy $(PACKAGES)
 
-pytest: $(STAMP) $(TFLITE_STAMP)
+pytest: $(STAMP) $(TFLITE_STAMP) chromium
 	$(BIN)/python -m pytest
 
 test: lint typecheck pytest
@@ -55,6 +59,18 @@ bench: $(STAMP) $(TFLITE_STAMP)
 	$(BIN)/python bench/bench_convert.py
 	$(BIN)/python bench/bench_agent.py
 	$(BIN)/python bench/bench_link.py
+
+# The dashboard's JavaScript and CSS, refetched from the npm registry and checked against the
+# SHA-256s in server/ui/static/vendor/VENDOR.json (nothing is fetched at run time).
+vendor: $(STAMP)
+	$(BIN)/python tools/vendor.py
+
+chromium:
+	test -x $(CHROMIUM) || ($(SUDO) apt-get update && $(SUDO) apt-get install -y chromium)
+
+# docs/screenshots/*.png of each dashboard page, from the browser tests' seeded fleet.
+screenshots: $(STAMP) chromium
+	$(BIN)/python tools/screenshots.py
 
 clean:
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache

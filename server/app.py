@@ -35,6 +35,7 @@ from server.routes import admin, devices, registry, rollouts, telemetry
 from server.routes import metrics as metrics_routes
 from server.schemas import Health, NotReady, Problem, Ready, RootEnvelope
 from server.state import BlobStore, ServerState, load_catalogue, load_trust
+from server.ui.routes import install as install_dashboard
 
 log = logging.getLogger("edgefleet.server")
 
@@ -128,6 +129,7 @@ def create_app(state: ServerState) -> FastAPI:
         admin.router,
     ):
         app.include_router(router)
+    install_dashboard(app)
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> Health:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from firmware_bundles.messages import MAX_NEXT_CHECK_IN_S
@@ -51,6 +51,12 @@ class Settings(BaseSettings):
     #: the root's ``hil`` role (``edgefleet publish --hil-report``).
     require_hil_report: bool = False
     max_hil_report_bytes: int = 4 * 1024 * 1024
+    #: Signs dashboard sessions (HMAC); default: generated once into data_dir/ui-session.key.
+    ui_session_secret: SecretStr | None = None
+    #: A dashboard login lasts this long.
+    ui_session_ttl_s: int = Field(default=12 * 3600, ge=60)
+    #: The Fleet page counts a device as silent when it has not checked in for this long.
+    ui_silent_after_s: int = Field(default=24 * 3600, ge=60)
 
     def resolved_database_url(self) -> str:
         """The database URL, defaulting to SQLite in the data directory."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -81,17 +82,17 @@ def _install_outcome(device: Device, model: str, version: str) -> bool | None:
     return None
 
 
-def _aggregates(
+def arm_windows(
     session: Session,
     model: str,
     versions: dict[str, str],
-    devices: list[str],
     start: datetime,
     end: datetime | None,
     relative_accuracy: float,
-) -> dict[str, dict[str, Any]]:
-    """Per device, its windows of its arm's version (``versions``: device -> version)."""
-    found: dict[str, dict[str, Any]] = {}
+) -> Iterator[TelemetryWindowRecord]:
+    """Every stored window of ``model`` from the devices in ``versions`` (device -> version) on
+    the version named for it, with event time in ``[start, end)``, that passes the checks."""
+    devices = sorted(versions)
     for i in range(0, len(devices), 500):
         chunk = devices[i : i + 500]
         query = select(TelemetryWindowRecord).where(
@@ -106,16 +107,44 @@ def _aggregates(
                 continue
             if aggregate.problem(w.aggregate, relative_accuracy) is not None:
                 continue
-            into = found.get(w.device_id)
-            if into is None:
-                into = found[w.device_id] = aggregate.empty(relative_accuracy)
-            aggregate.add(into, w.aggregate)
+            yield w
+
+
+def _aggregates(
+    session: Session,
+    model: str,
+    versions: dict[str, str],
+    start: datetime,
+    end: datetime | None,
+    relative_accuracy: float,
+) -> dict[str, dict[str, Any]]:
+    """Per device, its windows of its arm's version (``versions``: device -> version)."""
+    found: dict[str, dict[str, Any]] = {}
+    for w in arm_windows(session, model, versions, start, end, relative_accuracy):
+        into = found.get(w.device_id)
+        if into is None:
+            into = found[w.device_id] = aggregate.empty(relative_accuracy)
+        aggregate.add(into, w.aggregate)
     return found
 
 
-def arms(session: Session, rollout: Rollout, relative_accuracy: float) -> Arms:
-    """Each arm's devices and evidence for the rollout's current stage."""
-    assert rollout.id is not None and rollout.started_at is not None
+@dataclass
+class ArmMembers:
+    """Who is in each arm of the rollout's current stage, and which version each arm runs."""
+
+    treatment: list[Device]
+    control: list[Device]
+    new_version: str
+    #: Hardware id -> the version its control devices stay on.
+    previous_versions: dict[str, str]
+    #: The control arm's data ends here (from the 100% stage on), else None.
+    control_until: datetime | None
+
+
+def arm_members(session: Session, rollout: Rollout) -> ArmMembers:
+    """The devices of each arm for the rollout's current stage (the evaluator's, and the
+    dashboard's treatment-against-control page's)."""
+    assert rollout.id is not None
     new = rollouts.version_of(session, rollout.version_id)
     assert new is not None
     stages = rollout.stages
@@ -132,11 +161,21 @@ def arms(session: Session, rollout: Rollout, relative_accuracy: float) -> Arms:
         if (v := rollouts.version_of(session, vid)) is not None
     }
     control = [d for d in control if d.hardware_id in previous_versions]
+    until = rollout.control_until if percent >= 100 else None
+    return ArmMembers(treatment, control, new.version, previous_versions, until)
+
+
+def arms(session: Session, rollout: Rollout, relative_accuracy: float) -> Arms:
+    """Each arm's devices and evidence for the rollout's current stage."""
+    assert rollout.id is not None and rollout.started_at is not None
+    members = arm_members(session, rollout)
+    treatment, control = members.treatment, members.control
+    previous_versions = members.previous_versions
+    percent = rollout.stages[rollout.stage]["percent"]
     t_aggs = _aggregates(
         session,
         rollout.model_name,
-        {d.id: new.version for d in treatment},
-        [d.id for d in treatment],
+        {d.id: members.new_version for d in treatment},
         rollout.started_at,
         None,
         relative_accuracy,
@@ -145,9 +184,8 @@ def arms(session: Session, rollout: Rollout, relative_accuracy: float) -> Arms:
         session,
         rollout.model_name,
         {d.id: previous_versions[d.hardware_id] for d in control},
-        [d.id for d in control],
         rollout.started_at,
-        rollout.control_until if percent >= 100 else None,
+        members.control_until,
         relative_accuracy,
     )
     batches = telemetry.batch_counts(session, [d.id for d in treatment + control])
@@ -162,7 +200,6 @@ def arms(session: Session, rollout: Rollout, relative_accuracy: float) -> Arms:
             for d in everyone
             if d.hardware_id in previous_versions
         },
-        [d.id for d in everyone],
         rollout.started_at - BASELINE,
         rollout.started_at,
         relative_accuracy,
@@ -175,7 +212,9 @@ def arms(session: Session, rollout: Rollout, relative_accuracy: float) -> Arms:
             aggregate=aggs.get(device.id) or aggregate.empty(relative_accuracy),
             baseline=baselines.get(device.id),
             install_succeeded=(
-                _install_outcome(device, rollout.model_name, new.version) if install else None
+                _install_outcome(device, rollout.model_name, members.new_version)
+                if install
+                else None
             ),
             batches_received=received,
             batches_expected=expected,

@@ -93,6 +93,55 @@ def database_url(
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+def make_bundle(
+    keys: list[SigningKey],
+    *,
+    target: str = "phone-android",
+    version: str = "1.0.0",
+    counter: int = 1,
+    name: str = "wrist-activity",
+    changes: dict[str, Any] | None = None,
+    **runtime: Any,
+) -> bytes:
+    """A signed test bundle of ``name`` ``version`` for ``target`` (TFLite for micro targets);
+    ``changes`` replace top-level manifest fields (reference histograms, say)."""
+    draft = manifest_draft(
+        name=name,
+        version=version,
+        release_counter=counter,
+        targets=[target_entry(target)],
+        **(changes or {}),
+    )
+    files = {"model.onnx": MODEL_BYTES}
+    if target in MICRO_TARGETS:
+        # Rings take TFLite Micro bundles (the catalogue says format tflite). The server
+        # never runs the model, so a placeholder file with the manifest of one will do.
+        draft["format"] = 2
+        draft["runtime"] = {
+            **draft["runtime"],
+            "model_file": "model.tflite",
+            "format": "tflite",
+            "op_types": ["FULLY_CONNECTED", "SOFTMAX"],
+            "min_onnxruntime": None,
+            "tflite": {
+                "tflm_version": "test",
+                "input": {"dtype": "float32", "shape": [1, 4], "layout": "NC"},
+                "output": {"dtype": "float32", "shape": [1, 2]},
+            },
+        }
+        draft["self_test"] = {
+            "tolerance": 1e-4,
+            "file": "self_test.bin",
+            "count": 1,
+            "inputs": [{"name": "input", "dtype": "float32", "shape": [1, 4]}],
+            "expected": [{"name": "probabilities", "dtype": "float32", "shape": [1, 2]}],
+        }
+        vector = struct.pack("<4f", 0, 0, 0, 0) + struct.pack("<2f", 0.5, 0.5)
+        files = {"model.tflite": b"TFL3" + MODEL_BYTES, "self_test.bin": vector}
+    draft["runtime"] = {**draft["runtime"], **runtime}
+    return build(draft, files, keys)
+
+
 @dataclass
 class Fleet:
     """A running app (in process, real database) and helpers that act as its users."""
@@ -127,47 +176,21 @@ class Fleet:
         keys: list[SigningKey] | None = None,
         **runtime: Any,
     ) -> bytes:
-        draft = manifest_draft(
-            name=name,
+        return make_bundle(
+            [self.release_key] if keys is None else keys,
+            target=target,
             version=version,
-            release_counter=counter,
-            targets=[target_entry(target)],
+            counter=counter,
+            name=name,
+            **runtime,
         )
-        files = {"model.onnx": MODEL_BYTES}
-        if target in MICRO_TARGETS:
-            # Rings take TFLite Micro bundles (the catalogue says format tflite). The server
-            # never runs the model, so a placeholder file with the manifest of one will do.
-            draft["format"] = 2
-            draft["runtime"] = {
-                **draft["runtime"],
-                "model_file": "model.tflite",
-                "format": "tflite",
-                "op_types": ["FULLY_CONNECTED", "SOFTMAX"],
-                "min_onnxruntime": None,
-                "tflite": {
-                    "tflm_version": "test",
-                    "input": {"dtype": "float32", "shape": [1, 4], "layout": "NC"},
-                    "output": {"dtype": "float32", "shape": [1, 2]},
-                },
-            }
-            draft["self_test"] = {
-                "tolerance": 1e-4,
-                "file": "self_test.bin",
-                "count": 1,
-                "inputs": [{"name": "input", "dtype": "float32", "shape": [1, 4]}],
-                "expected": [{"name": "probabilities", "dtype": "float32", "shape": [1, 2]}],
-            }
-            vector = struct.pack("<4f", 0, 0, 0, 0) + struct.pack("<2f", 0.5, 0.5)
-            files = {"model.tflite": b"TFL3" + MODEL_BYTES, "self_test.bin": vector}
-        draft["runtime"] = {**draft["runtime"], **runtime}
-        return build(draft, files, [self.release_key] if keys is None else keys)
 
     def publish(self, data: bytes, expect: int = 201) -> dict[str, Any]:
         r = self.client.post(
             "/v1/bundles", content=data, headers=self.auth(self.token("publisher"))
         )
         assert r.status_code == expect, r.text
-        return r.json()  # type: ignore[no-any-return]
+        return r.json()
 
     def release(self, model: str, version: str, target: str | None = None) -> None:
         r = self.client.post(
@@ -188,7 +211,7 @@ class Fleet:
         }
         r = self.client.post("/v1/devices/enroll", json=body)
         assert r.status_code == 201, r.text
-        return r.json()["credential"]  # type: ignore[no-any-return]
+        return r.json()["credential"]
 
     def check_in(
         self, device_id: str, credential: str, nonce: str | None = None, firmware: str = "14.0.0"

@@ -1,0 +1,1 @@
+"""The dashboard: server-rendered pages under ``/ui/`` with JSON twins, vendored static files."""

@@ -1,0 +1,175 @@
+"""The Fleet page's data: devices by hardware id, platform, firmware and model version, when they
+last checked in, telemetry completeness and install outcomes, from the same functions as the API
+(``GET /v1/devices``, ``/v1/models``, ``/v1/rollouts``)."""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlmodel import Session, col, select
+
+from firmware_bundles.manifest import semver_key
+from server import fleet, metrics, registry, rollouts
+from server.config import Settings
+from server.models import Device, Rollout
+from server.ui import charts
+
+#: How many days the "last check-in" chart covers, ending today (UTC).
+LAST_SEEN_DAYS = 14
+#: How many silent devices the page lists (the count covers them all).
+SILENT_LISTED = 50
+#: Install outcomes a device reports (``InstalledModel.last_install``); None is "not reported".
+OUTCOMES = ("ok", "self-test-failed", "verify-failed", "download-failed")
+#: Rollout states in which a rollout still acts on devices.
+ACTIVE_ROLLOUT_STATES = ("draft", "running", "paused", "waiting-for-approval")
+
+
+def fleet_page(session: Session, settings: Settings, *, now: datetime) -> dict[str, Any]:
+    """Everything the Fleet page shows (its JSON twin)."""
+    devices = fleet.list_devices(session)
+    active = [d for d in devices if not d.revoked]
+    silent_before = now - timedelta(seconds=settings.ui_silent_after_s)
+    silent = sorted(
+        (d for d in active if d.last_seen is None or charts.utc(d.last_seen) < silent_before),
+        key=lambda d: (d.last_seen is not None, d.last_seen and charts.utc(d.last_seen), d.id),
+    )
+    return {
+        "generated_at": now.isoformat(),
+        "devices": {
+            "enrolled": len(devices),
+            "active": len(active),
+            "revoked": len(devices) - len(active),
+            "never_seen": sum(1 for d in active if d.last_seen is None),
+            "silent": len(silent),
+        },
+        "silent_after_s": settings.ui_silent_after_s,
+        "by_hardware": _by_hardware(session, active, silent_before),
+        "by_firmware": [
+            {"hardware_id": h, "firmware_version": f, "devices": n}
+            for (h, f), n in sorted(
+                Counter((d.hardware_id, d.firmware_version) for d in active).items(),
+                key=lambda item: (item[0][0], version_key(item[0][1])),
+            )
+        ],
+        "by_model_version": _by_model_version(active),
+        "silent": [
+            {
+                "id": d.id,
+                "hardware_id": d.hardware_id,
+                "firmware_version": d.firmware_version,
+                "last_seen": d.last_seen and charts.utc(d.last_seen).isoformat(),
+            }
+            for d in silent[:SILENT_LISTED]
+        ],
+        "models": [
+            {
+                "name": m["name"],
+                "versions": len(m["versions"]),
+                "newest": m["versions"][0]["version"] if m["versions"] else None,
+                "released": sorted(
+                    {f"{v['version']} on {t}" for v in m["versions"] for t in v["released_for"]}
+                ),
+            }
+            for m in registry.list_models(session)
+        ],
+        "rollouts": _active_rollouts(session),
+        "charts": {"last_seen": _last_seen_chart(active, now)},
+    }
+
+
+def version_key(version: str) -> tuple[int, tuple[int, int, int, int, str]]:
+    """Semantic versions in order, anything else after them by name."""
+    try:
+        return (0, semver_key(version))
+    except ValueError:
+        return (1, (0, 0, 0, 0, version))
+
+
+def _by_hardware(
+    session: Session, devices: list[Device], silent_before: datetime
+) -> list[dict[str, Any]]:
+    groups: dict[str, list[Device]] = defaultdict(list)
+    for d in devices:
+        groups[d.hardware_id].append(d)
+    rows = []
+    for hardware_id, members in sorted(groups.items()):
+        seen = [charts.utc(d.last_seen) for d in members if d.last_seen is not None]
+        rows.append(
+            {
+                "hardware_id": hardware_id,
+                "generation": members[0].generation,
+                "platform": members[0].platform,
+                "devices": len(members),
+                "never_seen": len(members) - len(seen),
+                "silent": sum(1 for s in seen if s < silent_before) + len(members) - len(seen),
+                "last_seen": max(seen).isoformat() if seen else None,
+                "completeness": metrics.completeness(session, [d.id for d in members]),
+            }
+        )
+    return rows
+
+
+def _by_model_version(devices: list[Device]) -> list[dict[str, Any]]:
+    """Per model, version and hardware id: devices running it and their last install outcome."""
+    groups: dict[tuple[str, str, str], Counter[str]] = defaultdict(Counter)
+    for d in devices:
+        for entry in d.installed or []:
+            key = (entry.get("model") or "?", entry.get("version") or "(none)", d.hardware_id)
+            groups[key][entry.get("last_install") or "not reported"] += 1
+    return [
+        {
+            "model": model,
+            "version": version,
+            "hardware_id": hardware_id,
+            "devices": sum(outcomes.values()),
+            "install": {o: outcomes.get(o, 0) for o in (*OUTCOMES, "not reported")},
+        }
+        for (model, version, hardware_id), outcomes in sorted(
+            groups.items(),
+            key=lambda item: (item[0][0], item[0][2], version_key(item[0][1])),
+        )
+    ]
+
+
+def _active_rollouts(session: Session) -> list[dict[str, Any]]:
+    found = session.exec(
+        select(Rollout)
+        .where(col(Rollout.state).in_(ACTIVE_ROLLOUT_STATES))
+        .order_by(col(Rollout.id).desc())
+    )
+    rows = []
+    for r in found:
+        version = rollouts.version_of(session, r.version_id)
+        rows.append(
+            {
+                "id": r.id,
+                "model": r.model_name,
+                "version": version.version if version else "?",
+                "state": r.state,
+                "stage": r.stage + 1,
+                "percent": r.stages[r.stage]["percent"],
+                "hardware_ids": r.selector.get("hardware_ids", []),
+            }
+        )
+    return rows
+
+
+def _last_seen_chart(devices: list[Device], now: datetime) -> dict[str, Any]:
+    """Devices by the UTC day of their last check-in over the last days, per hardware id."""
+    today = now.astimezone(UTC).date()
+    days = [(today - timedelta(days=n)).isoformat() for n in range(LAST_SEEN_DAYS - 1, -1, -1)]
+    counts: dict[str, Counter[str]] = defaultdict(Counter)
+    for d in devices:
+        if d.last_seen is not None:
+            counts[d.hardware_id][charts.utc(d.last_seen).date().isoformat()] += 1
+    hardware_ids = sorted({d.hardware_id for d in devices})
+    return charts.chart(
+        "last_seen",
+        f"Devices by day of last check-in (last {LAST_SEEN_DAYS} days; older not shown)",
+        x=[charts.day_x(day) for day in days],
+        x_text=days,
+        series=[(h, [counts[h].get(day, 0) for day in days]) for h in hardware_ids],
+        y_label="devices",
+    )
