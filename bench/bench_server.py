@@ -77,7 +77,7 @@ def seed(url: str, data_dir: Path, devices: int, models: int, assigned: int) -> 
     from server.app import build_state
     from server.config import Settings
     from server.models import ApiToken, Device
-    from server.registry import publish, release
+    from server.registry import publish_bytes, release
 
     upgrade(url)
     state = build_state(Settings(data_dir=data_dir, database_url=url))
@@ -100,7 +100,7 @@ def seed(url: str, data_dir: Path, devices: int, models: int, assigned: int) -> 
                     }
                 ],
             )
-            bundle = publish(
+            bundle = publish_bytes(
                 session=session,
                 state=state,
                 publisher="bench",

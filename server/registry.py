@@ -139,6 +139,20 @@ def publish(
     return bundle
 
 
+def publish_bytes(*, session: Session, state: ServerState, data: bytes, publisher: str) -> Bundle:
+    """:func:`publish` for a bundle already in memory (seeding scripts and benchmarks).
+
+    Raises:
+        ApiError: As :func:`publish`.
+    """
+    upload = BundleUpload(state)
+    try:
+        upload.feed(data)
+        return publish(session=session, state=state, upload=upload, publisher=publisher)
+    finally:
+        upload.discard()
+
+
 def attach_hil_report(
     *, session: Session, state: ServerState, sha256: str, data: bytes
 ) -> dict[str, Any]:
