@@ -6,6 +6,7 @@ import copy
 import hashlib
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -180,3 +181,17 @@ def root(keys: Keys) -> Root:
 @pytest.fixture(scope="session")
 def bundle_bytes(keys: Keys) -> bytes:
     return build(manifest_draft(), {"model.onnx": MODEL_BYTES}, keys.release)
+
+
+#: Test directories whose session fixtures are costly (converting every example, one browser and
+#: a seeded fleet): under pytest-xdist (``make test`` runs two workers) each such directory runs
+#: on one worker, so its fixtures are built once.
+_ONE_WORKER_DIRS = ("converters", "ui")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    tests = Path(__file__).parent
+    for item in items:
+        where = item.path.relative_to(tests).parts
+        if len(where) > 1 and where[0] in _ONE_WORKER_DIRS:
+            item.add_marker(pytest.mark.xdist_group(where[0]))
