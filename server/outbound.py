@@ -103,8 +103,7 @@ class Deliverer:
                 attempt = self._attempt(row)
                 if attempt.outcome == "retry":
                     blocked.add(row.destination)
-                self._record(row.id, attempt, now or datetime.now(UTC))
-                settled += attempt.outcome != "retry"
+                settled += self._record(row.id, attempt, now or datetime.now(UTC)) != "pending"
         return settled
 
     def _due(self, cursor: int, now: datetime) -> list[_Due]:
@@ -202,12 +201,13 @@ class Deliverer:
         )
         return _answered(response, None if response.is_success else _mlflow_error(response))
 
-    def _record(self, row_id: int, attempt: Attempt, now: datetime) -> None:
+    def _record(self, row_id: int, attempt: Attempt, now: datetime) -> str:
+        """Write an attempt's outcome into its row; returns the row's state after it."""
         settings = self.settings
         with Session(self.engine) as session:
             row = session.get(Outbound, row_id)
             if row is None or row.state != "pending":
-                return  # removed meanwhile (a subscription's removal cancels its rows)
+                return "gone"  # a subscription's removal cancelled it meanwhile
             row.attempts += 1
             row.last_attempt_at = now
             row.last_status, row.last_error = attempt.status, attempt.error
@@ -224,10 +224,12 @@ class Deliverer:
                 if attempt.retry_after_s is not None:
                     delay = max(delay, min(attempt.retry_after_s, settings.outbound_backoff_max_s))
                 row.next_attempt_at = now + timedelta(seconds=delay)
+            state = row.state
             session.add(row)
             session.commit()
         if attempt.outcome in ("retry", "failed"):
             log.info("outbound %s: %s (%s)", row_id, attempt.outcome, attempt.error)
+        return state
 
 
 def _mlflow_error(response: httpx.Response) -> str:

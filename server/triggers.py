@@ -76,12 +76,13 @@ def _drift(agg: dict[str, Any], manifest: Manifest, t: Thresholds) -> Iterator[R
 
 
 def readings(
-    agg: dict[str, Any], manifest: Manifest, t: Thresholds, kinds: set[str]
+    agg: dict[str, Any], manifest: Manifest | None, t: Thresholds, kinds: set[str]
 ) -> list[Reading]:
-    """Every condition of ``kinds`` on one version's aggregate over the window."""
+    """Every condition of ``kinds`` on one version's aggregate over the window (drift needs the
+    manifest's reference histograms)."""
     found: list[Reading] = []
     n = agg["inference_count"]
-    if "drift.over_threshold" in kinds:
+    if "drift.over_threshold" in kinds and manifest is not None:
         found.extend(_drift(agg, manifest, t))
     if "feedback.over_threshold" in kinds:
         limit = t.negative_feedback_rate_over
