@@ -45,7 +45,7 @@ class Thresholds(BaseModel):
     min_labels: int = Field(default=30, ge=1, le=2**31 - 1)
     data_quality_rate_over: float = Field(default=0.01, ge=0, le=1)
     #: Required when subscribed to ``schedule.due``.
-    schedule_every_s: int | None = Field(default=None, ge=60, le=365 * DAY_S)
+    schedule_every_s: int | None = Field(default=None, ge=1, le=365 * DAY_S)
 
 
 class WebhookRequest(BaseModel):
