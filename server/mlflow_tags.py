@@ -74,7 +74,8 @@ def write_tags(
     timeout_s: float,
 ) -> httpx.Response:
     """Set each tag on registered model ``name`` version ``version``, stopping at the first
-    answer that is not 2xx.
+    answer that is not 2xx. ``edgefleet.event`` goes last: once it names an event, the other
+    tags of that write are there.
 
     Returns:
         That answer, or the last one when every tag was set.
@@ -84,7 +85,8 @@ def write_tags(
     """
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     response: httpx.Response | None = None
-    for key, value in sorted(tags.items()):
+    last = f"{PREFIX}event"
+    for key, value in sorted(tags.items(), key=lambda kv: (kv[0] == last, kv[0])):
         body: dict[str, Any] = {"name": name, "version": version, "key": key, "value": value}
         response = client.post(
             uri.rstrip("/") + SET_TAG_PATH, json=body, headers=headers, timeout=timeout_s
