@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 from sqlmodel import Session, col, select
 
 from server.errors import ApiError
@@ -61,13 +61,14 @@ class WebhookRequest(BaseModel):
     )
     thresholds: Thresholds = Field(default_factory=Thresholds)
 
-    @model_validator(mode="after")
-    def _required_thresholds(self) -> WebhookRequest:
+    def missing_threshold(self) -> str | None:
+        """A threshold an event kind needs and the request lacks (a rule the schema cannot
+        state, so a 400 rather than a 422)."""
         if "accuracy.under_floor" in self.events and self.thresholds.accuracy_under is None:
-            raise ValueError("accuracy.under_floor needs thresholds.accuracy_under")
+            return "accuracy.under_floor needs thresholds.accuracy_under"
         if "schedule.due" in self.events and self.thresholds.schedule_every_s is None:
-            raise ValueError("schedule.due needs thresholds.schedule_every_s")
-        return self
+            return "schedule.due needs thresholds.schedule_every_s"
+        return None
 
 
 class WebhookPublic(BaseModel):
@@ -145,9 +146,10 @@ def create(
     """Store a subscription; its secret is in the answer, once.
 
     Raises:
-        ApiError: 400 for a URL that is not http(s) or names a host the server does not allow.
+        ApiError: 400 for a URL that is not http(s) or names a host the server does not allow,
+            or a threshold event without the threshold it needs.
     """
-    problem = url_problem(body.url, allowed_hosts)
+    problem = body.missing_threshold() or url_problem(body.url, allowed_hosts)
     if problem is not None:
         raise ApiError(400, problem)
     secret = body.secret or "whsec_" + secrets.token_urlsafe(32)

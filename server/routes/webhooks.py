@@ -49,7 +49,8 @@ def list_deliveries(
     return webhooks.deliveries(session, webhook_id=webhook_id, sink=sink, state=state, limit=limit)
 
 
-@router.delete("/webhooks/{webhook_id}")
+# Only digits match, so DELETE /v1/webhooks/deliveries is a 405, not a malformed id.
+@router.delete("/webhooks/{webhook_id:int}")
 def remove_webhook(
     webhook_id: Annotated[int, Path(ge=1, le=2**31 - 1)], session: SessionDep, who: AdminDep
 ) -> WebhookRemoved:

@@ -61,8 +61,8 @@ def test_subscriptions_show_the_secret_once_and_refuse_what_they_cannot_deliver_
         ({"url": "ftp://127.0.0.1/x"}, 400, "http:// or https://"),
         ({"url": "http://:80/x"}, 400, "with a host"),
         ({"events": ["model.exploded"]}, 422, "events"),
-        ({"events": ["accuracy.under_floor"]}, 422, "accuracy_under"),
-        ({"events": ["schedule.due"]}, 422, "schedule_every_s"),
+        ({"events": ["accuracy.under_floor"]}, 400, "needs thresholds.accuracy_under"),
+        ({"events": ["schedule.due"]}, 400, "needs thresholds.schedule_every_s"),
         ({"secret": "short"}, 422, "secret"),
     ]:
         assert words in json.dumps(subscribe(fleet, expect=status, **body)), body
