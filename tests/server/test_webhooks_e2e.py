@@ -302,6 +302,10 @@ def test_a_receiver_that_was_down_gets_every_event_when_it_returns(tmp_path: Pat
         assert kinds_received == sorted([*expected, "version.released"])
         listed = json.loads(ok(server.cli("webhooks", "deliveries", "--json")))
         assert {d["delivery_id"] for d in listed} == set(received)
+        assert receiver.url in ok(server.cli("webhooks", "list"))
+        removed = ok(server.cli("webhooks", "remove", str(hook["id"])))
+        assert f"removed webhook {hook['id']} (0 pending deliveries cancelled)" in removed
+        assert json.loads(ok(server.cli("webhooks", "list", "--json"))) == []
     finally:
         server.stop()
         receiver.stop()
