@@ -12,6 +12,7 @@ from edgefleet.keys_cli import keys_app, root_app
 from edgefleet.metrics_cli import drift_command, metrics_command
 from edgefleet.rollout_cli import rollout_app
 from edgefleet.server_cli import register as register_server
+from edgefleet.webhooks_cli import webhooks_app
 
 app = typer.Typer(
     name="edgefleet",
@@ -27,6 +28,7 @@ app.command("metrics")(metrics_command)
 app.command("drift")(drift_command)
 register_server(app)
 app.add_typer(rollout_app, name="rollout")
+app.add_typer(webhooks_app, name="webhooks")
 app.add_typer(agent_app, name="agent")
 app.add_typer(hil_app, name="hil")
 

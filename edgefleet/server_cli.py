@@ -131,6 +131,25 @@ def serve(
             help="Seconds between rollout evaluations [default: 60].",
         ),
     ] = None,
+    mlflow_uri: Annotated[
+        str | None,
+        typer.Option(
+            envvar="EDGEFLEET_MLFLOW_URI",
+            help="MLflow tracking server (http(s)://): tag the registry's model versions that"
+            " bundles' provenance names (docs/webhooks.md).",
+        ),
+    ] = None,
+    public_url: Annotated[
+        str | None,
+        typer.Option(
+            envvar="EDGEFLEET_PUBLIC_URL",
+            help="Where users reach this server, for links in MLflow tags [default: http://HOST:PORT].",
+        ),
+    ] = None,
+    webhook_allowed_host: Annotated[
+        list[str] | None,
+        typer.Option(help="Host webhook URLs may name (repeatable; default: any)."),
+    ] = None,
     workers: Annotated[int, typer.Option(help="Worker processes.")] = 1,
     log_level: Annotated[str, typer.Option(help="info logs one JSON line per request.")] = "info",
 ) -> None:
@@ -158,6 +177,9 @@ def serve(
         min_devices_shown=min_devices_shown,
         telemetry_retention_days=telemetry_retention_days,
         rollout_evaluation_s=rollout_evaluation_s,
+        mlflow_uri=mlflow_uri,
+        public_url=public_url or f"http://{host}:{port}",
+        webhook_allowed_hosts=webhook_allowed_host or None,
     )
     url = settings.resolved_database_url()
     if database_url is None and _is_empty(make_engine(url)):

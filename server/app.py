@@ -31,7 +31,7 @@ from server.db import check_schema, make_engine
 from server.errors import ApiError
 from server.jobs import Jobs, jobs_for
 from server.models import ApiToken
-from server.routes import admin, devices, registry, rollouts, telemetry
+from server.routes import admin, devices, registry, rollouts, telemetry, webhooks
 from server.routes import metrics as metrics_routes
 from server.schemas import Health, NotReady, Problem, Ready, RootEnvelope
 from server.state import BlobStore, ServerState, load_catalogue, load_trust
@@ -127,6 +127,7 @@ def create_app(state: ServerState) -> FastAPI:
         registry.router,
         registry.downloads,
         admin.router,
+        webhooks.router,
     ):
         app.include_router(router)
     install_dashboard(app)

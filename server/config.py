@@ -57,6 +57,24 @@ class Settings(BaseSettings):
     ui_session_ttl_s: int = Field(default=12 * 3600, ge=60)
     #: The Fleet page counts a device as silent when it has not checked in for this long.
     ui_silent_after_s: int = Field(default=24 * 3600, ge=60)
+    #: Outbound events (webhooks, MLflow tags; docs/webhooks.md): how often due rows are looked
+    #: for, the retry delays (doubling from the base, capped), one attempt's timeout, and the
+    #: age past which an undelivered row is given up.
+    outbound_poll_s: float = Field(default=2.0, gt=0)
+    outbound_backoff_base_s: float = Field(default=5.0, gt=0)
+    outbound_backoff_max_s: float = Field(default=3600.0, gt=0)
+    outbound_timeout_s: float = Field(default=10.0, gt=0)
+    outbound_max_age_s: float = Field(default=3 * 24 * 3600.0, gt=0)
+    #: How often threshold conditions (drift, feedback, accuracy, data quality) are checked.
+    threshold_check_s: float = Field(default=300.0, gt=0)
+    #: Hosts webhook URLs may name (None: any).
+    webhook_allowed_hosts: list[str] | None = None
+    #: MLflow tracking server whose registry gets tags (``http(s)://``; None: no MLflow).
+    mlflow_uri: str | None = None
+    #: Bearer token for MLflow (or credentials in ``mlflow_uri``).
+    mlflow_token: str | None = None
+    #: Where users reach this server (links in MLflow tags); ``serve`` sets it from host and port.
+    public_url: str = "http://127.0.0.1:8080"
 
     def resolved_database_url(self) -> str:
         """The database URL, defaulting to SQLite in the data directory."""

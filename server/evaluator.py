@@ -37,6 +37,7 @@ from server.models import (
     RolloutDecision,
     TelemetryWindowRecord,
 )
+from server.registry import released
 
 log = logging.getLogger("edgefleet.server.evaluator")
 
@@ -330,6 +331,10 @@ def _release(session: Session, rollout: Rollout, now: datetime) -> None:
     whole = whole and selector.get("firmware_below") is None
     if not whole:
         return  # the rollout keeps offering the version to the devices it selects
+    version = rollouts.version_of(session, rollout.version_id)
+    assert version is not None
+    by = f"rollout {rollout.id}"
+    released(session, rollout.model_name, version.version, selector["hardware_ids"], by=by, now=now)
     for h in selector["hardware_ids"]:
         session.add(
             Release(
@@ -337,7 +342,7 @@ def _release(session: Session, rollout: Rollout, now: datetime) -> None:
                 target_id=h,
                 version_id=rollout.version_id,
                 released_at=now,
-                released_by=f"rollout {rollout.id}",
+                released_by=by,
             )
         )
 

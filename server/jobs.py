@@ -1,4 +1,5 @@
-"""Periodic work inside the server process (telemetry retention, the rollout evaluator): each
+"""Periodic work inside the server process (telemetry retention, the rollout evaluator, outbound
+deliveries, threshold checks): each
 job runs in a worker thread on its interval, logs its failures and goes on, and stops when the
 server shuts down."""
 
@@ -13,7 +14,8 @@ from datetime import UTC, datetime
 
 from sqlmodel import Session
 
-from server import evaluator, telemetry
+from server import evaluator, telemetry, triggers
+from server.outbound import Deliverer
 from server.state import ServerState
 
 log = logging.getLogger("edgefleet.server.jobs")
@@ -63,9 +65,20 @@ def jobs_for(state: ServerState) -> list[Job]:
                 lease_s=3 * settings.rollout_evaluation_s,
             )
 
+    def check_thresholds() -> int:
+        with Session(state.engine) as session:
+            return triggers.run(
+                session,
+                now=datetime.now(UTC),
+                relative_accuracy=settings.telemetry_relative_accuracy,
+                lease_s=max(60.0, 3 * settings.threshold_check_s),
+            )
+
     return [
         Job("telemetry-retention", settings.telemetry_retention_check_s, drop_expired),
         Job("rollout-evaluator", settings.rollout_evaluation_s, evaluate_rollouts),
+        Job("threshold-checks", settings.threshold_check_s, check_thresholds),
+        Job("outbound-delivery", settings.outbound_poll_s, Deliverer(state.engine, settings).run),
     ]
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Column, Index, LargeBinary, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Column, Index, LargeBinary, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 
@@ -271,3 +271,67 @@ class Confirmation(SQLModel, table=True):
     rollout_id: int | None = Field(default=None, foreign_key="rollout.id")
     confirmed_at: datetime
     confirmed_by: str
+
+
+class Webhook(SQLModel, table=True):
+    """A subscription: where to POST which events, the secret that signs them, and the
+    thresholds of its threshold events (see docs/webhooks.md). Removed ones stay (inactive), so
+    the delivery log keeps naming them."""
+
+    __tablename__ = "webhook"
+    id: int | None = Field(default=None, primary_key=True)
+    url: str
+    events: list[str] = Field(sa_column=Column(JSON))
+    #: Only this model's events, when set.
+    model: str | None = None
+    #: Signs deliveries, so it is kept as given (it cannot be hashed).
+    secret: str
+    thresholds: dict[str, Any] = Field(sa_column=Column(JSON))
+    created_by: str
+    created_at: datetime
+    active: bool = Field(default=True, index=True)
+    removed_at: datetime | None = None
+
+
+class Outbound(SQLModel, table=True):
+    """One event on its way to one sink (a webhook subscription, or MLflow): written in the
+    transaction of the change it reports, delivered at least once by the delivery job."""
+
+    __tablename__ = "outbound"
+    __table_args__ = (Index("ix_outbound_state_next", "state", "next_attempt_at"),)
+    id: int | None = Field(default=None, primary_key=True)
+    #: ``webhook`` or ``mlflow``.
+    sink: str
+    webhook_id: int | None = Field(default=None, foreign_key="webhook.id", index=True)
+    kind: str
+    event_id: str
+    #: The exact bytes a webhook signs and sends (JSON); for MLflow, what to tag.
+    payload: str = Field(sa_column=Column(Text, nullable=False))
+    delivery_id: str = Field(unique=True)
+    attempts: int = 0
+    #: ``pending``, ``delivered``, ``failed``, ``cancelled`` or ``skipped``.
+    state: str = "pending"
+    created_at: datetime
+    next_attempt_at: datetime
+    last_attempt_at: datetime | None = None
+    last_status: int | None = None
+    last_error: str | None = None
+    delivered_at: datetime | None = None
+
+
+class TriggerState(SQLModel, table=True):
+    """Whether one threshold condition held at its last check, so an event fires when it starts
+    to hold and again only after it cleared (``schedule.due`` keeps its last firing here)."""
+
+    __tablename__ = "trigger_state"
+    __table_args__ = (UniqueConstraint("webhook_id", "model", "version", "condition", "subject"),)
+    id: int | None = Field(default=None, primary_key=True)
+    webhook_id: int = Field(foreign_key="webhook.id", index=True)
+    model: str
+    version: str
+    condition: str
+    subject: str
+    holding: bool = False
+    value: float | None = None
+    changed_at: datetime
+    checked_at: datetime

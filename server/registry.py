@@ -11,6 +11,7 @@ from firmware_bundles import ArchiveLimits, BundleError, BundleReader, VerifiedB
 from firmware_bundles.errors import CatalogueError
 from firmware_bundles.manifest import semver_key
 from firmware_bundles.messages import HilReport, verify_hil_report
+from server import notify
 from server.arms import OWNING
 from server.errors import ApiError
 from server.models import Bundle, Device, Model, ModelVersion, Pin, Release, Rollout
@@ -135,6 +136,19 @@ def publish(
         manifest=manifest.to_dict(),
     )
     session.add(bundle)
+    notify.emit(
+        session,
+        "bundle.published",
+        {
+            "model": manifest.name,
+            "version": manifest.version,
+            "hardware_id": target.target_id,
+            "bundle_sha256": sha,
+            "length": upload.length,
+            "published_by": publisher,
+        },
+        now=now,
+    )
     session.commit()
     return bundle
 
@@ -279,8 +293,17 @@ def release(
                 model_name=model, target_id=t, version_id=found.id, released_at=now, released_by=by
             )
         )
+    released(session, model, version, targets, by=by, now=now)
     session.commit()
     return targets
+
+
+def released(
+    session: Session, model: str, version: str, hardware_ids: list[str], *, by: str, now: datetime
+) -> None:
+    """Emit ``version.released`` for releases just added (the caller commits)."""
+    data = {"model": model, "version": version, "hardware_ids": hardware_ids, "released_by": by}
+    notify.emit(session, "version.released", data, now=now)
 
 
 def owning_rollout(session: Session, model: str, hardware_ids: list[str]) -> Rollout | None:

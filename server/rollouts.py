@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sqlmodel import Session, select
 
 from firmware_bundles.manifest import SEMVER_PATTERN, check_semver
-from server import confirmations
+from server import confirmations, notify
 from server.errors import ApiError
 from server.models import Bundle, Cohort, Confirmation, ModelVersion, Rollout, RolloutDecision
 from server.offers import current_versions
@@ -117,7 +117,7 @@ def log(
     reason: str,
     figures: dict[str, Any] | None = None,
 ) -> RolloutDecision:
-    """Append a decision (the caller commits)."""
+    """Append a decision and emit its events (the caller commits)."""
     assert rollout.id is not None
     decision = RolloutDecision(
         rollout_id=rollout.id,
@@ -131,6 +131,7 @@ def log(
         figures=figures or {},
     )
     session.add(decision)
+    notify.rollout_decided(session, rollout, decision)
     return decision
 
 

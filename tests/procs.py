@@ -96,7 +96,8 @@ class ServerProcess:
     """`edgefleet serve --init` on loopback, stoppable and restartable on the same port and data.
 
     ``init=False`` starts on trust material that is already there (no admin token is printed);
-    ``serve_args`` are further `serve` options (``--database-url``, ``--log-level``).
+    ``serve_args`` are further `serve` options (``--database-url``, ``--log-level``); ``env``
+    adds ``EDGEFLEET_*`` settings.
     """
 
     data_dir: Path
@@ -105,6 +106,7 @@ class ServerProcess:
     admin_token: str = ""
     init: bool = True
     serve_args: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
 
@@ -135,7 +137,7 @@ class ServerProcess:
                 [sys.executable, "-m", "edgefleet", "serve", *init, *where, *self.serve_args],
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, "COLUMNS": "200"},
+                env={**os.environ, "COLUMNS": "200", **self.env},
             )
 
         def healthy() -> bool:

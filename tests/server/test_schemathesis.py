@@ -26,6 +26,8 @@ def test_no_server_errors_for_admin_or_device(database_url: str, tmp_path: Path)
         data_dir=data_dir,
         log_dir=tmp_path,
         serve_args=("--database-url", database_url, "--log-level", "warning"),
+        # Webhooks the fuzzer subscribes may only ever be delivered to loopback.
+        env={"EDGEFLEET_WEBHOOK_ALLOWED_HOSTS": '["127.0.0.1"]'},
     )
     try:
         server.start()
