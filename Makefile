@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[convert,torch,device,server,dev,ble]"
+	$(BIN)/python -m pip install --quiet -e ".[convert,torch,device,server,mlflow,dev,ble]"
 	$(BIN)/python -m pip check
 	touch $(STAMP)
 
