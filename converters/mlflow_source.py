@@ -294,9 +294,9 @@ def _mlflow_load(flavour: str, local: Path, uri: str, conf: dict[str, Any], **kw
     except MlflowException as exc:
         if _PICKLE_FLAG in str(exc):
             raise ModelLoadError(
-                f"{uri} is a {flavour} model saved as {fmt}, and loading it runs code from the"
-                f" artifact: MLflow loads it only with {_PICKLE_FLAG}=true; set it to convert a"
-                " model you trust"
+                f"{uri} is a {flavour} model saved as {fmt}; loading it runs code from the"
+                f" artifact, which {_PICKLE_FLAG} forbids here: set it to true to convert a model"
+                " you trust"
             ) from None
         raise ModelLoadError(f"MLflow cannot load the {flavour} flavour of {uri}: {exc}") from None
     except Exception as exc:  # unpickling raises whatever the pickle holds

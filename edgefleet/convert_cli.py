@@ -78,7 +78,7 @@ def convert_command(
     digests (provenance.mlflow).
     """
     from converters.errors import ConverterError
-    from converters.pipeline import ConvertOptions, convert
+    from converters.pipeline import ConvertOptions, convert, validate_options
 
     keys = [load_signing_key(p) for p in key]
     with bundle_errors():
@@ -96,6 +96,7 @@ def convert_command(
         catalogue=load_catalogue(catalogue),
     )
     try:
+        validate_options(options)  # before any download
         with (
             tempfile.TemporaryDirectory(prefix="edgefleet-mlflow-") as scratch,
             Progress(

@@ -7,6 +7,7 @@ Without MLflow, or if the server does not come up, tests skip; with ``CI=true`` 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import httpx
 import pytest
@@ -29,7 +31,7 @@ QUIET_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
 
 @dataclass
 class MlflowServer:
-    """A running tracking server and where it keeps its files."""
+    """A tracking server started in ``directory``; :meth:`ready` waits until it answers."""
 
     url: str
     directory: Path
@@ -39,8 +41,25 @@ class MlflowServer:
     def log(self) -> str:
         return (self.directory / "server.log").read_text(errors="replace")[-4000:]
 
+    def ready(self) -> MlflowServer:
+        """Wait for ``/health``; skip (fail under ``CI=true``) if the server exits or stays mute."""
+        deadline = time.monotonic() + START_TIMEOUT_S
+        last = "no answer yet"
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                unavailable(f"mlflow server exited with {self.process.returncode}:\n{self.log}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2.0).status_code == 200:
+                    return self
+            except httpx.HTTPError as exc:
+                last = repr(exc)
+            time.sleep(0.5)
+        unavailable(
+            f"mlflow server gave no /health in {START_TIMEOUT_S:.0f} s ({last}):\n{self.log}"
+        )
 
-def unavailable(reason: str) -> None:
+
+def unavailable(reason: str) -> NoReturn:
     """Skip the test with ``reason``; under ``CI=true``, fail it."""
     if os.environ.get("CI") == "true":
         pytest.fail(f"MLflow tests cannot run: {reason}")
@@ -49,11 +68,12 @@ def unavailable(reason: str) -> None:
 
 @contextmanager
 def mlflow_server(directory: Path) -> Iterator[MlflowServer]:
-    """Start `mlflow server` in ``directory`` and wait for ``/health``; stop it afterwards."""
-    try:
-        import mlflow  # noqa: F401
-    except ImportError as exc:
-        unavailable(f"mlflow is not installed ({exc}); pip install -e '.[mlflow,dev]'")
+    """Start `mlflow server` in ``directory`` (call ``ready()`` before using it); stop it after.
+
+    Tests do their slow preparation (imports, training) while the server starts.
+    """
+    if importlib.util.find_spec("mlflow") is None:
+        unavailable("mlflow is not installed; pip install -e '.[mlflow,dev]'")
     port = free_port()
     (directory / "artifacts").mkdir(parents=True, exist_ok=True)
     log = (directory / "server.log").open("wb")
@@ -76,28 +96,8 @@ def mlflow_server(directory: Path) -> Iterator[MlflowServer]:
     process = subprocess.Popen(
         command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **QUIET_ENV}
     )
-    server = MlflowServer(f"http://127.0.0.1:{port}", directory, process)
     try:
-        problem = _wait_healthy(server)
-        if problem:
-            unavailable(f"{problem}; server log:\n{server.log}")
-        yield server
+        yield MlflowServer(f"http://127.0.0.1:{port}", directory, process)
     finally:
         terminate(process, timeout_s=10)
         log.close()
-
-
-def _wait_healthy(server: MlflowServer) -> str | None:
-    """None once ``/health`` answers 200, else why not (the server exited, or the deadline)."""
-    deadline = time.monotonic() + START_TIMEOUT_S
-    last = "no answer yet"
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            return f"mlflow server exited with {server.process.returncode}"
-        try:
-            if httpx.get(f"{server.url}/health", timeout=2.0).status_code == 200:
-                return None
-        except httpx.HTTPError as exc:
-            last = repr(exc)
-        time.sleep(0.5)
-    return f"mlflow server did not answer /health within {START_TIMEOUT_S:.0f} s: {last}"
