@@ -95,7 +95,7 @@ def log_all(mlflow: Any, trained: Trained) -> dict[str, str]:
             pip_requirements=["onnx"],
         )
 
-    class Echo(mlflow.pyfunc.PythonModel):  # type: ignore[misc,name-defined]
+    class Echo(mlflow.pyfunc.PythonModel):
         def predict(self, context: Any, model_input: Any) -> Any:
             return model_input
 

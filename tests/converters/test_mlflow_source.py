@@ -55,6 +55,7 @@ def registry(
         table = trained.train[FEATURES[::-1]].assign(label=trained.y)
         table.to_csv(reg.files / "train.csv", index=False)
         np.savez(reg.files / "eval.npz", X=trained.x_eval, y=trained.y_eval)
+        np.savez(reg.files / "eval-narrow.npz", X=trained.x_eval[:, :5], y=trained.y_eval)
         no_gyro_z = pd.DataFrame(trained.x_eval[:, :5], columns=FEATURES[:5])
         no_gyro_z.assign(label=trained.y_eval).to_csv(reg.files / "eval-no-gyro-z.csv", index=False)
         for i, key in enumerate(release_keys):
@@ -86,9 +87,7 @@ def converted(
     report = json.loads(result.stdout)
     target = report["targets"][0]
     assert target["ok"], target
-    verified = verify(
-        Path(target["bundle"]).read_bytes(), trusted_root.root, target_id="phone-android"
-    )
+    verified = verify(Path(target["bundle"]).read_bytes(), trusted_root.root)
     return report, verified.manifest
 
 
@@ -97,6 +96,7 @@ def expected(reg: Registry, run_id: str) -> dict[str, Any]:
     from mlflow import MlflowClient
 
     run = MlflowClient(reg.server.url).get_run(run_id)
+    assert run.inputs is not None
     datasets = [
         (
             d.dataset.name,
@@ -283,6 +283,15 @@ BAD = [
         "models:/wrist-activity/1",
         {"trust": "false"},
         ["saved as skops", "MLFLOW_ALLOW_PICKLE_DESERIALIZATION forbids here"],
+    ),
+    (
+        "signature-tensor-shape",
+        "models:/wrist-activity-torch/1",
+        {"eval": "eval-narrow.npz"},
+        [
+            "eval-narrow.npz rows have shape (5,); the signature of"
+            " models:/wrist-activity-torch/1 expects rows of shape (6,)"
+        ],
     ),
     (
         "signature-columns",
