@@ -114,43 +114,19 @@ def fetch(
     _http_defaults(settings or MlflowSettings())
     mlflow = _import_mlflow()
     registry_uri = os.environ.get("MLFLOW_REGISTRY_URI") or tracking_uri
-    shown = redact(tracking_uri)
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri)
-    name, version, run_id, download = ref.name, ref.version, ref.run_id, ref.uri
-    if ref.name is not None:
-        what = f"model {ref.name} " + (f"alias @{ref.alias}" if ref.alias else f"version {version}")
-        with _mapped(f"looking up {what}", shown):
-            if ref.alias:
-                found = client.get_model_version_by_alias(ref.name, ref.alias)
-            else:
-                found = client.get_model_version(ref.name, ref.version)
-        version, run_id = str(found.version), found.run_id
-        # Download the version the alias named when we looked, even if the alias moves meanwhile.
-        download = f"models:/{name}/{version}"
-    run = None
-    if run_id:
-        with _mapped(f"reading run {run_id}", shown):
-            run = client.get_run(run_id)
-    with _mapped(f"downloading {download}", shown):
-        local = Path(
-            mlflow.artifacts.download_artifacts(
-                artifact_uri=download,
-                dst_path=str(directory),
-                tracking_uri=tracking_uri,
-                registry_uri=registry_uri,
-            )
-        )
+    with _process_wide(mlflow, tracking_uri, registry_uri):
+        found, run, local = _download(mlflow, ref, tracking_uri, registry_uri, directory)
     mlmodel = _mlmodel(local, uri)
     flavour, source = _load(local, mlmodel, uri)
     source.input_schema = input_schema(mlmodel.signature, f"the signature of {uri}")
     record: dict[str, Any] = {
-        "tracking_uri": shown,
+        "tracking_uri": redact(tracking_uri),
         "registry_uri": redact(registry_uri),
         "model_uri": uri,
-        "model_name": name,
-        "model_version": version,
+        "model_name": ref.name,
+        "model_version": None if found is None else str(found.version),
         "alias": ref.alias,
-        "run_id": run_id,
+        "run_id": ref.run_id if found is None else found.run_id,
         "logged_model_id": getattr(mlmodel, "model_id", None),
         "flavour": flavour,
     }
@@ -158,6 +134,63 @@ def fetch(
         record.update(_run_facts(run))
     source.provenance = {"mlflow": {k: v for k, v in record.items() if v is not None}}
     return source
+
+
+def _download(
+    mlflow: Any, ref: MlflowRef, tracking_uri: str, registry_uri: str, directory: Path
+) -> tuple[Any, Any, Path]:
+    """The registered version (None for ``runs:/``), its run (None if it has none), and where
+    the model was downloaded."""
+    shown = redact(tracking_uri)
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri)
+    found, run_id, download = None, ref.run_id, ref.uri
+    if ref.name is not None:
+        what = f"model {ref.name} " + (
+            f"alias @{ref.alias}" if ref.alias else f"version {ref.version}"
+        )
+        with _mapped(f"looking up {what}", shown):
+            if ref.alias:
+                found = client.get_model_version_by_alias(ref.name, ref.alias)
+            else:
+                found = client.get_model_version(ref.name, ref.version)
+        run_id = found.run_id
+        # Download the version the alias named when we looked, even if the alias moves meanwhile.
+        download = f"models:/{ref.name}/{found.version}"
+    run = None
+    if run_id:
+        with _mapped(f"reading run {run_id}", shown):
+            run = client.get_run(run_id)
+    with _mapped(f"downloading {download}", shown):
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=download,
+            dst_path=str(directory),
+            tracking_uri=tracking_uri,
+            registry_uri=registry_uri,
+        )
+    return found, run, Path(local)
+
+
+@contextmanager
+def _process_wide(mlflow: Any, tracking_uri: str, registry_uri: str) -> Iterator[None]:
+    """MLflow's process-wide tracking and registry URIs pointed at the server while we fetch.
+
+    MLflow 3.17 resolves a registered version's logged model (``models:/m-...``) with a client
+    of its own that reads these rather than the URIs passed to ``download_artifacts``. Afterwards
+    they are unset again and the environment restored.
+    """
+    saved = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(registry_uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _run_facts(run: Any) -> dict[str, Any]:

@@ -46,7 +46,6 @@ def registry(
     with mlflow_server(base / "server") as server, pytest.MonkeyPatch.context() as env:
         for name, value in QUIET_ENV.items():
             env.setenv(name, value)
-        env.setenv("MLFLOW_TRACKING_URI", server.url)
         trained = train()  # while the server starts
         reg = Registry(server, base / "files", trained)
         reg.files.mkdir()
@@ -63,8 +62,11 @@ def registry(
         import mlflow
 
         server.ready()
-        mlflow.set_experiment("wrist")
-        reg.runs = log_all(mlflow, trained)
+        # Only the logging sees the server's URI: each convert must find it by itself.
+        with pytest.MonkeyPatch.context() as logging_env:
+            logging_env.setenv("MLFLOW_TRACKING_URI", server.url)
+            mlflow.set_experiment("wrist")
+            reg.runs = log_all(mlflow, trained)
         yield reg
 
 
