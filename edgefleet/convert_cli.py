@@ -22,8 +22,9 @@ def convert_command(
     model: Annotated[
         str,
         typer.Argument(
+            metavar="MODEL",
             help="sklearn .joblib/.pkl, PyTorch .pt2/TorchScript, or .onnx file; or an MLflow"
-            " model: models:/NAME/VERSION, models:/NAME@ALIAS or runs:/RUN_ID/PATH."
+            " model: models:/NAME/VERSION, models:/NAME@ALIAS or runs:/RUN_ID/PATH.",
         ),
     ],
     name: Annotated[str, typer.Option(help="Model name, e.g. wrist-activity.")],
