@@ -8,6 +8,8 @@ STAMP := $(VENV)/.installed
 PACKAGES := firmware_bundles converters server device_agent hil edgefleet
 # Exactly the CPU wheel on the CI machines' disk; any other version downloads gigabytes.
 TORCH := torch==2.13.0
+# Test processes (pytest-xdist); 2 matches the CI machines' cores.
+PYTEST_WORKERS ?= 2
 
 # The ONNX -> TFLite tool environment (onnx2tf pins numpy 1.26, onnx 1.19, onnxruntime 1.23,
 # TensorFlow 2.19 exactly, which cannot share .venv); converters/tflite.py calls it as a
@@ -50,7 +52,7 @@ typecheck: $(STAMP)
 	$(BIN)/mypy $(PACKAGES)
 
 pytest: $(STAMP) $(TFLITE_STAMP) chromium
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup
 
 test: lint typecheck pytest
 

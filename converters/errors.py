@@ -2,6 +2,10 @@
 
 ConverterError
 ├── ModelLoadError    the model file is not a model we can read
+│   └── UnsupportedFlavourError  an MLflow model has no flavour we convert
+├── RegistryError     an MLflow registry could not give us the model
+│   ├── RegistryUnreachableError  the tracking server did not answer
+│   └── RegistryLookupError       no such model, version, alias, run or artifact path
 ├── DataError         the data does not match the model (features, labels, format)
 ├── ParityError       the exported ONNX disagrees with the original model
 ├── QuantisationError a variant could not be produced
@@ -17,6 +21,30 @@ class ConverterError(Exception):
 
 class ModelLoadError(ConverterError):
     """The model file cannot be read as a supported model."""
+
+
+class UnsupportedFlavourError(ModelLoadError):
+    """An MLflow model carries none of the flavours we convert (sklearn, pytorch, onnx)."""
+
+
+class RegistryError(ConverterError):
+    """An MLflow tracking server or registry could not give us the model or its run.
+
+    Attributes:
+        uri: The tracking URI tried, without credentials.
+    """
+
+    def __init__(self, message: str, uri: str) -> None:
+        self.uri = uri
+        super().__init__(message)
+
+
+class RegistryUnreachableError(RegistryError):
+    """The tracking server did not answer (refused, timed out, name not resolved)."""
+
+
+class RegistryLookupError(RegistryError):
+    """The server answered that the model, version, alias, run or artifact path does not exist."""
 
 
 class DataError(ConverterError):

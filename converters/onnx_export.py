@@ -48,7 +48,7 @@ def export(source: SourceModel, train: Dataset) -> Exported:
     """
     if source.kind == "sklearn":
         model, task, labels, ref = _sklearn(source.obj, train)
-    elif source.kind in ("torch-export", "torchscript"):
+    elif source.kind in ("torch-export", "torchscript", "torch-module"):
         model, task, labels, ref = _torch(source, train)
     else:
         model, task, labels, ref = _onnx(source.obj, train)

@@ -19,6 +19,7 @@ import onnx
 from converters import bundling, evaluation, reference, tflite_target, tflite_variants
 from converters.errors import ConverterError, DataError
 from converters.fitting import VariantFacts, choose
+from converters.input_schema import conform
 from converters.onnx_export import Exported, check_parity, export
 from converters.quantise import Variant, make_variants, op_types
 from converters.reports import ConvertReport, TargetReport, VariantReport
@@ -77,7 +78,7 @@ def validate_options(options: ConvertOptions) -> None:
 
 
 def convert(
-    model_path: Path,
+    model: Path | SourceModel,
     train_path: Path,
     eval_path: Path,
     options: ConvertOptions,
@@ -86,6 +87,8 @@ def convert(
 ) -> ConvertReport:
     """Run the whole pipeline; write bundles and ``build-report.json`` into ``options.out_dir``.
 
+    ``model`` is a model file, or a model already loaded (``converters.mlflow_source.fetch``),
+    whose input schema the data must then match and whose provenance the manifest records.
     Targets that nothing fits are reported with the reason per variant; the others still build.
 
     Raises:
@@ -94,10 +97,16 @@ def convert(
     """
     validate_options(options)
     progress("loading model and data")
-    source = load_model(model_path)
+    source = model if isinstance(model, SourceModel) else load_model(model)
     train = load_data(train_path, options.label_column)
     held_out = load_data(eval_path, options.label_column)
     calib = load_data(calibration_path, options.label_column) if calibration_path else train
+    if source.input_schema is not None:
+        train, held_out = (
+            conform(train, source.input_schema),
+            conform(held_out, source.input_schema),
+        )
+        calib = conform(calib, source.input_schema) if calibration_path else train
     progress(f"exporting {source.kind} model to ONNX")
     exported = export(source, train)
     for data in (held_out, calib):
@@ -217,10 +226,11 @@ def _evaluate(
     return facts, reports, outputs
 
 
-def _versions(kind: str) -> dict[str, str]:
+def _versions(kind: str, mlflow: bool = False) -> dict[str, str]:
     names = ["onnx", "onnxruntime", "numpy", "tflite-micro"]
     names += ["scikit-learn", "skl2onnx"] if kind == "sklearn" else []
     names += ["torch", "onnxscript"] if kind.startswith("torch") else []
+    names += ["mlflow-skinny"] if mlflow else []
     versions = {}
     for n in names:
         try:
@@ -257,8 +267,9 @@ def _shared_manifest(
         "provenance": {
             "source_model_sha256": source.sha256,
             "data_sha256": data_sha,
-            "tool_versions": _versions(source.kind),
+            "tool_versions": _versions(source.kind, "mlflow" in source.provenance),
             "builder": "edgefleet convert",
+            **source.provenance,
         },
         "_calibration": {"samples": int(min(len(calib.x), 512)), "data_sha256": calib.sha256},
         "_feature_names": train.feature_names,

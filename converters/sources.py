@@ -1,8 +1,10 @@
 """Reading what engineers hand over: a trained model file and data files.
 
 Models: scikit-learn estimators or Pipelines (joblib/pickle), PyTorch (``torch.export`` programs
-``.pt2`` or TorchScript), ONNX files. Data: ``.npz`` with ``X`` and ``y``, or CSV/Parquet with a
-label column. Pickled models run code when loaded: convert only models you trust.
+``.pt2`` or TorchScript), ONNX files; ``converters.mlflow_source`` builds the same
+:class:`SourceModel` from an MLflow registry (adding PyTorch modules as MLflow pickles them).
+Data: ``.npz`` with ``X`` and ``y``, or CSV/Parquet with a label column. Pickled models run code
+when loaded: convert only models you trust.
 """
 
 from __future__ import annotations
@@ -10,27 +12,36 @@ from __future__ import annotations
 import hashlib
 import pickle
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
 from converters.errors import DataError, ModelLoadError
+from converters.input_schema import InputSchema
 
-ModelKind = Literal["sklearn", "torch-export", "torchscript", "onnx"]
+#: ``torch-module`` is an eager ``nn.Module`` (MLflow's pickled PyTorch format); it exports the
+#: way TorchScript does.
+ModelKind = Literal["sklearn", "torch-export", "torchscript", "torch-module", "onnx"]
 _SKLEARN_SUFFIXES = {".joblib", ".pkl", ".pickle"}
 _TORCHSCRIPT_SUFFIXES = {".pt", ".pth", ".ts", ".torchscript"}
 
 
 @dataclass
 class SourceModel:
-    """A loaded model and the facts the pipeline needs about it."""
+    """A loaded model and the facts the pipeline needs about it.
+
+    ``input_schema`` (from an MLflow signature) is what the data must match; ``provenance`` is
+    added to the manifest's ``provenance`` as it is (e.g. ``{"mlflow": {...}}``).
+    """
 
     kind: ModelKind
     obj: Any
     path: Path
     sha256: str
+    input_schema: InputSchema | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

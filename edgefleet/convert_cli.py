@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import tempfile
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -18,7 +20,12 @@ from firmware_bundles import BundleError, created_at_from_env
 
 def convert_command(
     model: Annotated[
-        Path, typer.Argument(help="sklearn .joblib/.pkl, PyTorch .pt2/TorchScript, or .onnx.")
+        str,
+        typer.Argument(
+            metavar="MODEL",
+            help="sklearn .joblib/.pkl, PyTorch .pt2/TorchScript, or .onnx file; or an MLflow"
+            " model: models:/NAME/VERSION, models:/NAME@ALIAS or runs:/RUN_ID/PATH.",
+        ),
     ],
     name: Annotated[str, typer.Option(help="Model name, e.g. wrist-activity.")],
     version: Annotated[str, typer.Option(help="Semantic version X.Y.Z of this build.")],
@@ -48,6 +55,15 @@ def convert_command(
     json_out: Annotated[
         bool, typer.Option("--json", help="Machine-readable report on stdout.")
     ] = False,
+    mlflow_uri: Annotated[
+        str | None,
+        typer.Option(
+            "--mlflow-uri",
+            envvar="MLFLOW_TRACKING_URI",
+            show_envvar=True,
+            help="MLflow tracking server for models:/ and runs:/ models.",
+        ),
+    ] = None,
 ) -> None:
     """Convert a trained model into the smallest signed bundle per target that holds its accuracy.
 
@@ -56,9 +72,14 @@ def convert_command(
     smallest variant inside the target's limits and the accuracy budget. The build time comes from
     SOURCE_DATE_EPOCH (else now); the same inputs and SOURCE_DATE_EPOCH give identical bundles.
     Exits 1 if any target could not be built (the others are still written).
+
+    An MLflow model is downloaded with MLflow's client and converted from its sklearn, pytorch or
+    onnx flavour; its signature's columns or tensor shape must match the data, and the manifest
+    records the registry, version, run, the run's parameters and metrics, and its datasets'
+    digests (provenance.mlflow).
     """
     from converters.errors import ConverterError
-    from converters.pipeline import ConvertOptions, convert
+    from converters.pipeline import ConvertOptions, convert, validate_options
 
     keys = [load_signing_key(p) for p in key]
     with bundle_errors():
@@ -76,17 +97,24 @@ def convert_command(
         catalogue=load_catalogue(catalogue),
     )
     try:
-        with Progress(
-            SpinnerColumn(),
-            TextColumn("{task.description}"),
-            TimeElapsedColumn(),
-            console=console,
-            transient=True,
-            disable=json_out,
-        ) as bar:
+        validate_options(options)  # before any download
+        with (
+            tempfile.TemporaryDirectory(prefix="edgefleet-mlflow-") as scratch,
+            Progress(
+                SpinnerColumn(),
+                TextColumn("{task.description}"),
+                TimeElapsedColumn(),
+                console=console,
+                transient=True,
+                disable=json_out,
+            ) as bar,
+        ):
             task = bar.add_task("starting", total=None)
+            source = _source(
+                model, mlflow_uri, Path(scratch), lambda m: bar.update(task, description=m)
+            )
             report = convert(
-                model,
+                source,
                 train,
                 eval_data,
                 options,
@@ -101,6 +129,18 @@ def convert_command(
         _print(report)
     if not report.ok:
         raise typer.Exit(1)
+
+
+def _source(
+    model: str, mlflow_uri: str | None, scratch: Path, progress: Callable[[str], object]
+) -> Any:
+    """The model file's path, or the MLflow model fetched into ``scratch`` and loaded."""
+    from converters.mlflow_source import fetch, is_mlflow_uri
+
+    if not is_mlflow_uri(model):
+        return Path(model)
+    progress(f"fetching {model} from MLflow")
+    return fetch(model, mlflow_uri, scratch)
 
 
 def _print(report: object) -> None:

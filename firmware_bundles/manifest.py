@@ -19,6 +19,7 @@ from pydantic import (
 )
 
 from firmware_bundles.errors import MissingFileError
+from firmware_bundles.provenance import MlflowSource
 from firmware_bundles.schema import Document
 
 #: The format converters write. Format 1 (self-test vectors as JSON in the manifest, ONNX and
@@ -378,12 +379,14 @@ class SelfTestFile(Document):
 
 
 class Provenance(Document):
-    """Where the model came from."""
+    """Where the model came from (``mlflow``: the registry entry and run, when it came from one)."""
 
     source_model_sha256: Sha256
     data_sha256: dict[str, Sha256] = Field(default_factory=dict)
     tool_versions: dict[str, str] = Field(default_factory=dict)
     builder: str = ""
+    # Left out when absent, so manifests without it serialise exactly as before it existed.
+    mlflow: MlflowSource | None = Field(default=None, exclude_if=lambda v: v is None)
 
 
 class FileEntry(Document):
