@@ -18,12 +18,13 @@ import onnx
 
 from converters import bundling, evaluation, reference, tflite_target, tflite_variants
 from converters.errors import ConverterError, DataError
-from converters.fitting import VariantFacts, choose
+from converters.fitting import VariantFacts
 from converters.onnx_export import Exported, check_parity, export
 from converters.quantise import Variant, make_variants, op_types
 from converters.reports import ConvertReport, TargetReport, VariantReport
 from converters.sources import Dataset, SourceModel, load_data, load_model
-from firmware_bundles import SigningKey, TargetCatalogue, bundle_id
+from converters.target_build import choose_variant, write_chosen
+from firmware_bundles import SigningKey, TargetCatalogue
 from firmware_bundles.manifest import check_semver
 
 Progress = Callable[[str], None]
@@ -305,22 +306,11 @@ def _build_target(
             )
         )
     overhead = _overhead(options, exported, shared, target, held_out)
-    choice = choose(
-        target,
-        target_facts,
-        task=exported.task,
-        float_metric=float_metric,
-        budget=options.budget,
-        bundle_overhead_bytes=overhead,
-    )
-    if choice.chosen is None:
-        return TargetReport(
-            target_id,
-            ok=False,
-            reason=f"nothing fits {target_id}: {choice.reason()}",
-            rejected=choice.rejected,
-        )
+    choice = choose_variant(target, target_facts, options, exported, float_metric, overhead)
+    if isinstance(choice, TargetReport):
+        return choice
     chosen = choice.chosen
+    assert chosen is not None
     variant = by_name[chosen.name]
     data = _bundle(
         options,
@@ -333,20 +323,7 @@ def _build_target(
         float_metric,
         held_out,
     )
-    ident = bundle_id(data)
-    path = options.out_dir / f"{options.name}-{options.version}-{target_id}.efb"
-    path.write_bytes(data)
-    return TargetReport(
-        target_id,
-        ok=True,
-        variant=chosen.name,
-        bundle=str(path),
-        sha256=ident,
-        bundle_bytes=len(data),
-        model_bytes=len(files[chosen.name]),
-        metric=chosen.metric,
-        rejected=choice.rejected,
-    )
+    return write_chosen(options, choice, data, len(files[chosen.name]))
 
 
 def _overhead(

@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from edgefleet.common import console, fail, literal, print_json, read_file
+from edgefleet.common import JsonFlag, console, fail, literal, print_json, read_file
 
 agent_app = typer.Typer(
     help="The device agent: pull, verify, install, run offline, report late.",
@@ -23,7 +23,6 @@ agent_app = typer.Typer(
 )
 
 _ENV = "EDGEFLEET_AGENT_"
-JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 StateDirOpt = Annotated[
     Path,
     typer.Option(envvar=f"{_ENV}STATE_DIR", help="The agent's state dir (its socket is in it)."),

@@ -11,6 +11,7 @@ import typer
 from rich.table import Table
 
 from edgefleet.common import (
+    JsonFlag,
     bundle_errors,
     console,
     fail,
@@ -36,7 +37,6 @@ from firmware_bundles.signing import parse_json
 
 bundle_app = typer.Typer(help="Pack, sign, inspect and verify model bundles.", no_args_is_help=True)
 
-JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 CatalogueOpt = Annotated[
     Path | None,
     typer.Option(envvar="EDGEFLEET_CATALOGUE", help="Target catalogue TOML (default: built in)."),

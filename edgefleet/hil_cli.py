@@ -21,6 +21,7 @@ from rich.table import Table
 
 from edgefleet.common import (
     EXIT_FAILED,
+    JsonFlag,
     bundle_errors,
     console,
     fail,
@@ -38,7 +39,6 @@ hil_app = typer.Typer(
     no_args_is_help=True,
 )
 
-JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 RootOpt = Annotated[Path, typer.Option(help="Trusted root.json (the devices' root).")]
 
 
