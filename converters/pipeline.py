@@ -46,7 +46,7 @@ class ConvertOptions:
 
     name: str
     version: str
-    targets: list[str]
+    hardware_ids: list[str]
     keys: list[SigningKey]
     out_dir: Path
     created_at: datetime
@@ -67,9 +67,9 @@ def validate_options(options: ConvertOptions) -> None:
         check_semver(options.version)
     except ValueError as exc:
         raise ConverterError(f"--version: {exc}") from None
-    for target in options.targets:
-        options.catalogue.get(target)  # raises CatalogueError naming the known ids
-    if not options.targets:
+    for hardware_id in options.hardware_ids:
+        options.catalogue.get(hardware_id)  # raises CatalogueError naming the known ids
+    if not options.hardware_ids:
         raise ConverterError("no targets given")
     if not options.keys:
         raise ConverterError("no release key given; pass --key")
@@ -119,25 +119,25 @@ def convert(
     shared = _shared_manifest(options, exported, source, train, held_out, calib, calibration_path)
     shared["_float_model"] = variants[0].model
     tflite_set = None
-    if any(options.catalogue.get(t).format == "tflite" for t in options.targets):
+    if any(options.catalogue.get(t).format == "tflite" for t in options.hardware_ids):
         progress("building .tflite variants (onnx2tf) and scoring them in TFLite Micro")
         tflite_set = tflite_variants.make(source, exported, calib.x[:512], held_out)
         reports += tflite_target.variant_reports(tflite_set)
     options.out_dir.mkdir(parents=True, exist_ok=True)
     targets = []
-    for target_id in options.targets:
-        progress(f"fitting {target_id}")
-        if options.catalogue.get(target_id).format == "tflite":
+    for hardware_id in options.hardware_ids:
+        progress(f"fitting {hardware_id}")
+        if options.catalogue.get(hardware_id).format == "tflite":
             assert tflite_set is not None
             targets.append(
                 tflite_target.build_target(
-                    target_id, options, exported, tflite_set, float_metric, shared, held_out
+                    hardware_id, options, exported, tflite_set, float_metric, shared, held_out
                 )
             )
             continue
         targets.append(
             _build_target(
-                target_id, options, exported, variants, facts, float_metric, shared, held_out
+                hardware_id, options, exported, variants, facts, float_metric, shared, held_out
             )
         )
     report = ConvertReport(
@@ -267,7 +267,7 @@ def _shared_manifest(
 
 
 def _build_target(
-    target_id: str,
+    hardware_id: str,
     options: ConvertOptions,
     exported: Exported,
     variants: list[Variant],
@@ -276,7 +276,7 @@ def _build_target(
     shared: dict[str, Any],
     held_out: Dataset,
 ) -> TargetReport:
-    target = options.catalogue.get(target_id)
+    target = options.catalogue.get(hardware_id)
     by_name = {v.name: v for v in variants}
     files: dict[str, bytes] = {}
     target_facts = []

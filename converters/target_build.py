@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from converters.fitting import TargetChoice, VariantFacts, choose
 from converters.onnx_export import Exported
 from converters.reports import TargetReport
-from firmware_bundles import bundle_id
+from firmware_bundles import hash_bundle
 from firmware_bundles.catalogue import DeviceTarget
 
 if TYPE_CHECKING:  # the pipeline imports this module; only its options type is needed here
@@ -38,9 +38,9 @@ def choose_variant(
     choice.rejected.update(unrunnable or {})
     if choice.chosen is None:
         return TargetReport(
-            target.id,
+            target.hardware_id,
             ok=False,
-            reason=f"nothing fits {target.id}: {choice.reason()}",
+            reason=f"nothing fits {target.hardware_id}: {choice.reason()}",
             rejected=choice.rejected,
         )
     return choice
@@ -51,14 +51,14 @@ def write_chosen(
 ) -> TargetReport:
     """Write the bundle ``data`` of the chosen variant to the output folder and report it."""
     assert choice.chosen is not None, "only a chosen variant's bundle is written"
-    path = options.out_dir / f"{options.name}-{options.version}-{choice.target_id}.efb"
+    path = options.out_dir / f"{options.name}-{options.version}-{choice.hardware_id}.efb"
     path.write_bytes(data)
     return TargetReport(
-        choice.target_id,
+        choice.hardware_id,
         ok=True,
         variant=choice.chosen.name,
         bundle=str(path),
-        sha256=bundle_id(data),
+        sha256=hash_bundle(data),
         bundle_bytes=len(data),
         model_bytes=model_bytes,
         metric=choice.chosen.metric,

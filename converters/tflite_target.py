@@ -42,7 +42,7 @@ def variant_reports(tflite_set: tflite_variants.TfliteSet) -> list[VariantReport
 
 
 def build_target(
-    target_id: str,
+    hardware_id: str,
     options: ConvertOptions,
     exported: Exported,
     tflite_set: tflite_variants.TfliteSet,
@@ -51,7 +51,7 @@ def build_target(
     held_out: Dataset,
 ) -> TargetReport:
     """Choose among the ``.tflite`` variants for a TFLM target and write its bundle."""
-    target = options.catalogue.get(target_id)
+    target = options.catalogue.get(hardware_id)
 
     def build(fields: dict[str, Any], files: dict[str, bytes], target: Any, model: bytes) -> bytes:
         return bundling.build_bundle(
@@ -68,7 +68,10 @@ def build_target(
     if not candidates:
         reasons = {v.kind.name: [v.error or "not scored"] for v in tflite_set.variants}
         return TargetReport(
-            target_id, ok=False, reason=f"TFLM ran no .tflite variant: {reasons}", rejected=reasons
+            hardware_id,
+            ok=False,
+            reason=f"TFLM ran no .tflite variant: {reasons}",
+            rejected=reasons,
         )
     overhead = tflite_variants.overhead_bytes(
         shared, exported, tflite_set, float_metric, held_out, build, target

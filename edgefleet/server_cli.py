@@ -14,7 +14,13 @@ from rich.table import Table
 
 from edgefleet.api import Api, api_command
 from edgefleet.common import console, fail, literal, print_json, read_file, write_file
+from edgefleet.renamed import OldTargetOpt, renamed
 
+#: One hardware id an action on a version is limited to (default: every one it has a bundle for).
+OneHardwareOpt = Annotated[
+    str | None,
+    typer.Option(help="Only this hardware id (default: every one it has a bundle for)."),
+]
 DataDirOpt = Annotated[Path, typer.Option(envvar="EDGEFLEET_DATA_DIR", help="Data directory.")]
 DbOpt = Annotated[
     str | None,
@@ -254,10 +260,8 @@ def _on_version(
 def release(
     model: str,
     version: str,
-    target: Annotated[
-        str | None,
-        typer.Option(help="Only this target (default: every target it has a bundle for)."),
-    ] = None,
+    hardware_id: OneHardwareOpt = None,
+    target: OldTargetOpt = None,
     *,
     api: Api,
 ) -> None:
@@ -267,7 +271,7 @@ def release(
         model,
         version,
         "release",
-        {"target": target},
+        {"target": renamed(hardware_id, target, "--hardware-id", "--target")},
         lambda r: f"released for {literal(', '.join(r['released_for']))}",
     )
 
@@ -282,10 +286,7 @@ def withdraw(model: str, version: str, *, api: Api) -> None:
 def confirm(
     model: str,
     version: str,
-    hardware_id: Annotated[
-        str | None,
-        typer.Option(help="Only this hardware id (default: every one it has a bundle for)."),
-    ] = None,
+    hardware_id: OneHardwareOpt = None,
     *,
     api: Api,
 ) -> None:

@@ -467,12 +467,12 @@ class HilCheck(Document):
 
 
 class HilBundleRef(Document):
-    """A bundle a rig ran."""
+    """A bundle a rig ran; ``bundle_sha256`` is ``sha256`` in the signed report."""
 
     name: str
     version: str
     release_counter: int = Field(ge=0)
-    sha256: Sha256
+    bundle_sha256: Sha256 = Field(alias="sha256")
     bytes: int = Field(gt=0)
     targets: list[str]
 
@@ -513,7 +513,7 @@ class HilReport(Document):
             for r in self.runs
             if r.hardware_id == hardware_id
             and r.bundle is not None
-            and r.bundle.sha256 == bundle_sha256
+            and r.bundle.bundle_sha256 == bundle_sha256
         ]
         return bool(runs) and all(r.passed for r in runs)
 

@@ -106,18 +106,18 @@ def device_by_credential(session: Session, credential: str) -> Device | None:
     ).first()
 
 
-def authorise_device(caller: Device, target_id: str, session: Session) -> Device:
-    """The device ``target_id`` if ``caller`` may act for it: itself, or as its paired relay.
+def authorise_device(caller: Device, device_id: str, session: Session) -> Device:
+    """The device ``device_id`` if ``caller`` may act for it: itself, or as its paired relay.
 
     Raises:
         ApiError: 403 otherwise; 404 if it does not exist (only said to its relay).
     """
-    if caller.id == target_id:
+    if caller.id == device_id:
         return caller
-    target = session.get(Device, target_id)
-    if target is None or target.relay_id != caller.id or target.revoked:
-        raise ApiError(403, f"device {caller.id} may not act for device {target_id}")
-    return target
+    device = session.get(Device, device_id)
+    if device is None or device.relay_id != caller.id or device.revoked:
+        raise ApiError(403, f"device {caller.id} may not act for device {device_id}")
+    return device
 
 
 def cohort_devices(session: Session, cohort: Cohort) -> list[str]:

@@ -59,7 +59,7 @@ class Offer:
 
     version: str
     release_counter: int
-    sha256: str | None = None
+    bundle_sha256: str | None = None
     length: int = 0
     firmware_min: str = "0.0.0"
     firmware_below: str | None = None

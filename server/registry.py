@@ -7,7 +7,7 @@ from typing import Any
 
 from sqlmodel import Session, col, select
 
-from firmware_bundles import ArchiveLimits, BundleError, bundle_id, verify
+from firmware_bundles import ArchiveLimits, BundleError, hash_bundle, verify
 from firmware_bundles.errors import CatalogueError
 from firmware_bundles.manifest import semver_key
 from firmware_bundles.messages import HilReport, verify_hil_report
@@ -34,11 +34,11 @@ def publish(*, session: Session, state: ServerState, data: bytes, publisher: str
         raise ApiError(400, "bundle refused: a bundle must name exactly one target")
     target = manifest.targets[0]
     try:
-        state.catalogue.check_fits(manifest, target.target_id, len(data))
+        state.catalogue.check_fits(manifest, target.hardware_id, len(data))
     except CatalogueError as exc:
         raise ApiError(400, f"bundle refused: {exc}") from exc
-    sha = bundle_id(data)
-    existing = session.get(Bundle, sha)
+    bundle_sha256 = hash_bundle(data)
+    existing = session.get(Bundle, bundle_sha256)
     if existing is not None:
         return existing
     now = datetime.now(UTC)
@@ -67,20 +67,22 @@ def publish(*, session: Session, state: ServerState, data: bytes, publisher: str
             f" {version.release_counter}, bundle says {manifest.release_counter}",
         )
     clash = session.exec(
-        select(Bundle).where(Bundle.version_id == version.id, Bundle.target_id == target.target_id)
+        select(Bundle).where(
+            Bundle.version_id == version.id, Bundle.target_id == target.hardware_id
+        )
     ).first()
     if clash is not None:
         raise ApiError(
             409,
             f"{manifest.name} {manifest.version} already has bundle"
-            f" {clash.sha256[:12]} for {target.target_id}; publish a new version",
+            f" {clash.sha256[:12]} for {target.hardware_id}; publish a new version",
         )
     state.blobs.put(data)
     assert version.id is not None
     bundle = Bundle(
-        sha256=sha,
+        sha256=bundle_sha256,
         version_id=version.id,
-        target_id=target.target_id,
+        target_id=target.hardware_id,
         length=len(data),
         format=manifest.runtime.format,
         firmware_min=target.firmware.minimum,
@@ -94,7 +96,7 @@ def publish(*, session: Session, state: ServerState, data: bytes, publisher: str
 
 
 def attach_hil_report(
-    *, session: Session, state: ServerState, sha256: str, data: bytes
+    *, session: Session, state: ServerState, bundle_sha256: str, data: bytes
 ) -> dict[str, Any]:
     """Attach a rig's signed report to a published bundle (replacing an earlier one).
 
@@ -105,29 +107,31 @@ def attach_hil_report(
         ApiError: 404 for an unknown bundle; 400 if the report is not signed by the root's ``hil``
             role or has no run of this bundle on a device of its target.
     """
-    bundle = session.get(Bundle, sha256)
+    bundle = session.get(Bundle, bundle_sha256)
     if bundle is None:
-        raise ApiError(404, f"no bundle {sha256}")
+        raise ApiError(404, f"no bundle {bundle_sha256}")
     report = _verified_report(state, data)
     runs = [
         r
         for r in report.runs
-        if r.bundle is not None and r.bundle.sha256 == sha256 and r.hardware_id == bundle.target_id
+        if r.bundle is not None
+        and r.bundle.bundle_sha256 == bundle_sha256
+        and r.hardware_id == bundle.target_id
     ]
     if not runs:
         raise ApiError(
             400,
-            f"HIL report refused: it has no run of bundle {sha256[:12]} on a"
+            f"HIL report refused: it has no run of bundle {bundle_sha256[:12]} on a"
             f" {bundle.target_id} device",
         )
     bundle.hil_report = data
     session.add(bundle)
     session.commit()
     return {
-        "sha256": sha256,
+        "sha256": bundle_sha256,
         "target_id": bundle.target_id,
         "runs": len(runs),
-        "passed": report.passed_for(sha256, bundle.target_id),
+        "passed": report.passed_for(bundle_sha256, bundle.target_id),
     }
 
 
@@ -172,17 +176,17 @@ def release(
     session: Session,
     model: str,
     version: str,
-    target: str | None,
+    hardware_id: str | None,
     by: str,
     state: ServerState,
 ) -> list[str]:
-    """Make ``version`` current for ``target`` (or every target it has a bundle for).
+    """Make ``version`` current for ``hardware_id`` (or every one it has a bundle for).
 
-    When the server requires HIL reports (``require_hil_report``), every target released must
+    When the server requires HIL reports (``require_hil_report``), every hardware id released must
     have a bundle with a passing rig report attached; otherwise nothing is released.
 
     Returns:
-        The target ids released.
+        The hardware ids released.
 
     Raises:
         ApiError: 404 if unknown, 409 if withdrawn, without a bundle for the target, or held by
@@ -192,35 +196,37 @@ def release(
     if found.withdrawn:
         raise ApiError(409, f"{model} {version} is withdrawn")
     bundles = session.exec(select(Bundle).where(Bundle.version_id == found.id)).all()
-    targets = sorted({b.target_id for b in bundles})
-    if target is not None:
-        if target not in targets:
+    hardware_ids = sorted({b.target_id for b in bundles})
+    if hardware_id is not None:
+        if hardware_id not in hardware_ids:
             raise ApiError(
                 409,
-                f"{model} {version} has no bundle for {target};"
-                f" it has: {', '.join(targets) or 'none'}",
+                f"{model} {version} has no bundle for {hardware_id};"
+                f" it has: {', '.join(hardware_ids) or 'none'}",
             )
-        targets = [target]
-    _refuse_if_owned(session, model, targets, "release")
+        hardware_ids = [hardware_id]
+    _refuse_if_owned(session, model, hardware_ids, "release")
     if state.settings.require_hil_report:
-        by_target = {b.target_id: b for b in bundles}
-        held = {t: why for t in targets if (why := _hil_gate(state, by_target[t])) is not None}
+        by_hardware = {b.target_id: b for b in bundles}
+        held = {
+            h: why for h in hardware_ids if (why := _hil_gate(state, by_hardware[h])) is not None
+        }
         if held:
             raise ApiError(
                 409,
                 f"{model} {version} held by the HIL gate: "
-                + "; ".join(f"{t}: {why}" for t, why in sorted(held.items())),
+                + "; ".join(f"{h}: {why}" for h, why in sorted(held.items())),
             )
     now = datetime.now(UTC)
     assert found.id is not None
-    for t in targets:
+    for h in hardware_ids:
         session.add(
             Release(
-                model_name=model, target_id=t, version_id=found.id, released_at=now, released_by=by
+                model_name=model, target_id=h, version_id=found.id, released_at=now, released_by=by
             )
         )
     session.commit()
-    return targets
+    return hardware_ids
 
 
 def owning_rollout(session: Session, model: str, hardware_ids: list[str]) -> Rollout | None:
@@ -283,11 +289,11 @@ def pin(*, session: Session, device_id: str, model: str, version: str | None) ->
     session.commit()
 
 
-def get_bundle(session: Session, sha256: str) -> Bundle:
+def get_bundle(session: Session, bundle_sha256: str) -> Bundle:
     """Raises: ApiError 404 for an unknown bundle."""
-    bundle = session.get(Bundle, sha256)
+    bundle = session.get(Bundle, bundle_sha256)
     if bundle is None:
-        raise ApiError(404, f"no bundle {sha256}")
+        raise ApiError(404, f"no bundle {bundle_sha256}")
     return bundle
 
 
