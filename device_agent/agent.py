@@ -213,15 +213,13 @@ class Agent:
             ort_version: str | None = metadata.version("onnxruntime")
         except metadata.PackageNotFoundError:
             ort_version = None
-        return CapabilityReport(
-            hardware_id=self._target.hardware_id,
-            generation=self._target.generation,
-            platform=self._target.platform,
-            firmware_version=self.firmware_version,
-            onnxruntime_version=ort_version,
-            free_flash_bytes=self.settings.resolved_free_flash_bytes(self._target),
-            free_ram_bytes=self.settings.resolved_free_ram_bytes(self._target),
-            links=list(self._target.links),
+        target = self._target
+        free = (
+            self.settings.resolved_free_flash_bytes(target),
+            self.settings.resolved_free_ram_bytes(target),
+        )
+        return CapabilityReport.of_target(
+            target, free, self.firmware_version, onnxruntime_version=ort_version
         )
 
     def enroll(self) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field, StringConstraints, field_validator, model_validator
 
@@ -33,6 +33,9 @@ from firmware_bundles.telemetry import (
     MIN_RELATIVE_ACCURACY,
     bin_key_bounds,
 )
+
+if TYPE_CHECKING:  # the catalogue imports the manifest, as this module does
+    from firmware_bundles.catalogue import DeviceTarget
 
 _ID = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 #: A device id, wherever one enters (enrollment, pairing, a URL path): the one rule for ids.
@@ -62,6 +65,30 @@ class CapabilityReport(Document):
     @classmethod
     def _fw(cls, v: str) -> str:
         return check_semver(v)
+
+    @classmethod
+    def of_target(
+        cls,
+        target: DeviceTarget,
+        free_bytes: tuple[int, int],
+        firmware_version: str,
+        links: list[str] | None = None,
+        onnxruntime_version: str | None = None,
+    ) -> CapabilityReport:
+        """A device of catalogue entry ``target`` (its hardware id, generation, platform and, if
+        ``links`` is None, its links) with ``free_bytes``: (flash, RAM)."""
+        return cls.model_validate(
+            {
+                "hardware_id": target.hardware_id,
+                "generation": target.generation,
+                "platform": target.platform,
+                "firmware_version": firmware_version,
+                "onnxruntime_version": onnxruntime_version,
+                "free_flash_bytes": free_bytes[0],
+                "free_ram_bytes": free_bytes[1],
+                "links": list(target.links) if links is None else links,
+            }
+        )
 
 
 #: ``standby``: the previous active bundle, kept intact as the fallback after an activation.

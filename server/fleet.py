@@ -81,13 +81,7 @@ def enroll(
     session.add(
         Device(
             id=device_id,
-            hardware_id=capabilities.hardware_id,
-            generation=capabilities.generation,
-            platform=capabilities.platform,
-            firmware_version=capabilities.firmware_version,
-            onnxruntime_version=capabilities.onnxruntime_version,
-            free_flash_bytes=capabilities.free_flash_bytes,
-            free_ram_bytes=capabilities.free_ram_bytes,
+            **capabilities.model_dump(exclude={"links"}),
             credential_hash=hash_token(credential),
             relay_id=relay_id,
             enrolled_at=now,

@@ -276,14 +276,10 @@ class RingRelay:
         ]
 
     def _capabilities(self, identity: mg.IdentityResponse) -> CapabilityReport:
-        target = self.catalogue.get(identity.hardware_id)
-        return CapabilityReport(
-            hardware_id=identity.hardware_id,
-            generation=target.generation,
-            platform=target.platform,
-            firmware_version=identity.firmware_version,
-            free_flash_bytes=identity.max_bundle_bytes,
-            free_ram_bytes=identity.ram_arena_bytes,
+        return CapabilityReport.of_target(
+            self.catalogue.get(identity.hardware_id),
+            (identity.max_bundle_bytes, identity.ram_arena_bytes),
+            identity.firmware_version,
             links=["ble"],
         )
 
