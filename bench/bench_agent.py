@@ -305,7 +305,7 @@ def agent_predict(
         server_url=str(client.base_url),
         state_dir=work / "agent",
         root_path=data / "root.json",
-        target_id=TARGET,
+        hardware_id=TARGET,
         enroll_token=enroll["token"],
         ort_threads=1,
     )

@@ -136,7 +136,7 @@ def main() -> None:
             ConvertOptions(
                 name=name,
                 version="1.0.0",
-                targets=TARGETS,
+                hardware_ids=TARGETS,
                 keys=[key],
                 out_dir=data / "bundles",
                 created_at=datetime(2026, 1, 1, tzinfo=UTC),

@@ -85,7 +85,7 @@ def seed(url: str, data_dir: Path, devices: int, models: int, assigned: int) -> 
     with Session(state.engine) as session:
         for m in range(models):
             name = f"m{m:02d}"
-            target = "phone-android" if m < assigned else "devboard-rpi4"
+            hardware_id = "phone-android" if m < assigned else "devboard-rpi4"
             platform = (
                 ("phone", "android", "10.0.0") if m < assigned else ("devboard", "rpi4", "1.0.0")
             )
@@ -93,7 +93,7 @@ def seed(url: str, data_dir: Path, devices: int, models: int, assigned: int) -> 
                 name=name,
                 targets=[
                     {
-                        "target_id": target,
+                        "target_id": hardware_id,
                         "generation": platform[0],
                         "platform": platform[1],
                         "firmware": {"minimum": platform[2]},
@@ -109,7 +109,12 @@ def seed(url: str, data_dir: Path, devices: int, models: int, assigned: int) -> 
             if m == 0:  # telemetry.lua reports windows of this bundle (checked against it)
                 (data_dir / "telemetry_bundle.txt").write_text(bundle.sha256)
             release(
-                session=session, model=name, version="1.2.3", target=None, by="bench", state=state
+                session=session,
+                model=name,
+                version="1.2.3",
+                hardware_id=None,
+                by="bench",
+                state=state,
             )
         creds = data_dir / "creds.txt"
         rows, lines = [], []
@@ -148,9 +153,9 @@ def seed(url: str, data_dir: Path, devices: int, models: int, assigned: int) -> 
 
 def wrk(url: str, script: str, creds: Path, duration: int, connections: int) -> tuple[float, int]:
     env = {**os.environ, "EDGEFLEET_BENCH_CREDS": str(creds)}
-    sha = creds.parent / "telemetry_bundle.txt"
-    if sha.exists():
-        env["EDGEFLEET_BENCH_BUNDLE"] = sha.read_text().strip()
+    telemetry_bundle = creds.parent / "telemetry_bundle.txt"
+    if telemetry_bundle.exists():
+        env["EDGEFLEET_BENCH_BUNDLE"] = telemetry_bundle.read_text().strip()
     out = subprocess.run(
         [
             "wrk",

@@ -212,7 +212,7 @@ def _one_thread() -> ort.SessionOptions:
 def target_ref(target: DeviceTarget) -> dict[str, Any]:
     """The manifest's entry for a catalogue target."""
     return {
-        "target_id": target.id,
+        "target_id": target.hardware_id,
         "generation": target.generation,
         "platform": target.platform,
         "firmware": target.firmware.to_dict(),

@@ -72,8 +72,8 @@ class QuantisationError(ConverterError):
 class TargetFitError(ConverterError):
     """No variant fits a target; ``reasons`` maps each variant to why not."""
 
-    def __init__(self, target_id: str, reasons: dict[str, list[str]]) -> None:
-        self.target_id = target_id
+    def __init__(self, hardware_id: str, reasons: dict[str, list[str]]) -> None:
+        self.hardware_id = hardware_id
         self.reasons = reasons
         detail = "; ".join(f"{name}: {', '.join(r)}" for name, r in reasons.items())
-        super().__init__(f"nothing fits {target_id}: {detail}")
+        super().__init__(f"nothing fits {hardware_id}: {detail}")

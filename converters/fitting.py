@@ -49,7 +49,7 @@ class VariantFacts:
 class TargetChoice:
     """The outcome for one target: a chosen variant, or none and why."""
 
-    target_id: str
+    hardware_id: str
     chosen: VariantFacts | None
     rejected: dict[str, list[str]] = field(default_factory=dict)
 
@@ -126,7 +126,7 @@ def choose(
     A variant whose quantisation changed nothing (``same_as_float``) is skipped in favour of the
     float model itself so that nothing is ever called quantised that is not.
     """
-    choice = TargetChoice(target_id=target.id, chosen=None)
+    choice = TargetChoice(hardware_id=target.hardware_id, chosen=None)
     fitting: list[VariantFacts] = []
     for variant in variants:
         if variant.same_as_float:

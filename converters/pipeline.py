@@ -18,13 +18,14 @@ import onnx
 
 from converters import bundling, evaluation, reference, tflite_target, tflite_variants
 from converters.errors import ConverterError, DataError
-from converters.fitting import VariantFacts, choose
+from converters.fitting import VariantFacts
 from converters.input_schema import conform
 from converters.onnx_export import Exported, check_parity, export
 from converters.quantise import Variant, make_variants, op_types
 from converters.reports import ConvertReport, TargetReport, VariantReport
 from converters.sources import Dataset, SourceModel, load_data, load_model
-from firmware_bundles import SigningKey, TargetCatalogue, bundle_id
+from converters.target_build import choose_variant, write_chosen
+from firmware_bundles import SigningKey, TargetCatalogue
 from firmware_bundles.manifest import check_semver
 
 Progress = Callable[[str], None]
@@ -46,7 +47,7 @@ class ConvertOptions:
 
     name: str
     version: str
-    targets: list[str]
+    hardware_ids: list[str]
     keys: list[SigningKey]
     out_dir: Path
     created_at: datetime
@@ -67,9 +68,9 @@ def validate_options(options: ConvertOptions) -> None:
         check_semver(options.version)
     except ValueError as exc:
         raise ConverterError(f"--version: {exc}") from None
-    for target in options.targets:
-        options.catalogue.get(target)  # raises CatalogueError naming the known ids
-    if not options.targets:
+    for hardware_id in options.hardware_ids:
+        options.catalogue.get(hardware_id)  # raises CatalogueError naming the known ids
+    if not options.hardware_ids:
         raise ConverterError("no targets given")
     if not options.keys:
         raise ConverterError("no release key given; pass --key")
@@ -127,25 +128,25 @@ def convert(
     shared = _shared_manifest(options, exported, source, train, held_out, calib, calibration_path)
     shared["_float_model"] = variants[0].model
     tflite_set = None
-    if any(options.catalogue.get(t).format == "tflite" for t in options.targets):
+    if any(options.catalogue.get(t).format == "tflite" for t in options.hardware_ids):
         progress("building .tflite variants (onnx2tf) and scoring them in TFLite Micro")
         tflite_set = tflite_variants.make(source, exported, calib.x[:512], held_out)
         reports += tflite_target.variant_reports(tflite_set)
     options.out_dir.mkdir(parents=True, exist_ok=True)
     targets = []
-    for target_id in options.targets:
-        progress(f"fitting {target_id}")
-        if options.catalogue.get(target_id).format == "tflite":
+    for hardware_id in options.hardware_ids:
+        progress(f"fitting {hardware_id}")
+        if options.catalogue.get(hardware_id).format == "tflite":
             assert tflite_set is not None
             targets.append(
                 tflite_target.build_target(
-                    target_id, options, exported, tflite_set, float_metric, shared, held_out
+                    hardware_id, options, exported, tflite_set, float_metric, shared, held_out
                 )
             )
             continue
         targets.append(
             _build_target(
-                target_id, options, exported, variants, facts, float_metric, shared, held_out
+                hardware_id, options, exported, variants, facts, float_metric, shared, held_out
             )
         )
     report = ConvertReport(
@@ -277,7 +278,7 @@ def _shared_manifest(
 
 
 def _build_target(
-    target_id: str,
+    hardware_id: str,
     options: ConvertOptions,
     exported: Exported,
     variants: list[Variant],
@@ -286,7 +287,7 @@ def _build_target(
     shared: dict[str, Any],
     held_out: Dataset,
 ) -> TargetReport:
-    target = options.catalogue.get(target_id)
+    target = options.catalogue.get(hardware_id)
     by_name = {v.name: v for v in variants}
     files: dict[str, bytes] = {}
     target_facts = []
@@ -316,22 +317,11 @@ def _build_target(
             )
         )
     overhead = _overhead(options, exported, shared, target, held_out)
-    choice = choose(
-        target,
-        target_facts,
-        task=exported.task,
-        float_metric=float_metric,
-        budget=options.budget,
-        bundle_overhead_bytes=overhead,
-    )
-    if choice.chosen is None:
-        return TargetReport(
-            target_id,
-            ok=False,
-            reason=f"nothing fits {target_id}: {choice.reason()}",
-            rejected=choice.rejected,
-        )
+    choice = choose_variant(target, target_facts, options, exported, float_metric, overhead)
+    if isinstance(choice, TargetReport):
+        return choice
     chosen = choice.chosen
+    assert chosen is not None
     variant = by_name[chosen.name]
     data = _bundle(
         options,
@@ -344,20 +334,7 @@ def _build_target(
         float_metric,
         held_out,
     )
-    ident = bundle_id(data)
-    path = options.out_dir / f"{options.name}-{options.version}-{target_id}.efb"
-    path.write_bytes(data)
-    return TargetReport(
-        target_id,
-        ok=True,
-        variant=chosen.name,
-        bundle=str(path),
-        sha256=ident,
-        bundle_bytes=len(data),
-        model_bytes=len(files[chosen.name]),
-        metric=chosen.metric,
-        rejected=choice.rejected,
-    )
+    return write_chosen(options, choice, data, len(files[chosen.name]))
 
 
 def _overhead(

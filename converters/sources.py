@@ -73,7 +73,7 @@ def load_model(path: Path) -> SourceModel:
     if not path.is_file():
         raise ModelLoadError(f"model file {path} does not exist")
     suffix = path.suffix.lower()
-    sha = file_sha256(path)
+    sha256 = file_sha256(path)
     attempts: list[tuple[ModelKind, Any]] = []
     if suffix == ".onnx":
         attempts = [("onnx", _load_onnx)]
@@ -90,7 +90,7 @@ def load_model(path: Path) -> SourceModel:
     problems = []
     for kind, loader in attempts:
         try:
-            return SourceModel(kind=kind, obj=loader(path), path=path, sha256=sha)
+            return SourceModel(kind=kind, obj=loader(path), path=path, sha256=sha256)
         except ModelLoadError as exc:
             problems.append(f"as {kind}: {exc}")
     raise ModelLoadError(f"{path} is not a model we can read (" + "; ".join(problems) + ")")

@@ -9,11 +9,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from converters import bundling, tflite_variants
-from converters.fitting import choose
 from converters.onnx_export import Exported
 from converters.reports import TargetReport, VariantReport
 from converters.sources import Dataset
-from firmware_bundles import bundle_id
+from converters.target_build import choose_variant, write_chosen
 
 if TYPE_CHECKING:  # the pipeline imports this module; only its options type is needed here
     from converters.pipeline import ConvertOptions
@@ -43,7 +42,7 @@ def variant_reports(tflite_set: tflite_variants.TfliteSet) -> list[VariantReport
 
 
 def build_target(
-    target_id: str,
+    hardware_id: str,
     options: ConvertOptions,
     exported: Exported,
     tflite_set: tflite_variants.TfliteSet,
@@ -52,7 +51,7 @@ def build_target(
     held_out: Dataset,
 ) -> TargetReport:
     """Choose among the ``.tflite`` variants for a TFLM target and write its bundle."""
-    target = options.catalogue.get(target_id)
+    target = options.catalogue.get(hardware_id)
 
     def build(fields: dict[str, Any], files: dict[str, bytes], target: Any, model: bytes) -> bytes:
         return bundling.build_bundle(
@@ -69,44 +68,26 @@ def build_target(
     if not candidates:
         reasons = {v.kind.name: [v.error or "not scored"] for v in tflite_set.variants}
         return TargetReport(
-            target_id, ok=False, reason=f"TFLM ran no .tflite variant: {reasons}", rejected=reasons
+            hardware_id,
+            ok=False,
+            reason=f"TFLM ran no .tflite variant: {reasons}",
+            rejected=reasons,
         )
     overhead = tflite_variants.overhead_bytes(
         shared, exported, tflite_set, float_metric, held_out, build, target
     )
-    choice = choose(
-        target,
-        candidates,
-        task=exported.task,
-        float_metric=float_metric,
-        budget=options.budget,
-        bundle_overhead_bytes=overhead,
+    unrunnable = {
+        v.kind.name: [f"TFLM cannot run it: {v.error}"] for v in tflite_set.variants if v.error
+    }
+    choice = choose_variant(
+        target, candidates, options, exported, float_metric, overhead, unrunnable
     )
-    for v in tflite_set.variants:
-        if v.error:
-            choice.rejected[v.kind.name] = [f"TFLM cannot run it: {v.error}"]
-    if choice.chosen is None:
-        return TargetReport(
-            target_id,
-            ok=False,
-            reason=f"nothing fits {target_id}: {choice.reason()}",
-            rejected=choice.rejected,
-        )
+    if isinstance(choice, TargetReport):
+        return choice
+    assert choice.chosen is not None
     variant = tflite_variants.by_name(tflite_set, choice.chosen.name)
     fields, files = tflite_variants.manifest_fields(
         shared, exported, tflite_set, variant, float_metric, held_out
     )
     data = build(fields, files, target, variant.model)
-    path = options.out_dir / f"{options.name}-{options.version}-{target_id}.efb"
-    path.write_bytes(data)
-    return TargetReport(
-        target_id,
-        ok=True,
-        variant=variant.kind.name,
-        bundle=str(path),
-        sha256=bundle_id(data),
-        bundle_bytes=len(data),
-        model_bytes=len(variant.model),
-        metric=choice.chosen.metric,
-        rejected=choice.rejected,
-    )
+    return write_chosen(options, choice, data, len(variant.model))

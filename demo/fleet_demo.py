@@ -152,7 +152,7 @@ def run_fleet(
             str(data_dir / "root.json"),
             "--state-dir",
             str(state),
-            "--target",
+            "--hardware-id",
             "phone-android",
             "--check-in-interval-s",
             "1",

@@ -234,7 +234,9 @@ def main() -> None:
 
     step("5. Inspect and verify, for the phone it will go to")
     edgefleet("bundle", "inspect", "digits.efb")
-    edgefleet("bundle", "verify", "digits.efb", "--root", "root.json", "--target", "phone-android")
+    edgefleet(
+        "bundle", "verify", "digits.efb", "--root", "root.json", "--hardware-id", "phone-android"
+    )
 
     step("6. Pack again: byte-identical (deterministic archive, no clock read)")
     pack("again.efb", "keys/release1.pem", "keys/release2.pem")
@@ -254,7 +256,7 @@ def main() -> None:
         "digits.efb",
         "--root",
         "root.json",
-        "--target",
+        "--hardware-id",
         "ring-gen4",
         check=False,
     )
@@ -309,7 +311,7 @@ def main() -> None:
             f"{name}-demo",
             "--version",
             "1.0.0",
-            "--targets",
+            "--hardware-ids",
             "ring-gen3,phone-android,devboard-rpi4",
             "--train",
             str(data / "train.npz"),
@@ -339,7 +341,7 @@ def main() -> None:
         "bundles/wearable/wearable-demo-1.0.0-ring-gen3.efb",
         "--root",
         "root.json",
-        "--target",
+        "--hardware-id",
         "ring-gen3",
     )
 

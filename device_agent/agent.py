@@ -159,7 +159,7 @@ class Agent:
                     f" not {self.settings.device_id}"
                 )
             return stored
-        device_id = self.settings.device_id or f"{self._target.id}-{uuid.uuid4().hex[:16]}"
+        device_id = self.settings.device_id or f"{self._target.hardware_id}-{uuid.uuid4().hex[:16]}"
         write_atomic(path, f"{device_id}\n".encode())
         return device_id
 
@@ -213,15 +213,13 @@ class Agent:
             ort_version: str | None = metadata.version("onnxruntime")
         except metadata.PackageNotFoundError:
             ort_version = None
-        return CapabilityReport(
-            hardware_id=self._target.id,
-            generation=self._target.generation,
-            platform=self._target.platform,
-            firmware_version=self.firmware_version,
-            onnxruntime_version=ort_version,
-            free_flash_bytes=self.settings.resolved_free_flash_bytes(self._target),
-            free_ram_bytes=self.settings.resolved_free_ram_bytes(self._target),
-            links=list(self._target.links),
+        target = self._target
+        free = (
+            self.settings.resolved_free_flash_bytes(target),
+            self.settings.resolved_free_ram_bytes(target),
+        )
+        return CapabilityReport.of_target(
+            target, free, self.firmware_version, onnxruntime_version=ort_version
         )
 
     def enroll(self) -> str:
@@ -268,7 +266,7 @@ class Agent:
                     {
                         "model": model,
                         "version": active.version if active else None,
-                        "bundle_sha256": active.sha256 if active else None,
+                        "bundle_sha256": active.bundle_sha256 if active else None,
                         "release_counter": active.release_counter if active else 0,
                         "active_slot": record.active,
                         "slots": {s: e.get("status", "empty") for s, e in record.slots.items()},
@@ -327,7 +325,7 @@ class Agent:
         verified = self._trusted.verify_assignments(
             answer,
             device_id=self._device_id,
-            hardware_id=self._target.id,
+            hardware_id=self._target.hardware_id,
             nonce=nonce,
             now=self._clock(),
         )
@@ -367,8 +365,8 @@ class Agent:
             previous = self._active.pop(model, None)
             if isinstance(activated.loaded, LoadedModel):
                 self._active[model] = activated.loaded
-        if previous is not None and previous.key != activated.info.sha256:
-            self._runtime.unload(previous.key)
+        if previous is not None and previous.bundle_sha256 != activated.info.bundle_sha256:
+            self._runtime.unload(previous.bundle_sha256)
 
     def _selftest_failed(self, assignment: Assignment) -> None:
         self._runtime.unload(assignment.bundle_sha256)
@@ -470,18 +468,18 @@ class Agent:
             info = self._slots.active(model)
         except InstallError:
             info = None
-        if info is None or info.sha256 is None:
+        if info is None or info.bundle_sha256 is None:
             raise UnknownModelError(model, self.models())
         try:
             data = info.path.read_bytes()
-            contents = open_bundle(data, with_id=True)
+            contents = open_bundle(data, with_bundle_sha256=True)
         except (OSError, BundleError) as exc:
             raise InstallError(f"active bundle of {model} is unreadable: {exc}", model) from exc
-        if contents.id != info.sha256:
+        if contents.bundle_sha256 != info.bundle_sha256:
             raise InstallError(f"active bundle of {model} does not match its record", model)
         manifest = contents.manifest
         return self._runtime.load(
-            info.sha256, manifest, bytes(contents.files[manifest.runtime.model_file])
+            info.bundle_sha256, manifest, bytes(contents.files[manifest.runtime.model_file])
         )
 
     def predict(self, model: str, inputs: Any) -> dict[str, np.ndarray]:
@@ -515,7 +513,7 @@ class Agent:
             models.setdefault(model, {"model": model, "active_slot": None, "waiting": reason})
         return {
             "device_id": self._device_id,
-            "target_id": self._target.id,
+            "target_id": self._target.hardware_id,
             "enrolled": self._client.credential() is not None,
             "firmware_version": self.firmware_version,
             "root_version": self._trusted.root_version,

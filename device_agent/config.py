@@ -1,7 +1,7 @@
 """The agent's typed settings (env prefix ``EDGEFLEET_AGENT_``) and the device's conditions.
 
 Every limit lives here with its unit in the name; defaults that depend on the device's hardware
-come from the target catalogue entry of ``target_id``.
+come from the target catalogue entry of ``hardware_id``.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ class AgentSettings(BaseSettings):
     """How one agent runs: where its server, root and state are, and every limit it keeps.
 
     ``firmware_version``, ``free_flash_bytes`` and ``free_ram_bytes`` default from the catalogue
-    entry of ``target_id`` (the firmware minimum, twice the bundle budget, the RAM arena).
+    entry of ``hardware_id`` (the firmware minimum, twice the bundle budget, the RAM arena).
     """
 
     model_config = SettingsConfigDict(env_prefix="EDGEFLEET_AGENT_", extra="forbid")
@@ -37,7 +37,7 @@ class AgentSettings(BaseSettings):
     server_url: str
     state_dir: Path
     root_path: Path
-    target_id: str
+    hardware_id: str
     enroll_token: str | None = None
     device_id: str | None = None
     firmware_version: str | None = None
@@ -84,13 +84,13 @@ class AgentSettings(BaseSettings):
         return self
 
     def target(self, catalogue: TargetCatalogue | None = None) -> DeviceTarget:
-        """The catalogue entry of ``target_id``.
+        """The catalogue entry of ``hardware_id``.
 
         Raises:
             ConfigError: If the catalogue has no such target.
         """
         try:
-            return (catalogue or TargetCatalogue.load_default()).get(self.target_id)
+            return (catalogue or TargetCatalogue.load_default()).get(self.hardware_id)
         except BundleError as exc:
             raise ConfigError(str(exc)) from exc
 

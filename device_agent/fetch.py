@@ -1,8 +1,8 @@
 """Resumable bundle downloads: HTTP Range across restarts, stall timer, deadline, length cap.
 
-The partial file ``<partial_dir>/<sha256>.part`` is the persisted state: its size is the offset
-the next attempt (in this process or after a restart) asks for with ``Range: bytes=N-``. Nothing
-here decides trust; the caller hands the bytes to :class:`device_agent.trust.TrustedState`.
+The partial file ``<partial_dir>/<bundle_sha256>.part`` is the persisted state: its size is the
+offset the next attempt (in this process or after a restart) asks for with ``Range: bytes=N-``.
+Nothing here decides trust; the caller hands the bytes to :class:`device_agent.trust.TrustedState`.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from device_agent.errors import (
 from device_agent.fsutil import fsync_dir
 
 
-def partial_path(partial_dir: Path, sha256: str) -> Path:
-    """Where the partial download of bundle ``sha256`` lives."""
-    return partial_dir / f"{sha256}.part"
+def partial_path(partial_dir: Path, bundle_sha256: str) -> Path:
+    """Where the partial download of bundle ``bundle_sha256`` lives."""
+    return partial_dir / f"{bundle_sha256}.part"
 
 
 def partial_bundles(partial_dir: Path) -> dict[str, int]:
@@ -40,10 +40,10 @@ def partial_bundles(partial_dir: Path) -> dict[str, int]:
     return {p.name[: -len(".part")]: p.stat().st_size for p in partial_dir.glob("*.part")}
 
 
-def discard_partial(partial_dir: Path, sha256: str) -> None:
-    """Remove the partial download of ``sha256``, if any."""
+def discard_partial(partial_dir: Path, bundle_sha256: str) -> None:
+    """Remove the partial download of ``bundle_sha256``, if any."""
     with contextlib.suppress(FileNotFoundError):
-        partial_path(partial_dir, sha256).unlink()
+        partial_path(partial_dir, bundle_sha256).unlink()
 
 
 class BundleFetcher:
@@ -77,7 +77,7 @@ class BundleFetcher:
     def fetch(
         self,
         url: str,
-        sha256: str,
+        bundle_sha256: str,
         length: int,
         partial_dir: Path,
         *,
@@ -108,15 +108,17 @@ class BundleFetcher:
         while True:
             attempt += 1
             try:
-                return self._attempt(url, sha256, length, partial_dir, headers or {}, deadline)
+                return self._attempt(
+                    url, bundle_sha256, length, partial_dir, headers or {}, deadline
+                )
             except (OversizeError, NotOfferedError):
-                discard_partial(partial_dir, sha256)
+                discard_partial(partial_dir, bundle_sha256)
                 raise
             except (DownloadError, ServerError) as exc:
                 if isinstance(exc, ResumeRefused):
-                    discard_partial(partial_dir, sha256)
+                    discard_partial(partial_dir, bundle_sha256)
                 if isinstance(exc, StallError):
-                    exc.received_bytes = self._on_disk(partial_dir, sha256)
+                    exc.received_bytes = self._on_disk(partial_dir, bundle_sha256)
                 left_s = deadline - self._monotonic()
                 if not exc.retryable or attempt >= self.settings.max_download_attempts:
                     raise
@@ -125,30 +127,30 @@ class BundleFetcher:
                         f"download of {url} would pass its {self.settings.download_deadline_s}"
                         " s deadline before the next attempt",
                         url,
-                        self._on_disk(partial_dir, sha256),
+                        self._on_disk(partial_dir, bundle_sha256),
                     ) from exc
                 self._sleep(delay)
                 delay = min(delay * 2, self.settings.backoff_max_s)
 
-    def _on_disk(self, partial_dir: Path, sha256: str) -> int:
+    def _on_disk(self, partial_dir: Path, bundle_sha256: str) -> int:
         try:
-            return partial_path(partial_dir, sha256).stat().st_size
+            return partial_path(partial_dir, bundle_sha256).stat().st_size
         except FileNotFoundError:
             return 0
 
     def _attempt(
         self,
         url: str,
-        sha256: str,
+        bundle_sha256: str,
         length: int,
         partial_dir: Path,
         headers: Mapping[str, str],
         deadline: float,
     ) -> bytes:
-        path = partial_path(partial_dir, sha256)
-        offset = self._on_disk(partial_dir, sha256)
+        path = partial_path(partial_dir, bundle_sha256)
+        offset = self._on_disk(partial_dir, bundle_sha256)
         if offset > length:
-            discard_partial(partial_dir, sha256)
+            discard_partial(partial_dir, bundle_sha256)
             offset = 0
         if offset == length:
             return path.read_bytes()

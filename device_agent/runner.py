@@ -142,7 +142,7 @@ class Runner:
         self.log(
             "started",
             device_id=self.agent.device_id,
-            target_id=self.settings.target_id,
+            hardware_id=self.settings.hardware_id,
             server=self.settings.server_url,
             socket=socket_path(self.settings.state_dir),
         )

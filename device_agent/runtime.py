@@ -159,11 +159,13 @@ class LoadedModel:
     adds to a set of accepted shapes.
     """
 
-    def __init__(self, key: str, manifest: Manifest, session: ort.InferenceSession) -> None:
-        self.key = key
+    def __init__(
+        self, bundle_sha256: str, manifest: Manifest, session: ort.InferenceSession
+    ) -> None:
+        self.bundle_sha256 = bundle_sha256
         self.manifest = manifest
         self.name = manifest.name
-        self.identity = ModelIdentity(manifest.name, manifest.version, key)
+        self.identity = ModelIdentity(manifest.name, manifest.version, bundle_sha256)
         self.session = session
         self._checks = [_InputCheck(manifest.name, spec) for spec in manifest.inputs]
         self._by_name = {check.name: check for check in self._checks}
@@ -319,15 +321,15 @@ class ModelRuntime:
         self._models: dict[str, LoadedModel] = {}
         self._lock = threading.Lock()
 
-    def load(self, key: str, manifest: Manifest, model_bytes: bytes) -> LoadedModel:
-        """The model of bundle ``key``, from the cache or from ``model_bytes``.
+    def load(self, bundle_sha256: str, manifest: Manifest, model_bytes: bytes) -> LoadedModel:
+        """The model of bundle ``bundle_sha256``, from the cache or from ``model_bytes``.
 
         Raises:
             InstallError: If ONNX Runtime cannot load the model, or its graph's inputs and
                 outputs disagree with the manifest.
         """
         with self._lock:
-            cached = self._models.get(key)
+            cached = self._models.get(bundle_sha256)
             if cached is not None:
                 return cached
         options = ort.SessionOptions()
@@ -343,18 +345,18 @@ class ModelRuntime:
                 manifest.name,
             ) from exc
         _check_graph_matches(manifest, session)
-        model = LoadedModel(key, manifest, session)
+        model = LoadedModel(bundle_sha256, manifest, session)
         with self._lock:
-            return self._models.setdefault(key, model)
+            return self._models.setdefault(bundle_sha256, model)
 
-    def get(self, key: str) -> LoadedModel | None:
-        """The loaded model of bundle ``key``, if any."""
-        return self._models.get(key)
+    def get(self, bundle_sha256: str) -> LoadedModel | None:
+        """The loaded model of bundle ``bundle_sha256``, if any."""
+        return self._models.get(bundle_sha256)
 
-    def unload(self, key: str) -> None:
-        """Forget bundle ``key``'s session (after its slot was replaced)."""
+    def unload(self, bundle_sha256: str) -> None:
+        """Forget bundle ``bundle_sha256``'s session (after its slot was replaced)."""
         with self._lock:
-            self._models.pop(key, None)
+            self._models.pop(bundle_sha256, None)
 
     def keys(self) -> list[str]:
         """Bundle hashes with a session."""

@@ -44,7 +44,7 @@ class SlotInfo:
     path: Path
     status: str
     version: str | None = None
-    sha256: str | None = None
+    bundle_sha256: str | None = None
     release_counter: int = 0
     length: int = 0
 
@@ -142,7 +142,7 @@ class SlotStore:
             path=self.bundle_path(model, slot),
             status=str(entry.get("status", "empty")),
             version=entry.get("version"),
-            sha256=entry.get("sha256"),
+            bundle_sha256=entry.get("sha256"),
             release_counter=int(entry.get("release_counter", 0)),
             length=int(entry.get("length", 0)),
         )
@@ -163,14 +163,14 @@ class SlotStore:
         active = self.record(model).active
         return "b" if active == "a" else "a"
 
-    def find(self, model: str, sha256: str) -> SlotInfo | None:
-        """A slot holding bundle ``sha256`` intact (active or standby), if any."""
+    def find(self, model: str, bundle_sha256: str) -> SlotInfo | None:
+        """A slot holding bundle ``bundle_sha256`` intact (active or standby), if any."""
         record = self.record(model)
         for name in SLOT_NAMES:
             entry = record.slots.get(name, {})
             info = self._info(model, name, entry)
             if (
-                info.sha256 == sha256
+                info.bundle_sha256 == bundle_sha256
                 and info.status in ("active", "standby")
                 and info.path.is_file()
                 and info.path.stat().st_size == info.length
@@ -183,7 +183,7 @@ class SlotStore:
         model: str,
         slot: SlotName,
         *,
-        sha256: str,
+        bundle_sha256: str,
         version: str,
         release_counter: int,
         length: int,
@@ -194,7 +194,7 @@ class SlotStore:
             raise InstallError(f"refusing to overwrite the active slot {slot} of {model}", model)
         record.slots[slot] = {
             "status": "installing",
-            "sha256": sha256,
+            "sha256": bundle_sha256,
             "version": version,
             "release_counter": release_counter,
             "length": length,
@@ -268,32 +268,37 @@ class SlotStore:
             record.trial = None
         record.last_install = outcome
         record.last_error = error
-        sha = entry.get("sha256")
-        if isinstance(sha, str):
-            record.failed[sha] = outcome
-            record.interrupted.pop(sha, None)
+        bundle_sha256 = entry.get("sha256")
+        if isinstance(bundle_sha256, str):
+            record.failed[bundle_sha256] = outcome
+            record.interrupted.pop(bundle_sha256, None)
         self.save(model, record)
 
     def note_failure(
-        self, model: str, outcome: InstallOutcome | None, error: str, *, sha256: str | None = None
+        self,
+        model: str,
+        outcome: InstallOutcome | None,
+        error: str,
+        *,
+        bundle_sha256: str | None = None,
     ) -> None:
         """Record an install that failed outside a self-test (download, verification, disk);
-        with ``sha256``, that bundle is not fetched again while it stays assigned."""
+        with ``bundle_sha256``, that bundle is not fetched again while it stays assigned."""
         record = self.record(model)
         if outcome is not None:
             record.last_install = outcome
         record.last_error = error
-        if sha256 is not None:
-            record.failed[sha256] = outcome or "failed"
+        if bundle_sha256 is not None:
+            record.failed[bundle_sha256] = outcome or "failed"
         self.save(model, record)
 
     def forget_failures(self, model: str, keep: set[str]) -> None:
         """Drop failed-bundle marks except ``keep`` (the SHA-256s still assigned)."""
         record = self.record(model)
-        stale = [sha for sha in record.failed if sha not in keep]
+        stale = [h for h in record.failed if h not in keep]
         if stale:
-            for sha in stale:
-                del record.failed[sha]
+            for bundle_sha256 in stale:
+                del record.failed[bundle_sha256]
             self.save(model, record)
 
     def recover(self) -> list[tuple[str, str, int]]:
@@ -305,7 +310,7 @@ class SlotStore:
         falls back to an intact standby slot.
 
         Returns:
-            ``(model, sha256, times interrupted)`` for each trial reverted.
+            ``(model, bundle_sha256, times interrupted)`` for each trial reverted.
         """
         reverted: list[tuple[str, str, int]] = []
         for model in self.models():
@@ -313,19 +318,19 @@ class SlotStore:
             changed = False
             if record.trial is not None:
                 entry = record.slots.get(record.trial, {})
-                sha = str(entry.get("sha256"))
+                bundle_sha256 = str(entry.get("sha256"))
                 # A standby put back on trial was never rewritten: still a good fallback.
                 intact = entry.pop("switch_back", False) and self._intact(
                     model, record, record.trial
                 )
                 entry["status"] = "standby" if intact else "reverted"
-                record.interrupted[sha] = record.interrupted.get(sha, 0) + 1
+                record.interrupted[bundle_sha256] = record.interrupted.get(bundle_sha256, 0) + 1
                 record.last_install = None
                 record.last_error = (
                     f"install of {entry.get('version')} interrupted during self-test;"
                     " reverted to the previous slot"
                 )
-                reverted.append((model, sha, record.interrupted[sha]))
+                reverted.append((model, bundle_sha256, record.interrupted[bundle_sha256]))
                 record.trial = None
                 changed = True
             for name in SLOT_NAMES:

@@ -117,7 +117,7 @@ class Recorder:
             InputError: If the inputs do not match the schema (counted as an error).
             InferenceError: If ONNX Runtime fails (counted as an error).
         """
-        tape = self._tapes.get(model.key) or self._tape(model)
+        tape = self._tapes.get(model.bundle_sha256) or self._tape(model)
         try:
             feed = model.check(inputs)
             start = perf_counter_ns()
@@ -152,7 +152,7 @@ class Recorder:
         Raises:
             InputError: If ``inputs`` do not match the model's schema.
         """
-        tape = self._tapes.get(model.key) or self._tape(model)
+        tape = self._tapes.get(model.bundle_sha256) or self._tape(model)
         if error or outputs is None:
             self._error(tape, model)
             return
@@ -166,23 +166,23 @@ class Recorder:
 
     def _tape(self, model: LoadedModel) -> InferenceTape:
         with self._lock:
-            tape = self._tapes.get(model.key)
+            tape = self._tapes.get(model.bundle_sha256)
             if tape is None:
                 # Once per tape (a process's first call of a version, or after it idled): the
                 # version is remembered, so its late labels find its bundle after a switch. A
                 # failing disk must not stop predictions; its labels are then refused instead.
                 with contextlib.suppress(OutboxError):
                     self.outbox.remember_version(_ran(model))
-                tape = self._tapes[model.key] = InferenceTape(model, self.flush_every)
+                tape = self._tapes[model.bundle_sha256] = InferenceTape(model, self.flush_every)
             return tape
 
     def _revive(self, tape: InferenceTape, model: LoadedModel) -> InferenceTape:
         """The live tape of ``model``, for a caller that picked up ``tape`` just before a flush
         released it (so the call is not recorded into a tape nobody drains). Under the lock."""
-        live = self._tapes.get(model.key)
+        live = self._tapes.get(model.bundle_sha256)
         if live is None:
             tape.released, tape.idle_flushes = False, 0
-            live = self._tapes[model.key] = tape
+            live = self._tapes[model.bundle_sha256] = tape
         return live
 
     def _error(self, tape: InferenceTape, model: LoadedModel) -> None:

@@ -230,7 +230,7 @@ class TrustedState:
         self,
         data: bytes,
         assignment: Assignment,
-        target_id: str,
+        hardware_id: str,
         *,
         firmware_version: str | None = None,
         now: datetime | None = None,
@@ -240,7 +240,7 @@ class TrustedState:
         Checks the bytes' length and SHA-256 against the assignment, the release signature
         threshold over the manifest, every file's hash and length, that the manifest's name,
         version and release counter are the assignment's (no mix-and-match), that the bundle is
-        built for ``target_id`` and fits it in the catalogue, and that ``firmware_version`` is in
+        built for ``hardware_id`` and fits it in the catalogue, and that ``firmware_version`` is in
         the bundle's firmware range.
 
         Raises:
@@ -269,7 +269,7 @@ class TrustedState:
                 data,
                 self._trusted.root,
                 limits=ArchiveLimits(max_total_bytes=max(len(data), 1)),
-                target_id=target_id,
+                hardware_id=hardware_id,
                 catalogue=self._catalogue,
             )
         except BundleError as exc:
@@ -292,7 +292,7 @@ class TrustedState:
                 f" {model}",
                 model,
             )
-        target = manifest.target(target_id)
+        target = manifest.target(hardware_id)
         if (
             firmware_version is not None
             and target is not None

@@ -78,7 +78,7 @@ class InstallReport:
         action: ``current`` (already active), ``installed``, ``waiting`` (download conditions
             unmet), ``skipped`` (this bundle failed before and is still assigned), ``failed``.
         version: The assigned version.
-        sha256: The assigned bundle.
+        bundle_sha256: The assigned bundle.
         detail: Why, in words.
         error: The error behind a ``failed``, if any.
     """
@@ -86,7 +86,7 @@ class InstallReport:
     model: str
     action: InstallAction
     version: str | None = None
-    sha256: str | None = None
+    bundle_sha256: str | None = None
     detail: str = ""
     error: AgentError | None = field(default=None, compare=False)
 
@@ -208,9 +208,9 @@ class Updater:
             The SHA-256 of each partial dropped.
         """
         wanted = set(assigned.values())
-        dropped = [sha for sha in partial_bundles(self.partial_dir) if sha not in wanted]
-        for sha in dropped:
-            discard_partial(self.partial_dir, sha)
+        dropped = [h for h in partial_bundles(self.partial_dir) if h not in wanted]
+        for bundle_sha256 in dropped:
+            discard_partial(self.partial_dir, bundle_sha256)
         for model in self.slots.models():
             self.slots.forget_failures(model, {assigned[model]} if model in assigned else set())
         return dropped
@@ -219,13 +219,13 @@ class Updater:
         """After :meth:`SlotStore.recover`: a bundle whose self-test a crash interrupted
         ``max_interrupted_installs`` times is marked failed, so a model that kills the process
         in its self-test cannot loop forever."""
-        for model, sha, count in reverted:
+        for model, bundle_sha256, count in reverted:
             if count >= self.settings.max_interrupted_installs:
                 self.slots.note_failure(
                     model,
                     "self-test-failed",
-                    f"self-test of {sha[:12]} was interrupted {count} times; not retried",
-                    sha256=sha,
+                    f"self-test of {bundle_sha256[:12]} was interrupted {count} times; not retried",
+                    bundle_sha256=bundle_sha256,
                 )
 
     # -- one assignment ---------------------------------------------------------------------
@@ -242,21 +242,22 @@ class Updater:
             ServerUnreachable: If the server went away during the download (the partial stays
                 for the next round).
         """
-        model, sha = assignment.model, assignment.bundle_sha256
-        report = InstallReport(model, "current", assignment.version, sha)
+        model, bundle_sha256 = assignment.model, assignment.bundle_sha256
+        report = InstallReport(model, "current", assignment.version, bundle_sha256)
         active = self.slots.active(model)
-        if active is not None and active.sha256 == sha:
+        if active is not None and active.bundle_sha256 == bundle_sha256:
             report.detail = f"{assignment.version} is active"
             return report
         record = self.slots.record(model)
-        if sha in record.failed:
+        if bundle_sha256 in record.failed:
             report.action = "skipped"
             report.detail = (
-                f"{assignment.version} ({sha[:12]}) failed before ({record.failed[sha]});"
+                f"{assignment.version} ({bundle_sha256[:12]}) failed before"
+                f" ({record.failed[bundle_sha256]});"
                 " not fetched again until the server assigns another bundle"
             )
             return report
-        local = self.slots.find(model, sha)
+        local = self.slots.find(model, bundle_sha256)
         if local is None:
             waiting = self._unmet_conditions()
             if waiting is not None:
@@ -266,8 +267,8 @@ class Updater:
         try:
             bundle, data = self._obtain(assignment, local, base_url, headers)
         except TrustError as exc:
-            discard_partial(self.partial_dir, sha)
-            self.slots.note_failure(model, "verify-failed", str(exc), sha256=sha)
+            discard_partial(self.partial_dir, bundle_sha256)
+            self.slots.note_failure(model, "verify-failed", str(exc), bundle_sha256=bundle_sha256)
             return self._failed(report, exc)
         except ServerUnreachable:
             raise
@@ -285,7 +286,7 @@ class Updater:
             with contextlib.suppress(OSError, InstallError):
                 self.slots.note_failure(model, None, str(exc))
             return self._failed(report, exc)
-        discard_partial(self.partial_dir, sha)
+        discard_partial(self.partial_dir, bundle_sha256)
         self.on_activated(activated)
         report.action = "installed"
         report.detail = f"{assignment.version} active in slot {activated.info.slot}"
@@ -361,7 +362,7 @@ class Updater:
         return self.trusted.verify_bundle(
             data,
             assignment,
-            self.settings.target_id,
+            self.settings.hardware_id,
             firmware_version=self.firmware_version,
             now=now,
         )
@@ -391,7 +392,7 @@ class Updater:
         self.slots.begin_install(
             model,
             slot,
-            sha256=assignment.bundle_sha256,
+            bundle_sha256=assignment.bundle_sha256,
             version=assignment.version,
             release_counter=assignment.release_counter,
             length=len(data),

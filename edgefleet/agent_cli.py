@@ -15,7 +15,8 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from edgefleet.common import console, fail, literal, print_json, read_file
+from edgefleet.common import JsonFlag, console, fail, literal, print_json, read_file
+from edgefleet.renamed import OldAgentTargetOpt, renamed
 
 agent_app = typer.Typer(
     help="The device agent: pull, verify, install, run offline, report late.",
@@ -23,7 +24,6 @@ agent_app = typer.Typer(
 )
 
 _ENV = "EDGEFLEET_AGENT_"
-JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 StateDirOpt = Annotated[
     Path,
     typer.Option(envvar=f"{_ENV}STATE_DIR", help="The agent's state dir (its socket is in it)."),
@@ -50,9 +50,8 @@ def run_command(
     state_dir: Annotated[
         Path | None, _opt("state_dir", f"State dir (default: ./{DEFAULT_STATE_DIR}).")
     ] = None,
-    target_id: Annotated[
-        str | None,
-        _opt("target_id", "Hardware id: a catalogue target (phone-android, ...).", "--target"),
+    hardware_id: Annotated[
+        str | None, _opt("hardware_id", "Hardware id: a catalogue target (phone-android, ...).")
     ] = None,
     device_id: Annotated[
         str | None, _opt("device_id", "Device id (default: generated once, persisted).")
@@ -143,6 +142,7 @@ def run_command(
             " self-tested) after writing <state-dir>/paused-at-<step>.",
         ),
     ] = None,
+    target: OldAgentTargetOpt = None,
 ) -> None:
     """Enroll once, then check in, install, serve predictions and upload telemetry until stopped.
 
@@ -156,6 +156,7 @@ def run_command(
 
     # Options not given stay unset, so AgentSettings applies its own defaults (click has already
     # read the EDGEFLEET_AGENT_* variables into the options).
+    hardware_id = renamed(hardware_id, target, "--hardware-id", "--target")
     given = {k: v for k, v in locals().items() if k in AgentSettings.model_fields and v is not None}
     given.setdefault("state_dir", DEFAULT_STATE_DIR)
     try:
@@ -170,7 +171,7 @@ def run_command(
 
 
 #: How a settings field is spelt on the command line, where it is not ``--field-name``.
-_FLAGS = {"server_url": "--server", "root_path": "--root", "target_id": "--target"}
+_FLAGS = {"server_url": "--server", "root_path": "--root"}
 
 
 def _settings_error(exc: Any) -> str:
@@ -222,12 +223,12 @@ def status_command(
     console.print(overview)
     models = Table("model", "version", "active slot", "sha256", "counter", "last install", "error")
     for name, m in sorted((status.get("models") or {}).items()):
-        sha = m.get("sha256") or m.get("bundle_sha256") or ""
+        bundle_sha256 = m.get("sha256") or m.get("bundle_sha256") or ""
         models.add_row(
             literal(name),
             _text(m.get("version")),
             _text(m.get("active_slot", m.get("active"))),
-            literal(sha[:12]),
+            literal(bundle_sha256[:12]),
             _text(m.get("release_counter")),
             _text(m.get("last_install")),
             _text(m.get("last_error")),

@@ -11,6 +11,7 @@ import typer
 from rich.table import Table
 
 from edgefleet.common import (
+    JsonFlag,
     bundle_errors,
     console,
     fail,
@@ -21,6 +22,7 @@ from edgefleet.common import (
     read_file,
     write_file,
 )
+from edgefleet.renamed import OldTargetOpt, renamed
 from firmware_bundles import (
     BundleContents,
     BundleReader,
@@ -28,15 +30,14 @@ from firmware_bundles import (
     TrustedRoot,
     add_signature,
     build,
-    bundle_id,
     created_at_from_env,
+    hash_bundle,
 )
 from firmware_bundles.bundle import check_target
 from firmware_bundles.signing import parse_json
 
 bundle_app = typer.Typer(help="Pack, sign, inspect and verify model bundles.", no_args_is_help=True)
 
-JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 CatalogueOpt = Annotated[
     Path | None,
     typer.Option(envvar="EDGEFLEET_CATALOGUE", help="Target catalogue TOML (default: built in)."),
@@ -123,24 +124,24 @@ def bundle_sign(
 def _write_bundle(out: Path, data: bytes, done: str, json_out: bool) -> None:
     """Write a new bundle to ``out`` and say what was ``done`` (its size and SHA-256)."""
     write_file(out, data)
-    ident = bundle_id(data)
+    bundle_sha256 = hash_bundle(data)
     if json_out:
-        print_json({"bundle": str(out), "sha256": ident, "bytes": len(data)})
+        print_json({"bundle": str(out), "sha256": bundle_sha256, "bytes": len(data)})
     else:
-        console.print(f"{done} {literal(out)}: {len(data)} bytes, sha256 {ident}")
+        console.print(f"{done} {literal(out)}: {len(data)} bytes, sha256 {bundle_sha256}")
 
 
 def _summary(contents: BundleContents) -> dict[str, Any]:
     m = contents.manifest
     return {
-        "sha256": contents.id,
+        "sha256": contents.bundle_sha256,
         "bytes": contents.size,
         "name": m.name,
         "version": m.version,
         "release_counter": m.release_counter,
         "created_at": m.created_at.isoformat(),
         "manifest_format": m.format,
-        "targets": [t.target_id for t in m.targets],
+        "targets": [t.hardware_id for t in m.targets],
         "format": m.runtime.format,
         "precision": m.runtime.precision,
         "quantisation": m.quantisation.scheme,
@@ -187,7 +188,7 @@ def bundle_inspect(
     json_out: JsonFlag = False,
 ) -> None:
     """Show a bundle's manifest and files without trusting it (files are still hash-checked)."""
-    reader = BundleReader(keep_files=False, with_id=True)
+    reader = BundleReader(keep_files=False, with_bundle_sha256=True)
     with bundle_errors(f"{bundle}: "):
         feed_file(bundle, "bundle", reader)
         contents = reader.finish()
@@ -202,28 +203,31 @@ def bundle_inspect(
 def bundle_verify(
     bundle: Annotated[Path, typer.Argument(help="Bundle file.")],
     root: Annotated[Path, typer.Option(help="Trusted root.json to verify against.")],
-    target: Annotated[
-        str | None, typer.Option(help="Also check the bundle is built for and fits this target.")
+    hardware_id: Annotated[
+        str | None,
+        typer.Option(help="Also check the bundle is built for and fits this hardware id."),
     ] = None,
     catalogue: CatalogueOpt = None,
     json_out: JsonFlag = False,
+    target: OldTargetOpt = None,
 ) -> None:
     """Verify release signatures, every file's hash and length, and optionally target fit.
 
     Exits 0 when the bundle is trusted, 1 with the reason when it is not.
     """
+    hardware_id = renamed(hardware_id, target, "--hardware-id", "--target")
     root_bytes = read_file(root, "root")
     now = datetime.now(UTC)
     try:
         with bundle_errors(f"{root}: "):
             trusted = TrustedRoot.from_pinned(root_bytes, now)
-        fit_catalogue = load_catalogue(catalogue) if target else None
-        reader = BundleReader(root=trusted.root, keep_files=False, with_id=True)
+        fit_catalogue = load_catalogue(catalogue) if hardware_id else None
+        reader = BundleReader(root=trusted.root, keep_files=False, with_bundle_sha256=True)
         with bundle_errors(f"{bundle}: "):
             feed_file(bundle, "bundle", reader)
             verified = reader.finish_verified()
-            if target is not None:
-                check_target(verified.manifest, target, verified.contents.size, fit_catalogue)
+            if hardware_id is not None:
+                check_target(verified.manifest, hardware_id, verified.contents.size, fit_catalogue)
     except typer.Exit:
         if json_out:
             print_json({"ok": False, "bundle": str(bundle)})
@@ -238,5 +242,5 @@ def bundle_verify(
             f" {literal(summary['version'])}"
             f" (release counter {summary['release_counter']}), sha256 {summary['sha256']},"
             f" {len(verified.release_keyids)} of {role.threshold} release signature(s) needed"
-            + (f", fits {literal(target)}" if target else "")
+            + (f", fits {literal(hardware_id)}" if hardware_id else "")
         )

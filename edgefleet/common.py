@@ -7,7 +7,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NoReturn, Protocol
+from typing import Annotated, Any, NoReturn, Protocol
 
 import typer
 from rich.console import Console
@@ -21,6 +21,8 @@ err_console = Console(stderr=True, soft_wrap=True)
 
 #: Exit code when verification or validation fails (usage errors exit 2, as with click).
 EXIT_FAILED = 1
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
 
 def literal(value: object) -> str:

@@ -15,6 +15,7 @@ from rich.table import Table
 
 from edgefleet.bundle_cli import load_catalogue
 from edgefleet.common import bundle_errors, console, fail, literal, load_signing_key, print_json
+from edgefleet.renamed import OldTargetsOpt, renamed
 from firmware_bundles import BundleError, created_at_from_env
 
 
@@ -29,13 +30,14 @@ def convert_command(
     ],
     name: Annotated[str, typer.Option(help="Model name, e.g. wrist-activity.")],
     version: Annotated[str, typer.Option(help="Semantic version X.Y.Z of this build.")],
-    targets: Annotated[
-        str, typer.Option(help="Comma-separated target ids, e.g. ring-gen3,phone-android.")
-    ],
     train: Annotated[Path, typer.Option(help="Training data (.npz X/y, or CSV/Parquet).")],
     eval_data: Annotated[Path, typer.Option("--eval", help="Held-out data for accuracy checks.")],
     key: Annotated[list[Path], typer.Option(help="Release signing key. Repeatable.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for bundles and report.")],
+    hardware_ids: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated hardware ids, e.g. ring-gen3,phone-android. Required."),
+    ] = None,
     calibration: Annotated[
         Path | None, typer.Option(help="Calibration data for static int8 (default: training data).")
     ] = None,
@@ -64,6 +66,7 @@ def convert_command(
             help="MLflow tracking server for models:/ and runs:/ models.",
         ),
     ] = None,
+    targets: OldTargetsOpt = None,
 ) -> None:
     """Convert a trained model into the smallest signed bundle per target that holds its accuracy.
 
@@ -81,13 +84,16 @@ def convert_command(
     from converters.errors import ConverterError
     from converters.pipeline import ConvertOptions, convert, validate_options
 
+    hardware_ids = renamed(hardware_ids, targets, "--hardware-ids", "--targets")
+    if hardware_ids is None:
+        fail("missing option --hardware-ids", 2)
     keys = [load_signing_key(p) for p in key]
     with bundle_errors():
         created = created_at_from_env(os.environ) or datetime.now(UTC).replace(microsecond=0)
     options = ConvertOptions(
         name=name,
         version=version,
-        targets=[t.strip() for t in targets.split(",") if t.strip()],
+        hardware_ids=[h.strip() for h in hardware_ids.split(",") if h.strip()],
         keys=keys,
         out_dir=out,
         created_at=created,

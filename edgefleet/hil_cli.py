@@ -21,6 +21,7 @@ from rich.table import Table
 
 from edgefleet.common import (
     EXIT_FAILED,
+    JsonFlag,
     bundle_errors,
     console,
     fail,
@@ -30,6 +31,7 @@ from edgefleet.common import (
     read_file,
     write_file,
 )
+from edgefleet.renamed import OldTargetListOpt, renamed
 from firmware_bundles import TrustedRoot
 from firmware_bundles.root import Root
 
@@ -38,7 +40,6 @@ hil_app = typer.Typer(
     no_args_is_help=True,
 )
 
-JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 RootOpt = Annotated[Path, typer.Option(help="Trusted root.json (the devices' root).")]
 
 
@@ -163,10 +164,15 @@ def _print(result: object) -> None:
 def hil_samples(
     key: Annotated[list[Path], typer.Option(help="Release key to sign with. Repeatable.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write into.")],
-    target: Annotated[
-        list[str] | None, typer.Option(help="Target to build for. Repeatable (default: emulated).")
+    hardware_ids: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--hardware-id",
+            help="Hardware id to build for. Repeatable (default: the emulated ones).",
+        ),
     ] = None,
     samples: Annotated[int, typer.Option(min=1, help="Rows of held-out data.")] = 200,
+    target: OldTargetListOpt = None,
 ) -> None:
     """Write a small sample bundle per target and heldout.npz, for trying the rig."""
     import numpy as np
@@ -175,11 +181,12 @@ def hil_samples(
     from hil.samples import heldout, sample_bundle
 
     keys = [load_signing_key(k) for k in key]
-    for target_id in target or emulated_targets():
+    hardware_ids = renamed(hardware_ids, target, "--hardware-id", "--target")
+    for hardware_id in hardware_ids or emulated_targets():
         with bundle_errors():
-            data = sample_bundle(keys, [target_id])
-        write_file(out / f"sample-{target_id}.efb", data)
-        console.print(f"wrote {literal(out / f'sample-{target_id}.efb')} ({len(data)} bytes)")
+            data = sample_bundle(keys, [hardware_id])
+        write_file(out / f"sample-{hardware_id}.efb", data)
+        console.print(f"wrote {literal(out / f'sample-{hardware_id}.efb')} ({len(data)} bytes)")
     x, y = heldout(samples)
     out.mkdir(parents=True, exist_ok=True)
     np.savez(out / "heldout.npz", X=x, y=y)

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from edgefleet.common import (
+    JsonFlag,
     bundle_errors,
     console,
     fail,
@@ -34,7 +35,7 @@ KeyList = Annotated[list[Path] | None, typer.Option(help="Key file (PEM, private
 def keys_generate(
     out: Annotated[Path, typer.Option("--out", "-o", help="Private key file to write (0600).")],
     force: Annotated[bool, typer.Option(help="Overwrite an existing key file.")] = False,
-    json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    json_out: JsonFlag = False,
 ) -> None:
     """Generate an Ed25519 key: OUT (private, mode 0600) and OUT.pub (public)."""
     key = SigningKey.generate()
@@ -185,7 +186,7 @@ def root_verify(
     chain: Annotated[
         list[Path] | None, typer.Argument(help="Roots N+1, N+2, ... in order.")
     ] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    json_out: JsonFlag = False,
 ) -> None:
     """Walk a root chain from a pinned root as a device would; exit 1 on the first refusal."""
     now = datetime.now(UTC)

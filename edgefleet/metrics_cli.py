@@ -7,8 +7,8 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from edgefleet.api import DEFAULT_SERVER, JsonFlag, ServerOpt, TokenOpt, call
-from edgefleet.common import console, literal, print_json
+from edgefleet.api import Api, api_command
+from edgefleet.common import console, literal
 
 HardwareOpt = Annotated[
     str | None, typer.Option("--hardware-id", help="Only this hardware id (catalogue target).")
@@ -23,9 +23,21 @@ ToOpt = Annotated[
 ]
 
 
-def _params(hardware_id: str | None, start: str | None, end: str | None, **more: str) -> dict:
+def _figures(
+    api: Api,
+    what: str,
+    name: str,
+    version: str,
+    hardware_id: str | None,
+    start: str | None,
+    end: str | None,
+    **more: str,
+) -> Any:
+    """The server's ``what`` (metrics, drift) of a version over a span, for one hardware id or
+    all."""
     given = {"hardware_id": hardware_id, "from": start, "to": end, **more}
-    return {k: v for k, v in given.items() if v is not None}
+    params = {k: v for k, v in given.items() if v is not None}
+    return api.call("GET", f"/v1/models/{name}/versions/{version}/{what}", params=params)
 
 
 def _pct(value: float | None) -> str:
@@ -55,15 +67,15 @@ def _row(label: str, f: dict[str, Any]) -> list[str]:
     ]
 
 
+@api_command
 def metrics_command(
     name: Annotated[str, typer.Argument(help="Model name.")],
     version: Annotated[str, typer.Argument(help="Model version.")],
     hardware_id: HardwareOpt = None,
     start: FromOpt = None,
     end: ToOpt = None,
-    server: ServerOpt = DEFAULT_SERVER,
-    token: TokenOpt = "",
-    json_out: JsonFlag = False,
+    *,
+    api: Api,
 ) -> None:
     """A version's field figures per event-time day and in total: devices reporting,
     inferences, error and self-test failure rates, latency quantiles, accuracy from labels
@@ -71,15 +83,8 @@ def metrics_command(
 
     Groups of fewer devices than the server's minimum show "too few devices" to viewers.
     """
-    answer = call(
-        server,
-        token,
-        "GET",
-        f"/v1/models/{name}/versions/{version}/metrics",
-        params=_params(hardware_id, start, end),
-    )
-    if json_out:
-        print_json(answer)
+    answer = _figures(api, "metrics", name, version, hardware_id, start, end)
+    if api.printed_json(answer):
         return
     span = answer["span"]
     table = Table(
@@ -108,6 +113,7 @@ def metrics_command(
 _DRIFT_FIGURES = ("psi", "js_divergence_bits", "chi2_p_value", "max_abs_proportion_diff")
 
 
+@api_command
 def drift_command(
     name: Annotated[str, typer.Argument(help="Model name.")],
     version: Annotated[str, typer.Argument(help="Model version.")],
@@ -120,23 +126,15 @@ def drift_command(
     hardware_id: HardwareOpt = None,
     start: FromOpt = None,
     end: ToOpt = None,
-    server: ServerOpt = DEFAULT_SERVER,
-    token: TokenOpt = "",
-    json_out: JsonFlag = False,
+    *,
+    api: Api,
 ) -> None:
     """Drift of each input feature and output against the manifest's reference histograms or
     another version over the same span: PSI, Jensen-Shannon divergence (bits), the chi-square
     test's p-value and the largest difference of bin proportions, from counts on the
     manifest's bins (under/overflow and unseen included)."""
-    answer = call(
-        server,
-        token,
-        "GET",
-        f"/v1/models/{name}/versions/{version}/drift",
-        params=_params(hardware_id, start, end, against=against),
-    )
-    if json_out:
-        print_json(answer)
+    answer = _figures(api, "drift", name, version, hardware_id, start, end, against=against)
+    if api.printed_json(answer):
         return
     drift = answer["drift"]
     if drift.get("withheld"):

@@ -8,8 +8,8 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from edgefleet.api import DEFAULT_SERVER, JsonFlag, ServerOpt, TokenOpt, call
-from edgefleet.common import console, literal, print_json
+from edgefleet.api import Api, api_command
+from edgefleet.common import console, literal
 
 rollout_app = typer.Typer(
     help="Staged rollouts: a version to cohorts in stages, gated on its field behaviour against"
@@ -45,6 +45,7 @@ def _summary(r: dict[str, Any]) -> str:
 
 
 @rollout_app.command("create")
+@api_command
 def create(
     name: Annotated[str, typer.Argument(help="Model name.")],
     version: Annotated[str, typer.Argument(help="Version to roll out.")],
@@ -81,9 +82,8 @@ def create(
         typer.Option("--gate", help="A gate setting KEY=VALUE, e.g. alpha=0.05 (repeat)."),
     ] = None,
     draft: Annotated[bool, typer.Option("--draft", help="Create without starting.")] = False,
-    server: ServerOpt = DEFAULT_SERVER,
-    token: TokenOpt = "",
-    json_out: JsonFlag = False,
+    *,
+    api: Api,
 ) -> None:
     """Create a rollout; it starts at once unless --draft. With no gate flags the default
     gates judge errors, self-test and install failures, latency, outputs, inputs, negative
@@ -120,8 +120,8 @@ def create(
         "on_failure": on_failure,
         "draft": draft,
     }
-    answer = call(server, token, "POST", "/v1/rollouts", json=plan)
-    print_json(answer) if json_out else console.print(_summary(answer))
+    answer = api.call("POST", "/v1/rollouts", json=plan)
+    api.say(answer, _summary(answer))
 
 
 def _value(text: str) -> Any:
@@ -134,18 +134,17 @@ def _value(text: str) -> Any:
 
 
 @rollout_app.command("list")
+@api_command
 def list_(
     model: Annotated[str | None, typer.Option(help="Only this model.")] = None,
     state: Annotated[str | None, typer.Option(help="Only rollouts in this state.")] = None,
-    server: ServerOpt = DEFAULT_SERVER,
-    token: TokenOpt = "",
-    json_out: JsonFlag = False,
+    *,
+    api: Api,
 ) -> None:
     """Rollouts, newest first."""
     params = {k: v for k, v in {"model": model, "state": state}.items() if v}
-    answer = call(server, token, "GET", "/v1/rollouts", params=params)
-    if json_out:
-        print_json(answer)
+    answer = api.call("GET", "/v1/rollouts", params=params)
+    if api.printed_json(answer):
         return
     table = Table("id", "model", "version", "state", "stage", "percent", "hardware ids")
     for r in answer:
@@ -162,17 +161,16 @@ def list_(
 
 
 @rollout_app.command("status")
+@api_command
 def status(
     rollout_id: IdArg,
     limit: Annotated[int, typer.Option(help="Decisions shown.")] = 10,
-    server: ServerOpt = DEFAULT_SERVER,
-    token: TokenOpt = "",
-    json_out: JsonFlag = False,
+    *,
+    api: Api,
 ) -> None:
     """State, stage, arms with device counts and the newest decisions with their figures."""
-    r = call(server, token, "GET", f"/v1/rollouts/{rollout_id}", params={"limit": limit})
-    if json_out:
-        print_json(r)
+    r = api.call("GET", f"/v1/rollouts/{rollout_id}", params={"limit": limit})
+    if api.printed_json(r):
         return
     console.print(_summary(r))
     arms = r["arms"]
@@ -194,34 +192,28 @@ def status(
 
 
 @rollout_app.command("evaluate")
+@api_command
 def evaluate(
     rollout_id: IdArg,
-    server: ServerOpt = DEFAULT_SERVER,
-    token: TokenOpt = "",
-    json_out: JsonFlag = False,
+    *,
+    api: Api,
 ) -> None:
     """Run the server's evaluator on the rollout now and print its decision."""
-    d = call(server, token, "POST", f"/v1/rollouts/{rollout_id}/evaluate")
-    if json_out:
-        print_json(d)
-        return
-    console.print(
-        f"{d['action']}: {literal(d['reason'])} ({d['state_before']} -> {d['state_after']})"
-    )
+    d = api.call("POST", f"/v1/rollouts/{rollout_id}/evaluate")
+    api.say(d, f"{d['action']}: {literal(d['reason'])} ({d['state_before']} -> {d['state_after']})")
 
 
 def _action(action: str, doc: str) -> None:
     def command(
         rollout_id: IdArg,
-        server: ServerOpt = DEFAULT_SERVER,
-        token: TokenOpt = "",
-        json_out: JsonFlag = False,
+        *,
+        api: Api,
     ) -> None:
-        answer = call(server, token, "POST", f"/v1/rollouts/{rollout_id}/{action}")
-        print_json(answer) if json_out else console.print(_summary(answer))
+        answer = api.call("POST", f"/v1/rollouts/{rollout_id}/{action}")
+        api.say(answer, _summary(answer))
 
     command.__doc__ = doc
-    rollout_app.command(action)(command)
+    rollout_app.command(action)(api_command(command))
 
 
 for _name, _doc in (

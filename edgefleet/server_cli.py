@@ -12,10 +12,15 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from edgefleet.api import JsonFlag, ServerOpt, TokenOpt
-from edgefleet.api import call as _call
+from edgefleet.api import Api, api_command
 from edgefleet.common import console, fail, literal, print_json, read_file, write_file
+from edgefleet.renamed import OldTargetOpt, renamed
 
+#: One hardware id an action on a version is limited to (default: every one it has a bundle for).
+OneHardwareOpt = Annotated[
+    str | None,
+    typer.Option(help="Only this hardware id (default: every one it has a bundle for)."),
+]
 DataDirOpt = Annotated[Path, typer.Option(envvar="EDGEFLEET_DATA_DIR", help="Data directory.")]
 DbOpt = Annotated[
     str | None,
@@ -216,6 +221,7 @@ def _is_empty(engine: Any) -> bool:
 # -- clients ------------------------------------------------------------------------------------
 
 
+@api_command
 def publish(
     bundle: Annotated[list[Path], typer.Argument(help="Bundle file(s).")],
     hil_report: Annotated[
@@ -226,35 +232,30 @@ def publish(
             " bundles whose report passes on their target."
         ),
     ] = None,
-    server: ServerOpt = "http://127.0.0.1:8080",
-    token: TokenOpt = "",
-    json_out: JsonFlag = False,
+    *,
+    api: Api,
 ) -> None:
     """Upload bundles; the server verifies each against its trusted root and catalogue."""
     report = None if hil_report is None else read_file(hil_report, "HIL report")
     results = []
     for p in bundle:
-        result = _call(
-            server,
-            token,
+        result = api.call(
             "POST",
             "/v1/bundles",
             content=read_file(p, "bundle"),
             headers={"Content-Type": "application/x-tar"},
         )
         if report is not None:
-            result["hil"] = _call(
-                server,
-                token,
+            result["hil"] = api.call(
                 "POST",
                 f"/v1/bundles/{result['sha256']}/hil-report",
                 content=report,
                 headers={"Content-Type": "application/json"},
             )
         results.append(result)
-    if json_out:
-        print_json(results)
-    for r in [] if json_out else results:
+    if api.printed_json(results):
+        return
+    for r in results:
         console.print(
             f"published {literal(r['model'])} {literal(r['version'])}"
             f" for {literal(r['target_id'])}: {literal(r['sha256'])}"
@@ -265,9 +266,7 @@ def publish(
 
 
 def _on_version(
-    server: str,
-    token: str,
-    json_out: bool,
+    api: Api,
     model: str,
     version: str,
     action: str,
@@ -275,61 +274,47 @@ def _on_version(
     said: Callable[[Any], str],
 ) -> None:
     """POST an action on a model version and print its answer (JSON, or a line)."""
-    r = _call(server, token, "POST", f"/v1/models/{model}/versions/{version}/{action}", json=body)
-    print_json(r) if json_out else console.print(f"{literal(model)} {literal(version)}: {said(r)}")
+    r = api.call("POST", f"/v1/models/{model}/versions/{version}/{action}", json=body)
+    api.say(r, f"{literal(model)} {literal(version)}: {said(r)}")
 
 
+@api_command
 def release(
     model: str,
     version: str,
-    target: Annotated[
-        str | None,
-        typer.Option(help="Only this target (default: every target it has a bundle for)."),
-    ] = None,
-    server: ServerOpt = "http://127.0.0.1:8080",
-    token: TokenOpt = "",
-    json_out: JsonFlag = False,
+    hardware_id: OneHardwareOpt = None,
+    target: OldTargetOpt = None,
+    *,
+    api: Api,
 ) -> None:
     """Make a published version current (publishing alone assigns nothing)."""
     _on_version(
-        server,
-        token,
-        json_out,
+        api,
         model,
         version,
         "release",
-        {"target": target},
+        {"target": renamed(hardware_id, target, "--hardware-id", "--target")},
         lambda r: f"released for {literal(', '.join(r['released_for']))}",
     )
 
 
-def withdraw(
-    model: str,
-    version: str,
-    server: ServerOpt = "http://127.0.0.1:8080",
-    token: TokenOpt = "",
-    json_out: JsonFlag = False,
-) -> None:
+@api_command
+def withdraw(model: str, version: str, *, api: Api) -> None:
     """Stop assigning a version; its devices get the previous released version."""
-    _on_version(server, token, json_out, model, version, "withdraw", None, lambda r: "withdrawn")
+    _on_version(api, model, version, "withdraw", None, lambda r: "withdrawn")
 
 
+@api_command
 def confirm(
     model: str,
     version: str,
-    hardware_id: Annotated[
-        str | None,
-        typer.Option(help="Only this hardware id (default: every one it has a bundle for)."),
-    ] = None,
-    server: ServerOpt = "http://127.0.0.1:8080",
-    token: TokenOpt = "",
-    json_out: JsonFlag = False,
+    hardware_id: OneHardwareOpt = None,
+    *,
+    api: Api,
 ) -> None:
     """Confirm a version: devices that ran it never go below it again (docs/rollback.md)."""
     _on_version(
-        server,
-        token,
-        json_out,
+        api,
         model,
         version,
         "confirm",
@@ -341,34 +326,28 @@ def confirm(
     )
 
 
+@api_command
 def pin(
     device: str,
     model: str,
     version: Annotated[str, typer.Argument(help="Version, or 'none' to unpin.")],
-    server: ServerOpt = "http://127.0.0.1:8080",
-    token: TokenOpt = "",
-    json_out: JsonFlag = False,
+    *,
+    api: Api,
 ) -> None:
     """Hold one device on a version of a model."""
-    r = _call(
-        server,
-        token,
+    r = api.call(
         "PUT",
         f"/v1/devices/{device}/pins/{model}",
         json={"version": None if version == "none" else version},
     )
-    print_json(r) if json_out else console.print(
-        f"pinned {literal(device)} to {literal(model)} {literal(version)}"
-    )
+    api.say(r, f"pinned {literal(device)} to {literal(model)} {literal(version)}")
 
 
 @models_app.command("list")
-def models_list(
-    server: ServerOpt = "http://127.0.0.1:8080", token: TokenOpt = "", json_out: JsonFlag = False
-) -> None:
-    models = _call(server, token, "GET", "/v1/models")
-    if json_out:
-        print_json(models)
+@api_command
+def models_list(*, api: Api) -> None:
+    models = api.call("GET", "/v1/models")
+    if api.printed_json(models):
         return
     table = Table("model", "version", "counter", "released for", "bundles", "withdrawn")
     for m in models:
@@ -385,22 +364,16 @@ def models_list(
 
 
 @models_app.command("show")
-def models_show(
-    name: str,
-    server: ServerOpt = "http://127.0.0.1:8080",
-    token: TokenOpt = "",
-    json_out: JsonFlag = False,
-) -> None:
-    print_json(_call(server, token, "GET", f"/v1/models/{name}"))
+@api_command
+def models_show(name: str, *, api: Api) -> None:
+    print_json(api.call("GET", f"/v1/models/{name}"))
 
 
 @devices_app.command("list")
-def devices_list(
-    server: ServerOpt = "http://127.0.0.1:8080", token: TokenOpt = "", json_out: JsonFlag = False
-) -> None:
-    devices = _call(server, token, "GET", "/v1/devices")
-    if json_out:
-        print_json(devices)
+@api_command
+def devices_list(*, api: Api) -> None:
+    devices = api.call("GET", "/v1/devices")
+    if api.printed_json(devices):
         return
     table = Table("device", "hardware id", "firmware", "relay", "last seen", "revoked")
     for d in devices:
@@ -416,73 +389,58 @@ def devices_list(
 
 
 @devices_app.command("show")
-def devices_show(
-    device: str,
-    server: ServerOpt = "http://127.0.0.1:8080",
-    token: TokenOpt = "",
-    json_out: JsonFlag = False,
-) -> None:
-    print_json(_call(server, token, "GET", f"/v1/devices/{device}"))
+@api_command
+def devices_show(device: str, *, api: Api) -> None:
+    print_json(api.call("GET", f"/v1/devices/{device}"))
 
 
 @devices_app.command("revoke")
-def devices_revoke(
-    device: str,
-    server: ServerOpt = "http://127.0.0.1:8080",
-    token: TokenOpt = "",
-    json_out: JsonFlag = False,
-) -> None:
-    r = _call(server, token, "POST", f"/v1/devices/{device}/revoke")
-    print_json(r) if json_out else console.print(f"revoked {literal(device)}")
+@api_command
+def devices_revoke(device: str, *, api: Api) -> None:
+    r = api.call("POST", f"/v1/devices/{device}/revoke")
+    api.say(r, f"revoked {literal(device)}")
 
 
 @tokens_app.command("create")
+@api_command
 def tokens_create(
     name: str,
     role: Annotated[str, typer.Option(help="admin, publisher, operator or viewer.")],
-    server: ServerOpt = "http://127.0.0.1:8080",
-    token: TokenOpt = "",
-    json_out: JsonFlag = False,
+    *,
+    api: Api,
 ) -> None:
     """Create an API token (printed once)."""
-    r = _call(server, token, "POST", "/v1/tokens", json={"name": name, "role": role})
-    print_json(r) if json_out else console.print(
-        f"token {literal(r['id'])} ({literal(role)}): {literal(r['token'])}"
-    )
+    r = api.call("POST", "/v1/tokens", json={"name": name, "role": role})
+    api.say(r, f"token {literal(r['id'])} ({literal(role)}): {literal(r['token'])}")
 
 
 @tokens_app.command("revoke")
-def tokens_revoke(
-    token_id: int,
-    server: ServerOpt = "http://127.0.0.1:8080",
-    token: TokenOpt = "",
-    json_out: JsonFlag = False,
-) -> None:
-    r = _call(server, token, "DELETE", f"/v1/tokens/{token_id}")
-    print_json(r) if json_out else console.print(f"revoked token {literal(token_id)}")
+@api_command
+def tokens_revoke(token_id: int, *, api: Api) -> None:
+    r = api.call("DELETE", f"/v1/tokens/{token_id}")
+    api.say(r, f"revoked token {literal(token_id)}")
 
 
 @tokens_app.command("enroll")
+@api_command
 def tokens_enroll(
     cohort: Annotated[str | None, typer.Option(help="Cohort to join.")] = None,
     max_uses: Annotated[int, typer.Option(help="Devices it may enroll.")] = 1,
     ttl_s: Annotated[int | None, typer.Option(help="Seconds it stays valid.")] = None,
-    server: ServerOpt = "http://127.0.0.1:8080",
-    token: TokenOpt = "",
-    json_out: JsonFlag = False,
+    *,
+    api: Api,
 ) -> None:
     """Create a device enrollment token."""
-    r = _call(
-        server,
-        token,
+    r = api.call(
         "POST",
         "/v1/enrollment-tokens",
         json={"cohort": cohort, "max_uses": max_uses, "ttl_s": ttl_s},
     )
-    print_json(r) if json_out else console.print(f"enrollment token: {literal(r['token'])}")
+    api.say(r, f"enrollment token: {literal(r['token'])}")
 
 
 @cohorts_app.command("create")
+@api_command
 def cohorts_create(
     name: str,
     member: Annotated[list[str] | None, typer.Option(help="Device id (repeatable).")] = None,
@@ -493,9 +451,8 @@ def cohorts_create(
             " firmware_below."
         ),
     ] = None,
-    server: ServerOpt = "http://127.0.0.1:8080",
-    token: TokenOpt = "",
-    json_out: JsonFlag = False,
+    *,
+    api: Api,
 ) -> None:
     """Create a cohort of static members and/or an attribute filter."""
     flt = {}
@@ -504,23 +461,17 @@ def cohorts_create(
         if not sep:
             fail(f"--where {item!r}: expected KEY=VALUE", 2)
         flt[key] = value
-    r = _call(
-        server,
-        token,
-        "POST",
-        "/v1/cohorts",
-        json={"name": name, "filter": flt or None, "members": member or []},
+    r = api.call(
+        "POST", "/v1/cohorts", json={"name": name, "filter": flt or None, "members": member or []}
     )
-    print_json(r) if json_out else console.print(f"created cohort {literal(name)}")
+    api.say(r, f"created cohort {literal(name)}")
 
 
 @cohorts_app.command("list")
-def cohorts_list(
-    server: ServerOpt = "http://127.0.0.1:8080", token: TokenOpt = "", json_out: JsonFlag = False
-) -> None:
-    cohorts = _call(server, token, "GET", "/v1/cohorts")
-    if json_out:
-        print_json(cohorts)
+@api_command
+def cohorts_list(*, api: Api) -> None:
+    cohorts = api.call("GET", "/v1/cohorts")
+    if api.printed_json(cohorts):
         return
     for c in cohorts:
         console.print(

@@ -3,7 +3,7 @@
 Pure: bytes in, objects out; no network, no database, no clock (callers pass ``now``).
 """
 
-from firmware_bundles.archive import ArchiveLimits, bundle_id, pack
+from firmware_bundles.archive import ArchiveLimits, hash_bundle, pack
 from firmware_bundles.bundle import (
     BundleContents,
     BundleReader,
@@ -78,9 +78,9 @@ __all__ = [
     "WrongHardwareError",
     "add_signature",
     "build",
-    "bundle_id",
     "canonical_json",
     "created_at_from_env",
+    "hash_bundle",
     "new_root",
     "open_bundle",
     "pack",

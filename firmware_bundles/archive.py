@@ -56,8 +56,8 @@ class ArchiveLimits:
         return self.max_total_bytes + self.max_manifest_bytes + headers + _OLD_RECORD_BYTES
 
 
-def bundle_id(data: bytes) -> str:
-    """A bundle's identity: the SHA-256 of its archive bytes."""
+def hash_bundle(data: bytes) -> str:
+    """A bundle's identity, its ``bundle_sha256``: the SHA-256 (hex) of its archive bytes."""
     return hashlib.sha256(data).hexdigest()
 
 
@@ -118,7 +118,7 @@ class ArchiveContents:
     manifest: Manifest
     files: dict[str, memoryview]
     size: int
-    id: str | None
+    bundle_sha256: str | None
 
 
 @dataclass
@@ -157,7 +157,7 @@ class ArchiveReader:
         on_manifest: Parses (and may verify) the manifest member.
         keep_files: Keep each file's bytes for :meth:`finish` (else hash the model file only, and
             keep the other files no bigger than ``limits.max_manifest_bytes``).
-        with_id: Hash the whole archive for its identity as it streams by.
+        with_bundle_sha256: Hash the whole archive for its identity as it streams by.
     """
 
     def __init__(
@@ -166,12 +166,12 @@ class ArchiveReader:
         on_manifest: Callable[[bytes], Manifest],
         *,
         keep_files: bool = True,
-        with_id: bool = False,
+        with_bundle_sha256: bool = False,
     ) -> None:
         self._limits = limits
         self._on_manifest = on_manifest
         self._keep = keep_files
-        self._id = hashlib.sha256() if with_id else None
+        self._bundle_hash = hashlib.sha256() if with_bundle_sha256 else None
         self._size = 0
         self._state = "header"  # header -> data -> pad -> header ... -> end
         self._need = BLOCK
@@ -207,8 +207,8 @@ class ArchiveReader:
             raise SizeLimitError(
                 f"bundle is over {self._limits.max_archive_bytes} bytes, over the cap"
             )
-        if self._id is not None:
-            self._id.update(view)
+        if self._bundle_hash is not None:
+            self._bundle_hash.update(view)
         while view:
             if self._state == "end":
                 if view.tobytes().strip(b"\0"):
@@ -250,7 +250,7 @@ class ArchiveReader:
             manifest=self._manifest,
             files=self._files,
             size=self._size,
-            id=None if self._id is None else self._id.hexdigest(),
+            bundle_sha256=None if self._bundle_hash is None else self._bundle_hash.hexdigest(),
         )
 
     def _read_header(self, block: bytes) -> None:

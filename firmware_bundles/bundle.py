@@ -71,7 +71,7 @@ def build(draft: Mapping[str, Any], files: Mapping[str, bytes], keys: list[Signi
 class BundleContents:
     """A parsed bundle; nothing in it is trusted until :func:`verify` returned it."""
 
-    id: str | None
+    bundle_sha256: str | None
     envelope: Envelope
     manifest: Manifest
     files: dict[str, memoryview]
@@ -106,7 +106,7 @@ class BundleReader:
         keep_files: Keep every file's bytes (else only hash the model file, and keep the files
             beside it that are no bigger than a manifest may be). The self-test vectors are
             decoded whenever their file was kept.
-        with_id: Hash the whole archive for its identity.
+        with_bundle_sha256: Hash the whole archive for its identity.
     """
 
     def __init__(
@@ -115,14 +115,17 @@ class BundleReader:
         *,
         root: Root | None = None,
         keep_files: bool = True,
-        with_id: bool = False,
+        with_bundle_sha256: bool = False,
     ) -> None:
         self._root = root
         self._keep_files = keep_files
         self._envelope: Envelope | None = None
         self._keyids: set[str] = set()
         self._archive = ArchiveReader(
-            limits or ArchiveLimits(), self._manifest, keep_files=keep_files, with_id=with_id
+            limits or ArchiveLimits(),
+            self._manifest,
+            keep_files=keep_files,
+            with_bundle_sha256=with_bundle_sha256,
         )
         self.wants = self._archive.wants
         self.feed = self._archive.feed
@@ -147,7 +150,7 @@ class BundleReader:
         if self._keep_files or (isinstance(test, SelfTestFile) and test.file in archive.files):
             attach_vectors(archive.manifest, archive.files)
         return BundleContents(
-            id=archive.id,
+            bundle_sha256=archive.bundle_sha256,
             envelope=self._envelope,
             manifest=archive.manifest,
             files=archive.files,
@@ -172,20 +175,21 @@ def _read_all(data: bytes, reader: BundleReader, limits: ArchiveLimits | None) -
 
 
 def open_bundle(
-    data: bytes, limits: ArchiveLimits | None = None, *, with_id: bool = False
+    data: bytes, limits: ArchiveLimits | None = None, *, with_bundle_sha256: bool = False
 ) -> BundleContents:
     """Parse a bundle and check that its files match its manifest (not its signatures).
 
     Args:
         data: The archive bytes.
         limits: Caps on size and member count.
-        with_id: Also hash the whole archive for its identity (one more pass over the bytes).
+        with_bundle_sha256: Also hash the whole archive for its identity (one more pass over
+            the bytes).
 
     Raises:
         ArchiveError: On unsafe members, missing or extra files, or hash and length mismatches.
         SchemaError: If the manifest is malformed.
     """
-    reader = BundleReader(limits, with_id=with_id)
+    reader = BundleReader(limits, with_bundle_sha256=with_bundle_sha256)
     _read_all(data, reader, limits)
     return reader.finish()
 
@@ -195,39 +199,39 @@ def verify(
     root: Root,
     *,
     limits: ArchiveLimits | None = None,
-    target_id: str | None = None,
+    hardware_id: str | None = None,
     catalogue: TargetCatalogue | None = None,
-    with_id: bool = False,
+    with_bundle_sha256: bool = False,
 ) -> VerifiedBundle:
     """Verify a bundle against a trusted root.
 
     Checks the archive's safety, the release-signature threshold over the manifest, every file's
-    length and SHA-256, and, given ``target_id``, that the bundle is built for that target and fits
-    it in the catalogue.
+    length and SHA-256, and, given ``hardware_id``, that the bundle is built for that target and
+    fits it in the catalogue.
 
     Raises:
         ArchiveError: On any archive problem (a specific subclass).
         SchemaError: If the manifest is malformed.
         ThresholdError: If release signatures fall short.
-        CatalogueError: If the bundle is not built for ``target_id`` or does not fit it.
+        CatalogueError: If the bundle is not built for ``hardware_id`` or does not fit it.
     """
-    reader = BundleReader(limits, root=root, with_id=with_id)
+    reader = BundleReader(limits, root=root, with_bundle_sha256=with_bundle_sha256)
     _read_all(data, reader, limits)
     bundle = reader.finish_verified()
-    if target_id is not None:
-        check_target(bundle.manifest, target_id, bundle.contents.size, catalogue)
+    if hardware_id is not None:
+        check_target(bundle.manifest, hardware_id, bundle.contents.size, catalogue)
     return bundle
 
 
 def check_target(
-    manifest: Manifest, target_id: str, size: int, catalogue: TargetCatalogue | None = None
+    manifest: Manifest, hardware_id: str, size: int, catalogue: TargetCatalogue | None = None
 ) -> None:
-    """Check that a bundle of ``size`` bytes is built for ``target_id`` and fits it.
+    """Check that a bundle of ``size`` bytes is built for ``hardware_id`` and fits it.
 
     Raises:
         CatalogueError: If it is not built for the target or does not fit it.
     """
-    (catalogue or TargetCatalogue.load_default()).check_fits(manifest, target_id, size)
+    (catalogue or TargetCatalogue.load_default()).check_fits(manifest, hardware_id, size)
 
 
 def add_signature(data: bytes, key: SigningKey, limits: ArchiveLimits | None = None) -> bytes:

@@ -28,9 +28,9 @@ _PRECISION_OF_SCHEME = {
 
 
 class DeviceTarget(Document):
-    """One catalogue entry."""
+    """One catalogue entry; its ``hardware_id`` is ``id`` in the catalogue file."""
 
-    id: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")
+    hardware_id: str = Field(alias="id", pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")
     generation: str
     platform: str
     description: str = ""
@@ -92,9 +92,9 @@ class TargetCatalogue:
         targets: dict[str, DeviceTarget] = {}
         for i, raw in enumerate(doc.get("target", [])):
             targets_entry = _entry(raw, op_sets, i)
-            if targets_entry.id in targets:
-                raise CatalogueError(f"catalogue lists target {targets_entry.id!r} twice")
-            targets[targets_entry.id] = targets_entry
+            if targets_entry.hardware_id in targets:
+                raise CatalogueError(f"catalogue lists target {targets_entry.hardware_id!r} twice")
+            targets[targets_entry.hardware_id] = targets_entry
         if not targets:
             raise CatalogueError("catalogue has no [[target]] entries")
         return cls(targets)
@@ -105,31 +105,31 @@ class TargetCatalogue:
         data = resources.files("firmware_bundles").joinpath("catalogue.toml").read_bytes()
         return cls.from_bytes(data)
 
-    def get(self, target_id: str) -> DeviceTarget:
-        """The target with id ``target_id``.
+    def get(self, hardware_id: str) -> DeviceTarget:
+        """The target with id ``hardware_id``.
 
         Raises:
             CatalogueError: If there is none, listing the known ids.
         """
         try:
-            return self.targets[target_id]
+            return self.targets[hardware_id]
         except KeyError:
             known = ", ".join(sorted(self.targets))
-            raise CatalogueError(f"unknown target {target_id!r}; known: {known}") from None
+            raise CatalogueError(f"unknown target {hardware_id!r}; known: {known}") from None
 
-    def check_fits(self, manifest: Manifest, target_id: str, bundle_bytes: int) -> None:
-        """Check the bundle is built for ``target_id`` and fits it.
+    def check_fits(self, manifest: Manifest, hardware_id: str, bundle_bytes: int) -> None:
+        """Check the bundle is built for ``hardware_id`` and fits it.
 
         Raises:
             CatalogueError: With every reason it does not.
         """
-        target = self.get(target_id)
-        if manifest.target(target_id) is None:
-            built = ", ".join(t.target_id for t in manifest.targets)
-            raise CatalogueError(f"bundle is built for {built}, not for {target_id}")
+        target = self.get(hardware_id)
+        if manifest.target(hardware_id) is None:
+            built = ", ".join(t.hardware_id for t in manifest.targets)
+            raise CatalogueError(f"bundle is built for {built}, not for {hardware_id}")
         reasons = target.misfits(manifest, bundle_bytes)
         if reasons:
-            raise CatalogueError(f"bundle does not fit {target_id}: " + "; ".join(reasons))
+            raise CatalogueError(f"bundle does not fit {hardware_id}: " + "; ".join(reasons))
 
 
 def _entry(raw: Any, op_sets: dict[str, list[str]], index: int) -> DeviceTarget:

@@ -80,9 +80,12 @@ class FirmwareRange(Document):
 
 
 class TargetRef(Document):
-    """One device target a bundle is built for (an id in the target catalogue)."""
+    """One device target a bundle is built for (an id in the target catalogue).
 
-    target_id: str = Field(pattern=_NAME)
+    ``hardware_id`` is ``target_id`` in the signed manifest (docs/bundle-format.md, "Names").
+    """
+
+    hardware_id: str = Field(alias="target_id", pattern=_NAME)
     generation: str
     platform: str
     firmware: FirmwareRange
@@ -482,6 +485,6 @@ class Manifest(Document):
                 return entry
         raise KeyError(path)
 
-    def target(self, target_id: str) -> TargetRef | None:
-        """The target entry with id ``target_id``, if the bundle is built for it."""
-        return next((t for t in self.targets if t.target_id == target_id), None)
+    def target(self, hardware_id: str) -> TargetRef | None:
+        """The target entry of ``hardware_id``, if the bundle is built for it."""
+        return next((t for t in self.targets if t.hardware_id == hardware_id), None)

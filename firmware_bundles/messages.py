@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field, StringConstraints, field_validator, model_validator
 
@@ -33,6 +33,9 @@ from firmware_bundles.telemetry import (
     MIN_RELATIVE_ACCURACY,
     bin_key_bounds,
 )
+
+if TYPE_CHECKING:  # the catalogue imports the manifest, as this module does
+    from firmware_bundles.catalogue import DeviceTarget
 
 _ID = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 #: A device id, wherever one enters (enrollment, pairing, a URL path): the one rule for ids.
@@ -62,6 +65,30 @@ class CapabilityReport(Document):
     @classmethod
     def _fw(cls, v: str) -> str:
         return check_semver(v)
+
+    @classmethod
+    def of_target(
+        cls,
+        target: DeviceTarget,
+        free_bytes: tuple[int, int],
+        firmware_version: str,
+        links: list[str] | None = None,
+        onnxruntime_version: str | None = None,
+    ) -> CapabilityReport:
+        """A device of catalogue entry ``target`` (its hardware id, generation, platform and, if
+        ``links`` is None, its links) with ``free_bytes``: (flash, RAM)."""
+        return cls.model_validate(
+            {
+                "hardware_id": target.hardware_id,
+                "generation": target.generation,
+                "platform": target.platform,
+                "firmware_version": firmware_version,
+                "onnxruntime_version": onnxruntime_version,
+                "free_flash_bytes": free_bytes[0],
+                "free_ram_bytes": free_bytes[1],
+                "links": list(target.links) if links is None else links,
+            }
+        )
 
 
 #: ``standby``: the previous active bundle, kept intact as the fallback after an activation.
@@ -467,12 +494,12 @@ class HilCheck(Document):
 
 
 class HilBundleRef(Document):
-    """A bundle a rig ran."""
+    """A bundle a rig ran; ``bundle_sha256`` is ``sha256`` in the signed report."""
 
     name: str
     version: str
     release_counter: int = Field(ge=0)
-    sha256: Sha256
+    bundle_sha256: Sha256 = Field(alias="sha256")
     bytes: int = Field(gt=0)
     targets: list[str]
 
@@ -513,7 +540,7 @@ class HilReport(Document):
             for r in self.runs
             if r.hardware_id == hardware_id
             and r.bundle is not None
-            and r.bundle.sha256 == bundle_sha256
+            and r.bundle.bundle_sha256 == bundle_sha256
         ]
         return bool(runs) and all(r.passed for r in runs)
 

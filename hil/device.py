@@ -200,7 +200,7 @@ class EmulatedDevice:
         target = self.profile.target
         return {
             "device_id": self.device_id,
-            "hardware_id": target.id,
+            "hardware_id": target.hardware_id,
             "firmware_version": self.firmware.version,
             "nonce": self.nonce,
             "boot_epoch": self.record.boot_epoch,
@@ -236,7 +236,7 @@ class EmulatedDevice:
             raise Refusal(mg.ModelRc.NO_MODEL, "no active model")
         outcome = running.runtime.self_test()
         if not outcome.passed:
-            self.telemetry.record_error(running.manifest, running.sha256, self_test=True)
+            self.telemetry.record_error(running.manifest, running.bundle_sha256, self_test=True)
             detail = outcome.detail
             if not self.record.confirmed:
                 detail = self.store.revert(detail)
@@ -272,9 +272,9 @@ class EmulatedDevice:
         try:
             outputs, latency = running.runtime.run(inputs)
         except Refusal:
-            self.telemetry.record_error(running.manifest, running.sha256, self_test=False)
+            self.telemetry.record_error(running.manifest, running.bundle_sha256, self_test=False)
             raise
-        self.telemetry.record(running.manifest, running.sha256, inputs, outputs, latency)
+        self.telemetry.record(running.manifest, running.bundle_sha256, inputs, outputs, latency)
         return {
             "outputs": {name: _tensor(array) for name, array in outputs.items()},
             "latency_us": max(1, round(latency * 1e6)),

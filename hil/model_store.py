@@ -29,7 +29,7 @@ class UploadSession:
     """An upload in progress into the inactive slot (RAM only: gone after a reboot)."""
 
     slot: int
-    sha256: bytes
+    bundle_sha256: bytes
     length: int
     off: int = 0
     match: bool | None = None
@@ -55,7 +55,7 @@ class Running:
 
     slot: int
     manifest: Manifest
-    sha256: str
+    bundle_sha256: str
     runtime: MicroRuntime | TflmRuntime
 
 
@@ -124,7 +124,7 @@ class ModelStore:
         return 0 if self.record.active is None else 1 - self.record.active
 
     def upload(
-        self, off: int, data: bytes, length: int | None, sha: bytes | None
+        self, off: int, data: bytes, length: int | None, bundle_sha256: bytes | None
     ) -> dict[str, Any]:
         """Apply one upload request; returns the response fields.
 
@@ -133,7 +133,7 @@ class ModelStore:
             PowerCut: If the power goes at a flash write.
         """
         if off == 0:
-            started = self._start(data, length, sha)
+            started = self._start(data, length, bundle_sha256)
             if started is not None:
                 return started
         session = self.session
@@ -154,18 +154,24 @@ class ModelStore:
             session.off += len(data)
             self.stats.upload_bytes_written += len(data)
         if session.complete:
-            session.match = session._hasher.digest() == session.sha256
+            session.match = session._hasher.digest() == session.bundle_sha256
             return {"off": session.off, "match": session.match}
         return {"off": session.off}
 
-    def _start(self, data: bytes, length: int | None, sha: bytes | None) -> dict[str, Any] | None:
+    def _start(
+        self, data: bytes, length: int | None, bundle_sha256: bytes | None
+    ) -> dict[str, Any] | None:
         """Resume or start a session at offset 0; None means "write ``data`` now"."""
-        if length is None or sha is None or len(sha) != 32:
+        if length is None or bundle_sha256 is None or len(bundle_sha256) != 32:
             raise Refusal(ModelRc.BAD_REQUEST, "offset 0 needs len and a 32-byte sha")
         current = self.session
         # A finished upload that did not match its SHA-256 is never resumed: it starts over.
         resumable = current is not None and not (current.complete and not current.match)
-        if resumable and current is not None and (current.sha256, current.length) == (sha, length):
+        if (
+            resumable
+            and current is not None
+            and (current.bundle_sha256, current.length) == (bundle_sha256, length)
+        ):
             if current.off > 0:
                 self.stats.resumed_sessions += 1
             if current.complete:
@@ -187,7 +193,7 @@ class ModelStore:
             self.record.slots[slot] = SlotRecord()
             save_record(self.flash, self.record)
         self.flash.erase(SLOT_REGIONS[slot])
-        self.session = UploadSession(slot, sha, length)
+        self.session = UploadSession(slot, bundle_sha256, length)
         self.stats.upload_sessions += 1
         return None
 
@@ -294,7 +300,7 @@ class ModelStore:
                 )
             session = self.session
             if session is not None and session.slot == index:
-                entry = {"slot": index, "sha": session.sha256, "len": session.length}
+                entry = {"slot": index, "sha": session.bundle_sha256, "len": session.length}
                 if session.complete:
                     entry["state"] = "uploaded" if session.match else "corrupt"
                 else:

@@ -36,8 +36,8 @@ class DeviceProfile:
     telemetry_window_s: int = 3600
 
     @property
-    def target_id(self) -> str:
-        return self.target.id
+    def hardware_id(self) -> str:
+        return self.target.hardware_id
 
 
 # (link, factory firmware, buf_size, buf_count). BLE rings use 2440-byte buffers: ten 244-byte
@@ -54,15 +54,15 @@ def emulated_targets() -> list[str]:
     return sorted(_EMULATED)
 
 
-def profile_for(target_id: str, catalogue: TargetCatalogue | None = None) -> DeviceProfile:
-    """The emulated device profile of ``target_id``.
+def profile_for(hardware_id: str, catalogue: TargetCatalogue | None = None) -> DeviceProfile:
+    """The emulated device profile of ``hardware_id``.
 
     Raises:
         DeviceSpecError: If the target cannot be emulated, naming the ones that can.
     """
-    if target_id not in _EMULATED:
+    if hardware_id not in _EMULATED:
         known = ", ".join(emulated_targets())
-        raise DeviceSpecError(f"no emulated device for {target_id!r}; emulated: {known}")
-    link, firmware, buf_size, buf_count = _EMULATED[target_id]
-    target = (catalogue or TargetCatalogue.load_default()).get(target_id)
+        raise DeviceSpecError(f"no emulated device for {hardware_id!r}; emulated: {known}")
+    link, firmware, buf_size, buf_count = _EMULATED[hardware_id]
+    target = (catalogue or TargetCatalogue.load_default()).get(hardware_id)
     return DeviceProfile(target, link, firmware, buf_size, buf_count)

@@ -20,7 +20,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from device_agent.link import LinkError, LinkSettings
-from firmware_bundles import BundleError, TargetCatalogue, bundle_id, open_bundle
+from firmware_bundles import BundleError, TargetCatalogue, hash_bundle, open_bundle
 from firmware_bundles.root import Root
 from hil.director import LabDirector
 from hil.errors import HilError, RigError
@@ -178,7 +178,9 @@ async def _run_device(
         mine = [b for b in plan.bundles if open_bundle(b).manifest.target(identity.hardware_id)]
         if not mine:
             built = ", ".join(
-                sorted({t.target_id for b in plan.bundles for t in open_bundle(b).manifest.targets})
+                sorted(
+                    {t.hardware_id for b in plan.bundles for t in open_bundle(b).manifest.targets}
+                )
             )
             return [
                 DeviceRun(
@@ -237,9 +239,9 @@ def _describe(bundle: bytes) -> dict[str, object]:
         "name": manifest.name,
         "version": manifest.version,
         "release_counter": manifest.release_counter,
-        "sha256": bundle_id(bundle),
+        "sha256": hash_bundle(bundle),
         "bytes": len(bundle),
-        "targets": [t.target_id for t in manifest.targets],
+        "targets": [t.hardware_id for t in manifest.targets],
     }
 
 

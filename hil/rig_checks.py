@@ -82,7 +82,7 @@ class BundleOnDevice:
             verify(
                 self.bundle,
                 self.root,
-                target_id=self.identity.hardware_id,
+                hardware_id=self.identity.hardware_id,
                 catalogue=self.catalogue,
             )
         except BundleError as exc:

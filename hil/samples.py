@@ -117,7 +117,7 @@ def sample_draft(
         "task": "classification",
         "targets": [
             {
-                "target_id": t.id,
+                "target_id": t.hardware_id,
                 "generation": t.generation,
                 "platform": t.platform,
                 "firmware": t.firmware.to_dict(),

@@ -124,7 +124,7 @@ def _check_assignments(
             envelope,
             root,
             device_id=device.device_id,
-            hardware_id=device.target.id,
+            hardware_id=device.target.hardware_id,
             nonce=device.nonce,
             now=now,
             min_release_counters=device.counters,
@@ -147,10 +147,12 @@ def _rc(exc: BundleError) -> ModelRc:
 
 def _check_fit(contents: BundleContents, device: DeviceFacts) -> None:
     manifest = contents.manifest
-    built_for = manifest.target(device.target.id)
+    built_for = manifest.target(device.target.hardware_id)
     if built_for is None:
-        names = ", ".join(t.target_id for t in manifest.targets)
-        raise Refusal(ModelRc.DOES_NOT_FIT, f"bundle is built for {names}, not {device.target.id}")
+        names = ", ".join(t.hardware_id for t in manifest.targets)
+        raise Refusal(
+            ModelRc.DOES_NOT_FIT, f"bundle is built for {names}, not {device.target.hardware_id}"
+        )
     reasons = device.target.misfits(manifest, contents.size)
     if not built_for.firmware.contains(device.firmware_version):
         below = f" <{built_for.firmware.below}" if built_for.firmware.below else ""

@@ -81,13 +81,7 @@ def enroll(
     session.add(
         Device(
             id=device_id,
-            hardware_id=capabilities.hardware_id,
-            generation=capabilities.generation,
-            platform=capabilities.platform,
-            firmware_version=capabilities.firmware_version,
-            onnxruntime_version=capabilities.onnxruntime_version,
-            free_flash_bytes=capabilities.free_flash_bytes,
-            free_ram_bytes=capabilities.free_ram_bytes,
+            **capabilities.model_dump(exclude={"links"}),
             credential_hash=hash_token(credential),
             relay_id=relay_id,
             enrolled_at=now,
@@ -106,18 +100,18 @@ def device_by_credential(session: Session, credential: str) -> Device | None:
     ).first()
 
 
-def authorise_device(caller: Device, target_id: str, session: Session) -> Device:
-    """The device ``target_id`` if ``caller`` may act for it: itself, or as its paired relay.
+def authorise_device(caller: Device, device_id: str, session: Session) -> Device:
+    """The device ``device_id`` if ``caller`` may act for it: itself, or as its paired relay.
 
     Raises:
         ApiError: 403 otherwise; 404 if it does not exist (only said to its relay).
     """
-    if caller.id == target_id:
+    if caller.id == device_id:
         return caller
-    target = session.get(Device, target_id)
-    if target is None or target.relay_id != caller.id or target.revoked:
-        raise ApiError(403, f"device {caller.id} may not act for device {target_id}")
-    return target
+    device = session.get(Device, device_id)
+    if device is None or device.relay_id != caller.id or device.revoked:
+        raise ApiError(403, f"device {caller.id} may not act for device {device_id}")
+    return device
 
 
 def cohort_devices(session: Session, cohort: Cohort) -> list[str]:

@@ -398,17 +398,31 @@ def _two_arm_gate(name: str, t: ArmData, c: ArmData, cfg: GateConfig, alpha: flo
     if name == "latency":  # log-ratio of quantiles -> relative increase
         est, lo, hi = math.expm1(est), math.expm1(lo), math.expm1(hi)
         raw_t, raw_c = math.exp(raw_t), math.exp(raw_c)
-    figures = f"{est:+.4g} (sequence {lo:+.4g}..{hi:+.4g}), threshold {threshold:.4g}"
-    if lo > 0 and est > threshold:
-        status: Status = "fail"
-        reason = f"{name}: harm {figures}: significant and beyond the threshold"
-    elif hi < threshold:
-        status, reason = "pass", f"harm {figures}: below the threshold"
-    else:
-        status, reason = "hold", f"not yet conclusive: harm {figures}"
+    figures = f"harm {est:+.4g} (sequence {lo:+.4g}..{hi:+.4g}), threshold {threshold:.4g}"
+    status, reason = _verdict(
+        name, lo > 0, est, hi, threshold, figures, "significant and beyond the threshold"
+    )
     return GateResult(
         name, status, reason, threshold, alpha, est, lo, hi, raw_t, raw_c, nt, nc, inf_t, inf_c
     )
+
+
+def _verdict(
+    name: str,
+    significant: bool,
+    est: float,
+    hi: float,
+    threshold: float,
+    figures: str,
+    failed: str,
+) -> tuple[Status, str]:
+    """The rule of every gate: fail when the harm is significant and its estimate beyond the
+    threshold, pass when its upper bound is below the threshold, else hold; with the reason."""
+    if significant and est > threshold:
+        return "fail", f"{name}: {figures}: {failed}"
+    if hi < threshold:
+        return "pass", f"{figures}: below the threshold"
+    return "hold", f"not yet conclusive: {figures}"
 
 
 def _pending(
@@ -544,13 +558,16 @@ def _shift_gate(name: str, t: ArmData, c: ArmData, cfg: GateConfig, alpha: float
             lo = divergence(_moved(p_c, near), p_c)
             hi = divergence(_moved(p_c, far), p_c)
             figures = f"{hist} {est:.4g} (bounds {lo:.4g}..{hi:.4g}), threshold {threshold:.4g}"
-            if bool(np.any(near != 0)) and est > threshold:
-                status: Status = "fail"
-                reason = f"{name}: {figures}: a share moved significantly, beyond the threshold"
-            elif hi < threshold:
-                status, reason = "pass", f"{figures}: below the threshold"
-            else:
-                status, reason = "hold", f"not yet conclusive: {figures}"
+            moved = bool(np.any(near != 0))
+            status, reason = _verdict(
+                name,
+                moved,
+                est,
+                hi,
+                threshold,
+                figures,
+                "a share moved significantly, beyond the threshold",
+            )
             result = GateResult(
                 name,
                 status,

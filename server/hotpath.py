@@ -137,10 +137,10 @@ def _assigned(model: str, offer: Offer, confirmed: int | None) -> AssignedBundle
     return AssignedBundle(
         model=model,
         version=offer.version,
-        bundle_sha256=offer.sha256,
+        bundle_sha256=offer.bundle_sha256,
         bundle_length=offer.length,
         release_counter=offer.release_counter,
-        download_url=f"/v1/bundles/{offer.sha256}",
+        download_url=f"/v1/bundles/{offer.bundle_sha256}",
         confirmed_release_counter=confirmed,
     )
 
@@ -153,7 +153,7 @@ def _firmware_fits(minimum: str, below: str | None, firmware: str) -> bool:
 def _why_not(
     offer: Offer, firmware: str, free_flash: int, hardware_id: str, model: str
 ) -> str | None:
-    if offer.sha256 is None:
+    if offer.bundle_sha256 is None:
         return f"{model} {offer.version} has no bundle for {hardware_id}"
     if not _firmware_fits(offer.firmware_min, offer.firmware_below, firmware):
         return f"firmware {firmware} outside the bundle's range >={offer.firmware_min}" + (

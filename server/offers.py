@@ -59,7 +59,7 @@ class Offer:
 
     version: str
     release_counter: int
-    sha256: str | None = None
+    bundle_sha256: str | None = None
     length: int = 0
     firmware_min: str = "0.0.0"
     firmware_below: str | None = None
@@ -218,11 +218,7 @@ def _read_confirmed(state: ServerState, hardware_id: str) -> ConfirmedCounters:
 
 
 def read_offers(
-    state: ServerState,
-    device_id: str,
-    hardware_id: str,
-    firmware: str = "0.0.0",
-    running: Mapping[str, str] | None = None,
+    state: ServerState, device_id: str, hardware_id: str, firmware: str, running: Mapping[str, str]
 ) -> Offers:
     """:func:`offers_for_device` from the database (refreshing the cache's entries)."""
     cache = state.offers
@@ -240,7 +236,7 @@ def read_offers(
         if rules is None:
             rules = rollout_rules(session, hardware_id)
             cache.put_rules(generation, hardware_id, rules)
-        offers = apply_rules(released, list(rules), device_id, firmware, running or {})
+        offers = apply_rules(released, list(rules), device_id, firmware, running)
         if device_id not in pinned:
             return offers
         for pin in session.exec(select(Pin).where(Pin.device_id == device_id)):

@@ -28,7 +28,9 @@ class BundleUpload:
 
     def __init__(self, state: ServerState) -> None:
         limits = ArchiveLimits(max_total_bytes=state.settings.max_bundle_upload_bytes)
-        self._reader = BundleReader(limits, root=state.trusted.root, keep_files=False, with_id=True)
+        self._reader = BundleReader(
+            limits, root=state.trusted.root, keep_files=False, with_bundle_sha256=True
+        )
         self._spool: BlobSpool = state.blobs.spool()
         self.length = 0
 
@@ -80,12 +82,12 @@ def publish(
         raise ApiError(400, "bundle refused: a bundle must name exactly one target")
     target = manifest.targets[0]
     try:
-        state.catalogue.check_fits(manifest, target.target_id, upload.length)
+        state.catalogue.check_fits(manifest, target.hardware_id, upload.length)
     except CatalogueError as exc:
         raise ApiError(400, f"bundle refused: {exc}") from exc
-    sha = verified.contents.id
-    assert sha is not None  # the reader hashed the archive (with_id)
-    existing = session.get(Bundle, sha)
+    bundle_sha256 = verified.contents.bundle_sha256
+    assert bundle_sha256 is not None  # the reader hashed the archive
+    existing = session.get(Bundle, bundle_sha256)
     if existing is not None:
         return existing
     now = datetime.now(UTC)
@@ -114,20 +116,22 @@ def publish(
             f" {version.release_counter}, bundle says {manifest.release_counter}",
         )
     clash = session.exec(
-        select(Bundle).where(Bundle.version_id == version.id, Bundle.target_id == target.target_id)
+        select(Bundle).where(
+            Bundle.version_id == version.id, Bundle.target_id == target.hardware_id
+        )
     ).first()
     if clash is not None:
         raise ApiError(
             409,
             f"{manifest.name} {manifest.version} already has bundle"
-            f" {clash.sha256[:12]} for {target.target_id}; publish a new version",
+            f" {clash.sha256[:12]} for {target.hardware_id}; publish a new version",
         )
-    upload.keep(sha)
+    upload.keep(bundle_sha256)
     assert version.id is not None
     bundle = Bundle(
-        sha256=sha,
+        sha256=bundle_sha256,
         version_id=version.id,
-        target_id=target.target_id,
+        target_id=target.hardware_id,
         length=upload.length,
         format=manifest.runtime.format,
         firmware_min=target.firmware.minimum,
@@ -142,8 +146,8 @@ def publish(
         {
             "model": manifest.name,
             "version": manifest.version,
-            "hardware_id": target.target_id,
-            "bundle_sha256": sha,
+            "hardware_id": target.hardware_id,
+            "bundle_sha256": bundle_sha256,
             "length": upload.length,
             "published_by": publisher,
         },
@@ -168,7 +172,7 @@ def publish_bytes(*, session: Session, state: ServerState, data: bytes, publishe
 
 
 def attach_hil_report(
-    *, session: Session, state: ServerState, sha256: str, data: bytes
+    *, session: Session, state: ServerState, bundle_sha256: str, data: bytes
 ) -> dict[str, Any]:
     """Attach a rig's signed report to a published bundle (replacing an earlier one).
 
@@ -179,29 +183,31 @@ def attach_hil_report(
         ApiError: 404 for an unknown bundle; 400 if the report is not signed by the root's ``hil``
             role or has no run of this bundle on a device of its target.
     """
-    bundle = session.get(Bundle, sha256)
+    bundle = session.get(Bundle, bundle_sha256)
     if bundle is None:
-        raise ApiError(404, f"no bundle {sha256}")
+        raise ApiError(404, f"no bundle {bundle_sha256}")
     report = _verified_report(state, data)
     runs = [
         r
         for r in report.runs
-        if r.bundle is not None and r.bundle.sha256 == sha256 and r.hardware_id == bundle.target_id
+        if r.bundle is not None
+        and r.bundle.bundle_sha256 == bundle_sha256
+        and r.hardware_id == bundle.target_id
     ]
     if not runs:
         raise ApiError(
             400,
-            f"HIL report refused: it has no run of bundle {sha256[:12]} on a"
+            f"HIL report refused: it has no run of bundle {bundle_sha256[:12]} on a"
             f" {bundle.target_id} device",
         )
     bundle.hil_report = data
     session.add(bundle)
     session.commit()
     return {
-        "sha256": sha256,
+        "sha256": bundle_sha256,
         "target_id": bundle.target_id,
         "runs": len(runs),
-        "passed": report.passed_for(sha256, bundle.target_id),
+        "passed": report.passed_for(bundle_sha256, bundle.target_id),
     }
 
 
@@ -246,17 +252,17 @@ def release(
     session: Session,
     model: str,
     version: str,
-    target: str | None,
+    hardware_id: str | None,
     by: str,
     state: ServerState,
 ) -> list[str]:
-    """Make ``version`` current for ``target`` (or every target it has a bundle for).
+    """Make ``version`` current for ``hardware_id`` (or every one it has a bundle for).
 
-    When the server requires HIL reports (``require_hil_report``), every target released must
+    When the server requires HIL reports (``require_hil_report``), every hardware id released must
     have a bundle with a passing rig report attached; otherwise nothing is released.
 
     Returns:
-        The target ids released.
+        The hardware ids released.
 
     Raises:
         ApiError: 404 if unknown, 409 if withdrawn, without a bundle for the target, or held by
@@ -266,36 +272,38 @@ def release(
     if found.withdrawn:
         raise ApiError(409, f"{model} {version} is withdrawn")
     bundles = session.exec(select(Bundle).where(Bundle.version_id == found.id)).all()
-    targets = sorted({b.target_id for b in bundles})
-    if target is not None:
-        if target not in targets:
+    hardware_ids = sorted({b.target_id for b in bundles})
+    if hardware_id is not None:
+        if hardware_id not in hardware_ids:
             raise ApiError(
                 409,
-                f"{model} {version} has no bundle for {target};"
-                f" it has: {', '.join(targets) or 'none'}",
+                f"{model} {version} has no bundle for {hardware_id};"
+                f" it has: {', '.join(hardware_ids) or 'none'}",
             )
-        targets = [target]
-    _refuse_if_owned(session, model, targets, "release")
+        hardware_ids = [hardware_id]
+    _refuse_if_owned(session, model, hardware_ids, "release")
     if state.settings.require_hil_report:
-        by_target = {b.target_id: b for b in bundles}
-        held = {t: why for t in targets if (why := _hil_gate(state, by_target[t])) is not None}
+        by_hardware = {b.target_id: b for b in bundles}
+        held = {
+            h: why for h in hardware_ids if (why := _hil_gate(state, by_hardware[h])) is not None
+        }
         if held:
             raise ApiError(
                 409,
                 f"{model} {version} held by the HIL gate: "
-                + "; ".join(f"{t}: {why}" for t, why in sorted(held.items())),
+                + "; ".join(f"{h}: {why}" for h, why in sorted(held.items())),
             )
     now = datetime.now(UTC)
     assert found.id is not None
-    for t in targets:
+    for h in hardware_ids:
         session.add(
             Release(
-                model_name=model, target_id=t, version_id=found.id, released_at=now, released_by=by
+                model_name=model, target_id=h, version_id=found.id, released_at=now, released_by=by
             )
         )
-    released(session, model, version, targets, by=by, now=now)
+    released(session, model, version, hardware_ids, by=by, now=now)
     session.commit()
-    return targets
+    return hardware_ids
 
 
 def released(
@@ -366,11 +374,11 @@ def pin(*, session: Session, device_id: str, model: str, version: str | None) ->
     session.commit()
 
 
-def get_bundle(session: Session, sha256: str) -> Bundle:
+def get_bundle(session: Session, bundle_sha256: str) -> Bundle:
     """Raises: ApiError 404 for an unknown bundle."""
-    bundle = session.get(Bundle, sha256)
+    bundle = session.get(Bundle, bundle_sha256)
     if bundle is None:
-        raise ApiError(404, f"no bundle {sha256}")
+        raise ApiError(404, f"no bundle {bundle_sha256}")
     return bundle
 
 

@@ -29,8 +29,8 @@ class BlobStore:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
 
-    def path(self, sha256: str) -> Path:
-        return self.directory / sha256[:2] / sha256
+    def path(self, bundle_sha256: str) -> Path:
+        return self.directory / bundle_sha256[:2] / bundle_sha256
 
     def spool(self) -> BlobSpool:
         """A file to write a blob into as it arrives; :meth:`BlobSpool.keep` files it."""

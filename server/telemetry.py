@@ -139,10 +139,10 @@ def check_windows(
                 " server"
             )
             continue
-        target_id, layout = found
-        if target_id != device.hardware_id:
+        hardware_id, layout = found
+        if hardware_id != device.hardware_id:
             problems.append(
-                f"{where}: field 'bundle_sha256': the bundle is for hardware {target_id}, device"
+                f"{where}: field 'bundle_sha256': the bundle is for hardware {hardware_id}, device"
                 f" {device.id} is {device.hardware_id}"
             )
         accuracy = window.latency.relative_accuracy
@@ -158,9 +158,11 @@ def check_windows(
         raise ApiError(422, "telemetry refused: " + "; ".join(problems[:MAX_PROBLEMS_REPORTED]))
 
 
-def _bundle_layouts(session: Session, shas: set[str]) -> dict[str, tuple[str, TelemetryLayout]]:
-    """Per published bundle among ``shas``: its target id and its windows' layout."""
-    missing = shas - _layouts.keys()
+def _bundle_layouts(
+    session: Session, bundle_sha256s: set[str]
+) -> dict[str, tuple[str, TelemetryLayout]]:
+    """Per published bundle among ``bundle_sha256s``: its hardware id and its windows' layout."""
+    missing = bundle_sha256s - _layouts.keys()
     if missing:
         rows = session.exec(
             select(Bundle.sha256, Bundle.target_id, Bundle.manifest).where(
@@ -169,9 +171,12 @@ def _bundle_layouts(session: Session, shas: set[str]) -> dict[str, tuple[str, Te
         ).all()
         if len(_layouts) + len(rows) > MAX_CACHED_LAYOUTS:
             _layouts.clear()
-        for sha, target_id, manifest in rows:
-            _layouts[sha] = (target_id, TelemetryLayout.of(Manifest.from_dict(manifest)))
-    return {sha: _layouts[sha] for sha in shas if sha in _layouts}
+        for bundle_sha256, hardware_id, manifest in rows:
+            _layouts[bundle_sha256] = (
+                hardware_id,
+                TelemetryLayout.of(Manifest.from_dict(manifest)),
+            )
+    return {s: _layouts[s] for s in bundle_sha256s if s in _layouts}
 
 
 def _add_up(batch: TelemetryBatch, relative_accuracy: float) -> dict[_Key, dict[str, Any]]:

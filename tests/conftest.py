@@ -26,11 +26,11 @@ TARGETS: dict[str, tuple[str, str, dict[str, str]]] = {
 }
 
 
-def target_entry(target_id: str) -> dict[str, Any]:
+def target_entry(hardware_id: str) -> dict[str, Any]:
     """A manifest's ``targets`` entry for one of :data:`TARGETS`."""
-    generation, platform, firmware = TARGETS[target_id]
+    generation, platform, firmware = TARGETS[hardware_id]
     return {
-        "target_id": target_id,
+        "target_id": hardware_id,
         "generation": generation,
         "platform": platform,
         "firmware": dict(firmware),

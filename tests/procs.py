@@ -189,10 +189,10 @@ class ServerProcess:
 
     def publish_and_release(self, bundle: Path, model: str, version: str) -> str:
         """Publish a bundle file and release its version; its SHA-256."""
-        sha = self.publish(bundle)
+        bundle_sha256 = self.publish(bundle)
         released = self.cli("release", model, version)
         assert released.returncode == 0, released.stderr
-        return sha
+        return bundle_sha256
 
     def enroll_token(self, max_uses: int = 10) -> str:
         created = self.cli("tokens", "enroll", "--max-uses", str(max_uses), "--json")

@@ -164,7 +164,7 @@ def test_total_over_cap_is_refused(bundle_bytes: bytes, root: Root) -> None:
 
 
 def test_sound_bundle_verifies(bundle_bytes: bytes, keys: Keys, root: Root) -> None:
-    verified = verify(bundle_bytes, root, with_id=True)
+    verified = verify(bundle_bytes, root, with_bundle_sha256=True)
     assert verified.release_keyids == {k.keyid for k in keys.release}
     assert verified.file("model.onnx") == MODEL_BYTES
     assert verified.manifest.release_counter == 7
@@ -272,13 +272,13 @@ def test_revoked_release_key_stops_counting(keys: Keys) -> None:
 def test_pieces_of_any_size_verify_to_the_same_bundle(
     bundle_bytes: bytes, root: Root, piece: int
 ) -> None:
-    from firmware_bundles import BundleReader, bundle_id
+    from firmware_bundles import BundleReader, hash_bundle
 
-    reader = BundleReader(root=root, with_id=True)
+    reader = BundleReader(root=root, with_bundle_sha256=True)
     for start in range(0, len(bundle_bytes), piece):
         reader.feed(bundle_bytes[start : start + piece])
     bundle = reader.finish_verified()
-    assert bundle.contents.id == bundle_id(bundle_bytes)
+    assert bundle.contents.bundle_sha256 == hash_bundle(bundle_bytes)
     assert bundle.file("model.onnx") == MODEL_BYTES
     assert bundle.release_keyids == verify(bundle_bytes, root).release_keyids
 

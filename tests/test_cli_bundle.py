@@ -85,6 +85,7 @@ def test_pack_sign_inspect_verify(workspace: Path) -> None:
     assert code == 0
     signed = json.loads(out)
     assert signed["sha256"] != json.loads(run("bundle", "inspect", "b.efb", "--json")[1])["sha256"]
+    # --target, the spelling --hardware-id had before, still works.
     code, out = run(
         "bundle", "verify", "b2.efb", "--root", "root.json", "--json", "--target", "phone-android"
     )
@@ -98,7 +99,9 @@ def test_pack_sign_inspect_verify(workspace: Path) -> None:
 
 def test_verify_for_a_target_it_was_not_built_for(workspace: Path) -> None:
     pack("rel1.pem", "rel2.pem")
-    code, out = run("bundle", "verify", "b.efb", "--root", "root.json", "--target", "ring-gen3")
+    code, out = run(
+        "bundle", "verify", "b.efb", "--root", "root.json", "--hardware-id", "ring-gen3"
+    )
     assert code == 1 and "not for ring-gen3" in out
 
 

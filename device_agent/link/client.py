@@ -247,12 +247,12 @@ class DeviceClient:
         self, image: bytes, *, slot: int = 1, on_progress: ProgressHook | None = None
     ) -> UploadResult:
         """Upload a firmware image (image group), pipelined and resumable by SHA-256."""
-        sha = hashlib.sha256(image).digest()
+        image_sha256 = hashlib.sha256(image).digest()
 
         def make(off: int, data: bytes, first: bool) -> message.WriteRequest:
             if first:
                 return smpimg.ImageUploadWriteRequest(
-                    off=off, data=data, image=0, len=len(image), sha=sha, upgrade=False
+                    off=off, data=data, image=0, len=len(image), sha=image_sha256, upgrade=False
                 )
             return smpimg.ImageUploadWriteRequest(off=off, data=data)
 
@@ -261,7 +261,7 @@ class DeviceClient:
             image,
             make,
             command="image.upload",
-            sha256_hex=sha.hex(),
+            sha256_hex=image_sha256.hex(),
             window=self._window(),
             timeout_s=self.settings.upload_timeout_s,
             on_progress=on_progress,
@@ -302,11 +302,11 @@ class DeviceClient:
             UploadMismatch: If the device's copy hashes differently.
             Disconnected, LinkTimeout: Call again on a new connection to resume.
         """
-        sha = hashlib.sha256(bundle).digest()
+        bundle_sha256 = hashlib.sha256(bundle).digest()
 
         def make(off: int, data: bytes, first: bool) -> message.WriteRequest:
             if first:
-                return mg.UploadRequest(off=off, data=data, len=len(bundle), sha=sha)
+                return mg.UploadRequest(off=off, data=data, len=len(bundle), sha=bundle_sha256)
             return mg.UploadRequest(off=off, data=data)
 
         return await pipelined_upload(
@@ -314,7 +314,7 @@ class DeviceClient:
             bundle,
             make,
             command="model.upload",
-            sha256_hex=sha.hex(),
+            sha256_hex=bundle_sha256.hex(),
             window=self._window(),
             timeout_s=self.settings.upload_timeout_s,
             on_progress=on_progress,

@@ -157,7 +157,7 @@ class RingRelay:
         for assignment, refused in verified.refused:
             self._last[assignment.model] = ("verify-failed", str(refused))
             outcome.refused[f"{assignment.model} {assignment.version}"] = str(refused)
-        running = _running_sha(slots)
+        running = _running_bundle_sha256(slots)
         for assignment in verified.assignments:
             label = f"{assignment.model} {assignment.version}"
             if assignment.bundle_sha256 == running:
@@ -276,19 +276,15 @@ class RingRelay:
         ]
 
     def _capabilities(self, identity: mg.IdentityResponse) -> CapabilityReport:
-        target = self.catalogue.get(identity.hardware_id)
-        return CapabilityReport(
-            hardware_id=identity.hardware_id,
-            generation=target.generation,
-            platform=target.platform,
-            firmware_version=identity.firmware_version,
-            free_flash_bytes=identity.max_bundle_bytes,
-            free_ram_bytes=identity.ram_arena_bytes,
+        return CapabilityReport.of_target(
+            self.catalogue.get(identity.hardware_id),
+            (identity.max_bundle_bytes, identity.ram_arena_bytes),
+            identity.firmware_version,
             links=["ble"],
         )
 
 
-def _running_sha(slots: mg.SlotsResponse) -> str | None:
+def _running_bundle_sha256(slots: mg.SlotsResponse) -> str | None:
     active = next((s for s in slots.slots if s.slot == slots.active), None)
     if active is None or active.sha is None or not slots.confirmed:
         return None

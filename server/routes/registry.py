@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from anyio import to_thread
-from fastapi import APIRouter, Header, Request, Response
+from fastapi import APIRouter, Header, Path, Request, Response
 from pydantic import BaseModel, Field
 
 from server import confirmations, registry
@@ -31,6 +31,8 @@ from server.schemas import (
 router = APIRouter(prefix="/v1", tags=["registry"], responses=REFUSALS)
 #: Downloads answer bytes, so their refusals are declared as JSON explicitly.
 downloads = APIRouter(prefix="/v1", tags=["registry"], responses=REFUSALS_AS_JSON)
+#: A bundle's hash in a URL path: ``{sha256}`` in the published routes (docs/server-api.md).
+BundleSha256Path = Annotated[str, Path(alias="sha256")]
 
 
 def _raw_body(media_type: str, description: str) -> dict[str, Any]:
@@ -83,13 +85,19 @@ async def publish(
     openapi_extra=_raw_body("application/json", "A rig report signed by the root's hil role."),
 )
 async def attach_hil_report(
-    sha256: str, request: Request, session: SessionDep, state: StateDep, who: PublisherDep
+    bundle_sha256: BundleSha256Path,
+    request: Request,
+    session: SessionDep,
+    state: StateDep,
+    who: PublisherDep,
 ) -> HilReportAttached:
     """Attach a rig report (signed by the root's ``hil`` role) to a published bundle; a passing
     one lets the version be released where the server requires HIL reports."""
     data = await read_body(request, state.settings.max_hil_report_bytes, "HIL report")
     attached = await to_thread.run_sync(
-        lambda: registry.attach_hil_report(session=session, state=state, sha256=sha256, data=data)
+        lambda: registry.attach_hil_report(
+            session=session, state=state, bundle_sha256=bundle_sha256, data=data
+        )
     )
     return HilReportAttached.model_validate(attached)
 
@@ -112,7 +120,7 @@ _BYTES = {"application/x-tar": {"schema": {"type": "string", "format": "binary"}
     },
 )
 def download(
-    sha256: str,
+    bundle_sha256: BundleSha256Path,
     session: SessionDep,
     state: StateDep,
     who: PrincipalDep,
@@ -121,12 +129,12 @@ def download(
     """A bundle's bytes: immutable, with ETag and Range (resume)."""
     if who.kind == "api":
         who.require("read")
-    registry.get_bundle(session, sha256)
-    etag = f'"{sha256}"'
+    registry.get_bundle(session, bundle_sha256)
+    etag = f'"{bundle_sha256}"'
     if if_none_match == etag:
         return Response(status_code=304, headers={"ETag": etag})
     return RangeFileResponse(
-        state.blobs.path(sha256),
+        state.blobs.path(bundle_sha256),
         media_type="application/x-tar",
         headers={"ETag": etag, "Cache-Control": "public, max-age=31536000, immutable"},
     )
@@ -143,7 +151,7 @@ def show_model(name: str, session: SessionDep, who: ReaderDep) -> ModelPublic:
 
 
 class ReleaseRequest(RequestBody):
-    target: str | None = None
+    hardware_id: str | None = Field(default=None, alias="target")
 
 
 @router.post("/models/{name}/versions/{version}/release")
@@ -156,10 +164,15 @@ def release(
     who: OperatorDep,
 ) -> Released:
     """Make a version current for one target, or for every target it has a bundle for."""
-    targets = registry.release(
-        session=session, model=name, version=version, target=body.target, by=who.name, state=state
+    hardware_ids = registry.release(
+        session=session,
+        model=name,
+        version=version,
+        hardware_id=body.hardware_id,
+        by=who.name,
+        state=state,
     )
-    return Released(model=name, version=version, released_for=targets)
+    return Released(model=name, version=version, released_for=hardware_ids)
 
 
 @router.post("/models/{name}/versions/{version}/withdraw")

@@ -75,7 +75,7 @@ class BuiltBundle:
     model_bytes: bytes
 
     @property
-    def sha256(self) -> str:
+    def bundle_sha256(self) -> str:
         return hashlib.sha256(self.data).hexdigest()
 
     def expected(self, inputs: np.ndarray = PROBE) -> np.ndarray:
@@ -206,7 +206,7 @@ def make_agent(
             "server_url": sim.base_url,
             "state_dir": tmp_path / "state",
             "root_path": root_path,
-            "target_id": "phone-android",
+            "hardware_id": "phone-android",
             "enroll_token": "efe_simulated",
             "firmware_version": "14.0.0",
             "backoff_initial_s": 0.0,

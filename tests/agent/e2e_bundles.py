@@ -39,7 +39,7 @@ class E2EBundle:
     model_bytes: bytes
     length: int
 
-    def sha256(self) -> str:
+    def bundle_sha256(self) -> str:
         """The bundle's identity (SHA-256 of its bytes)."""
         return hashlib.sha256(self.path.read_bytes()).hexdigest()
 

@@ -187,6 +187,7 @@ def classifier_manifest(**overrides: Any) -> Manifest:
 
 
 def load(model: bytes, manifest: Manifest, runtime: ModelRuntime | None = None) -> LoadedModel:
-    """Load ``model`` under a key made from it and the manifest's version (a 64-hex id)."""
-    key = hashlib.sha256(model + manifest.version.encode() + manifest.name.encode()).hexdigest()
-    return (runtime or ModelRuntime()).load(key, manifest, model)
+    """Load ``model`` under a bundle hash made from it and the manifest's version (64 hex)."""
+    made_up = model + manifest.version.encode() + manifest.name.encode()
+    bundle_sha256 = hashlib.sha256(made_up).hexdigest()
+    return (runtime or ModelRuntime()).load(bundle_sha256, manifest, model)

@@ -131,17 +131,17 @@ class FleetSimulator:
 
     def publish(self, data: bytes) -> str:
         """Store a bundle; returns its SHA-256."""
-        sha = hashlib.sha256(data).hexdigest()
-        self.bundles[sha] = data
+        bundle_sha256 = hashlib.sha256(data).hexdigest()
+        self.bundles[bundle_sha256] = data
         manifest = open_bundle(data).manifest
-        self.described[sha] = (manifest.version, manifest.release_counter, len(data))
-        return sha
+        self.described[bundle_sha256] = (manifest.version, manifest.release_counter, len(data))
+        return bundle_sha256
 
     def assign(self, model: str, data: bytes) -> str:
         """Publish ``data`` and have the director assign it for ``model``."""
-        sha = self.publish(data)
-        self.offers[model] = sha
-        return sha
+        bundle_sha256 = self.publish(data)
+        self.offers[model] = bundle_sha256
+        return bundle_sha256
 
     def client(self) -> httpx.Client:
         """An HTTP client whose every request this simulator answers."""
@@ -149,13 +149,13 @@ class FleetSimulator:
 
     # -- what a test asserts on --------------------------------------------------------------
 
-    def downloads(self, sha: str) -> list[SimRequest]:
-        """Every download request for bundle ``sha``."""
-        return [r for r in self.requests if r.path == f"/v1/bundles/{sha}"]
+    def downloads(self, bundle_sha256: str) -> list[SimRequest]:
+        """Every download request for bundle ``bundle_sha256``."""
+        return [r for r in self.requests if r.path == f"/v1/bundles/{bundle_sha256}"]
 
-    def bytes_served(self, sha: str) -> int:
-        """Body bytes sent for bundle ``sha`` over all requests."""
-        return sum(r.bytes_sent for r in self.downloads(sha))
+    def bytes_served(self, bundle_sha256: str) -> int:
+        """Body bytes sent for bundle ``bundle_sha256`` over all requests."""
+        return sum(r.bytes_sent for r in self.downloads(bundle_sha256))
 
     # -- the API -----------------------------------------------------------------------------
 
@@ -236,15 +236,15 @@ class FleetSimulator:
             "next_check_in_s": self.next_check_in_s,
         }
         entries = []
-        for model, sha in sorted(self.offers.items()):
-            version, counter, length = self.described[sha]
+        for model, bundle_sha256 in sorted(self.offers.items()):
+            version, counter, length = self.described[bundle_sha256]
             entry = {
                 "model": model,
                 "version": version,
-                "bundle_sha256": sha,
+                "bundle_sha256": bundle_sha256,
                 "bundle_length": length,
                 "release_counter": counter,
-                "download_url": f"/v1/bundles/{sha}",
+                "download_url": f"/v1/bundles/{bundle_sha256}",
             }
             entry.update(
                 {k: v for k, v in self.assignment_overrides.items() if k not in SET_FIELDS}
@@ -276,12 +276,12 @@ class FleetSimulator:
             200, json={"accepted": accepted, "replay": not accepted, "windows": len(batch.windows)}
         )
 
-    def _download(self, request: httpx.Request, sha: str) -> httpx.Response:
+    def _download(self, request: httpx.Request, bundle_sha256: str) -> httpx.Response:
         if self._device(request) is None:
             return self._log(request, _detail(401, "device credential is not valid or was revoked"))
-        data = self.bundles.get(sha)
+        data = self.bundles.get(bundle_sha256)
         if data is None:
-            return self._log(request, _detail(404, f"no bundle {sha}"))
+            return self._log(request, _detail(404, f"no bundle {bundle_sha256}"))
         if self.tamper_offset is not None:
             flipped = bytearray(data)
             flipped[self.tamper_offset] ^= 0xFF
@@ -289,7 +289,7 @@ class FleetSimulator:
         body = data + b"\0" * self.extra_bytes
         start = 0
         match = _RANGE.match(request.headers.get("range", ""))
-        headers = {"etag": f'"{sha}"', "accept-ranges": "bytes"}
+        headers = {"etag": f'"{bundle_sha256}"', "accept-ranges": "bytes"}
         status = 200
         if match is not None and not self.ignore_range:
             start = int(match.group(1))

@@ -142,11 +142,11 @@ def test_older_bundle_after_newer_confirmed_is_refused_as_rollback(
     assert installed.check_in().installs[0].action == "installed"
     sim.assignment_overrides.clear()  # the director-key holder leaves the confirmation out
     sim.assign(MODEL, bundles.v1.data)
-    fetched = len(sim.downloads(bundles.v1.sha256))
+    fetched = len(sim.downloads(bundles.v1.bundle_sha256))
     refused = _outcome(installed)
     assert isinstance(refused, TrustError)
     assert refused.kind == "rollback" and refused.model == MODEL and "below 2" in str(refused)
-    assert len(sim.downloads(bundles.v1.sha256)) == fetched, "refused before any download"
+    assert len(sim.downloads(bundles.v1.bundle_sha256)) == fetched, "refused before any download"
     assert_answers(installed, bundles.v2)
 
 

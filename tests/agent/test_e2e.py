@@ -32,7 +32,7 @@ def agent_settings(server: ServerProcess, state_dir: Path, enroll_token: str) ->
         "server_url": server.url,
         "state_dir": str(state_dir),
         "root_path": str(server.data_dir / "root.json"),
-        "target_id": "phone-android",
+        "hardware_id": "phone-android",
         "enroll_token": enroll_token,
         "check_in_interval_s": "0.3",
         "check_in_jitter": "0.1",
@@ -126,7 +126,7 @@ def test_enroll_install_predict_and_exact_telemetry(fleet: Fleet) -> None:
     status = agent.status()
     entry = status["models"][MODEL]
     assert entry["version"] == "1.0.0" and entry["last_install"] == "ok"
-    assert entry["bundle_sha256"] == fleet.v1.sha256()
+    assert entry["bundle_sha256"] == fleet.v1.bundle_sha256()
     text = agent.agent_cli("status")
     assert text.returncode == 0 and MODEL in text.stdout and "1.0.0" in text.stdout
 
@@ -347,15 +347,20 @@ def test_sigterm_stops_cleanly_and_a_restart_serves_at_once(fleet: Fleet) -> Non
 
 
 #: Settings `agent run` accepts (a row below adds one bad setting to them).
-AGENT_ARGS = ["--server", "http://x", "--root", "r.json", "--target", "phone-android"]
+AGENT_ARGS = ["--server", "http://x", "--root", "r.json", "--hardware-id", "phone-android"]
 
 
 @pytest.mark.parametrize(
     ("args", "code", "message"),
     [
-        (["--root", "r.json", "--target", "phone-android"], 2, "missing --server"),
-        (["--server", "http://x", "--target", "phone-android"], 2, "missing --root"),
-        (["--server", "http://x", "--root", "r.json"], 2, "missing --target"),
+        (["--root", "r.json", "--hardware-id", "phone-android"], 2, "missing --server"),
+        (["--server", "http://x", "--hardware-id", "phone-android"], 2, "missing --root"),
+        (["--server", "http://x", "--root", "r.json"], 2, "missing --hardware-id"),
+        (
+            [*AGENT_ARGS, "--target", "ring-gen3"],
+            2,
+            "--target is the old spelling of --hardware-id: give one of them",
+        ),
         (
             [*AGENT_ARGS, "--check-in-interval-s", "0"],
             2,
@@ -372,7 +377,7 @@ AGENT_ARGS = ["--server", "http://x", "--root", "r.json", "--target", "phone-and
             "--test-pause-at: Input should be",
         ),
         (
-            ["--server", "http://x", "--root", "missing.json", "--target", "phone-android"],
+            ["--server", "http://x", "--root", "missing.json", "--hardware-id", "phone-android"],
             1,
             "pinned root missing.json",
         ),
@@ -382,6 +387,7 @@ AGENT_ARGS = ["--server", "http://x", "--root", "r.json", "--target", "phone-and
         "no-server",
         "no-root",
         "no-target",
+        "target-twice",
         "interval-zero",
         "backoff-inverted",
         "unknown-pause-step",
@@ -415,5 +421,8 @@ def test_agent_run_has_an_option_for_every_setting() -> None:
     from edgefleet.cli import app
 
     command = get_command(app).commands["agent"].commands["run"]  # type: ignore[attr-defined]
-    envvars = {p.envvar for p in command.params}
+    envvars = {p.envvar for p in command.params if not p.hidden}
     assert {f"EDGEFLEET_AGENT_{f.upper()}" for f in AgentSettings.model_fields} == envvars
+    # The spelling --hardware-id had before stays accepted, flag and variable, unlisted.
+    old = {p.envvar: p.opts for p in command.params if p.hidden}
+    assert old == {"EDGEFLEET_AGENT_TARGET_ID": ["--target"]}

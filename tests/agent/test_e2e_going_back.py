@@ -16,8 +16,8 @@ from tests.agent.test_e2e import active_version, agent_on_v1
 from tests.procs import ServerProcess, wait_for
 
 
-def _gets(server: ServerProcess, sha256: str) -> list[dict[str, object]]:
-    path = f"/v1/bundles/{sha256}"
+def _gets(server: ServerProcess, bundle_sha256: str) -> list[dict[str, object]]:
+    path = f"/v1/bundles/{bundle_sha256}"
     return [r for r in server.requests() if r["path"] == path and r.get("method") == "GET"]
 
 
@@ -40,17 +40,17 @@ def test_withdrawn_v2_goes_back_to_confirmed_v1_from_standby_without_a_download(
         v2 = build_bundle(tmp_path, key, version="2.0.0", release_counter=2, seed=2)
         server.publish_and_release(v2.path, MODEL, "2.0.0")
         wait_for(lambda: active_version(agent) == "2.0.0", "version 2.0.0 to be active")
-        assert len(_gets(server, v1.sha256())) == 1
+        assert len(_gets(server, v1.bundle_sha256())) == 1
 
         withdrawn = server.cli("withdraw", MODEL, "2.0.0")
         assert withdrawn.returncode == 0, withdrawn.stderr
         wait_for(lambda: active_version(agent) == "1.0.0", "version 1.0.0 to be active again")
 
         entry = agent.status()["models"][MODEL]
-        assert entry["bundle_sha256"] == v1.sha256() and entry["last_install"] == "ok"
+        assert entry["bundle_sha256"] == v1.bundle_sha256() and entry["last_install"] == "ok"
         assert entry["last_error"] is None
-        assert len(_gets(server, v1.sha256())) == 1, "v1 came from the standby slot"
-        assert len(_gets(server, v2.sha256())) == 1
+        assert len(_gets(server, v1.bundle_sha256())) == 1, "v1 came from the standby slot"
+        assert len(_gets(server, v2.bundle_sha256())) == 1
         client = LocalApiClient(socket_path(agent.state_dir))
         got = client.predict(MODEL, PROBE)
         np.testing.assert_allclose(got["probabilities"], v1.expected(PROBE), rtol=1e-5, atol=1e-6)
@@ -81,7 +81,7 @@ def test_a_rolled_back_rollout_returns_its_devices_without_a_download(tmp_path: 
         assert done.returncode == 0, done.stderr
         assert json.loads(done.stdout)["state"] == "rolled-back"
         wait_for(lambda: active_version(agent) == "1.0.0", "version 1.0.0 to be active again")
-        assert len(_gets(server, v1.sha256())) == 1, "v1 came from the standby slot"
+        assert len(_gets(server, v1.bundle_sha256())) == 1, "v1 came from the standby slot"
         status = json.loads(server.cli("rollout", "status", str(rollout["id"]), "--json").stdout)
         last = status["decisions"][0]
         assert last["action"] == "rollback" and last["actor"].startswith("operator:")

@@ -46,8 +46,8 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
         yield Rig(server, agent, key, tmp_path)
 
 
-def bundle_requests(server: ServerProcess, sha256: str) -> list[dict[str, object]]:
-    return [r for r in server.requests() if r["path"] == f"/v1/bundles/{sha256}"]
+def bundle_requests(server: ServerProcess, bundle_sha256: str) -> list[dict[str, object]]:
+    return [r for r in server.requests() if r["path"] == f"/v1/bundles/{bundle_sha256}"]
 
 
 @pytest.mark.parametrize("step", ["download", "written", "fsynced", "switched", "self-tested"])
@@ -57,14 +57,16 @@ def test_sigkill_at_each_install_step_keeps_the_old_model_and_resumes(rig: Rig, 
     assert agent.stop() == 0
 
     v2 = rig.bundle("2.0.0", 2, seed=2)
-    sha2 = server.publish_and_release(v2.path, MODEL, "2.0.0")
+    v2_bundle_sha256 = server.publish_and_release(v2.path, MODEL, "2.0.0")
     marker = agent.state_dir / f"paused-at-{step}"
     agent.start(test_pause_at=step)
     wait_for(marker.exists, f"the agent to pause at {step}")
     agent.kill()
     if step == "download":
         # The interrupted request is logged once the server sees the connection drop.
-        wait_for(lambda: bundle_requests(server, sha2), "the interrupted download in the log")
+        wait_for(
+            lambda: bundle_requests(server, v2_bundle_sha256), "the interrupted download in the log"
+        )
 
     # Restart while the server is down: the old model answers, nothing else has happened yet.
     server.stop()
@@ -78,7 +80,7 @@ def test_sigkill_at_each_install_step_keeps_the_old_model_and_resumes(rig: Rig, 
     status = client.status()
     assert status["models"][MODEL]["version"] == "1.0.0"
     if step == "download":
-        assert 0 < status["downloads"][sha2] < v2.length
+        assert 0 < status["downloads"][v2_bundle_sha256] < v2.length
     wait_for(lambda: agent.events("backoff", latest=True), "a backoff while the server is down")
 
     # The server returns (same port, same data): the install completes, version 2 answers.
@@ -89,7 +91,7 @@ def test_sigkill_at_each_install_step_keeps_the_old_model_and_resumes(rig: Rig, 
     )
     assert not marker.exists() and agent.alive()
 
-    requests = bundle_requests(server, sha2)
+    requests = bundle_requests(server, v2_bundle_sha256)
     served = sum(int(str(r["bytes_sent"])) for r in requests)
     if step == "download":
         offsets = [int(str(r["range"]).removeprefix("bytes=").rstrip("-")) for r in requests[1:]]

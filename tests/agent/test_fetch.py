@@ -31,27 +31,27 @@ def _stalled(
     make_agent: AgentFactory, sim: FleetSimulator, bundles: Bundles
 ) -> tuple[Agent, str, CheckInResult]:
     """v3 assigned, and an agent whose one download attempt stalled at :data:`STALL_AT`."""
-    sha = sim.assign(MODEL, bundles.v3.data)
+    bundle_sha256 = sim.assign(MODEL, bundles.v3.data)
     sim.stall_after_bytes = STALL_AT
     agent = make_agent(max_download_attempts=1)
-    return agent, sha, agent.check_in()
+    return agent, bundle_sha256, agent.check_in()
 
 
 def test_download_resumes_from_the_persisted_partial_after_a_restart(
     make_agent: AgentFactory, sim: FleetSimulator, bundles: Bundles, tmp_path: Path
 ) -> None:
-    first, sha, result = _stalled(make_agent, sim, bundles)
+    first, bundle_sha256, result = _stalled(make_agent, sim, bundles)
     assert isinstance(result.errors[MODEL], StallError)
-    partial = partial_path(tmp_path / "state" / "partial", sha)
+    partial = partial_path(tmp_path / "state" / "partial", bundle_sha256)
     assert partial.stat().st_size == STALL_AT
-    assert first.status()["downloads"] == {sha: STALL_AT}
+    assert first.status()["downloads"] == {bundle_sha256: STALL_AT}
 
     sim.stall_after_bytes = None
     restarted = make_agent()
     assert restarted.check_in().installs[0].action == "installed"
-    resumed = sim.downloads(sha)[-1]
+    resumed = sim.downloads(bundle_sha256)[-1]
     assert resumed.status == 206 and resumed.range_start == STALL_AT
-    assert sim.bytes_served(sha) == len(bundles.v3.data) < 2 * len(bundles.v3.data)
+    assert sim.bytes_served(bundle_sha256) == len(bundles.v3.data) < 2 * len(bundles.v3.data)
     assert not partial.exists()
     assert_answers(restarted, bundles.v3)
 
@@ -59,22 +59,22 @@ def test_download_resumes_from_the_persisted_partial_after_a_restart(
 def test_a_server_that_ignores_range_gets_a_fresh_download(
     make_agent: AgentFactory, sim: FleetSimulator, bundles: Bundles
 ) -> None:
-    _, sha, _ = _stalled(make_agent, sim, bundles)
+    _, bundle_sha256, _ = _stalled(make_agent, sim, bundles)
     sim.stall_after_bytes, sim.ignore_range = None, True
     agent = make_agent()
     assert agent.check_in().installs[0].action == "installed"
-    assert sim.downloads(sha)[-1].status == 200
+    assert sim.downloads(bundle_sha256)[-1].status == 200
     assert_answers(agent, bundles.v3)
 
 
 def test_retries_are_bounded_and_each_one_resumes(
     make_agent: AgentFactory, sim: FleetSimulator, bundles: Bundles
 ) -> None:
-    sha = sim.assign(MODEL, bundles.v3.data)
+    bundle_sha256 = sim.assign(MODEL, bundles.v3.data)
     sim.stall_after_bytes = 1000
     agent = make_agent(max_download_attempts=4)
     assert isinstance(agent.check_in().errors[MODEL], StallError)
-    starts = [r.range_start for r in sim.downloads(sha)]
+    starts = [r.range_start for r in sim.downloads(bundle_sha256)]
     assert starts == [None, 1000, 2000, 3000]
     assert agent.status()["models"][MODEL]["last_install"] == "download-failed"
 
@@ -82,47 +82,47 @@ def test_retries_are_bounded_and_each_one_resumes(
 def test_partial_is_dropped_when_the_assignment_disappears(
     make_agent: AgentFactory, sim: FleetSimulator, bundles: Bundles, tmp_path: Path
 ) -> None:
-    agent, sha, _ = _stalled(make_agent, sim, bundles)
+    agent, bundle_sha256, _ = _stalled(make_agent, sim, bundles)
     sim.offers.clear()
     result = agent.check_in()
-    assert result.partials_dropped == [sha] and result.installs == []
-    assert not partial_path(tmp_path / "state" / "partial", sha).exists()
+    assert result.partials_dropped == [bundle_sha256] and result.installs == []
+    assert not partial_path(tmp_path / "state" / "partial", bundle_sha256).exists()
 
 
 def test_partial_is_kept_while_offline(
     make_agent: AgentFactory, sim: FleetSimulator, bundles: Bundles, tmp_path: Path
 ) -> None:
-    agent, sha, _ = _stalled(make_agent, sim, bundles)
+    agent, bundle_sha256, _ = _stalled(make_agent, sim, bundles)
     sim.offline = True
     with pytest.raises(ServerUnreachable, match="connection refused"):
         agent.check_in()
-    assert partial_path(tmp_path / "state" / "partial", sha).stat().st_size == STALL_AT
+    assert partial_path(tmp_path / "state" / "partial", bundle_sha256).stat().st_size == STALL_AT
 
 
 def test_a_bundle_that_failed_verification_is_not_fetched_again(
     installed: Agent, sim: FleetSimulator, bundles: Bundles
 ) -> None:
     agent = installed
-    sha = sim.assign(MODEL, bundles.v2.data)
+    bundle_sha256 = sim.assign(MODEL, bundles.v2.data)
     sim.tamper_offset = 700
     assert isinstance(agent.check_in().errors[MODEL], TrustError)
     report = agent.check_in().installs[0]
-    assert report.action == "skipped" and len(sim.downloads(sha)) == 1
+    assert report.action == "skipped" and len(sim.downloads(bundle_sha256)) == 1
     # A new assignment (another bundle, then this one again) is fetched afresh.
     sim.tamper_offset = None
     sim.offers.clear()
     agent.check_in()
     sim.assign(MODEL, bundles.v2.data)
     assert agent.check_in().installs[0].action == "installed"
-    assert len(sim.downloads(sha)) == 2
+    assert len(sim.downloads(bundle_sha256)) == 2
     assert_answers(agent, bundles.v2)
 
 
 def test_bundle_gone_from_the_server_is_reported_not_offered(
     installed: Agent, sim: FleetSimulator, bundles: Bundles
 ) -> None:
-    sha = sim.assign(MODEL, bundles.v2.data)
-    del sim.bundles[sha]
+    bundle_sha256 = sim.assign(MODEL, bundles.v2.data)
+    del sim.bundles[bundle_sha256]
     assert isinstance(installed.check_in().errors[MODEL], NotOfferedError)
     assert_answers(installed, bundles.v1)
 
@@ -144,13 +144,13 @@ def test_download_waits_for_its_conditions_and_status_says_why(
     settings: dict[str, bool],
     reason: str,
 ) -> None:
-    sha = sim.assign(MODEL, bundles.v1.data)
+    bundle_sha256 = sim.assign(MODEL, bundles.v1.data)
     agent = make_agent(**settings)
     write_conditions(tmp_path / "state", **conditions)
     report = agent.check_in().installs[0]
     assert report.action == "waiting" and reason in report.detail
     assert reason in agent.status()["models"][MODEL]["waiting"]
-    assert sim.downloads(sha) == []
+    assert sim.downloads(bundle_sha256) == []
     write_conditions(tmp_path / "state", unmetered=True, charging=True)
     assert agent.check_in().installs[0].action == "installed"
     assert agent.status()["models"][MODEL]["waiting"] is None
@@ -176,7 +176,7 @@ def _fetcher(handler: httpx.MockTransport, tmp_path: Path, **settings: object) -
         "server_url": "https://fleet.simulator",
         "state_dir": tmp_path,
         "root_path": tmp_path / "root.json",
-        "target_id": "phone-android",
+        "hardware_id": "phone-android",
         "backoff_initial_s": 1.0,
         "backoff_max_s": 3.0,
         **settings,

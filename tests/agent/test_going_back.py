@@ -29,18 +29,18 @@ def test_back_to_the_standby_version_without_a_download(
     confirmed: int | None,
 ) -> None:
     _on_v2(installed, sim, bundles, confirmed)
-    fetched = len(sim.downloads(bundles.v1.sha256))
+    fetched = len(sim.downloads(bundles.v1.bundle_sha256))
     sim.assign(MODEL, bundles.v1.data)
     (report,) = installed.check_in().installs
     assert report.action == "installed", report
-    assert len(sim.downloads(bundles.v1.sha256)) == fetched == 1, "no second download of v1"
+    assert len(sim.downloads(bundles.v1.bundle_sha256)) == fetched == 1, "no second download of v1"
     assert_answers(installed, bundles.v1)
     models = installed.status()["models"][MODEL]
     assert models["version"] == "1.0.0" and models["last_error"] is None
     # v2 is now the standby: forward again, still without a download.
     sim.assign(MODEL, bundles.v2.data)
     assert installed.check_in().installs[0].action == "installed"
-    assert len(sim.downloads(bundles.v2.sha256)) == 1
+    assert len(sim.downloads(bundles.v2.bundle_sha256)) == 1
     assert_answers(installed, bundles.v2)
 
 
@@ -59,7 +59,7 @@ def test_director_only_rollback_below_the_confirmed_version_is_refused(
         assert isinstance(refused, TrustError), report
         assert refused.kind == "rollback" and refused.model == MODEL and "below 2" in str(refused)
         assert_answers(restarted, bundles.v2)
-    assert len(sim.downloads(bundles.v1.sha256)) == 1, "refused before any download"
+    assert len(sim.downloads(bundles.v1.bundle_sha256)) == 1, "refused before any download"
 
 
 def test_the_floor_rises_when_a_confirmation_is_heard_after_activation(

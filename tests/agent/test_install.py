@@ -94,12 +94,12 @@ def test_update_activates_the_inactive_slot_and_keeps_the_old_one(
 def test_failed_self_test_reverts_and_is_reported_at_the_next_check_in(
     installed: Agent, sim: FleetSimulator, bundles: Bundles
 ) -> None:
-    sha = sim.assign(MODEL, bundles.bad_selftest.data)
+    bundle_sha256 = sim.assign(MODEL, bundles.bad_selftest.data)
     error = installed.check_in().errors[MODEL]
     assert isinstance(error, SelfTestError) and "over the tolerance" in error.detail
     assert_answers(installed, bundles.v1)
     report = installed.check_in().installs[0]
-    assert report.action == "skipped" and len(sim.downloads(sha)) == 1
+    assert report.action == "skipped" and len(sim.downloads(bundle_sha256)) == 1
     reported = sim.devices[installed.device_id].check_ins[-1].installed[0]
     assert reported.version == "1.0.0" and reported.last_install == "self-test-failed"
     assert reported.slots == {"a": "active", "b": "failed"}
@@ -149,7 +149,7 @@ def _begin(store: SlotStore, bundle: BuiltBundle) -> None:
     store.begin_install(
         MODEL,
         "b",
-        sha256=bundle.sha256,
+        bundle_sha256=bundle.bundle_sha256,
         version=bundle.version,
         release_counter=bundle.release_counter,
         length=len(bundle.data),
@@ -267,7 +267,7 @@ def test_pause_hook_freezes_at_the_step_and_a_restart_recovers(
     tmp_path: Path,
     step: str,
 ) -> None:
-    sha = sim.assign(MODEL, bundles.v3.data)
+    bundle_sha256 = sim.assign(MODEL, bundles.v3.data)
     frozen = make_agent(test_pause_at=step, close_at_teardown=False)
     errors: list[BaseException] = []
 
@@ -289,9 +289,9 @@ def test_pause_hook_freezes_at_the_step_and_a_restart_recovers(
     assert restarted.check_in().installs[0].action == "installed"
     assert_answers(restarted, bundles.v3)
     if step == "download":
-        assert sim.downloads(sha)[-1].range_start is not None
-        assert sim.downloads(sha)[-1].range_start > 0
-        assert sim.bytes_served(sha) < 2 * len(bundles.v3.data)
+        assert sim.downloads(bundle_sha256)[-1].range_start is not None
+        assert sim.downloads(bundle_sha256)[-1].range_start > 0
+        assert sim.bytes_served(bundle_sha256) < 2 * len(bundles.v3.data)
 
 
 # -- telemetry through the facade -----------------------------------------------------------

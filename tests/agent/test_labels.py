@@ -70,7 +70,7 @@ def test_a_label_7_days_late_counts_for_the_version_and_window_that_predicted(
 
     assert set(later) == {("1.0.0", T0), ("1.1.0", T0 + 7 * DAY)}
     late = later[("1.0.0", T0)]  # a new piece of the prediction's window, only the label
-    assert late.bundle_sha256 == v1.key
+    assert late.bundle_sha256 == v1.bundle_sha256
     assert late.labels == {predicted: {"walk": 1}}
     assert late.inference_count == 0 and late.latency.count == 0
     assert later[("1.1.0", T0 + 7 * DAY)].labels == {}
@@ -188,14 +188,14 @@ def test_a_restart_keeps_the_versions_the_device_ran(
     try:
         restarted = Recorder(again, DEVICE, window_s=HOUR, clock=Clock(T0 + 2 * DAY))
         assert {v: r.bundle_sha256 for v, r in again.ran_versions("gesture").items()} == {
-            "1.0.0": v1.key,
-            "1.1.0": v2.key,
+            "1.0.0": v1.bundle_sha256,
+            "1.1.0": v2.bundle_sha256,
         }
         restarted.label_prediction("gesture", "1.0.0", _utc(T0 + 10), "run", predicted="rest")
         restarted.flush()
         labelled = [w for w in windows(again) if w.labels]
         assert [(w.version, w.bundle_sha256, w.labels) for w in labelled] == [
-            ("1.0.0", v1.key, {"rest": {"run": 1}})
+            ("1.0.0", v1.bundle_sha256, {"rest": {"run": 1}})
         ]
         assert labelled[0].window_start.timestamp() == T0
     finally:
@@ -255,7 +255,7 @@ def test_agent_counts_a_week_late_label_for_the_version_that_predicted(
         ("2.0.0", {"unknown": {"rest": 1}})
     ]
     v1_windows = [w for w in windows_sent if w.version == "1.0.0"]
-    assert {w.bundle_sha256 for w in v1_windows} == {bundles.v1.sha256}
+    assert {w.bundle_sha256 for w in v1_windows} == {bundles.v1.bundle_sha256}
 
 
 @pytest.mark.parametrize(

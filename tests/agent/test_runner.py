@@ -27,7 +27,7 @@ def settings(tmp_path: Path, keys: Keys, **overrides: Any) -> AgentSettings:
         "server_url": f"http://127.0.0.1:{free_port()}",  # nothing listens: offline
         "state_dir": tmp_path / "state",
         "root_path": root,
-        "target_id": "phone-android",
+        "hardware_id": "phone-android",
         "enroll_token": "eft_unused",
         "check_in_jitter": 0.0,
         "backoff_initial_s": 1.0,

@@ -43,7 +43,7 @@ def test_counts_equal_the_predictions_exactly(outbox: Outbox, classifier: Loaded
     assert window.latency.count == 1001
     assert sum(window.latency.bins.values()) + window.latency.zero_count == 1001
     assert window.model == "gesture" and window.version == "1.0.0"
-    assert window.bundle_sha256 == classifier.key
+    assert window.bundle_sha256 == classifier.bundle_sha256
     [probabilities] = window.outputs
     assert probabilities.name == "probabilities"
     assert probabilities.counts == [*classes.tolist(), 0]

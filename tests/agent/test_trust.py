@@ -102,7 +102,7 @@ def _fields(bundles: Bundles, **overrides: Any) -> dict[str, Any]:
     entry = AssignedBundle(
         model=MODEL,
         version="1.0.0",
-        bundle_sha256=bundles.v1.sha256,
+        bundle_sha256=bundles.v1.bundle_sha256,
         bundle_length=len(bundles.v1.data),
         release_counter=1,
         download_url="/v1/bundles/x",
@@ -191,7 +191,7 @@ BASE = {
     "server_url": "https://fleet.simulator",
     "state_dir": "/tmp/state",
     "root_path": "/tmp/root.json",
-    "target_id": "phone-android",
+    "hardware_id": "phone-android",
 }
 
 
@@ -231,7 +231,7 @@ def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ({"target_id": "toaster"}, "unknown target 'toaster'"),
+        ({"hardware_id": "toaster"}, "unknown target 'toaster'"),
         ({"root_path": Path("/nonexistent/root.json")}, "pinned root /nonexistent/root.json"),
     ],
     ids=["unknown-target", "missing-root"],

@@ -38,7 +38,7 @@ def convert_example(
     settings = ConvertOptions(
         name=example,
         version="1.0.0",
-        targets=targets,
+        hardware_ids=targets,
         keys=keys,
         out_dir=out,
         created_at=BUILD_TIME,

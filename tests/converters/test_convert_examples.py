@@ -84,7 +84,9 @@ def test_every_target_gets_a_verified_bundle_within_budget(
     for target in report.targets:
         assert target.ok, target.reason
         data = Path(target.bundle).read_bytes()
-        verified = verify(data, trusted_root.root, target_id=target.target_id, catalogue=catalogue)
+        verified = verify(
+            data, trusted_root.root, hardware_id=target.target_id, catalogue=catalogue
+        )
         manifest = verified.manifest
         assert manifest.release_counter == 3
         labels = manifest.outputs[0].class_labels

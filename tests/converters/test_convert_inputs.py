@@ -27,7 +27,7 @@ def options(out: Path, keys: list[SigningKey], **kw: object) -> ConvertOptions:
     return ConvertOptions(
         name="m",
         version="2.0.0",
-        targets=["phone-android"],
+        hardware_ids=["phone-android"],
         keys=keys,
         out_dir=out,
         created_at=BUILD_TIME,

@@ -38,7 +38,7 @@ def _ring_sample(keys: Path, tmp_path: Path) -> tuple[Path, Path]:
     samples = tmp_path / "samples"
     made = edgefleet(
         "hil", "samples", "--key", str(keys / "release.pem"), "--out", str(samples),
-        "--target", "ring-gen3",
+        "--hardware-id", "ring-gen3",
     )  # fmt: skip
     assert made.returncode == 0, made.stderr
     return samples, samples / "sample-ring-gen3.efb"

@@ -128,9 +128,9 @@ def test_three_targets_with_every_fault_pass_and_the_report_is_signed(
     signed = verify_report((tmp_path / "report.json").read_bytes(), lab.keys.make_root()[0])
     assert signed.to_dict()["runs"] == body["runs"]
     for target, path in lab.bundles.items():
-        sha = hashlib.sha256(path.read_bytes()).hexdigest()
-        assert signed.passed_for(sha, target), "the release gate's question"
-        assert not signed.passed_for(sha, "phone-android")
+        bundle_sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+        assert signed.passed_for(bundle_sha256, target), "the release gate's question"
+        assert not signed.passed_for(bundle_sha256, "phone-android")
     suites = ET.parse(tmp_path / "junit.xml").getroot()
     assert len(suites) == 3 and all(s.get("failures") == "0" for s in suites)
     assert "PASSED" in (tmp_path / "summary.md").read_text()
@@ -158,8 +158,8 @@ def test_a_failing_check_fails_the_run(lab: Lab, tmp_path: Path) -> None:
     assert suite.find("testcase[@name='latency-p95']/failure") is not None
     assert "FAILED" in (tmp_path / "summary.md").read_text()
     signed = verify_report((tmp_path / "report.json").read_bytes(), lab.keys.make_root()[0])
-    sha = hashlib.sha256(lab.bundles["devboard-nrf52840"].read_bytes()).hexdigest()
-    assert not signed.passed_for(sha, "devboard-nrf52840")
+    bundle_sha256 = hashlib.sha256(lab.bundles["devboard-nrf52840"].read_bytes()).hexdigest()
+    assert not signed.passed_for(bundle_sha256, "devboard-nrf52840")
     not_passed = CliRunner().invoke(
         app, ["hil", "verify-report", str(tmp_path / "report.json"), "--root", str(lab.root)]
     )

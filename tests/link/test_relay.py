@@ -95,7 +95,7 @@ def _relay(
         server_url=SERVER,
         state_dir=tmp_path / "phone",
         root_path=root_path,
-        target_id="phone-android",
+        hardware_id="phone-android",
         stall_timeout_s=5,
         max_download_attempts=1,
     )

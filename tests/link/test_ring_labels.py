@@ -26,10 +26,12 @@ class RingClock:
         return self.now
 
 
-def _predict(ring: DeviceTelemetry, version: str, sha: str) -> None:
+def _predict(ring: DeviceTelemetry, version: str, bundle_sha256: str) -> None:
     manifest = m.classifier_manifest(version=version)
     x = np.zeros((1, 4), np.float32)
-    ring.record(manifest, sha, {"input": x}, {"probabilities": np.array([[0.7, 0.2, 0.1]])}, 0.01)
+    ring.record(
+        manifest, bundle_sha256, {"input": x}, {"probabilities": np.array([[0.7, 0.2, 0.1]])}, 0.01
+    )
 
 
 def _relayed(ring: DeviceTelemetry) -> list[TelemetryWindow]:

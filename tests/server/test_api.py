@@ -174,20 +174,22 @@ def test_withdraw_falls_back_and_pin_holds(fleet: Fleet) -> None:
 
 def test_range_download_resumes_at_any_offset(fleet: Fleet) -> None:
     data = fleet.bundle()
-    sha = fleet.publish(data)["sha256"]
+    bundle_sha256 = fleet.publish(data)["sha256"]
     cred = fleet.enroll("phone-1")
-    whole = fleet.client.get(f"/v1/bundles/{sha}", headers=fleet.auth(cred))
-    assert whole.status_code == 200 and whole.headers["etag"] == f'"{sha}"'
+    whole = fleet.client.get(f"/v1/bundles/{bundle_sha256}", headers=fleet.auth(cred))
+    assert whole.status_code == 200 and whole.headers["etag"] == f'"{bundle_sha256}"'
     assert int(whole.headers["content-length"]) == len(data)
     for offset in (1, 511, 512, len(data) // 3, len(data) - 1):
         part = fleet.client.get(
-            f"/v1/bundles/{sha}", headers={**fleet.auth(cred), "Range": f"bytes={offset}-"}
+            f"/v1/bundles/{bundle_sha256}",
+            headers={**fleet.auth(cred), "Range": f"bytes={offset}-"},
         )
         assert part.status_code == 206
         assert int(part.headers["content-length"]) == len(data) - offset
-        assert hashlib.sha256(data[:offset] + part.content).hexdigest() == sha
+        assert hashlib.sha256(data[:offset] + part.content).hexdigest() == bundle_sha256
     cached = fleet.client.get(
-        f"/v1/bundles/{sha}", headers={**fleet.auth(cred), "If-None-Match": f'"{sha}"'}
+        f"/v1/bundles/{bundle_sha256}",
+        headers={**fleet.auth(cred), "If-None-Match": f'"{bundle_sha256}"'},
     )
     assert cached.status_code == 304
 

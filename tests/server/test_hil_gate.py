@@ -20,14 +20,14 @@ def report(
     *,
     passed: bool = True,
     hardware_id: str = "phone-android",
-    sha256: str | None = None,
+    bundle_sha256: str | None = None,
 ) -> bytes:
     """A rig report with one run of the published bundle, signed by ``key``."""
     ref = HilBundleRef(
         name=published["model"],
         version=published["version"],
         release_counter=1,
-        sha256=sha256 or published["sha256"],
+        bundle_sha256=bundle_sha256 or published["sha256"],
         bytes=published["length"],
         targets=[published["target_id"]],
     )
@@ -52,9 +52,9 @@ def report(
     return envelope.to_bytes()
 
 
-def attach(fleet: Fleet, sha256: str, data: bytes) -> Any:
+def attach(fleet: Fleet, bundle_sha256: str, data: bytes) -> Any:
     return fleet.client.post(
-        f"/v1/bundles/{sha256}/hil-report",
+        f"/v1/bundles/{bundle_sha256}/hil-report",
         content=data,
         headers=fleet.auth(fleet.token("publisher")),
     )
@@ -113,7 +113,7 @@ def test_a_failing_report_is_kept_but_holds_the_release(gated: Fleet) -> None:
 
 BAD_REPORTS = [
     ("signed-by-release-key", {"signer": "release"}, "HIL report refused", "role hil"),
-    ("other-bundle", {"sha256": "ab" * 32}, "no run of bundle", "phone-android device"),
+    ("other-bundle", {"bundle_sha256": "ab" * 32}, "no run of bundle", "phone-android device"),
     ("other-target", {"hardware_id": "ring-gen3"}, "no run of bundle", "phone-android device"),
     ("not-a-report", {"raw": b'{"hello": 1}'}, "HIL report refused", "hil report"),
 ]

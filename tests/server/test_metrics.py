@@ -78,7 +78,7 @@ class Raw:
     feedback: int = 0
 
 
-def window(raw: Raw, model: str, version: str, sha: str) -> dict[str, Any]:
+def window(raw: Raw, model: str, version: str, bundle_sha256: str) -> dict[str, Any]:
     latency = sketch.new_sketch(0.01)
     for v in raw.latency_s:
         sketch.add(latency, float(v))
@@ -90,7 +90,7 @@ def window(raw: Raw, model: str, version: str, sha: str) -> dict[str, Any]:
         "device_id": raw.device,
         "model": model,
         "version": version,
-        "bundle_sha256": sha,
+        "bundle_sha256": bundle_sha256,
         "window_start": raw.start.isoformat(),
         "window_s": 3600,
         "inference_count": len(raw.x0),
@@ -192,9 +192,9 @@ def test_drift_and_accuracy_equal_a_direct_computation(fleet: Fleet) -> None:
     devices = [f"ring-{i}" for i in range(6)]
     first, second = make_raw(rng, devices, 3), make_raw(rng, devices, 3, shift=0.4)
     up = Uploader(fleet)
-    for raws, version, sha in ((first, "1.0.0", v1), (second, "1.1.0", v2)):
+    for raws, version, bundle_sha256 in ((first, "1.0.0", v1), (second, "1.1.0", v2)):
         for d in devices:
-            up.send(d, [window(r, "gait", version, sha) for r in raws if r.device == d])
+            up.send(d, [window(r, "gait", version, bundle_sha256) for r in raws if r.device == d])
     # A span that cuts its first and last day: windows are counted by their start time.
     start, end = DAY0 + timedelta(hours=10), DAY0 + timedelta(days=2, hours=12)
     inside = [r for r in second if start <= r.start < end]
@@ -345,11 +345,11 @@ def test_erasing_a_device_changes_every_aggregate_by_exactly_its_contribution(fl
 
 def test_a_small_group_is_withheld_from_viewers_and_shown_to_operators(fleet: Fleet) -> None:
     rng = np.random.default_rng(1)
-    sha = publish(fleet, "tiny", "1.0.0")
+    bundle_sha256 = publish(fleet, "tiny", "1.0.0")
     raws = make_raw(rng, ["a-1", "a-2", "a-3"], 1)
     up = Uploader(fleet)
     for device, rs in _uploads_in_order(raws):
-        up.send(device, [window(r, "tiny", "1.0.0", sha) for r in rs])
+        up.send(device, [window(r, "tiny", "1.0.0", bundle_sha256) for r in rs])
     params = {"from": DAY0.date().isoformat(), "to": DAY0.date().isoformat()}
     viewer = metrics(fleet, "tiny", "1.0.0", role="viewer", **params)
     assert viewer["total"]["withheld"] == "too few devices (fewer than 5)"
@@ -402,11 +402,11 @@ def test_retention_drops_old_windows_and_keeps_their_rollups(fleet: Fleet) -> No
     from server import telemetry
 
     rng = np.random.default_rng(4)
-    sha = publish(fleet, "kept", "1.0.0")
+    bundle_sha256 = publish(fleet, "kept", "1.0.0")
     raws = make_raw(rng, [f"r-{i}" for i in range(5)], 3)
     up = Uploader(fleet)
     for device, rs in _uploads_in_order(raws):
-        up.send(device, [window(r, "kept", "1.0.0", sha) for r in rs])
+        up.send(device, [window(r, "kept", "1.0.0", bundle_sha256) for r in rs])
     params = {"from": DAY0.date().isoformat(), "to": (DAY0 + timedelta(days=2)).date().isoformat()}
     before = metrics(fleet, "kept", "1.0.0", **params)
     retention = fleet.state.settings.telemetry_retention_days

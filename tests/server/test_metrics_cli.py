@@ -20,12 +20,12 @@ def test_metrics_and_drift_commands(server: ServerProcess, tmp_path: Path) -> No
     bundle = tmp_path / "gait.efb"
     data = build(draft("gait", "1.0.0"), {"model.onnx": MODEL_BYTES}, [server.release_key])
     bundle.write_bytes(data)
-    sha = server.publish(bundle)
+    bundle_sha256 = server.publish(bundle)
     raws = make_raw(np.random.default_rng(2), [f"p-{i}" for i in range(5)], 2)
     for i in range(5):
         device = f"p-{i}"
         credential = server.enroll(device, CAPS["phone-android"])
-        windows = [window(w, "gait", "1.0.0", sha) for w in raws if w.device == device]
+        windows = [window(w, "gait", "1.0.0", bundle_sha256) for w in raws if w.device == device]
         r = httpx.post(
             f"{server.url}/v1/devices/{device}/telemetry",
             headers={"Authorization": f"Bearer {credential}"},

@@ -46,10 +46,12 @@ def test_range_header_table(
     fleet: Fleet, header: Callable[[int], str], status: int, span: Span | None
 ) -> None:
     data = fleet.bundle()
-    sha = fleet.publish(data)["sha256"]
+    bundle_sha256 = fleet.publish(data)["sha256"]
     cred = fleet.enroll("phone-1")
     n = len(data)
-    r = fleet.client.get(f"/v1/bundles/{sha}", headers={**fleet.auth(cred), "Range": header(n)})
+    r = fleet.client.get(
+        f"/v1/bundles/{bundle_sha256}", headers={**fleet.auth(cred), "Range": header(n)}
+    )
     assert r.status_code == status, (r.status_code, r.text[:200])
     if span is None:
         assert r.headers["content-range"] == f"bytes */{n}"

@@ -21,7 +21,7 @@ def test_publish_release_check_in_and_download_over_http(
     url = server.url
     bundle = tmp_path / "b.efb"
     bundle.write_bytes(build(manifest_draft(), {"model.onnx": MODEL_BYTES}, [server.release_key]))
-    sha = server.publish(bundle)
+    bundle_sha256 = server.publish(bundle)
     assert server.cli("release", "wrist-activity", "1.2.3").returncode == 0
     models = json.loads(server.cli("models", "list", "--json").stdout)
     assert models[0]["versions"][0]["released_for"] == ["phone-android"]
@@ -39,7 +39,7 @@ def test_publish_release_check_in_and_download_over_http(
         json={"device_id": "phone-9", "nonce": uuid.uuid4().hex, "firmware_version": "14.0.0"},
     )
     assignment = r.json()["signed"]["bundles"][0]
-    assert assignment["bundle_sha256"] == sha
+    assert assignment["bundle_sha256"] == bundle_sha256
     part = httpx.get(
         f"{url}{assignment['download_url']}", headers={**headers, "Range": "bytes=1000-"}
     )

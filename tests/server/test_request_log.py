@@ -44,8 +44,8 @@ def _publish_big_bundle(server: ServerProcess, tmp_path: Path) -> tuple[str, int
 def test_log_counts_body_bytes_served_for_ranges_and_hang_ups(
     server: ServerProcess, tmp_path: Path
 ) -> None:
-    sha, length = _publish_big_bundle(server, tmp_path)
-    path = f"/v1/bundles/{sha}"
+    bundle_sha256, length = _publish_big_bundle(server, tmp_path)
+    path = f"/v1/bundles/{bundle_sha256}"
     auth = {"Authorization": f"Bearer {server.admin_token}"}
 
     part = httpx.get(f"{server.url}{path}", headers={**auth, "Range": "bytes=1000-"}, timeout=60)

@@ -225,14 +225,14 @@ def test_overlapping_and_withdrawn_are_refused(fleet: Fleet) -> None:
     assert "withdrawn" in create(fleet, expect=409)["detail"]
 
 
-def _window(device: str, sha: str, version: str, n: int, errors: int, day: str) -> dict:
+def _window(device: str, bundle_sha256: str, version: str, n: int, errors: int, day: str) -> dict:
     latency = sketch.new_sketch(0.01)
     sketch.add(latency, 0.002, n)
     return {
         "device_id": device,
         "model": MODEL,
         "version": version,
-        "bundle_sha256": sha,
+        "bundle_sha256": bundle_sha256,
         "window_start": f"{day}T10:00:00+00:00",
         "window_s": 3600,
         "inference_count": n,

@@ -87,9 +87,11 @@ def rollups(fleet: Fleet, model: str) -> list[dict[str, Any]]:
 
 
 def test_shuffled_late_and_duplicated_batches_give_the_same_rollups(fleet: Fleet) -> None:
-    sha = {m: fleet.publish(fleet.bundle(name=m))["sha256"] for m in ("trace-a", "trace-b")}
-    in_order = trace("trace-a", "ordered", sha["trace-a"])
-    shuffled = trace("trace-b", "shuffled", sha["trace-b"])
+    bundle_sha256s = {
+        m: fleet.publish(fleet.bundle(name=m))["sha256"] for m in ("trace-a", "trace-b")
+    }
+    in_order = trace("trace-a", "ordered", bundle_sha256s["trace-a"])
+    shuffled = trace("trace-b", "shuffled", bundle_sha256s["trace-b"])
     creds = {
         f"{p}-{d}": fleet.enroll(f"{p}-{d}")
         for p in ("ordered", "shuffled")
