@@ -75,9 +75,11 @@ def seed(url: str, data_dir: Path, devices: int, models: int, assigned: int) -> 
     from sqlalchemy import insert
     from sqlmodel import Session
 
+    from firmware_bundles.messages import InstalledModel
     from server.app import build_state
     from server.config import Settings
-    from server.models import ApiToken, Device
+    from server.device_events import state_hash
+    from server.models import ApiToken, Device, DeviceState
     from server.registry import publish, release
 
     upgrade(url)
@@ -148,6 +150,23 @@ def seed(url: str, data_dir: Path, devices: int, models: int, assigned: int) -> 
                 }
             )
         session.execute(insert(Device), rows)
+        # The event log has recorded that state too (as after its first check-in), so the bench
+        # measures check-ins that change nothing, as a settled fleet's do.
+        reported = [InstalledModel.from_dict(m).to_dict() for m in installed]
+        recorded = state_hash("14.0.0", reported)
+        session.execute(
+            insert(DeviceState),
+            [
+                {
+                    "device_id": row["id"],
+                    "state_hash": recorded,
+                    "firmware_version": "14.0.0",
+                    "installed": reported,
+                    "recorded_at": now,
+                }
+                for row in rows
+            ],
+        )
         session.add(
             ApiToken(
                 name="bench",
