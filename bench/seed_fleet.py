@@ -35,6 +35,7 @@ from bench.seed_registry import Registry, seed_registry  # noqa: E402
 BULK_TABLES = (
     "device",
     "device_state",
+    "device_installed",
     "device_event",
     "cohort_member",
     "telemetry_batch",

@@ -160,6 +160,16 @@ class Registry:
             (self._state_line(plan, d) for d in plan.devices),
         )
         yield (
+            "device_installed",
+            "device_id, model, hardware_id, version, bundle_sha256, last_install",
+            (
+                f"{d.id}\t{m['model']}\t{d.hardware_id}\t{m['version']}\t{m['bundle_sha256']}"
+                f"\t{m['last_install']}\n"
+                for d in plan.devices
+                for m in self.reported(plan, d)
+            ),
+        )
+        yield (
             "device_event",
             "id, device_id, at, kind, model, version, bundle_sha256, outcome, details",
             self._event_lines(plan),

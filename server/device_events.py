@@ -19,13 +19,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, tuple_
+from sqlalchemy import Engine, delete, tuple_
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlmodel import Session, col, select
 
 from server.errors import ApiError
 from server.event_schemas import DeviceEventPublic, EventDetails, ModelSummary
-from server.models import DeviceEvent, DeviceState
+from server.models import DeviceEvent, DeviceInstalled, DeviceState
 
 log = logging.getLogger("edgefleet.server.device_events")
 
@@ -217,6 +217,7 @@ def _row(device_id: str, at: datetime, change: Change) -> DeviceEvent:
 def record_report(
     engine: Engine,
     device_id: str,
+    hardware_id: str,
     reported: Reported,
     reported_hash: str,
     at: datetime,
@@ -230,7 +231,7 @@ def record_report(
     loser reads again.
     """
     try:
-        return _record_report(engine, device_id, reported, reported_hash, at, assigned)
+        return _record_report(engine, device_id, hardware_id, reported, reported_hash, at, assigned)
     except SQLAlchemyError:
         # The check-in is recorded and answered all the same; the recorded state is unchanged,
         # so the next check-in records this change.
@@ -241,6 +242,7 @@ def record_report(
 def _record_report(
     engine: Engine,
     device_id: str,
+    hardware_id: str,
     reported: Reported,
     reported_hash: str,
     at: datetime,
@@ -261,6 +263,7 @@ def _record_report(
             rows = [_row(device_id, at, c) for c in changes(before, reported, assigned)]
             session.add_all(rows)
             _keep_state(session, recorded, device_id, reported, reported_hash, at)
+            _keep_installed(session, device_id, hardware_id, reported)
             try:
                 session.commit()
             except IntegrityError:
@@ -289,6 +292,23 @@ def _keep_state(
     recorded.installed = reported.installed
     recorded.recorded_at = at
     session.add(recorded)
+
+
+def _keep_installed(session: Session, device_id: str, hardware_id: str, reported: Reported) -> None:
+    """Replace the device's :class:`DeviceInstalled` rows with what it reports now."""
+    session.exec(delete(DeviceInstalled).where(col(DeviceInstalled.device_id) == device_id))
+    by_model = {str(m.get("model")): m for m in reported.installed}
+    for model, entry in sorted(by_model.items()):
+        session.add(
+            DeviceInstalled(
+                device_id=device_id,
+                model=model,
+                hardware_id=hardware_id,
+                version=entry.get("version"),
+                bundle_sha256=entry.get("bundle_sha256"),
+                last_install=entry.get("last_install"),
+            )
+        )
 
 
 def add_enrolled(

@@ -6,14 +6,15 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from sqlmodel import Session, select
+from sqlalchemy import delete
+from sqlmodel import Session, col, select
 
 from firmware_bundles.manifest import FirmwareRange
 from firmware_bundles.messages import CapabilityReport
 from server import device_events
 from server.auth import Principal, hash_token, new_token
 from server.errors import ApiError
-from server.models import Cohort, CohortMember, Device, EnrollmentToken
+from server.models import Cohort, CohortMember, Device, DeviceInstalled, EnrollmentToken
 from server.schemas import DevicePublic
 from server.state import ServerState
 
@@ -213,6 +214,8 @@ def revoke(*, session: Session, device_id: str) -> None:
     now = datetime.now(UTC)
     if not device.revoked:
         device_events.add_revoked(session, device_id=device_id, at=now)
+    # A revoked device runs nothing the fleet counts.
+    session.exec(delete(DeviceInstalled).where(col(DeviceInstalled.device_id) == device_id))
     device.revoked = True
     session.add(device)
     for paired in session.exec(select(Device).where(Device.relay_id == device_id)):

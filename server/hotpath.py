@@ -130,6 +130,7 @@ async def check_in(
             device_events.record_report,
             state.engine,
             device_id,
+            device.hardware_id,
             reported,
             contact.state_hash,
             now,

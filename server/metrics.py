@@ -27,6 +27,8 @@ from server.models import Bundle, TelemetryRollup, TelemetryWindowRecord
 from server.registry import get_version
 from server.telemetry import batch_counts
 
+#: A rollup's aggregate columns, in :data:`server.aggregate.FIELDS` order.
+_ROLLUP_FIELDS = tuple(col(getattr(TelemetryRollup, f)) for f in aggregate.FIELDS)
 #: The span a query covers when it names none: the last seven days.
 DEFAULT_SPAN = timedelta(days=7)
 QUANTILES = {"p50": 0.5, "p95": 0.95, "p99": 0.99}
@@ -137,7 +139,8 @@ def collect(session: Session, span: Span, relative_accuracy: float) -> Collected
     get_version(session, span.model, span.version)
     found = Collected(Group(aggregate.empty(relative_accuracy)), {})
 
-    def take(device_id: str, day: str, values: dict[str, Any], row_id: Any) -> None:
+    def take(device_id: str, day: str, values: dict[str, Any]) -> None:
+        """Add one stored row (a device's day, or one window) in, unless it fails its checks."""
         if aggregate.problem(values, relative_accuracy) is not None:
             found.skipped_rows += 1
             return
@@ -149,28 +152,29 @@ def collect(session: Session, span: Span, relative_accuracy: float) -> Collected
 
     whole, cut = _whole_and_cut_days(span)
     if whole:
-        query = select(TelemetryRollup).where(
+        # Columns, not ORM objects: a version's day rows number devices x days.
+        query = select(TelemetryRollup.device_id, TelemetryRollup.day, *_ROLLUP_FIELDS).where(
             TelemetryRollup.model == span.model,
             TelemetryRollup.version == span.version,
             col(TelemetryRollup.day).in_(whole),
         )
         if span.hardware_id:
             query = query.where(TelemetryRollup.hardware_id == span.hardware_id)
-        for r in session.exec(query.order_by(col(TelemetryRollup.id))):
-            take(r.device_id, r.day, aggregate.values(r), r.id)
-    if cut:
-        windows = select(TelemetryWindowRecord).where(
+        for row in session.exec(query.order_by(col(TelemetryRollup.id))):
+            take(row[0], row[1], dict(zip(aggregate.FIELDS, row[2:], strict=True)))
+    for day in cut:
+        # Only the part of a cut day inside the span: its whole-day rollup cannot be used.
+        begins = datetime.combine(date.fromisoformat(day), time(), UTC)
+        windows = select(TelemetryWindowRecord.device_id, TelemetryWindowRecord.aggregate).where(
             TelemetryWindowRecord.model == span.model,
             TelemetryWindowRecord.version == span.version,
-            col(TelemetryWindowRecord.window_start) >= span.start,
-            col(TelemetryWindowRecord.window_start) < span.end,
+            col(TelemetryWindowRecord.window_start) >= max(span.start, begins),
+            col(TelemetryWindowRecord.window_start) < min(span.end, begins + timedelta(days=1)),
         )
         if span.hardware_id:
             windows = windows.where(TelemetryWindowRecord.hardware_id == span.hardware_id)
-        for w in session.exec(windows.order_by(col(TelemetryWindowRecord.id))):
-            day = w.window_start.astimezone(UTC).date().isoformat()
-            if day in cut:
-                take(w.device_id, day, w.aggregate, w.id)
+        for device_id, stored in session.exec(windows.order_by(col(TelemetryWindowRecord.id))):
+            take(device_id, day, dict(stored))
     return found
 
 

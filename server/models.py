@@ -284,7 +284,10 @@ class DeviceEvent(SQLModel, table=True):
     """
 
     __tablename__ = "device_event"
-    __table_args__ = (Index("ix_device_event_device_at", "device_id", "at", "id"),)
+    __table_args__ = (
+        Index("ix_device_event_device_at", "device_id", "at", "id"),
+        Index("ix_device_event_kind_at", "kind", "at", "outcome"),
+    )
     id: int | None = Field(
         default=None,
         sa_column=Column(BigInteger().with_variant(Integer(), "sqlite"), primary_key=True),
@@ -309,3 +312,18 @@ class DeviceState(SQLModel, table=True):
     firmware_version: str
     installed: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON))
     recorded_at: datetime
+
+
+class DeviceInstalled(SQLModel, table=True):
+    """One model a device reported running, as the event log last recorded it (written with
+    :class:`DeviceState`, so on change only): what the fleet views count devices by version
+    and hardware id from, without reading every device's JSON."""
+
+    __tablename__ = "device_installed"
+    __table_args__ = (Index("ix_device_installed_version", "model", "version", "hardware_id"),)
+    device_id: str = Field(primary_key=True)
+    model: str = Field(primary_key=True)
+    hardware_id: str
+    version: str | None = None
+    bundle_sha256: str | None = None
+    last_install: str | None = None

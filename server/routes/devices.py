@@ -6,16 +6,18 @@ id outside the one rule is refused (422) where it enters, as in bodies.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
 
 from firmware_bundles.messages import CapabilityReport, CheckInRequest, DeviceId
-from server import device_events, device_history, fleet, hotpath, registry, telemetry
+from server import device_events, device_history, fleet, fleet_summary, hotpath, registry, telemetry
 from server.auth import bearer
 from server.deps import DeviceDep, OperatorDep, PrincipalDep, ReaderDep, SessionDep, StateDep
 from server.errors import ApiError
 from server.event_schemas import DeviceEvents, DeviceHistory
+from server.fleet_summary import FleetSummary
 from server.metrics import parse_time
 from server.routes.metrics import FromQuery, ToQuery
 from server.schemas import (
@@ -31,6 +33,8 @@ from server.schemas import (
 )
 
 router = APIRouter(prefix="/v1/devices", tags=["devices"], responses=REFUSALS)
+#: The fleet as a whole.
+fleet_router = APIRouter(prefix="/v1/fleet", tags=["devices"], responses=REFUSALS)
 
 
 class EnrollRequest(RequestBody):
@@ -151,6 +155,22 @@ def history(device_id: DeviceId, session: SessionDep, who: ReaderDep) -> DeviceH
     """A device's story: what decided its assignments (releases, rollout arms, pins), the
     changes it reported over time, its pairing and its last telemetry."""
     return device_history.build(device_history.load(session, device_id))
+
+
+@fleet_router.get("/summary")
+def summary(
+    session: SessionDep,
+    who: ReaderDep,
+    silent_after_h: Annotated[
+        float, Query(gt=0, le=24 * 365, description="Hours without a check-in that make silent")
+    ] = 24,
+) -> FleetSummary:
+    """Devices by hardware id, platform and firmware with their last contact; devices by the
+    model version they report running; devices not seen for ``silent_after_h`` hours; install
+    outcomes per day over the last 30 days."""
+    return fleet_summary.summary(
+        session, now=datetime.now(UTC), silent_after=timedelta(hours=silent_after_h)
+    )
 
 
 @router.post("/{device_id}/revoke")

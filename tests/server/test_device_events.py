@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from sqlmodel import Session, select
 
-from server import device_events
+from server import device_events, fleet_summary
 from server.device_events import Assigned, Reported, changes
 from server.models import DeviceEvent, DeviceState
 from tests.server.conftest import CAPS, Fleet
@@ -247,7 +247,9 @@ def test_two_check_ins_racing_with_one_change_record_it_once(fleet: Fleet) -> No
     at = datetime.now(UTC)
 
     def record() -> None:
-        rows = device_events.record_report(fleet.state.engine, "phone-1", reported, digest, at, {})
+        rows = device_events.record_report(
+            fleet.state.engine, "phone-1", "phone-android", reported, digest, at, {}
+        )
         written.append(len(rows))
 
     threads = [threading.Thread(target=record) for _ in range(2)]
@@ -358,3 +360,46 @@ def test_state_hash_ignores_model_order_but_not_an_error_text() -> None:
     other = {**failed, "last_error": "y"}
     assert device_events.state_hash("1.0.0", [failed]) != device_events.state_hash("1.0.0", [other])
     assert device_events.state_hash("1.0.0", [a]) != device_events.state_hash("1.0.1", [a])
+
+
+def summary(fleet: Fleet, **params: Any) -> dict[str, Any]:
+    r = fleet.client.get(
+        "/v1/fleet/summary", params=params, headers=fleet.auth(fleet.token("viewer"))
+    )
+    assert r.status_code == 200, r.text
+    return r.json()  # type: ignore[no-any-return]
+
+
+def test_fleet_summary_counts_groups_versions_silence_and_outcomes(fleet: Fleet) -> None:
+    shas = published(fleet, "1.0.0", "1.1.0")
+    credentials = {d: fleet.enroll(d) for d in ("phone-1", "phone-2", "phone-3")}
+    for device in ("phone-1", "phone-2"):
+        check_in(fleet, device, credentials[device], [installed(shas["1.0.0"])])
+    found = summary(fleet)
+    assert [
+        (g["hardware_id"], g["firmware_version"], g["devices"], g["silent"])
+        for g in found["groups"]
+    ] == [("phone-android", "14.0.0", 3, 1)]
+    assert (found["devices"], found["silent"]) == (3, 1)
+    assert [d["id"] for d in found["silent_devices"]] == ["phone-3"]  # never checked in
+    assert [(v["version"], v["devices"]) for v in found["versions"]] == [("1.0.0", 2)]
+    today = datetime.now(UTC).date().isoformat()
+    assert found["install_outcomes"] == [{"day": today, "outcome": "ok", "count": 2}]
+    upgraded = installed(shas["1.1.0"], version="1.1.0", release_counter=2)
+    check_in(fleet, "phone-2", credentials["phone-2"], [upgraded])
+    r = fleet.client.post("/v1/devices/phone-1/revoke", headers=fleet.auth(fleet.token("operator")))
+    assert r.status_code == 200
+    # Two days on, with a day's silence allowed: the revoked phone counts nowhere, and the
+    # others are silent, the one never seen first.
+    with Session(fleet.state.engine) as session:
+        later = fleet_summary.summary(
+            session, now=datetime.now(UTC) + timedelta(days=2), silent_after=timedelta(days=1)
+        )
+    assert [(v.version, v.devices) for v in later.versions] == [("1.1.0", 1)]
+    assert (later.devices, later.silent) == (2, 2)
+    assert [d.id for d in later.silent_devices] == ["phone-3", "phone-2"]
+    assert summary(fleet)["install_outcomes"][0]["count"] == 3
+    bad = fleet.client.get(
+        "/v1/fleet/summary", params={"silent_after_h": 0}, headers=fleet.auth(fleet.admin)
+    )
+    assert bad.status_code == 422

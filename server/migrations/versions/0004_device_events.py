@@ -1,4 +1,4 @@
-"""device events and the state they were recorded from
+"""device events, the state they were recorded from, and what each device runs
 
 Revision ID: 0004
 Revises: 0003
@@ -39,6 +39,8 @@ def upgrade() -> None:
     )
     with op.batch_alter_table("device_event", schema=None) as batch_op:
         batch_op.create_index("ix_device_event_device_at", ["device_id", "at", "id"], unique=False)
+        # Install outcomes per day (the Fleet page) read the index alone.
+        batch_op.create_index("ix_device_event_kind_at", ["kind", "at", "outcome"], unique=False)
     op.create_table(
         "device_state",
         sa.Column("device_id", _S(), nullable=False),
@@ -48,8 +50,23 @@ def upgrade() -> None:
         sa.Column("recorded_at", _T(), nullable=False),
         sa.PrimaryKeyConstraint("device_id"),
     )
+    op.create_table(
+        "device_installed",
+        sa.Column("device_id", _S(), nullable=False),
+        sa.Column("model", _S(), nullable=False),
+        sa.Column("hardware_id", _S(), nullable=False),
+        sa.Column("version", _S(), nullable=True),
+        sa.Column("bundle_sha256", _S(), nullable=True),
+        sa.Column("last_install", _S(), nullable=True),
+        sa.PrimaryKeyConstraint("device_id", "model"),
+    )
+    with op.batch_alter_table("device_installed", schema=None) as batch_op:
+        batch_op.create_index(
+            "ix_device_installed_version", ["model", "version", "hardware_id"], unique=False
+        )
 
 
 def downgrade() -> None:
+    op.drop_table("device_installed")
     op.drop_table("device_state")
     op.drop_table("device_event")
