@@ -11,7 +11,7 @@ device count, to operators and to the rollout gates.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
@@ -178,10 +178,21 @@ def collect(session: Session, span: Span, relative_accuracy: float) -> Collected
     return found
 
 
-def completeness(session: Session, devices: Iterable[str]) -> dict[str, Any]:
+def completeness(
+    session: Session,
+    devices: Iterable[str],
+    known: Mapping[str, tuple[int, int]] | None = None,
+) -> dict[str, Any]:
     """Batches received against those the devices' sequence numbers say were sent, added over
-    ``devices`` (all of each device's uploads: batches are per device, not per version)."""
-    counts = batch_counts(session, sorted(devices)).values()
+    ``devices`` (all of each device's uploads: batches are per device, not per version).
+
+    ``known``: batch counts already read for a superset of ``devices`` (a span's total, when
+    its days are figured too), so they are read once per request, not once per day.
+    """
+    wanted = sorted(devices)
+    if known is None:
+        known = batch_counts(session, wanted)
+    counts = [known[d] for d in wanted if d in known]
     received = sum(got for got, _ in counts)
     expected = sum(want for _, want in counts)
     return {
@@ -219,7 +230,13 @@ def reference(session: Session, span: Span) -> Manifest:
 
 
 def figures(
-    session: Session, group: Group, manifest: Manifest, *, min_devices: int, privileged: bool
+    session: Session,
+    group: Group,
+    manifest: Manifest,
+    *,
+    min_devices: int,
+    privileged: bool,
+    known_batches: Mapping[str, tuple[int, int]] | None = None,
 ) -> dict[str, Any]:
     """The figures of one group, or why they are withheld.
 
@@ -268,7 +285,7 @@ def figures(
             "labels": labelled,
             "labels_without_prediction": sum(agg["labels"].get(UNKNOWN_PREDICTION, {}).values()),
         },
-        "completeness": completeness(session, group.devices),
+        "completeness": completeness(session, group.devices, known_batches),
     }
 
 

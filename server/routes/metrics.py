@@ -21,6 +21,7 @@ from server.schemas import (
     VersionDrift,
     VersionMetrics,
 )
+from server.telemetry import batch_counts
 
 router = APIRouter(prefix="/v1", tags=["metrics"], responses=REFUSALS)
 
@@ -102,9 +103,18 @@ def version_metrics(
     manifest = metrics.reference(session, span)
     minimum = state.settings.min_devices_shown
     privileged = _privileged(who)
+    # Every day's devices are among the total's: read their batch counts once.
+    known = batch_counts(session, sorted(found.total.devices)) if by == "day" else None
 
     def figures(group: metrics.Group) -> dict[str, object]:
-        return metrics.figures(session, group, manifest, min_devices=minimum, privileged=privileged)
+        return metrics.figures(
+            session,
+            group,
+            manifest,
+            min_devices=minimum,
+            privileged=privileged,
+            known_batches=known,
+        )
 
     return VersionMetrics(
         span=_public(span),
