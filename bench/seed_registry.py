@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -118,6 +118,8 @@ class Registry:
     """What the telemetry and device rows need from the registry."""
 
     shas: dict[tuple[str, str, str], str]
+    #: Each device's last report, made once (three tables are written from it).
+    _reported: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
 
     def sha(self, model: str, version: str, hardware_id: str) -> str:
         return self.shas[(model, version, hardware_id)]
@@ -131,6 +133,11 @@ class Registry:
 
     def reported(self, plan: sp.Plan, d: sp.DevicePlan) -> list[dict[str, Any]]:
         """What the device reported last (its last reporting day)."""
+        if d.index not in self._reported:
+            self._reported[d.index] = self._report(plan, d)
+        return self._reported[d.index]
+
+    def _report(self, plan: sp.Plan, d: sp.DevicePlan) -> list[dict[str, Any]]:
         last = max(d.first_day, d.silent_from - 1)
         entries = []
         for model, version in plan.models_on(d, last):
