@@ -439,14 +439,3 @@ def list_events(
     more = len(rows) > limit
     rows = rows[:limit]
     return rows, (cursor_of(rows[-1]) if more and rows else None)
-
-
-def all_events(session: Session, device_id: str) -> list[DeviceEvent]:
-    """Every event of a device, oldest first."""
-    return list(
-        session.exec(
-            select(DeviceEvent)
-            .where(DeviceEvent.device_id == device_id)
-            .order_by(col(DeviceEvent.at), col(DeviceEvent.id))
-        )
-    )

@@ -9,7 +9,7 @@ change), outcomes from ``device_event`` through its ``(kind, at, outcome)`` inde
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pydantic import BaseModel
@@ -140,10 +140,16 @@ def versions(session: Session, model: str | None = None) -> list[VersionCount]:
 
 
 def _day(session: Session, column: Any) -> Any:
-    """The UTC date of a stored timestamp, as ``YYYY-MM-DD`` text, in the database's dialect."""
+    """A stored timestamp's UTC day, in the database's dialect: PostgreSQL truncates (cheaper
+    per row than formatting, which the grouping then does for a few dozen days), SQLite keeps
+    UTC as ISO text."""
     if session.get_bind().dialect.name == "postgresql":
-        return func.to_char(func.timezone("UTC", column), "YYYY-MM-DD")
-    return func.substr(cast(column, String), 1, 10)  # SQLite keeps UTC as ISO text
+        return func.date_trunc("day", column, "UTC")
+    return func.substr(cast(column, String), 1, 10)
+
+
+def _iso_day(value: datetime | str) -> str:
+    return value.astimezone(UTC).date().isoformat() if isinstance(value, datetime) else value
 
 
 def install_outcomes(session: Session, *, since: datetime) -> list[OutcomeCount]:
@@ -155,4 +161,4 @@ def install_outcomes(session: Session, *, since: datetime) -> list[OutcomeCount]
         .group_by(day, col(DeviceEvent.outcome))
         .order_by(day, col(DeviceEvent.outcome))
     ).all()
-    return [OutcomeCount(day=d, outcome=o or "unknown", count=int(n)) for d, o, n in rows]
+    return [OutcomeCount(day=_iso_day(d), outcome=o or "unknown", count=int(n)) for d, o, n in rows]
