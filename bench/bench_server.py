@@ -18,6 +18,7 @@ for the whole of the wrk run, from a thread of this process streaming them from 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -74,14 +75,17 @@ def seed(url: str, data_dir: Path, devices: int, models: int, assigned: int) -> 
     from sqlalchemy import insert
     from sqlmodel import Session
 
+    from firmware_bundles.messages import InstalledModel
     from server.app import build_state
     from server.config import Settings
-    from server.models import ApiToken, Device
+    from server.device_events import state_hash
+    from server.models import ApiToken, Device, DeviceState
     from server.registry import publish_bytes, release
 
     upgrade(url)
     state = build_state(Settings(data_dir=data_dir, database_url=url))
     key = SigningKey.from_pem((data_dir / "keys" / "release.pem").read_bytes())
+    installed = []
     with Session(state.engine) as session:
         for m in range(models):
             name = f"m{m:02d}"
@@ -108,6 +112,18 @@ def seed(url: str, data_dir: Path, devices: int, models: int, assigned: int) -> 
             )
             if m == 0:  # telemetry.lua reports windows of this bundle (checked against it)
                 (data_dir / "telemetry_bundle.txt").write_text(bundle.sha256)
+            if m < assigned:  # what each device reports running at check-in (checkin.lua)
+                installed.append(
+                    {
+                        "model": name,
+                        "version": "1.2.3",
+                        "bundle_sha256": bundle.sha256,
+                        "release_counter": 1,
+                        "active_slot": "a",
+                        "slots": {"a": "active", "b": "standby"},
+                        "last_install": "ok",
+                    }
+                )
             release(
                 session=session,
                 model=name,
@@ -134,9 +150,28 @@ def seed(url: str, data_dir: Path, devices: int, models: int, assigned: int) -> 
                     "credential_hash": hash_token(cred),
                     "revoked": False,
                     "enrolled_at": now,
+                    # As if it had checked in once already: the bench measures a settled fleet.
+                    "installed": installed,
                 }
             )
         session.execute(insert(Device), rows)
+        # The event log has recorded that state too (as after its first check-in), so the bench
+        # measures check-ins that change nothing, as a settled fleet's do.
+        reported = [InstalledModel.from_dict(m).to_dict() for m in installed]
+        recorded = state_hash("14.0.0", reported)
+        session.execute(
+            insert(DeviceState),
+            [
+                {
+                    "device_id": row["id"],
+                    "state_hash": recorded,
+                    "firmware_version": "14.0.0",
+                    "installed": reported,
+                    "recorded_at": now,
+                }
+                for row in rows
+            ],
+        )
         session.add(
             ApiToken(
                 name="bench",
@@ -147,6 +182,7 @@ def seed(url: str, data_dir: Path, devices: int, models: int, assigned: int) -> 
         )
         session.commit()
     creds.write_text("\n".join(lines) + "\n")
+    (data_dir / "installed.json").write_text(json.dumps(installed))
     state.engine.dispose()
     return creds
 
@@ -156,6 +192,8 @@ def wrk(url: str, script: str, creds: Path, duration: int, connections: int) -> 
     telemetry_bundle = creds.parent / "telemetry_bundle.txt"
     if telemetry_bundle.exists():
         env["EDGEFLEET_BENCH_BUNDLE"] = telemetry_bundle.read_text().strip()
+    if (creds.parent / "installed.json").exists():
+        env["EDGEFLEET_BENCH_INSTALLED"] = str(creds.parent / "installed.json")
     out = subprocess.run(
         [
             "wrk",
@@ -196,10 +234,16 @@ def start_bare(mode: str, size: int) -> tuple[subprocess.Popen[bytes], str]:
 
 def response_size(url: str, creds: Path) -> int:
     device, cred = creds.read_text().split("\n", 1)[0].split()
+    installed = json.loads((creds.parent / "installed.json").read_text())
     r = httpx.post(
         f"{url}/v1/devices/{device}/check-in",
         headers={"Authorization": f"Bearer {cred}"},
-        json={"device_id": device, "nonce": uuid.uuid4().hex, "firmware_version": "14.0.0"},
+        json={
+            "device_id": device,
+            "nonce": uuid.uuid4().hex,
+            "firmware_version": "14.0.0",
+            "installed": installed,
+        },
     )
     r.raise_for_status()
     return len(r.content)

@@ -9,6 +9,7 @@ from edgefleet.bundle_cli import bundle_app
 from edgefleet.convert_cli import convert_command
 from edgefleet.hil_cli import hil_app
 from edgefleet.keys_cli import keys_app, root_app
+from edgefleet.lineage_cli import lineage_command
 from edgefleet.metrics_cli import drift_command, metrics_command
 from edgefleet.rollout_cli import rollout_app
 from edgefleet.server_cli import register as register_server
@@ -26,6 +27,7 @@ app.add_typer(bundle_app, name="bundle")
 app.command("convert")(convert_command)
 app.command("metrics")(metrics_command)
 app.command("drift")(drift_command)
+app.command("lineage")(lineage_command)
 register_server(app)
 app.add_typer(rollout_app, name="rollout")
 app.add_typer(webhooks_app, name="webhooks")

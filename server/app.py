@@ -121,6 +121,7 @@ def create_app(state: ServerState) -> FastAPI:
     # Devices first: check-in is the busiest route, and routes are matched in order.
     for router in (
         devices.router,
+        devices.fleet_router,
         telemetry.router,
         metrics_routes.router,
         rollouts.router,

@@ -1,11 +1,13 @@
 """Check-in's one write: authenticate a device by credential hash and record its contact.
 
 One ``UPDATE device ... RETURNING`` per check-in, on the raw driver connection rather than the ORM
-(check-in is the busiest request). SQLite runs it in the event loop on a connection of its own
-(see :class:`SqliteCheckInStore` for why not the pool's). PostgreSQL coalesces the
-check-ins that arrive while a statement is in flight into the next one (``UPDATE ... FROM
-unnest(...)``) on an asyncio pool, so the loop goes on serving while the database works and the
-driver's per-statement cost is shared; every check-in is still recorded before it is answered.
+(check-in is the busiest request); it also returns the state hash the event log last recorded for
+the device, so only a changed state costs more (:mod:`server.device_events`). SQLite runs it in
+the event loop on a connection of its own (see :class:`SqliteCheckInStore` for why not the
+pool's). PostgreSQL coalesces the check-ins that arrive while a statement is in flight into the
+next one (``UPDATE ... FROM unnest(...)``) on an asyncio pool, so the loop goes on serving while
+the database works and the driver's per-statement cost is shared; every check-in is still
+recorded before it is answered.
 """
 
 from __future__ import annotations
@@ -17,11 +19,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NamedTuple
 
-from sqlalchemy import Engine, bindparam, update
+from sqlalchemy import Engine, bindparam, select, update
 from sqlmodel import col
 
 from server.errors import ConfigError
-from server.models import Device
+from server.models import Device, DeviceState
 
 _STATE_COLUMNS = ["last_seen", "last_nonce", "firmware_version", "installed"]
 _CAPS_COLUMNS = ["free_flash_bytes", "free_ram_bytes"]
@@ -32,6 +34,8 @@ class DeviceRow(NamedTuple):
 
     hardware_id: str
     free_flash_bytes: int
+    #: The state hash the event log last recorded for the device (None: none yet).
+    recorded_state_hash: str | None
 
 
 @dataclass
@@ -44,6 +48,8 @@ class Contact:
     nonce: str
     firmware_version: str
     installed: list[dict[str, Any]]
+    #: :func:`server.device_events.state_hash` of the reported firmware and models.
+    state_hash: str
     free_flash_bytes: int | None = None
     free_ram_bytes: int | None = None
 
@@ -56,6 +62,11 @@ def make_store(engine: Engine) -> SqliteCheckInStore | PostgresCheckInStore:
 
 
 def _update_self(columns: list[str]) -> Any:
+    recorded = (
+        select(col(DeviceState.state_hash))
+        .where(col(DeviceState.device_id) == col(Device.id))
+        .scalar_subquery()
+    )
     return (
         update(Device)
         .where(
@@ -64,7 +75,7 @@ def _update_self(columns: list[str]) -> Any:
             col(Device.revoked).is_(False),
         )
         .values({c: bindparam(c) for c in columns})
-        .returning(col(Device.hardware_id), col(Device.free_flash_bytes))
+        .returning(col(Device.hardware_id), col(Device.free_flash_bytes), recorded)
     )
 
 
@@ -127,7 +138,7 @@ class SqliteCheckInStore:
         # One statement in autocommit: atomic on its own, and no await while SQLite's write
         # lock is held.
         row = self._conn.execute(sql, tuple(values[name] for name in order)).fetchone()
-        return None if row is None else DeviceRow(row[0], row[1])
+        return None if row is None else DeviceRow(row[0], row[1], row[2])
 
     async def close(self) -> None:
         """Close the store's own connection."""
@@ -150,8 +161,9 @@ FROM unnest(
   %s::bigint[], %s::bigint[]
 ) AS v(credential_hash, id, last_seen, nonce, firmware_version, installed, free_flash_bytes,
        free_ram_bytes)
+LEFT JOIN device_state AS s ON s.device_id = v.id
 WHERE d.credential_hash = v.credential_hash AND d.id = v.id AND NOT d.revoked
-RETURNING d.credential_hash, d.id, d.hardware_id, d.free_flash_bytes
+RETURNING d.credential_hash, d.id, d.hardware_id, d.free_flash_bytes, s.state_hash
 """
 
 
@@ -219,7 +231,7 @@ class PostgresCheckInStore:
         async with pool.connection() as conn:
             cursor = await conn.execute(_BATCH_UPDATE, params)
             rows = await cursor.fetchall()
-        return {(r[0], r[1]): DeviceRow(r[2], r[3]) for r in rows}
+        return {(r[0], r[1]): DeviceRow(r[2], r[3], r[4]) for r in rows}
 
     async def _open_pool(self) -> Any:
         if self._pool is not None:

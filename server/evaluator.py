@@ -72,6 +72,31 @@ def selected_devices(session: Session, rollout: Rollout) -> list[Device]:
     return [d for d in devices if firmware.contains(d.firmware_version)]
 
 
+def selected_ids(session: Session, rollout: Rollout) -> list[str]:
+    """The ids of :func:`selected_devices`, read as two columns rather than whole devices (the
+    rollout page counts arms over every selected device)."""
+    selector = rollout.selector
+    rows = session.exec(
+        select(Device.id, Device.firmware_version)
+        .where(
+            col(Device.hardware_id).in_(selector["hardware_ids"]), col(Device.revoked).is_(False)
+        )
+        .order_by(col(Device.id))
+    ).all()
+    members = cohorts_members(session, selector.get("cohorts") or [])
+    firmware = FirmwareRange(
+        minimum=selector.get("firmware_min", "0.0.0"), below=selector.get("firmware_below")
+    )
+    fits: dict[str, bool] = {}  # a fleet runs few firmware versions: check each once
+    for version in {v for _, v in rows}:
+        fits[version] = firmware.contains(version)
+    return [
+        device_id
+        for device_id, version in rows
+        if fits[version] and (members is None or device_id in members)
+    ]
+
+
 def _install_outcome(device: Device, model: str, version: str) -> bool | None:
     for entry in device.installed or []:
         if entry.get("model") != model:

@@ -6,13 +6,15 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from sqlmodel import Session, select
+from sqlalchemy import delete
+from sqlmodel import Session, col, select
 
 from firmware_bundles.manifest import FirmwareRange
 from firmware_bundles.messages import CapabilityReport
+from server import device_events
 from server.auth import Principal, hash_token, new_token
 from server.errors import ApiError
-from server.models import Cohort, CohortMember, Device, EnrollmentToken
+from server.models import Cohort, CohortMember, Device, DeviceInstalled, EnrollmentToken
 from server.schemas import DevicePublic
 from server.state import ServerState
 
@@ -87,9 +89,17 @@ def enroll(
             enrolled_at=now,
         )
     )
+    session.flush()
     if token.cohort is not None:
-        session.flush()
         session.add(CohortMember(cohort=token.cohort, device_id=device_id))
+    device_events.add_enrolled(
+        session,
+        device_id=device_id,
+        hardware_id=capabilities.hardware_id,
+        firmware_version=capabilities.firmware_version,
+        relay_id=relay_id,
+        at=now,
+    )
     session.commit()
     return credential
 
@@ -174,6 +184,15 @@ def unpair(*, session: Session, who: Principal, device_id: str) -> None:
         who.require("operate")
     elif who.name not in (device.id, device.relay_id):
         raise ApiError(403, f"device {who.name} may not unpair {device_id}")
+    if device.relay_id is not None:
+        by = f"operator:{who.name}" if who.kind == "api" else f"device:{who.name}"
+        device_events.add_unpaired(
+            session,
+            device_id=device.id,
+            relay_id=device.relay_id,
+            reason=f"unpaired by {by}",
+            at=datetime.now(UTC),
+        )
     device.relay_id = None
     session.add(device)
     session.commit()
@@ -186,9 +205,17 @@ def revoke(*, session: Session, device_id: str) -> None:
         ApiError: 404 for an unknown device.
     """
     device = get_device(session, device_id)
+    now = datetime.now(UTC)
+    if not device.revoked:
+        device_events.add_revoked(session, device_id=device_id, at=now)
+    # A revoked device runs nothing the fleet counts.
+    session.exec(delete(DeviceInstalled).where(col(DeviceInstalled.device_id) == device_id))
     device.revoked = True
     session.add(device)
     for paired in session.exec(select(Device).where(Device.relay_id == device_id)):
+        device_events.add_unpaired(
+            session, device_id=paired.id, relay_id=device_id, reason="relay revoked", at=now
+        )
         paired.relay_id = None
         session.add(paired)
     session.commit()

@@ -3,7 +3,9 @@
 Every device calls this on a timer, so it avoids the ORM and FastAPI's threadpool: one
 ``UPDATE ... RETURNING`` authenticates the device by credential hash and records last-seen, nonce
 and reported state (run on the raw driver connection, SQLite in the event loop, PostgreSQL on an
-asyncio connection pool so the loop serves other requests while the database works); what the
+asyncio connection pool so the loop serves other requests while the database works), and returns
+the state hash the device event log last recorded, so that events are written only when the
+reported state changed (:mod:`server.device_events`); what the
 device is offered, and the release counter confirmed for it per model (``docs/rollback.md``),
 come from :mod:`server.offers` (cached); and the answer is the envelope of one
 director-signed :class:`~firmware_bundles.messages.AssignmentSet`, built by
@@ -23,10 +25,11 @@ from sqlmodel import col
 from firmware_bundles.check_in import check_in_answer
 from firmware_bundles.manifest import FirmwareRange
 from firmware_bundles.messages import AssignedBundle, CheckInRequest
+from server import device_events
 from server.auth import hash_token
 from server.checkin_store import Contact, DeviceRow
 from server.errors import ApiError
-from server.models import Device
+from server.models import Device, DeviceState
 from server.offers import Offer, confirmed_for_hardware, offers_for_device
 from server.state import ServerState
 
@@ -68,8 +71,11 @@ def _relay_check_in(state: ServerState, contact: Contact) -> DeviceRow:
         if target is None or target.relay_id != caller.id or target.revoked:
             raise ApiError(403, f"device {caller.id} may not act for device {device_id}")
         conn.execute(update(Device).where(col(Device.id) == device_id).values(**values))
+        recorded = conn.execute(
+            select(col(DeviceState.state_hash)).where(col(DeviceState.device_id) == device_id)
+        ).scalar()
         return DeviceRow(
-            target.hardware_id, values.get("free_flash_bytes", target.free_flash_bytes)
+            target.hardware_id, values.get("free_flash_bytes", target.free_flash_bytes), recorded
         )
 
 
@@ -86,13 +92,15 @@ async def check_in(
         raise ApiError(400, f"check-in body is for {request.device_id}, URL for {device_id}")
     now = datetime.now(UTC)
     caps = request.capabilities
+    installed = [m.to_dict() for m in request.installed]
     contact = Contact(
         credential_hash=hash_token(credential),
         device_id=device_id,
         last_seen=now,
         nonce=request.nonce,
         firmware_version=request.firmware_version,
-        installed=[m.to_dict() for m in request.installed],
+        installed=installed,
+        state_hash=device_events.state_hash(request.firmware_version, installed),
         free_flash_bytes=None if caps is None else caps.free_flash_bytes,
         free_ram_bytes=None if caps is None else caps.free_ram_bytes,
     )
@@ -115,6 +123,19 @@ async def check_in(
             continue
         counter = confirmed.counter(model, device_id, state.offers.rollout_member)
         bundles.append(_assigned(model, offer, counter or None))
+    if device.recorded_state_hash != contact.state_hash:
+        assigned = {m: device_events.Assigned(o.version, o.bundle_sha256) for m, o in offers.items()}
+        reported = device_events.Reported(request.firmware_version, installed)
+        await asyncio.to_thread(
+            device_events.record_report,
+            state.engine,
+            device_id,
+            device.hardware_id,
+            reported,
+            contact.state_hash,
+            now,
+            assigned,
+        )
     return check_in_answer(
         state.director_key,
         device_id=device_id,

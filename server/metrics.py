@@ -11,7 +11,7 @@ device count, to operators and to the rollout gates.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
@@ -27,6 +27,8 @@ from server.models import Bundle, TelemetryRollup, TelemetryWindowRecord
 from server.registry import get_version
 from server.telemetry import batch_counts
 
+#: A rollup's aggregate columns, in :data:`server.aggregate.FIELDS` order.
+_ROLLUP_FIELDS = tuple(col(getattr(TelemetryRollup, f)) for f in aggregate.FIELDS)
 #: The span a query covers when it names none: the last seven days.
 DEFAULT_SPAN = timedelta(days=7)
 QUANTILES = {"p50": 0.5, "p95": 0.95, "p99": 0.99}
@@ -137,7 +139,8 @@ def collect(session: Session, span: Span, relative_accuracy: float) -> Collected
     get_version(session, span.model, span.version)
     found = Collected(Group(aggregate.empty(relative_accuracy)), {})
 
-    def take(device_id: str, day: str, values: dict[str, Any], row_id: Any) -> None:
+    def take(device_id: str, day: str, values: dict[str, Any]) -> None:
+        """Add one stored row (a device's day, or one window) in, unless it fails its checks."""
         if aggregate.problem(values, relative_accuracy) is not None:
             found.skipped_rows += 1
             return
@@ -149,35 +152,47 @@ def collect(session: Session, span: Span, relative_accuracy: float) -> Collected
 
     whole, cut = _whole_and_cut_days(span)
     if whole:
-        query = select(TelemetryRollup).where(
+        # Columns, not ORM objects: a version's day rows number devices x days.
+        query = select(TelemetryRollup.device_id, TelemetryRollup.day, *_ROLLUP_FIELDS).where(
             TelemetryRollup.model == span.model,
             TelemetryRollup.version == span.version,
             col(TelemetryRollup.day).in_(whole),
         )
         if span.hardware_id:
             query = query.where(TelemetryRollup.hardware_id == span.hardware_id)
-        for r in session.exec(query.order_by(col(TelemetryRollup.id))):
-            take(r.device_id, r.day, aggregate.values(r), r.id)
-    if cut:
-        windows = select(TelemetryWindowRecord).where(
+        for row in session.exec(query.order_by(col(TelemetryRollup.id))):
+            take(row[0], row[1], dict(zip(aggregate.FIELDS, row[2:], strict=True)))
+    for day in cut:
+        # Only the part of a cut day inside the span: its whole-day rollup cannot be used.
+        begins = datetime.combine(date.fromisoformat(day), time(), UTC)
+        windows = select(TelemetryWindowRecord.device_id, TelemetryWindowRecord.aggregate).where(
             TelemetryWindowRecord.model == span.model,
             TelemetryWindowRecord.version == span.version,
-            col(TelemetryWindowRecord.window_start) >= span.start,
-            col(TelemetryWindowRecord.window_start) < span.end,
+            col(TelemetryWindowRecord.window_start) >= max(span.start, begins),
+            col(TelemetryWindowRecord.window_start) < min(span.end, begins + timedelta(days=1)),
         )
         if span.hardware_id:
             windows = windows.where(TelemetryWindowRecord.hardware_id == span.hardware_id)
-        for w in session.exec(windows.order_by(col(TelemetryWindowRecord.id))):
-            day = w.window_start.astimezone(UTC).date().isoformat()
-            if day in cut:
-                take(w.device_id, day, w.aggregate, w.id)
+        for device_id, stored in session.exec(windows.order_by(col(TelemetryWindowRecord.id))):
+            take(device_id, day, dict(stored))
     return found
 
 
-def completeness(session: Session, devices: Iterable[str]) -> dict[str, Any]:
+def completeness(
+    session: Session,
+    devices: Iterable[str],
+    known: Mapping[str, tuple[int, int]] | None = None,
+) -> dict[str, Any]:
     """Batches received against those the devices' sequence numbers say were sent, added over
-    ``devices`` (all of each device's uploads: batches are per device, not per version)."""
-    counts = batch_counts(session, sorted(devices)).values()
+    ``devices`` (all of each device's uploads: batches are per device, not per version).
+
+    ``known``: batch counts already read for a superset of ``devices`` (a span's total, when
+    its days are figured too), so they are read once per request, not once per day.
+    """
+    wanted = sorted(devices)
+    if known is None:
+        known = batch_counts(session, wanted)
+    counts = [known[d] for d in wanted if d in known]
     received = sum(got for got, _ in counts)
     expected = sum(want for _, want in counts)
     return {
@@ -215,7 +230,13 @@ def reference(session: Session, span: Span) -> Manifest:
 
 
 def figures(
-    session: Session, group: Group, manifest: Manifest, *, min_devices: int, privileged: bool
+    session: Session,
+    group: Group,
+    manifest: Manifest,
+    *,
+    min_devices: int,
+    privileged: bool,
+    known_batches: Mapping[str, tuple[int, int]] | None = None,
 ) -> dict[str, Any]:
     """The figures of one group, or why they are withheld.
 
@@ -264,7 +285,7 @@ def figures(
             "labels": labelled,
             "labels_without_prediction": sum(agg["labels"].get(UNKNOWN_PREDICTION, {}).values()),
         },
-        "completeness": completeness(session, group.devices),
+        "completeness": completeness(session, group.devices, known_batches),
     }
 
 

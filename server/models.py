@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Column, Index, LargeBinary, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Column, Index, Integer, LargeBinary, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 
@@ -335,3 +335,59 @@ class TriggerState(SQLModel, table=True):
     value: float | None = None
     changed_at: datetime
     checked_at: datetime
+
+
+class DeviceEvent(SQLModel, table=True):
+    """A change in what a device reported, or in its enrolment and pairing (see
+    :mod:`server.device_events`): recorded when it happens, not at every check-in.
+
+    ``kind`` is one of :data:`server.device_events.KINDS`; ``model``, ``version``,
+    ``bundle_sha256`` and ``outcome`` are set where the kind has them (an install's outcome:
+    ``ok``, ``self-test-failed``, ``verify-failed``, ``download-failed``), the rest is in
+    ``details``.
+    """
+
+    __tablename__ = "device_event"
+    __table_args__ = (
+        Index("ix_device_event_device_at", "device_id", "at", "id"),
+        Index("ix_device_event_kind_at", "kind", "at", "outcome"),
+    )
+    id: int | None = Field(
+        default=None,
+        sa_column=Column(BigInteger().with_variant(Integer(), "sqlite"), primary_key=True),
+    )
+    device_id: str
+    at: datetime
+    kind: str
+    model: str | None = None
+    version: str | None = None
+    bundle_sha256: str | None = None
+    outcome: str | None = None
+    details: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+
+
+class DeviceState(SQLModel, table=True):
+    """What a device last reported, as the event log last recorded it: check-in compares the
+    reported state's hash with ``state_hash`` and records events only when they differ."""
+
+    __tablename__ = "device_state"
+    device_id: str = Field(primary_key=True)
+    state_hash: str
+    firmware_version: str
+    installed: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON))
+    recorded_at: datetime
+
+
+class DeviceInstalled(SQLModel, table=True):
+    """One model a device reported running, as the event log last recorded it (written with
+    :class:`DeviceState`, so on change only): what the fleet views count devices by version
+    and hardware id from, without reading every device's JSON."""
+
+    __tablename__ = "device_installed"
+    __table_args__ = (Index("ix_device_installed_version", "model", "version", "hardware_id"),)
+    device_id: str = Field(primary_key=True)
+    model: str = Field(primary_key=True)
+    hardware_id: str
+    version: str | None = None
+    bundle_sha256: str | None = None
+    last_install: str | None = None

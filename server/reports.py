@@ -22,6 +22,7 @@ from server.schemas import (
     VersionDrift,
     VersionMetrics,
 )
+from server.telemetry import batch_counts
 
 #: How drift's chi-square test is made, said in every answer.
 CHI2_METHOD = (
@@ -83,8 +84,18 @@ def version_metrics(
     minimum = settings.min_devices_shown
     allowed = privileged(who)
 
+    # Every day's devices are among the total's: read their batch counts once.
+    known = batch_counts(session, sorted(found.total.devices)) if by_day else None
+
     def figures(group: metrics.Group) -> dict[str, Any]:
-        return metrics.figures(session, group, manifest, min_devices=minimum, privileged=allowed)
+        return metrics.figures(
+            session,
+            group,
+            manifest,
+            min_devices=minimum,
+            privileged=allowed,
+            known_batches=known,
+        )
 
     return VersionMetrics(
         span=span_public(span),

@@ -6,13 +6,20 @@ id outside the one rule is refused (422) where it enters, as in bodies.
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from datetime import UTC, datetime, timedelta
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response
 
 from firmware_bundles.messages import CapabilityReport, CheckInRequest, DeviceId
-from server import fleet, hotpath, registry, telemetry
+from server import device_events, device_history, fleet, fleet_summary, hotpath, registry, telemetry
 from server.auth import bearer
 from server.deps import DeviceDep, OperatorDep, PrincipalDep, ReaderDep, SessionDep, StateDep
 from server.errors import ApiError
+from server.event_schemas import DeviceEvents, DeviceHistory
+from server.fleet_summary import FleetSummary
+from server.metrics import parse_time
+from server.routes.metrics import FromQuery, ToQuery
 from server.schemas import (
     REFUSALS,
     CheckInAnswer,
@@ -26,6 +33,8 @@ from server.schemas import (
 )
 
 router = APIRouter(prefix="/v1/devices", tags=["devices"], responses=REFUSALS)
+#: The fleet as a whole.
+fleet_router = APIRouter(prefix="/v1/fleet", tags=["devices"], responses=REFUSALS)
 
 
 class EnrollRequest(RequestBody):
@@ -103,6 +112,65 @@ def list_devices(session: SessionDep, who: ReaderDep) -> list[DevicePublic]:
 def show_device(device_id: DeviceId, session: SessionDep, who: ReaderDep) -> DeviceDetail:
     device = fleet.device_public(fleet.get_device(session, device_id))
     return DeviceDetail(**device.model_dump(), telemetry=telemetry.completeness(session, device_id))
+
+
+@router.get("/{device_id}/events")
+def list_events(
+    device_id: DeviceId,
+    session: SessionDep,
+    who: ReaderDep,
+    start: FromQuery = None,
+    to: ToQuery = None,
+    cursor: Annotated[
+        str | None,
+        Query(
+            max_length=40,
+            pattern=r"^\d{1,17}-\d{1,19}$",
+            description="From an earlier answer's next_cursor: the page after it",
+        ),
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=device_events.MAX_EVENTS_PER_PAGE)] = 100,
+) -> DeviceEvents:
+    """A device's events, newest first: installs and their outcomes, switches, reverts,
+    firmware and pairing changes, enrolment (recorded when its reported state changes, not at
+    every check-in). ``from``/``to`` bound the event time."""
+    fleet.get_device(session, device_id)
+    events, next_cursor = device_events.list_events(
+        session,
+        device_id,
+        start=parse_time(start, end=False),
+        end=parse_time(to, end=True),
+        cursor=cursor,
+        limit=limit,
+    )
+    return DeviceEvents(
+        device_id=device_id,
+        events=[device_events.public(e) for e in events],
+        next_cursor=next_cursor,
+    )
+
+
+@router.get("/{device_id}/history")
+def history(device_id: DeviceId, session: SessionDep, who: ReaderDep) -> DeviceHistory:
+    """A device's story: what decided its assignments (releases, rollout arms, pins), the
+    changes it reported over time, its pairing and its last telemetry."""
+    return device_history.build(device_history.load(session, device_id))
+
+
+@fleet_router.get("/summary")
+def summary(
+    session: SessionDep,
+    who: ReaderDep,
+    silent_after_h: Annotated[
+        float, Query(gt=0, le=24 * 365, description="Hours without a check-in that make silent")
+    ] = 24,
+) -> FleetSummary:
+    """Devices by hardware id, platform and firmware with their last contact; devices by the
+    model version they report running; devices not seen for ``silent_after_h`` hours; install
+    outcomes per day over the last 30 days."""
+    return fleet_summary.summary(
+        session, now=datetime.now(UTC), silent_after=timedelta(hours=silent_after_h)
+    )
 
 
 @router.post("/{device_id}/revoke")

@@ -13,8 +13,11 @@ from fastapi import APIRouter, Header, Path, Request, Response
 from pydantic import BaseModel, Field
 
 from server import confirmations, registry
+from server import lineage as lineage_of
+from server.auth import PERMISSIONS
 from server.bodies import body_pieces, read_body
 from server.deps import OperatorDep, PrincipalDep, PublisherDep, ReaderDep, SessionDep, StateDep
+from server.lineage_schemas import Lineage
 from server.ranges import RangeFileResponse
 from server.schemas import (
     REFUSALS,
@@ -148,6 +151,25 @@ def list_models(session: SessionDep, who: ReaderDep) -> list[ModelPublic]:
 @router.get("/models/{name}")
 def show_model(name: str, session: SessionDep, who: ReaderDep) -> ModelPublic:
     return ModelPublic.model_validate(registry.get_model(session, name))
+
+
+@router.get("/models/{name}/versions/{version}/lineage")
+def lineage(
+    name: str, version: str, session: SessionDep, state: StateDep, who: ReaderDep
+) -> Lineage:
+    """A version from its training source and data hashes (the manifest's provenance), through
+    the converter's variant, accuracy and size per target, the bundles' SHA-256s and HIL
+    verdicts, its releases, confirmations and rollouts with dates, to the devices running it
+    per day and its field figures over the last seven days."""
+    return lineage_of.lineage(
+        session,
+        name,
+        version,
+        root=state.trusted.root,
+        relative_accuracy=state.settings.telemetry_relative_accuracy,
+        min_devices=state.settings.min_devices_shown,
+        privileged=who.role in PERMISSIONS["operate"],
+    )
 
 
 class ReleaseRequest(RequestBody):

@@ -75,9 +75,9 @@ def decision_public(d: RolloutDecision) -> DecisionPublic:
 def detail(session: Session, rollout: Rollout, limit: int) -> RolloutDetail:
     """A rollout with its arms' device counts and its newest decisions."""
     assert rollout.id is not None
-    devices = evaluator.selected_devices(session, rollout)
+    devices = evaluator.selected_ids(session, rollout)
     percent = rollout.stages[rollout.stage]["percent"]
-    treated = sum(1 for d in devices if in_treatment(rollout.id, d.id, percent))
+    treated = sum(1 for d in devices if in_treatment(rollout.id, d, percent))
     decisions = session.exec(
         select(RolloutDecision)
         .where(RolloutDecision.rollout_id == rollout.id)

@@ -11,18 +11,21 @@ from sqlmodel import Session
 
 from server.auth import hash_token
 from server.checkin_store import Contact
+from server.device_events import state_hash
 from server.models import Device
 from tests.server.conftest import Fleet
 
 
 def contact(device_id: str, credential: str, seen: datetime, **extra: object) -> Contact:
+    installed = [{"model": "m", "version": "1.0.0"}]
     return Contact(
         credential_hash=hash_token(credential),
         device_id=device_id,
         last_seen=seen,
         nonce=uuid.uuid4().hex,
         firmware_version="14.0.0",
-        installed=[{"model": "m", "version": "1.0.0"}],
+        installed=installed,
+        state_hash=state_hash("14.0.0", installed),
         **extra,  # type: ignore[arg-type]
     )
 

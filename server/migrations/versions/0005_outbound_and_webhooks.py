@@ -13,7 +13,7 @@ from alembic import op
 
 revision = "0005"
 # 0004 (device events) is written on another branch; the merge re-chains this after it.
-down_revision = "0003"
+down_revision = "0004"
 branch_labels = None
 depends_on = None
 
