@@ -54,7 +54,9 @@ def build_target(
     """Choose among the ``.tflite`` variants for a TFLM target and write its bundle."""
     target = options.catalogue.get(target_id)
 
-    def build(fields: dict[str, Any], files: dict[str, bytes], target: Any, model: bytes) -> bytes:
+    def build(
+        fields: dict[str, Any], files: dict[str, bytes], target: Any, model: bytes
+    ) -> bundling.Built:
         return bundling.build_bundle(
             manifest_fields=fields,
             target=target,
@@ -62,6 +64,7 @@ def build_target(
             model=model,
             created_at=options.created_at,
             keys=options.keys,
+            reference=shared["_reference"],
             extra_files=files,
         )
 
@@ -96,16 +99,18 @@ def build_target(
     fields, files = tflite_variants.manifest_fields(
         shared, exported, tflite_set, variant, float_metric, held_out
     )
-    data = build(fields, files, target, variant.model)
-    path = options.out_dir / f"{options.name}-{options.version}-{target_id}.efb"
-    path.write_bytes(data)
+    built = build(fields, files, target, variant.model)
+    path, reference = bundling.write_bundle(
+        options.out_dir, f"{options.name}-{options.version}-{target_id}.efb", built
+    )
     return TargetReport(
         target_id,
         ok=True,
         variant=variant.kind.name,
         bundle=str(path),
-        sha256=bundle_id(data),
-        bundle_bytes=len(data),
+        reference=None if reference is None else str(reference),
+        sha256=bundle_id(built.bundle),
+        bundle_bytes=len(built.bundle),
         model_bytes=len(variant.model),
         metric=choice.chosen.metric,
         rejected=choice.rejected,

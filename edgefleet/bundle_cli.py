@@ -32,7 +32,27 @@ from firmware_bundles import (
     created_at_from_env,
 )
 from firmware_bundles.bundle import check_target
+from firmware_bundles.reference import ReferenceFile, detached_name
 from firmware_bundles.signing import parse_json
+
+
+def detached_reference(path: Path, data: bytes) -> bytes | None:
+    """The reference file beside the bundle ``path`` (bytes ``data``) if the bundle detaches its
+    reference histograms, else None; exits naming the file if it is not there."""
+    reader = BundleReader(keep_files=False)
+    with bundle_errors(f"{path}: "):
+        reader.feed(data)
+        refs = reader.finish().manifest.reference_histograms
+    if not isinstance(refs, ReferenceFile) or not refs.detached:
+        return None
+    beside = path.with_name(detached_name(path.name))
+    if not beside.is_file():
+        fail(
+            f"{path} detaches its reference histograms; their file {beside} is not beside it"
+            " (edgefleet convert writes it there)"
+        )
+    return read_file(beside, "reference file")
+
 
 bundle_app = typer.Typer(help="Pack, sign, inspect and verify model bundles.", no_args_is_help=True)
 

@@ -18,6 +18,7 @@ from firmware_bundles.archive import ArchiveLimits, ArchiveReader, pack
 from firmware_bundles.catalogue import TargetCatalogue
 from firmware_bundles.errors import SchemaError, SizeLimitError
 from firmware_bundles.manifest import Manifest
+from firmware_bundles.reference import ReferenceFile, attach
 from firmware_bundles.root import Root
 from firmware_bundles.selftest import attach_vectors
 from firmware_bundles.signing import Envelope, SigningKey
@@ -103,8 +104,8 @@ class BundleReader:
     Args:
         limits: Caps on size and member count.
         root: Verify release signatures against this root (else only open the bundle).
-        keep_files: Keep the files' bytes and decode the self-test vectors (else hash the files
-            only; ``files`` comes back empty and format-2 vectors are not decoded).
+        keep_files: Keep the files' bytes and decode the self-test vectors and the reference
+            file (else hash the files only; ``files`` comes back empty and neither is decoded).
         with_id: Hash the whole archive for its identity.
     """
 
@@ -139,11 +140,15 @@ class BundleReader:
         Raises:
             ArchiveError: If the archive ends early, lacks a listed file, or its self-test file
                 does not hold the vectors the manifest lists.
+            SchemaError: If its reference file is not a valid one.
         """
         archive = self._archive.finish()
         assert self._envelope is not None  # finish() raised if there was no manifest
         if self._keep_files:
             attach_vectors(archive.manifest, archive.files)
+            refs = archive.manifest.reference_histograms
+            if isinstance(refs, ReferenceFile) and not refs.detached:
+                attach(refs, archive.files[refs.file])
         return BundleContents(
             id=archive.id,
             envelope=self._envelope,
@@ -181,7 +186,7 @@ def open_bundle(
 
     Raises:
         ArchiveError: On unsafe members, missing or extra files, or hash and length mismatches.
-        SchemaError: If the manifest is malformed.
+        SchemaError: If the manifest or its reference file is malformed.
     """
     reader = BundleReader(limits, with_id=with_id)
     _read_all(data, reader, limits)
@@ -205,7 +210,7 @@ def verify(
 
     Raises:
         ArchiveError: On any archive problem (a specific subclass).
-        SchemaError: If the manifest is malformed.
+        SchemaError: If the manifest or its reference file is malformed.
         ThresholdError: If release signatures fall short.
         CatalogueError: If the bundle is not built for ``target_id`` or does not fit it.
     """

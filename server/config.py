@@ -51,6 +51,8 @@ class Settings(BaseSettings):
     #: the root's ``hil`` role (``edgefleet publish --hil-report``).
     require_hil_report: bool = False
     max_hil_report_bytes: int = 4 * 1024 * 1024
+    #: Cap on a detached reference file uploaded beside its bundle.
+    max_reference_bytes: int = 4 * 1024 * 1024
 
     def resolved_database_url(self) -> str:
         """The database URL, defaulting to SQLite in the data directory."""

@@ -11,6 +11,7 @@ from firmware_bundles import ArchiveLimits, BundleError, bundle_id, verify
 from firmware_bundles.errors import CatalogueError
 from firmware_bundles.manifest import semver_key
 from firmware_bundles.messages import HilReport, verify_hil_report
+from firmware_bundles.reference import ReferenceFile
 from server.arms import OWNING
 from server.errors import ApiError
 from server.models import Bundle, Device, Model, ModelVersion, Pin, Release, Rollout
@@ -77,6 +78,10 @@ def publish(*, session: Session, state: ServerState, data: bytes, publisher: str
         )
     state.blobs.put(data)
     assert version.id is not None
+    refs = manifest.reference_histograms
+    reference = None
+    if isinstance(refs, ReferenceFile) and not refs.detached:
+        reference = verified.file(refs.file)  # a detached one is uploaded beside it later
     bundle = Bundle(
         sha256=sha,
         version_id=version.id,
@@ -87,6 +92,7 @@ def publish(*, session: Session, state: ServerState, data: bytes, publisher: str
         firmware_below=target.firmware.below,
         op_types=manifest.runtime.op_types,
         manifest=manifest.to_dict(),
+        reference=reference,
     )
     session.add(bundle)
     session.commit()
