@@ -32,7 +32,7 @@ from firmware_bundles import (
     created_at_from_env,
 )
 from firmware_bundles.bundle import check_target
-from firmware_bundles.reference import ReferenceFile, detached_name
+from firmware_bundles.reference import ReferenceFile, ReferenceHistograms, detached_name
 from firmware_bundles.signing import parse_json
 
 
@@ -167,9 +167,19 @@ def _summary(contents: BundleContents) -> dict[str, Any]:
         "op_types": m.runtime.op_types,
         "ram_estimate_bytes": m.runtime.ram_estimate.bytes,
         "metrics": m.metrics,
+        "reference": _reference_place(m.reference_histograms),
         "files": [f.to_dict() for f in m.files],
         "signatures": [s.keyid for s in contents.envelope.signatures],
     }
+
+
+def _reference_place(refs: ReferenceHistograms | ReferenceFile) -> str:
+    """Where a manifest keeps its reference histograms, in words."""
+    if not isinstance(refs, ReferenceFile):
+        return "in the manifest (JSON)"
+    if refs.detached:
+        return f"detached: {refs.file} beside the bundle, {refs.length} B, sha256 {refs.sha256}"
+    return f"{refs.file} in the bundle"
 
 
 def _print_summary(summary: dict[str, Any], title: str) -> None:
@@ -189,6 +199,7 @@ def _print_summary(summary: dict[str, Any], title: str) -> None:
         "precision",
         "quantisation",
         "ram_estimate_bytes",
+        "reference",
     ):
         value = summary[key]
         table.add_row(key, literal(", ".join(value) if isinstance(value, list) else value))
