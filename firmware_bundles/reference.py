@@ -9,8 +9,9 @@ the formats install without it.
 from __future__ import annotations
 
 import hashlib
+import math
 import struct
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, PrivateAttr, model_validator
 
@@ -267,7 +268,7 @@ class _Reader:
         self.offset = end
         return piece
 
-    def unpack(self, code: str, count: int, size: int, what: str) -> tuple[object, ...]:
+    def unpack(self, code: str, count: int, size: int, what: str) -> tuple[Any, ...]:
         return struct.unpack(f"<{count}{code}", self.take(count * size, what))
 
     def text(self, what: str) -> str:
@@ -286,8 +287,8 @@ def _read_record(reader: _Reader, index: int, width: int) -> dict[str, object]:
     (n,) = struct.unpack("<H", reader.take(2, f"{where}: bins"))
     record: dict[str, object] = {"name": name}
     if kind == NUMERIC:
-        edges = [float(e) for e in reader.unpack("f", n, 4, f"{where}: edges")]  # type: ignore[arg-type]
-        if any(e != e or e in (float("inf"), float("-inf")) for e in edges):
+        edges = [float(e) for e in reader.unpack("f", n, 4, f"{where}: edges")]
+        if not all(math.isfinite(e) for e in edges):
             raise _problem(f"{where}: an edge is not a finite number")
         record.update(kind="numeric", edges=edges)
     elif kind == CATEGORICAL_INT:
