@@ -1,11 +1,13 @@
 """Converter results per example and target: size, accuracy and latency against the float model.
 
-Trains the three examples, converts each for ring-gen3, ring-gen4, phone-android and
-devboard-rpi4, and prints float size, chosen variant and size, ratio, float and chosen accuracy,
-and single-sample and batch latency (ONNX Runtime, one thread; TFLM one sample per invoke for a
-ring's .tflite), with the float model measured in the same run as baseline. Then bundle bytes per
-example and target against the figures measured before manifest format 2 (kept below), what every
-byte of each ring bundle beyond its model is, and the .tflite rows of the micro targets.
+Trains the three examples, converts each for the micro targets (ring-gen3, ring-gen4,
+devboard-nrf52840) and for phone-android and devboard-rpi4, and prints float size, chosen variant
+and size, ratio, float and chosen accuracy, and single-sample and batch latency (ONNX Runtime,
+one thread; TFLM one sample per invoke for a micro target's .tflite), with the float model
+measured in the same run as baseline. Then the bytes of each bundle beyond its model in every
+reference layout, against the format-2 layout of the same bundle built in the same run
+(reference histograms as JSON in the manifest), every byte of each micro-target bundle beyond
+its model by what it is, and the .tflite rows of the micro targets.
 
     python bench/bench_convert.py [--out build/bench]
 """
@@ -28,39 +30,39 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from converters.pipeline import ConvertOptions, convert  # noqa: E402
-from converters.reports import ConvertReport  # noqa: E402
-from firmware_bundles import SigningKey  # noqa: E402
+from converters.relayout import Layout, relayout  # noqa: E402
+from converters.reports import ConvertReport, TargetReport  # noqa: E402
+from firmware_bundles import SigningKey, TargetCatalogue  # noqa: E402
 
 EXAMPLES = {
     "digits-mlp": ("train_digits_mlp.py", "model.joblib"),
     "cancer-trees": ("train_breast_cancer_trees.py", "model.joblib"),
     "wearable-cnn": ("train_wearable_cnn.py", "model.pt2"),
 }
-TARGETS = ["ring-gen3", "ring-gen4", "phone-android", "devboard-rpi4"]
-#: Measured with this bench's convert settings on c3c9fbb (manifest format 1: self-test vectors
-#: as JSON in the manifest, archives padded to tar's 10 KiB records): (example, target) ->
-#: (bundle bytes, model bytes, manifest bytes, of which self-test JSON, of which histograms JSON).
-#: cancer-trees fits no ring (its forest is 111 KB) then and now.
-BEFORE = {
-    ("digits-mlp", "ring-gen3"): (30720, 6782, 12876, 1163, 9447),
-    ("digits-mlp", "phone-android"): (30720, 6311, 13021, 1420, 9447),
-    ("digits-mlp", "devboard-rpi4"): (30720, 6311, 13020, 1420, 9447),
-    ("cancer-trees", "phone-android"): (133120, 111043, 12648, 878, 9695),
-    ("cancer-trees", "devboard-rpi4"): (133120, 111043, 12647, 878, 9695),
-    ("wearable-cnn", "ring-gen3"): (40960, 18806, 16421, 12970, 1197),
-    ("wearable-cnn", "phone-android"): (40960, 18806, 16418, 12970, 1197),
-    ("wearable-cnn", "devboard-rpi4"): (40960, 18806, 16417, 12970, 1197),
-}
-#: Target for a ring bundle: bundle bytes minus model bytes.
+MICRO_TARGETS = ["ring-gen3", "ring-gen4", "devboard-nrf52840"]
+TARGETS = [*MICRO_TARGETS, "phone-android", "devboard-rpi4"]
+#: Target for a micro target's bundle (issues 10 and 14): bundle bytes minus model bytes.
 RING_OVERHEAD_MAX = 8 * 1024
+#: The layouts measured: format 2 (the baseline) and format 3 with the file in or beside it.
+LAYOUTS: dict[str, Layout] = {
+    "format 2, JSON in manifest": "inline",
+    "format 3, reference.bin in bundle": "bundle",
+    "format 3, reference.bin detached": "detached",
+}
 
 
 def _json_bytes(value: object) -> int:
     return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
 
 
-def breakdown(bundle: bytes, model_file: str) -> dict[str, int]:
-    """Every byte of a bundle by what it is (the model, manifest parts, other files, tar)."""
+def _member(key: str, value: object) -> int:
+    """Bytes of ``"key":value`` in canonical JSON."""
+    return _json_bytes(key) + 1 + _json_bytes(value)
+
+
+def breakdown(bundle: bytes) -> dict[str, int]:
+    """Every byte of a bundle by what it is: the model, each top-level manifest field, the
+    signatures, the other files, and the tar structure."""
     with tarfile.open(fileobj=io.BytesIO(bundle)) as tar:
         members = tar.getmembers()
         manifest_member = tar.extractfile("manifest.json")
@@ -68,18 +70,12 @@ def breakdown(bundle: bytes, model_file: str) -> dict[str, int]:
         envelope = json.loads(manifest_member.read())
     signed = envelope["signed"]
     sizes = {m.name: m.size for m in members}
-    parts = {
-        "model": sizes.pop(model_file),
-        "manifest: reference histograms": _json_bytes(signed["reference_histograms"]),
-        "manifest: self-test layout": _json_bytes(signed["self_test"]),
-        "manifest: provenance": _json_bytes(signed["provenance"]),
-        "manifest: runtime, tensors, targets": sum(
-            _json_bytes(signed[k]) for k in ("runtime", "inputs", "outputs", "targets")
-        ),
-    }
+    parts = {"model": sizes.pop(signed["runtime"]["model_file"])}
+    for key in sorted(signed):
+        parts[f"manifest: {key}"] = _member(key, signed[key])
+    parts["manifest: signatures"] = _member("signatures", envelope["signatures"])
     manifest_bytes = sizes.pop("manifest.json")
-    parts["manifest: signatures"] = manifest_bytes - _json_bytes(signed)
-    parts["manifest: the rest"] = manifest_bytes - sum(
+    parts["manifest: braces, commas, envelope keys"] = manifest_bytes - sum(
         v for k, v in parts.items() if k.startswith("manifest")
     )
     for name, size in sorted(sizes.items()):
@@ -92,13 +88,13 @@ def breakdown(bundle: bytes, model_file: str) -> dict[str, int]:
     return parts
 
 
+def overhead(bundle: bytes) -> int:
+    """Bundle bytes minus model bytes."""
+    return len(bundle) - breakdown(bundle)["model"]
+
+
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
-
-
-def _names(bundle: bytes) -> list[str]:
-    with tarfile.open(fileobj=io.BytesIO(bundle)) as tar:
-        return tar.getnames()
 
 
 def main() -> None:
@@ -120,7 +116,7 @@ def main() -> None:
         "batch-256 ms float/chosen",
     ):
         table.add_column(col, justify="left" if col in ("example", "target", "chosen") else "right")
-    sizes: dict[tuple[str, str], tuple[dict[str, int], int]] = {}
+    built: dict[tuple[str, str], TargetReport] = {}
     reports: dict[str, ConvertReport] = {}
     for name, (script, model_file) in EXAMPLES.items():
         data = args.out / name
@@ -162,9 +158,7 @@ def main() -> None:
                 )
                 continue
             chosen = variants[target.variant or ""]
-            bundle = Path(target.bundle or "").read_bytes()
-            model_name = next(n for n in _names(bundle) if n.startswith("model."))
-            sizes[(name, target.target_id)] = (breakdown(bundle, model_name), len(bundle))
+            built[(name, target.target_id)] = target
             table.add_row(
                 name,
                 target.target_id,
@@ -180,64 +174,61 @@ def main() -> None:
             )
     console = Console(width=200)
     console.print(table)
-    console.print(_sizes_table(sizes))
+    layouts = _layouts(built, key)
+    console.print(_sizes_table(layouts))
     console.print(tflite_table(reports))
-    for (name, target_id), (parts, _) in sizes.items():
-        if target_id.startswith("ring"):
-            console.print(_breakdown_table(name, target_id, parts))
+    for (name, target_id), target in built.items():
+        if target_id in MICRO_TARGETS:
+            console.print(_breakdown_table(name, target_id, target))
 
 
-def _sizes_table(sizes: dict[tuple[str, str], tuple[dict[str, int], int]]) -> Table:
-    table = Table(title="bundle bytes before (format 1, c3c9fbb) and after (format 2), same run")
-    for col in (
-        "example",
-        "target",
-        "model B before/after",
-        "bundle B before",
-        "bundle B after",
-        "overhead B before",
-        "overhead B after",
-        "manifest B before/after",
-        "self-test B before (JSON)/after (file + layout)",
-    ):
+def _layouts(
+    built: dict[tuple[str, str], TargetReport], key: SigningKey
+) -> dict[tuple[str, str], dict[str, bytes]]:
+    """Each bundle in every layout, re-signed in this run, and as the catalogue places it."""
+    result = {}
+    for pair, target in built.items():
+        bundle = Path(target.bundle or "").read_bytes()
+        reference = Path(target.reference).read_bytes() if target.reference else None
+        result[pair] = {
+            label: relayout(bundle, reference, [key], layout)[0]
+            for label, layout in LAYOUTS.items()
+        }
+        result[pair]["chosen"] = bundle
+    return result
+
+
+def _sizes_table(layouts: dict[tuple[str, str], dict[str, bytes]]) -> Table:
+    catalogue = TargetCatalogue.load_default()
+    table = Table(
+        title="bytes beyond the model per reference layout; baseline: format 2, same run"
+        f" (micro targets: at most {RING_OVERHEAD_MAX})"
+    )
+    for col in ("example", "target", "model B", *LAYOUTS, "catalogue places it", "chosen/format 2"):
         table.add_column(col, justify="left" if col in ("example", "target") else "right")
-    for (name, target_id), (parts, total) in sizes.items():
-        before = BEFORE.get((name, target_id))
-        manifest = sum(v for k, v in parts.items() if k.startswith("manifest"))
-        test_after = parts.get("file self_test.bin", 0) + parts["manifest: self-test layout"]
-        overhead = total - parts["model"]
-        flag = ""
-        if target_id.startswith("ring"):
-            flag = " ok" if overhead <= RING_OVERHEAD_MAX else f" over {RING_OVERHEAD_MAX}"
-        if before is None:
-            table.add_row(
-                name,
-                target_id,
-                f"-/{parts['model']}",
-                "-",
-                str(total),
-                "-",
-                f"{overhead}{flag}",
-                f"-/{manifest}",
-                f"-/{test_after}",
-            )
-            continue
-        b_total, b_model, b_manifest, b_test, _ = before
+    for (name, target_id), bundles in layouts.items():
+        micro = target_id in MICRO_TARGETS
+
+        def cell(data: bytes, micro: bool = micro) -> str:
+            over = overhead(data)
+            if not micro:
+                return str(over)
+            return f"{over} ok" if over <= RING_OVERHEAD_MAX else f"[red]{over} over[/]"
+
+        baseline = overhead(bundles["format 2, JSON in manifest"])
         table.add_row(
             name,
             target_id,
-            f"{b_model}/{parts['model']}",
-            str(b_total),
-            str(total),
-            str(b_total - b_model),
-            f"{overhead}{flag}",
-            f"{b_manifest}/{manifest}",
-            f"{b_test}/{test_after}",
+            str(breakdown(bundles["chosen"])["model"]),
+            *(cell(bundles[label]) for label in LAYOUTS),
+            catalogue.get(target_id).reference,
+            f"{overhead(bundles['chosen']) / baseline:.3f}",
         )
     return table
 
 
-def _breakdown_table(name: str, target_id: str, parts: dict[str, int]) -> Table:
+def _breakdown_table(name: str, target_id: str, target: TargetReport) -> Table:
+    parts = breakdown(Path(target.bundle or "").read_bytes())
     table = Table(title=f"{name} on {target_id}: every byte beyond the model")
     table.add_column("what")
     table.add_column("bytes", justify="right")
@@ -245,6 +236,9 @@ def _breakdown_table(name: str, target_id: str, parts: dict[str, int]) -> Table:
         if what != "model":
             table.add_row(what, str(size))
     table.add_row("total beyond the model", str(sum(parts.values()) - parts["model"]))
+    if target.reference:
+        size = Path(target.reference).stat().st_size
+        table.add_row("(beside the bundle, never sent to the device: reference.bin)", str(size))
     return table
 
 

@@ -7,6 +7,7 @@ a quantised model's inputs in its own input type, everything else raw little-end
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 from datetime import datetime
 from pathlib import Path
@@ -20,7 +21,13 @@ from onnx import numpy_helper
 from converters.errors import ConverterError
 from firmware_bundles import SigningKey, build
 from firmware_bundles.catalogue import DeviceTarget
-from firmware_bundles.manifest import MANIFEST_FORMAT, SELF_TEST_FILE, TENSOR_ITEMSIZE
+from firmware_bundles.manifest import (
+    MANIFEST_FORMAT,
+    REFERENCE_FILE,
+    SELF_TEST_FILE,
+    TENSOR_ITEMSIZE,
+)
+from firmware_bundles.reference import detached_name
 
 _DTYPES = {
     onnx.TensorProto.FLOAT: "float32",
@@ -219,6 +226,13 @@ def target_ref(target: DeviceTarget) -> dict[str, Any]:
     }
 
 
+class Built(NamedTuple):
+    """One target's signed bundle, and its reference file when that is detached."""
+
+    bundle: bytes
+    detached_reference: bytes | None
+
+
 def build_bundle(
     *,
     manifest_fields: dict[str, Any],
@@ -227,21 +241,44 @@ def build_bundle(
     model: bytes,
     created_at: datetime,
     keys: list[SigningKey],
+    reference: bytes,
     extra_files: dict[str, bytes] | None = None,
-) -> bytes:
-    """Sign and pack one target's bundle (manifest format 2).
+) -> Built:
+    """Sign and pack one target's bundle (manifest format 3).
 
     ``manifest_fields`` carries every manifest field except ``format``, ``targets``,
-    ``created_at`` and ``files``, which this fills in; ``extra_files`` (the self-test file)
-    go into the bundle beside the model.
+    ``created_at``, ``reference_histograms`` and ``files``, which this fills in. ``reference``
+    (the reference file) goes into the bundle beside the model and ``extra_files`` (the
+    self-test file), unless the target detaches it: then the manifest pins its SHA-256 and
+    length, and it comes back beside the bundle, to be published with it.
 
     Raises:
         SchemaError: If the manifest would be invalid.
     """
+    files = {**(extra_files or {}), model_file: model}
+    pointer: dict[str, Any] = {"file": REFERENCE_FILE}
+    if target.reference == "detached":
+        pointer.update(sha256=hashlib.sha256(reference).hexdigest(), length=len(reference))
+    else:
+        files[REFERENCE_FILE] = reference
     draft = {
         **manifest_fields,
         "format": MANIFEST_FORMAT,
         "targets": [target_ref(target)],
         "created_at": created_at.isoformat(),
+        "reference_histograms": pointer,
     }
-    return build(draft, {**(extra_files or {}), model_file: model}, keys)
+    data = build(draft, files, keys)
+    return Built(data, reference if target.reference == "detached" else None)
+
+
+def write_bundle(out_dir: Path, name: str, built: Built) -> tuple[Path, Path | None]:
+    """Write a bundle as ``out_dir/name`` and a detached reference beside it (same stem,
+    ``.reference.bin``); returns both paths (the second None when the reference is inside)."""
+    path = out_dir / name
+    path.write_bytes(built.bundle)
+    if built.detached_reference is None:
+        return path, None
+    reference = out_dir / detached_name(name)
+    reference.write_bytes(built.detached_reference)
+    return path, reference

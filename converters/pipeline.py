@@ -259,12 +259,6 @@ def _shared_manifest(
         "version": options.version,
         "release_counter": options.release_counter,
         "task": exported.task,
-        "reference_histograms": {
-            "inputs": reference.input_histograms(train.x, train.feature_names),
-            "outputs": reference.output_histograms(
-                exported.task, train_out, exported.class_labels, exported.output_name
-            ),
-        },
         "provenance": {
             "source_model_sha256": source.sha256,
             "data_sha256": data_sha,
@@ -274,6 +268,12 @@ def _shared_manifest(
         },
         "_calibration": {"samples": int(min(len(calib.x), 512)), "data_sha256": calib.sha256},
         "_feature_names": train.feature_names,
+        "_reference": reference.encoded(
+            reference.input_histograms(train.x, train.feature_names),
+            reference.output_histograms(
+                exported.task, train_out, exported.class_labels, exported.output_name
+            ),
+        ),
     }
 
 
@@ -323,7 +323,7 @@ def _build_target(
     chosen = choice.chosen
     assert chosen is not None
     variant = by_name[chosen.name]
-    data = _bundle(
+    built = _bundle(
         options,
         exported,
         shared,
@@ -334,7 +334,7 @@ def _build_target(
         float_metric,
         held_out,
     )
-    return write_chosen(options, choice, data, len(files[chosen.name]))
+    return write_chosen(options, choice, built, len(files[chosen.name]))
 
 
 def _overhead(
@@ -347,8 +347,8 @@ def _overhead(
     """Bytes a bundle adds around its model: manifest (histograms, self-test) and archive."""
     tiny = Variant("float32", "float32", "float32", exported.model)
     facts = VariantFacts("float32", "float32", "float32", len(exported.model), (), 0, 0.0)
-    data = _bundle(options, exported, shared, target, tiny, facts, b"", 0.0, held_out)
-    return len(data) + 512
+    built = _bundle(options, exported, shared, target, tiny, facts, b"", 0.0, held_out)
+    return len(built.bundle) + 512
 
 
 def _bundle(
@@ -361,7 +361,7 @@ def _bundle(
     model_file: bytes,
     float_metric: float,
     held_out: Dataset,
-) -> bytes:
+) -> bundling.Built:
     filename = "model.ort" if target.format == "ort" else "model.onnx"
     graph_model = variant.model
     opset = next(
@@ -402,7 +402,6 @@ def _bundle(
             "metrics": {
                 metric_name: round(chosen.metric, 6),
                 f"float_{metric_name}": round(float_metric, 6),
-                "model_bytes": float(len(model_file)),
                 "float_model_bytes": float(len(shared["_float_model"])),
             },
         }
@@ -421,5 +420,6 @@ def _bundle(
         model=model_file,
         created_at=options.created_at,
         keys=options.keys,
+        reference=shared["_reference"],
         extra_files={test["file"]: test_file},
     )

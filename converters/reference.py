@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from firmware_bundles.reference import ReferenceHistograms, encode
+
 DEFAULT_BINS = 10
 
 
@@ -80,3 +82,8 @@ def output_histograms(
             "counts": counts_on_edges(values, edges),
         }
     ]
+
+
+def encoded(inputs: list[dict[str, Any]], outputs: list[dict[str, Any]]) -> bytes:
+    """The reference file (manifest format 3) of these input and output histograms."""
+    return encode(ReferenceHistograms.from_dict({"inputs": inputs, "outputs": outputs}))

@@ -35,6 +35,8 @@ class TargetReport:
     ok: bool
     variant: str | None = None
     bundle: str | None = None
+    #: The detached reference file beside the bundle (targets that detach it), to publish with it.
+    reference: str | None = None
     sha256: str | None = None
     bundle_bytes: int | None = None
     model_bytes: int | None = None

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+from converters.bundling import Built, write_bundle
 from converters.fitting import TargetChoice, VariantFacts, choose
 from converters.onnx_export import Exported
 from converters.reports import TargetReport
@@ -47,19 +48,21 @@ def choose_variant(
 
 
 def write_chosen(
-    options: ConvertOptions, choice: TargetChoice, data: bytes, model_bytes: int
+    options: ConvertOptions, choice: TargetChoice, built: Built, model_bytes: int
 ) -> TargetReport:
-    """Write the bundle ``data`` of the chosen variant to the output folder and report it."""
+    """Write the chosen variant's bundle (and its detached reference, if any) to the output
+    folder and report them."""
     assert choice.chosen is not None, "only a chosen variant's bundle is written"
-    path = options.out_dir / f"{options.name}-{options.version}-{choice.hardware_id}.efb"
-    path.write_bytes(data)
+    name = f"{options.name}-{options.version}-{choice.hardware_id}.efb"
+    path, reference = write_bundle(options.out_dir, name, built)
     return TargetReport(
         choice.hardware_id,
         ok=True,
         variant=choice.chosen.name,
         bundle=str(path),
-        sha256=hash_bundle(data),
-        bundle_bytes=len(data),
+        reference=None if reference is None else str(reference),
+        sha256=hash_bundle(built.bundle),
+        bundle_bytes=len(built.bundle),
         model_bytes=model_bytes,
         metric=choice.chosen.metric,
         rejected=choice.rejected,

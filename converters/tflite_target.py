@@ -53,7 +53,9 @@ def build_target(
     """Choose among the ``.tflite`` variants for a TFLM target and write its bundle."""
     target = options.catalogue.get(hardware_id)
 
-    def build(fields: dict[str, Any], files: dict[str, bytes], target: Any, model: bytes) -> bytes:
+    def build(
+        fields: dict[str, Any], files: dict[str, bytes], target: Any, model: bytes
+    ) -> bundling.Built:
         return bundling.build_bundle(
             manifest_fields=fields,
             target=target,
@@ -61,6 +63,7 @@ def build_target(
             model=model,
             created_at=options.created_at,
             keys=options.keys,
+            reference=shared["_reference"],
             extra_files=files,
         )
 
@@ -89,5 +92,5 @@ def build_target(
     fields, files = tflite_variants.manifest_fields(
         shared, exported, tflite_set, variant, float_metric, held_out
     )
-    data = build(fields, files, target, variant.model)
-    return write_chosen(options, choice, data, len(variant.model))
+    built = build(fields, files, target, variant.model)
+    return write_chosen(options, choice, built, len(variant.model))

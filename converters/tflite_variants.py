@@ -270,7 +270,6 @@ def manifest_fields(
             "metrics": {
                 metric_name: round(facts.metric, 6),
                 f"float_{metric_name}": round(float_metric, 6),
-                "model_bytes": float(len(variant.model)),
                 "float_model_bytes": float(len(shared["_float_model"])),
             },
             "self_test": tests,
@@ -301,4 +300,4 @@ def overhead_bytes(
     """Bytes a ``.tflite`` bundle adds around its model (manifest, self-test, archive)."""
     runnable = next(v for v in tflite_set.variants if v.facts is not None)
     fields, files = manifest_fields(shared, exported, tflite_set, runnable, float_metric, held_out)
-    return len(build(fields, files, target, b"")) + 512
+    return len(build(fields, files, target, b"").bundle) + 512

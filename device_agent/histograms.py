@@ -21,6 +21,7 @@ import numpy as np
 
 from firmware_bundles import telemetry as sketch
 from firmware_bundles.manifest import Histogram, Manifest, TensorSpec
+from firmware_bundles.window_builder import counted_histograms
 
 H = TypeVar("H")
 
@@ -88,22 +89,15 @@ class TelemetryPlan:
 
     @classmethod
     def from_manifest(cls, manifest: Manifest) -> TelemetryPlan:
-        reference = manifest.reference_histograms
+        counted = counted_histograms(manifest)
 
         def input_histogram(hist: Histogram) -> InputHistogram | None:
             found = _find_input(manifest.inputs, hist)
             return None if found is None else InputHistogram(hist.name, *found, Bins.of(hist))
 
         unmatched: list[str] = []
-        inputs = _matched(reference.inputs, input_histogram, unmatched)
-        outputs = _matched(
-            reference.outputs, lambda h: _find_output(manifest.outputs, h), unmatched
-        )
-        if not manifest.reference_histograms.outputs:
-            for spec in manifest.outputs:
-                if spec.class_labels and spec.dtype in ("float32", "float16"):
-                    bins = Bins("categorical", categories=tuple(spec.class_labels))
-                    outputs.append(OutputHistogram(spec.name, spec.name, "argmax", bins))
+        inputs = _matched(counted.inputs, input_histogram, unmatched)
+        outputs = _matched(counted.outputs, lambda h: _find_output(manifest.outputs, h), unmatched)
         return cls(tuple(inputs), tuple(outputs), tuple(unmatched))
 
     def input_names(self) -> set[str]:

@@ -34,7 +34,27 @@ from firmware_bundles import (
     hash_bundle,
 )
 from firmware_bundles.bundle import check_target
+from firmware_bundles.reference import ReferenceFile, ReferenceHistograms, detached_name
 from firmware_bundles.signing import parse_json
+
+
+def detached_reference(path: Path, data: bytes) -> bytes | None:
+    """The reference file beside the bundle ``path`` (bytes ``data``) if the bundle detaches its
+    reference histograms, else None; exits naming the file if it is not there."""
+    reader = BundleReader(keep_files=False)
+    with bundle_errors(f"{path}: "):
+        reader.feed(data)
+        refs = reader.finish().manifest.reference_histograms
+    if not isinstance(refs, ReferenceFile) or not refs.detached:
+        return None
+    beside = path.with_name(detached_name(path.name))
+    if not beside.is_file():
+        fail(
+            f"{path} detaches its reference histograms; their file {beside} is not beside it"
+            " (edgefleet convert writes it there)"
+        )
+    return read_file(beside, "reference file")
+
 
 bundle_app = typer.Typer(help="Pack, sign, inspect and verify model bundles.", no_args_is_help=True)
 
@@ -148,9 +168,19 @@ def _summary(contents: BundleContents) -> dict[str, Any]:
         "op_types": m.runtime.op_types,
         "ram_estimate_bytes": m.runtime.ram_estimate.bytes,
         "metrics": m.metrics,
+        "reference": _reference_place(m.reference_histograms),
         "files": [f.to_dict() for f in m.files],
         "signatures": [s.keyid for s in contents.envelope.signatures],
     }
+
+
+def _reference_place(refs: ReferenceHistograms | ReferenceFile) -> str:
+    """Where a manifest keeps its reference histograms, in words."""
+    if not isinstance(refs, ReferenceFile):
+        return "in the manifest (JSON)"
+    if refs.detached:
+        return f"detached: {refs.file} beside the bundle, {refs.length} B, sha256 {refs.sha256}"
+    return f"{refs.file} in the bundle"
 
 
 def _print_summary(summary: dict[str, Any], title: str) -> None:
@@ -170,6 +200,7 @@ def _print_summary(summary: dict[str, Any], title: str) -> None:
         "precision",
         "quantisation",
         "ram_estimate_bytes",
+        "reference",
     ):
         value = summary[key]
         table.add_row(key, literal(", ".join(value) if isinstance(value, list) else value))

@@ -207,6 +207,12 @@ def _print(report: object) -> None:
         else:
             targets.add_row(literal(t.target_id), "[red]none[/]", "-", "-", literal(t.reason or ""))
     console.print(targets)
+    detached = [t.target_id for t in report.targets if t.reference]
+    if detached:
+        console.print(
+            f"reference histograms detached for {literal(', '.join(detached))}: each"
+            " *.reference.bin beside its bundle is published with it (edgefleet publish)"
+        )
     console.print(
         f"parity of float ONNX vs original: max diff {report.parity_max_diff:.2e};"
         f" report: build-report.json beside the bundles"

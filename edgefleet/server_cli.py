@@ -13,6 +13,7 @@ import typer
 from rich.table import Table
 
 from edgefleet.api import Api, api_command
+from edgefleet.bundle_cli import detached_reference
 from edgefleet.common import console, fail, literal, print_json, read_file, write_file
 from edgefleet.renamed import OldTargetOpt, renamed
 
@@ -235,16 +236,29 @@ def publish(
     *,
     api: Api,
 ) -> None:
-    """Upload bundles; the server verifies each against its trusted root and catalogue."""
+    """Upload bundles; the server verifies each against its trusted root and catalogue.
+
+    A bundle that detaches its reference histograms (rings) is uploaded with the
+    ``.reference.bin`` file beside it.
+    """
     report = None if hil_report is None else read_file(hil_report, "HIL report")
     results = []
     for p in bundle:
+        data = read_file(p, "bundle")
+        reference = detached_reference(p, data)
         result = api.call(
             "POST",
             "/v1/bundles",
-            content=read_file(p, "bundle"),
+            content=data,
             headers={"Content-Type": "application/x-tar"},
         )
+        if reference is not None:
+            result["reference"] = api.call(
+                "POST",
+                f"/v1/bundles/{result['sha256']}/reference",
+                content=reference,
+                headers={"Content-Type": "application/octet-stream"},
+            )
         if report is not None:
             result["hil"] = api.call(
                 "POST",
@@ -260,6 +274,11 @@ def publish(
             f"published {literal(r['model'])} {literal(r['version'])}"
             f" for {literal(r['target_id'])}: {literal(r['sha256'])}"
         )
+        if "reference" in r:
+            console.print(
+                f"  detached reference uploaded ({r['reference']['inputs']} input and"
+                f" {r['reference']['outputs']} output histograms)"
+            )
         if "hil" in r:
             verdict = "passes" if r["hil"]["passed"] else "does NOT pass"
             console.print(f"  HIL report attached ({literal(r['hil']['runs'])} run(s)): {verdict}")

@@ -18,6 +18,7 @@ from firmware_bundles.archive import ArchiveLimits, ArchiveReader, pack
 from firmware_bundles.catalogue import TargetCatalogue
 from firmware_bundles.errors import SchemaError, SizeLimitError
 from firmware_bundles.manifest import Manifest, SelfTestFile
+from firmware_bundles.reference import ReferenceFile, attach
 from firmware_bundles.root import Root
 from firmware_bundles.selftest import attach_vectors
 from firmware_bundles.signing import Envelope, SigningKey
@@ -104,8 +105,8 @@ class BundleReader:
         limits: Caps on size and member count.
         root: Verify release signatures against this root (else only open the bundle).
         keep_files: Keep every file's bytes (else only hash the model file, and keep the files
-            beside it that are no bigger than a manifest may be). The self-test vectors are
-            decoded whenever their file was kept.
+            beside it that are no bigger than a manifest may be). The self-test vectors and the
+            reference file are decoded whenever their file was kept.
         with_bundle_sha256: Hash the whole archive for its identity.
     """
 
@@ -143,12 +144,16 @@ class BundleReader:
         Raises:
             ArchiveError: If the archive ends early, lacks a listed file, or its self-test file
                 does not hold the vectors the manifest lists.
+            SchemaError: If its reference file is not a valid one.
         """
         archive = self._archive.finish()
         assert self._envelope is not None  # finish() raised if there was no manifest
         test = archive.manifest.self_test
         if self._keep_files or (isinstance(test, SelfTestFile) and test.file in archive.files):
             attach_vectors(archive.manifest, archive.files)
+        refs = archive.manifest.reference_histograms
+        if isinstance(refs, ReferenceFile) and not refs.detached and refs.file in archive.files:
+            attach(refs, archive.files[refs.file])
         return BundleContents(
             bundle_sha256=archive.bundle_sha256,
             envelope=self._envelope,
@@ -187,7 +192,7 @@ def open_bundle(
 
     Raises:
         ArchiveError: On unsafe members, missing or extra files, or hash and length mismatches.
-        SchemaError: If the manifest is malformed.
+        SchemaError: If the manifest or its reference file is malformed.
     """
     reader = BundleReader(limits, with_bundle_sha256=with_bundle_sha256)
     _read_all(data, reader, limits)
@@ -211,7 +216,7 @@ def verify(
 
     Raises:
         ArchiveError: On any archive problem (a specific subclass).
-        SchemaError: If the manifest is malformed.
+        SchemaError: If the manifest or its reference file is malformed.
         ThresholdError: If release signatures fall short.
         CatalogueError: If the bundle is not built for ``hardware_id`` or does not fit it.
     """

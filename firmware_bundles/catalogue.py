@@ -28,7 +28,12 @@ _PRECISION_OF_SCHEME = {
 
 
 class DeviceTarget(Document):
-    """One catalogue entry; its ``hardware_id`` is ``id`` in the catalogue file."""
+    """One catalogue entry; its ``hardware_id`` is ``id`` in the catalogue file.
+
+    ``reference`` says where a bundle for this target keeps its reference histograms (manifest
+    format 3): in the bundle (``bundle``: the device counts inputs on their bins), or published
+    beside it (``detached``: the device never receives them and counts outputs only).
+    """
 
     hardware_id: str = Field(alias="id", pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")
     generation: str
@@ -41,6 +46,7 @@ class DeviceTarget(Document):
     format: Literal["onnx", "ort", "tflite"]
     links: list[Literal["ble", "serial", "https"]]
     firmware: FirmwareRange
+    reference: Literal["bundle", "detached"] = "bundle"
 
     def allows_op(self, op: str) -> bool:
         """Whether the device's runtime implements ``op``."""

@@ -20,12 +20,17 @@ from pydantic import (
 
 from firmware_bundles.errors import MissingFileError
 from firmware_bundles.provenance import MlflowSource
+from firmware_bundles.reference import NO_HISTOGRAMS, ReferenceFile, ReferenceHistograms
+from firmware_bundles.reference import REFERENCE_FILE as REFERENCE_FILE
+from firmware_bundles.reference import Histogram as Histogram
 from firmware_bundles.schema import Document
+from firmware_bundles.schema import Sha256 as Sha256
 
 #: The format converters write. Format 1 (self-test vectors as JSON in the manifest, ONNX and
-#: ORT models only) still reads; format 2 keeps vectors in a file and adds ``.tflite`` models.
-MANIFEST_FORMAT = 2
-MANIFEST_FORMATS = (1, 2)
+#: ORT models only) and format 2 (vectors in a file, ``.tflite`` models) still read; format 3
+#: moves the reference histograms out of the manifest into a binary file.
+MANIFEST_FORMAT = 3
+MANIFEST_FORMATS = (1, 2, 3)
 MANIFEST_PATH = "manifest.json"
 #: Where format-2 converters put the self-test tensors (any listed path is accepted).
 SELF_TEST_FILE = "self_test.bin"
@@ -38,9 +43,7 @@ _SEMVER = re.compile(
 #: The semantic-version rule as a JSON Schema ``pattern``.
 SEMVER_PATTERN = _SEMVER.pattern
 _NAME = r"^[a-z0-9][a-z0-9._-]{0,63}$"
-_SHA256 = r"^[0-9a-f]{64}$"
 
-Sha256 = Annotated[str, Field(pattern=_SHA256)]
 SemVer = Annotated[str, Field(min_length=5, max_length=64)]
 
 
@@ -207,43 +210,6 @@ class Quantisation(Document):
     notes: str = ""
 
 
-class Histogram(Document):
-    """Reference distribution of one input feature or output, on training data.
-
-    Numeric: ``counts[0]`` is below ``edges[0]``, ``counts[i]`` is in ``[edges[i-1], edges[i])``,
-    ``counts[-1]`` is at or above ``edges[-1]``. Categorical: one count per category plus a last
-    count for unseen categories.
-    """
-
-    name: str
-    kind: Literal["numeric", "categorical"]
-    edges: list[float] = Field(default_factory=list)
-    categories: list[str] | list[int] = Field(default_factory=list)
-    counts: list[int]
-
-    @model_validator(mode="after")
-    def _shape(self) -> Histogram:
-        bins = len(self.edges) if self.kind == "numeric" else len(self.categories)
-        if len(self.counts) != bins + 1:
-            raise ValueError(
-                f"histogram {self.name!r} needs {bins + 1} counts, has {len(self.counts)}"
-            )
-        if self.kind == "numeric" and any(
-            a >= b for a, b in zip(self.edges, self.edges[1:], strict=False)
-        ):
-            raise ValueError(f"histogram {self.name!r} edges must increase strictly")
-        if any(c < 0 for c in self.counts):
-            raise ValueError(f"histogram {self.name!r} has a negative count")
-        return self
-
-
-class ReferenceHistograms(Document):
-    """Input and output distributions that drift is measured against."""
-
-    inputs: list[Histogram]
-    outputs: list[Histogram]
-
-
 class SelfTestVector(Document):
     """One input with the output the model must give."""
 
@@ -403,7 +369,7 @@ class FileEntry(Document):
 class Manifest(Document):
     """The signed description of a bundle."""
 
-    format: Literal[1, 2] = 1
+    format: Literal[1, 2, 3] = 1
     name: str = Field(pattern=_NAME)
     version: str
     release_counter: int = Field(ge=0)
@@ -415,7 +381,7 @@ class Manifest(Document):
     outputs: list[TensorSpec] = Field(min_length=1)
     quantisation: Quantisation
     metrics: dict[str, float]
-    reference_histograms: ReferenceHistograms
+    reference_histograms: ReferenceHistograms | ReferenceFile
     self_test: SelfTest | SelfTestFile
     provenance: Provenance
     files: list[FileEntry]
@@ -444,7 +410,33 @@ class Manifest(Document):
         if self.runtime.format == "tflite" and self.format < 2:
             raise ValueError('runtime.format "tflite" needs manifest format 2')
         self._check_self_test()
+        self._check_reference(paths)
         return self
+
+    def _check_reference(self, paths: list[str]) -> None:
+        refs = self.reference_histograms
+        if self.format < 3:
+            if not isinstance(refs, ReferenceHistograms):
+                raise ValueError(
+                    f"format {self.format} keeps reference_histograms in the manifest"
+                    " (inputs and outputs)"
+                )
+            return
+        if not isinstance(refs, ReferenceFile):
+            raise ValueError(
+                f"format {self.format} keeps reference histograms in a file"
+                " (reference_histograms.file)"
+            )
+        if refs.detached and refs.file in paths:
+            raise ValueError(
+                f"reference_histograms.file {refs.file!r} is pinned as detached (sha256,"
+                " length) but also listed in files"
+            )
+        if not refs.detached and refs.file not in paths:
+            raise ValueError(
+                f"reference_histograms.file {refs.file!r} is not in files (a detached"
+                " reference gives its sha256 and length)"
+            )
 
     def _check_self_test(self) -> None:
         test = self.self_test
@@ -473,6 +465,20 @@ class Manifest(Document):
         if self.format == 1:
             return super().to_dict()
         return self.model_dump(mode="json", by_alias=True, exclude_defaults=True)
+
+    def telemetry_histograms(self) -> ReferenceHistograms:
+        """The histograms a device counts its telemetry on: the reference's bins, or none when
+        the reference is detached (a device has only its bundle; it then counts outputs by
+        argmax, as without reference output histograms).
+
+        Raises:
+            MissingFileError: If the reference is in the bundle's file and the manifest was
+                parsed alone.
+        """
+        refs = self.reference_histograms
+        if isinstance(refs, ReferenceFile):
+            return NO_HISTOGRAMS if refs.detached else refs.histograms
+        return refs
 
     def file(self, path: str) -> FileEntry:
         """The entry for ``path``.

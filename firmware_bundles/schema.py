@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from firmware_bundles.errors import SchemaError
 from firmware_bundles.signing import canonical_json, parse_json
 
 M = TypeVar("M", bound="Document")
+
+#: A SHA-256 digest as 64 lowercase hex digits.
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
 
 class Document(BaseModel):

@@ -16,6 +16,7 @@ from typing import Any, Literal, Self
 from firmware_bundles import telemetry as sketches
 from firmware_bundles.manifest import Histogram, Manifest
 from firmware_bundles.messages import TelemetryWindow
+from firmware_bundles.reference import ReferenceHistograms
 
 #: Name under which a late label is counted when the prediction it corrects is not known.
 UNKNOWN_PREDICTION = "unknown"
@@ -29,6 +30,29 @@ def histogram_size(histogram: Histogram) -> int:
     return len(histogram.categories) + 1
 
 
+def counted_histograms(manifest: Manifest) -> ReferenceHistograms:
+    """The histograms a device counts for ``manifest``'s bundle.
+
+    The reference's (:meth:`Manifest.telemetry_histograms`: none when it is detached); without
+    reference output histograms, one argmax histogram per float output with class labels (its
+    counts here are zeros: it names bins, it is no reference).
+    """
+    refs = manifest.telemetry_histograms()
+    if refs.outputs:
+        return refs
+    argmax = [
+        Histogram(
+            name=spec.name,
+            kind="categorical",
+            categories=spec.class_labels,
+            counts=[0] * (len(spec.class_labels) + 1),
+        )
+        for spec in manifest.outputs
+        if spec.class_labels and spec.dtype in ("float32", "float16")
+    ]
+    return ReferenceHistograms(inputs=refs.inputs, outputs=argmax)
+
+
 @dataclass(frozen=True)
 class TelemetryLayout:
     """What windows of one bundle may hold, from its manifest.
@@ -37,8 +61,7 @@ class TelemetryLayout:
         model: The manifest's model name.
         version: Its version.
         inputs: Input histogram name -> number of counts.
-        outputs: Output histogram name -> number of counts (the reference output histograms,
-            else one argmax histogram per float output with class labels).
+        outputs: Output histogram name -> number of counts (see :func:`counted_histograms`).
         classes: The label classes (decimal spelling for integer labels), or None when no output
             declares any (then any tally name is a label).
     """
@@ -52,20 +75,13 @@ class TelemetryLayout:
     @classmethod
     def of(cls, manifest: Manifest) -> TelemetryLayout:
         """The layout ``manifest`` gives its windows."""
-        refs = manifest.reference_histograms
-        outputs = {h.name: histogram_size(h) for h in refs.outputs}
-        if not refs.outputs:
-            outputs = {
-                spec.name: len(spec.class_labels) + 1
-                for spec in manifest.outputs
-                if spec.class_labels and spec.dtype in ("float32", "float16")
-            }
+        counted = counted_histograms(manifest)
         labelled = [str(c) for spec in manifest.outputs for c in spec.class_labels or []]
         return cls(
             model=manifest.name,
             version=manifest.version,
-            inputs={h.name: histogram_size(h) for h in refs.inputs},
-            outputs=outputs,
+            inputs={h.name: histogram_size(h) for h in counted.inputs},
+            outputs={h.name: histogram_size(h) for h in counted.outputs},
             classes=frozenset(labelled) if labelled else None,
         )
 

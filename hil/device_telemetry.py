@@ -33,6 +33,7 @@ from firmware_bundles.window_builder import (
     UNKNOWN_PREDICTION,
     TelemetryLayout,
     TelemetryWindowBuilder,
+    counted_histograms,
 )
 
 _NAME = re.compile(TALLY_NAME_PATTERN)
@@ -79,12 +80,11 @@ class DeviceTelemetry:
         """Count one inference."""
         window = self._window(manifest, bundle_sha256)
         window.count_inference(latency_s)
-        _bin_into(window, "inputs", manifest.reference_histograms.inputs, _features(inputs))
+        counted = counted_histograms(manifest)
+        _bin_into(window, "inputs", counted.inputs, _features(inputs))
         first = outputs.get(manifest.outputs[0].name) if manifest.outputs else None
         if first is not None:
-            _bin_into(
-                window, "outputs", manifest.reference_histograms.outputs, _labels(manifest, first)
-            )
+            _bin_into(window, "outputs", counted.outputs, _labels(manifest, first))
 
     def record_error(self, manifest: Manifest, bundle_sha256: str, *, self_test: bool) -> None:
         """Count a failed inference (as an inference and an error), or a failed self-test."""

@@ -75,6 +75,8 @@ class Settings(BaseSettings):
     mlflow_token: str | None = None
     #: Where users reach this server (links in MLflow tags); ``serve`` sets it from host and port.
     public_url: str = "http://127.0.0.1:8080"
+    #: Cap on a detached reference file uploaded beside its bundle.
+    max_reference_bytes: int = 4 * 1024 * 1024
 
     def resolved_database_url(self) -> str:
         """The database URL, defaulting to SQLite in the data directory."""

@@ -124,7 +124,9 @@ async def check_in(
         counter = confirmed.counter(model, device_id, state.offers.rollout_member)
         bundles.append(_assigned(model, offer, counter or None))
     if device.recorded_state_hash != contact.state_hash:
-        assigned = {m: device_events.Assigned(o.version, o.bundle_sha256) for m, o in offers.items()}
+        assigned = {
+            m: device_events.Assigned(o.version, o.bundle_sha256) for m, o in offers.items()
+        }
         reported = device_events.Reported(request.firmware_version, installed)
         await asyncio.to_thread(
             device_events.record_report,

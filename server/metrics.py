@@ -21,7 +21,7 @@ from sqlmodel import Session, col, select
 from firmware_bundles import telemetry as sketch
 from firmware_bundles.manifest import Histogram, Manifest
 from firmware_bundles.window_builder import UNKNOWN_PREDICTION
-from server import aggregate, drift
+from server import aggregate, drift, references
 from server.errors import ApiError
 from server.models import Bundle, TelemetryRollup, TelemetryWindowRecord
 from server.registry import get_version
@@ -226,7 +226,7 @@ def reference(session: Session, span: Span) -> Manifest:
     if bundle is None:
         on = f" for {span.hardware_id}" if span.hardware_id else ""
         raise ApiError(404, f"{span.model} {span.version} has no bundle{on}")
-    return Manifest.from_dict(bundle.manifest)
+    return references.bundle_manifest(bundle)
 
 
 def figures(
@@ -252,7 +252,7 @@ def figures(
     labels = {p: c for p, c in agg["labels"].items() if p != UNKNOWN_PREDICTION}
     labelled = sum(sum(c.values()) for c in labels.values())
     correct = sum(c.get(p, 0) for p, c in labels.items())
-    outputs = {h.name: h for h in manifest.reference_histograms.outputs}
+    outputs = {h.name: h for h in references.bins(manifest).outputs}
     return {
         "withheld": None,
         "devices_reporting": devices,
@@ -306,13 +306,14 @@ def drift_figures(
     if len(current.devices) < min_devices and not privileged:
         return {"withheld": f"too few devices (fewer than {min_devices})"}
     result: dict[str, Any] = {"withheld": None, "devices_reporting": len(current.devices)}
-    references = {
-        "inputs": {h.name: h for h in manifest.reference_histograms.inputs},
-        "outputs": {h.name: h for h in manifest.reference_histograms.outputs},
+    shown = references.bins(manifest)
+    named = {
+        "inputs": {h.name: h for h in shown.inputs},
+        "outputs": {h.name: h for h in shown.outputs},
     }
     for side in ("inputs", "outputs"):
         rows = []
-        for name, histogram in sorted(references[side].items()):
+        for name, histogram in sorted(named[side].items()):
             bins = len(histogram.counts)
             ours = current.aggregate[side].get(name) or [0] * bins
             theirs = baseline_counts[side].get(name) or [0] * bins
@@ -336,8 +337,12 @@ def drift_figures(
 
 
 def reference_counts(manifest: Manifest) -> dict[str, dict[str, list[int]]]:
-    """The manifest's reference histograms as drift's baseline."""
-    refs = manifest.reference_histograms
+    """The manifest's reference histograms as drift's baseline.
+
+    Raises:
+        ApiError: 409 if the bundle detaches its reference and it was not uploaded.
+    """
+    refs = references.reference(manifest)
     return {
         "inputs": {h.name: list(h.counts) for h in refs.inputs},
         "outputs": {h.name: list(h.counts) for h in refs.outputs},

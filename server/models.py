@@ -111,6 +111,10 @@ class Bundle(SQLModel, table=True):
     op_types: list[str] = Field(sa_column=Column(JSON))
     manifest: dict[str, Any] = Field(sa_column=Column(JSON))
     hil_report: bytes | None = Field(default=None, sa_column=Column(LargeBinary))
+    #: The reference file of a format-3 manifest (from the bundle, or uploaded beside a bundle
+    #: that detaches it); None for formats 1 and 2 (their manifest holds it) and until a
+    #: detached one is uploaded.
+    reference: bytes | None = Field(default=None, sa_column=Column(LargeBinary))
 
 
 class Release(SQLModel, table=True):

@@ -11,6 +11,7 @@ from firmware_bundles import ArchiveLimits, BundleError, BundleReader, VerifiedB
 from firmware_bundles.errors import CatalogueError
 from firmware_bundles.manifest import semver_key
 from firmware_bundles.messages import HilReport, verify_hil_report
+from firmware_bundles.reference import ReferenceFile
 from server import notify
 from server.arms import OWNING
 from server.errors import ApiError
@@ -128,6 +129,14 @@ def publish(
         )
     upload.keep(bundle_sha256)
     assert version.id is not None
+    refs = manifest.reference_histograms
+    reference = None
+    if isinstance(refs, ReferenceFile) and not refs.detached:
+        # A detached one is uploaded beside it later. The upload kept the files beside the
+        # model that are no bigger than a manifest may be.
+        if refs.file not in verified.contents.files:
+            raise ApiError(400, f"bundle refused: reference file {refs.file!r} is over the cap")
+        reference = verified.file(refs.file)
     bundle = Bundle(
         sha256=bundle_sha256,
         version_id=version.id,
@@ -138,6 +147,7 @@ def publish(
         firmware_below=target.firmware.below,
         op_types=manifest.runtime.op_types,
         manifest=manifest.to_dict(),
+        reference=reference,
     )
     session.add(bundle)
     notify.emit(

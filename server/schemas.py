@@ -242,6 +242,15 @@ class HilReportAttached(BaseModel):
     passed: bool
 
 
+class ReferenceAttached(BaseModel):
+    """A detached reference file kept for its bundle: how many histograms it holds."""
+
+    sha256: str
+    target_id: str
+    inputs: int
+    outputs: int
+
+
 class BundleRef(BaseModel):
     sha256: str
     target_id: str

@@ -32,10 +32,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from firmware_bundles import telemetry as sketch
-from firmware_bundles.manifest import Manifest
 from firmware_bundles.messages import TelemetryBatch
 from firmware_bundles.window_builder import TelemetryLayout
-from server import aggregate
+from server import aggregate, references
 from server.errors import ApiError
 from server.models import (
     Bundle,
@@ -165,17 +164,15 @@ def _bundle_layouts(
     missing = bundle_sha256s - _layouts.keys()
     if missing:
         rows = session.exec(
-            select(Bundle.sha256, Bundle.target_id, Bundle.manifest).where(
+            select(Bundle.sha256, Bundle.target_id, Bundle.manifest, Bundle.reference).where(
                 col(Bundle.sha256).in_(missing)
             )
         ).all()
         if len(_layouts) + len(rows) > MAX_CACHED_LAYOUTS:
             _layouts.clear()
-        for bundle_sha256, hardware_id, manifest in rows:
-            _layouts[bundle_sha256] = (
-                hardware_id,
-                TelemetryLayout.of(Manifest.from_dict(manifest)),
-            )
+        for bundle_sha256, hardware_id, manifest, reference in rows:
+            layout = TelemetryLayout.of(references.manifest_of(manifest, reference))
+            _layouts[bundle_sha256] = (hardware_id, layout)
     return {s: _layouts[s] for s in bundle_sha256s if s in _layouts}
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import struct
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 import pytest
 
 from firmware_bundles import SigningKey, build, new_root, sign_root
+from firmware_bundles.reference import REFERENCE_FILE, ReferenceHistograms, encode
 from firmware_bundles.root import Root
 from firmware_bundles.signing import Envelope
 
@@ -134,6 +136,53 @@ def manifest_draft(files: dict[str, bytes] | None = None, **overrides: Any) -> d
     )
     draft.update(overrides)
     return draft
+
+
+def _flat(value: Any) -> list[float]:
+    return [x for item in value for x in _flat(item)] if isinstance(value, list) else [value]
+
+
+def _shape(value: Any) -> list[int]:
+    return [len(value), *_shape(value[0])] if isinstance(value, list) else []
+
+
+def format_3(
+    draft: dict[str, Any], files: dict[str, bytes], *, detached: bool = False
+) -> tuple[dict[str, Any], dict[str, bytes], bytes]:
+    """A format-1 draft (float32 JSON vectors, JSON reference) as format 3: vectors in
+    ``self_test.bin``, the reference in ``reference.bin`` or, ``detached``, pinned beside.
+
+    Returns the draft, the files, and the reference file's bytes.
+    """
+    draft = copy.deepcopy(draft)
+    vectors = draft["self_test"]["vectors"]
+    layouts = {
+        part: [
+            {"name": n, "dtype": "float32", "shape": _shape(v)} for n, v in vectors[0][part].items()
+        ]
+        for part in ("inputs", "expected")
+    }
+    blob = b"".join(
+        struct.pack(f"<{len(_flat(v))}f", *_flat(v))
+        for vector in vectors
+        for part in ("inputs", "expected")
+        for v in vector[part].values()
+    )
+    draft["self_test"] = {
+        "tolerance": draft["self_test"]["tolerance"],
+        "file": "self_test.bin",
+        "count": len(vectors),
+        **layouts,
+    }
+    reference = encode(ReferenceHistograms.from_dict(draft["reference_histograms"]))
+    files = {**files, "self_test.bin": blob}
+    pointer: dict[str, Any] = {"file": REFERENCE_FILE}
+    if detached:
+        pointer.update(sha256=hashlib.sha256(reference).hexdigest(), length=len(reference))
+    else:
+        files[REFERENCE_FILE] = reference
+    draft.update(format=3, reference_histograms=pointer)
+    return draft, files, reference
 
 
 @dataclass

@@ -146,7 +146,7 @@ BAD_MANIFESTS = [
         },
         "7 bytes",
     ),
-    ("format-3", {"format": 3}, "format"),
+    ("format-4", {"format": 4}, "format"),
 ]
 
 

@@ -12,7 +12,7 @@ from anyio import to_thread
 from fastapi import APIRouter, Header, Path, Request, Response
 from pydantic import BaseModel, Field
 
-from server import confirmations, registry
+from server import confirmations, references, registry
 from server import lineage as lineage_of
 from server.auth import PERMISSIONS
 from server.bodies import body_pieces, read_body
@@ -26,6 +26,7 @@ from server.schemas import (
     HilReportAttached,
     ModelPublic,
     PublishResult,
+    ReferenceAttached,
     Released,
     RequestBody,
     Withdrawn,
@@ -103,6 +104,26 @@ async def attach_hil_report(
         )
     )
     return HilReportAttached.model_validate(attached)
+
+
+@router.post(
+    "/bundles/{sha256}/reference",
+    responses=TOO_LARGE,
+    openapi_extra=_raw_body(
+        "application/octet-stream",
+        "The reference file (docs/bundle-format.md) of a bundle that detaches it.",
+    ),
+)
+async def attach_reference(
+    sha256: str, request: Request, session: SessionDep, state: StateDep, who: PublisherDep
+) -> ReferenceAttached:
+    """Upload the reference histograms a bundle detaches (its manifest pins their SHA-256 and
+    length); drift against the reference needs them."""
+    data = await read_body(request, state.settings.max_reference_bytes, "reference file")
+    attached = await to_thread.run_sync(
+        lambda: references.attach_reference(session=session, sha256=sha256, data=data)
+    )
+    return ReferenceAttached.model_validate(attached)
 
 
 class TarResponse(Response):

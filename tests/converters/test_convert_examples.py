@@ -15,13 +15,19 @@ import onnxruntime as ort
 import pytest
 
 from converters import tflm
+from converters.relayout import relayout
 from converters.reports import ConvertReport
 from firmware_bundles import SigningKey, TargetCatalogue, TrustedRoot, verify
 from firmware_bundles import open_bundle as verify_plain
+from firmware_bundles.reference import ReferenceFile, attach
 from tests.converters.conftest import convert_example
 
-TARGETS = ["ring-gen3", "phone-android", "devboard-rpi4"]
+TARGETS = ["ring-gen3", "ring-gen4", "phone-android", "devboard-rpi4"]
 BUDGET = 0.01
+#: Each example's ring: the forest's arena is over ring-gen3's, so it rides on ring-gen4.
+RING_OF = {"digits-mlp": "ring-gen3", "wearable-cnn": "ring-gen3", "cancer-trees": "ring-gen4"}
+#: Issues 10 and 14: a ring bundle's bytes beyond its model.
+RING_OVERHEAD_MAX = 8 * 1024
 
 
 def run_convert(example: str, directory: Path, keys: list[SigningKey], out: Path) -> ConvertReport:
@@ -122,6 +128,39 @@ def test_ring_gets_micro_runtime_ops_only(reports: dict[str, Any]) -> None:
 def test_converting_twice_gives_identical_bundles(reports: dict[str, Any]) -> None:
     for example, (first, second) in reports.items():
         assert [t.sha256 for t in first.targets] == [t.sha256 for t in second.targets], example
+        beside = [
+            [Path(t.reference).read_bytes() for t in r.targets if t.reference]
+            for r in (first, second)
+        ]
+        assert beside[0] == beside[1] and beside[0], example
+
+
+@pytest.mark.parametrize("example", list(RING_OF))
+def test_ring_bundle_is_at_most_8_kib_beyond_its_model(
+    example: str, reports: dict[str, Any], release_keys: list[SigningKey], trusted_root: TrustedRoot
+) -> None:
+    report, _ = reports[example]
+    ring = next(t for t in report.targets if t.target_id == RING_OF[example])
+    assert ring.ok, ring.reason
+    data = Path(ring.bundle).read_bytes()
+    contents = verify_plain(data)
+    model = contents.files[contents.manifest.runtime.model_file]
+    assert len(data) - len(model) <= RING_OVERHEAD_MAX, len(data) - len(model)
+    # Its reference histograms sit beside it, pinned by its manifest; the phone's bundle of the
+    # same conversion carries the same ones inside.
+    refs = contents.manifest.reference_histograms
+    assert isinstance(refs, ReferenceFile) and refs.detached
+    beside = Path(ring.reference).read_bytes()
+    attach(refs, beside)
+    phone = next(t for t in report.targets if t.target_id == "phone-android")
+    inside = verify_plain(Path(phone.bundle).read_bytes()).manifest.reference_histograms
+    assert isinstance(inside, ReferenceFile) and not inside.detached
+    assert refs.histograms == inside.histograms
+    # The same bundle laid out as before format 3 (JSON reference, format 2) still verifies and
+    # reads the same reference.
+    old, _ = relayout(data, beside, release_keys, "inline")
+    manifest = verify(old, trusted_root.root, target_id=ring.target_id).manifest
+    assert manifest.format == 2 and manifest.reference_histograms == refs.histograms
 
 
 def test_tree_ensemble_is_too_big_for_gen3_and_builds_elsewhere(reports: dict[str, Any]) -> None:

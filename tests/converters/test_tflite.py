@@ -50,7 +50,7 @@ def test_ring_bundle_is_full_integer_tflite_within_budget(
     assert ring.metric is not None and report.float_metric - ring.metric <= 0.01
     contents = open_bundle(Path(ring.bundle or "").read_bytes())
     manifest = contents.manifest
-    assert manifest.format == 2 and manifest.runtime.format == "tflite"
+    assert manifest.format == 3 and manifest.runtime.format == "tflite"
     tflite = manifest.runtime.tflite
     assert tflite is not None and tflite.input.dtype == "int8"
     assert tflite.input.quantisation is not None and tflite.output.quantisation is not None
@@ -96,6 +96,9 @@ def test_converting_twice_gives_identical_tflite_bundles(
 ) -> None:
     one, two = (Path(r.targets[0].bundle or "").read_bytes() for r in digits)
     assert one == two
+    # And the reference histograms a ring bundle detaches, written beside it.
+    one, two = (Path(r.targets[0].reference or "").read_bytes() for r in digits)
+    assert one == two and one[:4] == b"EFRH"
 
 
 def test_forest_reaches_ring_gen4_within_the_budget(

@@ -23,6 +23,7 @@ ROLE_DENIALS = [
     ("publisher", "POST", "/v1/enrollment-tokens", "operate"),
     ("operator", "POST", "/v1/tokens", "admin"),
     ("operator", "POST", "/v1/bundles", "publish"),
+    ("viewer", "POST", "/v1/bundles/" + "a" * 64 + "/reference", "publish"),
     ("viewer", "POST", "/v1/cohorts", "operate"),
     ("viewer", "GET", "/v1/tokens", "admin"),
 ]

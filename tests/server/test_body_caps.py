@@ -103,6 +103,7 @@ def _routes(server: ServerProcess) -> dict[str, tuple[str, str, int]]:
         "telemetry": ("/v1/devices/phone-1/telemetry", device, 4 * MiB),
         "publish": ("/v1/bundles", admin, PUBLISH_CAP_BYTES),
         "hil-report": ("/v1/bundles/" + "a" * 64 + "/hil-report", admin, 4 * MiB),
+        "reference": ("/v1/bundles/" + "a" * 64 + "/reference", admin, 4 * MiB),
     }
 
 

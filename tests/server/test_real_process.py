@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 
 from firmware_bundles import SigningKey, build
-from tests.conftest import MODEL_BYTES, manifest_draft
+from tests.conftest import MODEL_BYTES, format_3, manifest_draft
 from tests.procs import ServerProcess
 from tests.server.conftest import CAPS
 
@@ -69,3 +69,29 @@ def test_second_start_prints_no_admin_token(server: ServerProcess, tmp_path: Pat
         assert "admin token" not in second.logs[0].read_text()
     finally:
         second.stop()
+
+
+def test_publish_uploads_a_detached_reference_beside_its_bundle(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    draft, files, reference = format_3(
+        manifest_draft(name="ring-model"), {"model.onnx": MODEL_BYTES}, detached=True
+    )
+    bundle = tmp_path / "ring-model-1.2.3-phone-android.efb"
+    bundle.write_bytes(build(draft, files, [server.release_key]))
+    # Without its reference file beside it, nothing is published and the file is named.
+    refused = server.cli("publish", str(bundle))
+    assert (
+        refused.returncode == 1 and "ring-model-1.2.3-phone-android.reference.bin" in refused.stderr
+    )
+    assert json.loads(server.cli("models", "list", "--json").stdout) == []
+    (tmp_path / "ring-model-1.2.3-phone-android.reference.bin").write_bytes(reference)
+    published = server.cli("publish", str(bundle), "--json")
+    assert published.returncode == 0, published.stderr
+    [result] = json.loads(published.stdout)
+    assert result["reference"] == {
+        "sha256": result["sha256"],
+        "target_id": "phone-android",
+        "inputs": 1,
+        "outputs": 1,
+    }
