@@ -159,7 +159,7 @@ def test_ring_bundle_is_at_most_8_kib_beyond_its_model(
     # The same bundle laid out as before format 3 (JSON reference, format 2) still verifies and
     # reads the same reference.
     old, _ = relayout(data, beside, release_keys, "inline")
-    manifest = verify(old, trusted_root.root, target_id=ring.target_id).manifest
+    manifest = verify(old, trusted_root.root, hardware_id=ring.target_id).manifest
     assert manifest.format == 2 and manifest.reference_histograms == refs.histograms
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -225,7 +225,7 @@ def test_overlapping_and_withdrawn_are_refused(fleet: Fleet) -> None:
     assert "withdrawn" in create(fleet, expect=409)["detail"]
 
 
-def _window(device: str, bundle_sha256: str, version: str, n: int, errors: int, day: str) -> dict:
+def _window(device: str, bundle_sha256: str, version: str, n: int, errors: int, start: str) -> dict:
     latency = sketch.new_sketch(0.01)
     sketch.add(latency, 0.002, n)
     return {
@@ -233,7 +233,7 @@ def _window(device: str, bundle_sha256: str, version: str, n: int, errors: int, 
         "model": MODEL,
         "version": version,
         "bundle_sha256": bundle_sha256,
-        "window_start": f"{day}T10:00:00+00:00",
+        "window_start": start,
         "window_s": 3600,
         "inference_count": n,
         "error_count": errors,
@@ -255,7 +255,9 @@ def test_the_evaluator_halts_a_worse_version_and_names_itself_and_the_figures(
         on_failure="halt",
     )
     rid = rollout["id"]
-    day = datetime.now(UTC).date().isoformat()
+    # Windows from after the rollout started (a fixed hour of today would fall before the start
+    # for half the day, and the evaluator only counts windows of the rollout's time).
+    start = (datetime.now(UTC) + timedelta(seconds=1)).replace(microsecond=0).isoformat()
     rng = np.random.default_rng(3)
     for device, cred in creds.items():
         version = offered(fleet, device, cred)
@@ -267,7 +269,7 @@ def test_the_evaluator_halts_a_worse_version_and_names_itself_and_the_figures(
             "device_id": device,
             "boot_epoch": 1,
             "sequence": 0,
-            "windows": [_window(device, shas[version], version, n, errors, day)],
+            "windows": [_window(device, shas[version], version, n, errors, start)],
         }
         r = fleet.client.post(
             f"/v1/devices/{device}/telemetry", content=json.dumps(batch), headers=fleet.auth(cred)
