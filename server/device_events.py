@@ -231,47 +231,34 @@ def record_report(
     loser reads again.
     """
     try:
-        return _record_report(engine, device_id, hardware_id, reported, reported_hash, at, assigned)
+        with Session(engine, expire_on_commit=False) as session:
+            for attempt in range(2):
+                recorded = session.exec(
+                    select(DeviceState).where(DeviceState.device_id == device_id).with_for_update()
+                ).first()
+                if recorded is not None and recorded.state_hash == reported_hash:
+                    return []
+                before = (
+                    None
+                    if recorded is None
+                    else Reported(recorded.firmware_version, list(recorded.installed or []))
+                )
+                rows = [_row(device_id, at, c) for c in changes(before, reported, assigned)]
+                session.add_all(rows)
+                _keep_state(session, recorded, device_id, reported, reported_hash, at)
+                _keep_installed(session, device_id, hardware_id, reported)
+                try:
+                    session.commit()
+                except IntegrityError:
+                    session.rollback()
+                    if attempt:
+                        raise
+                    continue
+                return rows
     except SQLAlchemyError:
         # The check-in is recorded and answered all the same; the recorded state is unchanged,
         # so the next check-in records this change.
         log.warning("device %s: state change not recorded", device_id, exc_info=True)
-        return []
-
-
-def _record_report(
-    engine: Engine,
-    device_id: str,
-    hardware_id: str,
-    reported: Reported,
-    reported_hash: str,
-    at: datetime,
-    assigned: Mapping[str, Assigned],
-) -> list[DeviceEvent]:
-    with Session(engine, expire_on_commit=False) as session:
-        for attempt in range(2):
-            recorded = session.exec(
-                select(DeviceState).where(DeviceState.device_id == device_id).with_for_update()
-            ).first()
-            if recorded is not None and recorded.state_hash == reported_hash:
-                return []
-            before = (
-                None
-                if recorded is None
-                else Reported(recorded.firmware_version, list(recorded.installed or []))
-            )
-            rows = [_row(device_id, at, c) for c in changes(before, reported, assigned)]
-            session.add_all(rows)
-            _keep_state(session, recorded, device_id, reported, reported_hash, at)
-            _keep_installed(session, device_id, hardware_id, reported)
-            try:
-                session.commit()
-            except IntegrityError:
-                session.rollback()
-                if attempt:
-                    raise
-                continue
-            return rows
     return []
 
 

@@ -99,13 +99,7 @@ def lineage(
             for r in releases
         ],
         confirmations=[
-            ConfirmationPublic(
-                hardware_id=c.hardware_id,
-                release_counter=c.release_counter,
-                rollout_id=c.rollout_id,
-                confirmed_at=c.confirmed_at,
-                confirmed_by=c.confirmed_by,
-            )
+            ConfirmationPublic.model_validate(c, from_attributes=True)
             for c in session.exec(
                 select(Confirmation)
                 .where(Confirmation.version_id == found.id)

@@ -56,13 +56,7 @@ def span(
 
 
 def span_public(span: metrics.Span) -> SpanPublic:
-    return SpanPublic(
-        model=span.model,
-        version=span.version,
-        hardware_id=span.hardware_id,
-        start=span.start,
-        end=span.end,
-    )
+    return SpanPublic.model_validate(span, from_attributes=True)
 
 
 def privileged(who: Principal) -> bool:

@@ -128,16 +128,7 @@ def url_problem(url: str, allowed_hosts: list[str] | None) -> str | None:
 
 def public(hook: Webhook) -> WebhookPublic:
     assert hook.id is not None
-    return WebhookPublic(
-        id=hook.id,
-        url=hook.url,
-        events=hook.events,
-        model=hook.model,
-        thresholds=Thresholds.model_validate(hook.thresholds),
-        created_by=hook.created_by,
-        created_at=hook.created_at,
-        active=hook.active,
-    )
+    return WebhookPublic.model_validate(hook, from_attributes=True)
 
 
 def create(

@@ -22,6 +22,11 @@ from server.ui import charts
 #: A day of per-day figures: the API's ``DayFigures`` as JSON.
 Days = Mapping[str, Mapping[str, Any]]
 QUANTILES = ("p50", "p95", "p99")
+# The Model page's overview charts, a line per version: (figure, title, y axis label).
+_OVERVIEW = (
+    ("inferences", "Inferences per day, by version", "inferences"),
+    ("error_rate", "Error rate per day, by version", "errors per inference"),
+)
 #: The figures of a totals row, as (column, path into the API's figures).
 TOTALS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("devices reporting", ("devices_reporting",)),
@@ -165,19 +170,13 @@ def model_page(
         "charts": {
             "overview": [
                 charts.by_day(
-                    "inferences",
-                    "Inferences per day, by version",
+                    figure,
+                    title,
                     days,
-                    [(v, _day_value(by_version[v], "inferences")) for v in shown],
-                    y_label="inferences",
-                ),
-                charts.by_day(
-                    "error_rate",
-                    "Error rate per day, by version",
-                    days,
-                    [(v, _day_value(by_version[v], "error_rate")) for v in shown],
-                    y_label="errors per inference",
-                ),
+                    [(v, _day_value(by_version[v], figure)) for v in shown],
+                    y_label=y_label,
+                )
+                for figure, title, y_label in _OVERVIEW
             ],
             "version": [],
             "drift": [],

@@ -7,6 +7,7 @@ import hashlib
 import uuid
 from datetime import UTC, datetime
 
+import httpx
 import pytest
 
 from firmware_bundles import SigningKey
@@ -14,7 +15,7 @@ from firmware_bundles.messages import verify_assignments
 from firmware_bundles.root import Root
 from server.db import check_schema, make_engine
 from server.errors import SchemaBehindError
-from tests.server.conftest import Fleet
+from tests.server.conftest import CAPS, Fleet
 
 ROLE_DENIALS = [
     ("viewer", "POST", "/v1/bundles", "publish"),
@@ -195,21 +196,24 @@ def test_range_download_resumes_at_any_offset(fleet: Fleet) -> None:
     assert cached.status_code == 304
 
 
+def relay_enroll(fleet: Fleet, relay_id: str, credential: str, device_id: str) -> httpx.Response:
+    """The relay (its ``credential``) enrolls a ring-gen3 device with a fresh enrollment token."""
+    token = fleet.client.post(
+        "/v1/enrollment-tokens", json={}, headers=fleet.auth(fleet.token("operator"))
+    ).json()["token"]
+    return fleet.client.post(
+        f"/v1/devices/{relay_id}/relay-enroll",
+        headers=fleet.auth(credential),
+        json={"enroll_token": token, "device_id": device_id, "capabilities": CAPS["ring-gen3"]},
+    )
+
+
 def test_relay_phone_serves_its_ring_and_an_unpaired_phone_cannot(fleet: Fleet) -> None:
     fleet.publish(fleet.bundle(target="ring-gen3"))
     fleet.release("wrist-activity", "1.0.0")
     phone = fleet.enroll("phone-1")
     stranger = fleet.enroll("phone-2")
-    token = fleet.client.post(
-        "/v1/enrollment-tokens", json={}, headers=fleet.auth(fleet.token("operator"))
-    ).json()["token"]
-    from tests.server.conftest import CAPS
-
-    r = fleet.client.post(
-        "/v1/devices/phone-1/relay-enroll",
-        headers=fleet.auth(phone),
-        json={"enroll_token": token, "device_id": "ring-1", "capabilities": CAPS["ring-gen3"]},
-    )
+    r = relay_enroll(fleet, "phone-1", phone, "ring-1")
     assert r.status_code == 201 and r.json()["relay_id"] == "phone-1"
     ring_nonce = uuid.uuid4().hex
     body = {"device_id": "ring-1", "nonce": ring_nonce, "firmware_version": "3.1.0"}
@@ -244,8 +248,6 @@ def test_enrollment_token_limits(fleet: Fleet) -> None:
     token = fleet.client.post("/v1/enrollment-tokens", json={"max_uses": 1}, headers=op).json()[
         "token"
     ]
-    from tests.server.conftest import CAPS
-
     body = {"enroll_token": token, "device_id": "p1", "capabilities": CAPS["phone-android"]}
     assert fleet.client.post("/v1/devices/enroll", json=body).status_code == 201
     r = fleet.client.post("/v1/devices/enroll", json={**body, "device_id": "p2"})

@@ -15,7 +15,8 @@ from sqlmodel import Session, select
 from server import device_events, fleet_summary
 from server.device_events import Assigned, Reported, changes
 from server.models import DeviceEvent, DeviceState
-from tests.server.conftest import CAPS, Fleet
+from tests.server.conftest import Fleet
+from tests.server.test_api import relay_enroll
 
 
 def installed(sha: str, **entry: Any) -> dict[str, Any]:
@@ -195,15 +196,7 @@ def test_pairing_and_revocation_are_events_on_both_sides(fleet: Fleet) -> None:
     fleet.publish(fleet.bundle(target="ring-gen3"))
     fleet.release("wrist-activity", "1.0.0")
     phone = fleet.enroll("phone-1")
-    token = fleet.client.post(
-        "/v1/enrollment-tokens", json={}, headers=fleet.auth(fleet.token("operator"))
-    ).json()["token"]
-    r = fleet.client.post(
-        "/v1/devices/phone-1/relay-enroll",
-        headers=fleet.auth(phone),
-        json={"enroll_token": token, "device_id": "ring-1", "capabilities": CAPS["ring-gen3"]},
-    )
-    assert r.status_code == 201
+    assert relay_enroll(fleet, "phone-1", phone, "ring-1").status_code == 201
     # The phone checks in for its ring with a state the ring never reported: an event on the ring.
     check_in(fleet, "ring-1", phone, [], firmware="3.2.0")
     ring = events(fleet, "ring-1")
