@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import copy
 import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from firmware_bundles import SigningKey, build, new_root, sign_root
 from firmware_bundles.root import Root
 from firmware_bundles.signing import Envelope
+
+if TYPE_CHECKING:
+    from tests.mlflow_proc import MlflowRegistry
 
 NOW = datetime(2026, 6, 1, tzinfo=UTC)
 MODEL_BYTES = bytes(range(256)) * 40
@@ -183,15 +187,31 @@ def bundle_bytes(keys: Keys) -> bytes:
     return build(manifest_draft(), {"model.onnx": MODEL_BYTES}, keys.release)
 
 
+@pytest.fixture(scope="session")
+def mlflow_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowRegistry]:
+    """One real `mlflow server` for the session, with small models trained, logged and
+    registered (tests/mlflow_proc.py); every test that uses it runs on one xdist worker."""
+    from tests.mlflow_proc import logged_registry
+
+    with logged_registry(tmp_path_factory.mktemp("mlflow")) as registry:
+        yield registry
+
+
 #: Test directories whose session fixtures are costly (converting every example, one browser and
 #: a seeded fleet): under pytest-xdist (``make test`` runs two workers) each such directory runs
 #: on one worker, so its fixtures are built once.
 _ONE_WORKER_DIRS = ("converters", "ui")
+#: Tests that use it (directly or through another fixture) share one worker, whatever their
+#: directory, so one MLflow server starts.
+_MLFLOW = "mlflow_registry"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     tests = Path(__file__).parent
     for item in items:
+        if _MLFLOW in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("mlflow"))
+            continue
         where = item.path.relative_to(tests).parts
         if len(where) > 1 and where[0] in _ONE_WORKER_DIRS:
             item.add_marker(pytest.mark.xdist_group(where[0]))
