@@ -1,4 +1,5 @@
-"""Shared fixtures: keys, a trusted root and a sample bundle built through the public API."""
+"""Shared fixtures: keys, a trusted root, a sample bundle built through the public API, and the
+session's MLflow server with its logged models."""
 
 from __future__ import annotations
 

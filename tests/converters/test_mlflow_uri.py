@@ -57,7 +57,9 @@ def test_a_string_column_is_refused_naming_it() -> None:
 
 
 def test_two_input_tensors_are_refused() -> None:
-    specs = [types.TensorSpec(np.dtype("float32"), (-1, 3), name) for name in ("a", "b")]
+    specs: list[types.ColSpec | types.TensorSpec] = [
+        types.TensorSpec(np.dtype("float32"), (-1, 3), name) for name in ("a", "b")
+    ]
     with pytest.raises(ModelLoadError, match="declares 2 input tensors"):
         input_schema(ModelSignature(types.Schema(specs)), "the signature of models:/m/1")
 

@@ -56,14 +56,15 @@ def test_subscriptions_show_the_secret_once_and_refuse_what_they_cannot_deliver_
     assert [h["id"] for h in listed] == [created["id"], given["id"]]
     assert all("secret" not in h for h in listed)
     assert listed[0]["thresholds"]["drift_over"] == 0.2
-    for body, status, words in [
+    bodies: list[tuple[dict[str, Any], int, str]] = [
         ({"url": "ftp://127.0.0.1/x"}, 400, "http:// or https://"),
         ({"url": "http://:80/x"}, 400, "with a host"),
         ({"events": ["model.exploded"]}, 422, "events"),
         ({"events": ["accuracy.under_floor"]}, 400, "needs thresholds.accuracy_under"),
         ({"events": ["schedule.due"]}, 400, "needs thresholds.schedule_every_s"),
         ({"secret": "short"}, 422, "secret"),
-    ]:
+    ]
+    for body, status, words in bodies:
         assert words in json.dumps(subscribe(fleet, expect=status, **body)), body
     viewer = fleet.client.get("/v1/webhooks", headers=fleet.auth(fleet.token("operator")))
     assert viewer.status_code == 403
@@ -162,7 +163,7 @@ def test_a_stored_provenance_mlflow_that_does_not_validate_names_no_version(
     guessed = {"name": "wrist", "version": "4", "registered_model_name": "wrist"}
     with Session(fleet.state.engine) as session:
         version = session.exec(select(ModelVersion)).one()
-        version.provenance = {**version.provenance, "mlflow": guessed}
+        version.provenance = {**(version.provenance or {}), "mlflow": guessed}
         session.add(version)
         session.commit()
         assert notify.mlflow_ref(session, MODEL, "1.0.0") is None
