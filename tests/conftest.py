@@ -207,12 +207,30 @@ _ONE_WORKER_DIRS = ("converters", "ui")
 _MLFLOW = "mlflow_registry"
 
 
+def _group(item: pytest.Item, name: str) -> None:
+    """Run ``item`` on the worker of group ``name`` under ``--dist loadgroup``.
+
+    pytest-xdist 3.8 tells its scheduler an item's group by appending ``@name`` to the item's
+    node id through ``item._nodeid``, which pytest 9.2's structured node ids no longer read
+    (pytest-xdist issue 1386): every group was silently spread over both workers. The suffix is
+    written here the way pytest 9.2 reads node ids.
+    """
+    item.add_marker(pytest.mark.xdist_group(name))
+    if not getattr(item.config.option, "loadgroup", False) or not hasattr(item, "_id"):
+        return  # not an xdist worker, or a pytest where xdist's own suffix works
+    from _pytest.nodeid import NodeId
+
+    if not item.nodeid.endswith(f"@{name}"):
+        item._id = NodeId.parse(f"{item.nodeid}@{name}")
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own, which reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     tests = Path(__file__).parent
     for item in items:
         if _MLFLOW in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("mlflow"))
+            _group(item, "mlflow")
             continue
         where = item.path.relative_to(tests).parts
         if len(where) > 1 and where[0] in _ONE_WORKER_DIRS:
-            item.add_marker(pytest.mark.xdist_group(where[0]))
+            _group(item, where[0])
