@@ -84,7 +84,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        jobs = Jobs(jobs_for(state))
+        jobs = Jobs(jobs_for(state), state.engine)
         jobs.start()
         yield
         await jobs.stop()

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import delete, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
@@ -375,6 +375,7 @@ def _release(session: Session, rollout: Rollout, now: datetime) -> None:
 # -- the periodic job ---------------------------------------------------------------------------
 
 _HOLDER = uuid.uuid4().hex
+LEASE = "rollout-evaluator"
 
 
 def take_lease(session: Session, name: str, *, now: datetime, ttl_s: float) -> bool:
@@ -400,11 +401,25 @@ def take_lease(session: Session, name: str, *, now: datetime, ttl_s: float) -> b
         return False
 
 
+def release_leases(session: Session, names: Iterable[str]) -> int:
+    """Give up the leases ``names`` where this process holds them (at shutdown), so another
+    process, or this server started again, takes their jobs over at once rather than when the
+    leases expire. Returns how many were held."""
+    wanted = list(names)
+    if not wanted:
+        return 0
+    released = session.exec(
+        delete(JobLock).where(col(JobLock.name).in_(wanted), col(JobLock.holder) == _HOLDER)
+    ).rowcount
+    session.commit()
+    return int(released)
+
+
 def evaluate_due(session: Session, *, relative_accuracy: float, lease_s: float) -> int:
     """Evaluate every running rollout, if this process holds the evaluator's lease; returns
     how many were evaluated."""
     now = datetime.now(UTC)
-    if not take_lease(session, "rollout-evaluator", now=now, ttl_s=lease_s):
+    if not take_lease(session, LEASE, now=now, ttl_s=lease_s):
         return 0
     done = 0
     for rollout in session.exec(select(Rollout).where(Rollout.state == "running")).all():

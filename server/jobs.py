@@ -1,7 +1,6 @@
 """Periodic work inside the server process (telemetry retention, the rollout evaluator, outbound
-deliveries, threshold checks): each
-job runs in a worker thread on its interval, logs its failures and goes on, and stops when the
-server shuts down."""
+deliveries, threshold checks): each job runs in a worker thread on its interval, logs its
+failures and goes on, and stops when the server shuts down, giving up its lease."""
 
 from __future__ import annotations
 
@@ -12,9 +11,10 @@ from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from sqlalchemy import Engine
 from sqlmodel import Session
 
-from server import evaluator, telemetry, triggers
+from server import evaluator, outbound, telemetry, triggers
 from server.outbound import Deliverer
 from server.state import ServerState
 
@@ -26,16 +26,8 @@ class Job:
     name: str
     interval_s: float
     run: Callable[[], object]
-
-
-async def _every(job: Job) -> None:
-    while True:
-        try:
-            result = await asyncio.to_thread(job.run)
-            log.debug("job %s: %s", job.name, result)
-        except Exception:  # one failed run must not stop the job or the server
-            log.exception("job %s failed; next run in %s s", job.name, job.interval_s)
-        await asyncio.sleep(job.interval_s)
+    #: The lease each run takes (one process at a time does the job), given up at shutdown.
+    lease: str | None = None
 
 
 def jobs_for(state: ServerState) -> list[Job]:
@@ -74,28 +66,55 @@ def jobs_for(state: ServerState) -> list[Job]:
                 lease_s=max(60.0, 3 * settings.threshold_check_s),
             )
 
+    deliver = Deliverer(state.engine, settings).run
     return [
         Job("telemetry-retention", settings.telemetry_retention_check_s, drop_expired),
-        Job("rollout-evaluator", settings.rollout_evaluation_s, evaluate_rollouts),
-        Job("threshold-checks", settings.threshold_check_s, check_thresholds),
-        Job("outbound-delivery", settings.outbound_poll_s, Deliverer(state.engine, settings).run),
+        Job("rollout-evaluator", settings.rollout_evaluation_s, evaluate_rollouts, evaluator.LEASE),
+        Job("threshold-checks", settings.threshold_check_s, check_thresholds, triggers.LEASE),
+        Job("outbound-delivery", settings.outbound_poll_s, deliver, outbound.LEASE),
     ]
 
 
 class Jobs:
     """The running jobs of one server process."""
 
-    def __init__(self, jobs: list[Job]) -> None:
+    def __init__(self, jobs: list[Job], engine: Engine) -> None:
         self._jobs = jobs
+        self._engine = engine
         self._tasks: list[asyncio.Task[None]] = []
+        #: Jobs with a run in a worker thread (a cancelled run's thread goes on to its end).
+        self._running: set[str] = set()
 
     def start(self) -> None:
-        self._tasks = [asyncio.create_task(_every(job), name=job.name) for job in self._jobs]
+        self._tasks = [asyncio.create_task(self._every(job), name=job.name) for job in self._jobs]
+
+    async def _every(self, job: Job) -> None:
+        while True:
+            self._running.add(job.name)
+            try:
+                result = await asyncio.to_thread(job.run)
+            except Exception:  # one failed run must not stop the job or the server
+                log.exception("job %s failed; next run in %s s", job.name, job.interval_s)
+            else:
+                log.debug("job %s: %s", job.name, result)
+            self._running.discard(job.name)
+            await asyncio.sleep(job.interval_s)
 
     async def stop(self) -> None:
+        """Stop every job, then give up the leases of those not mid-run (a run still going in
+        its thread keeps its lease until the lease expires, so no other process overlaps it)."""
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
             with suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
+        idle = [j.lease for j in self._jobs if j.lease and j.name not in self._running]
+        try:
+            await asyncio.to_thread(self._release, idle)
+        except Exception:  # the leases then expire as after a crash
+            log.exception("giving up the job leases %s failed", idle)
+
+    def _release(self, names: list[str]) -> None:
+        with Session(self._engine) as session:
+            evaluator.release_leases(session, names)

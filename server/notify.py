@@ -9,13 +9,18 @@ docs/webhooks.md for the kinds and their data.
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from datetime import UTC, datetime
 from typing import Any, Literal, get_args
 
 from sqlmodel import Session, col, select
 
+from firmware_bundles import SchemaError
+from firmware_bundles.provenance import MlflowSource
 from server.models import ModelVersion, Outbound, Rollout, RolloutDecision, Webhook
+
+log = logging.getLogger("edgefleet.server.notify")
 
 EventKind = Literal[
     "bundle.published",
@@ -114,11 +119,11 @@ def _row(
 
 
 def mlflow_ref(session: Session, model: str, version: str) -> tuple[str, str] | None:
-    """The MLflow registered model name and version that ``model`` ``version``'s provenance
-    names (``provenance.mlflow.name`` and ``.version``), or None.
+    """The MLflow registered model name and version that ``model`` ``version``'s manifest
+    names (``provenance.mlflow.model_name`` and ``.model_version``), or None.
 
-    Read defensively from the stored provenance: bundles from before MLflow provenance, or from
-    elsewhere, have none, and a malformed entry names nothing.
+    None for a version without ``provenance.mlflow`` (bundles from before it, or converted from
+    files) and for one converted from a ``runs:/`` path, which names no registered version.
     """
     found = session.exec(
         select(ModelVersion).where(
@@ -126,15 +131,17 @@ def mlflow_ref(session: Session, model: str, version: str) -> tuple[str, str] | 
         )
     ).first()
     entry = (found.provenance or {}).get("mlflow") if found is not None else None
-    if not isinstance(entry, dict):
+    if entry is None:
         return None
-    name = entry.get("name") or entry.get("registered_model_name")
-    number = entry.get("version") or entry.get("model_version")
-    if not isinstance(name, str) or not name or not isinstance(number, str | int):
+    # Stored from a verified manifest, so it validates; a row that does not names nothing.
+    try:
+        source = MlflowSource.from_dict(entry)
+    except SchemaError:
+        log.warning("model %s %s: stored provenance.mlflow does not validate", model, version)
         return None
-    if isinstance(number, bool) or not str(number).strip():
+    if source.model_name is None or source.model_version is None:
         return None
-    return name, str(number)
+    return source.model_name, source.model_version
 
 
 def rollout_fields(session: Session, rollout: Rollout) -> dict[str, Any]:

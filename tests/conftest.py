@@ -1,14 +1,16 @@
-"""Shared fixtures: keys, a trusted root and a sample bundle built through the public API."""
+"""Shared fixtures: keys, a trusted root, a sample bundle built through the public API, and the
+session's MLflow server with its logged models."""
 
 from __future__ import annotations
 
 import copy
 import hashlib
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -16,6 +18,9 @@ from firmware_bundles import SigningKey, build, new_root, sign_root
 from firmware_bundles.reference import REFERENCE_FILE, ReferenceHistograms, encode
 from firmware_bundles.root import Root
 from firmware_bundles.signing import Envelope
+
+if TYPE_CHECKING:
+    from tests.mlflow_proc import MlflowRegistry
 
 NOW = datetime(2026, 6, 1, tzinfo=UTC)
 MODEL_BYTES = bytes(range(256)) * 40
@@ -232,15 +237,49 @@ def bundle_bytes(keys: Keys) -> bytes:
     return build(manifest_draft(), {"model.onnx": MODEL_BYTES}, keys.release)
 
 
+@pytest.fixture(scope="session")
+def mlflow_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowRegistry]:
+    """One real `mlflow server` for the session, with small models trained, logged and
+    registered (tests/mlflow_proc.py); every test that uses it runs on one xdist worker."""
+    from tests.mlflow_proc import logged_registry
+
+    with logged_registry(tmp_path_factory.mktemp("mlflow")) as registry:
+        yield registry
+
+
 #: Test directories whose session fixtures are costly (converting every example, one browser and
 #: a seeded fleet): under pytest-xdist (``make test`` runs two workers) each such directory runs
 #: on one worker, so its fixtures are built once.
 _ONE_WORKER_DIRS = ("converters", "ui")
+#: Tests that use it (directly or through another fixture) share one worker, whatever their
+#: directory, so one MLflow server starts.
+_MLFLOW = "mlflow_registry"
 
 
+def _group(item: pytest.Item, name: str) -> None:
+    """Run ``item`` on the worker of group ``name`` under ``--dist loadgroup``.
+
+    pytest-xdist 3.8 tells its scheduler an item's group by appending ``@name`` to the item's
+    node id through ``item._nodeid``, which pytest 9.2's structured node ids no longer read
+    (pytest-xdist issue 1386): every group was silently spread over both workers. The suffix is
+    written here the way pytest 9.2 reads node ids.
+    """
+    item.add_marker(pytest.mark.xdist_group(name))
+    if not getattr(item.config.option, "loadgroup", False) or not hasattr(item, "_id"):
+        return  # not an xdist worker, or a pytest where xdist's own suffix works
+    from _pytest.nodeid import NodeId
+
+    if not item.nodeid.endswith(f"@{name}"):
+        item._id = NodeId.parse(f"{item.nodeid}@{name}")
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own, which reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     tests = Path(__file__).parent
     for item in items:
+        if _MLFLOW in getattr(item, "fixturenames", ()):
+            _group(item, "mlflow")
+            continue
         where = item.path.relative_to(tests).parts
         if len(where) > 1 and where[0] in _ONE_WORKER_DIRS:
-            item.add_marker(pytest.mark.xdist_group(where[0]))
+            _group(item, where[0])

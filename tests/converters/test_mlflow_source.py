@@ -8,7 +8,7 @@ MlflowClient reports for the version and its run.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,8 +21,8 @@ from typer.testing import CliRunner
 from edgefleet.cli import app
 from firmware_bundles import SigningKey, TrustedRoot, verify
 from firmware_bundles.manifest import Manifest
-from tests.converters.mlflow_models import FEATURES, MODEL, Trained, log_all, train
-from tests.mlflow_proc import QUIET_ENV, MlflowServer, mlflow_server
+from tests.mlflow_models import FEATURES, MODEL, Trained
+from tests.mlflow_proc import QUIET_ENV, MlflowRegistry, MlflowServer
 from tests.procs import free_port
 
 runner = CliRunner()
@@ -30,7 +30,7 @@ runner = CliRunner()
 
 @dataclass
 class Registry:
-    """The running server, the run of each logged model, and the files `convert` takes."""
+    """The session's MLflow registry, and the files `convert` takes here."""
 
     server: MlflowServer
     files: Path
@@ -40,34 +40,27 @@ class Registry:
 
 @pytest.fixture(scope="module")
 def registry(
-    tmp_path_factory: pytest.TempPathFactory, release_keys: list[SigningKey]
-) -> Iterator[Registry]:
-    base = tmp_path_factory.mktemp("mlflow")
-    with mlflow_server(base / "server") as server, pytest.MonkeyPatch.context() as env:
-        for name, value in QUIET_ENV.items():
-            env.setenv(name, value)
-        trained = train()  # while the server starts
-        reg = Registry(server, base / "files", trained)
-        reg.files.mkdir()
-        # The training table's columns in another order than the signature's: the converter
-        # must put them in the signature's order.
-        table = trained.train[FEATURES[::-1]].assign(label=trained.y)
-        table.to_csv(reg.files / "train.csv", index=False)
-        np.savez(reg.files / "eval.npz", X=trained.x_eval, y=trained.y_eval)
-        np.savez(reg.files / "eval-narrow.npz", X=trained.x_eval[:, :5], y=trained.y_eval)
-        no_gyro_z = pd.DataFrame(trained.x_eval[:, :5], columns=FEATURES[:5])
-        no_gyro_z.assign(label=trained.y_eval).to_csv(reg.files / "eval-no-gyro-z.csv", index=False)
-        for i, key in enumerate(release_keys):
-            (reg.files / f"release-{i}.pem").write_bytes(key.to_pem())
-        import mlflow
-
-        server.ready()
-        # Only the logging sees the server's URI: each convert must find it by itself.
-        with pytest.MonkeyPatch.context() as logging_env:
-            logging_env.setenv("MLFLOW_TRACKING_URI", server.url)
-            mlflow.set_experiment("wrist")
-            reg.runs = log_all(mlflow, trained)
-        yield reg
+    mlflow_registry: MlflowRegistry,
+    tmp_path_factory: pytest.TempPathFactory,
+    release_keys: list[SigningKey],
+) -> Registry:
+    reg = Registry(
+        mlflow_registry.server,
+        tmp_path_factory.mktemp("mlflow-source"),
+        mlflow_registry.trained,
+        mlflow_registry.runs,
+    )
+    trained = reg.trained
+    # train.csv has the training table's columns in another order than the signature's: the
+    # converter must put them in the signature's order.
+    for name in ("train.csv", "eval.npz"):
+        shutil.copy(mlflow_registry.files / name, reg.files / name)
+    np.savez(reg.files / "eval-narrow.npz", X=trained.x_eval[:, :5], y=trained.y_eval)
+    no_gyro_z = pd.DataFrame(trained.x_eval[:, :5], columns=FEATURES[:5])
+    no_gyro_z.assign(label=trained.y_eval).to_csv(reg.files / "eval-no-gyro-z.csv", index=False)
+    for i, key in enumerate(release_keys):
+        (reg.files / f"release-{i}.pem").write_bytes(key.to_pem())
+    return reg
 
 
 def convert(

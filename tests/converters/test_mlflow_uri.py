@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-from typing import Any
-
+import mlflow.types as types
+import numpy as np
 import pytest
+from mlflow.models import ModelSignature
 
 from converters.errors import ModelLoadError
 from converters.mlflow_source import MlflowRef, input_schema, parse_uri, redact
-from tests.mlflow_proc import unavailable
 
 URIS = [
     ("models:/wrist/3", MlflowRef("models:/wrist/3", name="wrist", version="3")),
@@ -49,18 +48,7 @@ def test_redact_drops_user_password_and_query(uri: str, shown: str) -> None:
     assert redact(uri) == shown
 
 
-def _types() -> Any:
-    if importlib.util.find_spec("mlflow") is None:
-        unavailable("mlflow is not installed; pip install -e '.[mlflow]'")
-    import mlflow.types as types
-
-    return types
-
-
 def test_a_string_column_is_refused_naming_it() -> None:
-    types = _types()
-    from mlflow.models import ModelSignature
-
     signature = ModelSignature(
         types.Schema([types.ColSpec("double", "speed"), types.ColSpec("string", "city")])
     )
@@ -69,20 +57,14 @@ def test_a_string_column_is_refused_naming_it() -> None:
 
 
 def test_two_input_tensors_are_refused() -> None:
-    types = _types()
-    import numpy as np
-    from mlflow.models import ModelSignature
-
-    specs = [types.TensorSpec(np.dtype("float32"), (-1, 3), name) for name in ("a", "b")]
+    specs: list[types.ColSpec | types.TensorSpec] = [
+        types.TensorSpec(np.dtype("float32"), (-1, 3), name) for name in ("a", "b")
+    ]
     with pytest.raises(ModelLoadError, match="declares 2 input tensors"):
         input_schema(ModelSignature(types.Schema(specs)), "the signature of models:/m/1")
 
 
 def test_a_tensor_signature_gives_the_row_shape() -> None:
-    types = _types()
-    import numpy as np
-    from mlflow.models import ModelSignature
-
     spec = types.TensorSpec(np.dtype("float32"), (-1, 3, 128))
     schema = input_schema(ModelSignature(types.Schema([spec])), "sig")
     assert schema is not None

@@ -101,10 +101,12 @@ def make_bundle(
     counter: int = 1,
     name: str = "wrist-activity",
     changes: dict[str, Any] | None = None,
+    mlflow: dict[str, Any] | None = None,
     **runtime: Any,
 ) -> bytes:
     """A signed test bundle of ``name`` ``version`` for ``target`` (TFLite for micro targets);
-    ``changes`` replace top-level manifest fields (reference histograms, say)."""
+    ``changes`` replace top-level manifest fields (reference histograms, say); ``mlflow`` is the
+    manifest's ``provenance.mlflow`` (see :func:`mlflow_source`)."""
     draft = manifest_draft(
         name=name,
         version=version,
@@ -112,6 +114,8 @@ def make_bundle(
         targets=[target_entry(target)],
         **(changes or {}),
     )
+    if mlflow is not None:
+        draft["provenance"] = {**draft["provenance"], "mlflow": mlflow}
     files = {"model.onnx": MODEL_BYTES}
     if target in MICRO_TARGETS:
         # Rings take TFLite Micro bundles (the catalogue says format tflite). The server
@@ -140,6 +144,27 @@ def make_bundle(
         files = {"model.tflite": b"TFL3" + MODEL_BYTES, "self_test.bin": vector}
     draft["runtime"] = {**draft["runtime"], **runtime}
     return build(draft, files, keys)
+
+
+def mlflow_source(
+    run_id: str,
+    name: str | None = None,
+    version: str | None = None,
+    tracking_uri: str = "http://127.0.0.1:5000",
+) -> dict[str, Any]:
+    """A manifest's ``provenance.mlflow`` for a sklearn model from ``models:/NAME/VERSION``
+    (``runs:/RUN_ID/model`` when ``name`` is None), as `edgefleet convert` records it."""
+    uri = f"models:/{name}/{version}" if name else f"runs:/{run_id}/model"
+    source = {
+        "tracking_uri": tracking_uri,
+        "registry_uri": tracking_uri,
+        "model_uri": uri,
+        "model_name": name,
+        "model_version": version,
+        "run_id": run_id,
+        "flavour": "sklearn",
+    }
+    return {k: v for k, v in source.items() if v is not None}
 
 
 @dataclass
@@ -174,6 +199,7 @@ class Fleet:
         counter: int = 1,
         name: str = "wrist-activity",
         keys: list[SigningKey] | None = None,
+        mlflow: dict[str, Any] | None = None,
         **runtime: Any,
     ) -> bytes:
         return make_bundle(
@@ -182,6 +208,7 @@ class Fleet:
             version=version,
             counter=counter,
             name=name,
+            mlflow=mlflow,
             **runtime,
         )
 

@@ -1,203 +1,159 @@
-"""MLflow out, end to end: a real `mlflow server` (SQLite backend) and a real `edgefleet serve
---mlflow-uri` on loopback. Publishing, releasing and each rollout step tag the registry's model
-version that the bundle's provenance names; while MLflow is down the write waits in the queue and
-arrives when MLflow is back."""
+"""MLflow in and out, end to end (issue 15's first acceptance line).
+
+Small models trained here, logged and registered in a real `mlflow server` (the session's, see
+tests/mlflow_proc.py), are converted from ``models:/...`` by `edgefleet convert` (in process, for
+phones only: no TFLite), published to a real `edgefleet serve --mlflow-uri`, released and rolled
+out. The registry's model version that each manifest's ``provenance.mlflow`` names gets the
+fleet's tags; the fleet's version carries the run id and the datasets' digests. While MLflow is
+down a tag write waits in the queue and arrives when MLflow is back.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
-import signal
-import sqlite3
-import subprocess
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
-import pytest
+import mlflow
+from typer.testing import CliRunner
 
-from firmware_bundles import build
-from tests.conftest import MODEL_BYTES, manifest_draft, target_entry
-from tests.procs import ServerProcess, free_port, wait_for
+from edgefleet.cli import app
+from tests.mlflow_models import MODEL as MLFLOW_MODEL
+from tests.mlflow_proc import QUIET_ENV, MlflowRegistry
+from tests.procs import ServerProcess, wait_for
 from tests.server.test_webhooks_e2e import FAST, ok
 
-mlflow = pytest.importorskip("mlflow", reason="MLflow out needs the mlflow extra for its tests")
-
-MODEL = "wrist-activity"
-#: MLflow's first start migrates its database: 15-40 s on these machines.
-MLFLOW_START_S = 180.0
-IOS = {
-    "target_id": "phone-ios",
-    "generation": "phone",
-    "platform": "ios",
-    "firmware": {"minimum": "15.0.0"},
-}
+#: The fleet's name for the model: another than the registry's, so the tags can only find the
+#: registry's version through the manifest's provenance.
+MODEL = "wrist"
 
 
-class MlflowServer:
-    """`mlflow server` on loopback with a SQLite backend, restartable on the same port."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> MlflowServer:
-        self.starts += 1
-        log = self.directory / f"mlflow-{self.starts}.log"
-        with log.open("wb") as out:
-            self.proc = subprocess.Popen(
-                [
-                    str(Path(sys.executable).with_name("mlflow")),
-                    "server",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(self.port),
-                    "--workers",
-                    "1",
-                    "--backend-store-uri",
-                    f"sqlite:///{self.directory / 'mlflow.db'}",
-                    "--default-artifact-root",
-                    str(self.directory / "artifacts"),
-                ],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # its workers stop with it
-                env={**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"},
-            )
-
-        def healthy() -> bool:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise AssertionError(f"mlflow exited {self.proc.returncode}: {log.read_text()}")
-            try:
-                return httpx.get(f"{self.url}/health", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_for(healthy, "mlflow server /health", timeout_s=MLFLOW_START_S, every_s=0.5)
-        return self
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self.proc = None
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow"))
-    try:
-        yield server.start()
-    finally:
-        server.stop()
+def convert(
+    registry: MlflowRegistry, uri: str, version: str, counter: int, targets: str, **paths: Path
+) -> dict[str, Path]:
+    """`edgefleet convert URI` signed with ``paths['key']`` into ``paths['out']``; the bundle
+    file per hardware id."""
+    args = ["convert", uri, "--mlflow-uri", registry.server.url, "--name", MODEL]
+    args += ["--version", version, "--release-counter", str(counter), "--targets", targets]
+    args += ["--train", str(registry.files / "train.csv"), "--label-column", "label"]
+    args += ["--eval", str(registry.files / "eval.npz"), "--key", str(paths["key"])]
+    args += ["--out", str(paths["out"]), "--json"]
+    result = CliRunner().invoke(app, args, env=QUIET_ENV)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert all(t["ok"] for t in report["targets"]), report["targets"]
+    return {t["target_id"]: Path(t["bundle"]) for t in report["targets"]}
 
 
-def register_versions(url: str, name: str, count: int) -> Any:
-    """A registered model with ``count`` versions, each from a run, through MLflow's client."""
-    client = mlflow.MlflowClient(tracking_uri=url)
-    client.create_registered_model(name)
-    experiment = client.create_experiment(f"{name}-training")
-    for _ in range(count):
-        run = client.create_run(experiment)
-        source = f"runs:/{run.info.run_id}/model"
-        client.create_model_version(name, source=source, run_id=run.info.run_id)
-    return client
-
-
-def name_mlflow_version(data_dir: Path, version: str, mlflow_version: str) -> None:
-    """Record the MLflow model version in a published version's provenance, as a manifest's
-    ``provenance.mlflow`` (the MLflow-in work of issue 15) records it at publish."""
-    with sqlite3.connect(data_dir / "fleet.db") as db:
-        (raw,) = db.execute(
-            "SELECT provenance FROM model_version WHERE model_name = ? AND version = ?",
-            (MODEL, version),
-        ).fetchone()
-        provenance = {**json.loads(raw), "mlflow": {"name": MODEL, "version": mlflow_version}}
-        db.execute(
-            "UPDATE model_version SET provenance = ? WHERE model_name = ? AND version = ?",
-            (json.dumps(provenance), MODEL, version),
-        )
-
-
-def publish(server: ServerProcess, tmp: Path, version: str, counter: int, target: Any) -> str:
-    draft = manifest_draft(name=MODEL, version=version, release_counter=counter, targets=[target])
-    path = tmp / f"{version}-{target['target_id']}.bundle"
-    path.write_bytes(build(draft, {"model.onnx": MODEL_BYTES}, [server.release_key]))
-    return server.publish(path)
-
-
-def test_publish_release_and_rollout_steps_tag_the_registry_version(
-    mlflow_server: MlflowServer, tmp_path: Path
+def test_a_model_from_mlflow_reaches_the_fleet_and_its_registry_version_hears_back(
+    mlflow_registry: MlflowRegistry, tmp_path: Path
 ) -> None:
-    client = register_versions(mlflow_server.url, MODEL, 2)
+    registry = mlflow_registry
+    client = mlflow.MlflowClient(tracking_uri=registry.server.url)
     fleet = ServerProcess(
         data_dir=tmp_path / "data",
         log_dir=tmp_path,
         env=FAST,
-        serve_args=("--mlflow-uri", mlflow_server.url, "--public-url", "https://fleet.example"),
+        serve_args=("--mlflow-uri", registry.server.url, "--public-url", "https://fleet.example"),
     )
 
     def tags(version: str) -> dict[str, str]:
-        return dict(client.get_model_version(MODEL, version).tags)
+        return dict(client.get_model_version(MLFLOW_MODEL, version).tags)
 
     def tagged(version: str, **expected: str) -> dict[str, str]:
+        wanted = {f"edgefleet.{k.replace('__', '.')}": v for k, v in expected.items()}
+
         def probe() -> dict[str, str] | None:
             found = tags(version)
-            wanted = {f"edgefleet.{k.replace('__', '.')}": v for k, v in expected.items()}
             return found if all(found.get(k) == v for k, v in wanted.items()) else None
 
-        return wait_for(probe, f"MLflow version {version} tagged {expected}")
+        return wait_for(probe, f"MLflow version {version} tagged {wanted}", every_s=0.2)
 
     try:
         fleet.start()
-        android = publish(fleet, tmp_path, "1.0.0", 1, target_entry("phone-android"))
-        name_mlflow_version(fleet.data_dir, "1.0.0", "1")
+        key = fleet.data_dir / "keys" / "release.pem"
+        first = convert(
+            registry,
+            f"models:/{MLFLOW_MODEL}/1",
+            "1.0.0",
+            1,
+            "phone-android,phone-ios",
+            key=key,
+            out=tmp_path / "v1",
+        )
+        second = convert(
+            registry,
+            f"models:/{MLFLOW_MODEL}@champion",  # version 2
+            "2.0.0",
+            2,
+            "phone-android",
+            key=key,
+            out=tmp_path / "v2",
+        )
+        android = fleet.publish(first["phone-android"])
+        assert android == sha256(first["phone-android"])
         # Publishing the version's bundle for another hardware id tags both hashes.
-        ios = publish(fleet, tmp_path, "1.0.0", 1, IOS)
-        found = tagged("1", released_for="none", rollout="none", event="bundle.published")
+        ios = fleet.publish(first["phone-ios"])
+        assert ios == sha256(first["phone-ios"])
+        found = tagged(
+            "1",
+            released_for="none",
+            rollout="none",
+            event="bundle.published",
+            **{"bundle_sha256.phone-ios": ios},  # the second publish's write
+        )
         assert found["edgefleet.bundle_sha256.phone-android"] == android
-        assert found["edgefleet.bundle_sha256.phone-ios"] == ios
         assert found["edgefleet.version"] == f"{MODEL} 1.0.0"
         assert (
             found["edgefleet.lineage_url"]
             == f"https://fleet.example/ui/models/{MODEL}/versions/1.0.0/lineage"
         )
+
+        # The fleet's version carries the run and its data, as MLflow has them.
+        versions = {v["version"]: v for v in fleet.api("GET", f"/v1/models/{MODEL}")["versions"]}
+        provenance = versions["1.0.0"]["provenance"]
+        source = provenance["mlflow"]
+        registered = client.get_model_version(MLFLOW_MODEL, "1")
+        assert (source["model_name"], source["model_version"]) == (MLFLOW_MODEL, "1")
+        assert source["run_id"] == registered.run_id == registry.runs["v1"]
+        run = client.get_run(registered.run_id)
+        assert run.inputs is not None
+        logged = sorted((d.dataset.name, d.dataset.digest) for d in run.inputs.dataset_inputs)
+        assert sorted((d["name"], d["digest"]) for d in source["datasets"]) == logged
+        assert len(logged) == 2  # the training table and the held-out rows
+        assert provenance["data_sha256"] == {
+            "train": sha256(registry.files / "train.csv"),
+            "eval": sha256(registry.files / "eval.npz"),
+        }
+
         ok(fleet.cli("release", MODEL, "1.0.0"))
         tagged("1", released_for="phone-android, phone-ios", event="version.released")
-
-        publish(fleet, tmp_path, "2.0.0", 2, target_entry("phone-android"))
-        name_mlflow_version(fleet.data_dir, "2.0.0", "2")
+        fleet.publish(second["phone-android"])
+        versions = {v["version"]: v for v in fleet.api("GET", f"/v1/models/{MODEL}")["versions"]}
+        later = versions["2.0.0"]["provenance"]["mlflow"]
+        assert (later["model_version"], later["alias"]) == ("2", "champion")
+        assert later["run_id"] == registry.runs["v2"] != registry.runs["v1"]
         stages = [{"percent": p, "thin_deadline_s": 0, "min_duration_s": 0} for p in (50, 100)]
         plan = {"model": MODEL, "version": "2.0.0", "stages": stages}
         rollout = fleet.api("POST", "/v1/rollouts", json=plan)["id"]
-        tagged(
+        found = tagged(
             "2",
             rollout=f"{rollout} running stage 1/2 (50%)",
             rollout__state="running",
             event="rollout.started",
         )
+        assert found["edgefleet.bundle_sha256.phone-android"] == sha256(second["phone-android"])
         fleet.api("POST", f"/v1/rollouts/{rollout}/evaluate")
         fleet.api("POST", f"/v1/rollouts/{rollout}/approve")
         tagged("2", rollout=f"{rollout} running stage 2/2 (100%)", event="rollout.advanced")
 
         # MLflow goes away; the halt waits in the queue and is written when MLflow is back.
-        mlflow_server.stop()
+        registry.server.stop()
         fleet.api("POST", f"/v1/rollouts/{rollout}/abort")
 
         def waiting() -> list[dict[str, Any]] | None:
@@ -208,22 +164,27 @@ def test_publish_release_and_rollout_steps_tag_the_registry_version(
 
         halt = wait_for(waiting, "the halt's tag write retried while MLflow is down")
         assert halt[0]["last_error"].startswith("ConnectError")
-        mlflow_server.start()
+        registry.server.start().ready()
         tagged("2", rollout__state="halted", event="rollout.halted")
         fleet.api("POST", f"/v1/rollouts/{rollout}/rollback")
         tagged("2", rollout=f"{rollout} rolled-back stage 2/2 (100%)", event="rollout.rolled_back")
         # Version 1's tags are its own: the rollout of 2.0.0 never touched them.
         assert tags("1")["edgefleet.rollout"] == "none"
-        assert tags("2")["edgefleet.bundle_sha256.phone-android"] != android
         rows = fleet.api("GET", "/v1/webhooks/deliveries", params={"sink": "mlflow"})
         assert {r["state"] for r in rows} == {"delivered"}
         assert [r["kind"] for r in reversed(rows)] == [
             "bundle.published",
+            "bundle.published",
             "version.released",
+            "bundle.published",
             "rollout.started",
             "rollout.advanced",
             "rollout.halted",
             "rollout.rolled_back",
         ]
+        # The halt was written after the attempts that failed while MLflow was down.
+        assert next(r for r in rows if r["kind"] == "rollout.halted")["attempts"] >= 3
     finally:
         fleet.stop()
+        if not registry.server.running:  # the session's other MLflow tests need it
+            registry.server.start().ready()

@@ -12,7 +12,6 @@ from typing import Any
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import text
 from sqlmodel import Session, SQLModel, col, select
 
 from firmware_bundles import telemetry as sketch
@@ -20,10 +19,10 @@ from firmware_bundles import webhook_signature as signature
 from server import notify, triggers
 from server.config import Settings
 from server.db import make_engine, upgrade
-from server.models import Outbound, TriggerState, Webhook
+from server.models import ModelVersion, Outbound, TriggerState, Webhook
 from server.outbound import Deliverer
 from server.webhooks import Thresholds
-from tests.server.conftest import Fleet
+from tests.server.conftest import Fleet, mlflow_source
 from tests.server.receiver import Receiver
 
 MODEL = "wrist-activity"
@@ -57,14 +56,15 @@ def test_subscriptions_show_the_secret_once_and_refuse_what_they_cannot_deliver_
     assert [h["id"] for h in listed] == [created["id"], given["id"]]
     assert all("secret" not in h for h in listed)
     assert listed[0]["thresholds"]["drift_over"] == 0.2
-    for body, status, words in [
+    bodies: list[tuple[dict[str, Any], int, str]] = [
         ({"url": "ftp://127.0.0.1/x"}, 400, "http:// or https://"),
         ({"url": "http://:80/x"}, 400, "with a host"),
         ({"events": ["model.exploded"]}, 422, "events"),
         ({"events": ["accuracy.under_floor"]}, 400, "needs thresholds.accuracy_under"),
         ({"events": ["schedule.due"]}, 400, "needs thresholds.schedule_every_s"),
         ({"secret": "short"}, 422, "secret"),
-    ]:
+    ]
+    for body, status, words in bodies:
         assert words in json.dumps(subscribe(fleet, expect=status, **body)), body
     viewer = fleet.client.get("/v1/webhooks", headers=fleet.auth(fleet.token("operator")))
     assert viewer.status_code == 403
@@ -132,39 +132,43 @@ def test_events_commit_with_their_change_and_removal_cancels_pending_deliveries(
     assert other["id"] not in {d["webhook_id"] for d in log}
 
 
-def name_mlflow_version(engine: Any, model: str, version: str, mlflow: dict[str, Any]) -> None:
-    """Record an MLflow model version in a published version's provenance, as a manifest with
-    ``provenance.mlflow`` (the MLflow-in work of issue 15) records it at publish."""
-    with Session(engine) as session:
-        row = session.execute(
-            text("SELECT provenance FROM model_version WHERE model_name = :m AND version = :v"),
-            {"m": model, "v": version},
-        ).one()
-        provenance = row[0] if isinstance(row[0], dict) else json.loads(row[0])
-        session.execute(
-            text("UPDATE model_version SET provenance = :p WHERE model_name = :m AND version = :v"),
-            {"p": json.dumps({**provenance, "mlflow": mlflow}), "m": model, "v": version},
-        )
-        session.commit()
-
-
-def test_a_version_whose_provenance_names_mlflow_queues_tag_writes(fleet: Fleet) -> None:
-    fleet.publish(fleet.bundle(version="1.0.0", counter=1))
-    fleet.publish(fleet.bundle(version="2.0.0", counter=2))
-    name_mlflow_version(fleet.state.engine, MODEL, "1.0.0", {"name": "wrist", "version": "4"})
-    name_mlflow_version(fleet.state.engine, MODEL, "2.0.0", {"name": "wrist", "version": None})
+def test_a_version_whose_manifest_names_an_mlflow_version_queues_tag_writes(
+    fleet: Fleet,
+) -> None:
+    run = "552b1903905b4407ba24cc767fbab5de"
+    registered = mlflow_source(run, "wrist", "4")
+    fleet.publish(fleet.bundle(version="1.0.0", counter=1, mlflow=registered))
+    # Converted from a run's path: no registered version to tag.
+    fleet.publish(fleet.bundle(version="2.0.0", counter=2, mlflow=mlflow_source(run)))
+    fleet.publish(fleet.bundle(version="3.0.0", counter=3))  # no provenance.mlflow at all
     fleet.release(MODEL, "1.0.0")
-    fleet.release(MODEL, "2.0.0")  # its provenance names no version: nothing to tag
+    fleet.release(MODEL, "2.0.0")
+    fleet.release(MODEL, "3.0.0")
     rows = outbound(fleet, "mlflow")
+    target = {"model": MODEL, "version": "1.0.0", "mlflow_name": "wrist", "mlflow_version": "4"}
     assert [(r.kind, json.loads(r.payload)) for r in rows] == [
-        (
-            "version.released",
-            {"model": MODEL, "version": "1.0.0", "mlflow_name": "wrist", "mlflow_version": "4"},
-        )
+        ("bundle.published", target),
+        ("version.released", target),
     ]
-    # This server runs without --mlflow-uri: the delivery job marks the row skipped.
+    # This server runs without --mlflow-uri: the delivery job marks the rows skipped.
     Deliverer(fleet.state.engine, fleet.state.settings).run()
-    assert outbound(fleet, "mlflow")[0].state == "skipped"
+    assert {r.state for r in outbound(fleet, "mlflow")} == {"skipped"}
+
+
+def test_a_stored_provenance_mlflow_that_does_not_validate_names_no_version(
+    fleet: Fleet,
+) -> None:
+    fleet.publish(fleet.bundle(version="1.0.0", counter=1))
+    # Names that an earlier guess read, not the manifest's: they name nothing.
+    guessed = {"name": "wrist", "version": "4", "registered_model_name": "wrist"}
+    with Session(fleet.state.engine) as session:
+        version = session.exec(select(ModelVersion)).one()
+        version.provenance = {**(version.provenance or {}), "mlflow": guessed}
+        session.add(version)
+        session.commit()
+        assert notify.mlflow_ref(session, MODEL, "1.0.0") is None
+    fleet.release(MODEL, "1.0.0")
+    assert outbound(fleet, "mlflow") == []
 
 
 # -- threshold events --------------------------------------------------------------------------
