@@ -1,4 +1,4 @@
-"""Browser tests' fixtures: one Chromium and one seeded server for the session (tests compare
+"""Browser tests' fixtures: one Chromium for these tests and one seeded server for the session (tests compare
 the pages with the API at the time they run, so they do not depend on each other's actions).
 
 Chromium is Debian's ``/usr/bin/chromium`` driven by Playwright. When it cannot start, the tests
@@ -16,7 +16,10 @@ import pytest
 from tests.ui.fleet import SeededFleet, Visitor, launch_chromium, seeded_server, visit
 
 
-@pytest.fixture(scope="session")
+# Package scope, not session: Playwright's sync API keeps an event loop running in this thread
+# while it is started, and every later test of the worker that calls asyncio.run() (device links,
+# the rig) would fail; stopping it after the last browser test gives the thread back.
+@pytest.fixture(scope="package")
 def browser() -> Iterator[Any]:
     try:
         from playwright.sync_api import sync_playwright
