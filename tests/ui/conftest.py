@@ -1,5 +1,6 @@
-"""Browser tests' fixtures: one Chromium for these tests and one seeded server for the session (tests compare
-the pages with the API at the time they run, so they do not depend on each other's actions).
+"""Browser tests' fixtures: one Chromium for these tests and one seeded server for the session
+(tests compare the pages with the API at the time they run, so they do not depend on each other's
+actions).
 
 Chromium is Debian's ``/usr/bin/chromium`` driven by Playwright. When it cannot start, the tests
 are skipped with the reason; with ``CI=true`` that is a failure instead.
