@@ -3,12 +3,11 @@
 actions).
 
 Chromium is Debian's ``/usr/bin/chromium`` driven by Playwright. When it cannot start, the tests
-are skipped with the reason; with ``CI=true`` that is a failure instead.
+fail with the reason (never skipped).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -28,17 +27,13 @@ def browser() -> Iterator[Any]:
         playwright = sync_playwright().start()
     except Exception as exc:  # not installed, or no driver
         why = f"Playwright cannot start: {exc}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(why)
-        pytest.skip(why)
+        pytest.fail(why)
     try:
         chromium = launch_chromium(playwright)
     except Exception as exc:  # no browser, or it will not start here
         playwright.stop()
         why = f"Chromium cannot start: {exc}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(why)
-        pytest.skip(why)
+        pytest.fail(why)
     yield chromium
     chromium.close()
     playwright.stop()
