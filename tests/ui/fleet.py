@@ -27,12 +27,14 @@ import numpy as np
 from sqlalchemy import insert, update
 from sqlmodel import Session, select
 
+from firmware_bundles import SigningKey
 from firmware_bundles import telemetry as sketch
 from server.auth import hash_token
 from server.db import make_engine
 from server.models import Device, DeviceEvent, Rollout
 from tests.procs import ServerProcess
 from tests.server.conftest import CAPS, make_bundle, mlflow_source
+from tests.server.test_hil_gate import report
 
 MODEL = "wrist-activity"
 VERSIONS = {"1.0.0": 1, "1.1.0": 2, "2.0.0": 3}
@@ -256,6 +258,7 @@ def seed(server: ServerProcess, client: httpx.Client, *, seed_value: int = 13) -
             "token"
         ]
     shas: dict[tuple[str, str], str] = {}
+    hil_key = SigningKey.from_pem((server.data_dir / "keys" / "hil.pem").read_bytes())
     for version, counter in VERSIONS.items():
         for target in TARGETS:
             data = make_bundle(
@@ -267,7 +270,11 @@ def seed(server: ServerProcess, client: httpx.Client, *, seed_value: int = 13) -
                 changes={"reference_histograms": REFERENCE},
                 mlflow=MLFLOW.get(version),
             )
-            shas[(version, target)] = _post(client, "/v1/bundles", admin, data, 201)["sha256"]
+            published = _post(client, "/v1/bundles", admin, data, 201)
+            shas[(version, target)] = published["sha256"]
+            if version == "2.0.0":  # the rig passed it on both targets
+                rig = report(published, hil_key, hardware_id=target)
+                _post(client, f"/v1/bundles/{published['sha256']}/hil-report", admin, rig)
     _post(client, f"/v1/models/{MODEL}/versions/1.0.0/release", tokens["operator"], {})
     engine = make_engine(f"sqlite:///{(server.data_dir / 'fleet.db').resolve()}")
     creds = _enroll(engine, now)
