@@ -6,7 +6,7 @@ day from the device event log (as ``GET /v1/fleet/summary`` counts them)."""
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -211,7 +211,7 @@ def install_outcomes(session: Session, start: datetime, end: datetime) -> list[d
     reverts, counted as the fleet summary counts install outcomes."""
     day = day_of(session, col(DeviceEvent.at))
     rows = session.exec(
-        select(day, DeviceEvent.kind, DeviceEvent.outcome, func.count())  # type: ignore[call-overload]
+        select(day, DeviceEvent.kind, DeviceEvent.outcome, func.count())
         .where(
             col(DeviceEvent.kind).in_(("install", "revert")),
             col(DeviceEvent.at) >= start,
@@ -241,14 +241,15 @@ def _outcomes_chart(rows: list[dict[str, Any]], start: datetime, end: datetime) 
         charts.utc(end - timedelta(microseconds=1)).date(),
         list(by_day),
     )
+
+    def count(label: str) -> Callable[[str], charts.Cell]:
+        return lambda day: int(by_day[day][label]) if day in by_day else 0
+
     return charts.by_day(
         "install_outcomes",
         "Install outcomes per day (UTC): installed, failed (any step), reverted",
         days,
-        [
-            (label, lambda day, k=label: by_day.get(day, {}).get(k, 0))
-            for label in ("installed", "failed", "reverted")
-        ],
+        [(label, count(label)) for label in ("installed", "failed", "reverted")],
         y_label="events",
     )
 
