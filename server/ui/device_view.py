@@ -38,9 +38,15 @@ def span_of(params: Mapping[str, str]) -> tuple[datetime | None, datetime | None
     """
     start = parse_time(params.get("from"), end=False)
     end = parse_time(params.get("to"), end=True)
-    if start is not None and end is not None and start >= end:
-        raise ApiError(400, f"'from' ({start.isoformat()}) must be before 'to' ({end.isoformat()})")
+    if start is not None and end is not None:
+        check_order(start, end)
     return start, end
+
+
+def check_order(start: datetime, end: datetime) -> None:
+    """Raises: ApiError 400 unless ``start`` is before ``end``."""
+    if start >= end:
+        raise ApiError(400, f"'from' ({start.isoformat()}) must be before 'to' ({end.isoformat()})")
 
 
 def days_between(first: date, last: date, with_data: Sequence[str]) -> list[str]:

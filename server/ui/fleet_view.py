@@ -20,7 +20,7 @@ from server.device_events import FAILED_OUTCOMES
 from server.fleet_summary import _day as day_of
 from server.models import Device, DeviceEvent, Rollout
 from server.ui import charts
-from server.ui.device_view import days_between, span_of
+from server.ui.device_view import check_order, days_between, span_of
 
 #: How many days the "last check-in" chart covers, ending today (UTC).
 LAST_SEEN_DAYS = 14
@@ -48,10 +48,10 @@ def fleet_page(
     """
     start, end = span_of(params)
     today = now.astimezone(UTC).date()
-    start = start or datetime.combine(
-        today - timedelta(days=OUTCOME_DAYS - 1), datetime.min.time(), UTC
-    )
-    end = end or datetime.combine(today + timedelta(days=1), datetime.min.time(), UTC)
+    tomorrow = datetime.combine(today + timedelta(days=1), datetime.min.time(), UTC)
+    end = end or tomorrow
+    start = start or min(end, tomorrow) - timedelta(days=OUTCOME_DAYS)
+    check_order(start, end)
     outcomes = install_outcomes(session, start, end)
     devices = fleet.list_devices(session)
     active = [d for d in devices if not d.revoked]
