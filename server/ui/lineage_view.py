@@ -58,19 +58,13 @@ def lineage_page(
         "lineage": answer,
         "totals": totals_rows([(version, answer["field"]["total"])]),
         "charts": {
-            "devices": charts.by_day(
-                "devices",
-                f"Devices that ran {version} per event-time day (they uploaded telemetry of it)",
-                days,
-                [("devices", on("devices"))],
-                y_label="devices",
-            ),
-            "inferences": charts.by_day(
-                "inferences",
-                f"Inferences of {version} per event-time day",
-                days,
-                [("inferences", on("inferences"))],
-                y_label="inferences",
-            ),
+            figure: charts.by_day(figure, title, days, [(figure, on(figure))], y_label=figure)
+            for figure, title in (
+                (
+                    "devices",
+                    f"Devices that ran {version} per event-time day (uploaded telemetry of it)",
+                ),
+                ("inferences", f"Inferences of {version} per event-time day"),
+            )
         },
     }

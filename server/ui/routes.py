@@ -85,15 +85,22 @@ def model(request: Request, segment: str) -> Response:
     )
 
 
+def _subpage(request: Request, segment: str, expected: str, **page: Any) -> Response:
+    """The page (or twin) ``pages.page(**page)`` where the last segment names ``expected``;
+    404 for any other name."""
+    name, twin = _twin(segment)
+    if name != expected:
+        return _not_found(request)
+    return pages.page(request, twin=twin, **page)
+
+
 @router.get("/models/{name}/{segment}")
 def compare(request: Request, name: str, segment: str) -> Response:
-    page, twin = _twin(segment)
-    if page != "compare":
-        return _not_found(request)
     state, params = pages.state_of(request), _params(request)
-    return pages.page(
+    return _subpage(
         request,
-        twin=twin,
+        segment,
+        "compare",
         template="compare.html",
         title=f"{name}: compare",
         params=params,
@@ -103,13 +110,11 @@ def compare(request: Request, name: str, segment: str) -> Response:
 
 @router.get("/models/{name}/versions/{version}/{segment}")
 def lineage(request: Request, name: str, version: str, segment: str) -> Response:
-    page, twin = _twin(segment)
-    if page != "lineage":
-        return _not_found(request)
     state = pages.state_of(request)
-    return pages.page(
+    return _subpage(
         request,
-        twin=twin,
+        segment,
+        "lineage",
         template="lineage.html",
         title=f"{name} {version}: lineage",
         build=lambda db, who: lineage_page(db, state, who, name, version),
@@ -145,13 +150,11 @@ def rollout(request: Request, segment: str) -> Response:
 
 @router.get("/rollouts/{rollout_id}/{segment}")
 def rollout_compare(request: Request, rollout_id: str, segment: str) -> Response:
-    page, twin = _twin(segment)
-    if page != "compare":
-        return _not_found(request)
     state = pages.state_of(request)
-    return pages.page(
+    return _subpage(
         request,
-        twin=twin,
+        segment,
+        "compare",
         template="rollout_compare.html",
         title=f"Rollout {rollout_id}: treatment against control",
         build=lambda db, who: rollout_compare_page(db, state, who, rollout_id),
