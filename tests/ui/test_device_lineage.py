@@ -108,6 +108,12 @@ def test_device_page_keeps_to_the_span_asked_for(operator: Visitor, fleet: Seede
     drawn = operator.charts()["events"]
     assert drawn["data"][0] == [day_x(last_day)]
     assert [r[1] for r in _rows(operator, "#event-log")] == ["revert"]
+    # A device that never checked in has a page that says so, with nothing to draw.
+    response = operator.goto("/ui/devices/phone-038")
+    assert response.status == 200
+    assert "last check-in never" in operator.page.inner_text(".summary")
+    assert operator.page.inner_text("#events .empty") == "No data in this span."
+    assert _rows(operator, "#event-log") == [["No event in this span."]]
     _clean(operator)
 
 
