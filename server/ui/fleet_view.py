@@ -1,20 +1,26 @@
 """The Fleet page's data: devices by hardware id, platform, firmware and model version, when they
 last checked in, telemetry completeness and install outcomes, from the same functions as the API
-(``GET /v1/devices``, ``/v1/models``, ``/v1/rollouts``)."""
+(``GET /v1/devices``, ``/v1/models``, ``/v1/rollouts``), and install outcomes and reverts per
+day from the device event log (as ``GET /v1/fleet/summary`` counts them)."""
 
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from sqlalchemy import func
 from sqlmodel import Session, col, select
 
 from firmware_bundles.manifest import semver_key
 from server import fleet, metrics, registry, rollouts
 from server.config import Settings
-from server.models import Device, Rollout
+from server.device_events import FAILED_OUTCOMES
+from server.fleet_summary import _day as day_of
+from server.models import Device, DeviceEvent, Rollout
 from server.ui import charts
+from server.ui.device_view import check_order, days_between, span_of
 
 #: How many days the "last check-in" chart covers, ending today (UTC).
 LAST_SEEN_DAYS = 14
@@ -24,10 +30,29 @@ SILENT_LISTED = 50
 OUTCOMES = ("ok", "self-test-failed", "verify-failed", "download-failed")
 #: Rollout states in which a rollout still acts on devices.
 ACTIVE_ROLLOUT_STATES = ("draft", "running", "paused", "waiting-for-approval")
+#: Install outcomes are counted over this many days up to today unless the page asks otherwise
+#: (the fleet summary's span).
+OUTCOME_DAYS = 30
+#: How many of the newest failed installs and reverts the page lists.
+TROUBLE_LISTED = 20
 
 
-def fleet_page(session: Session, settings: Settings, *, now: datetime) -> dict[str, Any]:
-    """Everything the Fleet page shows (its JSON twin)."""
+def fleet_page(
+    session: Session, settings: Settings, *, now: datetime, params: Mapping[str, str]
+) -> dict[str, Any]:
+    """Everything the Fleet page shows (its JSON twin); ``from`` and ``to`` bound the install
+    outcomes (default the last 30 days).
+
+    Raises:
+        ApiError: 400 for a bad ``from`` or ``to`` or an empty span.
+    """
+    start, end = span_of(params)
+    today = now.astimezone(UTC).date()
+    tomorrow = datetime.combine(today + timedelta(days=1), datetime.min.time(), UTC)
+    end = end or tomorrow
+    start = start or min(end, tomorrow) - timedelta(days=OUTCOME_DAYS)
+    check_order(start, end)
+    outcomes = install_outcomes(session, start, end)
     devices = fleet.list_devices(session)
     active = [d for d in devices if not d.revoked]
     silent_before = now - timedelta(seconds=settings.ui_silent_after_s)
@@ -75,7 +100,13 @@ def fleet_page(session: Session, settings: Settings, *, now: datetime) -> dict[s
             for m in registry.list_models(session)
         ],
         "rollouts": _active_rollouts(session),
-        "charts": {"last_seen": _last_seen_chart(active, now)},
+        "outcomes_span": {"from": start.isoformat(), "to": end.isoformat()},
+        "install_outcomes": outcomes,
+        "trouble": _trouble(session),
+        "charts": {
+            "last_seen": _last_seen_chart(active, now),
+            "install_outcomes": _outcomes_chart(outcomes, start, end),
+        },
     }
 
 
@@ -173,3 +204,77 @@ def _last_seen_chart(devices: list[Device], now: datetime) -> dict[str, Any]:
         series=[(h, [counts[h].get(day, 0) for day in days]) for h in hardware_ids],
         y_label="devices",
     )
+
+
+def install_outcomes(session: Session, start: datetime, end: datetime) -> list[dict[str, Any]]:
+    """Per UTC day in ``[start, end)``: install events by outcome (installed, failed) and
+    reverts, counted as the fleet summary counts install outcomes."""
+    day = day_of(session, col(DeviceEvent.at))
+    rows = session.exec(
+        select(day, DeviceEvent.kind, DeviceEvent.outcome, func.count())
+        .where(
+            col(DeviceEvent.kind).in_(("install", "revert")),
+            col(DeviceEvent.at) >= start,
+            col(DeviceEvent.at) < end,
+        )
+        .group_by(day, col(DeviceEvent.kind), col(DeviceEvent.outcome))
+    ).all()
+    days: dict[str, Counter[str]] = defaultdict(Counter)
+    for when, kind, outcome, n in rows:
+        key = when.astimezone(UTC).date().isoformat() if isinstance(when, datetime) else when
+        if kind == "revert":
+            days[key]["reverted"] += int(n)
+        elif outcome == "ok":
+            days[key]["installed"] += int(n)
+        elif outcome in FAILED_OUTCOMES:
+            days[key]["failed"] += int(n)
+    return [
+        {"day": d, **{k: days[d][k] for k in ("installed", "failed", "reverted")}}
+        for d in sorted(days)
+    ]
+
+
+def _outcomes_chart(rows: list[dict[str, Any]], start: datetime, end: datetime) -> dict[str, Any]:
+    by_day = {r["day"]: r for r in rows}
+    days = days_between(
+        charts.utc(start).date(),
+        charts.utc(end - timedelta(microseconds=1)).date(),
+        list(by_day),
+    )
+
+    def count(label: str) -> Callable[[str], charts.Cell]:
+        return lambda day: int(by_day[day][label]) if day in by_day else 0
+
+    return charts.by_day(
+        "install_outcomes",
+        "Install outcomes per day (UTC): installed, failed (any step), reverted",
+        days,
+        [(label, count(label)) for label in ("installed", "failed", "reverted")],
+        y_label="events",
+    )
+
+
+def _trouble(session: Session) -> list[dict[str, Any]]:
+    """The newest failed installs and reverts, with the device they happened on."""
+    found = session.exec(
+        select(DeviceEvent, Device.hardware_id)
+        .join(Device, col(Device.id) == col(DeviceEvent.device_id))
+        .where(
+            (col(DeviceEvent.kind) == "revert")
+            | ((col(DeviceEvent.kind) == "install") & col(DeviceEvent.outcome).in_(FAILED_OUTCOMES))
+        )
+        .order_by(col(DeviceEvent.at).desc(), col(DeviceEvent.id).desc())
+        .limit(TROUBLE_LISTED)
+    )
+    return [
+        {
+            "device_id": e.device_id,
+            "hardware_id": hardware_id,
+            "at": charts.utc(e.at).isoformat(),
+            "kind": e.kind,
+            "outcome": e.outcome,
+            "model": e.model,
+            "version": e.version,
+        }
+        for e, hardware_id in found
+    ]
