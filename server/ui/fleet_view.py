@@ -17,7 +17,7 @@ from firmware_bundles.manifest import semver_key
 from server import fleet, metrics, registry, rollouts
 from server.config import Settings
 from server.device_events import FAILED_OUTCOMES
-from server.fleet_summary import _day as day_of
+from server.fleet_summary import day_of
 from server.models import Device, DeviceEvent, Rollout
 from server.ui import charts
 from server.ui.device_view import check_order, days_between, span_of

@@ -238,3 +238,20 @@ def test_mlflow_links_follow_the_mlflow_ui_routes(
     source: dict[str, Any], links: dict[str, Any]
 ) -> None:
     assert mlflow_links(MlflowSource.model_validate(source)).model_dump() == links
+
+
+def test_the_tree_prints_the_mlflow_links_it_has() -> None:
+    answer = sample_answer()
+    console = Console(record=True, width=200)
+    console.print(lineage_tree(answer))
+    assert "MLflow" not in console.export_text()  # not from MLflow: no such branch
+    answer["mlflow"] = {
+        "run": "http://127.0.0.1:5000/#/runs/r1",
+        "model_version": None,
+        "registered_model": "http://127.0.0.1:5000/#/models/[b]wrist",
+    }
+    console.print(lineage_tree(answer))
+    text = console.export_text()
+    assert "run: http://127.0.0.1:5000/#/runs/r1" in text
+    assert "registered model: http://127.0.0.1:5000/#/models/[b]wrist" in text
+    assert "model version" not in text
