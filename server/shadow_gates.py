@@ -27,6 +27,7 @@ from server.gates import (
     Verdict,
     beta_binomial_cs,
 )
+from server.gates import _verdict as verdict
 
 
 def shadow_totals(samples: Sequence[DeviceSample], candidate: str) -> tuple[int, int, int]:
@@ -129,12 +130,10 @@ def data_quality(
         f"problem share {p_t / n_t:.3g} against {p_c / n_c:.3g} (difference {estimate:.3g},"
         f" sequence {lower:.3g}..{upper:.3g})"
     )
-    if lower > 0 and estimate > spec.max_increase:
-        status, reason = "fail", f"data_quality: {figures} above +{spec.max_increase:.3g}"
-    elif upper < spec.max_increase:
-        status, reason = "pass", f"{figures}: below +{spec.max_increase:.3g}"
-    else:
-        status, reason = "hold", f"not yet conclusive: {figures}"
+    limit = f"above +{spec.max_increase:.3g}"
+    status, reason = verdict(
+        "data_quality", lower > 0, estimate, upper, spec.max_increase, figures, limit
+    )
     return GateResult(
         "data_quality",
         status,
