@@ -73,6 +73,10 @@ def test_nan_and_out_of_range_values_are_counted_exactly_on_the_server(tmp_path:
         # NaN is in no bin: the histogram holds the other values, the range's edges the rest.
         assert sum(counted["counts"]) == CALLS - MISSING
         assert counted["counts"][0] + counted["counts"][-1] == OUT_OF_RANGE
+        shown = server.cli("metrics", MODEL, "1.0.0")
+        assert shown.returncode == 0, shown.stderr
+        assert "data quality" in shown.stdout and "50 (5.00%)" in shown.stdout
+        assert f"{REFUSED} calls naming input" in shown.stdout
         print(
             f"\ndata quality e2e: f{FEATURE} values {f['values']} missing {f['missing']}"
             f" ({f['missing_rate']:.3f}) out of range {f['out_of_range']}"

@@ -114,6 +114,12 @@ def test_a_shadow_candidate_is_compared_on_the_sampled_calls_only(tmp_path: Path
             "GET", f"/v1/models/{MODEL}/versions/1.0.0/metrics", params={"by": "none"}
         )["total"]
         assert total["inferences"] == CALLS
+        shown = server.cli("metrics", MODEL, "1.0.0")
+        assert shown.returncode == 0, shown.stderr
+        assert (
+            "shadow candidates" in shown.stdout
+            and f"{100 * agreed / len(sampled):.2f}%" in shown.stdout
+        )
         print(
             f"\nshadow e2e: {CALLS} calls, {len(sampled)} sampled at {FRACTION}, agreed {agreed}"
             f" ({agreed / len(sampled):.3f}), server: sampled {row['sampled']} compared"
