@@ -39,6 +39,7 @@ from device_agent.fsutil import write_atomic
 from device_agent.outbox import Outbox
 from device_agent.runtime import LoadedModel, ModelRuntime
 from device_agent.shadow import ShadowRunner
+from device_agent.shadow_slot import ShadowSlots
 from device_agent.slots import SlotStore
 from device_agent.telemetry import Recorder, parse_prediction_time
 from device_agent.telemetry_upload import UploadResult, upload_pending
@@ -143,10 +144,13 @@ class Agent:
             clock=self._clock,
         )
         self._updater.note_interrupted(self._slots.recover())
+        self._shadows = ShadowSlots(
+            self._shadow, self._updater, self._slots, self._runtime, self._model
+        )
         for model in self._slots.models():
             # A candidate in a shadow slot keeps running after a restart.
             with contextlib.suppress(AgentError):
-                self._restore_shadow(model)
+                self._shadows.restore(model)
 
     # -- state on disk ----------------------------------------------------------------------
 
@@ -349,7 +353,9 @@ class Agent:
             self._updater.apply(a, base_url=self.settings.server_url, headers=headers)
             for a in assignments
         ]
-        installs += self._apply_shadows(assignments, headers)
+        installs += self._shadows.apply(
+            assignments, base_url=self.settings.server_url, headers=headers
+        )
         self._write_status(
             last_check_in=self._clock().isoformat(),
             last_error=None,
@@ -366,53 +372,6 @@ class Agent:
             partials_dropped=dropped,
         )
 
-    # -- shadow runs --------------------------------------------------------------------------
-
-    def _apply_shadows(self, assignments: list[Assignment], headers: dict[str, str]) -> list[Any]:
-        """Install or drop each model's shadow candidate as the assignment set says; a model
-        whose entry carries none has its shadow slot emptied."""
-        reports = []
-        for assignment in assignments:
-            model = assignment.model
-            if assignment.shadow is None:
-                self._drop_shadow(model)
-                continue
-            report, loaded = self._updater.apply_shadow(
-                assignment, base_url=self.settings.server_url, headers=headers
-            )
-            reports.append(report)
-            if isinstance(loaded, LoadedModel):
-                with contextlib.suppress(AgentError):
-                    self._shadow.attach(
-                        self._model(model), loaded, assignment.shadow.sample_fraction
-                    )
-            else:
-                self._drop_shadow(model)
-        return reports
-
-    def _drop_shadow(self, model: str) -> None:
-        candidate = self._shadow.candidate(model)
-        self._shadow.detach(model)
-        with contextlib.suppress(InstallError):
-            self._slots.clear_shadow(model)
-        if candidate is not None:
-            self._runtime.unload(candidate.bundle_sha256)
-
-    def _restore_shadow(self, model: str) -> None:
-        info = self._slots.shadow(model)
-        if info is None:
-            return
-        try:
-            contents = open_bundle(info.path.read_bytes(), with_bundle_sha256=True)
-        except (OSError, BundleError):
-            self._slots.clear_shadow(model)
-            return
-        manifest = contents.manifest
-        candidate = self._runtime.load(
-            info.bundle_sha256, manifest, bytes(contents.files[manifest.runtime.model_file])
-        )
-        self._shadow.attach(self._model(model), candidate, info.sample_fraction)
-
     def _activated(self, activated: Activated) -> None:
         model = activated.info.model
         # Under the load lock, so a predict that is loading the old version cannot put it back
@@ -423,11 +382,8 @@ class Agent:
                 self._active[model] = activated.loaded
         if previous is not None and previous.bundle_sha256 != activated.info.bundle_sha256:
             self._runtime.unload(previous.bundle_sha256)
-        candidate = self._shadow.candidate(model)
-        if candidate is not None and isinstance(activated.loaded, LoadedModel):
-            # The candidate now shadows the version that answers.
-            pair_fraction = self._shadow.sample_fraction(model)
-            self._shadow.attach(activated.loaded, candidate, pair_fraction)
+        if isinstance(activated.loaded, LoadedModel):
+            self._shadows.follow(model, activated.loaded)
 
     def _selftest_failed(self, assignment: Assignment) -> None:
         self._runtime.unload(assignment.bundle_sha256)
