@@ -77,6 +77,7 @@ def test_a_shadow_is_refused_where_the_flash_budget_holds_no_third_slot(fleet: F
     assert "ring-gen3: the shadow slot needs" in detail and "has 0 bytes" in detail
     length = int(detail.split("needs ")[1].split(" bytes")[0])
     assert length > 0
+    print(f"\nring-gen3 shadow refused: {detail}")
     # ring-gen4's budget leaves 128 KiB beside its two slots: the small candidate fits.
     gen4 = catalogue.get("ring-gen4")
     assert gen4.shadow_slot_shortfall(length) is None
