@@ -26,7 +26,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from firmware_bundles.manifest import FirmwareRange
-from server import aggregate, gates, rollouts, telemetry
+from server import aggregate, gates, rollouts, shadow_gates, telemetry
 from server.arms import in_treatment
 from server.fleet import cohorts_members
 from server.models import (
@@ -198,10 +198,17 @@ def arms(session: Session, rollout: Rollout, relative_accuracy: float) -> Arms:
     treatment, control = members.treatment, members.control
     previous_versions = members.previous_versions
     percent = rollout.stages[rollout.stage]["percent"]
+    # A shadow rollout's treatment devices still answer with the previous version; their
+    # windows of it carry the candidate's shadow counts.
     t_aggs = _aggregates(
         session,
         rollout.model_name,
-        {d.id: members.new_version for d in treatment},
+        {
+            d.id: previous_versions.get(d.hardware_id, "")
+            if rollout.shadow
+            else members.new_version
+            for d in treatment
+        },
         rollout.started_at,
         None,
         relative_accuracy,
@@ -239,7 +246,7 @@ def arms(session: Session, rollout: Rollout, relative_accuracy: float) -> Arms:
             baseline=baselines.get(device.id),
             install_succeeded=(
                 _install_outcome(device, rollout.model_name, members.new_version)
-                if install
+                if install and not rollout.shadow
                 else None
             ),
             batches_received=received,
@@ -263,8 +270,20 @@ def evaluate(
     """
     found = arms(session, rollout, relative_accuracy)
     config = gates.GateConfig.model_validate(rollout.gates)
+    candidate = None
+    if rollout.shadow:
+        # The treatment installs nothing: the candidate runs in its shadow slot.
+        config = config.model_copy(update={"install": gates.InstallGate(enabled=False)})
+        new = rollouts.version_of(session, rollout.version_id)
+        candidate = new.version if new is not None else None
     verdict = gates.judge(
         found.treatment, found.control, config, expected_treatment_share=found.expected_share
+    )
+    verdict = shadow_gates.with_results(
+        verdict,
+        shadow_gates.judge_extra(
+            found.treatment, found.control, config, shadow_candidate=candidate
+        ),
     )
     stage = rollout.stages[rollout.stage]
     inferences = {
@@ -324,7 +343,7 @@ def evaluate(
             "wait", "gates pass; this stage needs an operator's approval", "waiting-for-approval"
         )
     rollouts.advance(session, rollout, actor=actor, reason="every gate passed", figures=figures)
-    if rollout.state == "completed":
+    if rollout.state == "completed" and not rollout.shadow:
         _release(session, rollout, now)
         rollouts.confirm_for_rollout(session, rollout, by=actor)
     return _last(session, rollout)

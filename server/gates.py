@@ -107,6 +107,23 @@ class AccuracyGate(_Gate):
     min_labels_per_arm: int = Field(default=300, ge=1)
 
 
+class ShadowAgreementGate(_Gate):
+    """A shadow rollout's candidate must agree with the answering version on at least this
+    share of the compared calls (judged by :mod:`server.shadow_gates`)."""
+
+    min_agreement: float = Field(default=0.9, gt=0, le=1)
+    min_compared: int = Field(default=300, ge=1)
+
+
+class DataQualityGate(_Gate):
+    """Harm when the treatment's share of calls with a data-quality problem (refused by the
+    schema check, or a missing value) exceeds the control's by more than this (judged by
+    :mod:`server.shadow_gates`); off unless a plan turns it on."""
+
+    enabled: bool = False
+    max_increase: float = Field(default=0.01, gt=0, le=1)
+
+
 class GateConfig(BaseModel):
     """Which gates are on and their thresholds; the defaults need no flags."""
 
@@ -127,6 +144,9 @@ class GateConfig(BaseModel):
     accuracy: AccuracyGate = AccuracyGate()
     srm_alpha: float = Field(default=0.001, gt=0, lt=1)
     min_completeness: float = Field(default=0.7, ge=0, le=1)
+    #: Judged only for shadow rollouts.
+    shadow_agreement: ShadowAgreementGate = ShadowAgreementGate()
+    data_quality: DataQualityGate = DataQualityGate()
 
     def enabled_gates(self) -> tuple[str, ...]:
         names = (*_RATE_GATES, "install", "output_shift", "input_drift")

@@ -21,7 +21,7 @@ from sqlmodel import Session, col, select
 from firmware_bundles import telemetry as sketch
 from firmware_bundles.manifest import Histogram, Manifest
 from firmware_bundles.window_builder import UNKNOWN_PREDICTION
-from server import aggregate, drift, references
+from server import aggregate, drift, quality, references
 from server.errors import ApiError
 from server.models import Bundle, TelemetryRollup, TelemetryWindowRecord
 from server.registry import get_version
@@ -252,7 +252,8 @@ def figures(
     labels = {p: c for p, c in agg["labels"].items() if p != UNKNOWN_PREDICTION}
     labelled = sum(sum(c.values()) for c in labels.values())
     correct = sum(c.get(p, 0) for p, c in labels.items())
-    outputs = {h.name: h for h in references.bins(manifest).outputs}
+    shown = references.bins(manifest)
+    outputs = {h.name: h for h in shown.outputs}
     return {
         "withheld": None,
         "devices_reporting": devices,
@@ -286,6 +287,8 @@ def figures(
             "labels_without_prediction": sum(agg["labels"].get(UNKNOWN_PREDICTION, {}).values()),
         },
         "completeness": completeness(session, group.devices, known_batches),
+        "data_quality": quality.data_quality(agg, {h.name: h for h in shown.inputs}),
+        "shadow": quality.shadow(agg),
     }
 
 
@@ -311,6 +314,7 @@ def drift_figures(
         "inputs": {h.name: h for h in shown.inputs},
         "outputs": {h.name: h for h in shown.outputs},
     }
+    missing = (current.aggregate.get("quality") or {}).get("missing") or {}
     for side in ("inputs", "outputs"):
         rows = []
         for name, histogram in sorted(named[side].items()):
@@ -330,10 +334,22 @@ def drift_figures(
                     "counts": ours,
                     "baseline_counts": theirs,
                     **drift.drift(ours, theirs).to_dict(),
+                    **(
+                        {"data_quality": _feature_quality(name, ours, missing, histogram)}
+                        if side == "inputs"
+                        else {}
+                    ),
                 }
             )
         result[side] = rows
     return result
+
+
+def _feature_quality(
+    name: str, counts: list[int], missing: dict[str, int], histogram: Histogram
+) -> dict[str, Any]:
+    figures = quality.feature_quality(name, counts, int(missing.get(name, 0)), histogram)
+    return {k: v for k, v in figures.items() if k not in ("name", "kind")}
 
 
 def reference_counts(manifest: Manifest) -> dict[str, dict[str, list[int]]]:

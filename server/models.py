@@ -204,6 +204,10 @@ class TelemetryRollup(SQLModel, table=True):
     inputs: dict[str, Any] = Field(sa_column=Column(JSON))
     feedback: dict[str, Any] = Field(sa_column=Column(JSON))
     labels: dict[str, Any] = Field(sa_column=Column(JSON))
+    #: Data-quality tallies and shadow counts (server.aggregate); NULL in rows written before
+    #: migration 0007, read as empty.
+    quality: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    shadow: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
 
 
 class Rollout(SQLModel, table=True):
@@ -231,6 +235,8 @@ class Rollout(SQLModel, table=True):
     stage_started_at: datetime | None = None
     #: When the last stage short of 100% ended: the control arm's data is taken up to here.
     control_until: datetime | None = None
+    #: A shadow rollout: ``{"sample_fraction": f}`` (docs/rollouts.md); None for a normal one.
+    shadow: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
     finished_at: datetime | None = None
 
 

@@ -63,6 +63,10 @@ class Offer:
     length: int = 0
     firmware_min: str = "0.0.0"
     firmware_below: str | None = None
+    #: A candidate to run in shadow beside this version (a shadow rollout's treatment arm),
+    #: on ``shadow_fraction`` of the calls.
+    shadow: Offer | None = None
+    shadow_fraction: float = 0.0
 
 
 #: Model name -> what it offers.
@@ -274,6 +278,7 @@ def rollout_rules(session: Session, hardware_id: str) -> tuple[ArmRule, ...]:
                 firmware_below=selector.get("firmware_below"),
                 new=new,
                 previous=previous,
+                shadow_fraction=(rollout.shadow or {}).get("sample_fraction"),
             )
         )
     return tuple(rules)

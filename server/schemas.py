@@ -21,6 +21,7 @@ from firmware_bundles.messages import (
     LatencySketch,
 )
 from firmware_bundles.root import Root
+from server.quality_schemas import DataQualityFigures, FeatureQualityCounts
 
 
 class RequestBody(BaseModel):
@@ -378,6 +379,22 @@ class CompletenessFigures(BaseModel):
     ratio: float | None
 
 
+class ShadowFigures(BaseModel):
+    """A candidate run in shadow beside the figures' version: the version pair's agreement
+    (``agreed / compared``: the same top class, or the same output bin for regression)."""
+
+    candidate_version: str
+    sampled: int
+    #: Sampled calls the devices dropped because their shadow queue was full.
+    dropped: int
+    compared: int
+    agreed: int
+    agreement: float | None
+    errors: int
+    error_rate: float | None
+    latency_s: LatencyFigures
+
+
 class Figures(BaseModel):
     """A group's field figures, or ``withheld`` saying why not (too few devices, to a viewer)."""
 
@@ -395,6 +412,8 @@ class Figures(BaseModel):
     feedback: dict[str, TallyFigure] | None = None
     accuracy: AccuracyFigures | None = None
     completeness: CompletenessFigures | None = None
+    data_quality: DataQualityFigures | None = None
+    shadow: list[ShadowFigures] | None = None
 
 
 class DayFigures(Figures):
@@ -437,6 +456,8 @@ class DriftRow(BaseModel):
     chi2_dof: int | None
     chi2_p_value: float | None
     max_abs_proportion_diff: float | None
+    #: Inputs only: missing, out-of-range and unseen values of the current side.
+    data_quality: FeatureQualityCounts | None = None
 
 
 class DriftFigures(BaseModel):

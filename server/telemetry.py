@@ -32,7 +32,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from firmware_bundles import telemetry as sketch
-from firmware_bundles.messages import TelemetryBatch
+from firmware_bundles.messages import TelemetryBatch, TelemetryWindow
 from firmware_bundles.window_builder import TelemetryLayout
 from server import aggregate, references
 from server.errors import ApiError
@@ -127,7 +127,9 @@ def check_windows(
     Raises:
         ApiError: 422 naming each window and field that disagrees (the first few).
     """
-    layouts = _bundle_layouts(session, {w.bundle_sha256 for w in batch.windows})
+    named = {w.bundle_sha256 for w in batch.windows}
+    named |= {s.bundle_sha256 for w in batch.windows for s in w.shadow}
+    layouts = _bundle_layouts(session, named)
     problems: list[str] = []
     for i, window in enumerate(batch.windows):
         where = f"window {i} ({window.model} {window.version} at {window.window_start.isoformat()})"
@@ -151,10 +153,47 @@ def check_windows(
                 f" sketches at {relative_accuracy}"
             )
         problems.extend(f"{where}: {problem}" for problem in layout.problems(window))
+        problems.extend(
+            f"{where}: {problem}"
+            for problem in shadow_problems(window, layouts, device.hardware_id, relative_accuracy)
+        )
         if len(problems) >= MAX_PROBLEMS_REPORTED:
             break
     if problems:
         raise ApiError(422, "telemetry refused: " + "; ".join(problems[:MAX_PROBLEMS_REPORTED]))
+
+
+def shadow_problems(
+    window: TelemetryWindow,
+    layouts: dict[str, tuple[str, TelemetryLayout]],
+    hardware_id: str,
+    relative_accuracy: float,
+) -> list[str]:
+    """What is wrong with a window's shadow entries: each must name a bundle published here for
+    the device's hardware id, of the same model, under its own version, with its sketch at the
+    server's accuracy."""
+    found = []
+    for i, entry in enumerate(window.shadow):
+        field = f"field 'shadow.{i}'"
+        published = layouts.get(entry.bundle_sha256)
+        if published is None:
+            found.append(f"{field}: bundle {entry.bundle_sha256} is not published on this server")
+            continue
+        target, candidate = published
+        if target != hardware_id:
+            found.append(f"{field}: the bundle is for hardware {target}, not {hardware_id}")
+        if (candidate.model, candidate.version) != (window.model, entry.version):
+            found.append(
+                f"{field}: names {window.model} {entry.version}, but the bundle is"
+                f" {candidate.model} {candidate.version}"
+            )
+        accuracy = entry.latency.relative_accuracy
+        if not math.isclose(accuracy, relative_accuracy):
+            found.append(
+                f"{field}: latency.relative_accuracy {accuracy}, but this server merges"
+                f" sketches at {relative_accuracy}"
+            )
+    return found
 
 
 def _bundle_layouts(

@@ -30,6 +30,7 @@ MODEL_BYTES = bytes(range(256)) * 40
 TARGETS: dict[str, tuple[str, str, dict[str, str]]] = {
     "phone-android": ("phone", "android", {"minimum": "10.0.0"}),
     "ring-gen3": ("ring-gen3", "nrf52840", {"minimum": "3.0.0", "below": "4.0.0"}),
+    "ring-gen4": ("ring-gen4", "nrf5340", {"minimum": "4.0.0", "below": "5.0.0"}),
 }
 
 

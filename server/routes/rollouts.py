@@ -48,6 +48,7 @@ def _public(session: Session, rollout: Rollout) -> RolloutPublic:
         stages=rollout.stages,
         gates=GateConfig.model_validate(rollout.gates),
         on_failure=rollout.on_failure,
+        shadow=rollout.shadow,
         previous=previous,
         created_by=rollout.created_by,
         created_at=rollout.created_at,
@@ -102,9 +103,7 @@ def create_rollout(
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         raise ApiError(400, f"gates: {where}: {first['msg']}") from exc
-    rollout = rollouts.create(
-        session, plan, by=f"operator:{who.name}", catalogue_ids=set(state.catalogue.targets)
-    )
+    rollout = rollouts.create(session, plan, by=f"operator:{who.name}", catalogue=state.catalogue)
     return _public(session, rollout)
 
 

@@ -14,6 +14,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlmodel import Session, SQLModel, col, select
 
+from firmware_bundles import open_bundle
 from firmware_bundles import telemetry as sketch
 from firmware_bundles import webhook_signature as signature
 from server import notify, triggers
@@ -255,25 +256,31 @@ def test_threshold_events_fire_once_per_onset(fleet: Fleet) -> None:
     assert held[("drift.over_threshold", "output:label")] is False  # outputs stayed put
 
 
-def test_data_quality_readings_come_from_the_aggregates_counters() -> None:
+def test_data_quality_readings_come_from_the_aggregates_counters(fleet: Fleet) -> None:
+    manifest = open_bundle(fleet.bundle()).manifest
+    [x0] = [h for h in manifest.telemetry_histograms().inputs if h.name == "x0"]
+    assert x0.kind == "numeric" and len(x0.counts) == 3
+    counts = [2, 965, 3]  # under and over the training range: 5 values
     agg = {
         "inference_count": 1000,
         "feedback": {},
         "labels": {},
-        "inputs": {},
+        "inputs": {"x0": counts},
         "outputs": {},
-        "data_quality": {"x0": {"missing": 30, "out_of_range": 5}, "x1": "garbage"},
+        "quality": {"missing": {"x0": 30}, "refused": {"features": 12}},
     }
     t = Thresholds(data_quality_rate_over=0.01)
-    found = triggers.readings(agg, None, t, {"data_quality.over_threshold"})
+    kinds = {"data_quality.over_threshold"}
+    found = triggers.readings(agg, manifest, t, kinds)
     assert [(r.subject, r.holds, r.value) for r in found] == [
+        ("input:features:refused", True, 0.012),
         ("input:x0:missing", True, 0.03),
         ("input:x0:out_of_range", False, 0.005),
     ]
-    kinds = {"data_quality.over_threshold"}
-    assert triggers.readings({**agg, "data_quality": None}, None, t, kinds) == []
+    clean = {**agg, "inputs": {}, "quality": {"missing": {}, "refused": {}}}
+    assert triggers.readings(clean, manifest, t, kinds) == []
     few = {**agg, "inference_count": 50}  # under min_inferences: no data, neither way
-    assert [r.holds for r in triggers.readings(few, None, t, kinds)] == [None, None]
+    assert [r.holds for r in triggers.readings(few, manifest, t, kinds)] == [None, None, None]
 
 
 # -- the delivery job against a receiver -------------------------------------------------------

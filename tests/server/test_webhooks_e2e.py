@@ -94,6 +94,7 @@ def window(device: str, sha: str, version: str, errors: int) -> dict[str, Any]:
         "inputs": [{"name": "x0", "counts": [0, n, 0]}],  # far off the reference [1, 2, 3]
         "feedback": {"thumbs_down": 100},
         "labels": {"rest": {"rest": 10, "move": 30}},
+        "quality": {"missing": {"x0": 20}},  # 20 NaN per 400 calls: over the 1% default
     }
 
 
@@ -164,7 +165,7 @@ def test_a_receiver_gets_each_event_kind_signed_and_threshold_events_once(tmp_pa
     server = ServerProcess(data_dir=tmp_path / "data", log_dir=tmp_path, env=FAST)
     try:
         server.start()
-        kinds = [k for k in notify.EVENT_KINDS if k != "data_quality.over_threshold"]
+        kinds = list(notify.EVENT_KINDS)
         hook = add_webhook(server, receiver.url, kinds, "accuracy_under=0.9", "schedule_every_s=1")
         shas = {}
         for counter, version in enumerate(("1.0.0", "2.0.0", "3.0.0"), start=1):
@@ -222,6 +223,8 @@ def test_a_receiver_gets_each_event_kind_signed_and_threshold_events_once(tmp_pa
             ("feedback.over_threshold", "3.0.0", "feedback"): 1,
             ("accuracy.under_floor", "1.0.0", "accuracy"): 1,
             ("accuracy.under_floor", "3.0.0", "accuracy"): 1,
+            ("data_quality.over_threshold", "1.0.0", "input:x0:missing"): 1,
+            ("data_quality.over_threshold", "3.0.0", "input:x0:missing"): 1,
         }
         state = Counter(e["kind"] for e in events if e["kind"] not in notify.THRESHOLD_KINDS)
         assert state == {
