@@ -17,7 +17,6 @@ from server.gates import GateConfig
 from server.models import Rollout, RolloutDecision
 from server.rollout_schemas import (
     ArmsPublic,
-    DecisionFigures,
     DecisionPublic,
     RolloutDetail,
     RolloutPublic,
@@ -59,16 +58,9 @@ def _public(session: Session, rollout: Rollout) -> RolloutPublic:
 
 def decision_public(d: RolloutDecision) -> DecisionPublic:
     assert d.id is not None
-    return DecisionPublic(
-        id=d.id,
-        at=d.at,
-        actor=d.actor,
-        action=d.action,
-        stage=d.stage + 1,
-        state_before=d.state_before,
-        state_after=d.state_after,
-        reason=d.reason,
-        figures=DecisionFigures.model_validate(d.figures or {}),
+    # The log stores 0-based stages; the API counts from 1.
+    return DecisionPublic.model_validate(
+        d.model_dump() | {"stage": d.stage + 1, "figures": d.figures or {}}
     )
 
 
