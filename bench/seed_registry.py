@@ -301,8 +301,9 @@ def seed_registry(database_url: str, data_dir: Path, plan: sp.Plan) -> Registry:
     from server import registry
     from server.app import build_state
     from server.config import Settings
+    from server.confirmations import confirmation
     from server.db import upgrade
-    from server.models import Cohort, Confirmation, Device, ModelVersion, Release
+    from server.models import Cohort, Device, ModelVersion, Release
 
     url = database_url.replace("postgresql://", "postgresql+psycopg://", 1)
     init_trust(data_dir)
@@ -338,18 +339,9 @@ def seed_registry(database_url: str, data_dir: Path, plan: sp.Plan) -> Registry:
                         released_by="operator:seed",
                     )
                 )
-            if version == "1.1.0":
-                for hw in sorted(hardware):
-                    session.add(
-                        Confirmation(
-                            model_name=model,
-                            hardware_id=hw,
-                            version_id=v.id,
-                            release_counter=v.release_counter,
-                            confirmed_at=at + timedelta(days=5),
-                            confirmed_by="operator:seed",
-                        )
-                    )
+                if version == "1.1.0":
+                    confirmed_at = at + timedelta(days=5)
+                    session.add(confirmation(v, hw, at=confirmed_at, by="operator:seed"))
         rollout_version = versions[sp.ROLLOUT_VERSION]
         rollout_version.published_at = plan.start + timedelta(days=sp.ROLLOUT_STAGES[0][1] - 1)
         session.add(rollout_version)
