@@ -196,13 +196,7 @@ def attach_hil_report(
     """
     bundle = get_bundle(session, bundle_sha256)
     report = _verified_report(state, data)
-    runs = [
-        r
-        for r in report.runs
-        if r.bundle is not None
-        and r.bundle.bundle_sha256 == bundle_sha256
-        and r.hardware_id == bundle.target_id
-    ]
+    runs = report.runs_of(bundle_sha256, bundle.target_id)
     if not runs:
         raise ApiError(
             400,
