@@ -18,9 +18,9 @@ from firmware_bundles.messages import (
     CheckInResponse,
     DeviceId,
     InstalledModel,
+    LatencySketch,
 )
 from firmware_bundles.root import Root
-from server.aggregate import StoredAggregate
 from server.drift import Drift
 
 
@@ -297,15 +297,23 @@ class TelemetryAccepted(BaseModel):
     windows: int
 
 
-class Rollup(StoredAggregate):
-    """Merged telemetry of one model version x generation x platform x event-time day: the
-    stored aggregate's figures, and what they are of."""
+class Rollup(BaseModel):
+    """Merged telemetry of one model version x generation x platform x event-time day."""
 
     model: str
     version: str
     generation: str
     platform: str
     day: str
+    inference_count: int
+    error_count: int
+    selftest_failure_count: int
+    window_count: int
+    latency: LatencySketch
+    outputs: dict[str, list[int]]
+    inputs: dict[str, list[int]]
+    feedback: dict[str, int]
+    labels: dict[str, dict[str, int]]
     #: Quantile ("0.5", "0.9", "0.99") -> seconds, None without data.
     latency_quantiles_s: dict[str, float | None]
 
