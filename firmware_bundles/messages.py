@@ -618,16 +618,20 @@ class HilReport(Document):
     runs: list[HilRun]
     passed: bool
 
-    def passed_for(self, bundle_sha256: str, hardware_id: str) -> bool:
-        """Whether the bundle ran on at least one device of ``hardware_id`` and every such run
-        passed."""
-        runs = [
+    def runs_of(self, bundle_sha256: str, hardware_id: str) -> list[HilRun]:
+        """The runs of the bundle on devices of ``hardware_id``."""
+        return [
             r
             for r in self.runs
             if r.hardware_id == hardware_id
             and r.bundle is not None
             and r.bundle.bundle_sha256 == bundle_sha256
         ]
+
+    def passed_for(self, bundle_sha256: str, hardware_id: str) -> bool:
+        """Whether the bundle ran on at least one device of ``hardware_id`` and every such run
+        passed."""
+        runs = self.runs_of(bundle_sha256, hardware_id)
         return bool(runs) and all(r.passed for r in runs)
 
 

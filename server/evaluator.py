@@ -26,7 +26,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from firmware_bundles.manifest import FirmwareRange
-from server import aggregate, gates, rollouts, shadow_gates, telemetry
+from server import aggregate, gate_config, gates, rollouts, shadow_gates, telemetry
 from server.arms import in_treatment
 from server.fleet import cohorts_members
 from server.models import (
@@ -136,24 +136,6 @@ def arm_windows(
             yield w
 
 
-def _aggregates(
-    session: Session,
-    model: str,
-    versions: dict[str, str],
-    start: datetime,
-    end: datetime | None,
-    relative_accuracy: float,
-) -> dict[str, dict[str, Any]]:
-    """Per device, its windows of its arm's version (``versions``: device -> version)."""
-    found: dict[str, dict[str, Any]] = {}
-    for w in arm_windows(session, model, versions, start, end, relative_accuracy):
-        into = found.get(w.device_id)
-        if into is None:
-            into = found[w.device_id] = aggregate.empty(relative_accuracy)
-        aggregate.add(into, w.aggregate)
-    return found
-
-
 @dataclass
 class ArmMembers:
     """Who is in each arm of the rollout's current stage, and which version each arm runs."""
@@ -198,11 +180,22 @@ def arms(session: Session, rollout: Rollout, relative_accuracy: float) -> Arms:
     treatment, control = members.treatment, members.control
     previous_versions = members.previous_versions
     percent = rollout.stages[rollout.stage]["percent"]
+
+    def per_device(
+        versions: dict[str, str], start: datetime, end: datetime | None
+    ) -> dict[str, dict[str, Any]]:
+        """Per device, its windows of its arm's version (``versions``: device -> version)."""
+        found: dict[str, dict[str, Any]] = {}
+        for w in arm_windows(session, rollout.model_name, versions, start, end, relative_accuracy):
+            into = found.get(w.device_id)
+            if into is None:
+                into = found[w.device_id] = aggregate.empty(relative_accuracy)
+            aggregate.add(into, w.aggregate)
+        return found
+
     # A shadow rollout's treatment devices still answer with the previous version; their
     # windows of it carry the candidate's shadow counts.
-    t_aggs = _aggregates(
-        session,
-        rollout.model_name,
+    t_aggs = per_device(
         {
             d.id: previous_versions.get(d.hardware_id, "")
             if rollout.shadow
@@ -211,23 +204,17 @@ def arms(session: Session, rollout: Rollout, relative_accuracy: float) -> Arms:
         },
         rollout.started_at,
         None,
-        relative_accuracy,
     )
-    c_aggs = _aggregates(
-        session,
-        rollout.model_name,
+    c_aggs = per_device(
         {d.id: previous_versions[d.hardware_id] for d in control},
         rollout.started_at,
         members.control_until,
-        relative_accuracy,
     )
     batches = telemetry.batch_counts(session, [d.id for d in treatment + control])
     # Each device's own week on the previous version before the rollout: a baseline that takes
     # the devices' own spread out of the comparison (CUPED), the same period for both arms.
     everyone = treatment + control
-    baselines = _aggregates(
-        session,
-        rollout.model_name,
+    baselines = per_device(
         {
             d.id: previous_versions[d.hardware_id]
             for d in everyone
@@ -235,7 +222,6 @@ def arms(session: Session, rollout: Rollout, relative_accuracy: float) -> Arms:
         },
         rollout.started_at - BASELINE,
         rollout.started_at,
-        relative_accuracy,
     )
 
     def sample(device: Device, aggs: dict[str, dict[str, Any]], install: bool) -> Any:
@@ -273,7 +259,7 @@ def evaluate(
     candidate = None
     if rollout.shadow:
         # The treatment installs nothing: the candidate runs in its shadow slot.
-        config = config.model_copy(update={"install": gates.InstallGate(enabled=False)})
+        config = config.model_copy(update={"install": gate_config.InstallGate(enabled=False)})
         new = rollouts.version_of(session, rollout.version_id)
         candidate = new.version if new is not None else None
     verdict = gates.judge(

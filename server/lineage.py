@@ -157,20 +157,13 @@ def mlflow_links(source: MlflowSource) -> MlflowLinks:
 def _target(
     bundle: Bundle, manifest: Manifest, root: Root, released_at: list[datetime]
 ) -> TargetLineage:
-    q = manifest.quantisation
     return TargetLineage(
         hardware_id=bundle.target_id,
         bundle_sha256=bundle.sha256,
         bundle_bytes=bundle.length,
         format=manifest.runtime.format,
         precision=manifest.runtime.precision,
-        quantisation=QuantisationPublic(
-            scheme=q.scheme,
-            per_channel=q.per_channel,
-            quantised_ops=q.quantised_ops,
-            notes=q.notes,
-            calibration=q.calibration,
-        ),
+        quantisation=QuantisationPublic.model_validate(manifest.quantisation, from_attributes=True),
         metrics=dict(manifest.metrics),
         ram_estimate_bytes=manifest.runtime.ram_estimate.bytes,
         op_types=list(manifest.runtime.op_types),
@@ -197,13 +190,6 @@ def hil_verdict(bundle: Bundle, data: bytes, root: Root) -> HilVerdict | None:
             report = HilReport.from_dict(Envelope.from_bytes(data, "hil report").signed)
         except BundleError:
             return None
-    runs = [
-        r
-        for r in report.runs
-        if r.bundle is not None
-        and r.bundle.bundle_sha256 == bundle.sha256
-        and r.hardware_id == bundle.target_id
-    ]
     return HilVerdict(
         passed=report.passed_for(bundle.sha256, bundle.target_id),
         signature_valid=problem is None,
@@ -212,15 +198,8 @@ def hil_verdict(bundle: Bundle, data: bytes, root: Root) -> HilVerdict | None:
         finished_at=report.finished_at,
         faults=list(report.faults),
         runs=[
-            HilRunPublic(
-                spec=r.spec,
-                hardware_id=r.hardware_id,
-                device_id=r.device_id,
-                firmware_version=r.firmware_version,
-                passed=r.passed,
-                checks=list(r.checks),
-            )
-            for r in runs
+            HilRunPublic.model_validate(r, from_attributes=True)
+            for r in report.runs_of(bundle.sha256, bundle.target_id)
         ],
     )
 

@@ -21,6 +21,7 @@ from firmware_bundles.messages import (
     LatencySketch,
 )
 from firmware_bundles.root import Root
+from server.drift import Drift
 from server.quality_schemas import DataQualityFigures, FeatureQualityCounts
 
 
@@ -439,23 +440,13 @@ class VersionMetrics(BaseModel):
     days: list[DayFigures]
 
 
-class DriftRow(BaseModel):
+class DriftRow(Drift):
     """Drift of one input feature or output, over every bin (under/overflow and unseen too)."""
 
     name: str
     bins: list[str]
     counts: list[int]
     baseline_counts: list[int]
-    #: ``ok``, or ``no-data`` when a side has no counts (then the figures are None).
-    status: str
-    current_count: int
-    baseline_count: int
-    psi: float | None
-    js_divergence_bits: float | None
-    chi2: float | None
-    chi2_dof: int | None
-    chi2_p_value: float | None
-    max_abs_proportion_diff: float | None
     #: Inputs only: missing, out-of-range and unseen values of the current side.
     data_quality: FeatureQualityCounts | None = None
 

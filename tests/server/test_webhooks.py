@@ -15,7 +15,6 @@ from alembic.runtime.migration import MigrationContext
 from sqlmodel import Session, SQLModel, col, select
 
 from firmware_bundles import open_bundle
-from firmware_bundles import telemetry as sketch
 from firmware_bundles import webhook_signature as signature
 from server import notify, triggers
 from server.config import Settings
@@ -25,6 +24,7 @@ from server.outbound import Deliverer
 from server.webhooks import Thresholds
 from tests.server.conftest import Fleet, mlflow_source
 from tests.server.receiver import Receiver
+from tests.server.windows import batch_text, steady_window
 
 MODEL = "wrist-activity"
 ALL_STATE_KINDS = sorted(set(notify.EVENT_KINDS) - notify.THRESHOLD_KINDS)
@@ -176,24 +176,18 @@ def test_a_stored_provenance_mlflow_that_does_not_validate_names_no_version(
 
 
 def _window(device: str, sha: str, start: datetime, bad: bool) -> dict[str, Any]:
-    n = 400
-    latency = sketch.new_sketch(0.01)
-    sketch.add(latency, 0.002, n)
-    return {
-        "device_id": device,
-        "model": MODEL,
-        "version": "1.0.0",
-        "bundle_sha256": sha,
-        "window_start": start.isoformat(),
-        "window_s": 3600,
-        "inference_count": n,
-        "latency": latency,
-        "outputs": [{"name": "label", "counts": [200, 200, 0]}],
+    return steady_window(
+        device,
+        sha,
+        model=MODEL,
+        version="1.0.0",
+        window_start=start.isoformat(),
+        outputs=[{"name": "label", "counts": [200, 200, 0]}],
         # The manifest's reference for x0 is [1, 2, 3]: all in one bin is far off it.
-        "inputs": [{"name": "x0", "counts": [0, n, 0] if bad else [67, 133, 200]}],
-        "feedback": {"thumbs_down": 100 if bad else 2, "thumbs_up": 50},
-        "labels": {"rest": {"rest": 10 if bad else 40, "move": 30 if bad else 0}},
-    }
+        inputs=[{"name": "x0", "counts": [0, 400, 0] if bad else [67, 133, 200]}],
+        feedback={"thumbs_down": 100 if bad else 2, "thumbs_up": 50},
+        labels={"rest": {"rest": 10 if bad else 40, "move": 30 if bad else 0}},
+    )
 
 
 def test_threshold_events_fire_once_per_onset(fleet: Fleet) -> None:
@@ -207,15 +201,10 @@ def test_threshold_events_fire_once_per_onset(fleet: Fleet) -> None:
     sequence = iter(range(100))
 
     def upload(at: datetime, bad: bool) -> None:
-        batch = {
-            "device_id": "phone-1",
-            "boot_epoch": 1,
-            "sequence": next(sequence),
-            "windows": [_window("phone-1", sha, at, bad)],
-        }
+        batch = batch_text("phone-1", [_window("phone-1", sha, at, bad)], next(sequence))
         r = fleet.client.post(
             "/v1/devices/phone-1/telemetry",
-            content=json.dumps(batch),
+            content=batch,
             headers=fleet.auth(credential),
         )
         assert r.status_code == 200, r.text
