@@ -23,7 +23,7 @@ from firmware_bundles.manifest import Histogram, Manifest
 from firmware_bundles.window_builder import UNKNOWN_PREDICTION
 from server import aggregate, drift, references
 from server.errors import ApiError
-from server.models import Bundle, TelemetryRollup, TelemetryWindowRecord
+from server.models import Bundle, FleetRollup, TelemetryRollup, TelemetryWindowRecord
 from server.registry import get_version
 from server.telemetry import batch_counts
 
@@ -32,6 +32,9 @@ _ROLLUP_FIELDS = tuple(col(getattr(TelemetryRollup, f)) for f in aggregate.FIELD
 #: The span a query covers when it names none: the last seven days.
 DEFAULT_SPAN = timedelta(days=7)
 QUANTILES = {"p50": 0.5, "p95": 0.95, "p99": 0.99}
+#: Whole days are read from the fleet rollups (:mod:`server.fleet_rollup`); tests turn it off to
+#: compare the answers with those from the devices' rows.
+USE_FLEET_ROLLUPS = True
 
 
 @dataclass(frozen=True)
@@ -151,9 +154,18 @@ def collect(session: Session, span: Span, relative_accuracy: float) -> Collected
         found.total.add(device_id, values)
 
     whole, cut = _whole_and_cut_days(span)
-    if whole:
+    # (hardware id, day) pairs read from the devices' rows: all of them without fleet rollups.
+    per_device: set[tuple[str, str]] | None = None
+    if whole and USE_FLEET_ROLLUPS:
+        per_device = _take_fleet_rollups(session, span, whole, found, relative_accuracy)
+    if whole and per_device != set():
         # Columns, not ORM objects: a version's day rows number devices x days.
-        query = select(TelemetryRollup.device_id, TelemetryRollup.day, *_ROLLUP_FIELDS).where(
+        query = select(
+            TelemetryRollup.device_id,
+            TelemetryRollup.day,
+            TelemetryRollup.hardware_id,
+            *_ROLLUP_FIELDS,
+        ).where(
             TelemetryRollup.model == span.model,
             TelemetryRollup.version == span.version,
             col(TelemetryRollup.day).in_(whole),
@@ -161,7 +173,8 @@ def collect(session: Session, span: Span, relative_accuracy: float) -> Collected
         if span.hardware_id:
             query = query.where(TelemetryRollup.hardware_id == span.hardware_id)
         for row in session.exec(query.order_by(col(TelemetryRollup.id))):
-            take(row[0], row[1], dict(zip(aggregate.FIELDS, row[2:], strict=True)))
+            if per_device is None or (row[2], row[1]) in per_device:
+                take(row[0], row[1], dict(zip(aggregate.FIELDS, row[3:], strict=True)))
     for day in cut:
         # Only the part of a cut day inside the span: its whole-day rollup cannot be used.
         begins = datetime.combine(date.fromisoformat(day), time(), UTC)
@@ -176,6 +189,54 @@ def collect(session: Session, span: Span, relative_accuracy: float) -> Collected
         for device_id, stored in session.exec(windows.order_by(col(TelemetryWindowRecord.id))):
             take(device_id, day, dict(stored))
     return found
+
+
+def _take_fleet_rollups(
+    session: Session, span: Span, whole: list[str], found: Collected, relative_accuracy: float
+) -> set[tuple[str, str]]:
+    """Add the fleet rollups of ``whole`` days into ``found``, and who contributed from the
+    devices' rows' index; returns the (hardware id, day) pairs whose fleet rollup left a device's
+    row out (it failed its checks): those are read from the devices' rows, as without them."""
+    query = select(FleetRollup).where(
+        FleetRollup.model == span.model,
+        FleetRollup.version == span.version,
+        col(FleetRollup.day).in_(whole),
+    )
+    contributors = select(
+        TelemetryRollup.hardware_id,
+        TelemetryRollup.day,
+        TelemetryRollup.device_id,
+        TelemetryRollup.selftest_failure_count,
+    ).where(
+        TelemetryRollup.model == span.model,
+        TelemetryRollup.version == span.version,
+        col(TelemetryRollup.day).in_(whole),
+    )
+    if span.hardware_id:
+        query = query.where(FleetRollup.hardware_id == span.hardware_id)
+        contributors = contributors.where(TelemetryRollup.hardware_id == span.hardware_id)
+    per_device: set[tuple[str, str]] = set()
+    added: set[tuple[str, str]] = set()
+    for row in session.exec(query.order_by(col(FleetRollup.id))):
+        if row.skipped_rows or aggregate.problem(row, relative_accuracy) is not None:
+            per_device.add((row.hardware_id, row.day))
+            continue
+        values = aggregate.values(row)
+        group = found.days.get(row.day)
+        if group is None:
+            group = found.days[row.day] = Group(aggregate.empty(relative_accuracy))
+        aggregate.add(group.aggregate, values)
+        aggregate.add(found.total.aggregate, values)
+        added.add((row.hardware_id, row.day))
+    for hardware_id, day, device_id, selftest_failures in session.exec(contributors):
+        if (hardware_id, day) not in added:
+            per_device.add((hardware_id, day))  # no fleet rollup (yet): the devices' rows
+            continue
+        for group in (found.days[day], found.total):
+            group.devices.add(device_id)
+            if selftest_failures:
+                group.selftest_failed_devices.add(device_id)
+    return per_device
 
 
 def completeness(

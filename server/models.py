@@ -186,6 +186,16 @@ class TelemetryRollup(SQLModel, table=True):
     __table_args__ = (
         UniqueConstraint("device_id", "model", "version", "day"),
         Index("ix_telemetry_rollup_version_day", "model", "version", "day"),
+        # Whole-day figures read who contributed from this index alone (server.metrics).
+        Index(
+            "ix_telemetry_rollup_version_day_devices",
+            "model",
+            "version",
+            "day",
+            "hardware_id",
+            "device_id",
+            "selftest_failure_count",
+        ),
     )
     id: int | None = Field(default=None, primary_key=True)
     device_id: str = Field(index=True)
@@ -195,6 +205,37 @@ class TelemetryRollup(SQLModel, table=True):
     model: str
     version: str
     day: str
+    inference_count: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
+    error_count: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
+    selftest_failure_count: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
+    window_count: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
+    latency: dict[str, Any] = Field(sa_column=Column(JSON))
+    outputs: dict[str, Any] = Field(sa_column=Column(JSON))
+    inputs: dict[str, Any] = Field(sa_column=Column(JSON))
+    feedback: dict[str, Any] = Field(sa_column=Column(JSON))
+    labels: dict[str, Any] = Field(sa_column=Column(JSON))
+
+
+class FleetRollup(SQLModel, table=True):
+    """The day rollups of every device on one hardware id, for one model version and event-time
+    day, added up: what whole-day fleet figures read instead of one row per device.
+
+    ``device_count`` and ``selftest_failed_devices`` count the devices whose (valid) rollups are
+    in it; ``skipped_rows`` counts the devices' rows that fail their checks and are left out
+    (readers fall back to the per-device rows for such a key). Kept by
+    :mod:`server.fleet_rollup`.
+    """
+
+    __tablename__ = "telemetry_fleet_rollup"
+    __table_args__ = (UniqueConstraint("model", "version", "day", "hardware_id"),)
+    id: int | None = Field(default=None, primary_key=True)
+    model: str
+    version: str
+    day: str
+    hardware_id: str
+    device_count: int = 0
+    selftest_failed_devices: int = 0
+    skipped_rows: int = 0
     inference_count: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
     error_count: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
     selftest_failure_count: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))

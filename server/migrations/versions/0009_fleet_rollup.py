@@ -1,0 +1,81 @@
+"""fleet rollups: the devices' day rollups added up per model version x hardware id x day, and
+the indexes the dashboard's pages read through
+
+Revision ID: 0009
+Revises: 0006
+Create Date: 2026-11-29 12:00:00
+
+The data step adds up the rollups already stored (at the server's default sketch accuracy: a
+server merging at another accuracy finds every row counted in ``skipped_rows`` and reads the
+per-device rows, as before, until the rows are added up again).
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+import sqlmodel.sql.sqltypes
+from alembic import op
+from sqlmodel import Session, col, select
+
+revision = "0009"
+down_revision = "0006"
+branch_labels = None
+depends_on = None
+
+_S = sqlmodel.sql.sqltypes.AutoString
+_COUNTS = ("inference_count", "error_count", "selftest_failure_count", "window_count")
+_AGGREGATES = ("latency", "outputs", "inputs", "feedback", "labels")
+#: (table, index, columns) added for the pages' queries.
+_INDEXES = (
+    (
+        "telemetry_rollup",
+        "ix_telemetry_rollup_version_day_devices",
+        ["model", "version", "day", "hardware_id", "device_id", "selftest_failure_count"],
+    ),
+)
+
+
+def upgrade() -> None:
+    op.create_table(
+        "telemetry_fleet_rollup",
+        sa.Column("id", sa.Integer(), nullable=False),
+        *(sa.Column(n, _S(), nullable=False) for n in ("model", "version", "day", "hardware_id")),
+        *(
+            sa.Column(n, sa.Integer(), nullable=False)
+            for n in ("device_count", "selftest_failed_devices", "skipped_rows")
+        ),
+        *(sa.Column(n, sa.BigInteger(), nullable=False) for n in _COUNTS),
+        *(sa.Column(n, sa.JSON(), nullable=True) for n in _AGGREGATES),
+        sa.PrimaryKeyConstraint("id"),
+        sa.UniqueConstraint("model", "version", "day", "hardware_id"),
+    )
+    for table, name, columns in _INDEXES:
+        op.create_index(name, table, columns, unique=False)
+    _add_up_stored_rollups()
+
+
+def _add_up_stored_rollups() -> None:
+    from server import aggregate, fleet_rollup
+    from server.config import Settings
+    from server.models import TelemetryRollup
+
+    accuracy = Settings.model_fields["telemetry_relative_accuracy"].default
+    session = Session(bind=op.get_bind())
+    rows = session.exec(
+        select(
+            TelemetryRollup.model,
+            TelemetryRollup.version,
+            TelemetryRollup.day,
+            TelemetryRollup.hardware_id,
+            *(col(getattr(TelemetryRollup, f)) for f in aggregate.FIELDS),
+        ).execution_options(yield_per=5000)
+    )
+    folded = fleet_rollup.fold(((tuple(r[:4]), tuple(r[4:])) for r in rows), accuracy)
+    session.add_all(folded.values())
+    session.flush()
+
+
+def downgrade() -> None:
+    for table, name, _ in _INDEXES:
+        op.drop_index(name, table_name=table)
+    op.drop_table("telemetry_fleet_rollup")
