@@ -5,15 +5,16 @@ last checked in, telemetry completeness and install outcomes, from the same func
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
+from sqlalchemy import func, or_
 from sqlmodel import Session, col, select
 
 from firmware_bundles.manifest import semver_key
-from server import fleet, metrics, registry, rollouts
+from server import fleet_summary, registry, rollouts
 from server.config import Settings
-from server.models import Device, Rollout
+from server.models import Device, DeviceInstalled, Rollout, TelemetryBatchRecord
 from server.ui import charts
 
 #: How many days the "last check-in" chart covers, ending today (UTC).
@@ -27,41 +28,55 @@ ACTIVE_ROLLOUT_STATES = ("draft", "running", "paused", "waiting-for-approval")
 
 
 def fleet_page(session: Session, settings: Settings, *, now: datetime) -> dict[str, Any]:
-    """Everything the Fleet page shows (its JSON twin)."""
-    devices = fleet.list_devices(session)
-    active = [d for d in devices if not d.revoked]
+    """Everything the Fleet page shows (its JSON twin), each part one aggregate query (the page
+    costs the same round trips at any fleet size; see docs/dashboard.md, "Scale")."""
     silent_before = now - timedelta(seconds=settings.ui_silent_after_s)
-    silent = sorted(
-        (d for d in active if d.last_seen is None or charts.utc(d.last_seen) < silent_before),
-        key=lambda d: (d.last_seen is not None, d.last_seen and charts.utc(d.last_seen), d.id),
-    )
+    is_silent = or_(col(Device.last_seen).is_(None), col(Device.last_seen) < silent_before)
+    active = col(Device.revoked).is_(False)
+    revoked, never_seen, silent = session.exec(
+        select(
+            func.count().filter(~active),
+            func.count().filter(active, col(Device.last_seen).is_(None)),
+            func.count().filter(active, is_silent),
+        )
+    ).one()
+    by_hardware = _by_hardware(session, active, is_silent)
+    active_count = sum(row["devices"] for row in by_hardware)
+    firmware = session.exec(
+        select(Device.hardware_id, Device.firmware_version, func.count())
+        .where(active)
+        .group_by(col(Device.hardware_id), col(Device.firmware_version))
+    ).all()
+    silent_rows = session.exec(
+        select(Device.id, Device.hardware_id, Device.firmware_version, Device.last_seen)
+        .where(active, is_silent)
+        .order_by(col(Device.last_seen).asc().nulls_first(), col(Device.id))
+        .limit(SILENT_LISTED)
+    ).all()
     return {
         "generated_at": now.isoformat(),
         "devices": {
-            "enrolled": len(devices),
-            "active": len(active),
-            "revoked": len(devices) - len(active),
-            "never_seen": sum(1 for d in active if d.last_seen is None),
-            "silent": len(silent),
+            "enrolled": active_count + int(revoked),
+            "active": active_count,
+            "revoked": int(revoked),
+            "never_seen": int(never_seen),
+            "silent": int(silent),
         },
         "silent_after_s": settings.ui_silent_after_s,
-        "by_hardware": _by_hardware(session, active, silent_before),
+        "by_hardware": by_hardware,
         "by_firmware": [
-            {"hardware_id": h, "firmware_version": f, "devices": n}
-            for (h, f), n in sorted(
-                Counter((d.hardware_id, d.firmware_version) for d in active).items(),
-                key=lambda item: (item[0][0], version_key(item[0][1])),
-            )
+            {"hardware_id": h, "firmware_version": f, "devices": int(n)}
+            for h, f, n in sorted(firmware, key=lambda r: (r[0], version_key(r[1])))
         ],
-        "by_model_version": _by_model_version(active),
+        "by_model_version": _by_model_version(session, active),
         "silent": [
             {
-                "id": d.id,
-                "hardware_id": d.hardware_id,
-                "firmware_version": d.firmware_version,
-                "last_seen": d.last_seen and charts.utc(d.last_seen).isoformat(),
+                "id": device_id,
+                "hardware_id": hardware_id,
+                "firmware_version": firmware_version,
+                "last_seen": last_seen and charts.utc(last_seen).isoformat(),
             }
-            for d in silent[:SILENT_LISTED]
+            for device_id, hardware_id, firmware_version, last_seen in silent_rows
         ],
         "models": [
             {
@@ -75,7 +90,11 @@ def fleet_page(session: Session, settings: Settings, *, now: datetime) -> dict[s
             for m in registry.list_models(session)
         ],
         "rollouts": _active_rollouts(session),
-        "charts": {"last_seen": _last_seen_chart(active, now)},
+        "charts": {
+            "last_seen": _last_seen_chart(
+                session, active, now, [r["hardware_id"] for r in by_hardware]
+            )
+        },
     }
 
 
@@ -87,37 +106,92 @@ def version_key(version: str) -> tuple[int, tuple[int, int, int, int, str]]:
         return (1, (0, 0, 0, 0, version))
 
 
-def _by_hardware(
-    session: Session, devices: list[Device], silent_before: datetime
-) -> list[dict[str, Any]]:
-    groups: dict[str, list[Device]] = defaultdict(list)
-    for d in devices:
-        groups[d.hardware_id].append(d)
+def _by_hardware(session: Session, active: Any, is_silent: Any) -> list[dict[str, Any]]:
+    """Per hardware id: its devices, those never or not lately seen, the last contact, and the
+    telemetry completeness of its devices (batches received against those sent)."""
+    groups = session.exec(
+        select(  # type: ignore[call-overload]
+            Device.hardware_id,
+            func.min(Device.generation),
+            func.min(Device.platform),
+            func.count(),
+            func.count().filter(col(Device.last_seen).is_(None)),
+            func.count().filter(is_silent),
+            func.max(Device.last_seen),
+        )
+        .where(active)
+        .group_by(col(Device.hardware_id))
+        .order_by(col(Device.hardware_id))
+    ).all()
+    per_epoch = (
+        select(
+            TelemetryBatchRecord.device_id,
+            func.count().label("received"),
+            (func.max(TelemetryBatchRecord.sequence) + 1).label("expected"),
+        )
+        .where(col(TelemetryBatchRecord.sequence) >= 0)
+        .group_by(col(TelemetryBatchRecord.device_id), col(TelemetryBatchRecord.boot_epoch))
+        .subquery()
+    )
+    batches = {
+        hardware_id: (int(received), int(expected))
+        for hardware_id, received, expected in session.exec(
+            select(
+                Device.hardware_id,
+                func.sum(per_epoch.c.received),
+                func.sum(per_epoch.c.expected),
+            )
+            .join(per_epoch, per_epoch.c.device_id == Device.id)
+            .where(active)
+            .group_by(col(Device.hardware_id))
+        )
+    }
     rows = []
-    for hardware_id, members in sorted(groups.items()):
-        seen = [charts.utc(d.last_seen) for d in members if d.last_seen is not None]
+    for hardware_id, generation, platform, devices, never_seen, silent, last_seen in groups:
+        received, expected = batches.get(hardware_id, (0, 0))
         rows.append(
             {
                 "hardware_id": hardware_id,
-                "generation": members[0].generation,
-                "platform": members[0].platform,
-                "devices": len(members),
-                "never_seen": len(members) - len(seen),
-                "silent": sum(1 for s in seen if s < silent_before) + len(members) - len(seen),
-                "last_seen": max(seen).isoformat() if seen else None,
-                "completeness": metrics.completeness(session, [d.id for d in members]),
+                "generation": generation,
+                "platform": platform,
+                "devices": int(devices),
+                "never_seen": int(never_seen),
+                "silent": int(silent),
+                "last_seen": last_seen and charts.utc(last_seen).isoformat(),
+                "completeness": {
+                    "batches_received": received,
+                    "batches_expected": expected,
+                    "ratio": received / expected if expected else None,
+                },
             }
         )
     return rows
 
 
-def _by_model_version(devices: list[Device]) -> list[dict[str, Any]]:
-    """Per model, version and hardware id: devices running it and their last install outcome."""
+def _by_model_version(session: Session, active: Any) -> list[dict[str, Any]]:
+    """Per model, version and hardware id: devices running it and their last install outcome
+    (from ``device_installed``, which mirrors each device's reported models)."""
+    rows = session.exec(
+        select(  # type: ignore[call-overload]
+            DeviceInstalled.model,
+            DeviceInstalled.version,
+            DeviceInstalled.hardware_id,
+            DeviceInstalled.last_install,
+            func.count(),
+        )
+        .join(Device, col(Device.id) == col(DeviceInstalled.device_id))
+        .where(active)
+        .group_by(
+            col(DeviceInstalled.model),
+            col(DeviceInstalled.version),
+            col(DeviceInstalled.hardware_id),
+            col(DeviceInstalled.last_install),
+        )
+    ).all()
     groups: dict[tuple[str, str, str], Counter[str]] = defaultdict(Counter)
-    for d in devices:
-        for entry in d.installed or []:
-            key = (entry.get("model") or "?", entry.get("version") or "(none)", d.hardware_id)
-            groups[key][entry.get("last_install") or "not reported"] += 1
+    for model, version, hardware_id, outcome, n in rows:
+        key = (model or "?", version or "(none)", hardware_id)
+        groups[key][outcome or "not reported"] += int(n)
     return [
         {
             "model": model,
@@ -156,15 +230,21 @@ def _active_rollouts(session: Session) -> list[dict[str, Any]]:
     return rows
 
 
-def _last_seen_chart(devices: list[Device], now: datetime) -> dict[str, Any]:
+def _last_seen_chart(
+    session: Session, active: Any, now: datetime, hardware_ids: list[str]
+) -> dict[str, Any]:
     """Devices by the UTC day of their last check-in over the last days, per hardware id."""
     today = now.astimezone(UTC).date()
     days = [(today - timedelta(days=n)).isoformat() for n in range(LAST_SEEN_DAYS - 1, -1, -1)]
+    since = datetime.combine(date.fromisoformat(days[0]), time(), UTC)
+    day = fleet_summary.day_of(session, col(Device.last_seen))
     counts: dict[str, Counter[str]] = defaultdict(Counter)
-    for d in devices:
-        if d.last_seen is not None:
-            counts[d.hardware_id][charts.utc(d.last_seen).date().isoformat()] += 1
-    hardware_ids = sorted({d.hardware_id for d in devices})
+    for hardware_id, seen_day, n in session.exec(
+        select(Device.hardware_id, day, func.count())
+        .where(active, col(Device.last_seen) >= since)
+        .group_by(col(Device.hardware_id), day)
+    ):
+        counts[hardware_id][fleet_summary.iso_day(seen_day)] += int(n)
     return charts.chart(
         "last_seen",
         f"Devices by day of last check-in (last {LAST_SEEN_DAYS} days; older not shown)",
