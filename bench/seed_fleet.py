@@ -248,6 +248,24 @@ def telemetry(conn: Any, plan: sp.Plan, registry: Registry, timings: Timings) ->
     conn.commit()
 
 
+def derived(database_url: str) -> None:
+    """The tables the server derives from the rows COPY wrote, built as migration 0009 builds
+    them from stored rows."""
+    from sqlmodel import Session
+
+    from server import batch_counts, fleet_rollup
+    from server.config import Settings
+    from server.db import make_engine
+
+    engine = make_engine(database_url.replace("postgresql://", "postgresql+psycopg://", 1))
+    with Session(engine) as session:
+        accuracy = Settings.model_fields["telemetry_relative_accuracy"].default
+        fleet_rollup.rebuild(session, accuracy)
+        batch_counts.rebuild(session)
+        session.commit()
+    engine.dispose()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--database-url", required=True, help="postgresql://... (empty database)")
@@ -291,6 +309,8 @@ def main() -> None:
                 conn.commit()
             with timings.step("telemetry, one pass"):
                 telemetry(conn, plan, registry, timings)
+        with timings.step("fleet rollups and batch counts (server.fleet_rollup, batch_counts)"):
+            derived(args.database_url)
         with timings.step("analyze"):
             conn.autocommit = True
             conn.execute("ANALYZE")

@@ -112,6 +112,25 @@ def recompute(session: Session, keys: Iterable[Key], relative_accuracy: float) -
     session.flush()
 
 
+def rebuild(session: Session, relative_accuracy: float) -> int:
+    """Add every stored device rollup up again into fresh fleet rollups (migration 0009, the
+    bench's seeding); returns how many fleet rows there are."""
+    session.exec(delete(FleetRollup))
+    rows = session.exec(
+        select(
+            TelemetryRollup.model,
+            TelemetryRollup.version,
+            TelemetryRollup.day,
+            TelemetryRollup.hardware_id,
+            *_columns(TelemetryRollup),
+        ).execution_options(yield_per=5000)
+    )
+    folded = fold((((r[0], r[1], r[2], r[3]), tuple(r[4:])) for r in rows), relative_accuracy)
+    session.add_all(folded.values())
+    session.flush()
+    return len(folded)
+
+
 def device_keys(session: Session, device_id: str) -> list[Key]:
     """The fleet rollup keys a device's rollup rows count in (what erasing it changes)."""
     rows = session.exec(

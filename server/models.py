@@ -152,6 +152,18 @@ class TelemetryBatchRecord(SQLModel, table=True):
     received_at: datetime
 
 
+class TelemetryBatchCount(SQLModel, table=True):
+    """A device's accepted batches in one boot epoch: how many, and the highest sequence number
+    (so ``top_sequence + 1`` were sent): what completeness over many devices reads, one row per
+    device and epoch instead of one per batch. Kept by :mod:`server.batch_counts`."""
+
+    __tablename__ = "telemetry_batch_count"
+    device_id: str = Field(primary_key=True)
+    boot_epoch: int = Field(primary_key=True)
+    received: int
+    top_sequence: int
+
+
 class TelemetryWindowRecord(SQLModel, table=True):
     """One accepted window of one device, as it arrived: what rollups are derived from, what
     attributes telemetry to a device and an event time (rollout arms), and what erasing a device's

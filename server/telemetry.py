@@ -35,6 +35,7 @@ from firmware_bundles import telemetry as sketch
 from firmware_bundles.messages import TelemetryBatch
 from firmware_bundles.window_builder import TelemetryLayout
 from server import aggregate, fleet_rollup, references
+from server import batch_counts as per_device_batches
 from server.errors import ApiError
 from server.models import (
     Bundle,
@@ -104,6 +105,7 @@ def ingest(
             session.add(record)
             session.flush()
             assert record.id is not None
+            per_device_batches.count(session, device.id, batch.boot_epoch, batch.sequence)
             _store_windows(session, device, batch, record.id)
             _add_into_rollups(session, device, parts, relative_accuracy)
             session.commit()
@@ -347,6 +349,7 @@ def erase_device(session: Session, device_id: str, *, relative_accuracy: float) 
     batches = session.exec(
         delete(TelemetryBatchRecord).where(col(TelemetryBatchRecord.device_id) == device_id)
     ).rowcount
+    per_device_batches.erase(session, device_id)
     fleet_rollup.recompute(session, fleet_keys, relative_accuracy)
     session.commit()
     return Erased(int(windows), int(rollup_rows), int(batches))
@@ -409,22 +412,4 @@ def completeness(session: Session, device_id: str) -> dict[str, Any]:
 def batch_counts(session: Session, devices: list[str]) -> dict[str, tuple[int, int]]:
     """Per device: telemetry batches received, and those its sequence numbers say were sent
     (over all its boot epochs; a record with a negative sequence is left out)."""
-    counts: dict[str, tuple[int, int]] = {}
-    for i in range(0, len(devices), 500):
-        rows = session.exec(
-            select(
-                TelemetryBatchRecord.device_id,
-                TelemetryBatchRecord.boot_epoch,
-                func.count(),
-                func.max(TelemetryBatchRecord.sequence),
-            )
-            .where(
-                col(TelemetryBatchRecord.device_id).in_(devices[i : i + 500]),
-                col(TelemetryBatchRecord.sequence) >= 0,
-            )
-            .group_by(col(TelemetryBatchRecord.device_id), col(TelemetryBatchRecord.boot_epoch))
-        ).all()
-        for device_id, _, received, top in rows:
-            got, expected = counts.get(device_id, (0, 0))
-            counts[device_id] = (got + int(received), expected + int(top) + 1)
-    return counts
+    return per_device_batches.counts(session, devices)

@@ -14,7 +14,7 @@ from sqlmodel import Session, col, select
 from firmware_bundles.manifest import semver_key
 from server import fleet_summary, registry, rollouts
 from server.config import Settings
-from server.models import Device, DeviceInstalled, Rollout, TelemetryBatchRecord
+from server.models import Device, DeviceInstalled, Rollout, TelemetryBatchCount
 from server.ui import charts
 
 #: How many days the "last check-in" chart covers, ending today (UTC).
@@ -123,25 +123,15 @@ def _by_hardware(session: Session, active: Any, is_silent: Any) -> list[dict[str
         .group_by(col(Device.hardware_id))
         .order_by(col(Device.hardware_id))
     ).all()
-    per_epoch = (
-        select(
-            TelemetryBatchRecord.device_id,
-            func.count().label("received"),
-            (func.max(TelemetryBatchRecord.sequence) + 1).label("expected"),
-        )
-        .where(col(TelemetryBatchRecord.sequence) >= 0)
-        .group_by(col(TelemetryBatchRecord.device_id), col(TelemetryBatchRecord.boot_epoch))
-        .subquery()
-    )
     batches = {
         hardware_id: (int(received), int(expected))
         for hardware_id, received, expected in session.exec(
             select(
                 Device.hardware_id,
-                func.sum(per_epoch.c.received),
-                func.sum(per_epoch.c.expected),
+                func.sum(TelemetryBatchCount.received),
+                func.sum(TelemetryBatchCount.top_sequence + 1),
             )
-            .join(per_epoch, per_epoch.c.device_id == Device.id)
+            .join(TelemetryBatchCount, col(TelemetryBatchCount.device_id) == col(Device.id))
             .where(active)
             .group_by(col(Device.hardware_id))
         )

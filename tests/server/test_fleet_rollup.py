@@ -16,8 +16,8 @@ from sqlalchemy import update
 from sqlmodel import Session, col, select
 
 from firmware_bundles import build
-from server import aggregate, fleet_rollup, metrics, telemetry
-from server.models import FleetRollup, TelemetryRollup
+from server import aggregate, batch_counts, fleet_rollup, metrics, telemetry
+from server.models import FleetRollup, TelemetryBatchCount, TelemetryRollup
 from tests.conftest import MODEL_BYTES, target_entry
 from tests.server.conftest import Fleet
 from tests.server.test_metrics import (
@@ -113,8 +113,20 @@ def _same_with_and_without(fleet: Fleet, monkeypatch: pytest.MonkeyPatch) -> dic
 
 
 def _stored_equal_added_up_again(fleet: Fleet) -> None:
+    """The fleet rollups and batch counts equal those built again from the devices' rows."""
     accuracy = fleet.state.settings.telemetry_relative_accuracy
     with Session(fleet.state.engine) as session:
+        kept = sorted(
+            (r.device_id, r.boot_epoch, r.received, r.top_sequence)
+            for r in session.exec(select(TelemetryBatchCount))
+        )
+        batch_counts.rebuild(session)
+        again_counts = sorted(
+            (r.device_id, r.boot_epoch, r.received, r.top_sequence)
+            for r in session.exec(select(TelemetryBatchCount))
+        )
+        assert kept == again_counts and kept
+        session.rollback()
         rows = session.exec(
             select(
                 TelemetryRollup.model,

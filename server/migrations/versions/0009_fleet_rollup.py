@@ -1,5 +1,5 @@
-"""fleet rollups: the devices' day rollups added up per model version x hardware id x day, and
-the indexes the dashboard's pages read through
+"""fleet rollups: the devices' day rollups added up per model version x hardware id x day, batch
+counts per device and boot epoch, and the indexes the dashboard's pages read through
 
 Revision ID: 0009
 Revises: 0006
@@ -15,7 +15,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 import sqlmodel.sql.sqltypes
 from alembic import op
-from sqlmodel import Session, col, select
+from sqlmodel import Session
 
 revision = "0009"
 down_revision = "0006"
@@ -49,33 +49,30 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("model", "version", "day", "hardware_id"),
     )
+    op.create_table(
+        "telemetry_batch_count",
+        sa.Column("device_id", _S(), nullable=False),
+        *(sa.Column(n, sa.Integer(), nullable=False) for n in ("boot_epoch", "received")),
+        sa.Column("top_sequence", sa.Integer(), nullable=False),
+        sa.PrimaryKeyConstraint("device_id", "boot_epoch"),
+    )
     for table, name, columns in _INDEXES:
         op.create_index(name, table, columns, unique=False)
-    _add_up_stored_rollups()
+    _add_up_stored_rows()
 
 
-def _add_up_stored_rollups() -> None:
-    from server import aggregate, fleet_rollup
+def _add_up_stored_rows() -> None:
+    from server import batch_counts, fleet_rollup
     from server.config import Settings
-    from server.models import TelemetryRollup
 
-    accuracy = Settings.model_fields["telemetry_relative_accuracy"].default
     session = Session(bind=op.get_bind())
-    rows = session.exec(
-        select(
-            TelemetryRollup.model,
-            TelemetryRollup.version,
-            TelemetryRollup.day,
-            TelemetryRollup.hardware_id,
-            *(col(getattr(TelemetryRollup, f)) for f in aggregate.FIELDS),
-        ).execution_options(yield_per=5000)
-    )
-    folded = fleet_rollup.fold(((tuple(r[:4]), tuple(r[4:])) for r in rows), accuracy)
-    session.add_all(folded.values())
+    fleet_rollup.rebuild(session, Settings.model_fields["telemetry_relative_accuracy"].default)
+    batch_counts.rebuild(session)
     session.flush()
 
 
 def downgrade() -> None:
     for table, name, _ in _INDEXES:
         op.drop_index(name, table_name=table)
+    op.drop_table("telemetry_batch_count")
     op.drop_table("telemetry_fleet_rollup")
