@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
+from sqlalchemy import case, func
 from sqlmodel import Session, col, select
 
 from firmware_bundles import telemetry as sketch
@@ -23,7 +24,13 @@ from firmware_bundles.manifest import Histogram, Manifest
 from firmware_bundles.window_builder import UNKNOWN_PREDICTION
 from server import aggregate, drift, references
 from server.errors import ApiError
-from server.models import Bundle, FleetRollup, TelemetryRollup, TelemetryWindowRecord
+from server.models import (
+    Bundle,
+    FleetRollup,
+    TelemetryBatchCount,
+    TelemetryRollup,
+    TelemetryWindowRecord,
+)
 from server.registry import get_version
 from server.telemetry import batch_counts
 
@@ -97,19 +104,53 @@ def make_span(
 
 
 @dataclass
+class Counted:
+    """Who contributed to a group of whole days read from fleet rollups, counted by the database
+    instead of listed: devices, those with a self-test failure, and (asked for once per span, for
+    every day and the total) their telemetry batches received and expected."""
+
+    devices: int
+    selftest_failed: int
+    #: The span's days' batch counts, filled on first use: per day, and the total under None.
+    batches: dict[str | None, tuple[int, int]]
+    day: str | None
+    span: Span
+    whole: list[str]
+
+    def completeness(self, session: Session) -> dict[str, Any]:
+        if not self.batches:
+            self.batches.update(_contributor_batches(session, self.span, self.whole))
+        received, expected = self.batches.get(self.day, (0, 0))
+        return {
+            "batches_received": received,
+            "batches_expected": expected,
+            "ratio": received / expected if expected else None,
+        }
+
+
+@dataclass
 class Group:
-    """Aggregates of a set of devices, with who contributed."""
+    """Aggregates of a set of devices, with who contributed (listed, or ``counted``)."""
 
     aggregate: dict[str, Any]
     devices: set[str] = field(default_factory=set)
     #: Devices that reported at least one self-test failure.
     selftest_failed_devices: set[str] = field(default_factory=set)
+    counted: Counted | None = None
 
     def add(self, device_id: str, values: dict[str, Any]) -> None:
         aggregate.add(self.aggregate, values)
         self.devices.add(device_id)
         if values["selftest_failure_count"]:
             self.selftest_failed_devices.add(device_id)
+
+    @property
+    def device_count(self) -> int:
+        return self.counted.devices if self.counted else len(self.devices)
+
+    @property
+    def selftest_failed_count(self) -> int:
+        return self.counted.selftest_failed if self.counted else len(self.selftest_failed_devices)
 
 
 @dataclass
@@ -157,7 +198,9 @@ def collect(session: Session, span: Span, relative_accuracy: float) -> Collected
     # (hardware id, day) pairs read from the devices' rows: all of them without fleet rollups.
     per_device: set[tuple[str, str]] | None = None
     if whole and USE_FLEET_ROLLUPS:
-        per_device = _take_fleet_rollups(session, span, whole, found, relative_accuracy)
+        per_device = _take_fleet_rollups(
+            session, span, whole, found, relative_accuracy, listed=bool(cut)
+        )
     if whole and per_device != set():
         # Columns, not ORM objects: a version's day rows number devices x days.
         query = select(
@@ -191,32 +234,43 @@ def collect(session: Session, span: Span, relative_accuracy: float) -> Collected
     return found
 
 
+def _rollup_filter(span: Span, days: list[str]) -> list[Any]:
+    """The devices' rollup rows of ``span``'s version (and hardware id) on ``days``."""
+    where = [
+        TelemetryRollup.model == span.model,
+        TelemetryRollup.version == span.version,
+        col(TelemetryRollup.day).in_(days),
+    ]
+    if span.hardware_id:
+        where.append(TelemetryRollup.hardware_id == span.hardware_id)
+    return where
+
+
 def _take_fleet_rollups(
-    session: Session, span: Span, whole: list[str], found: Collected, relative_accuracy: float
+    session: Session,
+    span: Span,
+    whole: list[str],
+    found: Collected,
+    relative_accuracy: float,
+    *,
+    listed: bool,
 ) -> set[tuple[str, str]]:
-    """Add the fleet rollups of ``whole`` days into ``found``, and who contributed from the
-    devices' rows' index; returns the (hardware id, day) pairs whose fleet rollup left a device's
-    row out (it failed its checks): those are read from the devices' rows, as without them."""
+    """Add the fleet rollups of ``whole`` days into ``found``; returns the (hardware id, day)
+    pairs whose fleet rollup left a device's row out (it failed its checks): those are read from
+    the devices' rows, as without fleet rollups.
+
+    Who contributed is counted by the database when every pair is answered and nothing else is
+    in the span (``listed`` False: no cut day); else it is listed from the devices' rows' index.
+    """
     query = select(FleetRollup).where(
         FleetRollup.model == span.model,
         FleetRollup.version == span.version,
         col(FleetRollup.day).in_(whole),
     )
-    contributors = select(
-        TelemetryRollup.hardware_id,
-        TelemetryRollup.day,
-        TelemetryRollup.device_id,
-        TelemetryRollup.selftest_failure_count,
-    ).where(
-        TelemetryRollup.model == span.model,
-        TelemetryRollup.version == span.version,
-        col(TelemetryRollup.day).in_(whole),
-    )
     if span.hardware_id:
         query = query.where(FleetRollup.hardware_id == span.hardware_id)
-        contributors = contributors.where(TelemetryRollup.hardware_id == span.hardware_id)
     per_device: set[tuple[str, str]] = set()
-    added: set[tuple[str, str]] = set()
+    added: dict[tuple[str, str], FleetRollup] = {}
     for row in session.exec(query.order_by(col(FleetRollup.id))):
         if row.skipped_rows or aggregate.problem(row, relative_accuracy) is not None:
             per_device.add((row.hardware_id, row.day))
@@ -227,7 +281,15 @@ def _take_fleet_rollups(
             group = found.days[row.day] = Group(aggregate.empty(relative_accuracy))
         aggregate.add(group.aggregate, values)
         aggregate.add(found.total.aggregate, values)
-        added.add((row.hardware_id, row.day))
+        added[(row.hardware_id, row.day)] = row
+    if not listed and not per_device and _count_contributors(session, span, whole, found, added):
+        return per_device
+    contributors = select(
+        TelemetryRollup.hardware_id,
+        TelemetryRollup.day,
+        TelemetryRollup.device_id,
+        TelemetryRollup.selftest_failure_count,
+    ).where(*_rollup_filter(span, whole))
     for hardware_id, day, device_id, selftest_failures in session.exec(contributors):
         if (hardware_id, day) not in added:
             per_device.add((hardware_id, day))  # no fleet rollup (yet): the devices' rows
@@ -237,6 +299,76 @@ def _take_fleet_rollups(
             if selftest_failures:
                 group.selftest_failed_devices.add(device_id)
     return per_device
+
+
+def _count_contributors(
+    session: Session,
+    span: Span,
+    whole: list[str],
+    found: Collected,
+    added: Mapping[tuple[str, str], FleetRollup],
+) -> bool:
+    """Count who contributed to ``found`` (whole days only, all from fleet rollups) in the
+    database; False, counting nothing, if the devices' rows disagree with the fleet rollups'
+    device counts (then they are listed instead)."""
+    failed = case((col(TelemetryRollup.selftest_failure_count) > 0, TelemetryRollup.device_id))
+    rows, devices, failing = session.exec(
+        select(
+            func.count(),
+            func.count(func.distinct(TelemetryRollup.device_id)),
+            func.count(func.distinct(failed)),
+        ).where(*_rollup_filter(span, whole))
+    ).one()
+    if rows != sum(r.device_count for r in added.values()):
+        return False
+    batches: dict[str | None, tuple[int, int]] = {}
+    found.total.counted = Counted(devices, failing, batches, None, span, whole)
+    per_day: dict[str, list[int]] = {}
+    for (_, day), row in added.items():
+        tally = per_day.setdefault(day, [0, 0])
+        tally[0] += row.device_count
+        tally[1] += row.selftest_failed_devices
+    for day, (n, f) in per_day.items():
+        found.days[day].counted = Counted(n, f, batches, day, span, whole)
+    return True
+
+
+def _contributor_batches(
+    session: Session, span: Span, whole: list[str]
+) -> dict[str | None, tuple[int, int]]:
+    """Batches received and expected of the devices contributing to each of ``whole`` days of
+    ``span``, and (under None) of all of them, added up by the database."""
+    batches = (
+        select(
+            TelemetryBatchCount.device_id,
+            func.sum(TelemetryBatchCount.received).label("received"),
+            func.sum(TelemetryBatchCount.top_sequence + 1).label("expected"),
+        )
+        .group_by(col(TelemetryBatchCount.device_id))
+        .subquery()
+    )
+    found: dict[str | None, tuple[int, int]] = {}
+    for day, received, expected in session.exec(
+        select(
+            TelemetryRollup.day,
+            func.coalesce(func.sum(batches.c.received), 0),
+            func.coalesce(func.sum(batches.c.expected), 0),
+        )
+        .join(batches, batches.c.device_id == TelemetryRollup.device_id)
+        .where(*_rollup_filter(span, whole))
+        .group_by(col(TelemetryRollup.day))
+    ):
+        found[day] = (int(received), int(expected))
+    contributors = select(TelemetryRollup.device_id).where(*_rollup_filter(span, whole))
+    distinct = contributors.distinct().subquery()
+    received, expected = session.exec(
+        select(
+            func.coalesce(func.sum(batches.c.received), 0),
+            func.coalesce(func.sum(batches.c.expected), 0),
+        ).select_from(distinct.join(batches, batches.c.device_id == distinct.c.device_id))
+    ).one()
+    found[None] = (int(received), int(expected))
+    return found
 
 
 def completeness(
@@ -304,7 +436,7 @@ def figures(
     Rates are per inference, except the self-test failure rate: the share of reporting devices
     that reported a self-test failure. Accuracy counts labels whose prediction is known.
     """
-    devices = len(group.devices)
+    devices = group.device_count
     if devices < min_devices and not privileged:
         return {"withheld": f"too few devices (fewer than {min_devices})"}
     agg = group.aggregate
@@ -322,7 +454,7 @@ def figures(
         "errors": agg["error_count"],
         "error_rate": agg["error_count"] / n if n else None,
         "selftest_failures": agg["selftest_failure_count"],
-        "selftest_failure_rate": len(group.selftest_failed_devices) / devices if devices else None,
+        "selftest_failure_rate": group.selftest_failed_count / devices if devices else None,
         "latency_s": {
             "count": latency["count"],
             "mean": latency["sum"] / latency["count"] if latency["count"] else None,
@@ -346,7 +478,9 @@ def figures(
             "labels": labelled,
             "labels_without_prediction": sum(agg["labels"].get(UNKNOWN_PREDICTION, {}).values()),
         },
-        "completeness": completeness(session, group.devices, known_batches),
+        "completeness": group.counted.completeness(session)
+        if group.counted
+        else completeness(session, group.devices, known_batches),
     }
 
 
@@ -364,9 +498,9 @@ def drift_figures(
     Raises:
         ApiError: 409 when the two sides' bins differ for a feature (another layout).
     """
-    if len(current.devices) < min_devices and not privileged:
+    if current.device_count < min_devices and not privileged:
         return {"withheld": f"too few devices (fewer than {min_devices})"}
-    result: dict[str, Any] = {"withheld": None, "devices_reporting": len(current.devices)}
+    result: dict[str, Any] = {"withheld": None, "devices_reporting": current.device_count}
     shown = references.bins(manifest)
     named = {
         "inputs": {h.name: h for h in shown.inputs},
