@@ -311,23 +311,26 @@ def _count_contributors(
     """Count who contributed to ``found`` (whole days only, all from fleet rollups) in the
     database; False, counting nothing, if the devices' rows disagree with the fleet rollups'
     device counts (then they are listed instead)."""
-    failed = case((col(TelemetryRollup.selftest_failure_count) > 0, TelemetryRollup.device_id))
-    rows, devices, failing = session.exec(
-        select(
-            func.count(),
-            func.count(func.distinct(TelemetryRollup.device_id)),
-            func.count(func.distinct(failed)),
-        ).where(*_rollup_filter(span, whole))
-    ).one()
-    if rows != sum(r.device_count for r in added.values()):
-        return False
-    batches: dict[str | None, tuple[int, int]] = {}
-    found.total.counted = Counted(devices, failing, batches, None, span, whole)
     per_day: dict[str, list[int]] = {}
     for (_, day), row in added.items():
         tally = per_day.setdefault(day, [0, 0])
         tally[0] += row.device_count
         tally[1] += row.selftest_failed_devices
+    if len(whole) == 1:  # a device has one row per version and day: its fleet rollups count it
+        devices, failing = per_day.get(whole[0], [0, 0])
+    else:
+        failed = case((col(TelemetryRollup.selftest_failure_count) > 0, TelemetryRollup.device_id))
+        rows, devices, failing = session.exec(
+            select(
+                func.count(),
+                func.count(func.distinct(TelemetryRollup.device_id)),
+                func.count(func.distinct(failed)),
+            ).where(*_rollup_filter(span, whole))
+        ).one()
+        if rows != sum(r.device_count for r in added.values()):
+            return False
+    batches: dict[str | None, tuple[int, int]] = {}
+    found.total.counted = Counted(devices, failing, batches, None, span, whole)
     for day, (n, f) in per_day.items():
         found.days[day].counted = Counted(n, f, batches, day, span, whole)
     return True

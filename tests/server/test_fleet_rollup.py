@@ -89,9 +89,11 @@ def seeded(fleet: Fleet) -> Iterator[Seeded]:
 def _answers(fleet: Fleet, role: str = "viewer") -> dict[str, Any]:
     """Metrics and drift over whole days, a span with a cut day, and per hardware id."""
     last = (DAY0 + timedelta(days=DAYS - 1)).date().isoformat()
+    second = (DAY0 + timedelta(days=1)).date().isoformat()
     spans = {
         "whole": {"from": DAY0.date().isoformat(), "to": last},
         "cut": {"from": (DAY0 + timedelta(hours=10)).isoformat(), "to": last},
+        "one day": {"from": second, "to": second},
         "phone": {"from": DAY0.date().isoformat(), "to": last, "hardware_id": "phone-android"},
         "ios": {"from": DAY0.date().isoformat(), "to": last, "hardware_id": "phone-ios"},
     }
@@ -159,6 +161,8 @@ def test_answers_are_the_same_with_and_without_fleet_rollups(
     assert [d["devices_reporting"] for d in whole["days"]] == [9] * DAYS
     assert whole["total"]["selftest_failure_rate"] == pytest.approx(1 / 9)
     assert answers["operator"]["metrics ios"]["total"]["devices_reporting"] == 3
+    one_day = answers["operator"]["metrics one day"]["total"]
+    assert one_day["devices_reporting"] == 9 and one_day["selftest_failures"] == 2
     assert answers["viewer"]["metrics ios"]["total"]["withheld"]  # 3 < min_devices_shown
     assert answers["operator"]["metrics cut"]["days"][0]["windows"] == 9 * 2  # 11:00 and 19:00
     _stored_equal_added_up_again(seeded.fleet)
