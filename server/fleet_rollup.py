@@ -112,19 +112,23 @@ def recompute(session: Session, keys: Iterable[Key], relative_accuracy: float) -
     session.flush()
 
 
-def rebuild(session: Session, relative_accuracy: float) -> int:
-    """Add every stored device rollup up again into fresh fleet rollups (migration 0009, the
-    bench's seeding); returns how many fleet rows there are."""
-    session.exec(delete(FleetRollup))
-    rows = session.exec(
-        select(
-            TelemetryRollup.model,
-            TelemetryRollup.version,
-            TelemetryRollup.day,
-            TelemetryRollup.hardware_id,
-            *_columns(TelemetryRollup),
-        ).execution_options(yield_per=5000)
+def rebuild(session: Session, relative_accuracy: float, days: list[str] | None = None) -> int:
+    """Add every stored device rollup (of ``days``, or all) up again into fresh fleet rollups
+    (migration 0009; the bench's seeding, a process per group of days); returns how many fleet
+    rows there are."""
+    fleet_rows = delete(FleetRollup)
+    query = select(
+        TelemetryRollup.model,
+        TelemetryRollup.version,
+        TelemetryRollup.day,
+        TelemetryRollup.hardware_id,
+        *_columns(TelemetryRollup),
     )
+    if days is not None:
+        fleet_rows = fleet_rows.where(col(FleetRollup.day).in_(days))
+        query = query.where(col(TelemetryRollup.day).in_(days))
+    session.exec(fleet_rows)
+    rows = session.exec(query.execution_options(yield_per=5000))
     folded = fold((((r[0], r[1], r[2], r[3]), tuple(r[4:])) for r in rows), relative_accuracy)
     session.add_all(folded.values())
     session.flush()
