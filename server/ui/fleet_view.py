@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from datetime import UTC, date, datetime, time, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import func, or_
 from sqlmodel import Session, col, select
@@ -33,20 +33,16 @@ def fleet_page(session: Session, settings: Settings, *, now: datetime) -> dict[s
     silent_before = now - timedelta(seconds=settings.ui_silent_after_s)
     is_silent = or_(col(Device.last_seen).is_(None), col(Device.last_seen) < silent_before)
     active = col(Device.revoked).is_(False)
-    revoked, never_seen, silent = session.exec(
-        select(
-            func.count().filter(~active),
-            func.count().filter(active, col(Device.last_seen).is_(None)),
-            func.count().filter(active, is_silent),
-        )
-    ).one()
-    by_hardware = _by_hardware(session, active, is_silent)
+    groups = _device_groups(session, is_silent)
+    active_groups = [g for g in groups if not g.revoked]
+    by_hardware = _by_hardware(session, active, active_groups)
     active_count = sum(row["devices"] for row in by_hardware)
-    firmware = session.exec(
-        select(Device.hardware_id, Device.firmware_version, func.count())
-        .where(active)
-        .group_by(col(Device.hardware_id), col(Device.firmware_version))
-    ).all()
+    revoked = sum(g.devices for g in groups if g.revoked)
+    never_seen = sum(g.never_seen for g in active_groups)
+    silent = sum(g.silent for g in active_groups)
+    firmware = Counter[tuple[str, str]]()
+    for g in active_groups:
+        firmware[(g.hardware_id, g.firmware_version)] += g.devices
     silent_rows = session.exec(
         select(Device.id, Device.hardware_id, Device.firmware_version, Device.last_seen)
         .where(active, is_silent)
@@ -66,7 +62,7 @@ def fleet_page(session: Session, settings: Settings, *, now: datetime) -> dict[s
         "by_hardware": by_hardware,
         "by_firmware": [
             {"hardware_id": h, "firmware_version": f, "devices": int(n)}
-            for h, f, n in sorted(firmware, key=lambda r: (r[0], version_key(r[1])))
+            for (h, f), n in sorted(firmware.items(), key=lambda r: (r[0][0], version_key(r[0][1])))
         ],
         "by_model_version": _by_model_version(session, active),
         "silent": [
@@ -106,23 +102,46 @@ def version_key(version: str) -> tuple[int, tuple[int, int, int, int, str]]:
         return (1, (0, 0, 0, 0, version))
 
 
-def _by_hardware(session: Session, active: Any, is_silent: Any) -> list[dict[str, Any]]:
+class _Group(NamedTuple):
+    """Devices of one hardware id, firmware version and revocation state."""
+
+    hardware_id: str
+    firmware_version: str
+    revoked: bool
+    generation: str
+    platform: str
+    devices: int
+    never_seen: int
+    silent: int
+    last_seen: datetime | None
+
+
+def _device_groups(session: Session, is_silent: Any) -> list[_Group]:
+    """The device table in one pass: what the page's device counts are added up from."""
+    return [
+        _Group(h, f, bool(r), g, p, int(n), int(never), int(silent), last)
+        for h, f, r, g, p, n, never, silent, last in session.exec(
+            select(  # type: ignore[call-overload]
+                Device.hardware_id,
+                Device.firmware_version,
+                Device.revoked,
+                func.min(Device.generation),
+                func.min(Device.platform),
+                func.count(),
+                func.count().filter(col(Device.last_seen).is_(None)),
+                func.count().filter(is_silent),
+                func.max(Device.last_seen),
+            ).group_by(col(Device.hardware_id), col(Device.firmware_version), col(Device.revoked))
+        )
+    ]
+
+
+def _by_hardware(session: Session, active: Any, groups: list[_Group]) -> list[dict[str, Any]]:
     """Per hardware id: its devices, those never or not lately seen, the last contact, and the
     telemetry completeness of its devices (batches received against those sent)."""
-    groups = session.exec(
-        select(  # type: ignore[call-overload]
-            Device.hardware_id,
-            func.min(Device.generation),
-            func.min(Device.platform),
-            func.count(),
-            func.count().filter(col(Device.last_seen).is_(None)),
-            func.count().filter(is_silent),
-            func.max(Device.last_seen),
-        )
-        .where(active)
-        .group_by(col(Device.hardware_id))
-        .order_by(col(Device.hardware_id))
-    ).all()
+    per_hardware: dict[str, list[_Group]] = defaultdict(list)
+    for g in groups:
+        per_hardware[g.hardware_id].append(g)
     batches = {
         hardware_id: (int(received), int(expected))
         for hardware_id, received, expected in session.exec(
@@ -137,16 +156,18 @@ def _by_hardware(session: Session, active: Any, is_silent: Any) -> list[dict[str
         )
     }
     rows = []
-    for hardware_id, generation, platform, devices, never_seen, silent, last_seen in groups:
+    for hardware_id, members in sorted(per_hardware.items()):
+        seen = [g.last_seen for g in members if g.last_seen is not None]
+        last_seen = max(seen) if seen else None
         received, expected = batches.get(hardware_id, (0, 0))
         rows.append(
             {
                 "hardware_id": hardware_id,
-                "generation": generation,
-                "platform": platform,
-                "devices": int(devices),
-                "never_seen": int(never_seen),
-                "silent": int(silent),
+                "generation": min(g.generation for g in members),
+                "platform": min(g.platform for g in members),
+                "devices": sum(g.devices for g in members),
+                "never_seen": sum(g.never_seen for g in members),
+                "silent": sum(g.silent for g in members),
                 "last_seen": last_seen and charts.utc(last_seen).isoformat(),
                 "completeness": {
                     "batches_received": received,
