@@ -71,7 +71,8 @@ class Device(SQLModel, table=True):
     #: The phone that relays for this device (a ring), if paired.
     relay_id: str | None = Field(default=None, index=True)
     enrolled_at: datetime
-    last_seen: datetime | None = None
+    # Indexed: the Fleet page lists the devices silent longest (docs/dashboard.md, "Scale").
+    last_seen: datetime | None = Field(default=None, index=True)
     last_nonce: str | None = None
     installed: list[dict[str, Any]] | None = Field(default=None, sa_column=Column(JSON))
 

@@ -27,6 +27,7 @@ _COUNTS = ("inference_count", "error_count", "selftest_failure_count", "window_c
 _AGGREGATES = ("latency", "outputs", "inputs", "feedback", "labels")
 #: (table, index, columns) added for the pages' queries.
 _INDEXES = (
+    ("device", "ix_device_last_seen", ["last_seen"]),
     (
         "telemetry_rollup",
         "ix_telemetry_rollup_version_day_devices",
