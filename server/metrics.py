@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
-from sqlalchemy import case, func
+from sqlalchemy import func
 from sqlmodel import Session, col, select
 
 from firmware_bundles import telemetry as sketch
@@ -118,9 +118,9 @@ class Counted:
     whole: list[str]
 
     def completeness(self, session: Session) -> dict[str, Any]:
-        if not self.batches:
+        if self.day not in self.batches:
             self.batches.update(_contributor_batches(session, self.span, self.whole))
-        received, expected = self.batches.get(self.day, (0, 0))
+        received, expected = self.batches[self.day]
         return {
             "batches_received": received,
             "batches_expected": expected,
@@ -316,32 +316,47 @@ def _count_contributors(
         tally = per_day.setdefault(day, [0, 0])
         tally[0] += row.device_count
         tally[1] += row.selftest_failed_devices
+    batches: dict[str | None, tuple[int, int]] = {}
     if len(whole) == 1:  # a device has one row per version and day: its fleet rollups count it
         devices, failing = per_day.get(whole[0], [0, 0])
     else:
-        failed = case((col(TelemetryRollup.selftest_failure_count) > 0, TelemetryRollup.device_id))
-        rows, devices, failing = session.exec(
+        # One pass over the rollups' index, a row per device, joined to its batch counts.
+        contributors = (
             select(
+                TelemetryRollup.device_id,
+                func.count().label("rows"),
+                func.max(TelemetryRollup.selftest_failure_count).label("failures"),
+            )
+            .where(*_rollup_filter(span, whole))
+            .group_by(col(TelemetryRollup.device_id))
+            .subquery()
+        )
+        per_device = _batches_per_device()
+        rows, devices, failing, received, expected = session.exec(
+            select(  # type: ignore[call-overload]
+                func.coalesce(func.sum(contributors.c.rows), 0),
                 func.count(),
-                func.count(func.distinct(TelemetryRollup.device_id)),
-                func.count(func.distinct(failed)),
-            ).where(*_rollup_filter(span, whole))
+                func.count().filter(contributors.c.failures > 0),
+                func.coalesce(func.sum(per_device.c.received), 0),
+                func.coalesce(func.sum(per_device.c.expected), 0),
+            ).select_from(
+                contributors.outerjoin(
+                    per_device, per_device.c.device_id == contributors.c.device_id
+                )
+            )
         ).one()
         if rows != sum(r.device_count for r in added.values()):
             return False
-    batches: dict[str | None, tuple[int, int]] = {}
+        batches[None] = (int(received), int(expected))
     found.total.counted = Counted(devices, failing, batches, None, span, whole)
     for day, (n, f) in per_day.items():
         found.days[day].counted = Counted(n, f, batches, day, span, whole)
     return True
 
 
-def _contributor_batches(
-    session: Session, span: Span, whole: list[str]
-) -> dict[str | None, tuple[int, int]]:
-    """Batches received and expected of the devices contributing to each of ``whole`` days of
-    ``span``, and (under None) of all of them, added up by the database."""
-    batches = (
+def _batches_per_device() -> Any:
+    """Per device: batches received and expected over its boot epochs (a subquery)."""
+    return (
         select(
             TelemetryBatchCount.device_id,
             func.sum(TelemetryBatchCount.received).label("received"),
@@ -350,7 +365,15 @@ def _contributor_batches(
         .group_by(col(TelemetryBatchCount.device_id))
         .subquery()
     )
-    found: dict[str | None, tuple[int, int]] = {}
+
+
+def _contributor_batches(
+    session: Session, span: Span, whole: list[str]
+) -> dict[str | None, tuple[int, int]]:
+    """Batches received and expected of the devices contributing to each of ``whole`` days of
+    ``span`` (and, for a one-day span, to the span under None), added up by the database."""
+    batches = _batches_per_device()
+    found: dict[str | None, tuple[int, int]] = {day: (0, 0) for day in whole}
     for day, received, expected in session.exec(
         select(
             TelemetryRollup.day,
@@ -362,15 +385,8 @@ def _contributor_batches(
         .group_by(col(TelemetryRollup.day))
     ):
         found[day] = (int(received), int(expected))
-    contributors = select(TelemetryRollup.device_id).where(*_rollup_filter(span, whole))
-    distinct = contributors.distinct().subquery()
-    received, expected = session.exec(
-        select(
-            func.coalesce(func.sum(batches.c.received), 0),
-            func.coalesce(func.sum(batches.c.expected), 0),
-        ).select_from(distinct.join(batches, batches.c.device_id == distinct.c.device_id))
-    ).one()
-    found[None] = (int(received), int(expected))
+    if len(whole) == 1:
+        found[None] = found[whole[0]]
     return found
 
 
