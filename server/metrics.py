@@ -16,21 +16,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
-from sqlalchemy import func
 from sqlmodel import Session, col, select
 
 from firmware_bundles import telemetry as sketch
 from firmware_bundles.manifest import Histogram, Manifest
 from firmware_bundles.window_builder import UNKNOWN_PREDICTION
-from server import aggregate, drift, references
+from server import aggregate, drift, fleet_reads, references
 from server.errors import ApiError
-from server.models import (
-    Bundle,
-    FleetRollup,
-    TelemetryBatchCount,
-    TelemetryRollup,
-    TelemetryWindowRecord,
-)
+from server.models import Bundle, TelemetryRollup, TelemetryWindowRecord
 from server.registry import get_version
 from server.telemetry import batch_counts
 
@@ -104,31 +97,6 @@ def make_span(
 
 
 @dataclass
-class Counted:
-    """Who contributed to a group of whole days read from fleet rollups, counted by the database
-    instead of listed: devices, those with a self-test failure, and (asked for once per span, for
-    every day and the total) their telemetry batches received and expected."""
-
-    devices: int
-    selftest_failed: int
-    #: The span's days' batch counts, filled on first use: per day, and the total under None.
-    batches: dict[str | None, tuple[int, int]]
-    day: str | None
-    span: Span
-    whole: list[str]
-
-    def completeness(self, session: Session) -> dict[str, Any]:
-        if self.day not in self.batches:
-            self.batches.update(_contributor_batches(session, self.span, self.whole))
-        received, expected = self.batches[self.day]
-        return {
-            "batches_received": received,
-            "batches_expected": expected,
-            "ratio": received / expected if expected else None,
-        }
-
-
-@dataclass
 class Group:
     """Aggregates of a set of devices, with who contributed (listed, or ``counted``)."""
 
@@ -136,7 +104,7 @@ class Group:
     devices: set[str] = field(default_factory=set)
     #: Devices that reported at least one self-test failure.
     selftest_failed_devices: set[str] = field(default_factory=set)
-    counted: Counted | None = None
+    counted: fleet_reads.Counted | None = None
 
     def add(self, device_id: str, values: dict[str, Any]) -> None:
         aggregate.add(self.aggregate, values)
@@ -159,7 +127,15 @@ class Collected:
 
     total: Group
     days: dict[str, Group]
+    relative_accuracy: float
     skipped_rows: int = 0
+
+    def day(self, day: str) -> Group:
+        """The group of ``day`` (made empty when it has none yet)."""
+        group = self.days.get(day)
+        if group is None:
+            group = self.days[day] = Group(aggregate.empty(self.relative_accuracy))
+        return group
 
 
 def _whole_and_cut_days(span: Span) -> tuple[list[str], list[str]]:
@@ -181,26 +157,21 @@ def collect(session: Session, span: Span, relative_accuracy: float) -> Collected
         ApiError: 404 for an unknown model or version.
     """
     get_version(session, span.model, span.version)
-    found = Collected(Group(aggregate.empty(relative_accuracy)), {})
+    found = Collected(Group(aggregate.empty(relative_accuracy)), {}, relative_accuracy)
 
     def take(device_id: str, day: str, values: dict[str, Any]) -> None:
         """Add one stored row (a device's day, or one window) in, unless it fails its checks."""
         if aggregate.problem(values, relative_accuracy) is not None:
             found.skipped_rows += 1
             return
-        group = found.days.get(day)
-        if group is None:
-            group = found.days[day] = Group(aggregate.empty(relative_accuracy))
-        group.add(device_id, values)
+        found.day(day).add(device_id, values)
         found.total.add(device_id, values)
 
     whole, cut = _whole_and_cut_days(span)
     # (hardware id, day) pairs read from the devices' rows: all of them without fleet rollups.
     per_device: set[tuple[str, str]] | None = None
     if whole and USE_FLEET_ROLLUPS:
-        per_device = _take_fleet_rollups(
-            session, span, whole, found, relative_accuracy, listed=bool(cut)
-        )
+        per_device = fleet_reads.take(session, span, whole, found, listed=bool(cut))
     if whole and per_device != set():
         # Columns, not ORM objects: a version's day rows number devices x days.
         query = select(
@@ -231,162 +202,6 @@ def collect(session: Session, span: Span, relative_accuracy: float) -> Collected
             windows = windows.where(TelemetryWindowRecord.hardware_id == span.hardware_id)
         for device_id, stored in session.exec(windows.order_by(col(TelemetryWindowRecord.id))):
             take(device_id, day, dict(stored))
-    return found
-
-
-def _rollup_filter(span: Span, days: list[str]) -> list[Any]:
-    """The devices' rollup rows of ``span``'s version (and hardware id) on ``days``."""
-    where = [
-        TelemetryRollup.model == span.model,
-        TelemetryRollup.version == span.version,
-        col(TelemetryRollup.day).in_(days),
-    ]
-    if span.hardware_id:
-        where.append(TelemetryRollup.hardware_id == span.hardware_id)
-    return where
-
-
-def _take_fleet_rollups(
-    session: Session,
-    span: Span,
-    whole: list[str],
-    found: Collected,
-    relative_accuracy: float,
-    *,
-    listed: bool,
-) -> set[tuple[str, str]]:
-    """Add the fleet rollups of ``whole`` days into ``found``; returns the (hardware id, day)
-    pairs whose fleet rollup left a device's row out (it failed its checks): those are read from
-    the devices' rows, as without fleet rollups.
-
-    Who contributed is counted by the database when every pair is answered and nothing else is
-    in the span (``listed`` False: no cut day); else it is listed from the devices' rows' index.
-    """
-    query = select(FleetRollup).where(
-        FleetRollup.model == span.model,
-        FleetRollup.version == span.version,
-        col(FleetRollup.day).in_(whole),
-    )
-    if span.hardware_id:
-        query = query.where(FleetRollup.hardware_id == span.hardware_id)
-    per_device: set[tuple[str, str]] = set()
-    added: dict[tuple[str, str], FleetRollup] = {}
-    for row in session.exec(query.order_by(col(FleetRollup.id))):
-        if row.skipped_rows or aggregate.problem(row, relative_accuracy) is not None:
-            per_device.add((row.hardware_id, row.day))
-            continue
-        values = aggregate.values(row)
-        group = found.days.get(row.day)
-        if group is None:
-            group = found.days[row.day] = Group(aggregate.empty(relative_accuracy))
-        aggregate.add(group.aggregate, values)
-        aggregate.add(found.total.aggregate, values)
-        added[(row.hardware_id, row.day)] = row
-    if not listed and not per_device and _count_contributors(session, span, whole, found, added):
-        return per_device
-    contributors = select(
-        TelemetryRollup.hardware_id,
-        TelemetryRollup.day,
-        TelemetryRollup.device_id,
-        TelemetryRollup.selftest_failure_count,
-    ).where(*_rollup_filter(span, whole))
-    for hardware_id, day, device_id, selftest_failures in session.exec(contributors):
-        if (hardware_id, day) not in added:
-            per_device.add((hardware_id, day))  # no fleet rollup (yet): the devices' rows
-            continue
-        for group in (found.days[day], found.total):
-            group.devices.add(device_id)
-            if selftest_failures:
-                group.selftest_failed_devices.add(device_id)
-    return per_device
-
-
-def _count_contributors(
-    session: Session,
-    span: Span,
-    whole: list[str],
-    found: Collected,
-    added: Mapping[tuple[str, str], FleetRollup],
-) -> bool:
-    """Count who contributed to ``found`` (whole days only, all from fleet rollups) in the
-    database; False, counting nothing, if the devices' rows disagree with the fleet rollups'
-    device counts (then they are listed instead)."""
-    per_day: dict[str, list[int]] = {}
-    for (_, day), row in added.items():
-        tally = per_day.setdefault(day, [0, 0])
-        tally[0] += row.device_count
-        tally[1] += row.selftest_failed_devices
-    batches: dict[str | None, tuple[int, int]] = {}
-    if len(whole) == 1:  # a device has one row per version and day: its fleet rollups count it
-        devices, failing = per_day.get(whole[0], [0, 0])
-    else:
-        # One pass over the rollups' index, a row per device, joined to its batch counts.
-        contributors = (
-            select(
-                TelemetryRollup.device_id,
-                func.count().label("rows"),
-                func.max(TelemetryRollup.selftest_failure_count).label("failures"),
-            )
-            .where(*_rollup_filter(span, whole))
-            .group_by(col(TelemetryRollup.device_id))
-            .subquery()
-        )
-        per_device = _batches_per_device()
-        rows, devices, failing, received, expected = session.exec(
-            select(  # type: ignore[call-overload]
-                func.coalesce(func.sum(contributors.c.rows), 0),
-                func.count(),
-                func.count().filter(contributors.c.failures > 0),
-                func.coalesce(func.sum(per_device.c.received), 0),
-                func.coalesce(func.sum(per_device.c.expected), 0),
-            ).select_from(
-                contributors.outerjoin(
-                    per_device, per_device.c.device_id == contributors.c.device_id
-                )
-            )
-        ).one()
-        if rows != sum(r.device_count for r in added.values()):
-            return False
-        batches[None] = (int(received), int(expected))
-    found.total.counted = Counted(devices, failing, batches, None, span, whole)
-    for day, (n, f) in per_day.items():
-        found.days[day].counted = Counted(n, f, batches, day, span, whole)
-    return True
-
-
-def _batches_per_device() -> Any:
-    """Per device: batches received and expected over its boot epochs (a subquery)."""
-    return (
-        select(
-            TelemetryBatchCount.device_id,
-            func.sum(TelemetryBatchCount.received).label("received"),
-            func.sum(TelemetryBatchCount.top_sequence + 1).label("expected"),
-        )
-        .group_by(col(TelemetryBatchCount.device_id))
-        .subquery()
-    )
-
-
-def _contributor_batches(
-    session: Session, span: Span, whole: list[str]
-) -> dict[str | None, tuple[int, int]]:
-    """Batches received and expected of the devices contributing to each of ``whole`` days of
-    ``span`` (and, for a one-day span, to the span under None), added up by the database."""
-    batches = _batches_per_device()
-    found: dict[str | None, tuple[int, int]] = {day: (0, 0) for day in whole}
-    for day, received, expected in session.exec(
-        select(
-            TelemetryRollup.day,
-            func.coalesce(func.sum(batches.c.received), 0),
-            func.coalesce(func.sum(batches.c.expected), 0),
-        )
-        .join(batches, batches.c.device_id == TelemetryRollup.device_id)
-        .where(*_rollup_filter(span, whole))
-        .group_by(col(TelemetryRollup.day))
-    ):
-        found[day] = (int(received), int(expected))
-    if len(whole) == 1:
-        found[None] = found[whole[0]]
     return found
 
 
