@@ -258,6 +258,10 @@ class FleetRollup(SQLModel, table=True):
     inputs: dict[str, Any] = Field(sa_column=Column(JSON))
     feedback: dict[str, Any] = Field(sa_column=Column(JSON))
     labels: dict[str, Any] = Field(sa_column=Column(JSON))
+    #: The aggregate fields migration 0007 (data quality and shadow, another branch) adds to
+    #: ``telemetry_rollup``; NULL until that branch's aggregates fill them, read as empty.
+    quality: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    shadow: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
 
 
 class Rollout(SQLModel, table=True):

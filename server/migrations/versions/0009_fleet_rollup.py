@@ -24,7 +24,9 @@ depends_on = None
 
 _S = sqlmodel.sql.sqltypes.AutoString
 _COUNTS = ("inference_count", "error_count", "selftest_failure_count", "window_count")
-_AGGREGATES = ("latency", "outputs", "inputs", "feedback", "labels")
+#: With 0007's data-quality and shadow fields (on another branch): the table has every field of
+#: server.aggregate.FIELDS once the branches meet.
+_AGGREGATES = ("latency", "outputs", "inputs", "feedback", "labels", "quality", "shadow")
 #: (table, index, columns) added for the pages' queries.
 _INDEXES = (
     ("device", "ix_device_last_seen", ["last_seen"]),
