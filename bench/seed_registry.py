@@ -35,7 +35,7 @@ ALL_HARDWARE = tuple(h[0] for h in sp.HARDWARE)
 def draft(model: str, version: str, counter: int, target: DeviceTarget) -> dict[str, Any]:
     """A manifest draft with the layout the windows use (x0 on EDGES, three classes), the
     converter's choice and figures, and provenance with data hashes."""
-    hardware_id = target.id
+    hardware_id = target.hardware_id
     entry = {
         "target_id": hardware_id,
         "generation": target.generation,
@@ -300,7 +300,9 @@ def seed_registry(database_url: str, data_dir: Path, plan: sp.Plan) -> Registry:
             for hw in sorted(hardware):
                 target = state.catalogue.targets[hw]
                 data = build(draft(model, version, counter, target), files(hw), [key])
-                bundle = registry.publish(session=session, state=state, data=data, publisher="ci")
+                bundle = registry.publish_bytes(
+                    session=session, state=state, data=data, publisher="ci"
+                )
                 shas[(model, version, hw)] = bundle.sha256
         versions = {(v.model_name, v.version): v for v in session.exec(select(ModelVersion))}
         for (model, version), day in sp.RELEASES.items():

@@ -148,7 +148,7 @@ def day_of(session: Session, column: Any) -> Any:
     return func.substr(cast(column, String), 1, 10)
 
 
-def _iso_day(value: datetime | str) -> str:
+def iso_day(value: datetime | str) -> str:
     return value.astimezone(UTC).date().isoformat() if isinstance(value, datetime) else value
 
 
@@ -161,4 +161,4 @@ def install_outcomes(session: Session, *, since: datetime) -> list[OutcomeCount]
         .group_by(day, col(DeviceEvent.outcome))
         .order_by(day, col(DeviceEvent.outcome))
     ).all()
-    return [OutcomeCount(day=_iso_day(d), outcome=o or "unknown", count=int(n)) for d, o, n in rows]
+    return [OutcomeCount(day=iso_day(d), outcome=o or "unknown", count=int(n)) for d, o, n in rows]

@@ -21,7 +21,7 @@ from sqlmodel import Session, col, select
 from firmware_bundles import telemetry as sketch
 from firmware_bundles.manifest import Histogram, Manifest
 from firmware_bundles.window_builder import UNKNOWN_PREDICTION
-from server import aggregate, drift, quality, references
+from server import aggregate, drift, fleet_reads, quality, references
 from server.errors import ApiError
 from server.models import Bundle, TelemetryRollup, TelemetryWindowRecord
 from server.registry import get_version
@@ -32,6 +32,9 @@ _ROLLUP_FIELDS = tuple(col(getattr(TelemetryRollup, f)) for f in aggregate.FIELD
 #: The span a query covers when it names none: the last seven days.
 DEFAULT_SPAN = timedelta(days=7)
 QUANTILES = {"p50": 0.5, "p95": 0.95, "p99": 0.99}
+#: Whole days are read from the fleet rollups (:mod:`server.fleet_rollup`); tests turn it off to
+#: compare the answers with those from the devices' rows.
+USE_FLEET_ROLLUPS = True
 
 
 @dataclass(frozen=True)
@@ -95,18 +98,27 @@ def make_span(
 
 @dataclass
 class Group:
-    """Aggregates of a set of devices, with who contributed."""
+    """Aggregates of a set of devices, with who contributed (listed, or ``counted``)."""
 
     aggregate: dict[str, Any]
     devices: set[str] = field(default_factory=set)
     #: Devices that reported at least one self-test failure.
     selftest_failed_devices: set[str] = field(default_factory=set)
+    counted: fleet_reads.Counted | None = None
 
     def add(self, device_id: str, values: dict[str, Any]) -> None:
         aggregate.add(self.aggregate, values)
         self.devices.add(device_id)
         if values["selftest_failure_count"]:
             self.selftest_failed_devices.add(device_id)
+
+    @property
+    def device_count(self) -> int:
+        return self.counted.devices if self.counted else len(self.devices)
+
+    @property
+    def selftest_failed_count(self) -> int:
+        return self.counted.selftest_failed if self.counted else len(self.selftest_failed_devices)
 
 
 @dataclass
@@ -115,7 +127,15 @@ class Collected:
 
     total: Group
     days: dict[str, Group]
+    relative_accuracy: float
     skipped_rows: int = 0
+
+    def day(self, day: str) -> Group:
+        """The group of ``day`` (made empty when it has none yet)."""
+        group = self.days.get(day)
+        if group is None:
+            group = self.days[day] = Group(aggregate.empty(self.relative_accuracy))
+        return group
 
 
 def _whole_and_cut_days(span: Span) -> tuple[list[str], list[str]]:
@@ -137,23 +157,29 @@ def collect(session: Session, span: Span, relative_accuracy: float) -> Collected
         ApiError: 404 for an unknown model or version.
     """
     get_version(session, span.model, span.version)
-    found = Collected(Group(aggregate.empty(relative_accuracy)), {})
+    found = Collected(Group(aggregate.empty(relative_accuracy)), {}, relative_accuracy)
 
     def take(device_id: str, day: str, values: dict[str, Any]) -> None:
         """Add one stored row (a device's day, or one window) in, unless it fails its checks."""
         if aggregate.problem(values, relative_accuracy) is not None:
             found.skipped_rows += 1
             return
-        group = found.days.get(day)
-        if group is None:
-            group = found.days[day] = Group(aggregate.empty(relative_accuracy))
-        group.add(device_id, values)
+        found.day(day).add(device_id, values)
         found.total.add(device_id, values)
 
     whole, cut = _whole_and_cut_days(span)
-    if whole:
+    # (hardware id, day) pairs read from the devices' rows: all of them without fleet rollups.
+    per_device: set[tuple[str, str]] | None = None
+    if whole and USE_FLEET_ROLLUPS:
+        per_device = fleet_reads.take(session, span, whole, found, listed=bool(cut))
+    if whole and per_device != set():
         # Columns, not ORM objects: a version's day rows number devices x days.
-        query = select(TelemetryRollup.device_id, TelemetryRollup.day, *_ROLLUP_FIELDS).where(
+        query = select(
+            TelemetryRollup.device_id,
+            TelemetryRollup.day,
+            TelemetryRollup.hardware_id,
+            *_ROLLUP_FIELDS,
+        ).where(
             TelemetryRollup.model == span.model,
             TelemetryRollup.version == span.version,
             col(TelemetryRollup.day).in_(whole),
@@ -161,7 +187,8 @@ def collect(session: Session, span: Span, relative_accuracy: float) -> Collected
         if span.hardware_id:
             query = query.where(TelemetryRollup.hardware_id == span.hardware_id)
         for row in session.exec(query.order_by(col(TelemetryRollup.id))):
-            take(row[0], row[1], dict(zip(aggregate.FIELDS, row[2:], strict=True)))
+            if per_device is None or (row[2], row[1]) in per_device:
+                take(row[0], row[1], dict(zip(aggregate.FIELDS, row[3:], strict=True)))
     for day in cut:
         # Only the part of a cut day inside the span: its whole-day rollup cannot be used.
         begins = datetime.combine(date.fromisoformat(day), time(), UTC)
@@ -243,7 +270,7 @@ def figures(
     Rates are per inference, except the self-test failure rate: the share of reporting devices
     that reported a self-test failure. Accuracy counts labels whose prediction is known.
     """
-    devices = len(group.devices)
+    devices = group.device_count
     if devices < min_devices and not privileged:
         return {"withheld": f"too few devices (fewer than {min_devices})"}
     agg = group.aggregate
@@ -262,7 +289,7 @@ def figures(
         "errors": agg["error_count"],
         "error_rate": agg["error_count"] / n if n else None,
         "selftest_failures": agg["selftest_failure_count"],
-        "selftest_failure_rate": len(group.selftest_failed_devices) / devices if devices else None,
+        "selftest_failure_rate": group.selftest_failed_count / devices if devices else None,
         "latency_s": {
             "count": latency["count"],
             "mean": latency["sum"] / latency["count"] if latency["count"] else None,
@@ -286,7 +313,9 @@ def figures(
             "labels": labelled,
             "labels_without_prediction": sum(agg["labels"].get(UNKNOWN_PREDICTION, {}).values()),
         },
-        "completeness": completeness(session, group.devices, known_batches),
+        "completeness": group.counted.completeness(session)
+        if group.counted
+        else completeness(session, group.devices, known_batches),
         "data_quality": quality.data_quality(agg, {h.name: h for h in shown.inputs}),
         "shadow": quality.shadow(agg),
     }
@@ -306,9 +335,9 @@ def drift_figures(
     Raises:
         ApiError: 409 when the two sides' bins differ for a feature (another layout).
     """
-    if len(current.devices) < min_devices and not privileged:
+    if current.device_count < min_devices and not privileged:
         return {"withheld": f"too few devices (fewer than {min_devices})"}
-    result: dict[str, Any] = {"withheld": None, "devices_reporting": len(current.devices)}
+    result: dict[str, Any] = {"withheld": None, "devices_reporting": current.device_count}
     shown = references.bins(manifest)
     named = {
         "inputs": {h.name: h for h in shown.inputs},

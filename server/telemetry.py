@@ -34,7 +34,8 @@ from sqlmodel import Session, col, select
 from firmware_bundles import telemetry as sketch
 from firmware_bundles.messages import TelemetryBatch, TelemetryWindow
 from firmware_bundles.window_builder import TelemetryLayout
-from server import aggregate, references
+from server import aggregate, fleet_rollup, references
+from server import batch_counts as per_device_batches
 from server.errors import ApiError
 from server.models import (
     Bundle,
@@ -104,6 +105,7 @@ def ingest(
             session.add(record)
             session.flush()
             assert record.id is not None
+            per_device_batches.count(session, device.id, batch.boot_epoch, batch.sequence)
             _store_windows(session, device, batch, record.id)
             _add_into_rollups(session, device, parts, relative_accuracy)
             session.commit()
@@ -269,10 +271,12 @@ def _add_into_rollups(
         .with_for_update()
     ).all()
     existing = {(r.model, r.version, r.day): r for r in rows}
+    changes: list[fleet_rollup.Change] = []
     for key in sorted(parts):
         part = parts[key]
         rollup = existing.get(key)
         if rollup is None:
+            changes.append(fleet_rollup.Change((*key, device.hardware_id), part, "new", False))
             session.add(
                 TelemetryRollup(
                     device_id=device.id,
@@ -289,11 +293,14 @@ def _add_into_rollups(
             continue
         problem = aggregate.problem(rollup, relative_accuracy)
         current = aggregate.copy(aggregate.values(rollup)) if problem is None else None
+        was: fleet_rollup.Was = "valid" if problem is None else "skipped"
+        failed_before = current is not None and current["selftest_failure_count"] > 0
         if current is not None:
             try:
                 aggregate.add(current, part)
             except ValueError as exc:  # a layout no manifest gives: written before the checks
-                problem, current = str(exc), None
+                problem, current, was = str(exc), None, "replaced"
+        changes.append(fleet_rollup.Change((*key, rollup.hardware_id), part, was, failed_before))
         if current is None:
             log.warning(
                 "telemetry rollup %s %s fails its checks (%s); replaced by new data. It held: %s",
@@ -306,6 +313,8 @@ def _add_into_rollups(
         for field, value in current.items():
             setattr(rollup, field, value)
         session.add(rollup)
+    session.flush()
+    fleet_rollup.add_changes(session, changes, relative_accuracy)
 
 
 class Rollups(NamedTuple):
@@ -362,12 +371,14 @@ class Erased(NamedTuple):
     batches: int
 
 
-def erase_device(session: Session, device_id: str) -> Erased:
+def erase_device(session: Session, device_id: str, *, relative_accuracy: float) -> Erased:
     """Delete every window, rollup and batch record of ``device_id`` (health data), in one
-    transaction: every aggregate then changes by exactly its contribution.
+    transaction: every aggregate then changes by exactly its contribution (the fleet rollups it
+    counted in are added up again without it).
 
     The batch records go too, so a batch the device still holds and sends again is taken as new.
     """
+    fleet_keys = fleet_rollup.device_keys(session, device_id)
     windows = session.exec(
         delete(TelemetryWindowRecord).where(col(TelemetryWindowRecord.device_id) == device_id)
     ).rowcount
@@ -377,6 +388,8 @@ def erase_device(session: Session, device_id: str) -> Erased:
     batches = session.exec(
         delete(TelemetryBatchRecord).where(col(TelemetryBatchRecord.device_id) == device_id)
     ).rowcount
+    per_device_batches.erase(session, device_id)
+    fleet_rollup.recompute(session, fleet_keys, relative_accuracy)
     session.commit()
     return Erased(int(windows), int(rollup_rows), int(batches))
 
@@ -438,22 +451,4 @@ def completeness(session: Session, device_id: str) -> dict[str, Any]:
 def batch_counts(session: Session, devices: list[str]) -> dict[str, tuple[int, int]]:
     """Per device: telemetry batches received, and those its sequence numbers say were sent
     (over all its boot epochs; a record with a negative sequence is left out)."""
-    counts: dict[str, tuple[int, int]] = {}
-    for i in range(0, len(devices), 500):
-        rows = session.exec(
-            select(
-                TelemetryBatchRecord.device_id,
-                TelemetryBatchRecord.boot_epoch,
-                func.count(),
-                func.max(TelemetryBatchRecord.sequence),
-            )
-            .where(
-                col(TelemetryBatchRecord.device_id).in_(devices[i : i + 500]),
-                col(TelemetryBatchRecord.sequence) >= 0,
-            )
-            .group_by(col(TelemetryBatchRecord.device_id), col(TelemetryBatchRecord.boot_epoch))
-        ).all()
-        for device_id, _, received, top in rows:
-            got, expected = counts.get(device_id, (0, 0))
-            counts[device_id] = (got + int(received), expected + int(top) + 1)
-    return counts
+    return per_device_batches.counts(session, devices)

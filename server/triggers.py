@@ -223,7 +223,7 @@ def _read(
     except ApiError:
         return None  # telemetry of a version the registry no longer has
     total = collected.total
-    return _Window(total.aggregate, len(total.devices), manifest)
+    return _Window(total.aggregate, total.device_count, manifest)
 
 
 def _update(
