@@ -15,6 +15,8 @@ and never rolls back; a stage thin past its deadline waits for a person.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -379,7 +381,8 @@ def _release(session: Session, rollout: Rollout, now: datetime) -> None:
 
 # -- the periodic job ---------------------------------------------------------------------------
 
-_HOLDER = uuid.uuid4().hex
+#: Who holds a lease: host, process id and a random tag (a new process never reuses a holder).
+_HOLDER = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
 LEASE = "rollout-evaluator"
 
 

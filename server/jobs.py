@@ -35,7 +35,7 @@ def jobs_for(state: ServerState) -> list[Job]:
     settings = state.settings
 
     def drop_expired() -> int:
-        with Session(state.engine) as session:
+        with state.sessions() as session:
             dropped = telemetry.drop_expired_windows(
                 session,
                 now=datetime.now(UTC),
@@ -50,7 +50,7 @@ def jobs_for(state: ServerState) -> list[Job]:
         return dropped
 
     def evaluate_rollouts() -> int:
-        with Session(state.engine) as session:
+        with state.sessions() as session:
             return evaluator.evaluate_due(
                 session,
                 relative_accuracy=settings.telemetry_relative_accuracy,
@@ -58,7 +58,7 @@ def jobs_for(state: ServerState) -> list[Job]:
             )
 
     def check_thresholds() -> int:
-        with Session(state.engine) as session:
+        with state.sessions() as session:
             return triggers.run(
                 session,
                 now=datetime.now(UTC),

@@ -77,6 +77,22 @@ def database_url(
     if postgres_available:
         # A missing database is a failure with its reason, never a skip.
         pytest.fail(postgres_available)
+    with fresh_pg_database() as url:
+        yield url
+
+
+@pytest.fixture()
+def pg_database_url(postgres_available: str | None) -> Iterator[str]:
+    """A fresh, empty PostgreSQL database (a failure, never a skip, without PostgreSQL)."""
+    if postgres_available:
+        pytest.fail(postgres_available)
+    with fresh_pg_database() as url:
+        yield url
+
+
+@contextmanager
+def fresh_pg_database() -> Iterator[str]:
+    """A new database on the machine's PostgreSQL, dropped afterwards; its SQLAlchemy URL."""
     import psycopg
 
     name = f"edgefleet_test_{uuid.uuid4().hex[:12]}"
