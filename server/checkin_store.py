@@ -7,7 +7,7 @@ the event loop on a connection of its own (see :class:`SqliteCheckInStore` for w
 pool's). PostgreSQL coalesces the check-ins that arrive while a statement is in flight into the
 next one (``UPDATE ... FROM unnest(...)``) on an asyncio pool, so the loop goes on serving while
 the database works and the driver's per-statement cost is shared; every check-in is still
-recorded before it is answered.
+recorded before it is answered, with an asynchronous commit (:data:`ASYNC_COMMIT`).
 """
 
 from __future__ import annotations
@@ -167,6 +167,14 @@ RETURNING d.credential_hash, d.id, d.hardware_id, d.free_flash_bytes, s.state_ha
 """
 
 
+#: Check-in's contact record commits without waiting for its WAL flush: on a crash of
+#: PostgreSQL the last fraction of a second of last-seen times can be lost (never half of a
+#: statement; the device's next check-in records it again), and check-ins stop queueing behind
+#: the disk's flushes (a large blob being stored, say). Install outcomes, reverts and every
+#: other write keep synchronous commits.
+ASYNC_COMMIT = "-c synchronous_commit=off"
+
+
 class PostgresCheckInStore:
     """Check-ins coalesced into one ``UPDATE ... FROM unnest(...)`` per round trip.
 
@@ -249,7 +257,7 @@ class PostgresCheckInStore:
                     conninfo,
                     min_size=1,
                     max_size=self._max_in_flight,
-                    kwargs={"autocommit": True},
+                    kwargs={"autocommit": True, "options": ASYNC_COMMIT},
                     open=False,
                 )
                 await pool.open()

@@ -82,3 +82,23 @@ def test_a_revoked_device_is_not_recorded(fleet: Fleet) -> None:
 
     assert fleet.client.portal.call(one) is None  # type: ignore[union-attr]
     assert fleet.check_in("phone-1", credential).status_code == 401
+
+
+def test_check_in_records_commit_without_waiting_for_the_flush(fleet: Fleet) -> None:
+    """Only the contact record's commits are asynchronous (PostgreSQL); the ORM's stay
+    synchronous."""
+    store = fleet.state.check_in_store
+    if fleet.state.engine.dialect.name != "postgresql":
+        assert not hasattr(store, "_open_pool")  # SQLite: one local connection, no pool
+        return
+
+    async def settings() -> tuple[str, str]:
+        pool = await store._open_pool()
+        async with pool.connection() as conn:
+            row = await (await conn.execute("SHOW synchronous_commit")).fetchone()
+        await store.close()
+        with Session(fleet.state.engine) as session:
+            orm = session.connection().exec_driver_sql("SHOW synchronous_commit").scalar()
+        return row[0], orm
+
+    assert asyncio.run(settings()) == ("off", "on")
