@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+from fleet_sim import SimDevice, SimulatedFleet
 
 from device_agent.client import FleetClient
 from device_agent.fetch import BundleFetcher
@@ -28,7 +29,6 @@ from device_agent.link.config import LinkSettings
 from device_agent.link.relay import RingRelay
 from device_agent.outbox import Outbox
 from firmware_bundles import SigningKey, TrustedRoot, parse_root
-from fleet_sim import SimDevice, SimulatedFleet
 from hil.samples import heldout, sample_bundle
 from hil.targets import DeviceUnderTest, open_device
 

@@ -1,4 +1,4 @@
-"""The live fleet's model versions: the digits example, converted three times by `edgefleet convert`.
+"""The live fleet's model versions: the digits example, three times through `edgefleet convert`.
 
 * 1.0.0: the example's StandardScaler + MLP(64) pipeline (``examples/train_digits_mlp.py``).
 * 2.0.0: the same pipeline trained longer: as accurate, outputs barely move; its gates pass.

@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -60,10 +61,10 @@ class FleetSettings:
     """How the simulated devices behave; times in real seconds."""
 
     check_in_interval_s: float = 45.0
-    upload_interval_s: float = 30.0
-    telemetry_window_s: int = 30
+    upload_interval_s: float = 60.0
+    telemetry_window_s: int = 60
     #: Predictions each online device makes per tick, and the share of them a user labels.
-    predictions_per_tick: int = 3
+    predictions_per_tick: int = 2
     label_share: float = 0.5
     threads: int = 6
 
@@ -129,7 +130,8 @@ class SimulatedFleet:
         self.http = httpx.Client(
             timeout=60.0, limits=httpx.Limits(max_connections=2 * self.settings.threads)
         )
-        self._pool = ThreadPoolExecutor(self.settings.threads, thread_name_prefix="fleet")
+        self._pool = ThreadPoolExecutor(2, thread_name_prefix="fleet-use")
+        self._network = ThreadPoolExecutor(self.settings.threads, thread_name_prefix="fleet-net")
         self._lock = threading.Lock()
         self.totals = TickStats()
         rng = np.random.default_rng(seed)
@@ -156,13 +158,20 @@ class SimulatedFleet:
             clock=self.clock,
             runtime=self.runtime,
         )
-        self._plan = [(i, kinds[int(p)], np.random.default_rng([seed, i])) for i, p in enumerate(picks)]
+        self._plan = [
+            (i, kinds[int(p)], np.random.default_rng([seed, i])) for i, p in enumerate(picks)
+        ]
 
     # -- life cycle ---------------------------------------------------------------------------
 
-    def _map(self, fn: Callable[[SimDevice], TickStats], devices: Iterable[SimDevice]) -> TickStats:
+    def _map(
+        self,
+        fn: Callable[[Any], TickStats],
+        items: Iterable[Any],
+        pool: ThreadPoolExecutor | None = None,
+    ) -> TickStats:
         total = TickStats()
-        for stats in self._pool.map(fn, list(devices)):
+        for stats in (pool or self._pool).map(fn, list(items)):
             total.predictions += stats.predictions
             total.check_ins += stats.check_ins
             total.windows_sent += stats.windows_sent
@@ -181,10 +190,11 @@ class SimulatedFleet:
             return SimDevice(self._make_agent(i, hardware_id), hardware_id, rng)
 
         self.devices = list(self._pool.map(make, self._plan))
-        return self._map(lambda d: self._check_in(d, time.monotonic()), self.devices)
+        return self._map(lambda d: self._check_in(d, time.monotonic()), self.devices, self._network)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._network.shutdown(wait=True, cancel_futures=True)
         for device in self.devices:
             device.agent.close()
         self.http.close()
@@ -227,11 +237,15 @@ class SimulatedFleet:
             return self._error(device, exc)
         return TickStats(windows_sent=sent.windows_sent)
 
-    def _round(self, device: SimDevice) -> TickStats:
-        stats = TickStats(predictions=self._predict(device, self.settings.predictions_per_tick))
-        if not device.online:
-            return stats  # offline: inference goes on, telemetry waits in the outbox
+    def _use(self, devices: list[SimDevice]) -> TickStats:
+        """The users of ``devices`` make their predictions (online or not)."""
+        count = self.settings.predictions_per_tick
+        return TickStats(predictions=sum(self._predict(d, count) for d in devices))
+
+    def _sync(self, device: SimDevice) -> TickStats:
+        """Check in and upload, each when due."""
         now = time.monotonic()
+        stats = TickStats()
         if now >= device.next_check_in:
             done = self._check_in(device, now)
             stats.check_ins, stats.errors = done.check_ins, done.errors
@@ -250,21 +264,43 @@ class SimulatedFleet:
         total = TickStats()
         for k in range(steps, 0, -1):
             self.clock.lag_s = k * step_h * 3600
-            done = self._map(lambda d: TickStats(predictions=self._predict(d, per_step)), self.devices)
+            chunks = [self.devices[i : i + 50] for i in range(0, len(self.devices), 50)]
+            done = self._map(
+                lambda c: TickStats(predictions=sum(self._predict(d, per_step) for d in c)), chunks
+            )
             total.predictions += done.predictions
         self.clock.lag_s = 0.0
         return total
 
     def tick(self) -> TickStats:
-        """One round of every device: predict, and (online) check in and upload when due."""
-        return self._map(self._round, self.devices)
+        """Every device's users predict (in chunks, so a slow server never slows inference)."""
+        chunks = [self.devices[i : i + 50] for i in range(0, len(self.devices), 50)]
+        return self._map(self._use, chunks)
+
+    def sync_due(self) -> TickStats:
+        """Online devices check in and upload, those that are due."""
+        now = time.monotonic()
+        due = [
+            d for d in self.devices if d.online and (now >= d.next_check_in or now >= d.next_upload)
+        ]
+        return self._map(self._sync, due, pool=self._network)
 
     def run(self, stop: threading.Event, tick_s: float) -> None:
-        """Tick until ``stop`` is set, a tick at most every ``tick_s`` seconds."""
+        """Predict every ``tick_s`` seconds until ``stop`` is set; the network runs beside it."""
+        network = threading.Thread(target=self._run_network, args=(stop,), name="fleet-network")
+        network.start()
+        try:
+            while not stop.is_set():
+                started = time.monotonic()
+                self.tick()
+                stop.wait(max(0.0, tick_s - (time.monotonic() - started)))
+        finally:
+            network.join()
+
+    def _run_network(self, stop: threading.Event) -> None:
         while not stop.is_set():
-            started = time.monotonic()
-            self.tick()
-            stop.wait(max(0.0, tick_s - (time.monotonic() - started)))
+            self.sync_due()
+            stop.wait(0.5)
 
     def set_online(self, device_ids: Iterable[str], online: bool) -> None:
         wanted = set(device_ids)

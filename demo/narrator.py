@@ -7,6 +7,7 @@ demo's end check (:func:`check_story`) looks for the evaluator there, never at w
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,10 +23,9 @@ def figures_line(figures: dict[str, Any]) -> str:
     parts = []
     devices, inferences = figures.get("devices") or {}, figures.get("inferences") or {}
     if devices:
-        parts.append(
-            f"treatment {devices.get('treatment')} devices/{inferences.get('treatment')} inferences,"
-            f" control {devices.get('control')}/{inferences.get('control')}"
-        )
+        treatment = f"{devices.get('treatment')} devices/{inferences.get('treatment')} inferences"
+        control = f"{devices.get('control')}/{inferences.get('control')}"
+        parts.append(f"treatment {treatment}, control {control}")
     verdict = figures.get("verdict") or {}
     for gate in verdict.get("gates", []):
         if gate.get("status") in ("pass", "fail") and gate.get("estimate") is not None:
@@ -82,10 +82,12 @@ class Narrator:
     def _narrate(self, w: Watched, d: dict[str, Any]) -> None:
         head = f"[v{w.version} stage {d['stage']}] {d['actor']}: {d['action']}"
         if d["action"] in ("hold", "evaluate"):
-            if d["reason"] == w.last_hold:
+            shape = re.sub(r"\d+(\.\d+)?", "#", d["reason"])  # the same wait, other counts
+            if shape == w.last_hold:
                 return
-            w.last_hold = d["reason"]
-            self.say(f"{head}: {d['reason']}")
+            w.last_hold = shape
+            reason = d["reason"] if len(d["reason"]) <= 150 else d["reason"][:150] + "..."
+            self.say(f"{head}: {reason}")
             return
         w.last_hold = ""
         moved = f"{d['state_before']} -> {d['state_after']}"
