@@ -12,6 +12,7 @@ own credentials and state directories.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
 import threading
@@ -122,7 +123,13 @@ class Links:
                     try:
                         await self._round(link)
                     except Exception as exc:  # a link's trouble is reported, never fatal
-                        link.errors.append(f"{type(exc).__name__}: {exc}")
+                        error = f"{type(exc).__name__}: {exc}"
+                        if error not in link.errors:
+                            print(f"-- link {link.device.spec}: {error}", flush=True)
+                        link.errors.append(error)
+                        del link.errors[:-5]
+                        with contextlib.suppress(Exception):
+                            await link.device.disconnect()
                         link.device.client = None
                 await asyncio.sleep(SYNC_EVERY_S)
         finally:
@@ -176,6 +183,16 @@ class Links:
                 + (f"; last error: {link.errors[-1]}" if link.errors else ""),
                 flush=True,
             )
+
+    def problems(self) -> list[str]:
+        """Links that never installed the model or carried telemetry back (empty: all did)."""
+        return [
+            f"{link.device.spec} from {link.host.agent.device_id}: installed"
+            f" {link.installed or 'nothing'}, {link.uploaded} telemetry pieces carried"
+            + (f" ({link.errors[-1]})" if link.errors else "")
+            for link in self.links
+            if not link.installed or not link.uploaded
+        ]
 
     def close(self) -> None:
         self.stop.set()

@@ -44,7 +44,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path[:0] = [str(HERE), str(ROOT)]
 
-from fleet_demo import Background, free_port, start_server  # noqa: E402
+from fleet_demo import Background, free_port, wait_for  # noqa: E402
 from fleet_links import Links  # noqa: E402
 from fleet_models import HARDWARE_IDS, MODEL, build_versions  # noqa: E402
 from fleet_sim import FleetSettings, SimulatedFleet  # noqa: E402
@@ -156,7 +156,17 @@ class Story:
         os.environ["EDGEFLEET_ROLLOUT_EVALUATION_S"] = str(EVALUATION_S)
         port = self.args.port or free_port()
         self.url = f"http://127.0.0.1:{port}"
-        self.background.append(start_server(Path("fleet-data"), port, Path("server.log")))
+        server = Background(
+            Path("server.log"), "serve", "--init", "--data-dir", "fleet-data", "--port", str(port)
+        )
+        self.background.append(server)  # stopped on the way out, even if it never answers
+
+        def healthy() -> bool:
+            if server.proc.poll() is not None:
+                raise SystemExit(f"demo failed: the server exited: {server.log.read_text()}")
+            return httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200
+
+        wait_for(healthy, "the server to answer /healthz")
         found = re.search(r"efa_[A-Za-z0-9_-]+", Path("server.log").read_text())
         if found is None:
             raise SystemExit("demo failed: the server printed no admin token")
@@ -315,7 +325,7 @@ class Story:
         self.links.report()
 
         step("The story's decisions, as the server's decision logs record them")
-        problems = check_story(self.narrator, v2, v3)
+        problems = check_story(self.narrator, v2, v3) + self.links.problems()
         for problem in problems:
             say(f"MISSING: {problem}")
         if not problems:
