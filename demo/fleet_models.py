@@ -3,9 +3,10 @@
 * 1.0.0: the example's StandardScaler + MLP(64) pipeline (``examples/train_digits_mlp.py``).
 * 2.0.0: the same pipeline trained longer: as accurate, outputs barely move; its gates pass.
 * 3.0.0: the regression the demo injects: a far bigger network (slower on every input) trained
-  on labels a data bug corrupted for two digits (8 read as 1, 9 as 7), so it is wrong on those
-  inputs and right on the others. Nothing in the bundle says so: the converter's held-out check
-  uses the same corrupted labels, as a broken labelling pipeline would; only the field shows it.
+  on labels a data bug swapped for two digits (8s labelled 9 and 9s labelled 8), so it is wrong
+  on those inputs and right on the others. Nothing in the bundle says so: the converter's
+  held-out check uses the same swapped labels, as a broken labelling pipeline would; only the
+  field, where users label what they meant, shows it.
 
 Every bundle goes to the phones and the Raspberry Pi boards of the fleet; the converter signs it
 with the demo's release key and the server adds its own release signature on publish.
@@ -22,8 +23,8 @@ from pathlib import Path
 MODEL = "digits-fleet"
 HARDWARE_IDS = ("phone-android", "devboard-rpi4")
 VERSIONS = ("1.0.0", "2.0.0", "3.0.0")
-#: The digits the v3 data bug mislabels, and what it reads them as.
-CORRUPTED_LABELS = {8: 1, 9: 7}
+#: The digits the v3 data bug mislabels, and what it labels them (every class still appears).
+CORRUPTED_LABELS = {8: 9, 9: 8}
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 

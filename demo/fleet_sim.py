@@ -226,7 +226,10 @@ class SimulatedFleet:
             made += 1
             if device.rng.random() < self.settings.label_share:
                 predicted = int(np.asarray(next(iter(out.values()))).reshape(1, -1).argmax())
-                device.agent.label(self.model, int(self.y[row]), predicted)
+                try:
+                    device.agent.label(self.model, int(self.y[row]), predicted)
+                except AgentError as exc:
+                    self._error(device, exc)
         return made
 
     def _upload(self, device: SimDevice, now: float) -> TickStats:
@@ -292,14 +295,20 @@ class SimulatedFleet:
         try:
             while not stop.is_set():
                 started = time.monotonic()
-                self.tick()
+                try:
+                    self.tick()
+                except Exception as exc:  # the simulator's own bug: say so, keep the fleet going
+                    print(f"-- fleet: a tick failed: {type(exc).__name__}: {exc}", flush=True)
                 stop.wait(max(0.0, tick_s - (time.monotonic() - started)))
         finally:
             network.join()
 
     def _run_network(self, stop: threading.Event) -> None:
         while not stop.is_set():
-            self.sync_due()
+            try:
+                self.sync_due()
+            except Exception as exc:  # the simulator's own bug: say so, keep the fleet going
+                print(f"-- fleet: a network round failed: {type(exc).__name__}: {exc}", flush=True)
             stop.wait(0.5)
 
     def set_online(self, device_ids: Iterable[str], online: bool) -> None:

@@ -309,7 +309,7 @@ class Story:
         self.wait(v2_done, "2.0.0 to finish its rollout", 480)
         say(f"devices running each version: {dict(fleet.active_versions())}")
 
-        step("6. Roll out 3.0.0, with a regression the demo injected: slower, wrong on 8s and 9s")
+        step("6. Roll out 3.0.0, into which the demo injected a regression: slower, wrong on 8s/9s")
         v3 = self.roll_out("3.0.0", stage_s=self.args.stage_s)
         self.wait(lambda: self.narrator.state(v3) != "running", "3.0.0 to be judged", 300)  # type: ignore[union-attr]
         self.wait(
