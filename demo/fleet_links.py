@@ -77,6 +77,9 @@ class Links:
         self.stop = threading.Event()
         self.fleet: SimulatedFleet | None = None
         self.enroll_token = ""
+        self.devices: list[DeviceUnderTest] = []
+        self._connected = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def publish(self) -> None:
         """Publish and release the sample model for the ring and the board."""
@@ -93,30 +96,43 @@ class Links:
             ).stdout
         )["token"]
 
-    def start(self, stop: threading.Event, fleet: SimulatedFleet) -> None:
-        """Pick the hosts from ``fleet`` (online devices of the right hardware)."""
+    def open(self, stop: threading.Event) -> None:
+        """Power the devices on and connect to them, before the fleet opens its thousands of
+        files: pyserial waits on the pty with ``select()``, which takes no descriptor above
+        1023."""
         self.stop = stop
-        self.fleet = fleet
         root = parse_root((self.data_dir / "root.json").read_bytes())[1]
+        self.devices = [
+            open_device(spec, work_dir=self.work_dir, root=root, settings=LinkSettings(), index=i)
+            for i, (spec, _) in enumerate(LINKS)
+        ]
+        self._thread = threading.Thread(target=asyncio.run, args=(self._serve(),), name="links")
+        self._thread.start()
+        if not self._connected.wait(120):
+            raise SystemExit("demo failed: the rings and the board did not connect")
+
+    def start(self, fleet: SimulatedFleet) -> None:
+        """Give each device a host from ``fleet`` (online devices of the right hardware)."""
         taken: set[str] = set()
-        for index, (spec, host_hardware) in enumerate(LINKS):
+        links = []
+        for device, (_, host_hardware) in zip(self.devices, LINKS, strict=True):
             host = next(
                 d
                 for d in fleet.devices
                 if d.hardware_id == host_hardware and d.online and d.agent.device_id not in taken
             )
             taken.add(host.agent.device_id)
-            device = open_device(
-                spec, work_dir=self.work_dir, root=root, settings=LinkSettings(), index=index
-            )
-            self.links.append(Link(host, device))
-
-    def run(self) -> None:
-        asyncio.run(self._serve())
+            links.append(Link(host, device))
+        self.fleet = fleet
+        self.links = links
 
     async def _serve(self) -> None:
-        for link in self.links:
-            await link.device.start()
+        try:
+            for device in self.devices:
+                await device.start()
+                await device.connect()
+        finally:
+            self._connected.set()
         try:
             while not self.stop.is_set():
                 for link in self.links:
@@ -133,8 +149,8 @@ class Links:
                         link.device.client = None
                 await asyncio.sleep(SYNC_EVERY_S)
         finally:
-            for link in self.links:
-                await link.device.stop()
+            for device in self.devices:
+                await device.stop()
 
     def _relay(self, link: Link) -> RingRelay:
         assert self.fleet is not None and link.device.client is not None
@@ -157,7 +173,9 @@ class Links:
 
     async def _round(self, link: Link) -> None:
         if link.device.client is None:
-            await link.device.connect()
+            await link.device.connect()  # again, after a failure
+            link.relay = None
+        if link.relay is None:
             link.relay = self._relay(link)
             if not link.device_id:
                 link.device_id = await link.relay.enroll_ring(
@@ -196,3 +214,5 @@ class Links:
 
     def close(self) -> None:
         self.stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=60)

@@ -283,11 +283,11 @@ class Story:
         self.publish()
         self.links = Links(self.url, self.token, Path("fleet-data"), Path("links"), edgefleet)
         self.links.publish()
+        self.links.open(self.stop)
         fleet = self.enroll()
         self.narrator = Narrator(self.url, self.token, say)
         offline = self.history(fleet)
-        self.links.start(self.stop, fleet)
-        self.spawn(self.links.run, "links")
+        self.links.start(fleet)
 
         step("5. Roll out 2.0.0: each stage advances when its gates pass")
         v2 = self.roll_out("2.0.0", stage_s=self.args.stage_s)
