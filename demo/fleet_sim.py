@@ -60,7 +60,7 @@ class _Connected:
 class FleetSettings:
     """How the simulated devices behave; times in real seconds."""
 
-    check_in_interval_s: float = 45.0
+    check_in_interval_s: float = 30.0
     upload_interval_s: float = 60.0
     telemetry_window_s: int = 60
     #: Predictions each online device makes per tick, and the share of them a user labels.

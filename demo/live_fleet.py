@@ -360,7 +360,7 @@ def main() -> int:
     parser.add_argument("--once", action="store_true", help="Tell the story once and exit.")
     parser.add_argument("--devices", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=16)
-    parser.add_argument("--stage-s", type=int, default=45, help="Minimum duration of a stage.")
+    parser.add_argument("--stage-s", type=int, default=30, help="Minimum duration of a stage.")
     parser.add_argument(
         "--deadline-s", type=float, default=ONCE_DEADLINE_S, help="--once gives up after this."
     )
