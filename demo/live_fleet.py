@@ -280,6 +280,8 @@ class Story:
         self.serve()
         token_file = Path("admin-token.txt").resolve()
         say(f"\nDashboard: {self.url}/ui/  (log in with the token in {token_file})")
+        if not self.args.once:
+            say("It runs until Ctrl-C, which stops the fleet, the links and the server.")
         self.publish()
         self.links = Links(self.url, self.token, Path("fleet-data"), Path("links"), edgefleet)
         self.links.publish()
