@@ -22,7 +22,7 @@ ONNX2TF := onnx2tf==1.29.24
 CHROMIUM := /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test lint typecheck pytest bench clean tflite-env vendor chromium screenshots
+.PHONY: demo walkthrough test lint typecheck pytest bench clean tflite-env vendor chromium screenshots
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,7 +41,15 @@ $(TFLITE_STAMP):
 
 tflite-env: $(TFLITE_STAMP)
 
-demo: $(STAMP) $(TFLITE_STAMP)
+# The live fleet (demo/live_fleet.py): a server with its dashboard, 1,000 simulated devices running
+# the real agent, staged rollouts judged by the server's evaluator; runs until Ctrl-C.
+# `make demo ARGS=--once` tells the story once and exits 0 only if the evaluator decided it.
+ARGS ?=
+demo: $(STAMP)
+	$(BIN)/python demo/live_fleet.py $(ARGS)
+
+# The narrated walk through one bundle's life: keys, signing, attacks, the converter, one phone.
+walkthrough: $(STAMP) $(TFLITE_STAMP)
 	$(BIN)/python demo/run_demo.py
 
 lint: $(STAMP)

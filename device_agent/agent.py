@@ -75,6 +75,8 @@ class Agent:
         http: HTTP client (tests hand one with a simulator's transport); one is made if None.
         conditions: Network and power conditions; ``<state_dir>/conditions.json`` if None.
         clock: The current time (UTC); also drives download timers when given.
+        runtime: ONNX Runtime sessions to share with other agents in one process (a simulated
+            fleet); each agent makes its own if None.
 
     Raises:
         ConfigError: If the root file is missing, the target id unknown, or the state dir unusable.
@@ -88,6 +90,7 @@ class Agent:
         http: httpx.Client | None = None,
         conditions: DeviceConditions | None = None,
         clock: Callable[[], datetime] | None = None,
+        runtime: ModelRuntime | None = None,
     ) -> None:
         self.settings = settings
         self.state_dir = settings.state_dir
@@ -109,7 +112,7 @@ class Agent:
         self._device_id = self._load_device_id()
         self._slots = SlotStore(self.state_dir)
         self._trusted = self._load_trust()
-        self._runtime = ModelRuntime(settings.ort_threads)
+        self._runtime = runtime or ModelRuntime(settings.ort_threads)
         self._active: dict[str, LoadedModel] = {}
         self._outbox = Outbox(self.state_dir / OUTBOX_FILE, settings.outbox_max_bytes)
         self._recorder = Recorder(

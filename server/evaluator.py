@@ -165,6 +165,11 @@ def arm_members(session: Session, rollout: Rollout) -> ArmMembers:
     devices = selected_devices(session, rollout)
     treatment = [d for d in devices if in_treatment(rollout.id, d.id, percent)]
     control = [d for d in devices if not in_treatment(rollout.id, d.id, control_percent)]
+    if control_percent != percent:
+        # The 100% stage takes every device, the control too: a device is one sample in one arm
+        # (the gates refuse it twice), so the treatment is the devices of the stages before.
+        in_control = {d.id for d in control}
+        treatment = [d for d in treatment if d.id not in in_control]
     previous_versions = {
         h: v.version
         for h, vid in rollout.previous.items()

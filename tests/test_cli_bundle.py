@@ -200,7 +200,7 @@ def test_help_explains_each_command() -> None:
 
 
 def test_demo_short_mode_runs(tmp_path: Path) -> None:
-    """The demo behind `make demo`, in its short mode, so it cannot silently break."""
+    """The walk behind `make walkthrough`, in its short mode, so it cannot silently break."""
     proc = subprocess.run(
         [
             sys.executable,

@@ -49,7 +49,28 @@ def main() -> int:
             browser.close()
     for problem in problems:
         print(f"screenshots: {problem}", file=sys.stderr)
-    return 1 if problems else 0
+    return 1 if problems or demo_screenshots() else 0
+
+
+def demo_screenshots() -> int:
+    """docs/screenshots/demo-rollout.png and demo-fleet.png: the live demo's dashboard mid-demo
+    (v3's rollout page just after the evaluator halted it), from the seeded `--once` story."""
+    import subprocess
+
+    with tempfile.TemporaryDirectory() as tmp:
+        proc = subprocess.run(
+            [
+                sys.executable,
+                str(REPO / "demo" / "live_fleet.py"),
+                "--once",
+                "--out",
+                tmp,
+                "--screenshot",
+                str(OUT / "demo-rollout.png"),
+            ],
+            check=False,
+        )
+    return proc.returncode
 
 
 if __name__ == "__main__":

@@ -278,3 +278,27 @@ def test_the_evaluator_halts_a_worse_version_and_names_itself_and_the_figures(
     assert "error_rate" in halt["figures"]["verdict"]["failed"]
     gate = next(g for g in halt["figures"]["verdict"]["gates"] if g["gate"] == "error_rate")
     assert gate["status"] == "fail" and gate["treatment_value"] > gate["control_value"]
+
+
+def test_at_the_100_percent_stage_each_device_is_in_one_arm_and_the_evaluator_judges(
+    fleet: Fleet,
+) -> None:
+    """The 100% stage takes every device, and its control is the devices outside the stage
+    before: the gates refuse a device in both arms, so the evaluator must not hand it twice
+    (it failed on every look at that stage, and no rollout could complete through it)."""
+    two_versions(fleet)
+    creds = bulk_enroll(fleet, "full", 40)
+    rid = create(fleet, stages=manual(50, 100), gates={"min_devices_per_arm": 10})["id"]
+    assert evaluate(fleet, rid)["state_after"] == "waiting-for-approval"  # thin: no telemetry
+    assert act(fleet, rid, "approve")["percent"] == 100
+    with Session(fleet.state.engine) as session:
+        rollout = session.get(Rollout, rid)
+        assert rollout is not None
+        members = evaluator.arm_members(session, rollout)
+        treatment = {d.id for d in members.treatment}
+        control = {d.id for d in members.control}
+    assert treatment and control and not treatment & control
+    assert treatment | control == set(creds)
+    assert members.control_until is not None
+    decision = evaluate(fleet, rid)
+    assert decision["figures"]["devices"] == {"treatment": len(treatment), "control": len(control)}

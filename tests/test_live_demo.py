@@ -1,0 +1,50 @@
+"""`make demo ARGS=--once`: the live fleet's story, run as a user runs it, judged by its log.
+
+The demo exits 0 only when the server's decision logs show its own evaluator completing v2 and
+halting and rolling back v3 (demo/narrator.py's ``check_story``); this test reads the same from
+the demo's printed log, so a demo that took the decisions itself, or printed success without
+them, fails here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+#: CI allows 10 minutes for the demo; the demo's own deadline is inside that.
+DEMO_TIMEOUT_S = 600
+
+
+@pytest.mark.xdist_group("live-demo")
+def test_the_live_demo_tells_its_story_by_the_evaluators_decisions(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "demo" / "live_fleet.py"), "--once", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=DEMO_TIMEOUT_S,
+        env=env,
+        check=False,
+    )
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-6000:]
+    assert re.search(r"Dashboard: http://127\.0\.0\.1:\d+/ui/", log)
+    # v2 went through its stages on the evaluator's word, and completed on it, with figures.
+    assert re.search(r"\[v2\.0\.0 stage \d\] evaluator: advance \(running -> running\)", log)
+    assert re.search(r"\[v2\.0\.0 stage \d\] evaluator: complete \(running -> completed\)", log)
+    # v3 was halted and rolled back by the evaluator on a failed gate, with its figures.
+    halt = re.search(
+        r"\[v3\.0\.0 stage \d\] evaluator: halt \(running -> rolled-back\): gate failed: .*\n"
+        r"    figures: treatment \d+ devices/\d+ inferences, control \d+/\d+.*fail: estimate",
+        log,
+    )
+    assert halt, log[-6000:]
+    assert "devices are back online after two days away" in log
+    assert "v2 completed and v3 halted and rolled back, each by the server's evaluator" in log
+    assert "MISSING" not in log
