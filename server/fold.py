@@ -120,7 +120,7 @@ def _claim(session: Session, limit: int) -> list[tuple[str, str, str, str, datet
             .values(folded=True)
             .returning(*columns)
         )
-        return [tuple(row) for row in session.execute(marked)]  # type: ignore[misc]
+        return [tuple(row) for row in session.execute(marked)]
     # Lock the slice (skipping what another folder holds), then mark it one day partition at
     # a time, so each update touches one partition's key index.
     rows = session.execute(
@@ -143,7 +143,7 @@ def _claim(session: Session, limit: int) -> list[tuple[str, str, str, str, datet
             )
             .values(folded=True)
         )
-    return [tuple(row[1:]) for row in rows]  # type: ignore[misc]
+    return [tuple(row[1:]) for row in rows]
 
 
 def write_rollups(
@@ -240,7 +240,7 @@ def device_platforms(session: Session, device_ids: set[str]) -> dict[str, tuple[
     found: dict[str, tuple[str, str]] = {}
     for i in range(0, len(ids), 500):
         rows = session.execute(
-            select(Device.id, Device.generation, Device.platform).where(
+            select(col(Device.id), col(Device.generation), col(Device.platform)).where(
                 col(Device.id).in_(ids[i : i + 500])
             )
         )

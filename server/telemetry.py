@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, time, timedelta
 from typing import Any, NamedTuple
 
 from sqlalchemy import delete, func, or_
@@ -279,22 +279,23 @@ def erase_device(session: Session, device_id: str) -> Erased:
 
 
 def drop_expired_windows(session: Session, *, now: datetime, retention_days: int) -> int:
-    """Drop windows whose event time is older than ``retention_days`` before ``now`` and that are
-    folded (their rollups stay); returns how many.
+    """Drop the folded windows of each event-time day (UTC) that ended ``retention_days`` or more
+    before ``now`` (their rollups stay); returns how many.
 
-    PostgreSQL drops whole day partitions (those ending by the cutoff); a partition with windows
-    still waiting to be folded stays until the fold job has taken them. SQLite deletes rows.
+    PostgreSQL drops whole day partitions; a partition with windows still waiting to be folded
+    stays until the fold job has taken them. SQLite deletes the same days' folded rows.
     """
-    cutoff = now - timedelta(days=retention_days)
+    cutoff = (now - timedelta(days=retention_days)).astimezone(UTC).date()
     engine = session.get_bind()
     if partitions.is_partitioned(engine):  # type: ignore[arg-type]
-        dropped, waiting = partitions.drop_before(engine, cutoff.date())  # type: ignore[arg-type]
+        dropped, waiting = partitions.drop_before(engine, cutoff)  # type: ignore[arg-type]
         if waiting:
             log.info("kept telemetry partitions of %s: windows there wait to be folded", waiting)
         return dropped
     dropped_rows = session.exec(
         delete(TelemetryWindowRecord).where(
-            col(TelemetryWindowRecord.window_start) < cutoff, col(TelemetryWindowRecord.folded)
+            col(TelemetryWindowRecord.window_start) < datetime.combine(cutoff, time(), UTC),
+            col(TelemetryWindowRecord.folded),
         )
     ).rowcount
     session.commit()
