@@ -54,14 +54,18 @@ def ensure(engine: Engine, days: Iterable[date]) -> None:
         known.update(missing)
 
 
-def _create(conn: Connection, day: date) -> None:
-    statement = text(
+def create_statement(day: date) -> str:
+    """The SQL that makes ``day``'s partition unless it exists."""
+    return (
         f"CREATE TABLE IF NOT EXISTS {name(day)} PARTITION OF telemetry_window"
         f" FOR VALUES FROM ('{day.isoformat()} 00:00:00+00')"
         f" TO ('{(day + timedelta(days=1)).isoformat()} 00:00:00+00')"
     )
+
+
+def _create(conn: Connection, day: date) -> None:
     try:
-        conn.execute(statement)
+        conn.execute(text(create_statement(day)))
         conn.commit()
     except DBAPIError:
         # Another process made it between IF NOT EXISTS's check and the create (a unique

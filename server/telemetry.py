@@ -30,6 +30,7 @@ from datetime import UTC, datetime, time, timedelta
 from typing import Any, NamedTuple
 
 from sqlalchemy import delete, func, or_
+from sqlalchemy import insert as sa_insert
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError
@@ -113,29 +114,41 @@ def ingest(
     raise AssertionError("unreachable")
 
 
+_BATCHES = TelemetryBatchRecord.__table__  # type: ignore[attr-defined]
+#: The batch record's insert per dialect, built once: a replay meets the key and inserts nothing.
+_RECORD_BATCH = {
+    dialect: insert(_BATCHES).on_conflict_do_nothing().returning(_BATCHES.c.id)
+    for dialect, insert in (("postgresql", pg_insert), ("sqlite", sqlite_insert))
+}
+_APPEND_WINDOWS = sa_insert(_WINDOWS)
+
+
 def _append(
     session: Session, device: Device, batch: TelemetryBatch, windows: list[dict[str, Any]]
 ) -> bool:
     """The batch record (unless its key is stored: then False) and its windows, committed."""
-    insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
-    batch_id = session.execute(
-        insert(TelemetryBatchRecord.__table__)  # type: ignore[attr-defined]
-        .values(
-            device_id=device.id,
-            boot_epoch=batch.boot_epoch,
-            sequence=batch.sequence,
-            window_count=len(batch.windows),
-            dropped_windows=batch.dropped_windows,
-            received_at=datetime.now(UTC),
-        )
-        .on_conflict_do_nothing()
-        .returning(col(TelemetryBatchRecord.id))
+    conn = session.connection()
+    batch_id = conn.execute(
+        _RECORD_BATCH[conn.dialect.name],
+        {
+            "device_id": device.id,
+            "boot_epoch": batch.boot_epoch,
+            "sequence": batch.sequence,
+            "window_count": len(batch.windows),
+            "dropped_windows": batch.dropped_windows,
+            "received_at": datetime.now(UTC),
+        },
     ).scalar()
     if batch_id is None:
         session.rollback()
         return False
     if windows:
-        session.execute(insert(_WINDOWS).values([{**w, "batch_id": batch_id} for w in windows]))
+        # executemany of one cached statement: SQLAlchemy sends it as one multi-row INSERT on
+        # PostgreSQL ("insertmanyvalues"), and SQLite runs it in C; building the multi-row
+        # statement here instead would compile it anew for every batch.
+        for w in windows:
+            w["batch_id"] = batch_id
+        conn.execute(_APPEND_WINDOWS, windows)
     session.commit()
     return True
 
