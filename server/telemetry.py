@@ -120,7 +120,9 @@ _RECORD_BATCH = {
     dialect: insert(_BATCHES).on_conflict_do_nothing().returning(_BATCHES.c.id)
     for dialect, insert in (("postgresql", pg_insert), ("sqlite", sqlite_insert))
 }
-_APPEND_WINDOWS = sa_insert(_WINDOWS)
+#: With RETURNING, SQLAlchemy sends an executemany as one multi-row INSERT on both dialects
+#: ("insertmanyvalues"; without it psycopg would pipeline one INSERT per window).
+_APPEND_WINDOWS = sa_insert(_WINDOWS).returning(_WINDOWS.c.id)
 
 
 def _append(
@@ -143,9 +145,7 @@ def _append(
         session.rollback()
         return False
     if windows:
-        # executemany of one cached statement: SQLAlchemy sends it as one multi-row INSERT on
-        # PostgreSQL ("insertmanyvalues"), and SQLite runs it in C; building the multi-row
-        # statement here instead would compile it anew for every batch.
+        # One statement, compiled once (a multi-row .values() would compile anew per batch).
         for w in windows:
             w["batch_id"] = batch_id
         conn.execute(_APPEND_WINDOWS, windows)
