@@ -8,10 +8,10 @@ first): daily inferences, errors, self-test failures, negative feedback, a laten
 latency sketch's 1% log buckets (around each device's own scale), output class counts, three input
 histograms, labels. Every device-day is one upload that arrives 0-14 days late; every 6 simulated
 hours the gates see only what has arrived, through :func:`server.gates.judge_arms` (the columns
-:func:`server.gates.arm_data` builds from samples; building dicts for 2,000 devices each look would
-only slow the run). Histogram counts are Poisson per bucket (a multinomial's fast equivalent).
-The pre-rollout week on the previous version gives each device's baseline (CUPED); --no-baseline
-drops it. Prints a table; asserts nothing.
+:func:`server.gate_samples.arm_data` builds from samples; building dicts for 2,000 devices each
+look would only slow the run). Histogram counts are Poisson per bucket (a multinomial's fast
+equivalent). The pre-rollout week on the previous version gives each device's baseline (CUPED);
+--no-baseline drops it. Prints a table; asserts nothing.
 """
 
 from __future__ import annotations

@@ -254,6 +254,47 @@ def telemetry(conn: Any, plan: sp.Plan, registry: Registry, timings: Timings) ->
     conn.commit()
 
 
+def derived(database_url: str, processes: int = 3) -> None:
+    """The tables the server derives from the rows COPY wrote, built as migration 0008 builds
+    them from stored rows: batch counts in one statement, fleet rollups a process per group of
+    days (adding millions of rollups up is Python's work)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from sqlmodel import Session, select
+
+    from server import batch_counts
+    from server.db import make_engine
+    from server.models import TelemetryRollup
+
+    url = database_url.replace("postgresql://", "postgresql+psycopg://", 1)
+    engine = make_engine(url)
+    with Session(engine) as session:
+        batch_counts.rebuild(session)
+        session.commit()
+        days = sorted(set(session.exec(select(TelemetryRollup.day).distinct())))
+    engine.dispose()
+    groups = [days[i::processes] for i in range(processes)]
+    with ProcessPoolExecutor(processes) as pool:
+        rows = sum(pool.map(_fleet_rollups, [url] * processes, groups))
+    print(f"    {rows:,} fleet rollup rows over {len(days)} days")
+
+
+def _fleet_rollups(url: str, days: list[str]) -> int:
+    from sqlmodel import Session
+
+    from server import fleet_rollup
+    from server.config import Settings
+    from server.db import make_engine
+
+    engine = make_engine(url)
+    with Session(engine) as session:
+        accuracy = Settings.model_fields["telemetry_relative_accuracy"].default
+        rows = fleet_rollup.rebuild(session, accuracy, days)
+        session.commit()
+    engine.dispose()
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--database-url", required=True, help="postgresql://... (empty database)")
@@ -297,6 +338,8 @@ def main() -> None:
                 conn.commit()
             with timings.step("telemetry, one pass"):
                 telemetry(conn, plan, registry, timings)
+        with timings.step("fleet rollups and batch counts (server.fleet_rollup, batch_counts)"):
+            derived(args.database_url)
         with timings.step("analyze"):
             conn.autocommit = True
             conn.execute("ANALYZE")

@@ -6,7 +6,6 @@ follow from the plan (recorded states, device events, cohort members, enrolment 
 from __future__ import annotations
 
 import json
-import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -19,9 +18,11 @@ from firmware_bundles import SigningKey, build
 from firmware_bundles.catalogue import DeviceTarget
 from firmware_bundles.messages import InstalledModel
 from server.device_events import state_hash
-from tests.conftest import MODEL_BYTES, manifest_draft
+from tests.conftest import MODEL_BYTES, manifest_draft, tflite_files, tflite_placeholder
 
 MICRO = {"ring-gen3", "ring-gen4", "devboard-nrf52840"}
+#: What the micro targets' self-test vector expects of their placeholder model.
+EXPECTED = (0.2, 0.3, 0.5)
 VERSIONS = (
     (sp.WRIST, "1.0.0", 1),
     (sp.WRIST, "1.1.0", 2),
@@ -34,7 +35,7 @@ ALL_HARDWARE = tuple(h[0] for h in sp.HARDWARE)
 def draft(model: str, version: str, counter: int, target: DeviceTarget) -> dict[str, Any]:
     """A manifest draft with the layout the windows use (x0 on EDGES, three classes), the
     converter's choice and figures, and provenance with data hashes."""
-    hardware_id = target.id
+    hardware_id = target.hardware_id
     entry = {
         "target_id": hardware_id,
         "generation": target.generation,
@@ -73,31 +74,12 @@ def draft(model: str, version: str, counter: int, target: DeviceTarget) -> dict[
     accuracy = {"1.0.0": 0.91, "1.1.0": 0.925, "1.2.0": 0.94, "2.0.0": 0.88}[version]
     d["metrics"] = {"accuracy": accuracy, "float_accuracy": accuracy + 0.004}
     if hardware_id in MICRO:
-        d["format"] = 2
-        d["runtime"] = {
-            **d["runtime"],
-            "model_file": "model.tflite",
-            "format": "tflite",
-            "precision": "int8",
-            "op_types": ["FULLY_CONNECTED", "SOFTMAX"],
-            "min_onnxruntime": None,
-            "tflite": {
-                "tflm_version": "seed",
-                "input": {"dtype": "float32", "shape": [1, 4], "layout": "NC"},
-                "output": {"dtype": "float32", "shape": [1, 3]},
-            },
-        }
+        tflite_placeholder(d, EXPECTED, tolerance=1e-2, tflm_version="seed")
+        d["runtime"]["precision"] = "int8"
         d["quantisation"] = {
             "scheme": "int8-static",
             "quantised_ops": 2,
             "calibration": {"method": "minmax", "samples": 256, "data_sha256": digest[version]},
-        }
-        d["self_test"] = {
-            "tolerance": 1e-2,
-            "file": "self_test.bin",
-            "count": 1,
-            "inputs": [{"name": "input", "dtype": "float32", "shape": [1, 4]}],
-            "expected": [{"name": "probabilities", "dtype": "float32", "shape": [1, 3]}],
         }
     return d
 
@@ -105,8 +87,7 @@ def draft(model: str, version: str, counter: int, target: DeviceTarget) -> dict[
 def files(hardware_id: str) -> dict[str, bytes]:
     if hardware_id not in MICRO:
         return {"model.onnx": MODEL_BYTES}
-    vector = struct.pack("<4f", 0, 0, 0, 0) + struct.pack("<3f", 0.2, 0.3, 0.5)
-    return {"model.tflite": b"TFL3" + MODEL_BYTES, "self_test.bin": vector}
+    return tflite_files(EXPECTED)
 
 
 def _copy_json(value: Any) -> str:
@@ -301,8 +282,9 @@ def seed_registry(database_url: str, data_dir: Path, plan: sp.Plan) -> Registry:
     from server import registry
     from server.app import build_state
     from server.config import Settings
+    from server.confirmations import confirmation
     from server.db import upgrade
-    from server.models import Cohort, Confirmation, Device, ModelVersion, Release
+    from server.models import Cohort, Device, ModelVersion, Release
 
     url = database_url.replace("postgresql://", "postgresql+psycopg://", 1)
     init_trust(data_dir)
@@ -318,7 +300,9 @@ def seed_registry(database_url: str, data_dir: Path, plan: sp.Plan) -> Registry:
             for hw in sorted(hardware):
                 target = state.catalogue.targets[hw]
                 data = build(draft(model, version, counter, target), files(hw), [key])
-                bundle = registry.publish(session=session, state=state, data=data, publisher="ci")
+                bundle = registry.publish_bytes(
+                    session=session, state=state, data=data, publisher="ci"
+                )
                 shas[(model, version, hw)] = bundle.sha256
         versions = {(v.model_name, v.version): v for v in session.exec(select(ModelVersion))}
         for (model, version), day in sp.RELEASES.items():
@@ -338,18 +322,9 @@ def seed_registry(database_url: str, data_dir: Path, plan: sp.Plan) -> Registry:
                         released_by="operator:seed",
                     )
                 )
-            if version == "1.1.0":
-                for hw in sorted(hardware):
-                    session.add(
-                        Confirmation(
-                            model_name=model,
-                            hardware_id=hw,
-                            version_id=v.id,
-                            release_counter=v.release_counter,
-                            confirmed_at=at + timedelta(days=5),
-                            confirmed_by="operator:seed",
-                        )
-                    )
+                if version == "1.1.0":
+                    confirmed_at = at + timedelta(days=5)
+                    session.add(confirmation(v, hw, at=confirmed_at, by="operator:seed"))
         rollout_version = versions[sp.ROLLOUT_VERSION]
         rollout_version.published_at = plan.start + timedelta(days=sp.ROLLOUT_STAGES[0][1] - 1)
         session.add(rollout_version)

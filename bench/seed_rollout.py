@@ -28,9 +28,7 @@ def seed_rollout(session: Session, state: ServerState, plan: sp.Plan) -> Rollout
         selector=Selector(hardware_ids=list(sp.ROLLOUT_HARDWARE)),
         stages=[Stage(percent=p, min_duration_s=2 * 86_400) for p in (5, 25, 50, 100)],
     )
-    rollout = rollouts.create(
-        session, rollout_plan, by="operator:seed", catalogue_ids=set(state.catalogue.targets)
-    )
+    rollout = rollouts.create(session, rollout_plan, by="operator:seed", catalogue=state.catalogue)
     if rollout.id != plan.rollout_id:
         raise SystemExit(
             f"the rollout got id {rollout.id}, the plan's arms assume {plan.rollout_id}"

@@ -38,6 +38,8 @@ from device_agent.fetch import BundleFetcher, partial_bundles
 from device_agent.fsutil import write_atomic
 from device_agent.outbox import Outbox
 from device_agent.runtime import LoadedModel, ModelRuntime
+from device_agent.shadow import ShadowRunner
+from device_agent.shadow_slot import ShadowSlots
 from device_agent.slots import SlotStore
 from device_agent.telemetry import Recorder, parse_prediction_time
 from device_agent.telemetry_upload import UploadResult, upload_pending
@@ -120,6 +122,9 @@ class Agent:
             label_max_age_s=settings.label_max_age_s,
             label_clock_skew_s=settings.label_clock_skew_s,
         )
+        self._shadow = ShadowRunner(
+            self._recorder, queue_size=settings.shadow_queue_size, seed=settings.shadow_seed
+        )
         timers: Callable[[], float] = (
             time.monotonic if clock is None else (lambda: self._clock().timestamp())
         )
@@ -139,6 +144,13 @@ class Agent:
             clock=self._clock,
         )
         self._updater.note_interrupted(self._slots.recover())
+        self._shadows = ShadowSlots(
+            self._shadow, self._updater, self._slots, self._runtime, self._model
+        )
+        for model in self._slots.models():
+            # A candidate in a shadow slot keeps running after a restart.
+            with contextlib.suppress(AgentError):
+                self._shadows.restore(model)
 
     # -- state on disk ----------------------------------------------------------------------
 
@@ -341,6 +353,9 @@ class Agent:
             self._updater.apply(a, base_url=self.settings.server_url, headers=headers)
             for a in assignments
         ]
+        installs += self._shadows.apply(
+            assignments, base_url=self.settings.server_url, headers=headers
+        )
         self._write_status(
             last_check_in=self._clock().isoformat(),
             last_error=None,
@@ -367,6 +382,8 @@ class Agent:
                 self._active[model] = activated.loaded
         if previous is not None and previous.bundle_sha256 != activated.info.bundle_sha256:
             self._runtime.unload(previous.bundle_sha256)
+        if isinstance(activated.loaded, LoadedModel):
+            self._shadows.follow(model, activated.loaded)
 
     def _selftest_failed(self, assignment: Assignment) -> None:
         self._runtime.unload(assignment.bundle_sha256)
@@ -386,6 +403,7 @@ class Agent:
         """
         with self._lock:
             credential = self._credential()
+            self._shadow.drain()
             self._recorder.flush()
             self._recorder.close_due_windows(self._clock().timestamp())
             return upload_pending(
@@ -494,7 +512,8 @@ class Agent:
             UnknownModelError: If no version of ``model`` is active.
             InputError: If the inputs do not match the manifest's schema.
         """
-        return self._recorder.run(self._model(model), inputs)
+        shadow = self._shadow if self._shadow.active(model) else None
+        return self._recorder.run(self._model(model), inputs, shadow)
 
     # -- status -----------------------------------------------------------------------------
 
@@ -508,6 +527,7 @@ class Agent:
                 **installed.to_dict(),
                 "failed_bundles": dict(record.failed),
                 "waiting": saved.get("waiting", {}).get(installed.model),
+                "shadow": self._shadow.describe(installed.model),
             }
         for model, reason in saved.get("waiting", {}).items():
             models.setdefault(model, {"model": model, "active_slot": None, "waiting": reason})
@@ -534,6 +554,7 @@ class Agent:
     def close(self) -> None:
         """Flush buffered telemetry into the outbox and release files and connections."""
         with self._lock:
+            self._shadow.close()
             with contextlib.suppress(AgentError):
                 self._recorder.close()
             self._outbox.close()

@@ -81,7 +81,8 @@ class InferenceTape:
         # Lists: appending an int or float is cheaper than a numpy item assignment.
         self.latency_ns: list[int] = []
         self.when: list[float] = []
-        self.errors: list[float] = []
+        #: Failed calls: (when, the input a refused call named, or None).
+        self.errors: list[tuple[float, str | None]] = []
         self.idle_flushes = 0
         #: Set when the recorder let go of this tape; a caller holding it must get the live one.
         self.released = False

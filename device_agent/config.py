@@ -60,6 +60,10 @@ class AgentSettings(BaseSettings):
     outbox_max_bytes: int = Field(default=16 * _MIB, ge=64 * 1024)
     upload_batch_windows: int = Field(default=50, ge=1)
     ort_threads: int = Field(default=1, ge=1)
+    #: Sampled calls waiting for the shadow candidate at most; more are dropped and counted.
+    shadow_queue_size: int = Field(default=64, ge=1)
+    #: Seeds which calls a shadow candidate samples (None: from the OS); tests set it.
+    shadow_seed: int | None = None
     #: Oldest prediction a late label may name (``predicted_at``), seconds before now.
     label_max_age_s: float = Field(default=30 * 86400.0, gt=0)
     #: How far in the agent's future a labelled prediction's time may lie (clock disagreement

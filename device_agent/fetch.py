@@ -11,6 +11,7 @@ import contextlib
 import os
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
 
 from device_agent.client import BundleStream, FleetClient
@@ -46,10 +47,11 @@ def discard_partial(partial_dir: Path, bundle_sha256: str) -> None:
         partial_path(partial_dir, bundle_sha256).unlink()
 
 
+@dataclass(eq=False)
 class BundleFetcher:
     """Fetches one bundle into a partial file, resuming what an earlier attempt left.
 
-    Args:
+    Attributes:
         client: The fleet client, which makes each request and maps its failures.
         settings: Limits: ``stall_timeout_s``, ``download_deadline_s``,
             ``max_download_attempts``, ``backoff_initial_s``/``backoff_max_s``.
@@ -59,20 +61,12 @@ class BundleFetcher:
             (the crash-test hook of ``test_pause_at``).
     """
 
-    def __init__(
-        self,
-        client: FleetClient,
-        settings: AgentSettings,
-        *,
-        monotonic: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], None] = time.sleep,
-        checkpoint: Callable[[str], None] | None = None,
-    ) -> None:
-        self.client = client
-        self.settings = settings
-        self._monotonic = monotonic
-        self._sleep = sleep
-        self._checkpoint = checkpoint
+    client: FleetClient
+    settings: AgentSettings
+    _: KW_ONLY
+    monotonic: Callable[[], float] = time.monotonic
+    sleep: Callable[[float], None] = time.sleep
+    checkpoint: Callable[[str], None] | None = None
 
     def fetch(
         self,
@@ -102,7 +96,7 @@ class BundleFetcher:
             ServerRejected: On another error status.
         """
         partial_dir.mkdir(parents=True, exist_ok=True)
-        deadline = self._monotonic() + self.settings.download_deadline_s
+        deadline = self.monotonic() + self.settings.download_deadline_s
         delay = self.settings.backoff_initial_s
         attempt = 0
         while True:
@@ -119,7 +113,7 @@ class BundleFetcher:
                     discard_partial(partial_dir, bundle_sha256)
                 if isinstance(exc, StallError):
                     exc.received_bytes = self._on_disk(partial_dir, bundle_sha256)
-                left_s = deadline - self._monotonic()
+                left_s = deadline - self.monotonic()
                 if not exc.retryable or attempt >= self.settings.max_download_attempts:
                     raise
                 if left_s <= delay:
@@ -129,7 +123,7 @@ class BundleFetcher:
                         url,
                         self._on_disk(partial_dir, bundle_sha256),
                     ) from exc
-                self._sleep(delay)
+                self.sleep(delay)
                 delay = min(delay * 2, self.settings.backoff_max_s)
 
     def _on_disk(self, partial_dir: Path, bundle_sha256: str) -> int:
@@ -192,10 +186,10 @@ class BundleFetcher:
         with open(path, mode) as out:
             out.truncate(offset)
             out.seek(offset)
-            last_progress = self._monotonic()
+            last_progress = self.monotonic()
             # Unbuffered: every chunk is written as it arrives, so a stall keeps what came.
             for chunk in stream.chunks():
-                now = self._monotonic()
+                now = self.monotonic()
                 if now - last_progress > stall_s:
                     raise StallError(f"no bytes from {url} for {stall_s} s", url, offset)
                 if now > deadline:
@@ -213,11 +207,11 @@ class BundleFetcher:
                 crossed_half = offset < half <= offset + len(chunk)
                 offset += len(chunk)
                 last_progress = now
-                if crossed_half and self._checkpoint is not None:
+                if crossed_half and self.checkpoint is not None:
                     out.flush()
                     os.fsync(out.fileno())
                     fsync_dir(path.parent)
-                    self._checkpoint("download")
+                    self.checkpoint("download")
             out.flush()
             os.fsync(out.fileno())
         if offset < length:

@@ -191,15 +191,21 @@ def _comparable(values: np.ndarray) -> np.ndarray:
     return values.astype(np.float64)
 
 
-def _counts_sorted(ordered: np.ndarray, bins: Bins) -> np.ndarray:
+def _counts_sorted(ordered: np.ndarray, bins: Bins) -> tuple[np.ndarray, int]:
+    """Counts of sorted values on numeric bins, and how many were NaN (sorted last, in no
+    bin)."""
     edges = bins.edges32 if ordered.dtype == np.float32 else np.asarray(bins.edges, np.float64)
     below = np.searchsorted(ordered, edges, side="left")
-    return np.diff(below, prepend=0, append=ordered.size)
+    numbers = ordered.size
+    if ordered.dtype.kind == "f" and numbers and ordered[-1] != ordered[-1]:
+        numbers = int(np.searchsorted(ordered, np.nan, side="left"))
+    return np.diff(below, prepend=0, append=numbers), ordered.size - numbers
 
 
 def count_numeric(values: np.ndarray, bins: Bins) -> np.ndarray:
-    """Counts of ``values`` (any shape) on numeric bins: underflow, bins, overflow (and NaN)."""
-    return _counts_sorted(np.sort(_comparable(values.reshape(-1))), bins)
+    """Counts of ``values`` (any shape) on numeric bins: underflow, bins, overflow; NaN is in
+    no bin (:func:`count_input` counts it as missing)."""
+    return _counts_sorted(np.sort(_comparable(values.reshape(-1))), bins)[0]
 
 
 #: Past this many values per edge, counting values below each edge (one vectorised comparison
@@ -207,22 +213,26 @@ def count_numeric(values: np.ndarray, bins: Bins) -> np.ndarray:
 COMPARE_VALUES_PER_EDGE = 64
 
 
-def _counts_by_comparison(values: np.ndarray, bins: Bins) -> np.ndarray:
+def _counts_by_comparison(values: np.ndarray, bins: Bins) -> tuple[np.ndarray, int]:
     flat = _comparable(values)
     edges = bins.edges32 if flat.dtype == np.float32 else np.asarray(bins.edges, np.float64)
-    # NaN is below no edge, so it lands in the overflow bin, as with searchsorted.
+    # NaN is below no edge and at or above none either: it is counted apart, as missing.
     below = [np.count_nonzero(flat < edge) for edge in edges.tolist()]
-    return np.diff(np.asarray(below, np.int64), prepend=0, append=flat.size)
+    missing = int(np.count_nonzero(np.isnan(flat))) if flat.dtype.kind == "f" else 0
+    return np.diff(np.asarray(below, np.int64), prepend=0, append=flat.size - missing), missing
 
 
-def count_inputs(hists: tuple[InputHistogram, ...], values: np.ndarray) -> list[np.ndarray]:
-    """Counts of several histograms of one input over a batch (batch on axis 0), in order.
+def count_inputs(
+    hists: tuple[InputHistogram, ...], values: np.ndarray
+) -> list[tuple[np.ndarray, int]]:
+    """Counts of several histograms of one input over a batch (batch on axis 0), in order,
+    each with its number of missing values (NaN, None), which are in no bin.
 
     Numeric feature or channel histograms over many values (a sensor window's channels) count
     the values below each edge; over few values (a 64-feature row) they are sorted together in
     one call, one row per feature, not one call each.
     """
-    results: list[np.ndarray | None] = [None] * len(hists)
+    results: list[tuple[np.ndarray, int] | None] = [None] * len(hists)
     per_slice = values[:1, 0].size * len(values) if values.ndim > 1 else 0
     together = []
     for i, h in enumerate(hists):
@@ -248,12 +258,29 @@ def count_inputs(hists: tuple[InputHistogram, ...], values: np.ndarray) -> list[
 
 def count_categories(values: np.ndarray, bins: Bins) -> np.ndarray:
     """Counts of label values on categories, the last count for values outside them."""
+    return _count_categories(values, bins)[0]
+
+
+def _count_categories(values: np.ndarray, bins: Bins) -> tuple[np.ndarray, int]:
+    """Counts on categories (the last for unseen ones), and the missing values (None, NaN),
+    which are in no bin."""
     counts = np.zeros(bins.size, dtype=np.int64)
-    uniques, tallies = np.unique(values.reshape(-1), return_counts=True)
+    flat = values.reshape(-1)
+    missing = 0
+    if flat.dtype.kind == "O":
+        absent = np.fromiter((v is None or v != v for v in flat.tolist()), bool, flat.size)
+        missing = int(np.count_nonzero(absent))
+        if missing:
+            flat = flat[~absent]
+    elif flat.dtype.kind == "f":
+        absent = np.isnan(flat)
+        missing = int(np.count_nonzero(absent))
+        flat = flat[~absent]
+    uniques, tallies = np.unique(flat, return_counts=True)
     index = {_plain(c): i for i, c in enumerate(bins.categories)}
     for value, tally in zip(uniques.tolist(), tallies.tolist(), strict=True):
         counts[index.get(_plain(value), bins.size - 1)] += tally
-    return counts
+    return counts, missing
 
 
 def count_argmax(scores: np.ndarray, bins: Bins) -> np.ndarray:
@@ -271,12 +298,13 @@ def count_output(hist: OutputHistogram, values: np.ndarray) -> np.ndarray:
     return count_numeric(values, hist.bins)
 
 
-def count_input(hist: InputHistogram, values: np.ndarray) -> np.ndarray:
-    """Counts of one input histogram over a batch of input values (batch on axis 0)."""
+def count_input(hist: InputHistogram, values: np.ndarray) -> tuple[np.ndarray, int]:
+    """Counts of one input histogram over a batch of input values (batch on axis 0), and its
+    missing values (NaN, None: in no bin)."""
     selected = slices(values, hist.index)
     if hist.bins.kind == "categorical":
-        return count_categories(selected, hist.bins)
-    return count_numeric(selected, hist.bins)
+        return _count_categories(selected, hist.bins)
+    return _counts_sorted(np.sort(_comparable(selected)), hist.bins)
 
 
 def _plain(value: Any) -> Any:

@@ -213,16 +213,20 @@ class Outbox:
             (key, value),
         )
 
+    def _select(self, sql: str, *params: Any) -> list[Any]:
+        """Every row ``sql`` selects, read under the lock."""
+        with self._lock:
+            return self._db.execute(sql, params).fetchall()
+
     # -- windows ----------------------------------------------------------------------------
 
     def open_windows(self, device_id: str) -> list[StoredWindow]:
         """Windows of ``device_id`` still open (to continue them after a restart)."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT id, device_id, window_start, body FROM windows"
-                " WHERE closed = 0 AND device_id = ? ORDER BY id",
-                (device_id,),
-            ).fetchall()
+        rows = self._select(
+            "SELECT id, device_id, window_start, body FROM windows"
+            " WHERE closed = 0 AND device_id = ? ORDER BY id",
+            device_id,
+        )
         return [StoredWindow(int(r[0]), r[1], int(r[2]), bytes(r[3])) for r in rows]
 
     def save_windows(
@@ -333,12 +337,11 @@ class Outbox:
 
     def ran_versions(self, model: str) -> dict[str, RanVersion]:
         """Every version of ``model`` this device ran, by version."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT version, bundle_sha256, classes FROM versions WHERE model = ?"
-                " ORDER BY first_run",
-                (model,),
-            ).fetchall()
+        rows = self._select(
+            "SELECT version, bundle_sha256, classes FROM versions"
+            " WHERE model = ? ORDER BY first_run",
+            model,
+        )
         return {
             str(r[0]): RanVersion(
                 model, str(r[0]), str(r[1]), None if r[2] is None else frozenset(json.loads(r[2]))
@@ -448,9 +451,7 @@ class Outbox:
 
     def relayed_devices(self) -> list[str]:
         """Ids of the devices whose batches :meth:`put_relayed` has stored, in id order."""
-        with self._lock:
-            rows = self._db.execute("SELECT device_id FROM relayed ORDER BY device_id").fetchall()
-        return [str(r[0]) for r in rows]
+        return [str(r[0]) for r in self._select("SELECT device_id FROM relayed ORDER BY device_id")]
 
     def acknowledge(self, batch: TelemetryBatch) -> None:
         """Forget a batch the server accepted (or recognised as a replay)."""

@@ -193,11 +193,13 @@ class Runner:
         else:
             self._back_off(unreachable)
 
-    def _step(self, event: str, step: Callable[[], T]) -> T | ServerUnreachable | None:
-        """Run one step of a round, logging a failure under ``event``: the step's result, the
-        error if the server could not be reached, or None if it answered but the step failed."""
+    def _step(
+        self, event: str, step: Callable[[], T], done: Callable[[T], None]
+    ) -> ServerUnreachable | None:
+        """Run one step of a round and hand its result to ``done``; log a failure under
+        ``event``. The error if the server could not be reached, else None."""
         try:
-            return step()
+            result = step()
         except ServerUnreachable as exc:
             self.log(event, outcome="unreachable", message=str(exc))
             return exc
@@ -207,12 +209,14 @@ class Runner:
                 event, outcome="error", type=type(exc).__name__, message=str(exc), **_fields(exc)
             )
             return None
+        done(result)
+        return None
 
     def _check_in(self) -> ServerUnreachable | None:
         """Check in and log the outcome; the error if the server could not be reached."""
-        result = self._step("check-in", self.agent.check_in)
-        if not isinstance(result, CheckInResult):
-            return result
+        return self._step("check-in", self.agent.check_in, self._checked_in)
+
+    def _checked_in(self, result: CheckInResult) -> None:
         record = _plain(result)
         installs = record.pop("installs", []) if isinstance(record, dict) else []
         models = {i.get("model"): i.get("action") for i in installs if isinstance(i, dict)}
@@ -222,16 +226,14 @@ class Runner:
             # get a line of their own.
             if isinstance(install, dict) and install.get("action") != "current":
                 self.log("install", **install)
-        return None
 
     def _upload(self) -> ServerUnreachable | None:
         """Upload closed telemetry windows and log the outcome; the error if offline."""
-        result = self._step("upload", self.agent.upload_telemetry)
-        if not isinstance(result, UploadResult):
-            return result
+        return self._step("upload", self.agent.upload_telemetry, self._uploaded)
+
+    def _uploaded(self, result: UploadResult) -> None:
         record = _plain(result)
         self.log("upload", outcome="ok", **(record if isinstance(record, dict) else {}))
-        return None
 
     def _back_off(self, exc: Exception, step: str = "round") -> None:
         self.failures += 1

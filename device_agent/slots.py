@@ -30,6 +30,9 @@ SlotName = Literal["a", "b"]
 SLOT_NAMES: tuple[SlotName, SlotName] = ("a", "b")
 BUNDLE_FILE = "bundle.efb"
 RECORD_FILE = "slots.json"
+#: The shadow slot: ``<model>/shadow/bundle.efb`` and its record ``<model>/shadow.json``.
+SHADOW_DIR = "shadow"
+SHADOW_RECORD_FILE = "shadow.json"
 _MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _RECORD_FORMAT = 1
 InstallOutcome = Literal["ok", "self-test-failed", "verify-failed", "download-failed"]
@@ -47,6 +50,18 @@ class SlotInfo:
     bundle_sha256: str | None = None
     release_counter: int = 0
     length: int = 0
+
+
+@dataclass(frozen=True)
+class ShadowInfo:
+    """The candidate in one model's shadow slot."""
+
+    model: str
+    path: Path
+    version: str
+    bundle_sha256: str
+    length: int
+    sample_fraction: float
 
 
 @dataclass
@@ -146,6 +161,59 @@ class SlotStore:
             release_counter=int(entry.get("release_counter", 0)),
             length=int(entry.get("length", 0)),
         )
+
+    # -- the shadow slot: a third slot beside a and b, never activated from -----------------------
+
+    def shadow(self, model: str) -> ShadowInfo | None:
+        """The candidate in ``model``'s shadow slot, if one is installed intact."""
+        try:
+            doc = json.loads((self._dir(model) / SHADOW_RECORD_FILE).read_bytes())
+            info = ShadowInfo(
+                model=model,
+                path=self._dir(model) / SHADOW_DIR / BUNDLE_FILE,
+                version=str(doc["version"]),
+                bundle_sha256=str(doc["sha256"]),
+                length=int(doc["length"]),
+                sample_fraction=float(doc["sample_fraction"]),
+            )
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if not info.path.is_file() or info.path.stat().st_size != info.length:
+            return None
+        return info
+
+    def install_shadow(
+        self, model: str, data: bytes, *, version: str, bundle_sha256: str, sample_fraction: float
+    ) -> ShadowInfo:
+        """Write a candidate into ``model``'s shadow slot (durably) and record it; the A/B
+        slots are not touched."""
+        self.clear_shadow(model)
+        path = self._dir(model) / SHADOW_DIR / BUNDLE_FILE
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        write_atomic(path, data)
+        record = {
+            "version": version,
+            "sha256": bundle_sha256,
+            "length": len(data),
+            "sample_fraction": sample_fraction,
+        }
+        write_atomic(
+            self._dir(model) / SHADOW_RECORD_FILE, json.dumps(record, sort_keys=True).encode()
+        )
+        info = self.shadow(model)
+        if info is None:
+            raise InstallError(f"shadow slot of {model} did not keep its bundle", model)
+        return info
+
+    def clear_shadow(self, model: str) -> bool:
+        """Empty ``model``'s shadow slot; whether there was anything in it."""
+        directory = self._dir(model)
+        had = False
+        for path in (directory / SHADOW_RECORD_FILE, directory / SHADOW_DIR / BUNDLE_FILE):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                had = True
+        return had
 
     def slot(self, model: str, slot: SlotName) -> SlotInfo:
         """Slot ``slot`` of ``model`` as recorded."""

@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from time import perf_counter_ns
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -44,7 +44,10 @@ from device_agent.errors import InferenceError, InputError, OutboxError
 from device_agent.outbox import Outbox, RanVersion
 from device_agent.runtime import LoadedModel, ModelIdentity
 from firmware_bundles.messages import TALLY_NAME_PATTERN
-from firmware_bundles.window_builder import UNKNOWN_PREDICTION, TelemetryLayout
+from firmware_bundles.window_builder import UNKNOWN_INPUT, UNKNOWN_PREDICTION, TelemetryLayout
+
+if TYPE_CHECKING:  # the shadow runner records through this module's Recorder
+    from device_agent.shadow import ShadowRunner
 
 _KIND = re.compile(TALLY_NAME_PATTERN)
 #: Flushes with nothing recorded after which a model version's buffers are released.
@@ -110,11 +113,17 @@ class Recorder:
 
     # -- hot path -----------------------------------------------------------------------------
 
-    def run(self, model: LoadedModel, inputs: Any) -> dict[str, np.ndarray]:
+    def run(
+        self, model: LoadedModel, inputs: Any, shadow: ShadowRunner | None = None
+    ) -> dict[str, np.ndarray]:
         """Check ``inputs``, run ``model`` and record the call; the model's outputs by name.
 
+        With ``shadow`` (the model has a candidate in shadow), a sampled share of successful
+        calls is handed to it after the answer is ready; the candidate runs on its own thread.
+
         Raises:
-            InputError: If the inputs do not match the schema (counted as an error).
+            InputError: If the inputs do not match the schema (counted as an error and as a
+                refused call of the input it names).
             InferenceError: If ONNX Runtime fails (counted as an error).
         """
         tape = self._tapes.get(model.bundle_sha256) or self._tape(model)
@@ -123,17 +132,20 @@ class Recorder:
             start = perf_counter_ns()
             outs = model.run_feed(feed, None)
             latency_ns = perf_counter_ns() - start
-        except InputError:
-            self._error(tape, model)
+        except InputError as exc:
+            self._error(tape, model, exc.input if exc.input in model.input_names else UNKNOWN_INPUT)
             raise
         except Exception as exc:  # onnxruntime raises its own untyped errors
             self._error(tape, model)
             raise InferenceError(model.name, str(exc)) from exc
+        when = self._clock()
         with self._lock:
             if tape.released:
                 tape = self._revive(tape, model)
-            if tape.append(self._clock(), latency_ns, feed, outs):
+            if tape.append(when, latency_ns, feed, outs):
                 self._flush(persist=False)
+        if shadow is not None:
+            shadow.offer(model, when, feed, outs)
         single = model.single_output
         if single is not None:
             return {single: outs[0]}
@@ -185,13 +197,24 @@ class Recorder:
             live = self._tapes[model.bundle_sha256] = tape
         return live
 
-    def _error(self, tape: InferenceTape, model: LoadedModel) -> None:
+    def _error(self, tape: InferenceTape, model: LoadedModel, refused: str | None = None) -> None:
         with self._lock:
             if tape.released:
                 tape = self._revive(tape, model)
-            tape.errors.append(self._clock())
+            tape.errors.append((self._clock(), refused))
             if len(tape.errors) >= self.flush_every:
                 self._flush(persist=False)
+
+    def count_shadow(
+        self, identity: ModelIdentity, when: float, candidate: ModelIdentity, **counts: Any
+    ) -> None:
+        """Add a shadow candidate's counts (see
+        :meth:`~firmware_bundles.window_builder.TelemetryWindowBuilder.count_shadow`) into the
+        window of ``identity`` (the active version) at ``when``; written at the next flush."""
+        with self._lock:
+            window = self._window(identity, when)
+            window.count_shadow(candidate.version, candidate.bundle_sha256, **counts)
+            self._dirty[id(window)] = window
 
     # -- rare events, written at once ---------------------------------------------------------
 
@@ -333,9 +356,11 @@ class Recorder:
         for when, latency_ns, fed, got in tape.overflow:
             self._add(tape, when, np.asarray([latency_ns / 1e9]), fed, got, touched)
         tape.overflow.clear()
-        for when in tape.errors:
+        for when, refused in tape.errors:
             window = self._window(tape.identity, when)
             window.count_error()
+            if refused is not None:
+                window.count_refused(refused)
             touched[id(window)] = window
         tape.errors.clear()
         return list(touched.values())
@@ -355,10 +380,11 @@ class Recorder:
             histograms.latency_sketch(latency_s, window.relative_accuracy), int(latency_s.size)
         )
         for name, hists in tape.input_groups:
-            for hist, counts in zip(
+            for hist, (counts, missing) in zip(
                 hists, histograms.count_inputs(hists, inputs[name]), strict=True
             ):
                 window.add_counts("inputs", hist.name, counts.tolist())
+                window.count_missing(hist.name, missing)
         for out in tape.plan.outputs:
             if out.output in outputs:
                 counts = histograms.count_output(out, outputs[out.output])

@@ -292,6 +292,62 @@ class Updater:
         report.detail = f"{assignment.version} active in slot {activated.info.slot}"
         return report
 
+    def apply_shadow(
+        self, assignment: Assignment, *, base_url: str, headers: Mapping[str, str]
+    ) -> tuple[InstallReport, LoadedModelLike | None]:
+        """Bring ``assignment.shadow`` into the model's shadow slot: download (unless the slot
+        holds it), verify as any bundle, self-test and load; the A/B slots are not touched, so
+        the standby stays the way back. Failures are reported, not raised.
+
+        Returns:
+            The report (``shadow`` in its detail) and the loaded candidate, None if it failed.
+
+        Raises:
+            ServerUnreachable: If the server went away during the download.
+        """
+        shadow = assignment.shadow
+        assert shadow is not None
+        update = {k: getattr(shadow, k) for k in ("version", "bundle_sha256", "bundle_length")}
+        update.update(
+            release_counter=shadow.release_counter, download_url=shadow.download_url, shadow=None
+        )
+        candidate = assignment.model_copy(update=update)
+        report = InstallReport(assignment.model, "installed", shadow.version, shadow.bundle_sha256)
+        held = self.slots.shadow(assignment.model)
+        try:
+            if held is not None and held.bundle_sha256 == shadow.bundle_sha256:
+                data = held.path.read_bytes()
+                bundle = self._verify(data, candidate, self.clock())
+            else:
+                bundle, data = self._obtain(candidate, None, base_url, headers)
+            loaded, passed, detail = self._self_test(bundle, shadow.bundle_sha256)
+            if loaded is None or not passed:
+                raise SelfTestError(
+                    f"shadow candidate {shadow.version} failed its self-test: {detail}",
+                    assignment.model,
+                    detail,
+                )
+            if held is None or (held.bundle_sha256, held.sample_fraction) != (
+                shadow.bundle_sha256,
+                shadow.sample_fraction,
+            ):
+                self.slots.install_shadow(
+                    assignment.model,
+                    data,
+                    version=shadow.version,
+                    bundle_sha256=shadow.bundle_sha256,
+                    sample_fraction=shadow.sample_fraction,
+                )
+        except ServerUnreachable:
+            raise
+        except (AgentError, OSError) as exc:
+            self.slots.clear_shadow(assignment.model)
+            error = exc if isinstance(exc, AgentError) else InstallError(str(exc), assignment.model)
+            return self._failed(report, error), None
+        discard_partial(self.partial_dir, shadow.bundle_sha256)
+        report.detail = f"{shadow.version} in the shadow slot ({shadow.sample_fraction:g} sampled)"
+        return report, loaded
+
     def refuse(self, assignment: Assignment, error: TrustError) -> InstallReport:
         """Record that ``assignment`` was refused before any download (its release counter is
         below the model's floor) in its model's slot record, and report it as failed.

@@ -119,6 +119,13 @@ def run_command(
     ort_threads: Annotated[
         int | None, _opt("ort_threads", "ONNX Runtime intra-op threads (default 1).")
     ] = None,
+    shadow_queue_size: Annotated[
+        int | None,
+        _opt("shadow_queue_size", "Sampled calls waiting for a shadow candidate (default 64)."),
+    ] = None,
+    shadow_seed: Annotated[
+        int | None, _opt("shadow_seed", "Seed of the shadow sampling (default: random).")
+    ] = None,
     label_max_age_s: Annotated[
         float | None,
         _opt("label_max_age_s", "Oldest prediction a late label may name, s (default 30 days)."),

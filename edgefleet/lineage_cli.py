@@ -42,6 +42,11 @@ def lineage_tree(answer: dict[str, Any]) -> Tree:
         head += " [red]withdrawn[/]"
     tree = Tree(head)
     _provenance(tree.add("provenance"), answer["provenance"])
+    if answer.get("mlflow"):
+        links = tree.add("MLflow")
+        for what, url in answer["mlflow"].items():
+            if url:
+                links.add(f"{what.replace('_', ' ')}: {literal(url)}")
     targets = tree.add("targets")
     for target in answer["targets"]:
         _target(targets, target)

@@ -106,8 +106,50 @@ def metrics_command(
         table.add_row(*_row(day["day"], day))
     table.add_row(*_row("total", answer["total"]), style="bold")
     console.print(table)
+    _print_shadow_and_quality(answer["total"])
     if answer["skipped_rows"]:
         console.print(f"{answer['skipped_rows']} stored rows failed their checks and were left out")
+
+
+def _print_shadow_and_quality(total: dict[str, Any]) -> None:
+    """The span's shadow agreement per candidate, and its inputs' data-quality problems."""
+    if total.get("withheld"):
+        return
+    shadow = total.get("shadow") or []
+    if shadow:
+        table = Table(
+            "candidate", "sampled", "compared", "agreed", "agreement", "dropped", "errors",
+            "p95 ms", title="shadow candidates beside this version",
+        )  # fmt: skip
+        for r in shadow:
+            table.add_row(
+                literal(r["candidate_version"]),
+                f"{r['sampled']:,}",
+                f"{r['compared']:,}",
+                f"{r['agreed']:,}",
+                _pct(r["agreement"]),
+                f"{r['dropped']:,}",
+                f"{r['errors']:,}",
+                _ms(r["latency_s"]["p95"]),
+            )
+        console.print(table)
+    quality = total.get("data_quality") or {}
+    rows = [
+        f for f in quality.get("features", []) if f["missing"] or f["out_of_range"] or f["unseen"]
+    ]
+    if rows or quality.get("refused_total"):
+        table = Table("input", "values", "missing", "out of range", "unseen", title="data quality")
+        for f in rows:
+            table.add_row(
+                literal(f["name"]),
+                f"{f['values']:,}",
+                f"{f['missing']:,} ({_pct(f['missing_rate'])})",
+                f"{f['out_of_range']:,} ({_pct(f['out_of_range_rate'])})",
+                f"{f['unseen']:,} ({_pct(f['unseen_rate'])})",
+            )
+        console.print(table)
+        for name, count in sorted((quality.get("refused") or {}).items()):
+            console.print(f"refused by the schema check: {count:,} calls naming {literal(name)}")
 
 
 _DRIFT_FIGURES = ("psi", "js_divergence_bits", "chi2_p_value", "max_abs_proportion_diff")

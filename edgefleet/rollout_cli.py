@@ -82,6 +82,14 @@ def create(
         typer.Option("--gate", help="A gate setting KEY=VALUE, e.g. alpha=0.05 (repeat)."),
     ] = None,
     draft: Annotated[bool, typer.Option("--draft", help="Create without starting.")] = False,
+    shadow: Annotated[
+        float | None,
+        typer.Option(
+            "--shadow",
+            help="Run the version in shadow beside the released one on this share of the"
+            " calls (0-1) instead of replacing it (docs/rollouts.md).",
+        ),
+    ] = None,
     *,
     api: Api,
 ) -> None:
@@ -120,6 +128,8 @@ def create(
         "on_failure": on_failure,
         "draft": draft,
     }
+    if shadow is not None:
+        plan["shadow"] = {"sample_fraction": shadow}
     answer = api.call("POST", "/v1/rollouts", json=plan)
     api.say(answer, _summary(answer))
 

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import gc
-import logging
-import sys
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -156,7 +155,13 @@ def serve(
         list[str] | None,
         typer.Option(help="Host webhook URLs may name (repeatable; default: any)."),
     ] = None,
-    workers: Annotated[int, typer.Option(help="Worker processes.")] = 1,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Server processes on the one port (PostgreSQL only; docs/scaling.md).",
+        ),
+    ] = 1,
     log_level: Annotated[str, typer.Option(help="info logs one JSON line per request.")] = "info",
 ) -> None:
     """Run the fleet server (SQLite and blobs in the data directory unless --database-url)."""
@@ -165,6 +170,13 @@ def serve(
     from server.app import build_state, create_app, ensure_admin_token
     from server.db import make_engine, upgrade
     from server.errors import ConfigError
+    from server.workers import (
+        LOG_LEVEL_ENV,
+        SETTINGS_ENV,
+        configure_logging,
+        refuse_unless_shared,
+        settings_env,
+    )
 
     data_dir.mkdir(parents=True, exist_ok=True)
     if init:
@@ -187,6 +199,10 @@ def serve(
         public_url=public_url or f"http://{host}:{port}",
         webhook_allowed_hosts=webhook_allowed_host or None,
     )
+    try:
+        refuse_unless_shared(settings, workers)
+    except ConfigError as exc:
+        fail(str(exc), 2)
     url = settings.resolved_database_url()
     if database_url is None and _is_empty(make_engine(url)):
         upgrade(url)  # the embedded default creates its schema on first start
@@ -197,14 +213,24 @@ def serve(
     token = ensure_admin_token(state)
     if token:
         console.print(f"first start: admin token (shown once) [bold]{literal(token)}[/]")
-    logging.basicConfig(
-        level=getattr(logging, log_level.upper(), logging.INFO),
-        format="%(message)s",
-        stream=sys.stdout,
+    configure_logging(log_level)
+    console.print(
+        f"serving on http://{literal(host)}:{port} (data in {literal(data_dir)})"
+        + (f", {workers} worker processes" if workers > 1 else "")
     )
-    console.print(f"serving on http://{literal(host)}:{port} (data in {literal(data_dir)})")
-    if workers != 1:
-        fail("--workers > 1: run several `edgefleet serve` processes behind a load balancer", 2)
+    if workers > 1:
+        state.engine.dispose()  # the workers open their own connections
+        os.environ[SETTINGS_ENV] = settings_env(settings)
+        os.environ[LOG_LEVEL_ENV] = log_level
+        uvicorn.run(
+            "server.workers:app",
+            factory=True,
+            workers=workers,
+            host=host,
+            port=port,
+            log_level="warning",
+        )
+        return
     app = create_app(state)
     # What start-up allocated (app, routes, schemas, trust material) lives as long as the process:
     # move it out of the collector's view so collections under load scan only request garbage.

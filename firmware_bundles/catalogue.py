@@ -47,6 +47,18 @@ class DeviceTarget(Document):
     links: list[Literal["ble", "serial", "https"]]
     firmware: FirmwareRange
     reference: Literal["bundle", "detached"] = "bundle"
+    #: Flash set aside for models (the A/B slots of ``max_bundle_bytes`` each, and a shadow
+    #: slot if it fits); None where models live in a file system (phones, Linux boards).
+    model_flash_bytes: int | None = Field(default=None, gt=0)
+
+    def shadow_slot_shortfall(self, candidate_bytes: int) -> tuple[int, int] | None:
+        """Bytes a shadow slot for a ``candidate_bytes`` bundle needs beside the two A/B
+        slots, and bytes available, when the flash budget does not hold it; None when it does
+        (or the target keeps models in a file system)."""
+        if self.model_flash_bytes is None:
+            return None
+        available = self.model_flash_bytes - 2 * self.max_bundle_bytes
+        return None if candidate_bytes <= available else (candidate_bytes, max(available, 0))
 
     def allows_op(self, op: str) -> bool:
         """Whether the device's runtime implements ``op``."""

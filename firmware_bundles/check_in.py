@@ -38,6 +38,9 @@ def _entry(bundle: AssignedBundle) -> dict[str, object]:
     # Left out when nothing is confirmed, as the model serialises it (docs/check-in.md).
     if bundle.confirmed_release_counter is not None:
         entry["confirmed_release_counter"] = bundle.confirmed_release_counter
+    # Left out when there is no shadow candidate (docs/rollouts.md, "Shadow runs").
+    if bundle.shadow is not None:
+        entry["shadow"] = bundle.shadow.to_dict()
     return entry
 
 

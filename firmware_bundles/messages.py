@@ -137,6 +137,7 @@ class Assignment(Document):
     release_counter: int = Field(ge=0)
     download_url: str
     confirmed_release_counter: int | None = Field(default=None, ge=0)
+    shadow: ShadowBundle | None = None
     issued_at: datetime
     expires_at: datetime
     nonce: str = Field(pattern=_NONCE)
@@ -148,6 +149,23 @@ class Assignment(Document):
         if self.expires_at <= self.issued_at:
             raise ValueError("expires_at must be after issued_at")
         return self
+
+
+class ShadowBundle(Document):
+    """A candidate bundle a device runs in its shadow slot on a sampled share of the inputs
+    after the active model answered; its answers never reach the caller.
+
+    Never activated from here, so it is held to no release counter floor; the bundle is
+    verified as any other (release signatures, hash, length, hardware id).
+    """
+
+    version: str
+    bundle_sha256: Sha256
+    bundle_length: int = Field(gt=0)
+    release_counter: int = Field(ge=0)
+    download_url: str
+    #: Share of the active model's successful calls the candidate also runs on.
+    sample_fraction: float = Field(gt=0, le=1, allow_inf_nan=False)
 
 
 class AssignedBundle(Document):
@@ -168,6 +186,9 @@ class AssignedBundle(Document):
     confirmed_release_counter: int | None = Field(
         default=None, ge=0, exclude_if=lambda v: v is None
     )
+    #: A candidate to run in shadow beside this entry's bundle (docs/rollouts.md, "Shadow
+    #: runs"); left out of the bytes when None, so sets without one read as before.
+    shadow: ShadowBundle | None = Field(default=None, exclude_if=lambda v: v is None)
 
 
 #: The longest a signed answer may tell a device to wait before its next check-in (a day): even
@@ -425,6 +446,60 @@ def _unique_names(histograms: list[HistogramCounts], field: str) -> None:
         raise ValueError(f"{field}: each histogram name may appear once")
 
 
+#: What a window counts about the quality of its inputs (docs/telemetry.md, "Data quality").
+QualityKind = Literal["missing", "refused"]
+
+
+class DataQuality(Document):
+    """Input problems one window saw, beside the histograms (which hold values outside the
+    training range in their under/overflow bins and unseen categories in their last bin).
+
+    Attributes:
+        missing: Per input histogram name, values that were NaN or None (counted in no bin).
+        refused: Per input name (``unknown`` for a call that named none of the model's inputs),
+            calls the schema check refused: wrong shape, dtype or feature count, or a missing
+            or unknown input. Each is also an error in ``error_count``.
+    """
+
+    missing: dict[Annotated[str, Field(min_length=1, max_length=256)], Count] = Field(
+        default_factory=dict
+    )
+    refused: dict[Annotated[str, Field(min_length=1, max_length=256)], Count] = Field(
+        default_factory=dict
+    )
+
+
+class ShadowCounts(Document):
+    """How a candidate in shadow did beside the window's (active) version.
+
+    ``sampled``: calls picked for the candidate; ``dropped``: of those, the ones the device
+    let go because its shadow queue was full; ``compared``: the candidate ran and its answer
+    was compared; ``errors``: the candidate failed. ``sampled = dropped + compared + errors``
+    once the queue drained. ``agreed``: comparisons with the same top class (classification)
+    or the same output bin (regression); ``latency``: the candidate's, one value per
+    comparison.
+    """
+
+    version: str
+    bundle_sha256: Sha256
+    sampled: Count = 0
+    dropped: Count = 0
+    compared: Count = 0
+    agreed: Count = 0
+    errors: Count = 0
+    latency: LatencySketch
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ShadowCounts:
+        if self.agreed > self.compared:
+            raise ValueError("agreed must not exceed compared")
+        if self.dropped + self.compared + self.errors > self.sampled:
+            raise ValueError("dropped + compared + errors must not exceed sampled")
+        if self.latency.count != self.compared:
+            raise ValueError("the latency sketch holds one value per comparison")
+        return self
+
+
 class TelemetryWindow(Document):
     """Aggregates of one model version on one device over one event-time window.
 
@@ -447,6 +522,12 @@ class TelemetryWindow(Document):
     feedback: dict[TallyName, Count] = Field(default_factory=dict)
     #: Per predicted class (or ``unknown``), per true label, a count.
     labels: dict[TallyName, dict[TallyName, Count]] = Field(default_factory=dict)
+    #: Left out when empty, so windows without input problems read as before.
+    quality: DataQuality = Field(
+        default_factory=DataQuality, exclude_if=lambda v: not (v.missing or v.refused)
+    )
+    #: One entry per candidate run in shadow beside this version; left out when empty.
+    shadow: list[ShadowCounts] = Field(default_factory=list, exclude_if=lambda v: not v)
 
     _check_start = field_validator("window_start")(_utc)
 
@@ -454,6 +535,11 @@ class TelemetryWindow(Document):
     def _names(self) -> TelemetryWindow:
         _unique_names(self.outputs, "outputs")
         _unique_names(self.inputs, "inputs")
+        versions = [s.bundle_sha256 for s in self.shadow]
+        if len(set(versions)) != len(versions):
+            raise ValueError("shadow: each candidate bundle may appear once")
+        if self.bundle_sha256 in versions:
+            raise ValueError("shadow: a version cannot shadow itself")
         return self
 
 
@@ -543,16 +629,20 @@ class HilReport(Document):
     runs: list[HilRun]
     passed: bool
 
-    def passed_for(self, bundle_sha256: str, hardware_id: str) -> bool:
-        """Whether the bundle ran on at least one device of ``hardware_id`` and every such run
-        passed."""
-        runs = [
+    def runs_of(self, bundle_sha256: str, hardware_id: str) -> list[HilRun]:
+        """The runs of the bundle on devices of ``hardware_id``."""
+        return [
             r
             for r in self.runs
             if r.hardware_id == hardware_id
             and r.bundle is not None
             and r.bundle.bundle_sha256 == bundle_sha256
         ]
+
+    def passed_for(self, bundle_sha256: str, hardware_id: str) -> bool:
+        """Whether the bundle ran on at least one device of ``hardware_id`` and every such run
+        passed."""
+        runs = self.runs_of(bundle_sha256, hardware_id)
         return bool(runs) and all(r.passed for r in runs)
 
 

@@ -20,6 +20,8 @@ from firmware_bundles.reference import ReferenceHistograms
 
 #: Name under which a late label is counted when the prediction it corrects is not known.
 UNKNOWN_PREDICTION = "unknown"
+#: Name under which a refused call is counted when it named none of the model's inputs.
+UNKNOWN_INPUT = "unknown"
 
 
 def histogram_size(histogram: Histogram) -> int:
@@ -64,6 +66,7 @@ class TelemetryLayout:
         outputs: Output histogram name -> number of counts (see :func:`counted_histograms`).
         classes: The label classes (decimal spelling for integer labels), or None when no output
             declares any (then any tally name is a label).
+        input_names: The model's input tensors (what refused calls are counted under).
     """
 
     model: str
@@ -71,6 +74,7 @@ class TelemetryLayout:
     inputs: dict[str, int]
     outputs: dict[str, int]
     classes: frozenset[str] | None
+    input_names: frozenset[str] = frozenset()
 
     @classmethod
     def of(cls, manifest: Manifest) -> TelemetryLayout:
@@ -83,6 +87,7 @@ class TelemetryLayout:
             inputs={h.name: histogram_size(h) for h in counted.inputs},
             outputs={h.name: histogram_size(h) for h in counted.outputs},
             classes=frozenset(labelled) if labelled else None,
+            input_names=frozenset(spec.name for spec in manifest.inputs),
         )
 
     def problems(self, window: TelemetryWindow) -> list[str]:
@@ -115,6 +120,24 @@ class TelemetryLayout:
                     for label in counts
                     if label not in self.classes
                 )
+        found.extend(
+            f"field 'quality.missing': no input histogram {name!r} in the bundle's manifest"
+            f" (it has {sorted(self.inputs)})"
+            for name in window.quality.missing
+            if name not in self.inputs
+        )
+        known = self.input_names | {UNKNOWN_INPUT}
+        found.extend(
+            f"field 'quality.refused': {name!r} is not an input of the model ({sorted(known)})"
+            for name in window.quality.refused
+            if name not in known
+        )
+        refused = sum(window.quality.refused.values())
+        if refused > window.error_count:
+            found.append(
+                f"field 'quality.refused': {refused} refused calls, but error_count is"
+                f" {window.error_count} (each refused call is an error)"
+            )
         return found
 
     def label_problem(self, label: str) -> str | None:
@@ -149,6 +172,11 @@ class TelemetryWindowBuilder:
     inputs: dict[str, list[int]] = field(default_factory=dict)
     feedback: dict[str, int] = field(default_factory=dict)
     labels: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: Data quality: ``missing`` per input histogram, ``refused`` per input.
+    missing: dict[str, int] = field(default_factory=dict)
+    refused: dict[str, int] = field(default_factory=dict)
+    #: Per candidate bundle in shadow: its ShadowCounts JSON form.
+    shadow: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.latency:
@@ -181,6 +209,49 @@ class TelemetryWindowBuilder:
         into = self.inputs if kind == "inputs" else self.outputs
         into[name] = sketches.merge_counts(into.get(name, []), counts)
 
+    def count_missing(self, name: str, count: int) -> None:
+        """Count ``count`` missing values (NaN, None) of input histogram ``name``."""
+        if count:
+            self.missing[name] = self.missing.get(name, 0) + count
+
+    def count_refused(self, input_name: str) -> None:
+        """Count a call the schema check refused for input ``input_name`` (its error is counted
+        by :meth:`count_error`)."""
+        self.refused[input_name] = self.refused.get(input_name, 0) + 1
+
+    def count_shadow(
+        self,
+        version: str,
+        bundle_sha256: str,
+        *,
+        sampled: int = 0,
+        dropped: int = 0,
+        errors: int = 0,
+        compared: int = 0,
+        agreed: int = 0,
+        latency: dict[str, Any] | None = None,
+    ) -> None:
+        """Add a candidate's shadow counts (and its latency sketch of the ``compared`` calls)."""
+        entry = self.shadow.get(bundle_sha256)
+        if entry is None:
+            entry = self.shadow[bundle_sha256] = {
+                "version": version,
+                "bundle_sha256": bundle_sha256,
+                "sampled": 0,
+                "dropped": 0,
+                "compared": 0,
+                "agreed": 0,
+                "errors": 0,
+                "latency": sketches.new_sketch(self.relative_accuracy),
+            }
+        entry["sampled"] += sampled
+        entry["dropped"] += dropped
+        entry["errors"] += errors
+        entry["compared"] += compared
+        entry["agreed"] += agreed
+        if latency is not None:
+            sketches.merge(entry["latency"], latency)
+
     def count_feedback(self, kind: str) -> None:
         """Count one piece of user feedback of ``kind``."""
         self.feedback[kind] = self.feedback.get(kind, 0) + 1
@@ -209,6 +280,12 @@ class TelemetryWindowBuilder:
             "inputs": [{"name": k, "counts": v} for k, v in self.inputs.items()],
             "feedback": self.feedback,
             "labels": self.labels,
+            **(
+                {"quality": {"missing": self.missing, "refused": self.refused}}
+                if self.missing or self.refused
+                else {}
+            ),
+            **({"shadow": list(self.shadow.values())} if self.shadow else {}),
         }
 
     def to_window(self) -> TelemetryWindow:
@@ -240,4 +317,13 @@ class TelemetryWindowBuilder:
             inputs={h.name: list(h.counts) for h in window.inputs},
             feedback=dict(window.feedback),
             labels={k: dict(v) for k, v in window.labels.items()},
+            missing=dict(window.quality.missing),
+            refused=dict(window.quality.refused),
+            shadow={s.bundle_sha256: _shadow_dict(s.to_dict()) for s in window.shadow},
         )
+
+
+def _shadow_dict(entry: dict[str, Any]) -> dict[str, Any]:
+    # JSON object keys: the sketch's integer bucket keys as strings, as the builder keeps them.
+    entry["latency"]["bins"] = {str(k): v for k, v in entry["latency"]["bins"].items()}
+    return entry

@@ -10,7 +10,7 @@ CRC), which the device's SHA-256 check must catch.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
 import cbor2
@@ -31,30 +31,25 @@ class FaultLog:
     flipped_at: int | None = None
 
 
+@dataclass(eq=False)
 class FaultyLink:
     """A :class:`DeviceLink` that injects faults into model uploads.
 
-    Args:
+    Attributes:
         inner: The real link.
         cut_at_offset: Drop the connection (once) when the device acknowledges an upload offset
             at or past this one; the acknowledgement is lost with the connection.
         on_cut: How to drop it (a radio drop, a cable pull); awaited before the error.
         flip_bit_at: Flip the lowest bit of this bundle byte in the request that carries it.
+        log: What it did.
     """
 
-    def __init__(
-        self,
-        inner: DeviceLink,
-        *,
-        cut_at_offset: int | None = None,
-        on_cut: Callable[[], Awaitable[None]] | None = None,
-        flip_bit_at: int | None = None,
-    ) -> None:
-        self.inner = inner
-        self.cut_at_offset = cut_at_offset
-        self.on_cut = on_cut
-        self.flip_bit_at = flip_bit_at
-        self.log = FaultLog()
+    inner: DeviceLink
+    _: KW_ONLY
+    cut_at_offset: int | None = None
+    on_cut: Callable[[], Awaitable[None]] | None = None
+    flip_bit_at: int | None = None
+    log: FaultLog = field(default_factory=FaultLog, init=False)
 
     @property
     def name(self) -> str:

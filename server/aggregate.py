@@ -2,7 +2,10 @@
 the checks a stored one must pass before it is read or added to. Pure: no database, no I/O.
 
 An aggregate holds what windows add up to: counts, a latency sketch (see
-:mod:`firmware_bundles.telemetry`), named histograms, feedback and label tallies. Adding is
+:mod:`firmware_bundles.telemetry`), named histograms, feedback and label tallies, data-quality
+tallies (``quality``: ``missing`` per input histogram, ``refused`` per input) and, per candidate
+version run in shadow beside it, the shadow counts with the candidate's latency sketch
+(``shadow``). Stored aggregates written before the last two existed read as empty ones. Adding is
 associative and commutative in everything but the float ``latency.sum``, so any order of arrival
 gives the same counts and quantiles.
 """
@@ -19,7 +22,9 @@ from firmware_bundles.messages import Count, LatencySketch, TallyName, Telemetry
 
 COUNT_FIELDS = ("inference_count", "error_count", "selftest_failure_count", "window_count")
 #: Every field of an aggregate (the columns of a stored rollup).
-FIELDS = (*COUNT_FIELDS, "latency", "outputs", "inputs", "feedback", "labels")
+FIELDS = (*COUNT_FIELDS, "latency", "outputs", "inputs", "feedback", "labels", "quality", "shadow")
+#: A shadow entry's counts (besides its latency sketch).
+SHADOW_COUNTS = ("sampled", "dropped", "compared", "agreed", "errors")
 
 
 def empty(relative_accuracy: float) -> dict[str, Any]:
@@ -34,6 +39,8 @@ def empty(relative_accuracy: float) -> dict[str, Any]:
         "inputs": {},
         "feedback": {},
         "labels": {},
+        "quality": {"missing": {}, "refused": {}},
+        "shadow": {},
     }
 
 
@@ -49,6 +56,17 @@ def of_window(window: TelemetryWindow) -> dict[str, Any]:
         "inputs": {h.name: list(h.counts) for h in window.inputs},
         "feedback": dict(window.feedback),
         "labels": {k: dict(v) for k, v in window.labels.items()},
+        "quality": {
+            "missing": dict(window.quality.missing),
+            "refused": dict(window.quality.refused),
+        },
+        "shadow": {
+            s.version: {
+                **{f: getattr(s, f) for f in SHADOW_COUNTS},
+                "latency": s.latency.model_dump(),
+            }
+            for s in window.shadow
+        },
     }
 
 
@@ -66,6 +84,19 @@ def add(into: dict[str, Any], part: dict[str, Any]) -> None:
     sketch.merge_tallies(into["feedback"], part["feedback"])
     for predicted, counts in part["labels"].items():
         sketch.merge_tallies(into["labels"].setdefault(predicted, {}), counts)
+    quality = part.get("quality") or {}
+    for kind in ("missing", "refused"):
+        sketch.merge_tallies(into["quality"][kind], quality.get(kind) or {})
+    for version, theirs in (part.get("shadow") or {}).items():
+        ours = into["shadow"].get(version)
+        if ours is None:
+            ours = into["shadow"][version] = {
+                **dict.fromkeys(SHADOW_COUNTS, 0),
+                "latency": sketch.new_sketch(float(theirs["latency"]["relative_accuracy"])),
+            }
+        for field in SHADOW_COUNTS:
+            ours[field] += theirs[field]
+        sketch.merge(ours["latency"], theirs["latency"])
 
 
 def copy(values: dict[str, Any]) -> dict[str, Any]:
@@ -78,7 +109,36 @@ def copy(values: dict[str, Any]) -> dict[str, Any]:
         "inputs": {k: list(v) for k, v in values["inputs"].items()},
         "feedback": dict(values["feedback"]),
         "labels": {k: dict(v) for k, v in values["labels"].items()},
+        "quality": {
+            kind: dict((values.get("quality") or {}).get(kind) or {})
+            for kind in ("missing", "refused")
+        },
+        "shadow": {
+            version: {
+                **entry,
+                "latency": {**entry["latency"], "bins": dict(entry["latency"]["bins"])},
+            }
+            for version, entry in (values.get("shadow") or {}).items()
+        },
     }
+
+
+class StoredQuality(BaseModel):
+    """A stored aggregate's data-quality tallies."""
+
+    missing: dict[str, Count] = {}
+    refused: dict[str, Count] = {}
+
+
+class StoredShadow(BaseModel):
+    """A stored aggregate's counts of one candidate in shadow."""
+
+    sampled: Count
+    dropped: Count
+    compared: Count
+    agreed: Count
+    errors: Count
+    latency: LatencySketch
 
 
 class StoredAggregate(BaseModel):
@@ -95,6 +155,9 @@ class StoredAggregate(BaseModel):
     inputs: dict[str, list[Count]]
     feedback: dict[TallyName, Count]
     labels: dict[TallyName, dict[TallyName, Count]]
+    #: None: written before these fields existed (read as empty).
+    quality: StoredQuality | None = None
+    shadow: dict[str, StoredShadow] | None = None
 
 
 def problem(stored: Any, relative_accuracy: float) -> str | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -24,6 +25,7 @@ from sqlmodel import Session, select
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
+from server import invalidation
 from server.auth import hash_token, new_token
 from server.checkin_store import make_store
 from server.config import Settings
@@ -86,7 +88,11 @@ def create_app(state: ServerState) -> FastAPI:
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         jobs = Jobs(jobs_for(state), state.engine)
         jobs.start()
+        # Other server processes' changes to what is offered (PostgreSQL; None on SQLite).
+        listener = invalidation.listen(state.engine, state.offers.invalidate)
         yield
+        if listener is not None:
+            listener.stop()
         await jobs.stop()
         await state.check_in_store.close()
 
@@ -242,6 +248,7 @@ class ObserveMiddleware:
                     json.dumps(
                         {
                             "ts": datetime.now(UTC).isoformat(),
+                            "pid": os.getpid(),
                             "method": scope["method"],
                             "path": scope["path"],
                             "status": status["code"],

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from firmware_bundles.manifest import FirmwareRange
@@ -54,6 +54,9 @@ class ArmRule:
     new: Offer
     #: What the control arm runs (the release when the rollout started); None if nothing was.
     previous: Offer | None
+    #: A shadow rollout's sampling: the treatment arm keeps ``previous`` answering and runs
+    #: ``new`` in shadow on this share of the calls. None for a normal rollout.
+    shadow_fraction: float | None = None
 
     def selects(self, device_id: str, firmware: str) -> bool:
         if self.cohort_devices is not None and device_id not in self.cohort_devices:
@@ -74,6 +77,10 @@ class ArmRule:
             return None
         if not in_treatment(self.rollout_id, device_id, self.percent):
             return self.previous
+        if self.shadow_fraction is not None:
+            if self.previous is None or self.state in ("halted", "rolled-back"):
+                return self.previous
+            return replace(self.previous, shadow=self.new, shadow_fraction=self.shadow_fraction)
         if self.state == "rolled-back":
             return self.previous
         if self.state == "halted" and running != self.new.version:

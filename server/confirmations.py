@@ -80,6 +80,23 @@ def confirmed_counter(
     return counters.counter(model, device_id, member)
 
 
+def confirmation(
+    version: ModelVersion, hardware_id: str, *, at: datetime, by: str, rollout_id: int | None = None
+) -> Confirmation:
+    """The row that confirms ``version`` on ``hardware_id``: its release counter becomes a floor
+    for the devices ``rollout_id`` selected (None: all of them)."""
+    assert version.id is not None
+    return Confirmation(
+        model_name=version.model_name,
+        hardware_id=hardware_id,
+        version_id=version.id,
+        release_counter=version.release_counter,
+        rollout_id=rollout_id,
+        confirmed_at=at,
+        confirmed_by=by,
+    )
+
+
 def confirm(
     session: Session,
     model: str,
@@ -122,19 +139,8 @@ def confirm(
             f"{model} {version} has no bundle for {', '.join(missing) or 'any hardware id'};"
             f" it has: {', '.join(has) or 'none'}",
         )
-    assert found.id is not None
     now = datetime.now(UTC)
     for hardware_id in targets:
-        session.add(
-            Confirmation(
-                model_name=model,
-                hardware_id=hardware_id,
-                version_id=found.id,
-                release_counter=found.release_counter,
-                rollout_id=rollout_id,
-                confirmed_at=now,
-                confirmed_by=by,
-            )
-        )
+        session.add(confirmation(found, hardware_id, at=now, by=by, rollout_id=rollout_id))
     session.commit()
     return found, targets

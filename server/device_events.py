@@ -364,17 +364,7 @@ def add_revoked(session: Session, *, device_id: str, at: datetime) -> None:
 def public(event: DeviceEvent) -> DeviceEventPublic:
     """An event as the API shows it."""
     assert event.id is not None
-    return DeviceEventPublic(
-        id=event.id,
-        device_id=event.device_id,
-        at=event.at,
-        kind=event.kind,
-        model=event.model,
-        version=event.version,
-        bundle_sha256=event.bundle_sha256,
-        outcome=event.outcome,
-        details=EventDetails.model_validate(event.details or {}),
-    )
+    return DeviceEventPublic.model_validate(event.model_dump() | {"details": event.details or {}})
 
 
 def cursor_of(event: DeviceEvent) -> str:

@@ -159,20 +159,26 @@ def _arms(session: Session, device: Device) -> list[RolloutArm]:
     return found
 
 
+#: What the history repeats of the device's own row, as stored.
+_DEVICE_FACTS = {
+    "hardware_id",
+    "generation",
+    "platform",
+    "firmware_version",
+    "revoked",
+    "enrolled_at",
+    "last_seen",
+}
+
+
 def build(inputs: HistoryInputs) -> DeviceHistory:
     """A device's history from its inputs; pure."""
     device = inputs.device
     counts: Counter[tuple[str, str | None]] = Counter(inputs.event_counts)
     failed = sum(n for (kind, outcome), n in counts.items() if kind == "install" and outcome)
     return DeviceHistory(
+        **device.model_dump(include=_DEVICE_FACTS),
         device_id=device.id,
-        hardware_id=device.hardware_id,
-        generation=device.generation,
-        platform=device.platform,
-        firmware_version=device.firmware_version,
-        revoked=device.revoked,
-        enrolled_at=device.enrolled_at,
-        last_seen=device.last_seen,
         installed=[device_events.summary(m) for m in device.installed or []],
         pairing=Pairing(relay_id=device.relay_id, relays_for=inputs.relays_for),
         assignments=assignments(inputs),

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict
 from scipy.stats import chi2 as chi2_distribution
 
 #: A bin proportion of 0 is replaced by this before PSI's logarithm (and in its difference
@@ -20,26 +20,29 @@ from scipy.stats import chi2 as chi2_distribution
 PSI_ZERO_PROPORTION = 1e-4
 
 
-@dataclass(frozen=True)
-class Drift:
-    """Drift of ``current`` against ``baseline`` on one feature or output.
+class Drift(BaseModel):
+    """Drift of ``current`` against ``baseline`` on one feature or output (the API's
+    ``DriftRow`` adds the bins and counts).
 
     ``status`` is ``"ok"``, or ``"no-data"`` when either side has no counts (then every figure
     is None): no data is a result of its own, not a drift of zero.
     """
 
+    model_config = ConfigDict(frozen=True)
+
+    #: ``ok``, or ``no-data`` when a side has no counts (then the figures are None).
     status: str
     current_count: int
     baseline_count: int
-    psi: float | None = None
-    js_divergence_bits: float | None = None
-    chi2: float | None = None
-    chi2_dof: int | None = None
-    chi2_p_value: float | None = None
-    max_abs_proportion_diff: float | None = None
+    psi: float | None
+    js_divergence_bits: float | None
+    chi2: float | None
+    chi2_dof: int | None
+    chi2_p_value: float | None
+    max_abs_proportion_diff: float | None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return self.model_dump()
 
 
 def _proportions(counts: Sequence[int]) -> tuple[list[float], int]:
@@ -104,7 +107,9 @@ def drift(current: Sequence[int], baseline: Sequence[int]) -> Drift:
         raise ValueError("counts must not be negative")
     n_current, n_baseline = sum(current), sum(baseline)
     if n_current == 0 or n_baseline == 0:
-        return Drift("no-data", n_current, n_baseline)
+        # Every figure None: no data is not a drift of zero.
+        known = {"status": "no-data", "current_count": n_current, "baseline_count": n_baseline}
+        return Drift.model_validate(dict.fromkeys(Drift.model_fields) | known)
     p, _ = _proportions(current)
     q, _ = _proportions(baseline)
     statistic, dof, p_value = chi_square(current, baseline)

@@ -15,6 +15,8 @@ and never rolls back; a stage thin past its deadline waits for a person.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -26,7 +28,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from firmware_bundles.manifest import FirmwareRange
-from server import aggregate, gates, rollouts, telemetry
+from server import aggregate, gate_config, gates, rollouts, shadow_gates, telemetry
 from server.arms import in_treatment
 from server.fleet import cohorts_members
 from server.models import (
@@ -136,24 +138,6 @@ def arm_windows(
             yield w
 
 
-def _aggregates(
-    session: Session,
-    model: str,
-    versions: dict[str, str],
-    start: datetime,
-    end: datetime | None,
-    relative_accuracy: float,
-) -> dict[str, dict[str, Any]]:
-    """Per device, its windows of its arm's version (``versions``: device -> version)."""
-    found: dict[str, dict[str, Any]] = {}
-    for w in arm_windows(session, model, versions, start, end, relative_accuracy):
-        into = found.get(w.device_id)
-        if into is None:
-            into = found[w.device_id] = aggregate.empty(relative_accuracy)
-        aggregate.add(into, w.aggregate)
-    return found
-
-
 @dataclass
 class ArmMembers:
     """Who is in each arm of the rollout's current stage, and which version each arm runs."""
@@ -198,29 +182,41 @@ def arms(session: Session, rollout: Rollout, relative_accuracy: float) -> Arms:
     treatment, control = members.treatment, members.control
     previous_versions = members.previous_versions
     percent = rollout.stages[rollout.stage]["percent"]
-    t_aggs = _aggregates(
-        session,
-        rollout.model_name,
-        {d.id: members.new_version for d in treatment},
+
+    def per_device(
+        versions: dict[str, str], start: datetime, end: datetime | None
+    ) -> dict[str, dict[str, Any]]:
+        """Per device, its windows of its arm's version (``versions``: device -> version)."""
+        found: dict[str, dict[str, Any]] = {}
+        for w in arm_windows(session, rollout.model_name, versions, start, end, relative_accuracy):
+            into = found.get(w.device_id)
+            if into is None:
+                into = found[w.device_id] = aggregate.empty(relative_accuracy)
+            aggregate.add(into, w.aggregate)
+        return found
+
+    # A shadow rollout's treatment devices still answer with the previous version; their
+    # windows of it carry the candidate's shadow counts.
+    t_aggs = per_device(
+        {
+            d.id: previous_versions.get(d.hardware_id, "")
+            if rollout.shadow
+            else members.new_version
+            for d in treatment
+        },
         rollout.started_at,
         None,
-        relative_accuracy,
     )
-    c_aggs = _aggregates(
-        session,
-        rollout.model_name,
+    c_aggs = per_device(
         {d.id: previous_versions[d.hardware_id] for d in control},
         rollout.started_at,
         members.control_until,
-        relative_accuracy,
     )
     batches = telemetry.batch_counts(session, [d.id for d in treatment + control])
     # Each device's own week on the previous version before the rollout: a baseline that takes
     # the devices' own spread out of the comparison (CUPED), the same period for both arms.
     everyone = treatment + control
-    baselines = _aggregates(
-        session,
-        rollout.model_name,
+    baselines = per_device(
         {
             d.id: previous_versions[d.hardware_id]
             for d in everyone
@@ -228,7 +224,6 @@ def arms(session: Session, rollout: Rollout, relative_accuracy: float) -> Arms:
         },
         rollout.started_at - BASELINE,
         rollout.started_at,
-        relative_accuracy,
     )
 
     def sample(device: Device, aggs: dict[str, dict[str, Any]], install: bool) -> Any:
@@ -239,7 +234,7 @@ def arms(session: Session, rollout: Rollout, relative_accuracy: float) -> Arms:
             baseline=baselines.get(device.id),
             install_succeeded=(
                 _install_outcome(device, rollout.model_name, members.new_version)
-                if install
+                if install and not rollout.shadow
                 else None
             ),
             batches_received=received,
@@ -263,8 +258,20 @@ def evaluate(
     """
     found = arms(session, rollout, relative_accuracy)
     config = gates.GateConfig.model_validate(rollout.gates)
+    candidate = None
+    if rollout.shadow:
+        # The treatment installs nothing: the candidate runs in its shadow slot.
+        config = config.model_copy(update={"install": gate_config.InstallGate(enabled=False)})
+        new = rollouts.version_of(session, rollout.version_id)
+        candidate = new.version if new is not None else None
     verdict = gates.judge(
         found.treatment, found.control, config, expected_treatment_share=found.expected_share
+    )
+    verdict = shadow_gates.with_results(
+        verdict,
+        shadow_gates.judge_extra(
+            found.treatment, found.control, config, shadow_candidate=candidate
+        ),
     )
     stage = rollout.stages[rollout.stage]
     inferences = {
@@ -324,7 +331,7 @@ def evaluate(
             "wait", "gates pass; this stage needs an operator's approval", "waiting-for-approval"
         )
     rollouts.advance(session, rollout, actor=actor, reason="every gate passed", figures=figures)
-    if rollout.state == "completed":
+    if rollout.state == "completed" and not rollout.shadow:
         _release(session, rollout, now)
         rollouts.confirm_for_rollout(session, rollout, by=actor)
     return _last(session, rollout)
@@ -374,7 +381,8 @@ def _release(session: Session, rollout: Rollout, now: datetime) -> None:
 
 # -- the periodic job ---------------------------------------------------------------------------
 
-_HOLDER = uuid.uuid4().hex
+#: Who holds a lease: host, process id and a random tag (a new process never reuses a holder).
+_HOLDER = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
 LEASE = "rollout-evaluator"
 
 

@@ -139,7 +139,7 @@ def versions(session: Session, model: str | None = None) -> list[VersionCount]:
     ]
 
 
-def _day(session: Session, column: Any) -> Any:
+def day_of(session: Session, column: Any) -> Any:
     """A stored timestamp's UTC day, in the database's dialect: PostgreSQL truncates (cheaper
     per row than formatting, which the grouping then does for a few dozen days), SQLite keeps
     UTC as ISO text."""
@@ -148,17 +148,17 @@ def _day(session: Session, column: Any) -> Any:
     return func.substr(cast(column, String), 1, 10)
 
 
-def _iso_day(value: datetime | str) -> str:
+def iso_day(value: datetime | str) -> str:
     return value.astimezone(UTC).date().isoformat() if isinstance(value, datetime) else value
 
 
 def install_outcomes(session: Session, *, since: datetime) -> list[OutcomeCount]:
     """Install events per day and outcome since ``since``."""
-    day = _day(session, col(DeviceEvent.at))
+    day = day_of(session, col(DeviceEvent.at))
     rows = session.exec(
         select(day, DeviceEvent.outcome, func.count())
         .where(DeviceEvent.kind == "install", col(DeviceEvent.at) >= since)
         .group_by(day, col(DeviceEvent.outcome))
         .order_by(day, col(DeviceEvent.outcome))
     ).all()
-    return [OutcomeCount(day=_iso_day(d), outcome=o or "unknown", count=int(n)) for d, o, n in rows]
+    return [OutcomeCount(day=iso_day(d), outcome=o or "unknown", count=int(n)) for d, o, n in rows]

@@ -36,7 +36,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col
 from sqlmodel.sql.sqltypes import UTCDateTime
 
-from server import aggregate, evaluator
+from server import aggregate, evaluator, fleet_rollup
 from server.models import UNFOLDED, Device, TelemetryRollup, TelemetryWindowRecord
 
 log = logging.getLogger("edgefleet.server.fold")
@@ -78,9 +78,10 @@ def fold(session: Session, *, relative_accuracy: float, limit: int) -> Folded:
                 except (ValueError, KeyError, TypeError) as exc:  # stored by an earlier bug
                     log.warning("telemetry window %s %s skipped by the fold: %s", key, values, exc)
                 hardware[device_id] = hardware_id
-            written = write_rollups(session, parts, hardware, relative_accuracy)
+            changes = write_rollups(session, parts, hardware, relative_accuracy)
+            fleet_rollup.add_changes(session, changes, relative_accuracy)
             session.commit()
-            return Folded(len(claimed), written)
+            return Folded(len(claimed), len(changes))
         except IntegrityError:
             session.rollback()
             if attempt == 2:
@@ -151,8 +152,10 @@ def write_rollups(
     parts: dict[RollupKey, dict[str, Any]],
     hardware: dict[str, str],
     relative_accuracy: float,
-) -> int:
-    """Add each part into its device's day rollup (made when missing); returns rows written.
+) -> list[fleet_rollup.Change]:
+    """Add each part into its device's day rollup (made when missing); returns what changed in
+    each row written, for the fleet rollups (:func:`server.fleet_rollup.add_changes`, which the
+    caller runs in the same transaction).
 
     The rows for the keys are read once (locked on PostgreSQL) and written in two statements
     (updates, inserts). A row that fails the checks (which reads skip) is replaced by the part, so
@@ -160,14 +163,19 @@ def write_rollups(
     device's hardware id, as its windows recorded it.
     """
     if not parts:
-        return 0
+        return []
     existing = _rollup_rows(session, list(parts))
     devices = device_platforms(session, {key[0] for key in parts if key not in existing})
     updates, inserts = [], []
+    changes: list[fleet_rollup.Change] = []
     for key in sorted(parts):
         part = parts[key]
         row = existing.get(key)
+        device_id, model, version, day = key
         if row is None:
+            changes.append(
+                fleet_rollup.Change((model, version, day, hardware[device_id]), part, "new", False)
+            )
             generation, platform = devices.get(key[0], ("", ""))
             inserts.append(
                 {
@@ -182,25 +190,31 @@ def write_rollups(
                 }
             )
             continue
-        updates.append({"_id": row["id"], **_added(row, key, part, relative_accuracy)})
+        values, was, failed_before = _added(row, key, part, relative_accuracy)
+        updates.append({"_id": row["id"], **values})
+        fleet_key = (model, version, day, row["hardware_id"])
+        changes.append(fleet_rollup.Change(fleet_key, part, was, failed_before))
     if updates:
         session.execute(update(_ROLLUPS).where(_ROLLUPS.c.id == bindparam("_id")), updates)
     if inserts:
         session.execute(insert(_ROLLUPS), inserts)
-    return len(updates) + len(inserts)
+    return changes
 
 
 def _added(
     row: dict[str, Any], key: RollupKey, part: dict[str, Any], relative_accuracy: float
-) -> dict[str, Any]:
-    """A stored rollup with ``part`` added; the part alone if the row fails its checks."""
+) -> tuple[dict[str, Any], fleet_rollup.Was, bool]:
+    """A stored rollup with ``part`` added (the part alone if the row fails its checks), what
+    the row was (for the fleet rollups), and whether it reported a self-test failure before."""
     problem = aggregate.problem(row, relative_accuracy)
     current = aggregate.copy(_values(row)) if problem is None else None
+    was: fleet_rollup.Was = "valid" if current is not None else "skipped"
+    failed_before = current is not None and current["selftest_failure_count"] > 0
     if current is not None:
         try:
             aggregate.add(current, part)
         except ValueError as exc:  # a layout no manifest gives: written before the checks
-            problem, current = str(exc), None
+            problem, current, was = str(exc), None, "replaced"
     if current is None:
         log.warning(
             "telemetry rollup %s %s fails its checks (%s); replaced by new data. It held: %s",
@@ -210,7 +224,7 @@ def _added(
             _values(row),
         )
         current = part
-    return current
+    return current, was, failed_before
 
 
 def _values(row: dict[str, Any]) -> dict[str, Any]:
@@ -224,7 +238,12 @@ def _rollup_rows(session: Session, keys: list[RollupKey]) -> dict[RollupKey, dic
     for i in range(0, len(keys), 500):
         chunk = keys[i : i + 500]
         query = (
-            select(_ROLLUPS.c.id, *key_columns, *(_ROLLUPS.c[f] for f in aggregate.FIELDS))
+            select(
+                _ROLLUPS.c.id,
+                _ROLLUPS.c.hardware_id,
+                *key_columns,
+                *(_ROLLUPS.c[f] for f in aggregate.FIELDS),
+            )
             .where(tuple_(*key_columns).in_(chunk))
             .order_by(_ROLLUPS.c.id)
             .with_for_update()
@@ -343,6 +362,36 @@ def day_rows(
             day,
             values,
         )
+
+
+def unfolded_keys(
+    session: Session, *, model: str, version: str, hardware_id: str | None, days: list[str]
+) -> set[tuple[str, str]]:
+    """The (hardware id, event-time day) pairs of ``days`` where windows of ``model`` ``version``
+    wait to be folded: their day rollups (and the fleet rollups over them) are not yet whole."""
+    wanted = sorted(set(days))
+    if not wanted:
+        return set()
+    w = _WINDOWS.c
+    query = (
+        select(w.hardware_id, w.window_start)
+        .distinct()
+        .where(
+            UNFOLDED,
+            w.model == model,
+            w.version == version,
+            *_starts_within(w.window_start, wanted[0], wanted[-1]),
+        )
+    )
+    if hardware_id is not None:
+        query = query.where(w.hardware_id == hardware_id)
+    keep = set(wanted)
+    found = set()
+    for hardware, start in session.execute(query):
+        day = start.astimezone(UTC).date().isoformat()
+        if day in keep:
+            found.add((hardware, day))
+    return found
 
 
 def _starts_within(column: Any, first: str, last: str | None) -> list[Any]:

@@ -1,5 +1,6 @@
 """Rollout gates: per-device samples of a treatment and a control arm and a config in, a verdict
 per gate with its figures out. Pure (no I/O, no database, no clock); Kayenta's judge is the model.
+The config is :mod:`server.gate_config`; the samples and their columns, :mod:`server.gate_samples`.
 
 The device is the unit of analysis (windows from one device are not independent): each device gives
 one value per gate, and arms are compared on device-weighted means (weight ``n / (n + k)`` for a
@@ -36,150 +37,21 @@ Why the verdict stays valid when it is asked again and again as late data arrive
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 from scipy import optimize, special
 
-from firmware_bundles import telemetry
-from server.errors import ServerError
+from server.gate_config import MIN_DEVICES_FLOOR, RATE_GATES, GateConfig, GateInputError
+from server.gate_samples import ArmData, DeviceSample, Metric, arm_data
 
 Status = Literal["pass", "fail", "hold", "no-data"]
 Decision = Literal["advance-ok", "fail", "hold"]
 
-#: Fewest devices per arm a gate may ever be judged on: below this the device-level CLT behind
-#: the sequences is not trusted, so a config cannot ask for less.
-MIN_DEVICES_FLOOR = 10
 #: Shares below this count as this in divergences (an empty bin would make PSI infinite).
 SHARE_FLOOR = 1e-4
-_RATE_GATES = ("error_rate", "selftest", "feedback", "accuracy", "latency")
-
-
-class GateInputError(ServerError, ValueError):
-    """A sample cannot be judged: the message names the device and the field."""
-
-
-class _Gate(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-    enabled: bool = True
-    #: When False, too little evidence is "no-data" and does not hold the stage.
-    required: bool = True
-
-
-class RateGate(_Gate):
-    """Harm when the treatment's per-device rate exceeds the control's by more than this."""
-
-    max_increase: float = Field(gt=0, le=1)
-
-
-class InstallGate(_Gate):
-    """Harm when more than this share of treatment devices fail to install and self-test."""
-
-    max_failure_rate: float = Field(default=0.10, gt=0, lt=1)
-
-
-class LatencyGate(_Gate):
-    quantile: float = Field(default=0.95, gt=0, lt=1)
-    max_relative_increase: float = Field(default=0.10, gt=0)
-    #: A device's own quantile is used once it has this many latencies.
-    min_inferences_per_device: int = Field(default=20, ge=1)
-
-
-class OutputShiftGate(_Gate):
-    max_js_bits: float = Field(default=0.02, gt=0, le=1)
-
-
-class InputDriftGate(_Gate):
-    max_psi: float = Field(default=0.10, gt=0)
-
-
-class FeedbackGate(RateGate):
-    max_increase: float = Field(default=0.005, gt=0, le=1)
-    negative_kinds: tuple[str, ...] = ("thumbs_down", "negative")
-
-
-class AccuracyGate(_Gate):
-    required: bool = False  # labels may never come for a model without label feedback
-    max_drop: float = Field(default=0.015, gt=0, le=1)
-    min_labels_per_arm: int = Field(default=300, ge=1)
-
-
-class GateConfig(BaseModel):
-    """Which gates are on and their thresholds; the defaults need no flags."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-    #: Chance, over all looks, that an A/A rollout fails any gate (split over enabled gates).
-    alpha: float = Field(default=0.05, gt=0, lt=1)
-    min_devices_per_arm: int = Field(default=30, ge=MIN_DEVICES_FLOOR)
-    min_inferences_per_arm: int = Field(default=2000, ge=1)
-    #: ``k`` in the device weight ``n / (n + k)``.
-    device_weight_half_count: float = Field(default=50.0, gt=0)
-    error_rate: RateGate = RateGate(max_increase=0.0025)
-    selftest: RateGate = RateGate(max_increase=0.01)  # self-test failures per window
-    install: InstallGate = InstallGate()
-    latency: LatencyGate = LatencyGate()
-    output_shift: OutputShiftGate = OutputShiftGate()
-    input_drift: InputDriftGate = InputDriftGate()
-    feedback: FeedbackGate = FeedbackGate()
-    accuracy: AccuracyGate = AccuracyGate()
-    srm_alpha: float = Field(default=0.001, gt=0, lt=1)
-    min_completeness: float = Field(default=0.7, ge=0, le=1)
-
-    def enabled_gates(self) -> tuple[str, ...]:
-        names = (*_RATE_GATES, "install", "output_shift", "input_drift")
-        return tuple(n for n in names if getattr(self, n).enabled)
-
-
-@dataclass(frozen=True)
-class DeviceSample:
-    """One device's evidence over the evaluation period.
-
-    Attributes:
-        device_id: The device.
-        aggregate: Its windows on its arm's version, in the server's aggregate form
-            (``inference_count``, ``error_count``, ``selftest_failure_count``, ``window_count``,
-            ``latency`` sketch, ``outputs``, ``inputs``, ``feedback``, ``labels``).
-        baseline: The same form for its windows on the previous version before the rollout
-            started (the same calendar period for both arms), or None; sharpens the rate gates.
-        install_succeeded: True once it reported the new version running and self-tested, False
-            if it reported a failure, None if not known (and for control devices).
-        batches_received: Telemetry batches received; ``batches_expected`` those the sequence
-            numbers say were sent.
-    """
-
-    device_id: str
-    aggregate: Mapping[str, Any]
-    baseline: Mapping[str, Any] | None = None
-    install_succeeded: bool | None = None
-    batches_received: int = 0
-    batches_expected: int = 0
-
-
-@dataclass(frozen=True)
-class Metric:
-    """Per-device values of one two-arm gate (NaN: no evidence) and the evidence behind each."""
-
-    values: np.ndarray
-    counts: np.ndarray
-    baseline: np.ndarray | None = None  # the same value on the previous version (NaN: none)
-
-
-@dataclass(frozen=True)
-class ArmData:
-    """One arm in columns, one row per device (what :func:`judge_arms` reads)."""
-
-    devices: int
-    inferences: np.ndarray
-    metrics: Mapping[str, Metric]
-    outputs: Mapping[str, np.ndarray]  # name -> (devices, bins) counts
-    inputs: Mapping[str, np.ndarray]
-    install_failed: np.ndarray  # 1.0 failed, 0.0 succeeded, NaN unknown
-    batches_received: int = 0
-    batches_expected: int = 0
-    merged_latency_quantile: float | None = None  # the arm's merged sketch (a figure only)
 
 
 @dataclass(frozen=True)
@@ -263,7 +135,7 @@ def judge_arms(
     alpha = config.alpha / max(len(enabled), 1)
     results: list[GateResult] = []
     for name in enabled:
-        if name in _RATE_GATES:
+        if name in RATE_GATES:
             results.append(_two_arm_gate(name, treatment, control, config, alpha))
         elif name == "install":
             results.append(_install_gate(treatment, config, alpha))
@@ -637,121 +509,3 @@ def _completeness(t: ArmData, c: ArmData, minimum: float) -> HealthCheck:
     return HealthCheck(
         "completeness", status, f"{arm} completeness {low:.3g}, {word} {minimum:.3g}", low, minimum
     )
-
-
-# --- samples to columns ------------------------------------------------------------------------
-
-_COUNT_FIELDS = ("inference_count", "error_count", "selftest_failure_count", "window_count")
-
-
-def arm_data(samples: Sequence[DeviceSample], config: GateConfig) -> ArmData:
-    """One arm's samples in columns, sorted by device id (so sample order never matters).
-
-    Raises:
-        GateInputError: Naming the device and field of a malformed sample.
-    """
-    ordered = sorted(samples, key=lambda s: s.device_id)
-    rows = [_device_row(s.aggregate, s.device_id, config) for s in ordered]
-    bases = [
-        _device_row(s.baseline, s.device_id, config) if s.baseline is not None else None
-        for s in ordered
-    ]
-    metrics: dict[str, Metric] = {}
-    for name in _RATE_GATES:
-        values = np.array([r["metrics"][name][0] for r in rows], dtype=float)
-        counts = np.array([r["metrics"][name][1] for r in rows], dtype=float)
-        baseline = np.array(
-            [b["metrics"][name][0] if b is not None else np.nan for b in bases], dtype=float
-        )
-        metrics[name] = Metric(values, counts, None if np.isnan(baseline).all() else baseline)
-    merged = telemetry.new_sketch(float(rows[0]["latency"]["relative_accuracy"]) if rows else 0.01)
-    for s, r in zip(ordered, rows, strict=True):
-        try:
-            telemetry.merge(merged, r["latency"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise GateInputError(f"device {s.device_id}: field 'latency': {exc}") from exc
-    return ArmData(
-        devices=len(ordered),
-        inferences=np.array([r["inferences"] for r in rows], dtype=float),
-        metrics=metrics,
-        outputs=_histograms(ordered, rows, "outputs"),
-        inputs=_histograms(ordered, rows, "inputs"),
-        install_failed=np.array(
-            [
-                np.nan if s.install_succeeded is None else float(not s.install_succeeded)
-                for s in ordered
-            ],
-            dtype=float,
-        ),
-        batches_received=sum(
-            _count(s.batches_received, s.device_id, "batches_received") for s in ordered
-        ),
-        batches_expected=sum(
-            _count(s.batches_expected, s.device_id, "batches_expected") for s in ordered
-        ),
-        merged_latency_quantile=telemetry.quantile(merged, config.latency.quantile),
-    )
-
-
-def _count(value: Any, device: str, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise GateInputError(f"device {device}: field {name!r} must be a count >= 0, got {value!r}")
-    return value
-
-
-def _device_row(agg: Mapping[str, Any], device: str, config: GateConfig) -> dict[str, Any]:
-    """A device's per-gate values (NaN where it has no evidence) from its aggregate."""
-    counts = {}
-    for name in _COUNT_FIELDS:
-        counts[name] = _count(agg.get(name, 0), device, name)
-    n, windows = counts["inference_count"], counts["window_count"]
-    latency = agg.get("latency") or telemetry.new_sketch()
-    if not isinstance(latency, Mapping) or "count" not in latency:
-        raise GateInputError(f"device {device}: field 'latency' is not a latency sketch")
-    feedback = agg.get("feedback") or {}
-    negative = sum(
-        _count(feedback.get(k, 0), device, f"feedback.{k}") for k in config.feedback.negative_kinds
-    )
-    correct = labelled = 0
-    for predicted, by_label in (agg.get("labels") or {}).items():
-        for label, c in by_label.items():
-            labelled += _count(c, device, f"labels.{predicted}.{label}")
-            correct += c if label == predicted else 0
-    n_lat = int(latency["count"])
-    q = telemetry.quantile(dict(latency), config.latency.quantile) if n_lat else None
-    enough = n_lat >= config.latency.min_inferences_per_device and q is not None
-    nan = float("nan")
-    return {
-        "inferences": n,
-        "latency": latency,
-        "outputs": agg.get("outputs") or {},
-        "inputs": agg.get("inputs") or {},
-        "metrics": {
-            "error_rate": (counts["error_count"] / n if n else nan, n),
-            "selftest": (counts["selftest_failure_count"] / windows if windows else nan, windows),
-            "feedback": (negative / n if n else nan, n),
-            "accuracy": (correct / labelled if labelled else nan, labelled),
-            "latency": (
-                math.log(max(q, telemetry.MIN_POSITIVE)) if enough and q is not None else nan,
-                n_lat,
-            ),
-        },
-    }
-
-
-def _histograms(
-    samples: Sequence[DeviceSample], rows: Sequence[dict[str, Any]], kind: str
-) -> dict[str, np.ndarray]:
-    width: dict[str, int] = {}
-    for s, r in zip(samples, rows, strict=True):
-        for name, counts in r[kind].items():
-            if width.setdefault(name, len(counts)) != len(counts):
-                raise GateInputError(
-                    f"device {s.device_id}: field '{kind}.{name}' has {len(counts)} bins,"
-                    f" others {width[name]}"
-                )
-    out = {name: np.zeros((len(rows), w)) for name, w in width.items()}
-    for i, (s, r) in enumerate(zip(samples, rows, strict=True)):
-        for name, counts in r[kind].items():
-            out[name][i] = [_count(c, s.device_id, f"{kind}.{name}") for c in counts]
-    return out

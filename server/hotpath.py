@@ -24,7 +24,7 @@ from sqlmodel import col
 
 from firmware_bundles.check_in import check_in_answer
 from firmware_bundles.manifest import FirmwareRange
-from firmware_bundles.messages import AssignedBundle, CheckInRequest
+from firmware_bundles.messages import AssignedBundle, CheckInRequest, ShadowBundle
 from server import device_events
 from server.auth import hash_token
 from server.checkin_store import Contact, DeviceRow
@@ -165,6 +165,21 @@ def _assigned(model: str, offer: Offer, confirmed: int | None) -> AssignedBundle
         release_counter=offer.release_counter,
         download_url=f"/v1/bundles/{offer.bundle_sha256}",
         confirmed_release_counter=confirmed,
+        shadow=_shadow(offer.shadow, offer.shadow_fraction),
+    )
+
+
+def _shadow(candidate: Offer | None, fraction: float) -> ShadowBundle | None:
+    """The entry's shadow candidate, when the offer carries one with a bundle."""
+    if candidate is None or candidate.bundle_sha256 is None:
+        return None
+    return ShadowBundle(
+        version=candidate.version,
+        bundle_sha256=candidate.bundle_sha256,
+        bundle_length=candidate.length,
+        release_counter=candidate.release_counter,
+        download_url=f"/v1/bundles/{candidate.bundle_sha256}",
+        sample_fraction=fraction,
     )
 
 

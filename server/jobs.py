@@ -36,7 +36,7 @@ def jobs_for(state: ServerState) -> list[Job]:
     settings = state.settings
 
     def drop_expired() -> int:
-        with Session(state.engine) as session:
+        with state.sessions() as session:
             dropped = telemetry.drop_expired_windows(
                 session,
                 now=datetime.now(UTC),
@@ -51,7 +51,7 @@ def jobs_for(state: ServerState) -> list[Job]:
         return dropped
 
     def evaluate_rollouts() -> int:
-        with Session(state.engine) as session:
+        with state.sessions() as session:
             return evaluator.evaluate_due(
                 session,
                 relative_accuracy=settings.telemetry_relative_accuracy,
@@ -59,7 +59,7 @@ def jobs_for(state: ServerState) -> list[Job]:
             )
 
     def fold_windows() -> int:
-        with Session(state.engine) as session:
+        with state.sessions() as session:
             return fold.fold_due(
                 session,
                 relative_accuracy=settings.telemetry_relative_accuracy,
@@ -68,7 +68,7 @@ def jobs_for(state: ServerState) -> list[Job]:
             )
 
     def check_thresholds() -> int:
-        with Session(state.engine) as session:
+        with state.sessions() as session:
             return triggers.run(
                 session,
                 now=datetime.now(UTC),

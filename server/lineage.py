@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from datetime import UTC, datetime
+from urllib.parse import quote, urlsplit
 
 from sqlalchemy import func
 from sqlmodel import Session, col, select
@@ -17,6 +18,7 @@ from sqlmodel import Session, col, select
 from firmware_bundles import BundleError
 from firmware_bundles.manifest import Manifest, Provenance
 from firmware_bundles.messages import HilReport, verify_hil_report
+from firmware_bundles.provenance import MlflowSource
 from firmware_bundles.root import Root
 from firmware_bundles.signing import Envelope
 from server import fold, metrics
@@ -27,6 +29,7 @@ from server.lineage_schemas import (
     HilRunPublic,
     HilVerdict,
     Lineage,
+    MlflowLinks,
     QuantisationPublic,
     ReleasePublic,
     RolloutSummary,
@@ -78,6 +81,7 @@ def lineage(
     for r in releases:
         released[r.target_id].append(r.released_at)
     manifests = [Manifest.from_dict(b.manifest) for b in bundles]
+    provenance = None if found.provenance is None else Provenance.from_dict(found.provenance)
     return Lineage(
         model=model,
         version=version,
@@ -86,7 +90,10 @@ def lineage(
         published_by=found.published_by,
         published_at=found.published_at,
         withdrawn=found.withdrawn,
-        provenance=None if found.provenance is None else Provenance.from_dict(found.provenance),
+        provenance=provenance,
+        mlflow=None
+        if provenance is None or provenance.mlflow is None
+        else mlflow_links(provenance.mlflow),
         targets=[
             _target(b, m, root, released[b.target_id])
             for b, m in zip(bundles, manifests, strict=True)
@@ -119,23 +126,43 @@ def lineage(
     )
 
 
+def _web_base(uri: str) -> str | None:
+    """The MLflow UI's address for a tracking or registry URI: only an http(s) one has one."""
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        return None
+    return uri.rstrip("/")
+
+
+def mlflow_links(source: MlflowSource) -> MlflowLinks:
+    """Links into MLflow's UI for the run and the registered model version a bundle came from
+    (the UI's own routes: ``#/experiments/E/runs/R``, ``#/runs/R``, ``#/models/N/versions/V``)."""
+    tracking, registry = _web_base(source.tracking_uri), _web_base(source.registry_uri)
+    run = None
+    if tracking is not None and source.run_id:
+        run_id = quote(source.run_id, safe="")
+        run = (
+            f"{tracking}/#/experiments/{quote(source.experiment_id, safe='')}/runs/{run_id}"
+            if source.experiment_id
+            else f"{tracking}/#/runs/{run_id}"
+        )
+    model = version = None
+    if registry is not None and source.model_name and source.model_version:
+        model = f"{registry}/#/models/{quote(source.model_name, safe='')}"
+        version = f"{model}/versions/{quote(source.model_version, safe='')}"
+    return MlflowLinks(run=run, model_version=version, registered_model=model)
+
+
 def _target(
     bundle: Bundle, manifest: Manifest, root: Root, released_at: list[datetime]
 ) -> TargetLineage:
-    q = manifest.quantisation
     return TargetLineage(
         hardware_id=bundle.target_id,
         bundle_sha256=bundle.sha256,
         bundle_bytes=bundle.length,
         format=manifest.runtime.format,
         precision=manifest.runtime.precision,
-        quantisation=QuantisationPublic(
-            scheme=q.scheme,
-            per_channel=q.per_channel,
-            quantised_ops=q.quantised_ops,
-            notes=q.notes,
-            calibration=q.calibration,
-        ),
+        quantisation=QuantisationPublic.model_validate(manifest.quantisation, from_attributes=True),
         metrics=dict(manifest.metrics),
         ram_estimate_bytes=manifest.runtime.ram_estimate.bytes,
         op_types=list(manifest.runtime.op_types),
@@ -162,13 +189,6 @@ def hil_verdict(bundle: Bundle, data: bytes, root: Root) -> HilVerdict | None:
             report = HilReport.from_dict(Envelope.from_bytes(data, "hil report").signed)
         except BundleError:
             return None
-    runs = [
-        r
-        for r in report.runs
-        if r.bundle is not None
-        and r.bundle.bundle_sha256 == bundle.sha256
-        and r.hardware_id == bundle.target_id
-    ]
     return HilVerdict(
         passed=report.passed_for(bundle.sha256, bundle.target_id),
         signature_valid=problem is None,
@@ -177,15 +197,8 @@ def hil_verdict(bundle: Bundle, data: bytes, root: Root) -> HilVerdict | None:
         finished_at=report.finished_at,
         faults=list(report.faults),
         runs=[
-            HilRunPublic(
-                spec=r.spec,
-                hardware_id=r.hardware_id,
-                device_id=r.device_id,
-                firmware_version=r.firmware_version,
-                passed=r.passed,
-                checks=list(r.checks),
-            )
-            for r in runs
+            HilRunPublic.model_validate(r, from_attributes=True)
+            for r in report.runs_of(bundle.sha256, bundle.target_id)
         ],
     )
 

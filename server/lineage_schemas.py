@@ -118,6 +118,23 @@ class FieldSummary(BaseModel):
     total: Figures
 
 
+class MlflowLinks(BaseModel):
+    """Where the version's MLflow origin opens in MLflow's UI (from ``provenance.mlflow``).
+
+    A link is None when its URI is no web address (``sqlite:``, ``databricks``, a path) or the
+    provenance lacks what it needs: no ``run_id`` for the run, no registered name and version
+    (a ``runs:/`` source) for the model version.
+    """
+
+    #: The training run: ``{tracking}/#/experiments/{experiment_id}/runs/{run_id}``, or, with
+    #: no experiment id recorded, ``{tracking}/#/runs/{run_id}`` (MLflow's UI finds the run).
+    run: str | None
+    #: ``{registry}/#/models/{model_name}/versions/{model_version}``.
+    model_version: str | None
+    #: ``{registry}/#/models/{model_name}``.
+    registered_model: str | None
+
+
 class Lineage(BaseModel):
     """A model version from its training source to the devices running it."""
 
@@ -130,6 +147,8 @@ class Lineage(BaseModel):
     withdrawn: bool
     #: Training source and data hashes, tool versions, builder (the manifest's provenance).
     provenance: Provenance | None
+    #: MLflow UI links of ``provenance.mlflow`` (None when the version did not come from MLflow).
+    mlflow: MlflowLinks | None = None
     targets: list[TargetLineage]
     releases: list[ReleasePublic]
     confirmations: list[ConfirmationPublic]

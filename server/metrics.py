@@ -22,7 +22,7 @@ from sqlmodel import Session, col, select
 from firmware_bundles import telemetry as sketch
 from firmware_bundles.manifest import Histogram, Manifest
 from firmware_bundles.window_builder import UNKNOWN_PREDICTION
-from server import aggregate, drift, fold, references
+from server import aggregate, drift, fleet_reads, fold, quality, references
 from server.errors import ApiError
 from server.models import Bundle, TelemetryWindowRecord
 from server.registry import get_version
@@ -31,6 +31,9 @@ from server.telemetry import batch_counts
 #: The span a query covers when it names none: the last seven days.
 DEFAULT_SPAN = timedelta(days=7)
 QUANTILES = {"p50": 0.5, "p95": 0.95, "p99": 0.99}
+#: Whole days are read from the fleet rollups (:mod:`server.fleet_rollup`); tests turn it off to
+#: compare the answers with those from the devices' rows.
+USE_FLEET_ROLLUPS = True
 
 
 @dataclass(frozen=True)
@@ -94,18 +97,27 @@ def make_span(
 
 @dataclass
 class Group:
-    """Aggregates of a set of devices, with who contributed."""
+    """Aggregates of a set of devices, with who contributed (listed, or ``counted``)."""
 
     aggregate: dict[str, Any]
     devices: set[str] = field(default_factory=set)
     #: Devices that reported at least one self-test failure.
     selftest_failed_devices: set[str] = field(default_factory=set)
+    counted: fleet_reads.Counted | None = None
 
     def add(self, device_id: str, values: dict[str, Any]) -> None:
         aggregate.add(self.aggregate, values)
         self.devices.add(device_id)
         if values["selftest_failure_count"]:
             self.selftest_failed_devices.add(device_id)
+
+    @property
+    def device_count(self) -> int:
+        return self.counted.devices if self.counted else len(self.devices)
+
+    @property
+    def selftest_failed_count(self) -> int:
+        return self.counted.selftest_failed if self.counted else len(self.selftest_failed_devices)
 
 
 @dataclass
@@ -114,7 +126,15 @@ class Collected:
 
     total: Group
     days: dict[str, Group]
+    relative_accuracy: float
     skipped_rows: int = 0
+
+    def day(self, day: str) -> Group:
+        """The group of ``day`` (made empty when it has none yet)."""
+        group = self.days.get(day)
+        if group is None:
+            group = self.days[day] = Group(aggregate.empty(self.relative_accuracy))
+        return group
 
 
 def _whole_and_cut_days(span: Span) -> tuple[list[str], list[str]]:
@@ -136,29 +156,32 @@ def collect(session: Session, span: Span, relative_accuracy: float) -> Collected
         ApiError: 404 for an unknown model or version.
     """
     get_version(session, span.model, span.version)
-    found = Collected(Group(aggregate.empty(relative_accuracy)), {})
+    found = Collected(Group(aggregate.empty(relative_accuracy)), {}, relative_accuracy)
 
     def take(device_id: str, day: str, values: dict[str, Any]) -> None:
         """Add one stored row (a device's day, or one window) in, unless it fails its checks."""
         if aggregate.problem(values, relative_accuracy) is not None:
             found.skipped_rows += 1
             return
-        group = found.days.get(day)
-        if group is None:
-            group = found.days[day] = Group(aggregate.empty(relative_accuracy))
-        group.add(device_id, values)
+        found.day(day).add(device_id, values)
         found.total.add(device_id, values)
 
     whole, cut = _whole_and_cut_days(span)
-    # Whole days: the devices' day rollups plus their windows not yet folded (read together).
-    for row in fold.day_rows(
-        session,
-        model=span.model,
-        version=span.version,
-        hardware_id=span.hardware_id,
-        days=whole,
-    ):
-        take(row.device_id, row.day, row.values)
+    # (hardware id, day) pairs read from the devices' rows: all of them without fleet rollups.
+    per_device: set[tuple[str, str]] | None = None
+    if whole and USE_FLEET_ROLLUPS:
+        per_device = fleet_reads.take(session, span, whole, found, listed=bool(cut))
+    if whole and per_device != set():
+        # The devices' day rollups plus their windows not yet folded (read together).
+        for row in fold.day_rows(
+            session,
+            model=span.model,
+            version=span.version,
+            hardware_id=span.hardware_id,
+            days=whole,
+        ):
+            if per_device is None or (row.hardware_id, row.day) in per_device:
+                take(row.device_id, row.day, row.values)
     for day in cut:
         # Only the part of a cut day inside the span: its whole-day rollup cannot be used.
         begins = datetime.combine(date.fromisoformat(day), time(), UTC)
@@ -240,7 +263,7 @@ def figures(
     Rates are per inference, except the self-test failure rate: the share of reporting devices
     that reported a self-test failure. Accuracy counts labels whose prediction is known.
     """
-    devices = len(group.devices)
+    devices = group.device_count
     if devices < min_devices and not privileged:
         return {"withheld": f"too few devices (fewer than {min_devices})"}
     agg = group.aggregate
@@ -249,7 +272,8 @@ def figures(
     labels = {p: c for p, c in agg["labels"].items() if p != UNKNOWN_PREDICTION}
     labelled = sum(sum(c.values()) for c in labels.values())
     correct = sum(c.get(p, 0) for p, c in labels.items())
-    outputs = {h.name: h for h in references.bins(manifest).outputs}
+    shown = references.bins(manifest)
+    outputs = {h.name: h for h in shown.outputs}
     return {
         "withheld": None,
         "devices_reporting": devices,
@@ -258,7 +282,7 @@ def figures(
         "errors": agg["error_count"],
         "error_rate": agg["error_count"] / n if n else None,
         "selftest_failures": agg["selftest_failure_count"],
-        "selftest_failure_rate": len(group.selftest_failed_devices) / devices if devices else None,
+        "selftest_failure_rate": group.selftest_failed_count / devices if devices else None,
         "latency_s": {
             "count": latency["count"],
             "mean": latency["sum"] / latency["count"] if latency["count"] else None,
@@ -282,7 +306,11 @@ def figures(
             "labels": labelled,
             "labels_without_prediction": sum(agg["labels"].get(UNKNOWN_PREDICTION, {}).values()),
         },
-        "completeness": completeness(session, group.devices, known_batches),
+        "completeness": group.counted.completeness(session)
+        if group.counted
+        else completeness(session, group.devices, known_batches),
+        "data_quality": quality.data_quality(agg, {h.name: h for h in shown.inputs}),
+        "shadow": quality.shadow(agg),
     }
 
 
@@ -300,14 +328,15 @@ def drift_figures(
     Raises:
         ApiError: 409 when the two sides' bins differ for a feature (another layout).
     """
-    if len(current.devices) < min_devices and not privileged:
+    if current.device_count < min_devices and not privileged:
         return {"withheld": f"too few devices (fewer than {min_devices})"}
-    result: dict[str, Any] = {"withheld": None, "devices_reporting": len(current.devices)}
+    result: dict[str, Any] = {"withheld": None, "devices_reporting": current.device_count}
     shown = references.bins(manifest)
     named = {
         "inputs": {h.name: h for h in shown.inputs},
         "outputs": {h.name: h for h in shown.outputs},
     }
+    missing = (current.aggregate.get("quality") or {}).get("missing") or {}
     for side in ("inputs", "outputs"):
         rows = []
         for name, histogram in sorted(named[side].items()):
@@ -327,10 +356,22 @@ def drift_figures(
                     "counts": ours,
                     "baseline_counts": theirs,
                     **drift.drift(ours, theirs).to_dict(),
+                    **(
+                        {"data_quality": _feature_quality(name, ours, missing, histogram)}
+                        if side == "inputs"
+                        else {}
+                    ),
                 }
             )
         result[side] = rows
     return result
+
+
+def _feature_quality(
+    name: str, counts: list[int], missing: dict[str, int], histogram: Histogram
+) -> dict[str, Any]:
+    figures = quality.feature_quality(name, counts, int(missing.get(name, 0)), histogram)
+    return {k: v for k, v in figures.items() if k not in ("name", "kind")}
 
 
 def reference_counts(manifest: Manifest) -> dict[str, dict[str, list[int]]]:

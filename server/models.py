@@ -83,7 +83,8 @@ class Device(SQLModel, table=True):
     #: The phone that relays for this device (a ring), if paired.
     relay_id: str | None = Field(default=None, index=True)
     enrolled_at: datetime
-    last_seen: datetime | None = None
+    # Indexed: the Fleet page lists the devices silent longest (docs/dashboard.md, "Scale").
+    last_seen: datetime | None = Field(default=None, index=True)
     last_nonce: str | None = None
     installed: list[dict[str, Any]] | None = Field(default=None, sa_column=Column(JSON))
 
@@ -164,6 +165,18 @@ class TelemetryBatchRecord(SQLModel, table=True):
     received_at: datetime
 
 
+class TelemetryBatchCount(SQLModel, table=True):
+    """A device's accepted batches in one boot epoch: how many, and the highest sequence number
+    (so ``top_sequence + 1`` were sent): what completeness over many devices reads, one row per
+    device and epoch instead of one per batch. Kept by :mod:`server.batch_counts`."""
+
+    __tablename__ = "telemetry_batch_count"
+    device_id: str = Field(primary_key=True)
+    boot_epoch: int = Field(primary_key=True)
+    received: int
+    top_sequence: int
+
+
 #: Windows not yet folded into rollups (what the fold job claims and readers add to rollups).
 UNFOLDED = text("NOT folded")
 
@@ -175,7 +188,7 @@ class TelemetryWindowRecord(SQLModel, table=True):
 
     Appended by ingest with ``folded`` false; the fold job (:mod:`server.fold`) adds it into its
     rollup and sets ``folded`` in the same transaction. On PostgreSQL the table is partitioned by
-    event-time day (``window_start``; primary key ``(id, window_start)``, see migration 0010).
+    event-time day (``window_start``; primary key ``(id, window_start)``, see migration 0009).
     """
 
     __tablename__ = "telemetry_window"
@@ -221,6 +234,16 @@ class TelemetryRollup(SQLModel, table=True):
     __table_args__ = (
         UniqueConstraint("device_id", "model", "version", "day"),
         Index("ix_telemetry_rollup_version_day", "model", "version", "day"),
+        # Whole-day figures read who contributed from this index alone (server.metrics).
+        Index(
+            "ix_telemetry_rollup_version_day_devices",
+            "model",
+            "version",
+            "day",
+            "hardware_id",
+            "device_id",
+            "selftest_failure_count",
+        ),
     )
     id: int | None = Field(default=None, primary_key=True)
     device_id: str = Field(index=True)
@@ -239,6 +262,45 @@ class TelemetryRollup(SQLModel, table=True):
     inputs: dict[str, Any] = Field(sa_column=Column(JSON))
     feedback: dict[str, Any] = Field(sa_column=Column(JSON))
     labels: dict[str, Any] = Field(sa_column=Column(JSON))
+    #: Data-quality tallies and shadow counts (server.aggregate); NULL in rows written before
+    #: migration 0007, read as empty.
+    quality: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    shadow: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+
+
+class FleetRollup(SQLModel, table=True):
+    """The day rollups of every device on one hardware id, for one model version and event-time
+    day, added up: what whole-day fleet figures read instead of one row per device.
+
+    ``device_count`` and ``selftest_failed_devices`` count the devices whose (valid) rollups are
+    in it; ``skipped_rows`` counts the devices' rows that fail their checks and are left out
+    (readers fall back to the per-device rows for such a key). Kept by
+    :mod:`server.fleet_rollup`.
+    """
+
+    __tablename__ = "telemetry_fleet_rollup"
+    __table_args__ = (UniqueConstraint("model", "version", "day", "hardware_id"),)
+    id: int | None = Field(default=None, primary_key=True)
+    model: str
+    version: str
+    day: str
+    hardware_id: str
+    device_count: int = 0
+    selftest_failed_devices: int = 0
+    skipped_rows: int = 0
+    inference_count: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
+    error_count: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
+    selftest_failure_count: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
+    window_count: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
+    latency: dict[str, Any] = Field(sa_column=Column(JSON))
+    outputs: dict[str, Any] = Field(sa_column=Column(JSON))
+    inputs: dict[str, Any] = Field(sa_column=Column(JSON))
+    feedback: dict[str, Any] = Field(sa_column=Column(JSON))
+    labels: dict[str, Any] = Field(sa_column=Column(JSON))
+    #: The aggregate fields migration 0007 (data quality and shadow, another branch) adds to
+    #: ``telemetry_rollup``; NULL until that branch's aggregates fill them, read as empty.
+    quality: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    shadow: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
 
 
 class Rollout(SQLModel, table=True):
@@ -266,6 +328,8 @@ class Rollout(SQLModel, table=True):
     stage_started_at: datetime | None = None
     #: When the last stage short of 100% ended: the control arm's data is taken up to here.
     control_until: datetime | None = None
+    #: A shadow rollout: ``{"sample_fraction": f}`` (docs/rollouts.md); None for a normal one.
+    shadow: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
     finished_at: datetime | None = None
 
 

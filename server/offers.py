@@ -6,7 +6,8 @@ hardware id, then what each staged rollout covering it decides for the device's 
 from an :class:`OfferCache` that keeps the release state and the rollouts' rules per hardware id
 and the set of pinned devices for ``release_cache_ttl_s``. The worker that
 commits a change to what is offered drops its cache after the commit (:meth:`OfferCache.watch`);
-other workers see the change within the TTL.
+on PostgreSQL the commit also notifies every other server process (:mod:`server.invalidation`),
+which drops its cache too; the TTL bounds staleness should a notification be missed.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from sqlalchemy import event
 from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session, col, select
 
+from server import invalidation
 from server.arms import OFFERING, ArmRule, apply_rules, in_treatment
 from server.confirmations import ConfirmedCounters, RolloutMembership, read_confirmed
 from server.models import (
@@ -63,6 +65,10 @@ class Offer:
     length: int = 0
     firmware_min: str = "0.0.0"
     firmware_below: str | None = None
+    #: A candidate to run in shadow beside this version (a shadow rollout's treatment arm),
+    #: on ``shadow_fraction`` of the calls.
+    shadow: Offer | None = None
+    shadow_fraction: float = 0.0
 
 
 #: Model name -> what it offers.
@@ -171,14 +177,17 @@ class OfferCache:
             touched = (*session.new, *session.dirty, *session.deleted)
             if any(isinstance(row, OFFER_TABLES) for row in touched):
                 session.info[_CHANGED] = True
+                invalidation.notify_in(session)  # other processes (PostgreSQL)
 
         @event.listens_for(sessions, "after_commit")
         def _committed(session: Session) -> None:
+            invalidation.forget_sent(session)
             if session.info.pop(_CHANGED, False):
                 self.invalidate()
 
         @event.listens_for(sessions, "after_rollback")
         def _rolled_back(session: Session) -> None:
+            invalidation.forget_sent(session)
             session.info.pop(_CHANGED, None)
 
 
@@ -274,6 +283,7 @@ def rollout_rules(session: Session, hardware_id: str) -> tuple[ArmRule, ...]:
                 firmware_below=selector.get("firmware_below"),
                 new=new,
                 previous=previous,
+                shadow_fraction=(rollout.shadow or {}).get("sample_fraction"),
             )
         )
     return tuple(rules)

@@ -1,7 +1,7 @@
 """PostgreSQL day partitions of ``telemetry_window``: made as windows for a new event-time day
 arrive, and dropped whole by retention once every window in them is folded.
 
-One partition per UTC day, ``telemetry_window_pYYYYMMDD`` (migration 0010 partitions the table).
+One partition per UTC day, ``telemetry_window_pYYYYMMDD`` (migration 0009 partitions the table).
 SQLite has no partitions: there ingest needs nothing made and retention deletes rows.
 """
 

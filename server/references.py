@@ -18,6 +18,8 @@ from firmware_bundles.reference import ReferenceFile, ReferenceHistograms, attac
 from firmware_bundles.window_builder import counted_histograms
 from server.errors import ApiError
 from server.models import Bundle
+from server.registry import get_bundle
+from server.schemas import ReferenceAttached
 
 
 def manifest_of(manifest: Mapping[str, Any], reference: bytes | None) -> Manifest:
@@ -63,7 +65,7 @@ def bins(manifest: Manifest) -> ReferenceHistograms:
     return reference(manifest) if has_reference(manifest) else counted_histograms(manifest)
 
 
-def attach_reference(*, session: Session, sha256: str, data: bytes) -> dict[str, Any]:
+def attach_reference(*, session: Session, sha256: str, data: bytes) -> ReferenceAttached:
     """Keep the detached reference file of a published bundle (again: the same file is fine).
 
     Raises:
@@ -71,9 +73,7 @@ def attach_reference(*, session: Session, sha256: str, data: bytes) -> dict[str,
             400 if ``data`` is not the file its manifest pins (length, SHA-256) or not a valid
             reference file.
     """
-    bundle = session.get(Bundle, sha256)
-    if bundle is None:
-        raise ApiError(404, f"no bundle {sha256}")
+    bundle = get_bundle(session, sha256)
     manifest = Manifest.from_dict(bundle.manifest)
     refs = manifest.reference_histograms
     if not isinstance(refs, ReferenceFile) or not refs.detached:
@@ -86,9 +86,7 @@ def attach_reference(*, session: Session, sha256: str, data: bytes) -> dict[str,
     bundle.reference = data
     session.add(bundle)
     session.commit()
-    return {
-        "sha256": sha256,
-        "target_id": bundle.target_id,
-        "inputs": len(refs.inputs),
-        "outputs": len(refs.outputs),
-    }
+    inputs, outputs = len(refs.inputs), len(refs.outputs)
+    return ReferenceAttached(
+        sha256=sha256, target_id=bundle.target_id, inputs=inputs, outputs=outputs
+    )

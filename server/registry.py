@@ -16,6 +16,7 @@ from server import notify
 from server.arms import OWNING
 from server.errors import ApiError
 from server.models import Bundle, Device, Model, ModelVersion, Pin, Release, Rollout
+from server.schemas import HilReportAttached
 from server.state import BlobSpool, ServerState
 
 
@@ -183,7 +184,7 @@ def publish_bytes(*, session: Session, state: ServerState, data: bytes, publishe
 
 def attach_hil_report(
     *, session: Session, state: ServerState, bundle_sha256: str, data: bytes
-) -> dict[str, Any]:
+) -> HilReportAttached:
     """Attach a rig's signed report to a published bundle (replacing an earlier one).
 
     A report is kept whether it passed or not, as evidence; only a passing one opens the release
@@ -193,17 +194,9 @@ def attach_hil_report(
         ApiError: 404 for an unknown bundle; 400 if the report is not signed by the root's ``hil``
             role or has no run of this bundle on a device of its target.
     """
-    bundle = session.get(Bundle, bundle_sha256)
-    if bundle is None:
-        raise ApiError(404, f"no bundle {bundle_sha256}")
+    bundle = get_bundle(session, bundle_sha256)
     report = _verified_report(state, data)
-    runs = [
-        r
-        for r in report.runs
-        if r.bundle is not None
-        and r.bundle.bundle_sha256 == bundle_sha256
-        and r.hardware_id == bundle.target_id
-    ]
+    runs = report.runs_of(bundle_sha256, bundle.target_id)
     if not runs:
         raise ApiError(
             400,
@@ -213,12 +206,12 @@ def attach_hil_report(
     bundle.hil_report = data
     session.add(bundle)
     session.commit()
-    return {
-        "sha256": bundle_sha256,
-        "target_id": bundle.target_id,
-        "runs": len(runs),
-        "passed": report.passed_for(bundle_sha256, bundle.target_id),
-    }
+    return HilReportAttached(
+        sha256=bundle_sha256,
+        target_id=bundle.target_id,
+        runs=len(runs),
+        passed=report.passed_for(bundle_sha256, bundle.target_id),
+    )
 
 
 def _verified_report(state: ServerState, data: bytes) -> HilReport:

@@ -131,7 +131,7 @@ def version_drift(
             accuracy,
         )
         skipped += other.skipped_rows
-        baseline_devices = len(other.total.devices)
+        baseline_devices = other.total.device_count
         if baseline_devices < minimum and not allowed:
             figures = {"withheld": f"too few devices on {against} (fewer than {minimum})"}
             baseline_devices = None

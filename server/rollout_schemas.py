@@ -7,7 +7,7 @@ from datetime import datetime
 from pydantic import BaseModel
 
 from server.gates import GateConfig, GateResult, HealthCheck
-from server.rollouts import Selector, Stage
+from server.rollouts import Selector, ShadowPlan, Stage
 
 
 class VerdictPublic(BaseModel):
@@ -66,6 +66,8 @@ class RolloutPublic(BaseModel):
     stages: list[Stage]
     gates: GateConfig
     on_failure: str
+    #: A shadow rollout's sampling (docs/rollouts.md, "Shadow runs"); None for a normal one.
+    shadow: ShadowPlan | None = None
     #: Per hardware id, the version the control arm stays on (None: nothing was released).
     previous: dict[str, str | None]
     created_by: str

@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sqlmodel import Session, select
 
+from firmware_bundles.catalogue import TargetCatalogue
 from firmware_bundles.manifest import SEMVER_PATTERN, check_semver
 from server import confirmations, notify
 from server.errors import ApiError
@@ -77,6 +78,15 @@ class Selector(BaseModel):
         return self
 
 
+class ShadowPlan(BaseModel):
+    """A shadow rollout: the treatment arm keeps the previous version answering and runs the
+    candidate in its shadow slot on ``sample_fraction`` of the calls (docs/rollouts.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sample_fraction: float = Field(gt=0, le=1)
+
+
 class RolloutPlan(BaseModel):
     """``POST /v1/rollouts``: a version, a selector, stages and gates."""
 
@@ -92,6 +102,8 @@ class RolloutPlan(BaseModel):
     gates: dict[str, Any] = Field(default_factory=dict)
     on_failure: Literal["halt", "rollback"] = "rollback"
     draft: bool = False
+    #: Run the version in shadow beside the previous one instead of replacing it.
+    shadow: ShadowPlan | None = None
 
     def check_stages(self) -> None:
         """Raises: ApiError 400 unless the percentages increase and end at 100 (a rule the
@@ -135,7 +147,7 @@ def log(
     return decision
 
 
-def create(session: Session, plan: RolloutPlan, *, by: str, catalogue_ids: set[str]) -> Rollout:
+def create(session: Session, plan: RolloutPlan, *, by: str, catalogue: TargetCatalogue) -> Rollout:
     """Check ``plan`` and store it (running at once unless ``draft``); nothing is written when
     a check fails.
 
@@ -143,7 +155,10 @@ def create(session: Session, plan: RolloutPlan, *, by: str, catalogue_ids: set[s
         ApiError: 404 for an unknown version or cohort; 409 for a withdrawn version, one without
             a bundle for a selected hardware id, or another rollout of the model on those
             hardware ids; 400 for an unknown hardware id or stages that do not increase to 100.
+            A shadow rollout: 409 where nothing is released to run beside, or where the
+            target's flash budget holds no shadow slot for the bundle (naming the bytes).
     """
+    catalogue_ids = set(catalogue.targets)
     plan.check_stages()
     version = get_version(session, plan.model, plan.version)
     if version.withdrawn:
@@ -176,6 +191,8 @@ def create(session: Session, plan: RolloutPlan, *, by: str, catalogue_ids: set[s
         previous[h] = None if current is None else current.id
         if current is not None and current.id == version.id:
             raise ApiError(409, f"{plan.model} {plan.version} is already released for {h}")
+    if plan.shadow is not None:
+        _check_shadow(session, plan, version.id, previous, catalogue)
     now = _now()
     assert version.id is not None
     rollout = Rollout(
@@ -186,6 +203,7 @@ def create(session: Session, plan: RolloutPlan, *, by: str, catalogue_ids: set[s
         gates=plan.gates,
         previous=previous,
         on_failure=plan.on_failure,
+        shadow=None if plan.shadow is None else plan.shadow.model_dump(),
         state="draft",
         created_by=by,
         created_at=now,
@@ -197,6 +215,36 @@ def create(session: Session, plan: RolloutPlan, *, by: str, catalogue_ids: set[s
         _start(session, rollout, by)
     session.commit()
     return rollout
+
+
+def _check_shadow(
+    session: Session,
+    plan: RolloutPlan,
+    version_id: int | None,
+    previous: dict[str, int | None],
+    catalogue: TargetCatalogue,
+) -> None:
+    """Raises: ApiError 409 where a shadow cannot run: nothing released on a hardware id, or
+    a target whose flash budget holds no third slot for the candidate's bundle."""
+    bare = sorted(h for h, v in previous.items() if v is None)
+    if bare:
+        raise ApiError(
+            409,
+            f"a shadow runs beside the released version; {plan.model} has none on"
+            f" {', '.join(bare)}",
+        )
+    problems = []
+    for bundle in session.exec(select(Bundle).where(Bundle.version_id == version_id)):
+        if bundle.target_id not in previous:
+            continue
+        short = catalogue.get(bundle.target_id).shadow_slot_shortfall(bundle.length)
+        if short is not None:
+            problems.append(
+                f"{bundle.target_id}: the shadow slot needs {short[0]} bytes, the flash budget"
+                f" has {short[1]} bytes beside the two A/B slots"
+            )
+    if problems:
+        raise ApiError(409, "no room for a shadow slot: " + "; ".join(sorted(problems)))
 
 
 def get(session: Session, rollout_id: int) -> Rollout:

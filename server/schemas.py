@@ -21,6 +21,8 @@ from firmware_bundles.messages import (
     LatencySketch,
 )
 from firmware_bundles.root import Root
+from server.drift import Drift
+from server.quality_schemas import DataQualityFigures, FeatureQualityCounts
 
 
 class RequestBody(BaseModel):
@@ -378,6 +380,22 @@ class CompletenessFigures(BaseModel):
     ratio: float | None
 
 
+class ShadowFigures(BaseModel):
+    """A candidate run in shadow beside the figures' version: the version pair's agreement
+    (``agreed / compared``: the same top class, or the same output bin for regression)."""
+
+    candidate_version: str
+    sampled: int
+    #: Sampled calls the devices dropped because their shadow queue was full.
+    dropped: int
+    compared: int
+    agreed: int
+    agreement: float | None
+    errors: int
+    error_rate: float | None
+    latency_s: LatencyFigures
+
+
 class Figures(BaseModel):
     """A group's field figures, or ``withheld`` saying why not (too few devices, to a viewer)."""
 
@@ -395,6 +413,8 @@ class Figures(BaseModel):
     feedback: dict[str, TallyFigure] | None = None
     accuracy: AccuracyFigures | None = None
     completeness: CompletenessFigures | None = None
+    data_quality: DataQualityFigures | None = None
+    shadow: list[ShadowFigures] | None = None
 
 
 class DayFigures(Figures):
@@ -420,23 +440,15 @@ class VersionMetrics(BaseModel):
     days: list[DayFigures]
 
 
-class DriftRow(BaseModel):
+class DriftRow(Drift):
     """Drift of one input feature or output, over every bin (under/overflow and unseen too)."""
 
     name: str
     bins: list[str]
     counts: list[int]
     baseline_counts: list[int]
-    #: ``ok``, or ``no-data`` when a side has no counts (then the figures are None).
-    status: str
-    current_count: int
-    baseline_count: int
-    psi: float | None
-    js_divergence_bits: float | None
-    chi2: float | None
-    chi2_dof: int | None
-    chi2_p_value: float | None
-    max_abs_proportion_diff: float | None
+    #: Inputs only: missing, out-of-range and unseen values of the current side.
+    data_quality: FeatureQualityCounts | None = None
 
 
 class DriftFigures(BaseModel):

@@ -33,13 +33,14 @@ from sqlalchemy import delete, func, or_
 from sqlalchemy import insert as sa_insert
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlmodel import Session, col, select
 
 from firmware_bundles import telemetry as sketch
-from firmware_bundles.messages import TelemetryBatch
+from firmware_bundles.messages import TelemetryBatch, TelemetryWindow
 from firmware_bundles.window_builder import TelemetryLayout
-from server import aggregate, fold, partitions, references
+from server import aggregate, fleet_rollup, fold, partitions, references
+from server import batch_counts as per_device_batches
 from server.errors import ApiError
 from server.models import (
     Bundle,
@@ -104,9 +105,13 @@ def ingest(
     for attempt in range(3):
         try:
             return _append(session, device, batch, windows)
-        except DBAPIError:
+        except DBAPIError as exc:
             session.rollback()
-            if attempt == 2 or not partitions.is_partitioned(engine):  # type: ignore[arg-type]
+            if attempt == 2:
+                raise
+            if isinstance(exc, IntegrityError):
+                continue  # two first batches of a boot epoch made its count row at once
+            if not partitions.is_partitioned(engine):  # type: ignore[arg-type]
                 raise
             # Retention may have dropped a day partition since this process last saw it.
             partitions.forget(engine)  # type: ignore[arg-type]
@@ -144,6 +149,7 @@ def _append(
     if batch_id is None:
         session.rollback()
         return False
+    per_device_batches.count(session, device.id, batch.boot_epoch, batch.sequence)
     if windows:
         # One statement, compiled once (a multi-row .values() would compile anew per batch).
         for w in windows:
@@ -165,7 +171,9 @@ def check_windows(
     Raises:
         ApiError: 422 naming each window and field that disagrees (the first few).
     """
-    layouts = _bundle_layouts(session, {w.bundle_sha256 for w in batch.windows})
+    named = {w.bundle_sha256 for w in batch.windows}
+    named |= {s.bundle_sha256 for w in batch.windows for s in w.shadow}
+    layouts = _bundle_layouts(session, named)
     problems: list[str] = []
     for i, window in enumerate(batch.windows):
         where = f"window {i} ({window.model} {window.version} at {window.window_start.isoformat()})"
@@ -189,10 +197,47 @@ def check_windows(
                 f" sketches at {relative_accuracy}"
             )
         problems.extend(f"{where}: {problem}" for problem in layout.problems(window))
+        problems.extend(
+            f"{where}: {problem}"
+            for problem in shadow_problems(window, layouts, device.hardware_id, relative_accuracy)
+        )
         if len(problems) >= MAX_PROBLEMS_REPORTED:
             break
     if problems:
         raise ApiError(422, "telemetry refused: " + "; ".join(problems[:MAX_PROBLEMS_REPORTED]))
+
+
+def shadow_problems(
+    window: TelemetryWindow,
+    layouts: dict[str, tuple[str, TelemetryLayout]],
+    hardware_id: str,
+    relative_accuracy: float,
+) -> list[str]:
+    """What is wrong with a window's shadow entries: each must name a bundle published here for
+    the device's hardware id, of the same model, under its own version, with its sketch at the
+    server's accuracy."""
+    found = []
+    for i, entry in enumerate(window.shadow):
+        field = f"field 'shadow.{i}'"
+        published = layouts.get(entry.bundle_sha256)
+        if published is None:
+            found.append(f"{field}: bundle {entry.bundle_sha256} is not published on this server")
+            continue
+        target, candidate = published
+        if target != hardware_id:
+            found.append(f"{field}: the bundle is for hardware {target}, not {hardware_id}")
+        if (candidate.model, candidate.version) != (window.model, entry.version):
+            found.append(
+                f"{field}: names {window.model} {entry.version}, but the bundle is"
+                f" {candidate.model} {candidate.version}"
+            )
+        accuracy = entry.latency.relative_accuracy
+        if not math.isclose(accuracy, relative_accuracy):
+            found.append(
+                f"{field}: latency.relative_accuracy {accuracy}, but this server merges"
+                f" sketches at {relative_accuracy}"
+            )
+    return found
 
 
 def _bundle_layouts(
@@ -272,12 +317,14 @@ class Erased(NamedTuple):
     batches: int
 
 
-def erase_device(session: Session, device_id: str) -> Erased:
+def erase_device(session: Session, device_id: str, *, relative_accuracy: float) -> Erased:
     """Delete every window, rollup and batch record of ``device_id`` (health data), in one
-    transaction: every aggregate then changes by exactly its contribution.
+    transaction: every aggregate then changes by exactly its contribution (the fleet rollups it
+    counted in are added up again without it).
 
     The batch records go too, so a batch the device still holds and sends again is taken as new.
     """
+    fleet_keys = fleet_rollup.device_keys(session, device_id)
     windows = session.exec(
         delete(TelemetryWindowRecord).where(col(TelemetryWindowRecord.device_id) == device_id)
     ).rowcount
@@ -287,6 +334,8 @@ def erase_device(session: Session, device_id: str) -> Erased:
     batches = session.exec(
         delete(TelemetryBatchRecord).where(col(TelemetryBatchRecord.device_id) == device_id)
     ).rowcount
+    per_device_batches.erase(session, device_id)
+    fleet_rollup.recompute(session, fleet_keys, relative_accuracy)
     session.commit()
     return Erased(int(windows), int(rollup_rows), int(batches))
 
@@ -361,22 +410,4 @@ def completeness(session: Session, device_id: str) -> dict[str, Any]:
 def batch_counts(session: Session, devices: list[str]) -> dict[str, tuple[int, int]]:
     """Per device: telemetry batches received, and those its sequence numbers say were sent
     (over all its boot epochs; a record with a negative sequence is left out)."""
-    counts: dict[str, tuple[int, int]] = {}
-    for i in range(0, len(devices), 500):
-        rows = session.exec(
-            select(
-                TelemetryBatchRecord.device_id,
-                TelemetryBatchRecord.boot_epoch,
-                func.count(),
-                func.max(TelemetryBatchRecord.sequence),
-            )
-            .where(
-                col(TelemetryBatchRecord.device_id).in_(devices[i : i + 500]),
-                col(TelemetryBatchRecord.sequence) >= 0,
-            )
-            .group_by(col(TelemetryBatchRecord.device_id), col(TelemetryBatchRecord.boot_epoch))
-        ).all()
-        for device_id, _, received, top in rows:
-            got, expected = counts.get(device_id, (0, 0))
-            counts[device_id] = (got + int(received), expected + int(top) + 1)
-    return counts
+    return per_device_batches.counts(session, devices)

@@ -19,15 +19,13 @@ from sqlmodel import Session, col, select
 
 from firmware_bundles.manifest import Manifest
 from firmware_bundles.window_builder import UNKNOWN_PREDICTION
-from server import drift, metrics, notify
+from server import drift, metrics, notify, quality, references
 from server.errors import ApiError
 from server.evaluator import take_lease
 from server.models import UNFOLDED, TelemetryRollup, TelemetryWindowRecord, TriggerState, Webhook
 from server.webhooks import Thresholds
 
 LEASE = "threshold-checks"
-#: The aggregate field the data-quality counters arrive in: ``{feature: {counter: count}}``.
-DATA_QUALITY_FIELD = "data_quality"
 
 
 @dataclass(frozen=True)
@@ -42,19 +40,23 @@ class Reading:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def data_quality_counts(agg: dict[str, Any]) -> dict[str, int]:
-    """``input:FEATURE:COUNTER`` -> count, from the aggregate's data-quality map (empty until
-    windows carry one); anything that is not a count is left out."""
+def data_quality_counts(agg: dict[str, Any], manifest: Manifest | None) -> dict[str, int]:
+    """``input:NAME:COUNTER`` -> count (:mod:`server.quality`): per input feature ``missing``
+    and, by the manifest's histogram kind, ``out_of_range`` (numeric) or ``unseen``
+    (categorical); per input ``refused``. Features that saw no values are left out."""
+    shown = {h.name: h for h in references.bins(manifest).inputs} if manifest else {}
+    figures = quality.data_quality(agg, shown)
     found: dict[str, int] = {}
-    counters = agg.get(DATA_QUALITY_FIELD)
-    if not isinstance(counters, dict):
-        return found
-    for feature, counts in counters.items():
-        if not isinstance(counts, dict):
+    for feature in figures["features"]:
+        if not feature["values"]:
             continue
-        for counter, count in counts.items():
-            if isinstance(count, int) and not isinstance(count, bool) and count >= 0:
-                found[f"input:{feature}:{counter}"] = count
+        counters = ["missing"]
+        if feature["kind"] is not None:
+            counters.append("out_of_range" if feature["kind"] == "numeric" else "unseen")
+        for counter in counters:
+            found[f"input:{feature['name']}:{counter}"] = int(feature[counter])
+    for name, count in figures["refused"].items():
+        found[f"input:{name}:refused"] = int(count)
     return found
 
 
@@ -110,7 +112,7 @@ def readings(
         )
     if "data_quality.over_threshold" in kinds:
         limit = t.data_quality_rate_over
-        for subject, count in sorted(data_quality_counts(agg).items()):
+        for subject, count in sorted(data_quality_counts(agg, manifest).items()):
             rate = count / n if n >= t.min_inferences else None
             holds = None if rate is None else rate > limit
             extra = {"count": count}
@@ -228,7 +230,7 @@ def _read(
     except ApiError:
         return None  # telemetry of a version the registry no longer has
     total = collected.total
-    return _Window(total.aggregate, len(total.devices), manifest)
+    return _Window(total.aggregate, total.device_count, manifest)
 
 
 def _update(

@@ -30,6 +30,7 @@ MODEL_BYTES = bytes(range(256)) * 40
 TARGETS: dict[str, tuple[str, str, dict[str, str]]] = {
     "phone-android": ("phone", "android", {"minimum": "10.0.0"}),
     "ring-gen3": ("ring-gen3", "nrf52840", {"minimum": "3.0.0", "below": "4.0.0"}),
+    "ring-gen4": ("ring-gen4", "nrf5340", {"minimum": "4.0.0", "below": "5.0.0"}),
 }
 
 
@@ -124,6 +125,43 @@ def classifier_draft(
     }
     # A copy, so a test that edits one list (class labels, categories) edits only that one.
     return copy.deepcopy(draft)
+
+
+def tflite_placeholder(
+    draft: dict[str, Any], expected: tuple[float, ...], *, tolerance: float, tflm_version: str
+) -> dict[str, bytes]:
+    """Make ``draft`` (4 inputs) the manifest of a TFLite Micro bundle (format 2) for targets
+    whose catalogue entry says tflite, and return its files: the server never runs the model, so
+    a placeholder file with the manifest of one will do. The self-test vector expects
+    ``expected`` (one probability per class) for an all-zero input."""
+    classes = len(expected)
+    draft["format"] = 2
+    draft["runtime"] = {
+        **draft["runtime"],
+        "model_file": "model.tflite",
+        "format": "tflite",
+        "op_types": ["FULLY_CONNECTED", "SOFTMAX"],
+        "min_onnxruntime": None,
+        "tflite": {
+            "tflm_version": tflm_version,
+            "input": {"dtype": "float32", "shape": [1, 4], "layout": "NC"},
+            "output": {"dtype": "float32", "shape": [1, classes]},
+        },
+    }
+    draft["self_test"] = {
+        "tolerance": tolerance,
+        "file": "self_test.bin",
+        "count": 1,
+        "inputs": [{"name": "input", "dtype": "float32", "shape": [1, 4]}],
+        "expected": [{"name": "probabilities", "dtype": "float32", "shape": [1, classes]}],
+    }
+    return tflite_files(expected)
+
+
+def tflite_files(expected: tuple[float, ...]) -> dict[str, bytes]:
+    """The files of a :func:`tflite_placeholder` bundle."""
+    vector = struct.pack("<4f", 0, 0, 0, 0) + struct.pack(f"<{len(expected)}f", *expected)
+    return {"model.tflite": b"TFL3" + MODEL_BYTES, "self_test.bin": vector}
 
 
 def manifest_draft(files: dict[str, bytes] | None = None, **overrides: Any) -> dict[str, Any]:

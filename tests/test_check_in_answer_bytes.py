@@ -10,7 +10,12 @@ import pytest
 
 from firmware_bundles import SigningKey
 from firmware_bundles.check_in import check_in_answer
-from firmware_bundles.messages import MAX_NEXT_CHECK_IN_S, AssignedBundle, AssignmentSet
+from firmware_bundles.messages import (
+    MAX_NEXT_CHECK_IN_S,
+    AssignedBundle,
+    AssignmentSet,
+    ShadowBundle,
+)
 
 #: Characters JSON escapes or that are multi-byte in UTF-8, beside plain ones.
 _AWKWARD = '"\\/\n\t\u00e9\u4e2d\U0001f600<>&'
@@ -34,6 +39,17 @@ def _time(rng: random.Random) -> datetime:
     return moment.astimezone(offset)
 
 
+def _shadow(rng: random.Random) -> ShadowBundle:
+    return ShadowBundle(
+        version=_text(rng, rng.randint(0, 8)),
+        bundle_sha256="".join(rng.choice("0123456789abcdef") for _ in range(64)),
+        bundle_length=rng.randint(1, 2**40),
+        release_counter=rng.randint(0, 2**31),
+        download_url="/v1/bundles/" + _text(rng, rng.randint(0, 20)),
+        sample_fraction=rng.choice([1.0, 0.5, rng.random() or 0.25, 1e-7]),
+    )
+
+
 def _random_set(rng: random.Random) -> dict[str, object]:
     issued = _time(rng)
     models = {_text(rng, rng.randint(1, 12)) for _ in range(rng.randint(0, 5))}
@@ -52,6 +68,7 @@ def _random_set(rng: random.Random) -> dict[str, object]:
                 release_counter=rng.randint(0, 2**31),
                 download_url="/v1/bundles/" + _text(rng, rng.randint(0, 20)),
                 confirmed_release_counter=rng.choice([None, rng.randint(0, 2**31)]),
+                shadow=rng.choice([None, _shadow(rng)]),
             )
             for model in sorted(models)
         ],

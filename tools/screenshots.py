@@ -10,7 +10,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.ui.fleet import MODEL, launch_chromium, seeded_server, visit  # noqa: E402
+from tests.ui.fleet import (  # noqa: E402
+    MODEL,
+    REVERTED_RING,
+    launch_chromium,
+    seeded_server,
+    visit,
+)
 
 OUT = REPO / "docs" / "screenshots"
 
@@ -27,6 +33,8 @@ def main() -> int:
             "compare": f"/ui/models/{MODEL}/compare?a=1.0.0&b=2.0.0&{span}",
             "rollout": f"/ui/rollouts/{fleet.rollout_id}",
             "rollout-compare": f"/ui/rollouts/{fleet.rollout_id}/compare",
+            "device": f"/ui/devices/{REVERTED_RING}",
+            "lineage": f"/ui/models/{MODEL}/versions/2.0.0/lineage",
         }
         with sync_playwright() as playwright:
             browser = launch_chromium(playwright)

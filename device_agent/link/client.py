@@ -27,7 +27,12 @@ from smp.exceptions import SMPMalformed
 from device_agent.link import model_group as mg
 from device_agent.link.config import LinkSettings
 from device_agent.link.errors import DeviceRejected, LinkTimeout, ProtocolError
-from device_agent.link.upload import ProgressHook, UploadResult, pipelined_upload
+from device_agent.link.upload import (
+    ProgressHook,
+    RequestFactory,
+    UploadResult,
+    pipelined_upload,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -256,16 +261,7 @@ class DeviceClient:
                 )
             return smpimg.ImageUploadWriteRequest(off=off, data=data)
 
-        return await pipelined_upload(
-            self,
-            image,
-            make,
-            command="image.upload",
-            sha256_hex=image_sha256.hex(),
-            window=self._window(),
-            timeout_s=self.settings.upload_timeout_s,
-            on_progress=on_progress,
-        )
+        return await self._upload(image, image_sha256, make, "image.upload", on_progress)
 
     async def firmware_states(self) -> list[smpimg.ImageState]:
         """The image slots as the bootloader sees them."""
@@ -309,16 +305,7 @@ class DeviceClient:
                 return mg.UploadRequest(off=off, data=data, len=len(bundle), sha=bundle_sha256)
             return mg.UploadRequest(off=off, data=data)
 
-        return await pipelined_upload(
-            self,
-            bundle,
-            make,
-            command="model.upload",
-            sha256_hex=bundle_sha256.hex(),
-            window=self._window(),
-            timeout_s=self.settings.upload_timeout_s,
-            on_progress=on_progress,
-        )
+        return await self._upload(bundle, bundle_sha256, make, "model.upload", on_progress)
 
     async def activate(self, assignment: bytes) -> mg.ActivateResponse:
         """Activate the uploaded bundle under the director's signed assignment envelope.
@@ -412,9 +399,26 @@ class DeviceClient:
         assert isinstance(answer, response)
         return answer
 
-    def _window(self) -> int:
+    async def _upload(
+        self,
+        data: bytes,
+        sha256: bytes,
+        make: RequestFactory,
+        command: str,
+        on_progress: ProgressHook | None,
+    ) -> UploadResult:
+        """Upload ``data`` pipelined to the device's buffers, at the upload timeout."""
         limit = self.settings.max_in_flight or self.parameters.buf_count
-        return max(1, min(limit, self.parameters.buf_count))
+        return await pipelined_upload(
+            self,
+            data,
+            make,
+            command=command,
+            sha256_hex=sha256.hex(),
+            window=max(1, min(limit, self.parameters.buf_count)),
+            timeout_s=self.settings.upload_timeout_s,
+            on_progress=on_progress,
+        )
 
 
 def _key(header: smpheader.Header) -> tuple[int, int, int]:

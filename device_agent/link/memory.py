@@ -9,13 +9,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from device_agent.link.errors import Disconnected
+from device_agent.link.transport import LinkState
 
 #: Takes one request frame, returns the response frame (None: the device stays silent).
 FrameHandler = Callable[[bytes], bytes | None]
 
 
-class MemoryLink:
+class MemoryLink(LinkState):
     """A :class:`~device_agent.link.transport.DeviceLink` to an in-process frame handler.
 
     Args:
@@ -24,15 +24,10 @@ class MemoryLink:
     """
 
     def __init__(self, handler: FrameHandler, name: str = "memory") -> None:
+        super().__init__(name)
         self._handler = handler
-        self._name = name
         self._frames: asyncio.Queue[bytes] = asyncio.Queue()
         self._buf_size = 0
-        self._open = False
-
-    @property
-    def name(self) -> str:
-        return self._name
 
     @property
     def max_frame_bytes(self) -> int:
@@ -46,15 +41,13 @@ class MemoryLink:
         self._open = False
 
     async def send(self, frame: bytes) -> None:
-        if not self._open:
-            raise Disconnected("link is not open", self._name)
+        self._require_open()
         response = self._handler(frame)
         if response is not None:
             self._frames.put_nowait(response)
 
     async def receive(self) -> bytes:
-        if not self._open:
-            raise Disconnected("link is not open", self._name)
+        self._require_open()
         return await self._frames.get()
 
     def set_buffer_size(self, buf_size: int) -> None:

@@ -63,10 +63,15 @@ class RelayOutcome:
     telemetry_uploaded: int = 0
 
 
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(kw_only=True, eq=False)
 class RingRelay:
     """Serves one paired ring from its phone.
 
-    Args:
+    Attributes:
         ring: A connected client of the ring's link.
         fleet: The phone's fleet client.
         credential: The phone's credential (the server accepts it for its paired ring).
@@ -78,29 +83,16 @@ class RingRelay:
         clock: The phone's clock.
     """
 
-    def __init__(
-        self,
-        *,
-        ring: DeviceClient,
-        fleet: FleetClient,
-        credential: str,
-        root: TrustedRoot,
-        fetcher: BundleFetcher,
-        work_dir: Path,
-        outbox: Outbox,
-        catalogue: TargetCatalogue | None = None,
-        clock: Callable[[], datetime] | None = None,
-    ) -> None:
-        self.ring = ring
-        self.fleet = fleet
-        self.credential = credential
-        self.root = root
-        self.fetcher = fetcher
-        self.work_dir = work_dir
-        self.outbox = outbox
-        self.catalogue = catalogue or TargetCatalogue.load_default()
-        self.clock = clock or (lambda: datetime.now(UTC))
-        self._last: dict[str, tuple[LastInstall, str | None]] = {}
+    ring: DeviceClient
+    fleet: FleetClient
+    credential: str
+    root: TrustedRoot
+    fetcher: BundleFetcher
+    work_dir: Path
+    outbox: Outbox
+    catalogue: TargetCatalogue = field(default_factory=TargetCatalogue.load_default)
+    clock: Callable[[], datetime] = _now
+    _last: dict[str, tuple[LastInstall, str | None]] = field(default_factory=dict, init=False)
 
     async def enroll_ring(self, phone_id: str, enroll_token: str) -> str:
         """Enroll the ring through the phone (``relay-enroll``); returns the ring's id.

@@ -65,7 +65,24 @@ class DeviceLink(Protocol):
         ...
 
 
-class SMPTransportLink:
+class LinkState:
+    """What every link implementation shares: its name, and no frames while it is closed."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._open = False
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    def _require_open(self) -> None:
+        """Raises: Disconnected if the link is not open."""
+        if not self._open:
+            raise Disconnected("link is not open", self._name)
+
+
+class SMPTransportLink(LinkState):
     """A :class:`DeviceLink` over an smpclient transport (serial, bleak BLE, Bumble BLE).
 
     Args:
@@ -82,15 +99,10 @@ class SMPTransportLink:
         name: str,
         connect_timeout_s: float = 10.0,
     ) -> None:
+        super().__init__(name)
         self._transport = transport
         self._address = address
-        self._name = name
         self._connect_timeout_s = connect_timeout_s
-        self._open = False
-
-    @property
-    def name(self) -> str:
-        return self._name
 
     @property
     def max_frame_bytes(self) -> int:
@@ -129,10 +141,6 @@ class SMPTransportLink:
     def set_buffer_size(self, buf_size: int) -> None:
         with self._mapped("initialise"):
             self._transport.initialize(buf_size)
-
-    def _require_open(self) -> None:
-        if not self._open:
-            raise Disconnected("link is not open", self._name)
 
     @contextmanager
     def _mapped(self, action: str) -> Iterator[None]:

@@ -98,12 +98,11 @@ async def attach_hil_report(
     """Attach a rig report (signed by the root's ``hil`` role) to a published bundle; a passing
     one lets the version be released where the server requires HIL reports."""
     data = await read_body(request, state.settings.max_hil_report_bytes, "HIL report")
-    attached = await to_thread.run_sync(
+    return await to_thread.run_sync(
         lambda: registry.attach_hil_report(
             session=session, state=state, bundle_sha256=bundle_sha256, data=data
         )
     )
-    return HilReportAttached.model_validate(attached)
 
 
 @router.post(
@@ -120,10 +119,9 @@ async def attach_reference(
     """Upload the reference histograms a bundle detaches (its manifest pins their SHA-256 and
     length); drift against the reference needs them."""
     data = await read_body(request, state.settings.max_reference_bytes, "reference file")
-    attached = await to_thread.run_sync(
+    return await to_thread.run_sync(
         lambda: references.attach_reference(session=session, sha256=sha256, data=data)
     )
-    return ReferenceAttached.model_validate(attached)
 
 
 class TarResponse(Response):

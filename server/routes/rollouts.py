@@ -17,7 +17,6 @@ from server.gates import GateConfig
 from server.models import Rollout, RolloutDecision
 from server.rollout_schemas import (
     ArmsPublic,
-    DecisionFigures,
     DecisionPublic,
     RolloutDetail,
     RolloutPublic,
@@ -37,38 +36,23 @@ def _public(session: Session, rollout: Rollout) -> RolloutPublic:
         h: (v.version if (v := rollouts.version_of(session, vid)) is not None else None)
         for h, vid in sorted(rollout.previous.items())
     }
-    return RolloutPublic(
-        id=rollout.id,
-        model=rollout.model_name,
-        version=version.version if version else "?",
-        state=rollout.state,
-        stage=rollout.stage + 1,
-        percent=rollout.stages[rollout.stage]["percent"],
-        selector=rollout.selector,
-        stages=rollout.stages,
-        gates=GateConfig.model_validate(rollout.gates),
-        on_failure=rollout.on_failure,
-        previous=previous,
-        created_by=rollout.created_by,
-        created_at=rollout.created_at,
-        started_at=rollout.started_at,
-        stage_started_at=rollout.stage_started_at,
-        finished_at=rollout.finished_at,
+    # The table counts stages from 0; the API from 1.
+    return RolloutPublic.model_validate(
+        rollout.model_dump()
+        | {
+            "model": rollout.model_name,
+            "version": version.version if version else "?",
+            "stage": rollout.stage + 1,
+            "percent": rollout.stages[rollout.stage]["percent"],
+            "previous": previous,
+        }
     )
 
 
 def decision_public(d: RolloutDecision) -> DecisionPublic:
     assert d.id is not None
-    return DecisionPublic(
-        id=d.id,
-        at=d.at,
-        actor=d.actor,
-        action=d.action,
-        stage=d.stage + 1,
-        state_before=d.state_before,
-        state_after=d.state_after,
-        reason=d.reason,
-        figures=DecisionFigures.model_validate(d.figures or {}),
+    return DecisionPublic.model_validate(
+        d.model_dump() | {"stage": d.stage + 1, "figures": d.figures or {}}
     )
 
 
@@ -102,9 +86,7 @@ def create_rollout(
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         raise ApiError(400, f"gates: {where}: {first['msg']}") from exc
-    rollout = rollouts.create(
-        session, plan, by=f"operator:{who.name}", catalogue_ids=set(state.catalogue.targets)
-    )
+    rollout = rollouts.create(session, plan, by=f"operator:{who.name}", catalogue=state.catalogue)
     return _public(session, rollout)
 
 

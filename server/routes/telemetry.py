@@ -96,13 +96,15 @@ def rollups(
 
 @router.delete("/devices/{device_id}/telemetry")
 def erase_device_telemetry(
-    device_id: DeviceId, session: SessionDep, who: AdminDep
+    device_id: DeviceId, session: SessionDep, state: StateDep, who: AdminDep
 ) -> TelemetryErased:
     """Erase every stored window, rollup and batch record of a device (health data): every
     aggregate changes by exactly its contribution. Admin only."""
     if session.get(Device, device_id) is None:
         raise ApiError(404, f"no device {device_id}")
-    erased = telemetry.erase_device(session, device_id)
+    erased = telemetry.erase_device(
+        session, device_id, relative_accuracy=state.settings.telemetry_relative_accuracy
+    )
     return TelemetryErased(
         device_id=device_id, windows=erased.windows, rollups=erased.rollups, batches=erased.batches
     )

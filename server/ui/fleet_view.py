@@ -5,16 +5,21 @@ last checked in, telemetry completeness and install outcomes, from the same func
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from datetime import UTC, datetime, timedelta
-from typing import Any
+from collections.abc import Callable, Mapping
+from datetime import UTC, date, datetime, time, timedelta
+from typing import Any, NamedTuple
 
+from sqlalchemy import func, or_
 from sqlmodel import Session, col, select
 
 from firmware_bundles.manifest import semver_key
-from server import fleet, metrics, registry, rollouts
+from server import fleet_summary, registry, rollouts
 from server.config import Settings
-from server.models import Device, Rollout
+from server.device_events import FAILED_OUTCOMES
+from server.fleet_summary import day_of
+from server.models import Device, DeviceEvent, DeviceInstalled, Rollout, TelemetryBatchCount
 from server.ui import charts
+from server.ui.device_view import check_order, days_between, span_of
 
 #: How many days the "last check-in" chart covers, ending today (UTC).
 LAST_SEEN_DAYS = 14
@@ -24,44 +29,73 @@ SILENT_LISTED = 50
 OUTCOMES = ("ok", "self-test-failed", "verify-failed", "download-failed")
 #: Rollout states in which a rollout still acts on devices.
 ACTIVE_ROLLOUT_STATES = ("draft", "running", "paused", "waiting-for-approval")
+#: Install outcomes are counted over this many days up to today unless the page asks otherwise
+#: (the fleet summary's span).
+OUTCOME_DAYS = 30
+#: How many of the newest failed installs and reverts the page lists.
+TROUBLE_LISTED = 20
 
 
-def fleet_page(session: Session, settings: Settings, *, now: datetime) -> dict[str, Any]:
-    """Everything the Fleet page shows (its JSON twin)."""
-    devices = fleet.list_devices(session)
-    active = [d for d in devices if not d.revoked]
+def fleet_page(
+    session: Session, settings: Settings, *, now: datetime, params: Mapping[str, str]
+) -> dict[str, Any]:
+    """Everything the Fleet page shows (its JSON twin), each part one aggregate query (the page
+    costs the same round trips at any fleet size; see docs/dashboard.md, "Scale"); ``from`` and
+    ``to`` bound the install outcomes (default the last 30 days).
+
+    Raises:
+        ApiError: 400 for a bad ``from`` or ``to`` or an empty span.
+    """
+    start, end = span_of(params)
+    today = now.astimezone(UTC).date()
+    tomorrow = datetime.combine(today + timedelta(days=1), datetime.min.time(), UTC)
+    end = end or tomorrow
+    start = start or min(end, tomorrow) - timedelta(days=OUTCOME_DAYS)
+    check_order(start, end)
+    outcomes = install_outcomes(session, start, end)
     silent_before = now - timedelta(seconds=settings.ui_silent_after_s)
-    silent = sorted(
-        (d for d in active if d.last_seen is None or charts.utc(d.last_seen) < silent_before),
-        key=lambda d: (d.last_seen is not None, d.last_seen and charts.utc(d.last_seen), d.id),
-    )
+    is_silent = or_(col(Device.last_seen).is_(None), col(Device.last_seen) < silent_before)
+    active = col(Device.revoked).is_(False)
+    groups = _device_groups(session, is_silent)
+    active_groups = [g for g in groups if not g.revoked]
+    by_hardware = _by_hardware(session, active, active_groups)
+    active_count = sum(row["devices"] for row in by_hardware)
+    revoked = sum(g.devices for g in groups if g.revoked)
+    never_seen = sum(g.never_seen for g in active_groups)
+    silent = sum(g.silent for g in active_groups)
+    firmware = Counter[tuple[str, str]]()
+    for g in active_groups:
+        firmware[(g.hardware_id, g.firmware_version)] += g.devices
+    silent_rows = session.exec(
+        select(Device.id, Device.hardware_id, Device.firmware_version, Device.last_seen)
+        .where(active, is_silent)
+        .order_by(col(Device.last_seen).asc().nulls_first(), col(Device.id))
+        .limit(SILENT_LISTED)
+    ).all()
     return {
         "generated_at": now.isoformat(),
         "devices": {
-            "enrolled": len(devices),
-            "active": len(active),
-            "revoked": len(devices) - len(active),
-            "never_seen": sum(1 for d in active if d.last_seen is None),
-            "silent": len(silent),
+            "enrolled": active_count + int(revoked),
+            "active": active_count,
+            "revoked": int(revoked),
+            "never_seen": int(never_seen),
+            "silent": int(silent),
         },
         "silent_after_s": settings.ui_silent_after_s,
-        "by_hardware": _by_hardware(session, active, silent_before),
+        "by_hardware": by_hardware,
         "by_firmware": [
-            {"hardware_id": h, "firmware_version": f, "devices": n}
-            for (h, f), n in sorted(
-                Counter((d.hardware_id, d.firmware_version) for d in active).items(),
-                key=lambda item: (item[0][0], version_key(item[0][1])),
-            )
+            {"hardware_id": h, "firmware_version": f, "devices": int(n)}
+            for (h, f), n in sorted(firmware.items(), key=lambda r: (r[0][0], version_key(r[0][1])))
         ],
-        "by_model_version": _by_model_version(active),
+        "by_model_version": _by_model_version(session, active),
         "silent": [
             {
-                "id": d.id,
-                "hardware_id": d.hardware_id,
-                "firmware_version": d.firmware_version,
-                "last_seen": d.last_seen and charts.utc(d.last_seen).isoformat(),
+                "id": device_id,
+                "hardware_id": hardware_id,
+                "firmware_version": firmware_version,
+                "last_seen": last_seen and charts.utc(last_seen).isoformat(),
             }
-            for d in silent[:SILENT_LISTED]
+            for device_id, hardware_id, firmware_version, last_seen in silent_rows
         ],
         "models": [
             {
@@ -75,7 +109,15 @@ def fleet_page(session: Session, settings: Settings, *, now: datetime) -> dict[s
             for m in registry.list_models(session)
         ],
         "rollouts": _active_rollouts(session),
-        "charts": {"last_seen": _last_seen_chart(active, now)},
+        "outcomes_span": {"from": start.isoformat(), "to": end.isoformat()},
+        "install_outcomes": outcomes,
+        "trouble": _trouble(session),
+        "charts": {
+            "last_seen": _last_seen_chart(
+                session, active, now, [r["hardware_id"] for r in by_hardware]
+            ),
+            "install_outcomes": _outcomes_chart(outcomes, start, end),
+        },
     }
 
 
@@ -87,37 +129,107 @@ def version_key(version: str) -> tuple[int, tuple[int, int, int, int, str]]:
         return (1, (0, 0, 0, 0, version))
 
 
-def _by_hardware(
-    session: Session, devices: list[Device], silent_before: datetime
-) -> list[dict[str, Any]]:
-    groups: dict[str, list[Device]] = defaultdict(list)
-    for d in devices:
-        groups[d.hardware_id].append(d)
+class _Group(NamedTuple):
+    """Devices of one hardware id, firmware version and revocation state."""
+
+    hardware_id: str
+    firmware_version: str
+    revoked: bool
+    generation: str
+    platform: str
+    devices: int
+    never_seen: int
+    silent: int
+    last_seen: datetime | None
+
+
+def _device_groups(session: Session, is_silent: Any) -> list[_Group]:
+    """The device table in one pass: what the page's device counts are added up from."""
+    return [
+        _Group(h, f, bool(r), g, p, int(n), int(never), int(silent), last)
+        for h, f, r, g, p, n, never, silent, last in session.exec(
+            select(  # type: ignore[call-overload]
+                Device.hardware_id,
+                Device.firmware_version,
+                Device.revoked,
+                func.min(Device.generation),
+                func.min(Device.platform),
+                func.count(),
+                func.count().filter(col(Device.last_seen).is_(None)),
+                func.count().filter(is_silent),
+                func.max(Device.last_seen),
+            ).group_by(col(Device.hardware_id), col(Device.firmware_version), col(Device.revoked))
+        )
+    ]
+
+
+def _by_hardware(session: Session, active: Any, groups: list[_Group]) -> list[dict[str, Any]]:
+    """Per hardware id: its devices, those never or not lately seen, the last contact, and the
+    telemetry completeness of its devices (batches received against those sent)."""
+    per_hardware: dict[str, list[_Group]] = defaultdict(list)
+    for g in groups:
+        per_hardware[g.hardware_id].append(g)
+    batches = {
+        hardware_id: (int(received), int(expected))
+        for hardware_id, received, expected in session.exec(
+            select(
+                Device.hardware_id,
+                func.sum(TelemetryBatchCount.received),
+                func.sum(TelemetryBatchCount.top_sequence + 1),
+            )
+            .join(TelemetryBatchCount, col(TelemetryBatchCount.device_id) == col(Device.id))
+            .where(active)
+            .group_by(col(Device.hardware_id))
+        )
+    }
     rows = []
-    for hardware_id, members in sorted(groups.items()):
-        seen = [charts.utc(d.last_seen) for d in members if d.last_seen is not None]
+    for hardware_id, members in sorted(per_hardware.items()):
+        seen = [g.last_seen for g in members if g.last_seen is not None]
+        last_seen = max(seen) if seen else None
+        received, expected = batches.get(hardware_id, (0, 0))
         rows.append(
             {
                 "hardware_id": hardware_id,
-                "generation": members[0].generation,
-                "platform": members[0].platform,
-                "devices": len(members),
-                "never_seen": len(members) - len(seen),
-                "silent": sum(1 for s in seen if s < silent_before) + len(members) - len(seen),
-                "last_seen": max(seen).isoformat() if seen else None,
-                "completeness": metrics.completeness(session, [d.id for d in members]),
+                "generation": min(g.generation for g in members),
+                "platform": min(g.platform for g in members),
+                "devices": sum(g.devices for g in members),
+                "never_seen": sum(g.never_seen for g in members),
+                "silent": sum(g.silent for g in members),
+                "last_seen": last_seen and charts.utc(last_seen).isoformat(),
+                "completeness": {
+                    "batches_received": received,
+                    "batches_expected": expected,
+                    "ratio": received / expected if expected else None,
+                },
             }
         )
     return rows
 
 
-def _by_model_version(devices: list[Device]) -> list[dict[str, Any]]:
-    """Per model, version and hardware id: devices running it and their last install outcome."""
+def _by_model_version(session: Session, active: Any) -> list[dict[str, Any]]:
+    """Per model, version and hardware id: devices running it and their last install outcome
+    (from ``device_installed``, which mirrors each device's reported models)."""
+    rows = session.exec(
+        select(  # type: ignore[call-overload]
+            DeviceInstalled.model,
+            DeviceInstalled.version,
+            DeviceInstalled.hardware_id,
+            DeviceInstalled.last_install,
+            func.count(),
+        )
+        .join(Device, col(Device.id) == col(DeviceInstalled.device_id))
+        .where(active)
+        .group_by(
+            col(DeviceInstalled.model),
+            col(DeviceInstalled.version),
+            col(DeviceInstalled.hardware_id),
+            col(DeviceInstalled.last_install),
+        )
+    ).all()
     groups: dict[tuple[str, str, str], Counter[str]] = defaultdict(Counter)
-    for d in devices:
-        for entry in d.installed or []:
-            key = (entry.get("model") or "?", entry.get("version") or "(none)", d.hardware_id)
-            groups[key][entry.get("last_install") or "not reported"] += 1
+    for model, version, hardware_id, outcome, n in rows:
+        key = (model or "?", version or "(none)", hardware_id)
+        groups[key][outcome or "not reported"] += int(n)
     return [
         {
             "model": model,
@@ -156,15 +268,21 @@ def _active_rollouts(session: Session) -> list[dict[str, Any]]:
     return rows
 
 
-def _last_seen_chart(devices: list[Device], now: datetime) -> dict[str, Any]:
+def _last_seen_chart(
+    session: Session, active: Any, now: datetime, hardware_ids: list[str]
+) -> dict[str, Any]:
     """Devices by the UTC day of their last check-in over the last days, per hardware id."""
     today = now.astimezone(UTC).date()
     days = [(today - timedelta(days=n)).isoformat() for n in range(LAST_SEEN_DAYS - 1, -1, -1)]
+    since = datetime.combine(date.fromisoformat(days[0]), time(), UTC)
+    day = fleet_summary.day_of(session, col(Device.last_seen))
     counts: dict[str, Counter[str]] = defaultdict(Counter)
-    for d in devices:
-        if d.last_seen is not None:
-            counts[d.hardware_id][charts.utc(d.last_seen).date().isoformat()] += 1
-    hardware_ids = sorted({d.hardware_id for d in devices})
+    for hardware_id, seen_day, n in session.exec(
+        select(Device.hardware_id, day, func.count())
+        .where(active, col(Device.last_seen) >= since)
+        .group_by(col(Device.hardware_id), day)
+    ):
+        counts[hardware_id][fleet_summary.iso_day(seen_day)] += int(n)
     return charts.chart(
         "last_seen",
         f"Devices by day of last check-in (last {LAST_SEEN_DAYS} days; older not shown)",
@@ -173,3 +291,77 @@ def _last_seen_chart(devices: list[Device], now: datetime) -> dict[str, Any]:
         series=[(h, [counts[h].get(day, 0) for day in days]) for h in hardware_ids],
         y_label="devices",
     )
+
+
+def install_outcomes(session: Session, start: datetime, end: datetime) -> list[dict[str, Any]]:
+    """Per UTC day in ``[start, end)``: install events by outcome (installed, failed) and
+    reverts, counted as the fleet summary counts install outcomes."""
+    day = day_of(session, col(DeviceEvent.at))
+    rows = session.exec(
+        select(day, DeviceEvent.kind, DeviceEvent.outcome, func.count())
+        .where(
+            col(DeviceEvent.kind).in_(("install", "revert")),
+            col(DeviceEvent.at) >= start,
+            col(DeviceEvent.at) < end,
+        )
+        .group_by(day, col(DeviceEvent.kind), col(DeviceEvent.outcome))
+    ).all()
+    days: dict[str, Counter[str]] = defaultdict(Counter)
+    for when, kind, outcome, n in rows:
+        key = when.astimezone(UTC).date().isoformat() if isinstance(when, datetime) else when
+        if kind == "revert":
+            days[key]["reverted"] += int(n)
+        elif outcome == "ok":
+            days[key]["installed"] += int(n)
+        elif outcome in FAILED_OUTCOMES:
+            days[key]["failed"] += int(n)
+    return [
+        {"day": d, **{k: days[d][k] for k in ("installed", "failed", "reverted")}}
+        for d in sorted(days)
+    ]
+
+
+def _outcomes_chart(rows: list[dict[str, Any]], start: datetime, end: datetime) -> dict[str, Any]:
+    by_day = {r["day"]: r for r in rows}
+    days = days_between(
+        charts.utc(start).date(),
+        charts.utc(end - timedelta(microseconds=1)).date(),
+        list(by_day),
+    )
+
+    def count(label: str) -> Callable[[str], charts.Cell]:
+        return lambda day: int(by_day[day][label]) if day in by_day else 0
+
+    return charts.by_day(
+        "install_outcomes",
+        "Install outcomes per day (UTC): installed, failed (any step), reverted",
+        days,
+        [(label, count(label)) for label in ("installed", "failed", "reverted")],
+        y_label="events",
+    )
+
+
+def _trouble(session: Session) -> list[dict[str, Any]]:
+    """The newest failed installs and reverts, with the device they happened on."""
+    found = session.exec(
+        select(DeviceEvent, Device.hardware_id)
+        .join(Device, col(Device.id) == col(DeviceEvent.device_id))
+        .where(
+            (col(DeviceEvent.kind) == "revert")
+            | ((col(DeviceEvent.kind) == "install") & col(DeviceEvent.outcome).in_(FAILED_OUTCOMES))
+        )
+        .order_by(col(DeviceEvent.at).desc(), col(DeviceEvent.id).desc())
+        .limit(TROUBLE_LISTED)
+    )
+    return [
+        {
+            "device_id": e.device_id,
+            "hardware_id": hardware_id,
+            "at": charts.utc(e.at).isoformat(),
+            "kind": e.kind,
+            "outcome": e.outcome,
+            "model": e.model,
+            "version": e.version,
+        }
+        for e, hardware_id in found
+    ]

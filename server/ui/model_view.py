@@ -10,12 +10,13 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, time, timedelta
 from typing import Any
 
+from sqlalchemy import func
 from sqlmodel import Session, col, select
 
 from server import metrics, registry, reports
 from server.auth import Principal
 from server.errors import ApiError
-from server.models import Device
+from server.models import Device, DeviceInstalled
 from server.state import ServerState
 from server.ui import charts
 
@@ -77,15 +78,18 @@ def _require_version(model: dict[str, Any], version: str) -> None:
 
 
 def _running(session: Session, model: str) -> Counter[tuple[str, str]]:
-    """Devices running each (version, hardware id) of ``model``, as they last reported."""
+    """Devices running each (version, hardware id) of ``model``, as they last reported (from
+    ``device_installed``, which mirrors each device's reported models)."""
     found: Counter[tuple[str, str]] = Counter()
     rows = session.exec(
-        select(Device.hardware_id, Device.installed).where(col(Device.revoked).is_(False))
+        select(DeviceInstalled.version, DeviceInstalled.hardware_id, func.count())
+        .join(Device, col(Device.id) == col(DeviceInstalled.device_id))
+        .where(DeviceInstalled.model == model, col(Device.revoked).is_(False))
+        .group_by(col(DeviceInstalled.version), col(DeviceInstalled.hardware_id))
     )
-    for hardware_id, installed in rows:
-        for entry in installed or []:
-            if entry.get("model") == model and entry.get("version"):
-                found[(entry["version"], hardware_id)] += 1
+    for version, hardware_id, n in rows:
+        if version:
+            found[(version, hardware_id)] += int(n)
     return found
 
 

@@ -68,8 +68,34 @@ def rollout_page(
         "rollout": answer,
         "controls": controls(rollout, who),
         "gates": gate_history(answer["decisions"]),
+        "headlines": {str(d["id"]): headline(d) for d in answer["decisions"]},
         "charts": gate_charts(answer["decisions"]),
     }
+
+
+def headline(decision: dict[str, Any]) -> str:
+    """A decision's reason in a line: the gates' own reasons (already in its figures, shown as a
+    table beside it) replaced by which gates held, failed and passed."""
+    reason: str = decision["reason"]
+    verdict = decision["figures"].get("verdict") or {}
+    told = verdict.get("reason")
+    if not told or told not in reason or told == "every gate passed":
+        return reason
+    by_status: dict[str, list[str]] = defaultdict(list)
+    for gate in verdict.get("gates", []):
+        by_status[gate["status"]].append(gate["gate"])
+    for check in verdict.get("health", []):
+        if check["status"] == "fail":
+            by_status["failed checks"].append(check["name"])
+    words = {"fail": "failed", "hold": "holding", "failed checks": "failed checks"}
+    parts = [
+        f"{len(by_status[status])} {word} ({', '.join(by_status[status])})"
+        for status, word in words.items()
+        if by_status[status]
+    ]
+    if by_status["pass"]:
+        parts.append(f"{len(by_status['pass'])} passed")
+    return reason.replace(told, ", ".join(parts))
 
 
 def gate_history(decisions: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:

@@ -1,5 +1,6 @@
-"""The dashboard's routes under ``/ui/``: login and logout, the Fleet, Model, Compare and Rollout
-pages (each with its JSON twin at the same path plus ``.json``), and the rollout controls."""
+"""The dashboard's routes under ``/ui/``: login and logout, the Fleet, Model, Compare, Lineage,
+Device and Rollout pages (each with its JSON twin at the same path plus ``.json``), and the
+rollout controls."""
 
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ from server.errors import ApiError
 from server.rollouts import Action
 from server.ui import pages
 from server.ui import session as ui_session
+from server.ui.device_view import device_page
 from server.ui.fleet_view import fleet_page
+from server.ui.lineage_view import lineage_page
 from server.ui.model_view import compare_page, model_page
 from server.ui.rollout_view import CONTROLS, get_rollout, rollout_compare_page, rollout_page
 from server.ui.session import SessionError
@@ -57,13 +60,14 @@ def fleet_json(request: Request) -> Response:
 
 
 def _fleet(request: Request, *, twin: bool) -> Response:
-    settings = pages.state_of(request).settings
+    settings, params = pages.state_of(request).settings, _params(request)
     return pages.page(
         request,
         twin=twin,
         template="fleet.html",
         title="Fleet",
-        build=lambda db, who: fleet_page(db, settings, now=datetime.now(UTC)),
+        params=params,
+        build=lambda db, who: fleet_page(db, settings, now=datetime.now(UTC), params=params),
     )
 
 
@@ -81,19 +85,53 @@ def model(request: Request, segment: str) -> Response:
     )
 
 
+def _subpage(request: Request, segment: str, expected: str, **page: Any) -> Response:
+    """The page (or twin) ``pages.page(**page)`` where the last segment names ``expected``;
+    404 for any other name."""
+    name, twin = _twin(segment)
+    if name != expected:
+        return _not_found(request)
+    return pages.page(request, twin=twin, **page)
+
+
 @router.get("/models/{name}/{segment}")
 def compare(request: Request, name: str, segment: str) -> Response:
-    page, twin = _twin(segment)
-    if page != "compare":
-        return _not_found(request)
     state, params = pages.state_of(request), _params(request)
-    return pages.page(
+    return _subpage(
         request,
-        twin=twin,
+        segment,
+        "compare",
         template="compare.html",
         title=f"{name}: compare",
         params=params,
         build=lambda db, who: compare_page(db, state, who, name, params),
+    )
+
+
+@router.get("/models/{name}/versions/{version}/{segment}")
+def lineage(request: Request, name: str, version: str, segment: str) -> Response:
+    state = pages.state_of(request)
+    return _subpage(
+        request,
+        segment,
+        "lineage",
+        template="lineage.html",
+        title=f"{name} {version}: lineage",
+        build=lambda db, who: lineage_page(db, state, who, name, version),
+    )
+
+
+@router.get("/devices/{segment}")
+def device(request: Request, segment: str) -> Response:
+    device_id, twin = _twin(segment)
+    params = _params(request)
+    return pages.page(
+        request,
+        twin=twin,
+        template="device.html",
+        title=f"Device {device_id}",
+        params=params,
+        build=lambda db, who: device_page(db, device_id, params),
     )
 
 
@@ -112,13 +150,11 @@ def rollout(request: Request, segment: str) -> Response:
 
 @router.get("/rollouts/{rollout_id}/{segment}")
 def rollout_compare(request: Request, rollout_id: str, segment: str) -> Response:
-    page, twin = _twin(segment)
-    if page != "compare":
-        return _not_found(request)
     state = pages.state_of(request)
-    return pages.page(
+    return _subpage(
         request,
-        twin=twin,
+        segment,
+        "compare",
         template="rollout_compare.html",
         title=f"Rollout {rollout_id}: treatment against control",
         build=lambda db, who: rollout_compare_page(db, state, who, rollout_id),

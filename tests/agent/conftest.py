@@ -16,10 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
-import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 from device_agent.agent import Agent
 from device_agent.config import AgentSettings
@@ -43,26 +40,11 @@ def linear_model(seed: int) -> bytes:
     rng = np.random.default_rng(seed)
     weights = rng.normal(0, 1, (FEATURES, len(CLASSES))).astype(np.float32)
     bias = rng.normal(0, 0.5, len(CLASSES)).astype(np.float32)
-    graph = helper.make_graph(
-        [
-            helper.make_node("MatMul", ["input", "W"], ["z"]),
-            helper.make_node("Add", ["z", "B"], ["logits"]),
-            helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
-        ],
-        "linear",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, FEATURES])],
-        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [None, len(CLASSES)])],
-        initializer=[numpy_helper.from_array(weights, "W"), numpy_helper.from_array(bias, "B")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model.SerializeToString(deterministic=True)
+    return m.dense_softmax([(weights, bias)], "linear")
 
 
 def run_onnx(model_bytes: bytes, inputs: np.ndarray) -> np.ndarray:
-    session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
-    return np.asarray(session.run(None, {"input": inputs})[0])
+    return m.ort_run(model_bytes, {"input": inputs})[0]
 
 
 @dataclass(frozen=True)

@@ -14,11 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import onnxruntime as ort
-from onnx import TensorProto, helper, numpy_helper
 
 from firmware_bundles import SigningKey, build
+from tests.agent.onnx_models import dense_softmax, ort_run
 from tests.conftest import classifier_draft, onnx_runtime
 
 MODEL = "e2e-activity"
@@ -45,8 +44,7 @@ class E2EBundle:
 
     def expected(self, inputs: np.ndarray) -> np.ndarray:
         """The probabilities ONNX Runtime gives for ``inputs`` on this version's model."""
-        session = ort.InferenceSession(self.model_bytes, providers=["CPUExecutionProvider"])
-        return np.asarray(session.run(None, {"input": inputs})[0])
+        return ort_run(self.model_bytes, {"input": inputs})[0]
 
 
 def onnx_model(seed: int) -> bytes:
@@ -56,29 +54,7 @@ def onnx_model(seed: int) -> bytes:
     b1 = rng.normal(0, 0.1, HIDDEN).astype(np.float32)
     w2 = rng.normal(0, 0.05, (HIDDEN, len(CLASSES))).astype(np.float32)
     b2 = rng.normal(0, 0.1, len(CLASSES)).astype(np.float32)
-    graph = helper.make_graph(
-        [
-            helper.make_node("MatMul", ["input", "W1"], ["h0"]),
-            helper.make_node("Add", ["h0", "B1"], ["h1"]),
-            helper.make_node("Relu", ["h1"], ["h"]),
-            helper.make_node("MatMul", ["h", "W2"], ["l0"]),
-            helper.make_node("Add", ["l0", "B2"], ["logits"]),
-            helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
-        ],
-        "e2e_mlp",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, FEATURES])],
-        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [None, len(CLASSES)])],
-        initializer=[
-            numpy_helper.from_array(w1, "W1"),
-            numpy_helper.from_array(b1, "B1"),
-            numpy_helper.from_array(w2, "W2"),
-            numpy_helper.from_array(b2, "B2"),
-        ],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model.SerializeToString(deterministic=True)
+    return dense_softmax([(w1, b1), (w2, b2)], "e2e_mlp")
 
 
 def _draft(model: bytes, version: str, counter: int) -> dict[str, Any]:

@@ -28,8 +28,10 @@ CLASSES = ["rest", "walk", "run"]
 FLOAT = TensorProto.FLOAT
 
 
-def _model(nodes: list[Any], inputs: list[Any], outputs: list[Any], init: list[Any]) -> bytes:
-    graph = helper.make_graph(nodes, "test", inputs, outputs, initializer=init)
+def _model(
+    nodes: list[Any], inputs: list[Any], outputs: list[Any], init: list[Any], name: str = "test"
+) -> bytes:
+    graph = helper.make_graph(nodes, name, inputs, outputs, initializer=init)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.checker.check_model(model)
@@ -47,6 +49,32 @@ def classifier() -> bytes:
         [helper.make_tensor_value_info("input", FLOAT, [None, 4])],
         [helper.make_tensor_value_info("probabilities", FLOAT, [None, 3])],
         [numpy_helper.from_array(weights, "W")],
+    )
+
+
+def dense_softmax(layers: list[tuple[np.ndarray, np.ndarray]], name: str) -> bytes:
+    """input [N, features] -> (MatMul -> Add, with Relu between layers) -> Softmax ->
+    probabilities [N, classes], from each layer's weights and bias."""
+    nodes, init = [], []
+    x = "input"
+    for i, (weights, bias) in enumerate(layers, start=1):
+        init += [numpy_helper.from_array(weights, f"W{i}"), numpy_helper.from_array(bias, f"B{i}")]
+        nodes += [
+            helper.make_node("MatMul", [x, f"W{i}"], [f"z{i}"]),
+            helper.make_node("Add", [f"z{i}", f"B{i}"], [f"a{i}"]),
+        ]
+        x = f"a{i}"
+        if i < len(layers):
+            nodes.append(helper.make_node("Relu", [x], [f"h{i}"]))
+            x = f"h{i}"
+    nodes.append(helper.make_node("Softmax", [x], ["probabilities"], axis=1))
+    features, classes = layers[0][0].shape[0], layers[-1][1].shape[0]
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("input", FLOAT, [None, features])],
+        [helper.make_tensor_value_info("probabilities", FLOAT, [None, classes])],
+        init,
+        name,
     )
 
 

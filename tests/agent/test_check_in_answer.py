@@ -41,7 +41,17 @@ EDITS: list[tuple[str, Edit]] = [
     ("bundles.0.release_counter", lambda v: v + 5),
     ("bundles.0.download_url", lambda v: "https://attacker.example/bundle"),
     ("bundles.0.confirmed_release_counter", lambda v: v - 1),
+    ("bundles.0.shadow", lambda v: {**v, "sample_fraction": 1.0}),
 ]
+#: A shadow candidate in the answer, so its entry can be edited (never acted on: refused first).
+SHADOW = {
+    "version": "3.0.0",
+    "bundle_sha256": "ab" * 32,
+    "bundle_length": 10,
+    "release_counter": 3,
+    "download_url": "/v1/bundles/" + "ab" * 32,
+    "sample_fraction": 0.25,
+}
 
 
 def _aliases(model: type[Any]) -> set[str]:
@@ -72,6 +82,7 @@ def test_an_answer_edited_after_signing_is_refused(
     installed: Agent, sim: FleetSimulator, bundles: Bundles, path: str, change: Edit
 ) -> None:
     sim.assignment_overrides["confirmed_release_counter"] = 1  # present, so it can be edited
+    sim.assignment_overrides["shadow"] = SHADOW
     sim.assign(MODEL, bundles.v2.data)
     sim.tamper_answer = _edit(path, change)
     with pytest.raises(TrustError) as refused:

@@ -195,7 +195,7 @@ def test_backoff_doubles_up_to_its_cap_between_bounded_attempts(tmp_path: Path) 
 
     fetcher = _fetcher(httpx.MockTransport(handler), tmp_path, max_download_attempts=4)
     slept: list[float] = []
-    fetcher._sleep = slept.append
+    fetcher.sleep = slept.append
     with pytest.raises(ServerRejected, match="maintenance"):
         fetcher.fetch("https://fleet.simulator/b", SHA, len(BODY), tmp_path / "partial")
     assert len(calls) == 4 and slept == [1.0, 2.0, 3.0]

@@ -190,17 +190,22 @@ CRASHES: list[tuple[str, Step, str]] = [
 ]
 
 
+@pytest.fixture
+def state_dir(installed: Agent, tmp_path: Path) -> Path:
+    """The state dir of the agent that installed v1, for a test to leave as a crash would."""
+    return tmp_path / "state"
+
+
 @pytest.mark.parametrize(("crash", "slot_b"), [c[1:] for c in CRASHES], ids=[c[0] for c in CRASHES])
 def test_a_crash_at_any_step_leaves_the_old_model_answering(
-    installed: Agent,
     make_agent: AgentFactory,
     sim: FleetSimulator,
     bundles: Bundles,
-    tmp_path: Path,
+    state_dir: Path,
     crash: Step,
     slot_b: str,
 ) -> None:
-    crash(SlotStore(tmp_path / "state"), bundles.v2)
+    crash(SlotStore(state_dir), bundles.v2)
     restarted = make_agent()
     assert_answers(restarted, bundles.v1)
     assert restarted.status()["models"][MODEL]["slots"] == {"a": "active", "b": slot_b}
@@ -210,13 +215,9 @@ def test_a_crash_at_any_step_leaves_the_old_model_answering(
 
 
 def test_activation_recorded_before_the_counters_still_sets_the_rollback_floor(
-    installed: Agent,
-    make_agent: AgentFactory,
-    sim: FleetSimulator,
-    bundles: Bundles,
-    tmp_path: Path,
+    make_agent: AgentFactory, sim: FleetSimulator, bundles: Bundles, state_dir: Path
 ) -> None:
-    store = SlotStore(tmp_path / "state")
+    store = SlotStore(state_dir)
     _switched(store, bundles.v2)
     store.activate(MODEL, "b")  # crash here: trust.json still says 1 installed
     restarted = make_agent()
@@ -230,15 +231,11 @@ def test_activation_recorded_before_the_counters_still_sets_the_rollback_floor(
 
 
 def test_a_bundle_whose_self_test_keeps_being_interrupted_is_given_up(
-    installed: Agent,
-    make_agent: AgentFactory,
-    sim: FleetSimulator,
-    bundles: Bundles,
-    tmp_path: Path,
+    make_agent: AgentFactory, sim: FleetSimulator, bundles: Bundles, state_dir: Path
 ) -> None:
     sim.assign(MODEL, bundles.v2.data)
     for _ in range(2):
-        _switched(SlotStore(tmp_path / "state"), bundles.v2)
+        _switched(SlotStore(state_dir), bundles.v2)
         make_agent(max_interrupted_installs=2)
     restarted = make_agent(max_interrupted_installs=2)
     report = restarted.check_in().installs[0]

@@ -72,7 +72,7 @@ def test_histograms_land_in_the_bins_the_manifest_defines(outbox: Outbox) -> Non
         [-2.0, 0.1, 5.0, 0.0],  # f0 under; f1 = float32(0.1) >= 0.1: bin [0.1, 0.7)
         [-1.0, below_tenth, 0.0, 0.0],  # f0 on the first edge: bin [-1, 0); f1 under
         [0.0, 0.7, -3.0, 0.0],  # f0 bin [0, 1); f1 = float32(0.7) < 0.7: bin [0.1, 0.7)
-        [1.0, math.nan, 0.0, 0.0],  # f0 on the last edge: overflow; f1 NaN: overflow
+        [1.0, math.nan, 0.0, 0.0],  # f0 on the last edge: overflow; f1 NaN: missing, no bin
         [0.5, 1.0, 0.0, 9.0],  # f0 bin [0, 1); f1 overflow
     ]
     classes = [0, 0, 0, 0]
@@ -83,9 +83,11 @@ def test_histograms_land_in_the_bins_the_manifest_defines(outbox: Outbox) -> Non
     [window] = windows(outbox)
     counts = {h.name: h.counts for h in window.inputs}
     assert counts["f0"] == [1, 1, 2, 1]
-    assert counts["f1"] == [1, 2, 2]
+    assert counts["f1"] == [1, 2, 1]
     assert float(np.float32(0.7)) < 0.7 < 1.0 and float(np.float32(0.1)) > 0.1  # as the rows say
-    assert counts["input"] == [3, 17]  # 20 values: -2, -1 and -3 under 0, NaN over
+    assert counts["input"] == [3, 16]  # 20 values: -2, -1 and -3 under 0, NaN in no bin
+    # NaN is missing, counted apart from overflow, for the feature and the whole tensor.
+    assert window.quality.missing == {"f1": 1, "input": 1}
     assert "f9" not in counts
     assert recorder.stats()["unmatched_histograms"] == {"gesture": ["f9"]}
     assert classes == [1, 3, 1, 0]  # rows: 2, 1, 1, all NaN (argmax takes the first), 1
@@ -319,5 +321,10 @@ def test_channel_counts_equal_the_reference_counts_on_both_paths(rows: int) -> N
     for i, edge in enumerate(edges):
         flat[i * 3 : i * 3 + 3] = np.float32(edge)  # exactly at each edge's float32
     flat[-1] = np.nan
-    for hist, counts in zip(hists, histograms.count_inputs(hists, values), strict=True):
-        assert counts.tolist() == counts_on_edges(values[:, hist.index], edges)
+    flat[-2] = np.nan
+    for hist, (counts, missing) in zip(hists, histograms.count_inputs(hists, values), strict=True):
+        channel = values[:, hist.index].reshape(-1)
+        # NaN is missing, in no bin (not in the overflow bin, where searchsorted would put it).
+        assert missing == int(np.isnan(channel).sum())
+        assert counts.tolist() == counts_on_edges(channel[~np.isnan(channel)], edges)
+    assert sum(m for _, m in histograms.count_inputs(hists, values)) == 2

@@ -7,7 +7,6 @@ does not answer, the PostgreSQL runs fail with the reason (never skipped).
 from __future__ import annotations
 
 import os
-import struct
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,7 +22,7 @@ from firmware_bundles import SigningKey, build, new_root, sign_root
 from server.app import build_state, create_app, ensure_admin_token
 from server.config import Settings
 from server.db import upgrade
-from tests.conftest import MODEL_BYTES, manifest_draft, target_entry
+from tests.conftest import MODEL_BYTES, manifest_draft, target_entry, tflite_placeholder
 from tests.procs import ServerProcess
 
 PG_URL = os.environ.get(
@@ -78,6 +77,22 @@ def database_url(
     if postgres_available:
         # A missing database is a failure with its reason, never a skip.
         pytest.fail(postgres_available)
+    with fresh_pg_database() as url:
+        yield url
+
+
+@pytest.fixture()
+def pg_database_url(postgres_available: str | None) -> Iterator[str]:
+    """A fresh, empty PostgreSQL database (a failure, never a skip, without PostgreSQL)."""
+    if postgres_available:
+        pytest.fail(postgres_available)
+    with fresh_pg_database() as url:
+        yield url
+
+
+@contextmanager
+def fresh_pg_database() -> Iterator[str]:
+    """A new database on the machine's PostgreSQL, dropped afterwards; its SQLAlchemy URL."""
     import psycopg
 
     name = f"edgefleet_test_{uuid.uuid4().hex[:12]}"
@@ -116,30 +131,8 @@ def make_bundle(
         draft["provenance"] = {**draft["provenance"], "mlflow": mlflow}
     files = {"model.onnx": MODEL_BYTES}
     if target in MICRO_TARGETS:
-        # Rings take TFLite Micro bundles (the catalogue says format tflite). The server
-        # never runs the model, so a placeholder file with the manifest of one will do.
-        draft["format"] = 2
-        draft["runtime"] = {
-            **draft["runtime"],
-            "model_file": "model.tflite",
-            "format": "tflite",
-            "op_types": ["FULLY_CONNECTED", "SOFTMAX"],
-            "min_onnxruntime": None,
-            "tflite": {
-                "tflm_version": "test",
-                "input": {"dtype": "float32", "shape": [1, 4], "layout": "NC"},
-                "output": {"dtype": "float32", "shape": [1, 2]},
-            },
-        }
-        draft["self_test"] = {
-            "tolerance": 1e-4,
-            "file": "self_test.bin",
-            "count": 1,
-            "inputs": [{"name": "input", "dtype": "float32", "shape": [1, 4]}],
-            "expected": [{"name": "probabilities", "dtype": "float32", "shape": [1, 2]}],
-        }
-        vector = struct.pack("<4f", 0, 0, 0, 0) + struct.pack("<2f", 0.5, 0.5)
-        files = {"model.tflite": b"TFL3" + MODEL_BYTES, "self_test.bin": vector}
+        # Rings take TFLite Micro bundles (the catalogue says format tflite).
+        files = tflite_placeholder(draft, (0.5, 0.5), tolerance=1e-4, tflm_version="test")
     draft["runtime"] = {**draft["runtime"], **runtime}
     return build(draft, files, keys)
 

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from firmware_bundles import telemetry
 from server import gates
+from server.gate_config import MIN_DEVICES_FLOOR, AccuracyGate
 from server.gates import DeviceSample, GateConfig, GateInputError, judge
 
 CLASSES = ["a", "b", "c", "d"]
@@ -164,7 +165,7 @@ def test_thin_treatment_holds_whatever_the_harm() -> None:
 
 
 def test_three_treatment_devices_never_fail_even_at_the_lowest_minimums() -> None:
-    config = GateConfig(min_devices_per_arm=gates.MIN_DEVICES_FLOOR, min_inferences_per_arm=1)
+    config = GateConfig(min_devices_per_arm=MIN_DEVICES_FLOOR, min_inferences_per_arm=1)
     for seed in range(10):
         t, c = _fleet(
             seed, treated=3, control=200, error=0.3, latency=4, accuracy=0.6, install_failure=1
@@ -216,7 +217,7 @@ def test_no_labels_is_no_data_unless_required() -> None:
     verdict = judge(t, c, expected_treatment_share=_share(t, c))
     assert _gate(verdict, "accuracy").status == "no-data"
     assert "accuracy" not in verdict.reason
-    required = GateConfig(accuracy=gates.AccuracyGate(required=True))
+    required = GateConfig(accuracy=AccuracyGate(required=True))
     held = judge(t, c, required, expected_treatment_share=_share(t, c))
     assert _gate(held, "accuracy").status == "hold" and held.decision == "hold"
     assert "accuracy: thin data: treatment has 0 devices, needs 30" in held.reason

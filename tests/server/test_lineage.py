@@ -12,13 +12,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from rich.console import Console
 
 from edgefleet.lineage_cli import lineage_tree
 from firmware_bundles import build
+from firmware_bundles.provenance import MlflowSource
+from server.lineage import mlflow_links
 from tests.conftest import MODEL_BYTES
 from tests.procs import ServerProcess
-from tests.server.conftest import Fleet
+from tests.server.conftest import Fleet, mlflow_source
 from tests.server.test_hil_gate import attach, report
 from tests.server.test_metrics import draft, make_raw, window
 
@@ -191,3 +194,64 @@ def sample_answer() -> dict[str, Any]:
         "devices_per_day": [],
         "field": {"span": span, "total": {"withheld": "too few devices (fewer than 5)"}},
     }
+
+
+@pytest.mark.parametrize(
+    ("source", "links"),
+    [
+        (
+            {**mlflow_source("r1", "wrist", "7", "https://mlflow.example/"), "experiment_id": "3"},
+            {
+                "run": "https://mlflow.example/#/experiments/3/runs/r1",
+                "model_version": "https://mlflow.example/#/models/wrist/versions/7",
+                "registered_model": "https://mlflow.example/#/models/wrist",
+            },
+        ),
+        (
+            mlflow_source("r1", tracking_uri="http://127.0.0.1:5000"),
+            {
+                "run": "http://127.0.0.1:5000/#/runs/r1",
+                "model_version": None,
+                "registered_model": None,
+            },
+        ),
+        (
+            {**mlflow_source("r1", "a b/c", "2"), "registry_uri": "databricks-uc"},
+            {
+                "run": "http://127.0.0.1:5000/#/runs/r1",
+                "model_version": None,
+                "registered_model": None,
+            },
+        ),
+        (
+            {**mlflow_source("r1", "a b/c", "2"), "tracking_uri": "sqlite:///mlruns.db"},
+            {
+                "run": None,
+                "model_version": "http://127.0.0.1:5000/#/models/a%20b%2Fc/versions/2",
+                "registered_model": "http://127.0.0.1:5000/#/models/a%20b%2Fc",
+            },
+        ),
+    ],
+    ids=["registered-with-experiment", "run-only", "registry-not-web", "tracking-not-web"],
+)
+def test_mlflow_links_follow_the_mlflow_ui_routes(
+    source: dict[str, Any], links: dict[str, Any]
+) -> None:
+    assert mlflow_links(MlflowSource.model_validate(source)).model_dump() == links
+
+
+def test_the_tree_prints_the_mlflow_links_it_has() -> None:
+    answer = sample_answer()
+    console = Console(record=True, width=200)
+    console.print(lineage_tree(answer))
+    assert "MLflow" not in console.export_text()  # not from MLflow: no such branch
+    answer["mlflow"] = {
+        "run": "http://127.0.0.1:5000/#/runs/r1",
+        "model_version": None,
+        "registered_model": "http://127.0.0.1:5000/#/models/[b]wrist",
+    }
+    console.print(lineage_tree(answer))
+    text = console.export_text()
+    assert "run: http://127.0.0.1:5000/#/runs/r1" in text
+    assert "registered model: http://127.0.0.1:5000/#/models/[b]wrist" in text
+    assert "model version" not in text

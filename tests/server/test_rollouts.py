@@ -13,11 +13,11 @@ import pytest
 from sqlalchemy import insert
 from sqlmodel import Session, func, select
 
-from firmware_bundles import telemetry as sketch
 from server import evaluator
 from server.auth import hash_token
 from server.models import Device, Rollout, RolloutDecision
 from tests.server.conftest import CAPS, Fleet
+from tests.server.windows import batch_text, steady_window
 
 MODEL = "wrist-activity"
 
@@ -226,21 +226,17 @@ def test_overlapping_and_withdrawn_are_refused(fleet: Fleet) -> None:
 
 
 def _window(device: str, bundle_sha256: str, version: str, n: int, errors: int, start: str) -> dict:
-    latency = sketch.new_sketch(0.01)
-    sketch.add(latency, 0.002, n)
-    return {
-        "device_id": device,
-        "model": MODEL,
-        "version": version,
-        "bundle_sha256": bundle_sha256,
-        "window_start": start,
-        "window_s": 3600,
-        "inference_count": n,
-        "error_count": errors,
-        "latency": latency,
-        "outputs": [{"name": "label", "counts": [n // 2, n - n // 2, 0]}],
-        "inputs": [{"name": "x0", "counts": [0, n, 0]}],
-    }
+    return steady_window(
+        device,
+        bundle_sha256,
+        model=MODEL,
+        version=version,
+        window_start=start,
+        n=n,
+        error_count=errors,
+        outputs=[{"name": "label", "counts": [n // 2, n - n // 2, 0]}],
+        inputs=[{"name": "x0", "counts": [0, n, 0]}],
+    )
 
 
 def test_the_evaluator_halts_a_worse_version_and_names_itself_and_the_figures(
@@ -265,14 +261,9 @@ def test_the_evaluator_halts_a_worse_version_and_names_itself_and_the_figures(
         bad = version == "2.0.0"
         n = 400
         errors = int(rng.binomial(n, 0.30 if bad else 0.01))
-        batch = {
-            "device_id": device,
-            "boot_epoch": 1,
-            "sequence": 0,
-            "windows": [_window(device, shas[version], version, n, errors, start)],
-        }
+        batch = batch_text(device, [_window(device, shas[version], version, n, errors, start)])
         r = fleet.client.post(
-            f"/v1/devices/{device}/telemetry", content=json.dumps(batch), headers=fleet.auth(cred)
+            f"/v1/devices/{device}/telemetry", content=batch, headers=fleet.auth(cred)
         )
         assert r.status_code == 200, r.text
     with Session(fleet.state.engine) as session:

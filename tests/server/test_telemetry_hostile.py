@@ -5,7 +5,6 @@ counted by the read, never a 500. Run on SQLite and PostgreSQL (the ``fleet`` fi
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from copy import deepcopy
 from datetime import UTC, datetime
@@ -18,6 +17,7 @@ from firmware_bundles import telemetry as sketch
 from server import fold
 from server.models import TelemetryBatchRecord, TelemetryRollup
 from tests.server.conftest import Fleet
+from tests.server.windows import batch_text
 
 MODELS = ("wrist-activity", "tap-detect")
 DAY = "2026-03-01"
@@ -44,12 +44,6 @@ def good_window(device_id: str, bundle_sha256: str, n: int, model: str = MODELS[
         "feedback": {"thumbs_up": 1},
         "labels": {"rest": {"move": 1}},
     }
-
-
-def batch_text(device_id: str, windows: list[dict], sequence: int = 0) -> str:
-    return json.dumps(
-        {"device_id": device_id, "boot_epoch": 1, "sequence": sequence, "windows": windows}
-    )
 
 
 def _edit(change: Callable[[dict], None]) -> Callable[[dict], str]:

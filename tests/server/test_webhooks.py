@@ -14,7 +14,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlmodel import Session, SQLModel, col, select
 
-from firmware_bundles import telemetry as sketch
+from firmware_bundles import open_bundle
 from firmware_bundles import webhook_signature as signature
 from server import notify, triggers
 from server.config import Settings
@@ -24,6 +24,7 @@ from server.outbound import Deliverer
 from server.webhooks import Thresholds
 from tests.server.conftest import Fleet, mlflow_source
 from tests.server.receiver import Receiver
+from tests.server.windows import batch_text, steady_window
 
 MODEL = "wrist-activity"
 ALL_STATE_KINDS = sorted(set(notify.EVENT_KINDS) - notify.THRESHOLD_KINDS)
@@ -175,24 +176,18 @@ def test_a_stored_provenance_mlflow_that_does_not_validate_names_no_version(
 
 
 def _window(device: str, sha: str, start: datetime, bad: bool) -> dict[str, Any]:
-    n = 400
-    latency = sketch.new_sketch(0.01)
-    sketch.add(latency, 0.002, n)
-    return {
-        "device_id": device,
-        "model": MODEL,
-        "version": "1.0.0",
-        "bundle_sha256": sha,
-        "window_start": start.isoformat(),
-        "window_s": 3600,
-        "inference_count": n,
-        "latency": latency,
-        "outputs": [{"name": "label", "counts": [200, 200, 0]}],
+    return steady_window(
+        device,
+        sha,
+        model=MODEL,
+        version="1.0.0",
+        window_start=start.isoformat(),
+        outputs=[{"name": "label", "counts": [200, 200, 0]}],
         # The manifest's reference for x0 is [1, 2, 3]: all in one bin is far off it.
-        "inputs": [{"name": "x0", "counts": [0, n, 0] if bad else [67, 133, 200]}],
-        "feedback": {"thumbs_down": 100 if bad else 2, "thumbs_up": 50},
-        "labels": {"rest": {"rest": 10 if bad else 40, "move": 30 if bad else 0}},
-    }
+        inputs=[{"name": "x0", "counts": [0, 400, 0] if bad else [67, 133, 200]}],
+        feedback={"thumbs_down": 100 if bad else 2, "thumbs_up": 50},
+        labels={"rest": {"rest": 10 if bad else 40, "move": 30 if bad else 0}},
+    )
 
 
 def test_threshold_events_fire_once_per_onset(fleet: Fleet) -> None:
@@ -206,15 +201,10 @@ def test_threshold_events_fire_once_per_onset(fleet: Fleet) -> None:
     sequence = iter(range(100))
 
     def upload(at: datetime, bad: bool) -> None:
-        batch = {
-            "device_id": "phone-1",
-            "boot_epoch": 1,
-            "sequence": next(sequence),
-            "windows": [_window("phone-1", sha, at, bad)],
-        }
+        batch = batch_text("phone-1", [_window("phone-1", sha, at, bad)], next(sequence))
         r = fleet.client.post(
             "/v1/devices/phone-1/telemetry",
-            content=json.dumps(batch),
+            content=batch,
             headers=fleet.auth(credential),
         )
         assert r.status_code == 200, r.text
@@ -255,25 +245,31 @@ def test_threshold_events_fire_once_per_onset(fleet: Fleet) -> None:
     assert held[("drift.over_threshold", "output:label")] is False  # outputs stayed put
 
 
-def test_data_quality_readings_come_from_the_aggregates_counters() -> None:
+def test_data_quality_readings_come_from_the_aggregates_counters(fleet: Fleet) -> None:
+    manifest = open_bundle(fleet.bundle()).manifest
+    [x0] = [h for h in manifest.telemetry_histograms().inputs if h.name == "x0"]
+    assert x0.kind == "numeric" and len(x0.counts) == 3
+    counts = [2, 965, 3]  # under and over the training range: 5 values
     agg = {
         "inference_count": 1000,
         "feedback": {},
         "labels": {},
-        "inputs": {},
+        "inputs": {"x0": counts},
         "outputs": {},
-        "data_quality": {"x0": {"missing": 30, "out_of_range": 5}, "x1": "garbage"},
+        "quality": {"missing": {"x0": 30}, "refused": {"features": 12}},
     }
     t = Thresholds(data_quality_rate_over=0.01)
-    found = triggers.readings(agg, None, t, {"data_quality.over_threshold"})
+    kinds = {"data_quality.over_threshold"}
+    found = triggers.readings(agg, manifest, t, kinds)
     assert [(r.subject, r.holds, r.value) for r in found] == [
+        ("input:features:refused", True, 0.012),
         ("input:x0:missing", True, 0.03),
         ("input:x0:out_of_range", False, 0.005),
     ]
-    kinds = {"data_quality.over_threshold"}
-    assert triggers.readings({**agg, "data_quality": None}, None, t, kinds) == []
+    clean = {**agg, "inputs": {}, "quality": {"missing": {}, "refused": {}}}
+    assert triggers.readings(clean, manifest, t, kinds) == []
     few = {**agg, "inference_count": 50}  # under min_inferences: no data, neither way
-    assert [r.holds for r in triggers.readings(few, None, t, kinds)] == [None, None]
+    assert [r.holds for r in triggers.readings(few, manifest, t, kinds)] == [None, None, None]
 
 
 # -- the delivery job against a receiver -------------------------------------------------------

@@ -22,13 +22,13 @@ import httpx
 import numpy as np
 
 from firmware_bundles import build
-from firmware_bundles import telemetry as sketch
 from firmware_bundles import webhook_signature as signature
 from server import notify
 from tests.conftest import MODEL_BYTES, manifest_draft, target_entry
 from tests.procs import ServerProcess, free_port, wait_for
 from tests.server.conftest import CAPS
 from tests.server.receiver import Receiver
+from tests.server.windows import batch_text, steady_window
 
 MODEL = "wrist-activity"
 FAST = {
@@ -76,25 +76,20 @@ def manual(*percents: float) -> list[dict[str, Any]]:
 
 
 def window(device: str, sha: str, version: str, errors: int) -> dict[str, Any]:
-    n = 400
-    latency = sketch.new_sketch(0.01)
-    sketch.add(latency, 0.002, n)
-    return {
-        "device_id": device,
-        "model": MODEL,
-        "version": version,
-        "bundle_sha256": sha,
+    return steady_window(
+        device,
+        sha,
+        model=MODEL,
+        version=version,
         # After the rollout started: the evaluator takes windows from its start on.
-        "window_start": datetime.now(UTC).isoformat(),
-        "window_s": 3600,
-        "inference_count": n,
-        "error_count": errors,
-        "latency": latency,
-        "outputs": [{"name": "label", "counts": [200, 200, 0]}],
-        "inputs": [{"name": "x0", "counts": [0, n, 0]}],  # far off the reference [1, 2, 3]
-        "feedback": {"thumbs_down": 100},
-        "labels": {"rest": {"rest": 10, "move": 30}},
-    }
+        window_start=datetime.now(UTC).isoformat(),
+        error_count=errors,
+        outputs=[{"name": "label", "counts": [200, 200, 0]}],
+        inputs=[{"name": "x0", "counts": [0, 400, 0]}],  # far off the reference [1, 2, 3]
+        feedback={"thumbs_down": 100},
+        labels={"rest": {"rest": 10, "move": 30}},
+        quality={"missing": {"x0": 20}},  # 20 NaN per 400 calls: over the 1% default
+    )
 
 
 def enroll_phones(server: ServerProcess, count: int) -> dict[str, str]:
@@ -121,15 +116,8 @@ def upload_failing_treatment(
         assert r.status_code == 200, r.text
         version = next(b["version"] for b in r.json()["signed"]["bundles"] if b["model"] == MODEL)
         errors = int(rng.binomial(400, 0.30 if version == "3.0.0" else 0.01))
-        batch = {
-            "device_id": device,
-            "boot_epoch": 1,
-            "sequence": 0,
-            "windows": [window(device, shas[version], version, errors)],
-        }
-        r = httpx.post(
-            f"{server.url}/v1/devices/{device}/telemetry", content=json.dumps(batch), headers=auth
-        )
+        batch = batch_text(device, [window(device, shas[version], version, errors)])
+        r = httpx.post(f"{server.url}/v1/devices/{device}/telemetry", content=batch, headers=auth)
         assert r.status_code == 200, r.text
 
 
@@ -164,7 +152,7 @@ def test_a_receiver_gets_each_event_kind_signed_and_threshold_events_once(tmp_pa
     server = ServerProcess(data_dir=tmp_path / "data", log_dir=tmp_path, env=FAST)
     try:
         server.start()
-        kinds = [k for k in notify.EVENT_KINDS if k != "data_quality.over_threshold"]
+        kinds = list(notify.EVENT_KINDS)
         hook = add_webhook(server, receiver.url, kinds, "accuracy_under=0.9", "schedule_every_s=1")
         shas = {}
         for counter, version in enumerate(("1.0.0", "2.0.0", "3.0.0"), start=1):
@@ -222,6 +210,8 @@ def test_a_receiver_gets_each_event_kind_signed_and_threshold_events_once(tmp_pa
             ("feedback.over_threshold", "3.0.0", "feedback"): 1,
             ("accuracy.under_floor", "1.0.0", "accuracy"): 1,
             ("accuracy.under_floor", "3.0.0", "accuracy"): 1,
+            ("data_quality.over_threshold", "1.0.0", "input:x0:missing"): 1,
+            ("data_quality.over_threshold", "3.0.0", "input:x0:missing"): 1,
         }
         state = Counter(e["kind"] for e in events if e["kind"] not in notify.THRESHOLD_KINDS)
         assert state == {

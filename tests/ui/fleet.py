@@ -1,11 +1,13 @@
 """A realistic fleet behind a real server, and Chromium to look at its dashboard: shared by the
 browser tests and ``make screenshots`` (tools/screenshots.py).
 
-The fleet: one model in three versions with bundles for phones and rings; Android phones in a
-staged rollout of 2.0.0 against 1.0.0 (started three days ago, evaluated after each day's
-uploads); rings on 1.0.0 and three pinned to 1.1.0 (fewer devices than the server shows figures
-for); iPhones and Raspberry Pis with no bundle; some devices silent or never seen; six days of
-hourly windows (three a day) with labels that thin out towards today.
+The fleet: one model in three versions with bundles for phones and rings (2.0.0 converted from
+an MLflow registry entry, 1.1.0 from an MLflow run); Android phones in a staged rollout of 2.0.0
+against 1.0.0 (started three days ago, evaluated after each day's uploads); rings relayed by
+phones, on 1.0.0 and three pinned to 1.1.0 (fewer devices than the server shows figures for),
+one that tried 1.1.0 and reverted; iPhones and Raspberry Pis with no bundle; some devices silent
+or never seen; installs spread over the past days; six days of hourly windows (three a day) with
+labels that thin out towards today.
 """
 
 from __future__ import annotations
@@ -23,14 +25,16 @@ from typing import Any
 import httpx
 import numpy as np
 from sqlalchemy import insert, update
-from sqlmodel import Session
+from sqlmodel import Session, select
 
+from firmware_bundles import SigningKey
 from firmware_bundles import telemetry as sketch
 from server.auth import hash_token
 from server.db import make_engine
-from server.models import Device, Rollout
+from server.models import Device, DeviceEvent, Rollout
 from tests.procs import ServerProcess
-from tests.server.conftest import CAPS, make_bundle
+from tests.server.conftest import CAPS, make_bundle, mlflow_source
+from tests.server.test_hil_gate import report
 
 MODEL = "wrist-activity"
 VERSIONS = {"1.0.0": 1, "1.1.0": 2, "2.0.0": 3}
@@ -49,6 +53,23 @@ REFERENCE = {
 DAYS = 6
 HOURS = (3, 11, 19)
 ROLLOUT_DAYS_AGO = 3
+#: Where versions came from in MLflow (the lineage page links there; nothing fetches it).
+MLFLOW_URI = "http://127.0.0.1:5000"
+MLFLOW = {
+    "2.0.0": {
+        **mlflow_source("4f1c0a9e2b7d4c1e8a6f3b2d1c0e9f8a", MODEL, "7", MLFLOW_URI),
+        "experiment_id": "3",
+        "params": {"n_estimators": "200", "max_depth": "8"},
+        "metrics": {"accuracy": 0.913},
+        "datasets": [
+            {"name": "wrist-2026-10", "digest": "a1b2c3d4", "context": "training"},
+            {"name": "wrist-2026-10-eval", "digest": "e5f6a7b8", "context": "eval"},
+        ],
+    },
+    "1.1.0": mlflow_source("9d8c7b6a5f4e3d2c1b0a9f8e7d6c5b4a", tracking_uri=MLFLOW_URI),
+}
+#: The ring that tried 1.1.0 and went back to 1.0.0 (its events: install, then revert).
+REVERTED_RING = "ring-03"
 EXTRA_CAPS = {
     "phone-ios": {
         "hardware_id": "phone-ios",
@@ -237,6 +258,7 @@ def seed(server: ServerProcess, client: httpx.Client, *, seed_value: int = 13) -
             "token"
         ]
     shas: dict[tuple[str, str], str] = {}
+    hil_key = SigningKey.from_pem((server.data_dir / "keys" / "hil.pem").read_bytes())
     for version, counter in VERSIONS.items():
         for target in TARGETS:
             data = make_bundle(
@@ -246,8 +268,13 @@ def seed(server: ServerProcess, client: httpx.Client, *, seed_value: int = 13) -
                 counter=counter,
                 name=MODEL,
                 changes={"reference_histograms": REFERENCE},
+                mlflow=MLFLOW.get(version),
             )
-            shas[(version, target)] = _post(client, "/v1/bundles", admin, data, 201)["sha256"]
+            published = _post(client, "/v1/bundles", admin, data, 201)
+            shas[(version, target)] = published["sha256"]
+            if version == "2.0.0":  # the rig passed it on both targets
+                rig = report(published, hil_key, hardware_id=target)
+                _post(client, f"/v1/bundles/{published['sha256']}/hil-report", admin, rig)
     _post(client, f"/v1/models/{MODEL}/versions/1.0.0/release", tokens["operator"], {})
     engine = make_engine(f"sqlite:///{(server.data_dir / 'fleet.db').resolve()}")
     creds = _enroll(engine, now)
@@ -298,6 +325,7 @@ def seed(server: ServerProcess, client: httpx.Client, *, seed_value: int = 13) -
             "last_install": outcome,
         }
         _check_in(client, device, cred, [installed])
+    _try_and_revert(client, REVERTED_RING, creds[REVERTED_RING], shas)
     # Some devices went quiet: their last check-in is days back.
     silent = {"phone-035": 3, "phone-036": 2, "ring-05": 4, "iphone-3": 10}
     with Session(engine) as session:
@@ -308,6 +336,7 @@ def seed(server: ServerProcess, client: httpx.Client, *, seed_value: int = 13) -
                 .values(last_seen=now - timedelta(days=days, hours=2))
             )
         session.commit()
+    _spread_events(engine, now, started)
     engine.dispose()
 
     today = now.date()
@@ -343,6 +372,52 @@ def seed(server: ServerProcess, client: httpx.Client, *, seed_value: int = 13) -
         if day >= started.date():
             _post(client, f"/v1/rollouts/{rollout_id}/evaluate", tokens["operator"], {})
     return SeededFleet(server, client, tokens, rollout_id, today, creds)
+
+
+def _try_and_revert(
+    client: httpx.Client, device: str, cred: str, shas: dict[tuple[str, str], str]
+) -> None:
+    """``device`` (a ring on 1.0.0 in slot a) reports 1.1.0 active in slot b, then 1.0.0 active
+    again with slot b failed: an install and a revert in its event log."""
+    hardware_id = _devices()[device][0]
+    steps = [
+        ("1.1.0", "b", {"a": "standby", "b": "active"}, None),
+        ("1.0.0", "a", {"a": "active", "b": "failed"}, "watchdog reset after activation"),
+    ]
+    for version, slot, slots, error in steps:
+        entry = {
+            "model": MODEL,
+            "version": version,
+            "bundle_sha256": shas[(version, hardware_id)],
+            "active_slot": slot,
+            "slots": slots,
+            "last_install": "ok",
+        }
+        _check_in(client, device, cred, [{**entry, "last_error": error} if error else entry])
+
+
+def _spread_events(engine: Any, now: datetime, started: datetime) -> None:
+    """Move the seeded events from the moment of seeding to the days they stand for: first
+    reports six days back, installs of 1.0.0 over the three days after, installs of 2.0.0 (and
+    the failures) over the rollout's days, the ring's try of 1.1.0 two days back and its revert
+    yesterday."""
+    midnight = datetime(now.year, now.month, now.day, tzinfo=UTC)
+    with Session(engine) as session:
+        for event in session.exec(select(DeviceEvent)):
+            index = int(event.device_id.rsplit("-", 1)[1])
+            hour = timedelta(hours=8 + index % 9)
+            if event.kind == "reported":
+                at = midnight - timedelta(days=DAYS) + hour
+            elif event.device_id == REVERTED_RING and event.version == "1.1.0":
+                at = midnight - timedelta(days=2) + hour
+            elif event.kind == "revert":
+                at = midnight - timedelta(days=1) + hour
+            elif event.version == "2.0.0" or event.outcome != "ok":
+                at = started + timedelta(days=index % ROLLOUT_DAYS_AGO, hours=1 + index % 5)
+            else:
+                at = midnight - timedelta(days=DAYS - 1 - index % 3) + hour
+            event.at = min(at, now - timedelta(minutes=5))
+        session.commit()
 
 
 @contextmanager

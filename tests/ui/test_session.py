@@ -85,6 +85,14 @@ def test_a_wrong_token_or_a_foreign_origin_does_not_log_in(fleet: SeededFleet) -
         (f"/ui/models/{MODEL}?from=2026-05-02&to=2026-05-01", 400, "must be before 'to'"),
         (f"/ui/models/{MODEL}?hardware_id=toaster", 400, "unknown hardware id 'toaster'"),
         ("/ui/no/such/page", 404, "no dashboard page at /ui/no/such/page"),
+        ("/ui/devices/no-such-device", 404, "no device no-such-device"),
+        ("/ui/devices/ring-03?from=2026-02-30", 400, "'from' must be an ISO 8601 date"),
+        ("/ui/devices/ring-03?from=2026-05-02&to=2026-05-01", 400, "must be before 'to'"),
+        (f"/ui/models/{MODEL}/versions/9.9.9/lineage", 404, f"no version 9.9.9 of model {MODEL}"),
+        ("/ui/models/no-such-model/versions/1.0.0/lineage", 404, "no model no-such-model"),
+        (f"/ui/models/{MODEL}/versions/1.0.0/nothing", 404, "no dashboard page at /ui/models/"),
+        ("/ui/?to=last-week", 400, "'to' must be an ISO 8601 date"),
+        ("/ui/?from=2026-05-02&to=2026-05-01", 400, "must be before 'to'"),
     ],
     ids=[
         "unknown-model",
@@ -98,6 +106,14 @@ def test_a_wrong_token_or_a_foreign_origin_does_not_log_in(fleet: SeededFleet) -
         "empty-range",
         "unknown-hardware-id",
         "unknown-page",
+        "unknown-device",
+        "device-bad-date",
+        "device-empty-range",
+        "unknown-lineage-version",
+        "unknown-lineage-model",
+        "unknown-version-page",
+        "fleet-bad-date",
+        "fleet-empty-range",
     ],
 )
 def test_bad_input_is_a_page_saying_so_and_the_twin_answers_problem_json(
@@ -108,6 +124,7 @@ def test_bad_input_is_a_page_saying_so_and_the_twin_answers_problem_json(
     assert page.headers["content-type"].startswith("text/html")
     assert says in page.text.replace("&#39;", "'") and "Traceback" not in page.text
     base, _, query = path.partition("?")
+    base = "/ui/index" if base == "/ui/" else base
     twin = operator_client.get(base + ".json" + (f"?{query}" if query else ""))
     assert twin.status_code == status
     assert says.split(" at ")[0] in twin.json()["detail"]
@@ -128,6 +145,17 @@ def test_an_expired_session_says_so_with_a_login_link(fleet: SeededFleet) -> Non
     assert 'href="/ui/login?next=/ui/"' in page.text
     twin = httpx.get(f"{fleet.base}/ui/index.json", cookies=cookies)
     assert twin.status_code == 401 and twin.json() == {"detail": "your session has expired"}
+    for page_path in (
+        "/ui/devices/ring-03",
+        f"/ui/models/{MODEL}/versions/2.0.0/lineage",
+        f"/ui/rollouts/{fleet.rollout_id}",
+    ):
+        refused = httpx.get(f"{fleet.base}{page_path}", cookies=cookies)
+        assert refused.status_code == 401 and "your session has expired" in refused.text
+        assert f'href="/ui/login?next={page_path}"' in refused.text
+        assert "Traceback" not in refused.text
+        twin = httpx.get(f"{fleet.base}{page_path}.json", cookies=cookies)
+        assert twin.status_code == 401 and twin.json() == {"detail": "your session has expired"}
     forged = httpx.get(f"{fleet.base}/ui/", cookies={ui_session.COOKIE: expired[:-2] + "xx"})
     assert forged.status_code == 401 and "not one this server signed" in forged.text
     anonymous = httpx.get(f"{fleet.base}/ui/models/{MODEL}")
@@ -197,7 +225,13 @@ def test_actions_need_the_sessions_csrf_token_and_our_origin(
 def test_json_twins_equal_what_the_pages_embed_and_take_bearer_tokens(
     fleet: SeededFleet, operator_client: httpx.Client
 ) -> None:
-    for path in ("/ui/", f"/ui/models/{MODEL}", f"/ui/rollouts/{fleet.rollout_id}"):
+    for path in (
+        "/ui/",
+        f"/ui/models/{MODEL}",
+        f"/ui/rollouts/{fleet.rollout_id}",
+        "/ui/devices/ring-03",
+        f"/ui/models/{MODEL}/versions/2.0.0/lineage",
+    ):
         twin_path = "/ui/index.json" if path == "/ui/" else path + ".json"
         twin = fleet.api(twin_path, role="operator", **({} if "rollouts" in path else fleet.span))
         page = operator_client.get(path, params={} if "rollouts" in path else fleet.span).text

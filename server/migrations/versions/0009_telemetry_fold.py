@@ -1,7 +1,7 @@
 """telemetry windows appended, folded into rollups later; PostgreSQL partitions them by day
 
-Revision ID: 0010
-Revises: 0006
+Revision ID: 0009
+Revises: 0008
 Create Date: 2026-11-29 12:00:00
 
 Ingest appends a batch's windows (``folded`` false) and a background job folds them into the day
@@ -21,8 +21,8 @@ from datetime import date, timedelta
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0010"
-down_revision = "0006"
+revision = "0009"
+down_revision = "0008"
 branch_labels = None
 depends_on = None
 
@@ -94,24 +94,24 @@ def upgrade() -> None:
             sqlite_where=sa.text("NOT folded"),
         )
         return
-    _set_aside("telemetry_window_0006")
+    _set_aside("telemetry_window_0008")
     _create_window_table("BIGSERIAL", partitioned=True)
     days = op.get_bind().execute(
         sa.text(
-            "SELECT DISTINCT (window_start AT TIME ZONE 'UTC')::date FROM telemetry_window_0006"
+            "SELECT DISTINCT (window_start AT TIME ZONE 'UTC')::date FROM telemetry_window_0008"
         )
     )
     for (day,) in days.fetchall():
         _day_partition(day)
     op.execute(
         f"INSERT INTO telemetry_window ({_COLUMNS}, folded)"
-        f" SELECT {_COLUMNS}, true FROM telemetry_window_0006"
+        f" SELECT {_COLUMNS}, true FROM telemetry_window_0008"
     )
     op.execute(
         "SELECT setval('telemetry_window_id_seq',"
-        " (SELECT coalesce(max(id), 0) + 1 FROM telemetry_window_0006), false)"
+        " (SELECT coalesce(max(id), 0) + 1 FROM telemetry_window_0008), false)"
     )
-    op.execute("DROP TABLE telemetry_window_0006")
+    op.execute("DROP TABLE telemetry_window_0008")
 
 
 def downgrade() -> None:
@@ -129,13 +129,13 @@ def downgrade() -> None:
         with op.batch_alter_table("telemetry_window", schema=None) as batch_op:
             batch_op.drop_column("folded")
         return
-    _set_aside("telemetry_window_0010")
+    _set_aside("telemetry_window_0009")
     _create_window_table("SERIAL", partitioned=False)
     op.execute(
-        f"INSERT INTO telemetry_window ({_COLUMNS}) SELECT {_COLUMNS} FROM telemetry_window_0010"
+        f"INSERT INTO telemetry_window ({_COLUMNS}) SELECT {_COLUMNS} FROM telemetry_window_0009"
     )
     op.execute(
         "SELECT setval('telemetry_window_id_seq',"
-        " (SELECT coalesce(max(id), 0) + 1 FROM telemetry_window_0010), false)"
+        " (SELECT coalesce(max(id), 0) + 1 FROM telemetry_window_0009), false)"
     )
-    op.execute("DROP TABLE telemetry_window_0010")
+    op.execute("DROP TABLE telemetry_window_0009")

@@ -1,0 +1,398 @@
+"""A fleet's morning sync wave against a real server: the highest rate it sustains, then 80% of it.
+
+Seeds ``--devices`` enrolled devices in bulk (each runs two released models, as after a first
+check-in), starts `edgefleet serve` (PostgreSQL by default; ``--workers N``), and runs the load
+from a separate process (``generate``), open loop: syncs arrive on a schedule whatever the server
+answers, and each latency is measured from when its sync was due, so a slow server cannot slow
+the load down and hide its queue (coordinated omission). A sync is one device checking in and
+uploading a 10-window telemetry batch of the last days (each device its own idempotency keys).
+The rate follows a morning wave: a quarter of the peak, rising to the peak in the middle of the
+run and falling back.
+
+First a search: steps of ``--step-s`` seconds at rising peak rates (doubling, then halving the
+gap) until a step fails (any 5xx or transport error, under 95% of due syncs done, or a check-in
+p99 over 1 s); the highest step that passed is the sustained rate. Then ``--run-s`` seconds at 80%
+of it, with p50/p99 latency and errors per route.
+
+    python bench/load_fleet.py [--devices 100000] [--database postgresql|sqlite] [--workers 1]
+        [--step-s 8] [--run-s 30] [--connections 128] [--json]
+
+The generator is Python (httpx): its own CPU time is printed, since on a small machine it may be
+the limit rather than the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import random
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench.bench_server import PG, port, seed, wait  # noqa: E402
+from edgefleet.server_cli import init_trust  # noqa: E402
+
+ROUTES = ("check-in", "telemetry")
+#: A step fails when fewer of its due syncs are done, or check-in p99 exceeds this.
+DONE_FLOOR = 0.95
+P99_CEILING_S = 1.0
+WINDOWS_PER_BATCH = 10
+
+
+# -- the generator (a separate process) --------------------------------------------------------
+
+
+def wave(t: float, length: float) -> float:
+    """The morning wave's share of the peak rate at ``t`` seconds into a ``length``-second run."""
+    return 0.25 + 0.75 * math.exp(-(((t - length / 2) / (length / 6)) ** 2))
+
+
+def schedule(peak: float, length: float, rng: random.Random) -> list[float]:
+    """Due times of syncs (a Poisson process whose rate follows :func:`wave`, by thinning)."""
+    due, t = [], 0.0
+    while True:
+        t += rng.expovariate(peak)
+        if t >= length:
+            return due
+        if rng.random() < wave(t, length):
+            due.append(t)
+
+
+def batch_body(device_id: str, bundle: str, boot_epoch: int, sequence: int) -> bytes:
+    """A 10-window telemetry batch of the last days, as the agent uploads one."""
+    today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    windows = []
+    for w in range(WINDOWS_PER_BATCH):
+        start = today - timedelta(days=1 + w % 3, hours=-(sequence + w) % 24)
+        windows.append(
+            {
+                "device_id": device_id,
+                "model": "m00",
+                "version": "1.2.3",
+                "bundle_sha256": bundle,
+                "window_start": start.isoformat(),
+                "window_s": 3600,
+                "inference_count": 12,
+                "error_count": 0,
+                "latency": {
+                    "relative_accuracy": 0.01,
+                    "bins": {"-345": 5, "-340": 7},
+                    "count": 12,
+                    "sum": 0.012,
+                    "min": 0.0009,
+                    "max": 0.0011,
+                },
+                "outputs": [{"name": "label", "counts": [6, 4, 2]}],
+                "inputs": [{"name": "x0", "counts": [2, 8, 2]}],
+            }
+        )
+    body = {
+        "device_id": device_id,
+        "boot_epoch": boot_epoch,
+        "sequence": sequence,
+        "windows": windows,
+    }
+    return json.dumps(body).encode()
+
+
+@dataclass
+class Tally:
+    latencies: dict[str, list[float]] = field(default_factory=lambda: {r: [] for r in ROUTES})
+    errors: dict[str, dict[str, int]] = field(default_factory=lambda: {r: {} for r in ROUTES})
+    due: int = 0
+    done: int = 0
+
+    def error(self, route: str, what: str) -> None:
+        self.errors[route][what] = self.errors[route].get(what, 0) + 1
+
+
+async def generate(args: argparse.Namespace) -> dict[str, Any]:
+    import httpx
+
+    creds = [line.split() for line in Path(args.creds).read_text().split("\n") if line]
+    installed = json.loads(Path(args.installed).read_text())
+    bundle = Path(args.bundle).read_text().strip()
+    rng = random.Random(args.seed)
+    order = list(range(len(creds)))
+    rng.shuffle(order)
+    due = schedule(args.rate, args.seconds, rng)
+    tally = Tally(due=len(due))
+    boot_epoch = int(time.time())
+    pool = args.connections
+    limits = httpx.Limits(max_connections=pool, max_keepalive_connections=pool)
+    timeout = httpx.Timeout(10.0)
+
+    async def sync(client: httpx.AsyncClient, k: int, at: float, start: float) -> None:
+        device_id, credential = creds[order[k % len(order)]]
+        headers = {"Authorization": f"Bearer {credential}", "Content-Type": "application/json"}
+        steps = (
+            (
+                "check-in",
+                f"/v1/devices/{device_id}/check-in",
+                json.dumps(
+                    {
+                        "device_id": device_id,
+                        "nonce": uuid.uuid4().hex,
+                        "firmware_version": "14.0.0",
+                        "installed": installed,
+                    }
+                ).encode(),
+            ),
+            (
+                "telemetry",
+                f"/v1/devices/{device_id}/telemetry",
+                batch_body(device_id, bundle, boot_epoch, k),
+            ),
+        )
+        began = start + at  # the first request is timed from when the sync was due
+        for route, path, body in steps:
+            try:
+                answer = await client.post(path, content=body, headers=headers)
+            except httpx.HTTPError as exc:
+                tally.error(route, type(exc).__name__)
+                return
+            tally.latencies[route].append(time.perf_counter() - began)
+            if answer.status_code >= 400:
+                tally.error(route, str(answer.status_code))
+                return
+            began = time.perf_counter()
+        tally.done += 1
+
+    async with httpx.AsyncClient(base_url=args.url, limits=limits, timeout=timeout) as client:
+        start = time.perf_counter()
+        tasks = []
+        for k, at in enumerate(due):
+            delay = start + at - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(sync(client, k, at, start)))
+        await asyncio.gather(*tasks)
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return {
+        "rate": args.rate,
+        "due": tally.due,
+        "done": tally.done,
+        "latencies": tally.latencies,
+        "errors": tally.errors,
+        "generator_cpu_s": usage.ru_utime + usage.ru_stime,
+        "seconds": args.seconds,
+    }
+
+
+# -- the driver ---------------------------------------------------------------------------------
+
+
+def quantile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def verdict(step: dict[str, Any]) -> str | None:
+    """Why a step failed, or None if the server sustained it."""
+    errors = {r: e for r, e in step["errors"].items() if e}
+    if errors:
+        return f"errors {errors}"
+    if step["done"] < DONE_FLOOR * step["due"]:
+        return f"{step['done']} of {step['due']} syncs done"
+    p99 = quantile(step["latencies"]["check-in"], 0.99)
+    if p99 > P99_CEILING_S:
+        return f"check-in p99 {p99 * 1e3:.0f} ms"
+    return None
+
+
+def run_step(fleet: dict[str, Path], url: str, rate: float, seconds: float, args: Any) -> dict:
+    out = fleet["work"] / f"step-{rate:.0f}.json"
+    subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "generate",
+            *("--url", url, "--rate", str(rate), "--seconds", str(seconds)),
+            *("--creds", str(fleet["creds"]), "--installed", str(fleet["installed"])),
+            *("--bundle", str(fleet["bundle"]), "--out", str(out)),
+            *("--connections", str(args.connections), "--seed", str(args.seed)),
+        ],
+        check=True,
+    )
+    return dict(json.loads(out.read_text()))
+
+
+def summary(step: dict[str, Any]) -> str:
+    ci = step["latencies"]["check-in"]
+    return (
+        f"peak {step['rate']:.0f} syncs/s: {step['done']}/{step['due']} done,"
+        f" check-in p50 {quantile(ci, 0.5) * 1e3:.1f} ms p99 {quantile(ci, 0.99) * 1e3:.1f} ms,"
+        f" generator CPU {step['generator_cpu_s']:.1f} s of {step['seconds']:.0f} s"
+    )
+
+
+def start_server(args: argparse.Namespace, work: Path) -> tuple[subprocess.Popen[bytes], str, dict]:
+    data_dir = work / "data"
+    data_dir.mkdir()
+    init_trust(data_dir)
+    if args.database == "sqlite":
+        url = f"sqlite:///{data_dir / 'fleet.db'}"
+    else:
+        import psycopg
+
+        name = f"ef_load_{uuid.uuid4().hex[:8]}"
+        with psycopg.connect(PG.replace("+psycopg", ""), autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        url = PG.rsplit("/", 1)[0] + "/" + name
+    print(f"seeding {args.devices:,} devices ...", flush=True)
+    began = time.perf_counter()
+    creds = seed(url, data_dir, args.devices, models=4, assigned=2)
+    print(f"  seeded in {time.perf_counter() - began:.0f} s", flush=True)
+    server_port = port()
+    server = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "edgefleet", "serve", "--data-dir", str(data_dir)),
+            *("--database-url", url, "--port", str(server_port), "--log-level", "warning"),
+            *("--workers", str(args.workers)),
+        ],
+        stdout=(work / "server.log").open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{server_port}"
+    wait(base)
+    fleet = {
+        "work": work,
+        "creds": creds,
+        "installed": data_dir / "installed.json",
+        "bundle": data_dir / "telemetry_bundle.txt",
+        "url": url,
+    }
+    return server, base, fleet
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command")
+    gen = sub.add_parser("generate", help="(internal) one open-loop run; writes --out")
+    for name, kind in (("url", str), ("creds", str), ("installed", str), ("bundle", str)):
+        gen.add_argument(f"--{name}", type=kind, required=True)
+    gen.add_argument("--rate", type=float, required=True, help="peak syncs/s")
+    gen.add_argument("--seconds", type=float, required=True)
+    gen.add_argument("--out", type=Path, required=True)
+    gen.add_argument("--connections", type=int, default=128)
+    gen.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--devices", type=int, default=100_000)
+    parser.add_argument("--database", choices=("postgresql", "sqlite"), default="postgresql")
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--start-rate", type=float, default=50.0, help="first step, syncs/s")
+    parser.add_argument("--step-s", type=float, default=8.0)
+    parser.add_argument("--run-s", type=float, default=30.0)
+    parser.add_argument("--connections", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    args = parser.parse_args()
+
+    if args.command == "generate":
+        result = asyncio.run(generate(args))
+        args.out.write_text(json.dumps(result))
+        return
+
+    work = Path(tempfile.mkdtemp(prefix="edgefleet-load-"))
+    server, base, fleet = start_server(args, work)
+    try:
+        passed: dict[str, Any] | None = None
+        low, high, rate = 0.0, math.inf, args.start_rate
+        while True:  # double until a step fails, then halve the gap three times
+            step = run_step(fleet, base, rate, args.step_s, args)
+            why = verdict(step)
+            print(f"  {summary(step)}: {why or 'sustained'}", flush=True)
+            if why is None:
+                low, passed = rate, step
+            else:
+                high = rate
+            if high == math.inf:
+                rate *= 2
+            elif high - low <= max(10.0, 0.1 * low):
+                break
+            else:
+                rate = (low + high) / 2
+            if low == 0 and rate < 1:
+                break
+        if passed is None:
+            raise SystemExit(f"the server sustained no step down to {rate:.1f} syncs/s")
+        final = run_step(fleet, base, 0.8 * low, args.run_s, args)
+    finally:
+        server.terminate()
+        server.wait(30)
+        if args.database == "postgresql":
+            import psycopg
+
+            name = fleet["url"].rsplit("/", 1)[1]
+            with psycopg.connect(PG.replace("+psycopg", ""), autocommit=True) as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    result = {
+        "devices": args.devices,
+        "database": args.database,
+        "workers": args.workers,
+        "sustained_peak_syncs_per_s": low,
+        "run_peak_syncs_per_s": 0.8 * low,
+        "routes": {
+            route: {
+                "requests": len(final["latencies"][route]),
+                "p50_ms": quantile(final["latencies"][route], 0.5) * 1e3,
+                "p99_ms": quantile(final["latencies"][route], 0.99) * 1e3,
+                "errors": final["errors"][route],
+            }
+            for route in ROUTES
+        },
+        "done": final["done"],
+        "due": final["due"],
+        "generator_cpu_s": final["generator_cpu_s"],
+        "seconds": args.run_s,
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print_table(result)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def print_table(result: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(
+        title=(
+            f"{result['devices']:,} devices, {result['database']}, {result['workers']} worker(s):"
+            f" sustained peak {result['sustained_peak_syncs_per_s']:.0f} syncs/s; run at"
+            f" {result['run_peak_syncs_per_s']:.0f} for {result['seconds']:.0f} s"
+            f" ({result['done']}/{result['due']} syncs done)"
+        )
+    )
+    for column in ("route", "requests", "p50 ms", "p99 ms", "errors"):
+        table.add_column(column, justify="left" if column == "route" else "right")
+    for route, row in result["routes"].items():
+        table.add_row(
+            route,
+            f"{row['requests']:,}",
+            f"{row['p50_ms']:.1f}",
+            f"{row['p99_ms']:.1f}",
+            ", ".join(f"{k}: {v}" for k, v in row["errors"].items()) or "0",
+        )
+    Console().print(table)
+    print(f"generator CPU: {result['generator_cpu_s']:.1f} s over {result['seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

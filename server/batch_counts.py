@@ -1,0 +1,87 @@
+"""Telemetry batches per device and boot epoch (``telemetry_batch_count``): how many arrived and
+the highest sequence number, so completeness over thousands of devices reads one row per device
+instead of every batch record.
+
+Kept where batch records are written (:func:`count`, in the upload's transaction) and erased with
+them (:func:`erase`); migration 0008 fills it from the stored records.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import delete, func
+from sqlmodel import Session, col, select
+
+from server.models import TelemetryBatchCount, TelemetryBatchRecord
+
+#: Devices named in one query (a longer list reads the whole table instead).
+MAX_NAMED = 500
+
+
+def count(session: Session, device_id: str, boot_epoch: int, sequence: int) -> None:
+    """Count one new batch record (the caller's unique key makes replays never reach here).
+
+    A row two first batches of an epoch create at once raises ``IntegrityError`` on flush, which
+    the ingest retries.
+    """
+    row = session.exec(
+        select(TelemetryBatchCount)
+        .where(
+            TelemetryBatchCount.device_id == device_id,
+            TelemetryBatchCount.boot_epoch == boot_epoch,
+        )
+        .with_for_update()
+    ).first()
+    if row is None:
+        row = TelemetryBatchCount(
+            device_id=device_id, boot_epoch=boot_epoch, received=0, top_sequence=sequence
+        )
+    row.received += 1
+    row.top_sequence = max(row.top_sequence, sequence)
+    session.add(row)
+    session.flush()
+
+
+def counts(session: Session, devices: list[str]) -> dict[str, tuple[int, int]]:
+    """Per device: batches received, and those its sequence numbers say were sent (over all its
+    boot epochs); devices with no batch are left out."""
+    wanted = set(devices)
+    query = select(
+        TelemetryBatchCount.device_id,
+        func.sum(TelemetryBatchCount.received),
+        func.sum(TelemetryBatchCount.top_sequence + 1),
+    ).group_by(col(TelemetryBatchCount.device_id))
+    found: dict[str, tuple[int, int]] = {}
+    if len(wanted) > MAX_NAMED:
+        rows = session.exec(query).all()
+    else:
+        rows = session.exec(query.where(col(TelemetryBatchCount.device_id).in_(wanted))).all()
+    for device_id, received, expected in rows:
+        if device_id in wanted:
+            found[device_id] = (int(received), int(expected))
+    return found
+
+
+def erase(session: Session, device_id: str) -> None:
+    session.exec(delete(TelemetryBatchCount).where(col(TelemetryBatchCount.device_id) == device_id))
+
+
+def rebuild(session: Session) -> None:
+    """Fill the table from the stored batch records (records with a negative number, which only
+    an earlier bug could store, are left out as completeness leaves them out)."""
+    session.exec(delete(TelemetryBatchCount))
+    per_epoch = (
+        select(
+            TelemetryBatchRecord.device_id,
+            TelemetryBatchRecord.boot_epoch,
+            func.count(),
+            func.max(TelemetryBatchRecord.sequence),
+        )
+        .where(col(TelemetryBatchRecord.sequence) >= 0)
+        .group_by(col(TelemetryBatchRecord.device_id), col(TelemetryBatchRecord.boot_epoch))
+    )
+    target = TelemetryBatchCount.__table__  # type: ignore[attr-defined]
+    session.exec(
+        target.insert().from_select(
+            ["device_id", "boot_epoch", "received", "top_sequence"], per_epoch
+        )
+    )
