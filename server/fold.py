@@ -4,7 +4,8 @@ together so every figure stays exact while windows wait.
 Ingest appends windows with ``folded`` false (:func:`server.telemetry.ingest`). The fold job
 (:func:`fold`, under the ``telemetry-fold`` lease, so one process at a time) claims a slice of
 them, adds them up per (device, model, version, event-time day), adds each sum into its rollup
-(:func:`write_rollups`) and marks the windows folded, all in one transaction: a window is in its
+(:func:`write_rollups`) and the fleet rollups over it (:func:`server.fleet_rollup.add_changes`)
+and marks the windows folded, all in one transaction: a window is in its
 rollup exactly when it is marked, so a crash, a retry or a second folder counts nothing twice.
 Readers take rollups plus the windows not yet folded, in one statement (one snapshot) so a fold
 committing between two reads can neither drop nor double a window (:func:`day_rows`).
