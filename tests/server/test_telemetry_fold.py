@@ -13,7 +13,7 @@ from sqlalchemy import text
 from sqlmodel import Session, func, select
 
 from server import fold, telemetry
-from server.models import TelemetryRollup, TelemetryWindowRecord
+from server.models import TelemetryBatchCount, TelemetryRollup, TelemetryWindowRecord
 from tests.server.conftest import Fleet
 from tests.server.test_metrics import (
     DAY0,
@@ -125,6 +125,8 @@ def test_a_replayed_batch_is_a_no_op_before_and_after_folding(unfolded_fleet: Fl
     sequence = up.send(device, windows)
     first = metrics(fleet, "again", "1.0.1", **SPANS[0])
     stored = _count(fleet)
+    counted = _batch_counts(fleet, device)
+    assert counted == [(1, sequence + 1, sequence)]  # kept at ingest, before any fold
     for fold_first in (False, True):
         if fold_first:
             assert _fold(fleet) == stored
@@ -136,7 +138,16 @@ def test_a_replayed_batch_is_a_no_op_before_and_after_folding(unfolded_fleet: Fl
         )
         assert r.status_code == 200 and r.json()["replay"] is True, r.text
         assert _count(fleet) == stored
+        assert _batch_counts(fleet, device) == counted  # a replay counts no batch
         _same_figures(first, metrics(fleet, "again", "1.0.1", **SPANS[0]))
+
+
+def _batch_counts(fleet: Fleet, device: str) -> list[tuple[int, int, int]]:
+    with Session(fleet.state.engine) as session:
+        rows = session.exec(
+            select(TelemetryBatchCount).where(TelemetryBatchCount.device_id == device)
+        ).all()
+        return [(r.boot_epoch, r.received, r.top_sequence) for r in rows]
 
 
 def _partitions(fleet: Fleet) -> list[str]:
