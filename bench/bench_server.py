@@ -8,6 +8,10 @@ Baselines: a bare FastAPI endpoint on the same uvicorn answering the same reques
 the same size, declared ``async def`` (as the server's routes are) and ``def`` (run in FastAPI's
 threadpool), measured in the same run, interleaved with the server.
 
+Telemetry ingest is measured with the server's fold job idle; then the backlog it left is folded
+by the fold job's code in this process (folded windows/s), and ingest measured again while that
+folder drains what arrives (a third table).
+
 A second table: check-in requests/s alone, and while distinct ``--publish-mb`` bundles (for
 devboard-rpi4, whose 64 MiB budget allows them; built before the run) are published back to back
 for the whole of the wrk run, from a thread of this process streaming them from disk.
@@ -330,7 +334,93 @@ def publish_case(
     ]
 
 
-def run_database(kind: str, args: argparse.Namespace, table: Table, publish_table: Table) -> None:
+def unfolded_windows(url: str) -> int:
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return int(
+                conn.execute(
+                    text("SELECT count(*) FROM telemetry_window WHERE NOT folded")
+                ).scalar_one()
+            )
+    finally:
+        engine.dispose()
+
+
+class Folder(threading.Thread):
+    """The fold job's work (``server.fold.fold``, 5,000 windows a transaction) in a thread of
+    this process, until nothing waits or it is stopped; counts windows, rollups and seconds."""
+
+    def __init__(self, url: str, *, until_empty: bool) -> None:
+        super().__init__(daemon=True)
+        self.url, self.until_empty = url, until_empty
+        self.stop = threading.Event()
+        self.windows = self.rollups = 0
+        self.elapsed_s = 0.0
+
+    def run(self) -> None:
+        from sqlmodel import Session
+
+        from server import fold
+        from server.db import make_engine
+
+        engine = make_engine(self.url)
+        start = time.perf_counter()
+        with Session(engine) as session:
+            while not self.stop.is_set():
+                done = fold.fold(session, relative_accuracy=0.01, limit=5000)
+                self.windows += done.windows
+                self.rollups += done.rollups
+                if done.windows == 0:
+                    if self.until_empty:
+                        break
+                    time.sleep(0.2)
+        self.elapsed_s = time.perf_counter() - start
+        engine.dispose()
+
+
+def fold_case(
+    kind: str, url: str, server_url: str, creds: Path, args: argparse.Namespace, bare: float
+) -> tuple[list[str], list[str]]:
+    """The backlog the ingest run left, folded as fast as the job folds; then ingest again while
+    a folder drains what arrives. Returns the fold table's row and the main table's row."""
+    backlog = unfolded_windows(url)
+    drain = Folder(url, until_empty=True)
+    drain.run()
+    fold_row = [
+        kind,
+        f"{backlog:,}",
+        f"{drain.windows:,}",
+        f"{drain.rollups:,}",
+        f"{drain.elapsed_s:.1f}",
+        f"{drain.windows / max(drain.elapsed_s, 1e-9):,.0f}",
+    ]
+    folder = Folder(url, until_empty=False)
+    folder.start()
+    real, bad = wrk(server_url, "telemetry.lua", creds, args.duration, args.connections)
+    folder.stop.set()
+    folder.join()
+    fold_row.append(f"{folder.windows / max(folder.elapsed_s, 1e-9):,.0f}")
+    main_row = [
+        kind,
+        f"telemetry ({args.windows} windows/batch), folding meanwhile",
+        "",
+        f"{bare:,.0f}",
+        "",
+        f"{real:,.0f}",
+        f"{real / bare:.2f}",
+        "",
+        str(bad),
+        f"{real * args.windows:,.0f}",
+    ]
+    return fold_row, main_row
+
+
+def run_database(
+    kind: str, args: argparse.Namespace, table: Table, publish_table: Table, fold_table: Table
+) -> None:
     work = Path(tempfile.mkdtemp(prefix=f"edgefleet-bench-{kind}-"))
     data_dir = work / "data"
     init_trust(data_dir)
@@ -361,6 +451,9 @@ def run_database(kind: str, args: argparse.Namespace, table: Table, publish_tabl
             "--log-level",
             "warning",
         ],
+        # The fold job runs once at start (nothing waits then): the bench folds in its own
+        # process (fold_case), so ingest and fold are measured apart and then together.
+        env={**os.environ, "EDGEFLEET_TELEMETRY_FOLD_S": "3600"},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -390,6 +483,12 @@ def run_database(kind: str, args: argparse.Namespace, table: Table, publish_tabl
                     str(bad),
                     "" if windows is None else f"{windows:,.0f}",
                 )
+                if script == "telemetry.lua":
+                    fold_row, main_row = fold_case(
+                        kind, url, server_url, creds, args, base_async[0]
+                    )
+                    fold_table.add_row(*fold_row)
+                    table.add_row(*main_row)
         finally:
             for process, _ in bares.values():
                 process.terminate()
@@ -460,10 +559,25 @@ def main() -> None:
         "MB/s published",
     ):
         publish_table.add_column(col, justify="left" if col == "database" else "right")
+    fold_table = Table(
+        title="Fold job: the ingest run's backlog folded into day rollups (server.fold.fold,"
+        " 5,000 windows a transaction), and folding while ingest runs"
+    )
+    for col in (
+        "database",
+        "backlog windows",
+        "folded",
+        "rollups written",
+        "seconds",
+        "folded windows/s",
+        "windows/s folded during ingest",
+    ):
+        fold_table.add_column(col, justify="left" if col == "database" else "right")
     for kind in args.databases.split(","):
-        run_database(kind, args, table, publish_table)
+        run_database(kind, args, table, publish_table, fold_table)
     console = Console(width=160)
     console.print(table)
+    console.print(fold_table)
     if args.publish_mb:
         console.print(publish_table)
 

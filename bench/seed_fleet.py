@@ -30,6 +30,7 @@ sys.path.insert(0, str(REPO))
 
 from bench import seed_plan as sp  # noqa: E402
 from bench.seed_registry import Registry, seed_registry  # noqa: E402
+from server import partitions  # noqa: E402
 
 #: Tables COPY fills, with their secondary indexes and constraints rebuilt after the load.
 BULK_TABLES = (
@@ -97,7 +98,8 @@ def deferred_indexes(conn: Any, tables: tuple[str, ...], timings: Timings) -> It
     yield
     with timings.step(f"rebuild {len(indexes)} indexes and {len(constraints)} constraints"):
         for _, definition in indexes:
-            conn.execute(definition)
+            # A partitioned table's index definition reads "ON ONLY" (the parent alone).
+            conn.execute(definition.replace(" ON ONLY ", " ON ", 1))
         for table, name, definition in constraints:
             conn.execute(f'ALTER TABLE {table} ADD CONSTRAINT "{name}" {definition}')
         conn.commit()
@@ -159,13 +161,16 @@ def telemetry(conn: Any, plan: sp.Plan, registry: Registry, timings: Timings) ->
         "batch": "telemetry_batch (id, device_id, boot_epoch, sequence, window_count,"
         " dropped_windows, received_at)",
         "window": "telemetry_window (id, batch_id, device_id, hardware_id, model, version,"
-        " bundle_sha256, window_start, window_s, aggregate)",
+        " bundle_sha256, window_start, window_s, aggregate, folded)",
         "rollup": "telemetry_rollup (id, device_id, hardware_id, generation, platform, model,"
         " version, day, inference_count, error_count, selftest_failure_count, window_count,"
         " latency, outputs, inputs, feedback, labels)",
     }
     pools: dict[tuple[str, str, str], list[sp.PoolEntry]] = {}
     days = [plan.day(i).isoformat() for i in range(plan.days)]
+    for i in range(plan.days):  # the windows' day partitions (see server/partitions.py)
+        conn.execute(partitions.create_statement(plan.day(i)))
+    conn.commit()
     hours_today = plan.now.hour
     start = time.perf_counter()
     with (
@@ -207,7 +212,8 @@ def telemetry(conn: Any, plan: sp.Plan, registry: Registry, timings: Timings) ->
                         window_id += 1
                         out["window"].append(
                             f"{window_id}\t{batch_id}\t{d.id}\t{d.hardware_id}\t{model}\t{version}"
-                            f"\t{sha}\t{days[day]} {hour:02d}:00:00+00\t3600\t{entry.window_json}\n"
+                            f"\t{sha}\t{days[day]} {hour:02d}:00:00+00\t3600\t{entry.window_json}"
+                            "\tt\n"  # folded: its rollup row below holds it
                         )
                     in_batch += share
                     rollup_id += 1

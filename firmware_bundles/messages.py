@@ -442,8 +442,7 @@ class HistogramCounts(Document):
 
 
 def _unique_names(histograms: list[HistogramCounts], field: str) -> None:
-    names = [h.name for h in histograms]
-    if len(set(names)) != len(names):
+    if len(histograms) > 1 and len({h.name for h in histograms}) != len(histograms):
         raise ValueError(f"{field}: each histogram name may appear once")
 
 
@@ -556,9 +555,21 @@ class TelemetryBatch(Document):
 
     @model_validator(mode="after")
     def _same_device(self) -> TelemetryBatch:
-        if any(w.device_id != self.device_id for w in self.windows):
-            raise ValueError("every window must belong to the batch's device")
+        device_id = self.device_id
+        for w in self.windows:
+            if w.device_id != device_id:
+                raise ValueError("every window must belong to the batch's device")
         return self
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> TelemetryBatch:
+        """Parse and validate a batch in one pass (:meth:`Document.from_json`: every float in a
+        batch is a latency field that refuses NaN and infinities itself).
+
+        Raises:
+            SchemaError: If the bytes are not JSON or do not match the schema.
+        """
+        return cls.from_json(data)
 
     @property
     def idempotency_key(self) -> tuple[str, int, int]:

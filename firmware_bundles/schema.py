@@ -41,6 +41,20 @@ class Document(BaseModel):
         """
         return cls.from_dict(parse_json(data, cls.__name__.lower()))
 
+    @classmethod
+    def from_json(cls: type[M], data: bytes) -> M:
+        """Parse and validate JSON bytes in one pass (pydantic's own parser: about half the cost
+        of :meth:`from_bytes` for a telemetry batch). For documents whose every float field
+        refuses NaN and infinities itself, as that parser reads ``NaN`` and ``Infinity``.
+
+        Raises:
+            SchemaError: If the bytes are not JSON or do not match the schema.
+        """
+        try:
+            return cls.model_validate_json(data)
+        except ValidationError as exc:
+            raise schema_error(cls.__name__.lower(), exc) from exc
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (datetimes as ISO 8601 strings)."""
         return self.model_dump(mode="json", by_alias=True)
@@ -54,6 +68,9 @@ def schema_error(document: str, exc: ValidationError) -> SchemaError:
     """Turn a pydantic error into a :class:`SchemaError` naming each field."""
     problems, fields = [], []
     for err in exc.errors():
+        if err["type"] == "json_invalid":  # as parse_json words it, naming no field
+            problems.append(f"not valid JSON: {err.get('ctx', {}).get('error', err['msg'])}")
+            continue
         loc = ".".join(str(p) for p in err["loc"]) or "(document)"
         fields.append(loc)
         if err["type"] == "missing":

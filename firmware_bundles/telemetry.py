@@ -20,6 +20,7 @@ accuracies finer than ``MIN_RELATIVE_ACCURACY`` are refused so that range has a 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -40,6 +41,7 @@ def _log_gamma(relative_accuracy: float) -> float:
     return math.log((1 + relative_accuracy) / (1 - relative_accuracy))
 
 
+@functools.lru_cache(maxsize=64)
 def bin_key_bounds(relative_accuracy: float) -> tuple[int, int]:
     """The lowest and highest bucket key a latency in ``(MIN_POSITIVE, MAX_LATENCY_S]`` can have
     at ``relative_accuracy`` (the low end one wider, for rounding in ``log``)."""

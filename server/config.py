@@ -44,6 +44,10 @@ class Settings(BaseSettings):
     #: Stored windows older than this (event time) are dropped; rollups are kept.
     telemetry_retention_days: int = Field(default=30, ge=1)
     telemetry_retention_check_s: float = Field(default=3600.0, gt=0)
+    #: How often the fold job adds appended windows into the day rollups (one process at a
+    #: time, under a lease), and the most windows one fold transaction takes.
+    telemetry_fold_s: float = Field(default=1.0, gt=0)
+    telemetry_fold_max_windows: int = Field(default=5000, ge=1)
     #: How often the rollout evaluator runs (one process at a time, under a lease).
     rollout_evaluation_s: float = Field(default=60.0, gt=0)
     enrollment_token_ttl_s: int = 7 * 24 * 3600

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import func
 from sqlmodel import Session, col, select
 
-from server import aggregate
+from server import aggregate, fold
 from server.models import FleetRollup, TelemetryBatchCount, TelemetryRollup
 
 if TYPE_CHECKING:
@@ -67,8 +67,9 @@ def take(
     listed: bool,
 ) -> set[tuple[str, str]]:
     """Add the fleet rollups of ``whole`` days into ``found``; returns the (hardware id, day)
-    pairs whose fleet rollup left a device's row out (it failed its checks): those are read from
-    the devices' rows, as without fleet rollups.
+    pairs whose fleet rollup left a device's row out (it failed its checks) or where windows wait
+    to be folded (:func:`server.fold.unfolded_keys`): those are read from the devices' rows plus
+    their waiting windows (:func:`server.fold.day_rows`), as without fleet rollups.
 
     Who contributed is counted by the database when every pair is answered and nothing else is
     in the span (``listed`` False: no cut day); else it is listed from the devices' rows' index.
@@ -80,9 +81,19 @@ def take(
     )
     if span.hardware_id:
         query = query.where(FleetRollup.hardware_id == span.hardware_id)
-    per_device: set[tuple[str, str]] = set()
+    # Read before the fleet rollups: a fold committing in between then only adds newer data to a
+    # key read from them, and never moves a waiting window out of a key's sight.
+    per_device = fold.unfolded_keys(
+        session,
+        model=span.model,
+        version=span.version,
+        hardware_id=span.hardware_id or None,
+        days=whole,
+    )
     added: dict[tuple[str, str], FleetRollup] = {}
     for row in session.exec(query.order_by(col(FleetRollup.id))):
+        if (row.hardware_id, row.day) in per_device:
+            continue
         if row.skipped_rows or aggregate.problem(row, found.relative_accuracy) is not None:
             per_device.add((row.hardware_id, row.day))
             continue

@@ -1,10 +1,11 @@
 """Fleet rollups: the devices' day rollups added up per model version x hardware id x day
 (``telemetry_fleet_rollup``), so whole-day fleet figures read a few rows instead of one per device.
 
-Kept exact where the per-device rollups change: :func:`add_changes` after an upload's parts are
-added into its device's rollups (one call, beside that write), :func:`recompute` after a device's
-rollups are erased (a sketch's min and max cannot be subtracted, so the affected keys are added up
-again from the rows that remain). Windows expiring (retention) leave rollups, and so these, alone.
+Kept exact where the per-device rollups change: :func:`add_changes` after the fold job's parts
+are added into the devices' rollups (one call, beside that write: :func:`server.fold.fold`),
+:func:`recompute` after a device's rollups are erased (a sketch's min and max cannot be
+subtracted, so the affected keys are added up again from the rows that remain). Windows
+expiring (retention) leave rollups, and so these, alone.
 
 A device's row that fails its checks is left out and counted in ``skipped_rows``, as readers of the
 per-device rows skip it; :mod:`server.metrics` reads such a key from the per-device rows, so its
@@ -24,14 +25,14 @@ from server.models import FleetRollup, TelemetryRollup
 
 #: A fleet rollup's key: model, version, event-time day (UTC, ISO date), hardware id.
 Key = tuple[str, str, str, str]
-#: What a device's rollup row was before an upload added into it: none yet, a valid row, a row
+#: What a device's rollup row was before a fold added into it: none yet, a valid row, a row
 #: that failed its checks (left out here, replaced by the part), or a valid row the part did not
 #: line up with (replaced by the part: its key is added up again).
 Was = Literal["new", "valid", "skipped", "replaced"]
 
 
 class Change(NamedTuple):
-    """What one upload added into one of its device's rollup rows."""
+    """What one fold added into one device's rollup row."""
 
     key: Key
     part: dict[str, Any]
@@ -41,10 +42,10 @@ class Change(NamedTuple):
 
 
 def add_changes(session: Session, changes: list[Change], relative_accuracy: float) -> None:
-    """Add an upload's changes into the fleet rollups (in the caller's transaction).
+    """Add a fold's changes into the fleet rollups (in the caller's transaction).
 
-    The fleet rows are read locked, in id order; a row two first uploads create at once raises
-    ``IntegrityError`` on flush, which the ingest retries like its own.
+    The fleet rows are read locked, in id order; a row two folders create at once raises
+    ``IntegrityError`` on flush, which the fold retries like its own.
     """
     if not changes:
         return

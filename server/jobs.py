@@ -1,6 +1,7 @@
-"""Periodic work inside the server process (telemetry retention, the rollout evaluator, outbound
-deliveries, threshold checks): each job runs in a worker thread on its interval, logs its
-failures and goes on, and stops when the server shuts down, giving up its lease."""
+"""Periodic work inside the server process (telemetry folding and retention, the rollout
+evaluator, outbound deliveries, threshold checks): each job runs in a worker thread on its
+interval, logs its failures and goes on, and stops when the server shuts down, giving up its
+lease."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from datetime import UTC, datetime
 from sqlalchemy import Engine
 from sqlmodel import Session
 
-from server import evaluator, outbound, telemetry, triggers
+from server import evaluator, fold, outbound, telemetry, triggers
 from server.outbound import Deliverer
 from server.state import ServerState
 
@@ -57,6 +58,15 @@ def jobs_for(state: ServerState) -> list[Job]:
                 lease_s=3 * settings.rollout_evaluation_s,
             )
 
+    def fold_windows() -> int:
+        with state.sessions() as session:
+            return fold.fold_due(
+                session,
+                relative_accuracy=settings.telemetry_relative_accuracy,
+                limit=settings.telemetry_fold_max_windows,
+                lease_s=max(60.0, 10 * settings.telemetry_fold_s),
+            )
+
     def check_thresholds() -> int:
         with state.sessions() as session:
             return triggers.run(
@@ -69,6 +79,7 @@ def jobs_for(state: ServerState) -> list[Job]:
     deliver = Deliverer(state.engine, settings).run
     return [
         Job("telemetry-retention", settings.telemetry_retention_check_s, drop_expired),
+        Job("telemetry-fold", settings.telemetry_fold_s, fold_windows, fold.LEASE),
         Job("rollout-evaluator", settings.rollout_evaluation_s, evaluate_rollouts, evaluator.LEASE),
         Job("threshold-checks", settings.threshold_check_s, check_thresholds, triggers.LEASE),
         Job("outbound-delivery", settings.outbound_poll_s, deliver, outbound.LEASE),

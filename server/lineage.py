@@ -21,7 +21,7 @@ from firmware_bundles.messages import HilReport, verify_hil_report
 from firmware_bundles.provenance import MlflowSource
 from firmware_bundles.root import Root
 from firmware_bundles.signing import Envelope
-from server import metrics
+from server import fold, metrics
 from server.lineage_schemas import (
     ConfirmationPublic,
     DevicesOnDay,
@@ -42,7 +42,6 @@ from server.models import (
     Release,
     Rollout,
     RolloutDecision,
-    TelemetryRollup,
 )
 from server.registry import get_version
 from server.schemas import Figures, SpanPublic
@@ -243,19 +242,17 @@ def _rollouts(session: Session, version: ModelVersion) -> list[RolloutSummary]:
 
 
 def devices_per_day(session: Session, model: str, version: str) -> list[DevicesOnDay]:
-    """Per event-time day, the devices that uploaded telemetry of the version (a rollup row is
-    one device's day) and their inferences."""
-    rows = session.exec(
-        select(
-            TelemetryRollup.day,
-            func.count(),
-            func.coalesce(func.sum(TelemetryRollup.inference_count), 0),
-        )
-        .where(TelemetryRollup.model == model, TelemetryRollup.version == version)
-        .group_by(col(TelemetryRollup.day))
-        .order_by(col(TelemetryRollup.day))
-    ).all()
-    return [DevicesOnDay(day=day, devices=int(n), inferences=int(i)) for day, n, i in rows]
+    """Per event-time day, the devices that uploaded telemetry of the version (from their day
+    rollups and windows not yet folded) and their inferences."""
+    devices: dict[str, set[str]] = {}
+    inferences: dict[str, int] = {}
+    for row in fold.day_rows(session, model=model, version=version):
+        devices.setdefault(row.day, set()).add(row.device_id)
+        inferences[row.day] = inferences.get(row.day, 0) + int(row.values["inference_count"])
+    return [
+        DevicesOnDay(day=day, devices=len(devices[day]), inferences=inferences[day])
+        for day in sorted(devices)
+    ]
 
 
 def _field(

@@ -1,8 +1,9 @@
 """Per-version field figures and drift, computed exactly from what devices uploaded.
 
 A query names a model version, optionally a hardware id, and an event-time span ``[start, end)``
-in UTC. Whole days inside the span are read from the devices' day rollups; a day the span cuts
-is read from the stored windows whose start falls inside it, so any span is exact. Each device
+in UTC. Whole days inside the span are read from the devices' day rollups plus their windows not
+yet folded into them (:func:`server.fold.day_rows`); a day the span cuts is read from the stored
+windows whose start falls inside it, so any span is exact. Each device
 contributes its own aggregates, so a figure knows how many devices it rests on: below the
 server's ``min_devices_shown`` it is withheld from viewers (health data) and shown, with its
 device count, to operators and to the rollout gates.
@@ -21,14 +22,12 @@ from sqlmodel import Session, col, select
 from firmware_bundles import telemetry as sketch
 from firmware_bundles.manifest import Histogram, Manifest
 from firmware_bundles.window_builder import UNKNOWN_PREDICTION
-from server import aggregate, drift, fleet_reads, quality, references
+from server import aggregate, drift, fleet_reads, fold, quality, references
 from server.errors import ApiError
-from server.models import Bundle, TelemetryRollup, TelemetryWindowRecord
+from server.models import Bundle, TelemetryWindowRecord
 from server.registry import get_version
 from server.telemetry import batch_counts
 
-#: A rollup's aggregate columns, in :data:`server.aggregate.FIELDS` order.
-_ROLLUP_FIELDS = tuple(col(getattr(TelemetryRollup, f)) for f in aggregate.FIELDS)
 #: The span a query covers when it names none: the last seven days.
 DEFAULT_SPAN = timedelta(days=7)
 QUANTILES = {"p50": 0.5, "p95": 0.95, "p99": 0.99}
@@ -173,22 +172,16 @@ def collect(session: Session, span: Span, relative_accuracy: float) -> Collected
     if whole and USE_FLEET_ROLLUPS:
         per_device = fleet_reads.take(session, span, whole, found, listed=bool(cut))
     if whole and per_device != set():
-        # Columns, not ORM objects: a version's day rows number devices x days.
-        query = select(
-            TelemetryRollup.device_id,
-            TelemetryRollup.day,
-            TelemetryRollup.hardware_id,
-            *_ROLLUP_FIELDS,
-        ).where(
-            TelemetryRollup.model == span.model,
-            TelemetryRollup.version == span.version,
-            col(TelemetryRollup.day).in_(whole),
-        )
-        if span.hardware_id:
-            query = query.where(TelemetryRollup.hardware_id == span.hardware_id)
-        for row in session.exec(query.order_by(col(TelemetryRollup.id))):
-            if per_device is None or (row[2], row[1]) in per_device:
-                take(row[0], row[1], dict(zip(aggregate.FIELDS, row[3:], strict=True)))
+        # The devices' day rollups plus their windows not yet folded (read together).
+        for row in fold.day_rows(
+            session,
+            model=span.model,
+            version=span.version,
+            hardware_id=span.hardware_id,
+            days=whole,
+        ):
+            if per_device is None or (row.hardware_id, row.day) in per_device:
+                take(row.device_id, row.day, row.values)
     for day in cut:
         # Only the part of a cut day inside the span: its whole-day rollup cannot be used.
         begins = datetime.combine(date.fromisoformat(day), time(), UTC)

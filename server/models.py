@@ -9,7 +9,19 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Column, Index, Integer, LargeBinary, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    Index,
+    Integer,
+    LargeBinary,
+    Text,
+    UniqueConstraint,
+    false,
+    text,
+)
 from sqlmodel import Field, SQLModel
 
 
@@ -165,17 +177,36 @@ class TelemetryBatchCount(SQLModel, table=True):
     top_sequence: int
 
 
+#: Windows not yet folded into rollups (what the fold job claims and readers add to rollups).
+UNFOLDED = text("NOT folded")
+
+
 class TelemetryWindowRecord(SQLModel, table=True):
     """One accepted window of one device, as it arrived: what rollups are derived from, what
     attributes telemetry to a device and an event time (rollout arms), and what erasing a device's
     data removes. Dropped after ``telemetry_retention_days`` (its rollup stays).
+
+    Appended by ingest with ``folded`` false; the fold job (:mod:`server.fold`) adds it into its
+    rollup and sets ``folded`` in the same transaction. On PostgreSQL the table is partitioned by
+    event-time day (``window_start``; primary key ``(id, window_start)``, see migration 0009).
     """
 
     __tablename__ = "telemetry_window"
     __table_args__ = (
         Index("ix_telemetry_window_version_start", "model", "version", "window_start"),
+        Index(
+            "ix_telemetry_window_unfolded",
+            "model",
+            "version",
+            "window_start",
+            postgresql_where=UNFOLDED,
+            sqlite_where=UNFOLDED,
+        ),
     )
-    id: int | None = Field(default=None, primary_key=True)
+    id: int | None = Field(
+        default=None,
+        sa_column=Column(BigInteger().with_variant(Integer(), "sqlite"), primary_key=True),
+    )
     batch_id: int = Field(foreign_key="telemetry_batch.id", index=True)
     device_id: str = Field(index=True)
     hardware_id: str
@@ -186,6 +217,10 @@ class TelemetryWindowRecord(SQLModel, table=True):
     window_s: int
     #: The window's aggregates (see :mod:`server.aggregate`).
     aggregate: dict[str, Any] = Field(sa_column=Column(JSON))
+    #: Added into its rollup yet (by the fold job)?
+    folded: bool = Field(
+        default=False, sa_column=Column(Boolean, nullable=False, server_default=false())
+    )
 
 
 class TelemetryRollup(SQLModel, table=True):

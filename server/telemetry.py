@@ -5,11 +5,13 @@ A batch's key (device, boot epoch, sequence) is unique, so a replay is a no-op; 
 counts (see :mod:`server.aggregate`), so arrival order does not change the totals. Sequence numbers
 start at 0 in each boot epoch; gaps give a device's completeness ratio.
 
-Each accepted window is stored with its device, bundle and event time (``telemetry_window``), and
-added into its device's rollup for that version and day (``telemetry_rollup``). Windows are kept
-for ``telemetry_retention_days``, rollups for good; erasing a device's telemetry deletes both, so
-every figure changes by exactly its contribution. Fleet figures add rollups up
-(:mod:`server.metrics`).
+Each accepted window is appended with its device, bundle and event time (``telemetry_window``),
+and the batch answered; a background job later folds windows into their device's rollup for that
+version and day (``telemetry_rollup``, :mod:`server.fold`), and every reader adds the windows not
+yet folded to the rollups, so figures are exact at any moment. Windows are kept for
+``telemetry_retention_days`` (PostgreSQL: day partitions dropped whole, :mod:`server.partitions`),
+rollups for good; erasing a device's telemetry deletes both, so every figure changes by exactly
+its contribution. Fleet figures add rollups up (:mod:`server.metrics`).
 
 What one device sends can never break the rollups others write or read: every window is checked
 against the manifest of the bundle it names (published here, for the device's hardware id:
@@ -24,17 +26,20 @@ from __future__ import annotations
 
 import logging
 import math
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, time, timedelta
 from typing import Any, NamedTuple
 
 from sqlalchemy import delete, func, or_
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import insert as sa_insert
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlmodel import Session, col, select
 
 from firmware_bundles import telemetry as sketch
 from firmware_bundles.messages import TelemetryBatch, TelemetryWindow
 from firmware_bundles.window_builder import TelemetryLayout
-from server import aggregate, fleet_rollup, references
+from server import aggregate, fleet_rollup, fold, partitions, references
 from server import batch_counts as per_device_batches
 from server.errors import ApiError
 from server.models import (
@@ -45,6 +50,8 @@ from server.models import (
     TelemetryWindowRecord,
 )
 
+_WINDOWS = TelemetryWindowRecord.__table__  # type: ignore[attr-defined]
+
 log = logging.getLogger("edgefleet.server.telemetry")
 
 #: Problems listed in one refusal (a batch of 1000 bad windows gets the first few, not a novel).
@@ -53,21 +60,17 @@ MAX_PROBLEMS_REPORTED = 10
 MAX_CACHED_LAYOUTS = 4096
 _layouts: dict[str, tuple[str, TelemetryLayout]] = {}
 
-#: A device's rollup key: model, version, event-time day (UTC, ISO date).
-_Key = tuple[str, str, str]
-
 
 def ingest(
     *, session: Session, device: Device, batch: TelemetryBatch, relative_accuracy: float
 ) -> bool:
     """Store a batch for ``device``; returns False when it was a replay.
 
-    The batch's windows are checked (:func:`check_windows`), stored, and added per key (model,
-    version, event-time day) into the device's rollups, each row read and written once per batch.
-    The batch record, its windows and the rollup changes commit in one transaction. Only the
-    device's own rows are locked, so devices never wait on each other; a race with another upload
-    of the same device (the same batch, or the first window of a new rollup) rolls back and
-    retries.
+    The batch's windows are checked (:func:`check_windows`), then its record and its windows are
+    appended (one statement each; PostgreSQL makes a missing day partition first) and committed
+    together. Rollups are not touched here: the fold job adds the windows in later
+    (:mod:`server.fold`) and readers count windows not yet folded, so figures stay exact. A
+    replay meets the batch key's unique constraint and stores nothing.
 
     Args:
         session: The database session.
@@ -82,39 +85,78 @@ def ingest(
     if batch.device_id != device.id:
         raise ApiError(400, f"batch is for {batch.device_id}, URL for {device.id}")
     check_windows(session, device, batch, relative_accuracy)
-    parts = _add_up(batch, relative_accuracy)
+    windows = [
+        {
+            "device_id": device.id,
+            "hardware_id": device.hardware_id,
+            "model": w.model,
+            "version": w.version,
+            "bundle_sha256": w.bundle_sha256,
+            "window_start": w.window_start,
+            "window_s": w.window_s,
+            "aggregate": aggregate.of_window(w),
+            "folded": False,
+        }
+        for w in batch.windows
+    ]
+    engine = session.get_bind()
+    days = {w.window_start.date() for w in batch.windows}
+    partitions.ensure(engine, days)  # type: ignore[arg-type]
     for attempt in range(3):
-        seen = session.exec(
-            select(TelemetryBatchRecord.id).where(
-                TelemetryBatchRecord.device_id == device.id,
-                TelemetryBatchRecord.boot_epoch == batch.boot_epoch,
-                TelemetryBatchRecord.sequence == batch.sequence,
-            )
-        ).first()
-        if seen is not None:
-            return False
-        record = TelemetryBatchRecord(
-            device_id=device.id,
-            boot_epoch=batch.boot_epoch,
-            sequence=batch.sequence,
-            window_count=len(batch.windows),
-            dropped_windows=batch.dropped_windows,
-            received_at=datetime.now(UTC),
-        )
         try:
-            session.add(record)
-            session.flush()
-            assert record.id is not None
-            per_device_batches.count(session, device.id, batch.boot_epoch, batch.sequence)
-            _store_windows(session, device, batch, record.id)
-            _add_into_rollups(session, device, parts, relative_accuracy)
-            session.commit()
-            return True
-        except IntegrityError:
+            return _append(session, device, batch, windows)
+        except DBAPIError as exc:
             session.rollback()
             if attempt == 2:
                 raise
-    return False
+            if isinstance(exc, IntegrityError):
+                continue  # two first batches of a boot epoch made its count row at once
+            if not partitions.is_partitioned(engine):  # type: ignore[arg-type]
+                raise
+            # Retention may have dropped a day partition since this process last saw it.
+            partitions.forget(engine)  # type: ignore[arg-type]
+            partitions.ensure(engine, days)  # type: ignore[arg-type]
+    raise AssertionError("unreachable")
+
+
+_BATCHES = TelemetryBatchRecord.__table__  # type: ignore[attr-defined]
+#: The batch record's insert per dialect, built once: a replay meets the key and inserts nothing.
+_RECORD_BATCH = {
+    dialect: insert(_BATCHES).on_conflict_do_nothing().returning(_BATCHES.c.id)
+    for dialect, insert in (("postgresql", pg_insert), ("sqlite", sqlite_insert))
+}
+#: With RETURNING, SQLAlchemy sends an executemany as one multi-row INSERT on both dialects
+#: ("insertmanyvalues"; without it psycopg would pipeline one INSERT per window).
+_APPEND_WINDOWS = sa_insert(_WINDOWS).returning(_WINDOWS.c.id)
+
+
+def _append(
+    session: Session, device: Device, batch: TelemetryBatch, windows: list[dict[str, Any]]
+) -> bool:
+    """The batch record (unless its key is stored: then False) and its windows, committed."""
+    conn = session.connection()
+    batch_id = conn.execute(
+        _RECORD_BATCH[conn.dialect.name],
+        {
+            "device_id": device.id,
+            "boot_epoch": batch.boot_epoch,
+            "sequence": batch.sequence,
+            "window_count": len(batch.windows),
+            "dropped_windows": batch.dropped_windows,
+            "received_at": datetime.now(UTC),
+        },
+    ).scalar()
+    if batch_id is None:
+        session.rollback()
+        return False
+    per_device_batches.count(session, device.id, batch.boot_epoch, batch.sequence)
+    if windows:
+        # One statement, compiled once (a multi-row .values() would compile anew per batch).
+        for w in windows:
+            w["batch_id"] = batch_id
+        conn.execute(_APPEND_WINDOWS, windows)
+    session.commit()
+    return True
 
 
 def check_windows(
@@ -217,106 +259,6 @@ def _bundle_layouts(
     return {s: _layouts[s] for s in bundle_sha256s if s in _layouts}
 
 
-def _add_up(batch: TelemetryBatch, relative_accuracy: float) -> dict[_Key, dict[str, Any]]:
-    """The checked windows of ``batch`` added up per rollup key (they line up: each was checked
-    against its bundle's layout and the server's accuracy)."""
-    parts: dict[_Key, dict[str, Any]] = {}
-    for w in batch.windows:
-        key = (w.model, w.version, w.window_start.astimezone(UTC).date().isoformat())
-        part = parts.get(key)
-        if part is None:
-            part = parts[key] = aggregate.empty(relative_accuracy)
-        aggregate.add(part, aggregate.of_window(w))
-    return parts
-
-
-def _store_windows(session: Session, device: Device, batch: TelemetryBatch, batch_id: int) -> None:
-    session.bulk_insert_mappings(
-        TelemetryWindowRecord,
-        [
-            {
-                "batch_id": batch_id,
-                "device_id": device.id,
-                "hardware_id": device.hardware_id,
-                "model": w.model,
-                "version": w.version,
-                "bundle_sha256": w.bundle_sha256,
-                "window_start": w.window_start.astimezone(UTC),
-                "window_s": w.window_s,
-                "aggregate": aggregate.of_window(w),
-            }
-            for w in batch.windows
-        ],
-    )
-
-
-def _add_into_rollups(
-    session: Session, device: Device, parts: dict[_Key, dict[str, Any]], relative_accuracy: float
-) -> None:
-    """Read the device's rollup rows for the batch's keys once (locked) and add each part in.
-
-    A row that fails the checks (which reads skip) is replaced by the part, so one bad row never
-    makes correct data bounce; what it held is logged.
-    """
-    if not parts:
-        return
-    rows = session.exec(
-        select(TelemetryRollup)
-        .where(
-            TelemetryRollup.device_id == device.id,
-            col(TelemetryRollup.model).in_({k[0] for k in parts}),
-            col(TelemetryRollup.day).in_({k[2] for k in parts}),
-        )
-        .order_by(col(TelemetryRollup.id))
-        .with_for_update()
-    ).all()
-    existing = {(r.model, r.version, r.day): r for r in rows}
-    changes: list[fleet_rollup.Change] = []
-    for key in sorted(parts):
-        part = parts[key]
-        rollup = existing.get(key)
-        if rollup is None:
-            changes.append(fleet_rollup.Change((*key, device.hardware_id), part, "new", False))
-            session.add(
-                TelemetryRollup(
-                    device_id=device.id,
-                    hardware_id=device.hardware_id,
-                    generation=device.generation,
-                    platform=device.platform,
-                    model=key[0],
-                    version=key[1],
-                    day=key[2],
-                    **part,
-                )
-            )
-            session.flush()  # IntegrityError if another upload created it first: ingest retries
-            continue
-        problem = aggregate.problem(rollup, relative_accuracy)
-        current = aggregate.copy(aggregate.values(rollup)) if problem is None else None
-        was: fleet_rollup.Was = "valid" if problem is None else "skipped"
-        failed_before = current is not None and current["selftest_failure_count"] > 0
-        if current is not None:
-            try:
-                aggregate.add(current, part)
-            except ValueError as exc:  # a layout no manifest gives: written before the checks
-                problem, current, was = str(exc), None, "replaced"
-        changes.append(fleet_rollup.Change((*key, rollup.hardware_id), part, was, failed_before))
-        if current is None:
-            log.warning(
-                "telemetry rollup %s %s fails its checks (%s); replaced by new data. It held: %s",
-                rollup.id,
-                key,
-                problem,
-                aggregate.values(rollup),
-            )
-            current = part
-        for field, value in current.items():
-            setattr(rollup, field, value)
-        session.add(rollup)
-    session.flush()
-    fleet_rollup.add_changes(session, changes, relative_accuracy)
-
-
 class Rollups(NamedTuple):
     """Fleet rollups as read: the rows that pass the checks, and how many stored rows were
     skipped."""
@@ -326,25 +268,29 @@ class Rollups(NamedTuple):
 
 
 def rollups(session: Session, model: str | None = None, *, relative_accuracy: float) -> Rollups:
-    """Rollups per model version x generation x platform x day (the devices' rollups added up),
-    with latency quantiles; a stored row that fails the checks is skipped, counted and logged,
-    never an error."""
-    query = select(TelemetryRollup)
-    if model:
-        query = query.where(TelemetryRollup.model == model)
+    """Rollups per model version x generation x platform x day (the devices' rollups and their
+    windows not yet folded, added up), with latency quantiles; a stored row that fails the checks
+    is skipped, counted and logged, never an error."""
+    rows = list(fold.day_rows(session, model=model))
+    platforms = fold.device_platforms(session, {r.device_id for r in rows if r.generation is None})
     groups: dict[tuple[str, str, str, str, str], dict[str, Any]] = {}
     skipped = 0
-    for r in session.exec(query.order_by(col(TelemetryRollup.id))):
-        problem = aggregate.problem(r, relative_accuracy)
+    for r in rows:
+        problem = aggregate.problem(r.values, relative_accuracy)
         if problem is not None:
-            log.warning("telemetry rollup %s skipped: %s", r.id, problem)
+            log.warning("telemetry of %s on %s skipped: %s", r.device_id, r.day, problem)
             skipped += 1
             continue
-        key = (r.model, r.version, r.generation, r.platform, r.day)
+        generation, platform = (
+            (r.generation, r.platform)
+            if r.generation is not None and r.platform is not None
+            else platforms.get(r.device_id, ("", ""))
+        )
+        key = (r.model, r.version, generation, platform, r.day)
         group = groups.get(key)
         if group is None:
             group = groups[key] = aggregate.empty(relative_accuracy)
-        aggregate.add(group, aggregate.values(r))
+        aggregate.add(group, r.values)
     result = []
     for (model_name, version, generation, platform, day), group in sorted(groups.items()):
         result.append(
@@ -395,14 +341,27 @@ def erase_device(session: Session, device_id: str, *, relative_accuracy: float) 
 
 
 def drop_expired_windows(session: Session, *, now: datetime, retention_days: int) -> int:
-    """Delete windows whose event time is older than ``retention_days`` before ``now`` (their
-    rollups stay); returns how many."""
-    cutoff = now - timedelta(days=retention_days)
-    dropped = session.exec(
-        delete(TelemetryWindowRecord).where(col(TelemetryWindowRecord.window_start) < cutoff)
+    """Drop the folded windows of each event-time day (UTC) that ended ``retention_days`` or more
+    before ``now`` (their rollups stay); returns how many.
+
+    PostgreSQL drops whole day partitions; a partition with windows still waiting to be folded
+    stays until the fold job has taken them. SQLite deletes the same days' folded rows.
+    """
+    cutoff = (now - timedelta(days=retention_days)).astimezone(UTC).date()
+    engine = session.get_bind()
+    if partitions.is_partitioned(engine):  # type: ignore[arg-type]
+        dropped, waiting = partitions.drop_before(engine, cutoff)  # type: ignore[arg-type]
+        if waiting:
+            log.info("kept telemetry partitions of %s: windows there wait to be folded", waiting)
+        return dropped
+    dropped_rows = session.exec(
+        delete(TelemetryWindowRecord).where(
+            col(TelemetryWindowRecord.window_start) < datetime.combine(cutoff, time(), UTC),
+            col(TelemetryWindowRecord.folded),
+        )
     ).rowcount
     session.commit()
-    return int(dropped)
+    return int(dropped_rows)
 
 
 def completeness(session: Session, device_id: str) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from sqlalchemy import union
 from sqlmodel import Session, col, select
 
 from firmware_bundles.manifest import Manifest
@@ -21,7 +22,7 @@ from firmware_bundles.window_builder import UNKNOWN_PREDICTION
 from server import drift, metrics, notify, quality, references
 from server.errors import ApiError
 from server.evaluator import take_lease
-from server.models import TelemetryRollup, TriggerState, Webhook
+from server.models import UNFOLDED, TelemetryRollup, TelemetryWindowRecord, TriggerState, Webhook
 from server.webhooks import Thresholds
 
 LEASE = "threshold-checks"
@@ -133,12 +134,18 @@ def _state(session: Session, hook_id: int, key: tuple[str, str, str, str]) -> Tr
 
 
 def _live_versions(session: Session, since: datetime) -> list[tuple[str, str]]:
-    """Model versions with telemetry on or after ``since``'s day."""
-    rows = session.exec(
-        select(TelemetryRollup.model, TelemetryRollup.version)
-        .where(col(TelemetryRollup.day) >= since.date().isoformat())
-        .distinct()
-    ).all()
+    """Model versions with telemetry (rollups, or windows not yet folded) on or after ``since``'s
+    day."""
+    day = since.date().isoformat()
+    folded = select(TelemetryRollup.model, TelemetryRollup.version).where(
+        col(TelemetryRollup.day) >= day
+    )
+    waiting = select(TelemetryWindowRecord.model, TelemetryWindowRecord.version).where(
+        UNFOLDED,
+        col(TelemetryWindowRecord.window_start)
+        >= datetime.combine(since.date(), datetime.min.time(), UTC),
+    )
+    rows = session.execute(union(folded, waiting)).all()
     return sorted((m, v) for m, v in rows)
 
 

@@ -1,4 +1,5 @@
-"""Telemetry through faults: PostgreSQL restarted and the server SIGKILLed while devices upload.
+"""Telemetry through faults: PostgreSQL restarted, and the server SIGKILLed while devices upload
+and while its fold job adds their windows into rollups.
 
 Each device keeps its batches in the agent's own outbox and drains it with the agent's own upload
 loop (device_agent.telemetry_upload), retrying what failed. After each fault the server's totals
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import sqlalchemy as sa
 
 from device_agent.client import FleetClient
 from device_agent.errors import ServerRejected, ServerUnreachable
@@ -155,8 +157,11 @@ def _totals(server: ServerProcess) -> tuple[int, int]:
 
 
 def _through(fault: Callable[[ServerProcess, PrivateCluster], None], cluster: PrivateCluster,
-             tmp_path: Path) -> None:  # fmt: skip
-    server = fleet_server(cluster, tmp_path).start()
+             tmp_path: Path, env: dict[str, str] | None = None
+             ) -> tuple[ServerProcess, list[Device]]:  # fmt: skip
+    """Devices upload through ``fault``; the server's totals then equal what they recorded.
+    Returns the server (stopped) and the devices."""
+    server = fleet_server(cluster, tmp_path, env=env).start()
     try:
         devices = _fleet(server, tmp_path)
         with Uploaders(server, devices, tmp_path) as uploads:
@@ -168,6 +173,7 @@ def _through(fault: Callable[[ServerProcess, PrivateCluster], None], cluster: Pr
         assert _totals(server) == recorded
     finally:
         server.stop()
+    return server, devices
 
 
 def test_postgresql_restarted_mid_ingest_loses_and_doubles_nothing(
@@ -192,3 +198,68 @@ def test_server_sigkilled_mid_ingest_loses_and_doubles_nothing(
         server.start()  # same data and port; the uploads resume against it
 
     _through(kill_server, cluster, tmp_path)
+
+
+def _windows(db: sa.Engine) -> tuple[int, int]:
+    """Windows stored: folded into their rollups, and waiting."""
+    with db.connect() as conn:
+        folded, waiting = conn.execute(
+            sa.text("SELECT count(*) FILTER (WHERE folded), count(*) FILTER (WHERE NOT folded)"
+                    " FROM telemetry_window")
+        ).one()  # fmt: skip
+    return int(folded), int(waiting)
+
+
+def _rollup_sums(db: sa.Engine) -> dict[str, tuple[int, int, int]]:
+    """Inferences, errors and windows added up in the devices' rollups and in the fleet's."""
+    found = {}
+    with db.connect() as conn:
+        for table in ("telemetry_rollup", "telemetry_fleet_rollup"):
+            row = conn.execute(
+                sa.text(f"SELECT coalesce(sum(inference_count), 0), coalesce(sum(error_count), 0),"
+                        f" coalesce(sum(window_count), 0) FROM {table}")
+            ).one()  # fmt: skip
+            found[table] = (int(row[0]), int(row[1]), int(row[2]))
+    return found
+
+
+def test_server_sigkilled_mid_fold_loses_and_doubles_nothing(
+    cluster: PrivateCluster, tmp_path: Path
+) -> None:
+    # One window a fold transaction, folds back to back: the kill lands inside a fold's
+    # transaction while windows still wait (checked below), which PostgreSQL rolls back whole.
+    env = {"EDGEFLEET_TELEMETRY_FOLD_S": "0.05", "EDGEFLEET_TELEMETRY_FOLD_MAX_WINDOWS": "1"}
+    db = sa.create_engine(cluster.url())
+    seen: dict[str, tuple[int, int]] = {}
+
+    def kill_server_mid_fold(server: ServerProcess, _: PrivateCluster) -> None:
+        wait_for(lambda: min(_windows(db)) > 0, "windows both folded and waiting", timeout_s=60)
+        assert server.proc is not None
+        server.proc.kill()
+        server.proc.wait(10)
+        seen["killed"] = _windows(db)
+        time.sleep(1)
+        server.start()
+
+    try:
+        server, devices = _through(kill_server_mid_fold, cluster, tmp_path, env)
+        folded, waiting = seen["killed"]
+        assert folded > 0 and waiting > 0, seen
+        # The server stopped with windows perhaps still waiting: start it again to fold them all.
+        server.start()
+        try:
+            wait_for(lambda: _windows(db)[1] == 0, "every window folded", timeout_s=120)
+            recorded = (
+                sum(d.inferences for d in devices),
+                sum(d.errors for d in devices),
+                DEVICES * BATCHES * WINDOWS,
+            )
+            assert _windows(db) == (DEVICES * BATCHES * WINDOWS, 0)
+            sums = _rollup_sums(db)
+            assert sums["telemetry_rollup"] == recorded, sums
+            assert sums["telemetry_fleet_rollup"] == recorded, sums
+            assert _totals(server) == recorded[:2]
+        finally:
+            server.stop()
+    finally:
+        db.dispose()

@@ -245,8 +245,9 @@ class Fleet:
 
 
 @contextmanager
-def running_fleet(database_url: str, tmp_path: Path) -> Iterator[Fleet]:
-    """A fresh root and keys, a migrated database and the app in a TestClient."""
+def running_fleet(database_url: str, tmp_path: Path, **settings: Any) -> Iterator[Fleet]:
+    """A fresh root and keys, a migrated database and the app in a TestClient (``settings``
+    override the server's defaults)."""
     keys = {r: SigningKey.generate() for r in ("root", "release", "director", "hil")}
     root = new_root(
         version=1,
@@ -258,9 +259,8 @@ def running_fleet(database_url: str, tmp_path: Path) -> Iterator[Fleet]:
     (data_dir / "keys").mkdir(parents=True)
     (data_dir / "root.json").write_bytes(sign_root(root, [keys["root"]]).to_bytes())
     (data_dir / "keys" / "director.pem").write_bytes(keys["director"].to_pem())
-    settings = Settings(data_dir=data_dir, database_url=database_url)
     upgrade(database_url)
-    state = build_state(settings)
+    state = build_state(Settings(data_dir=data_dir, database_url=database_url, **settings))
     admin = ensure_admin_token(state)
     assert admin is not None
     with TestClient(create_app(state)) as client:
@@ -279,6 +279,14 @@ def running_fleet(database_url: str, tmp_path: Path) -> Iterator[Fleet]:
 @pytest.fixture()
 def fleet(database_url: str, tmp_path: Path) -> Iterator[Fleet]:
     with running_fleet(database_url, tmp_path) as running:
+        yield running
+
+
+@pytest.fixture()
+def unfolded_fleet(database_url: str, tmp_path: Path) -> Iterator[Fleet]:
+    """A fleet whose fold job runs only at start: windows wait until a test folds them
+    (:func:`server.fold.fold`)."""
+    with running_fleet(database_url, tmp_path, telemetry_fold_s=3600.0) as running:
         yield running
 
 

@@ -1,7 +1,8 @@
 """Fleet rollups (server/fleet_rollup.py) change no answer: the metrics and drift API answer the
 same with and without them, over whole and cut days, per hardware id, after a device is erased,
-after retention, and when a device's stored row fails its checks; and the stored fleet rows always
-equal the devices' rows added up again. On SQLite and PostgreSQL."""
+after retention, when a device's stored row fails its checks, and while windows wait to be folded
+(server/fold.py); and the stored fleet rows always equal the devices' rows added up again. On
+SQLite and PostgreSQL. The fleet's fold job does not run on its own: the tests fold."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from sqlalchemy import update
 from sqlmodel import Session, col, select
 
 from firmware_bundles import build
-from server import batch_counts, fleet_rollup, metrics, telemetry
+from server import batch_counts, fleet_rollup, fold, metrics, telemetry
 from server.models import FleetRollup, TelemetryBatchCount, TelemetryRollup
 from tests.conftest import MODEL_BYTES, target_entry
 from tests.server.conftest import Fleet
@@ -61,10 +62,17 @@ class Seeded:
     shas: dict[str, str]
 
 
+def _fold_all(fleet: Fleet) -> int:
+    with Session(fleet.state.engine) as session:
+        accuracy = fleet.state.settings.telemetry_relative_accuracy
+        return fold.fold(session, relative_accuracy=accuracy, limit=10**6).windows
+
+
 @pytest.fixture()
-def seeded(fleet: Fleet) -> Iterator[Seeded]:
+def seeded(unfolded_fleet: Fleet) -> Iterator[Seeded]:
     """Nine devices on two hardware ids, four days, three windows a day each; one device
-    reports self-test failures on two days."""
+    reports self-test failures on two days. Every window folded."""
+    fleet = unfolded_fleet
     shas = _publish(fleet)
     up = Uploader(fleet)
     rng = np.random.default_rng(13)
@@ -79,10 +87,13 @@ def seeded(fleet: Fleet) -> Iterator[Seeded]:
             if device == "p-1" and raws[0].start.day == DAY0.day + 1:
                 windows[0]["selftest_failure_count"] = 2
             up.send(device, windows)
+    assert _fold_all(fleet) > 0
     # A later upload into p-1's first day, whose row had no self-test failure until now.
     late = make_raw(rng, ["p-1"], 1)[0]
     late_window = window(late, MODEL, "1.0.0", shas["phone-android"])
+    # Folded apart: the late window is added into a fleet rollup that exists.
     up.send("p-1", [{**late_window, "selftest_failure_count": 1}])
+    assert _fold_all(fleet) > 0
     yield Seeded(fleet, up, shas)
 
 
@@ -205,7 +216,41 @@ def test_a_device_row_failing_its_checks_is_read_as_before(
     _stored_equal_added_up_again(fleet)
     raw = make_raw(np.random.default_rng(2), ["p-2"], 1)[0]
     seeded.up.send("p-2", [window(raw, MODEL, "1.0.0", seeded.shas["phone-android"])])
+    waiting = _same_with_and_without(fleet, monkeypatch)["operator"]
+    assert waiting["metrics whole"]["skipped_rows"] == 1  # not replaced until folded
+    assert _fold_all(fleet) == 1
     answers = _same_with_and_without(fleet, monkeypatch)["operator"]
     assert answers["metrics whole"]["skipped_rows"] == 0
     assert answers["metrics whole"]["days"][0]["devices_reporting"] == 9
+    _stored_equal_added_up_again(fleet)
+
+
+def test_windows_waiting_to_be_folded_are_counted_with_and_without(
+    seeded: Seeded, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A key with windows not yet folded is read from the devices' rows plus those windows: a
+    device whose only data for a day still waits counts as reporting (and in completeness), and
+    a day no fleet rollup has yet is read whole; folding then changes no answer."""
+    fleet, up = seeded.fleet, seeded.up
+    before = _same_with_and_without(fleet, monkeypatch)["operator"]["metrics whole"]
+    up.creds["p-new"] = fleet.enroll("p-new")
+    up.sequence["p-new"] = 0
+    rng = np.random.default_rng(5)
+    new_days = make_raw(rng, ["p-new"], DAYS)  # windows on each day: p-new is in no rollup
+    up.send("p-new", [window(r, MODEL, "1.0.0", seeded.shas["phone-android"]) for r in new_days])
+    more = make_raw(rng, ["p-0"], 1)[0]  # and a window into a rollup that exists
+    up.send("p-0", [window(more, MODEL, "1.0.0", seeded.shas["phone-android"])])
+    waiting = _same_with_and_without(fleet, monkeypatch)["operator"]
+    whole = waiting["metrics whole"]
+    assert whole["total"]["devices_reporting"] == before["total"]["devices_reporting"] + 1 == 10
+    assert [d["devices_reporting"] for d in whole["days"]] == [10] * DAYS
+    assert whole["total"]["inferences"] == before["total"]["inferences"] + sum(
+        len(r.x0) for r in [*new_days, more]
+    )
+    received = before["total"]["completeness"]["batches_received"]
+    assert whole["total"]["completeness"]["batches_received"] == received + 2
+    assert waiting["metrics one day"]["total"]["devices_reporting"] == 10
+    assert _fold_all(fleet) == len(new_days) + 1
+    folded = _same_with_and_without(fleet, monkeypatch)["operator"]
+    _same_figures(folded, waiting)
     _stored_equal_added_up_again(fleet)

@@ -399,7 +399,7 @@ def test_bad_queries_are_refused_naming_the_problem(
 
 
 def test_retention_drops_old_windows_and_keeps_their_rollups(fleet: Fleet) -> None:
-    from server import telemetry
+    from server import fold, telemetry
 
     rng = np.random.default_rng(4)
     bundle_sha256 = publish(fleet, "kept", "1.0.0")
@@ -408,14 +408,17 @@ def test_retention_drops_old_windows_and_keeps_their_rollups(fleet: Fleet) -> No
     for device, rs in _uploads_in_order(raws):
         up.send(device, [window(r, "kept", "1.0.0", bundle_sha256) for r in rs])
     params = {"from": DAY0.date().isoformat(), "to": (DAY0 + timedelta(days=2)).date().isoformat()}
+    with Session(fleet.state.engine) as session:  # retention drops only folded windows
+        fold.fold(session, relative_accuracy=0.01, limit=len(raws))
     before = metrics(fleet, "kept", "1.0.0", **params)
     retention = fleet.state.settings.telemetry_retention_days
-    # Two days past the retention of the first day's windows: those are dropped, the rest kept.
+    # Past the retention of the first day's windows: that day's are dropped (whole event-time
+    # days go, once folded), the rest kept.
     now = DAY0 + timedelta(days=retention + 1, hours=1)
     with Session(fleet.state.engine) as session:
         dropped = telemetry.drop_expired_windows(session, now=now, retention_days=retention)
         left = session.exec(select(func.count()).select_from(TelemetryWindowRecord)).one()
-    assert dropped == sum(1 for r in raws if r.start < now - timedelta(days=retention)) > 0
+    assert dropped == sum(1 for r in raws if r.start < DAY0 + timedelta(days=1)) > 0
     assert left == len(raws) - dropped
     after = metrics(fleet, "kept", "1.0.0", **params)
     assert after == before  # whole days are read from the rollups, which stay

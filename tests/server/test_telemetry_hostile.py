@@ -14,6 +14,7 @@ import pytest
 from sqlmodel import Session
 
 from firmware_bundles import telemetry as sketch
+from server import fold
 from server.models import TelemetryBatchRecord, TelemetryRollup
 from tests.server.conftest import Fleet
 from tests.server.windows import batch_text
@@ -170,7 +171,8 @@ CORRUPT: list[dict[str, Any]] = [
 ]
 
 
-def test_a_corrupt_stored_rollup_is_skipped_and_counted(fleet: Fleet) -> None:
+def test_a_corrupt_stored_rollup_is_skipped_and_counted(unfolded_fleet: Fleet) -> None:
+    fleet = unfolded_fleet
     shas = publish_models(fleet)
     cred = fleet.enroll("good")
     good = good_window("good", shas[MODELS[0]], 3)
@@ -223,7 +225,8 @@ def test_a_corrupt_stored_rollup_is_skipped_and_counted(fleet: Fleet) -> None:
         assert r.status_code == 200, r.text
         assert r.headers["Edgefleet-Skipped-Rows"] == str(len(CORRUPT))
         assert [row["day"] for row in r.json()] == [DAY]
-    # A correct device writing onto a corrupt row's day is accepted, and its data is read back.
+    # A correct device writing onto a corrupt row's day is accepted, and its data is read back:
+    # while it waits to be folded beside the corrupt row, and once the fold has replaced the row.
     late = {**good_window("good", shas[MODELS[0]], 2), "window_start": "2026-02-01T05:00:00+00:00"}
     r = fleet.client.post(
         "/v1/devices/good/telemetry",
@@ -231,6 +234,12 @@ def test_a_corrupt_stored_rollup_is_skipped_and_counted(fleet: Fleet) -> None:
         headers=fleet.auth(cred),
     )
     assert r.status_code == 200, r.text
+    expected = {"2026-02-01": 2, DAY: 3}
+    r = rollups(fleet, MODELS[0])
+    assert r.headers["Edgefleet-Skipped-Rows"] == str(len(CORRUPT))
+    assert {row["day"]: row["inference_count"] for row in r.json()} == expected
+    with Session(fleet.state.engine) as session:
+        assert fold.fold(session, relative_accuracy=0.01, limit=100).windows == 2
     r = rollups(fleet, MODELS[0])
     assert r.headers["Edgefleet-Skipped-Rows"] == str(len(CORRUPT) - 1)
-    assert {row["day"]: row["inference_count"] for row in r.json()} == {"2026-02-01": 2, DAY: 3}
+    assert {row["day"]: row["inference_count"] for row in r.json()} == expected

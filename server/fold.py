@@ -1,0 +1,405 @@
+"""Folding appended telemetry windows into the per-device day rollups, and reading the two
+together so every figure stays exact while windows wait.
+
+Ingest appends windows with ``folded`` false (:func:`server.telemetry.ingest`). The fold job
+(:func:`fold`, under the ``telemetry-fold`` lease, so one process at a time) claims a slice of
+them, adds them up per (device, model, version, event-time day), adds each sum into its rollup
+(:func:`write_rollups`) and the fleet rollups over it (:func:`server.fleet_rollup.add_changes`)
+and marks the windows folded, all in one transaction: a window is in its
+rollup exactly when it is marked, so a crash, a retry or a second folder counts nothing twice.
+Readers take rollups plus the windows not yet folded, in one statement (one snapshot) so a fold
+committing between two reads can neither drop nor double a window (:func:`day_rows`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from datetime import UTC, date, datetime, time, timedelta
+from typing import Any, NamedTuple
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    String,
+    bindparam,
+    cast,
+    insert,
+    literal,
+    null,
+    select,
+    tuple_,
+    union_all,
+    update,
+)
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col
+from sqlmodel.sql.sqltypes import UTCDateTime
+
+from server import aggregate, evaluator, fleet_rollup
+from server.models import UNFOLDED, Device, TelemetryRollup, TelemetryWindowRecord
+
+log = logging.getLogger("edgefleet.server.fold")
+
+LEASE = "telemetry-fold"
+_WINDOWS = TelemetryWindowRecord.__table__  # type: ignore[attr-defined]
+_ROLLUPS = TelemetryRollup.__table__  # type: ignore[attr-defined]
+
+#: A device's rollup key: device, model, version, event-time day (UTC, ISO date).
+RollupKey = tuple[str, str, str, str]
+
+
+class Folded(NamedTuple):
+    """What one fold did."""
+
+    windows: int
+    rollups: int
+
+
+def fold(session: Session, *, relative_accuracy: float, limit: int) -> Folded:
+    """Fold up to ``limit`` windows not yet folded into their rollups, in one transaction.
+
+    Two folders at once (say the lease expired under a slow one) claim disjoint windows on
+    PostgreSQL (``SKIP LOCKED``) and queue on SQLite's one writer; if both create the same new
+    rollup, one rolls back whole and folds again.
+    """
+    for attempt in range(3):
+        try:
+            claimed = _claim(session, limit)
+            parts: dict[RollupKey, dict[str, Any]] = {}
+            hardware: dict[str, str] = {}
+            for device_id, hardware_id, model, version, start, values in claimed:
+                key = (device_id, model, version, start.astimezone(UTC).date().isoformat())
+                part = parts.get(key)
+                if part is None:
+                    part = parts[key] = aggregate.empty(relative_accuracy)
+                try:
+                    aggregate.add(part, values)
+                except (ValueError, KeyError, TypeError) as exc:  # stored by an earlier bug
+                    log.warning("telemetry window %s %s skipped by the fold: %s", key, values, exc)
+                hardware[device_id] = hardware_id
+            changes = write_rollups(session, parts, hardware, relative_accuracy)
+            fleet_rollup.add_changes(session, changes, relative_accuracy)
+            session.commit()
+            return Folded(len(claimed), len(changes))
+        except IntegrityError:
+            session.rollback()
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def fold_due(session: Session, *, relative_accuracy: float, limit: int, lease_s: float) -> int:
+    """The periodic job: if this process holds the fold lease, fold until no window waits
+    (renewing the lease between folds); returns how many windows were folded."""
+    folded = 0
+    while evaluator.take_lease(session, LEASE, now=datetime.now(UTC), ttl_s=lease_s):
+        done = fold(session, relative_accuracy=relative_accuracy, limit=limit)
+        folded += done.windows
+        if done.windows < limit:
+            break
+    return folded
+
+
+def _claim(session: Session, limit: int) -> list[tuple[str, str, str, str, datetime, Any]]:
+    """Mark up to ``limit`` unfolded windows folded (uncommitted); returns what they hold."""
+    columns = (
+        _WINDOWS.c.device_id,
+        _WINDOWS.c.hardware_id,
+        _WINDOWS.c.model,
+        _WINDOWS.c.version,
+        _WINDOWS.c.window_start,
+        _WINDOWS.c.aggregate,
+    )
+    if session.get_bind().dialect.name != "postgresql":
+        # One statement: it takes SQLite's write lock before reading, so no other writer can
+        # claim the same windows between the read and the mark.
+        pending = select(_WINDOWS.c.id).where(UNFOLDED).limit(limit).scalar_subquery()
+        marked = (
+            update(_WINDOWS)
+            .where(UNFOLDED, _WINDOWS.c.id.in_(pending))
+            .values(folded=True)
+            .returning(*columns)
+        )
+        return [tuple(row) for row in session.execute(marked)]
+    # Lock the slice (skipping what another folder holds), then mark it one day partition at
+    # a time, so each update touches one partition's key index.
+    rows = session.execute(
+        select(_WINDOWS.c.id, *columns)
+        .where(UNFOLDED)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    ).all()
+    by_day: dict[date, list[int]] = defaultdict(list)
+    for row in rows:
+        by_day[row.window_start.astimezone(UTC).date()].append(row.id)
+    for day, ids in by_day.items():
+        begins = datetime.combine(day, time(), UTC)
+        session.execute(
+            update(_WINDOWS)
+            .where(
+                _WINDOWS.c.window_start >= begins,
+                _WINDOWS.c.window_start < begins + timedelta(days=1),
+                _WINDOWS.c.id.in_(ids),
+            )
+            .values(folded=True)
+        )
+    return [tuple(row[1:]) for row in rows]
+
+
+def write_rollups(
+    session: Session,
+    parts: dict[RollupKey, dict[str, Any]],
+    hardware: dict[str, str],
+    relative_accuracy: float,
+) -> list[fleet_rollup.Change]:
+    """Add each part into its device's day rollup (made when missing); returns what changed in
+    each row written, for the fleet rollups (:func:`server.fleet_rollup.add_changes`, which the
+    caller runs in the same transaction).
+
+    The rows for the keys are read once (locked on PostgreSQL) and written in two statements
+    (updates, inserts). A row that fails the checks (which reads skip) is replaced by the part, so
+    one bad row never makes correct data bounce; what it held is logged. ``hardware`` gives each
+    device's hardware id, as its windows recorded it.
+    """
+    if not parts:
+        return []
+    existing = _rollup_rows(session, list(parts))
+    devices = device_platforms(session, {key[0] for key in parts if key not in existing})
+    updates, inserts = [], []
+    changes: list[fleet_rollup.Change] = []
+    for key in sorted(parts):
+        part = parts[key]
+        row = existing.get(key)
+        device_id, model, version, day = key
+        if row is None:
+            changes.append(
+                fleet_rollup.Change((model, version, day, hardware[device_id]), part, "new", False)
+            )
+            generation, platform = devices.get(key[0], ("", ""))
+            inserts.append(
+                {
+                    "device_id": key[0],
+                    "hardware_id": hardware[key[0]],
+                    "generation": generation,
+                    "platform": platform,
+                    "model": key[1],
+                    "version": key[2],
+                    "day": key[3],
+                    **part,
+                }
+            )
+            continue
+        values, was, failed_before = _added(row, key, part, relative_accuracy)
+        updates.append({"_id": row["id"], **values})
+        fleet_key = (model, version, day, row["hardware_id"])
+        changes.append(fleet_rollup.Change(fleet_key, part, was, failed_before))
+    if updates:
+        session.execute(update(_ROLLUPS).where(_ROLLUPS.c.id == bindparam("_id")), updates)
+    if inserts:
+        session.execute(insert(_ROLLUPS), inserts)
+    return changes
+
+
+def _added(
+    row: dict[str, Any], key: RollupKey, part: dict[str, Any], relative_accuracy: float
+) -> tuple[dict[str, Any], fleet_rollup.Was, bool]:
+    """A stored rollup with ``part`` added (the part alone if the row fails its checks), what
+    the row was (for the fleet rollups), and whether it reported a self-test failure before."""
+    problem = aggregate.problem(row, relative_accuracy)
+    current = aggregate.copy(_values(row)) if problem is None else None
+    was: fleet_rollup.Was = "valid" if current is not None else "skipped"
+    failed_before = current is not None and current["selftest_failure_count"] > 0
+    if current is not None:
+        try:
+            aggregate.add(current, part)
+        except ValueError as exc:  # a layout no manifest gives: written before the checks
+            problem, current, was = str(exc), None, "replaced"
+    if current is None:
+        log.warning(
+            "telemetry rollup %s %s fails its checks (%s); replaced by new data. It held: %s",
+            row["id"],
+            key,
+            problem,
+            _values(row),
+        )
+        current = part
+    return current, was, failed_before
+
+
+def _values(row: dict[str, Any]) -> dict[str, Any]:
+    return {f: row[f] for f in aggregate.FIELDS}
+
+
+def _rollup_rows(session: Session, keys: list[RollupKey]) -> dict[RollupKey, dict[str, Any]]:
+    """The stored rollups of ``keys``, as dicts (locked on PostgreSQL, in id order)."""
+    found: dict[RollupKey, dict[str, Any]] = {}
+    key_columns = (_ROLLUPS.c.device_id, _ROLLUPS.c.model, _ROLLUPS.c.version, _ROLLUPS.c.day)
+    for i in range(0, len(keys), 500):
+        chunk = keys[i : i + 500]
+        query = (
+            select(
+                _ROLLUPS.c.id,
+                _ROLLUPS.c.hardware_id,
+                *key_columns,
+                *(_ROLLUPS.c[f] for f in aggregate.FIELDS),
+            )
+            .where(tuple_(*key_columns).in_(chunk))
+            .order_by(_ROLLUPS.c.id)
+            .with_for_update()
+        )
+        for row in session.execute(query).mappings():
+            found[(row["device_id"], row["model"], row["version"], row["day"])] = dict(row)
+    return found
+
+
+def device_platforms(session: Session, device_ids: set[str]) -> dict[str, tuple[str, str]]:
+    """Generation and platform of each device (new rollups record them)."""
+    ids = sorted(device_ids)
+    found: dict[str, tuple[str, str]] = {}
+    for i in range(0, len(ids), 500):
+        rows = session.execute(
+            select(col(Device.id), col(Device.generation), col(Device.platform)).where(
+                col(Device.id).in_(ids[i : i + 500])
+            )
+        )
+        found.update({device_id: (g, p) for device_id, g, p in rows})
+    return found
+
+
+# -- reading rollups and waiting windows together ------------------------------------------------
+
+
+class DayRow(NamedTuple):
+    """One device's aggregate on one event-time day: a rollup, or one window not yet folded."""
+
+    device_id: str
+    model: str
+    version: str
+    hardware_id: str
+    #: From the rollup; None for a window (its device's are read where needed).
+    generation: str | None
+    platform: str | None
+    day: str
+    values: dict[str, Any]
+
+
+def day_rows(
+    session: Session,
+    *,
+    model: str | None = None,
+    version: str | None = None,
+    hardware_id: str | None = None,
+    days: Iterable[str] | None = None,
+    since_day: str | None = None,
+) -> Iterator[DayRow]:
+    """Rollups and not-yet-folded windows matching the filters, in one statement (one snapshot):
+    rollups first, each part in id order (float sums then add up the same way every time).
+
+    ``days`` picks event-time days (ISO dates); ``since_day`` those on or after one.
+    """
+    wanted = sorted(set(days)) if days is not None else None
+    if wanted == []:
+        return
+    r, w = _ROLLUPS.c, _WINDOWS.c
+    rollups = select(
+        literal(0).label("part"),
+        r.id,
+        r.device_id,
+        r.model,
+        r.version,
+        r.hardware_id,
+        r.generation,
+        r.platform,
+        r.day,
+        cast(null(), UTCDateTime()).label("window_start"),
+        *(r[f] for f in aggregate.FIELDS),
+        cast(null(), JSON).label("aggregate"),
+    )
+    counts = {f: cast(null(), BigInteger).label(f) for f in aggregate.COUNT_FIELDS}
+    windows = select(
+        literal(1),
+        w.id,
+        w.device_id,
+        w.model,
+        w.version,
+        w.hardware_id,
+        cast(null(), String),
+        cast(null(), String),
+        cast(null(), String),
+        w.window_start,
+        *(counts[f] if f in counts else cast(null(), JSON).label(f) for f in aggregate.FIELDS),
+        w.aggregate,
+    ).where(UNFOLDED)
+    for column, value in ((r.model, model), (r.version, version), (r.hardware_id, hardware_id)):
+        if value is not None:
+            rollups = rollups.where(column == value)
+            windows = windows.where(w[column.name] == value)
+    if wanted is not None:
+        rollups = rollups.where(r.day.in_(wanted))
+        windows = windows.where(*_starts_within(w.window_start, wanted[0], wanted[-1]))
+    if since_day is not None:
+        rollups = rollups.where(r.day >= since_day)
+        windows = windows.where(*_starts_within(w.window_start, since_day, None))
+    both = union_all(rollups, windows).subquery()
+    keep = None if wanted is None else set(wanted)
+    for row in session.execute(select(both).order_by(both.c.part, both.c.id)):
+        if row.window_start is None:
+            values = {f: row._mapping[f] for f in aggregate.FIELDS}
+            day = row.day
+        else:
+            values = dict(row.aggregate)
+            day = row.window_start.astimezone(UTC).date().isoformat()
+            if keep is not None and day not in keep:
+                continue
+        yield DayRow(
+            row.device_id,
+            row.model,
+            row.version,
+            row.hardware_id,
+            row.generation,
+            row.platform,
+            day,
+            values,
+        )
+
+
+def unfolded_keys(
+    session: Session, *, model: str, version: str, hardware_id: str | None, days: list[str]
+) -> set[tuple[str, str]]:
+    """The (hardware id, event-time day) pairs of ``days`` where windows of ``model`` ``version``
+    wait to be folded: their day rollups (and the fleet rollups over them) are not yet whole."""
+    wanted = sorted(set(days))
+    if not wanted:
+        return set()
+    w = _WINDOWS.c
+    query = (
+        select(w.hardware_id, w.window_start)
+        .distinct()
+        .where(
+            UNFOLDED,
+            w.model == model,
+            w.version == version,
+            *_starts_within(w.window_start, wanted[0], wanted[-1]),
+        )
+    )
+    if hardware_id is not None:
+        query = query.where(w.hardware_id == hardware_id)
+    keep = set(wanted)
+    found = set()
+    for hardware, start in session.execute(query):
+        day = start.astimezone(UTC).date().isoformat()
+        if day in keep:
+            found.add((hardware, day))
+    return found
+
+
+def _starts_within(column: Any, first: str, last: str | None) -> list[Any]:
+    """``column`` (a window start) on day ``first`` or later, up to the end of day ``last``."""
+    begins = datetime.combine(date.fromisoformat(first), time(), UTC)
+    conditions = [column >= begins]
+    if last is not None:
+        ends = datetime.combine(date.fromisoformat(last) + timedelta(days=1), time(), UTC)
+        conditions.append(column < ends)
+    return conditions
