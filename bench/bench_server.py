@@ -16,7 +16,11 @@ A second table: check-in requests/s alone, and while distinct ``--publish-mb`` b
 devboard-rpi4, whose 64 MiB budget allows them; built before the run) are published back to back
 for the whole of the wrk run, from a thread of this process streaming them from disk.
 
+On PostgreSQL, a last table: check-in on `edgefleet serve --workers N` (another port, the same
+database) against the one-worker server measured just before and just after it.
+
     python bench/bench_server.py [--duration 10] [--connections 16] [--assigned 4] [--publish-mb 50]
+        [--workers 2] [--databases sqlite,postgresql]
 """
 
 from __future__ import annotations
@@ -418,8 +422,48 @@ def fold_case(
     return fold_row, main_row
 
 
+def workers_case(
+    url: str, data_dir: Path, creds: Path, server_url: str, args: argparse.Namespace
+) -> list[str]:
+    """Check-in on the one-worker server, then on `serve --workers N` over the same database
+    (its own port), then one worker again, in this run; the table row."""
+    many_port = port()
+    many = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "edgefleet", "serve", "--data-dir", str(data_dir)),
+            *("--database-url", url, "--port", str(many_port), "--log-level", "warning"),
+            *("--workers", str(args.workers)),
+        ],
+        env={**os.environ, "EDGEFLEET_TELEMETRY_FOLD_S": "3600"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    many_url = f"http://127.0.0.1:{many_port}"
+    try:
+        wait(many_url)
+        one_before, _ = wrk(server_url, "checkin.lua", creds, args.duration, args.connections)
+        several, bad = wrk(many_url, "checkin.lua", creds, args.duration, args.connections)
+        one_after, _ = wrk(server_url, "checkin.lua", creds, args.duration, args.connections)
+    finally:
+        many.terminate()
+        many.wait()
+    one = (one_before + one_after) / 2
+    return [
+        f"{one_before:,.0f} / {one_after:,.0f}",
+        str(args.workers),
+        f"{several:,.0f}",
+        f"{several / one:.2f}",
+        str(bad),
+    ]
+
+
 def run_database(
-    kind: str, args: argparse.Namespace, table: Table, publish_table: Table, fold_table: Table
+    kind: str,
+    args: argparse.Namespace,
+    table: Table,
+    publish_table: Table,
+    fold_table: Table,
+    workers_table: Table,
 ) -> None:
     work = Path(tempfile.mkdtemp(prefix=f"edgefleet-bench-{kind}-"))
     data_dir = work / "data"
@@ -495,6 +539,8 @@ def run_database(
                 process.wait()
         if args.publish_mb:
             publish_table.add_row(*publish_case(kind, server_url, work, data_dir, creds, args))
+        if args.workers > 1 and kind == "postgresql":  # SQLite serves from one process
+            workers_table.add_row(*workers_case(url, data_dir, creds, server_url, args))
     finally:
         server.terminate()
         server.wait()
@@ -522,6 +568,12 @@ def main() -> None:
         type=int,
         default=50,
         help="Size of the bundles published during the check-in-while-publishing case (0: skip).",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="Check-in on `serve --workers N` against one worker, on PostgreSQL (1: skip).",
     )
     args = parser.parse_args()
     os.environ["EDGEFLEET_BENCH_WINDOWS"] = str(args.windows)
@@ -573,13 +625,21 @@ def main() -> None:
         "windows/s folded during ingest",
     ):
         fold_table.add_column(col, justify="left" if col == "database" else "right")
+    workers_table = Table(
+        title=f"Check-in (wrk -t2 -c{args.connections}, {args.duration}s) on PostgreSQL: one worker"
+        f" (before / after) against `serve --workers {args.workers}` on the same database"
+    )
+    for col in ("one worker req/s", "workers", "req/s", "ratio", "non-2xx"):
+        workers_table.add_column(col, justify="right")
     for kind in args.databases.split(","):
-        run_database(kind, args, table, publish_table, fold_table)
+        run_database(kind, args, table, publish_table, fold_table, workers_table)
     console = Console(width=160)
     console.print(table)
     console.print(fold_table)
     if args.publish_mb:
         console.print(publish_table)
+    if args.workers > 1 and "postgresql" in args.databases:
+        console.print(workers_table)
 
 
 if __name__ == "__main__":
