@@ -224,8 +224,9 @@ def _check_shadow(
     previous: dict[str, int | None],
     catalogue: TargetCatalogue,
 ) -> None:
-    """Raises: ApiError 409 where a shadow cannot run: nothing released on a hardware id, or
-    a target whose flash budget holds no third slot for the candidate's bundle."""
+    """Raises: ApiError 409 where a shadow cannot run: nothing released on a hardware id, a
+    target whose flash budget holds no third slot for the candidate's bundle (with the sizes),
+    or a micro target behind the device link, which does not carry shadow candidates yet."""
     bare = sorted(h for h, v in previous.items() if v is None)
     if bare:
         raise ApiError(
@@ -233,18 +234,31 @@ def _check_shadow(
             f"a shadow runs beside the released version; {plan.model} has none on"
             f" {', '.join(bare)}",
         )
-    problems = []
+    problems, relayed = [], []
     for bundle in session.exec(select(Bundle).where(Bundle.version_id == version_id)):
         if bundle.target_id not in previous:
             continue
-        short = catalogue.get(bundle.target_id).shadow_slot_shortfall(bundle.length)
+        target = catalogue.get(bundle.target_id)
+        short = target.shadow_slot_shortfall(bundle.length)
         if short is not None:
             problems.append(
                 f"{bundle.target_id}: the shadow slot needs {short[0]} bytes, the flash budget"
                 f" has {short[1]} bytes beside the two A/B slots"
             )
+        elif target.model_flash_bytes is not None:
+            relayed.append(bundle.target_id)
     if problems:
         raise ApiError(409, "no room for a shadow slot: " + "; ".join(sorted(problems)))
+    if relayed:
+        # The budget holds a third slot, but the device link (SMP over BLE or serial) carries
+        # only the A/B image: the firmware would never run the candidate, and the rollout's
+        # agreement gate would wait for counts that never come.
+        raise ApiError(
+            409,
+            f"{', '.join(sorted(relayed))}: the flash budget holds a shadow slot, but the device"
+            " link does not carry shadow candidates yet (shadows run on phones and boards with"
+            " the agent; docs/rollouts.md)",
+        )
 
 
 def get(session: Session, rollout_id: int) -> Rollout:
