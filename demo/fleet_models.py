@@ -28,6 +28,19 @@ CORRUPTED_LABELS = {8: 9, 9: 8}
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
+def example_data_args(data: Path) -> list[str]:
+    """`edgefleet convert`'s data options for an example's output folder (its train, eval and
+    calibration sets)."""
+    return [
+        "--train",
+        str(data / "train.npz"),
+        "--eval",
+        str(data / "eval.npz"),
+        "--calibration",
+        str(data / "calibration.npz"),
+    ]
+
+
 def train_v3(out: Path) -> None:
     """Train v3 into ``out`` (``model.joblib`` and the example's data files, labels corrupted)."""
     import joblib
@@ -86,12 +99,7 @@ def build_versions(
             str(counter),
             "--hardware-ids",
             ",".join(HARDWARE_IDS),
-            "--train",
-            str(data / "train.npz"),
-            "--eval",
-            str(data / "eval.npz"),
-            "--calibration",
-            str(data / "calibration.npz"),
+            *example_data_args(data),
             *signers,
             "--out",
             str(out / "bundles" / version),

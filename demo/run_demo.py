@@ -295,6 +295,8 @@ def main() -> None:
         ("wearable", "train_wearable_cnn.py", "model.pt2"),
     ]
     os.environ.setdefault("SOURCE_DATE_EPOCH", "1767225600")
+    from fleet_models import example_data_args  # beside this script
+
     for name, script, model_file in runs:
         data = Path("examples") / name
         proc = subprocess.run(
@@ -313,12 +315,7 @@ def main() -> None:
             "1.0.0",
             "--hardware-ids",
             "ring-gen3,phone-android,devboard-rpi4",
-            "--train",
-            str(data / "train.npz"),
-            "--eval",
-            str(data / "eval.npz"),
-            "--calibration",
-            str(data / "calibration.npz"),
+            *example_data_args(data),
             "--key",
             "keys/release1.pem",
             "--key",

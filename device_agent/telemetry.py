@@ -231,7 +231,7 @@ class Recorder:
         Raises:
             InputError: If ``kind`` is not a short name (letters, digits, ``_.:-``).
         """
-        self._check_name(_identity(model).name, "kind", kind)
+        _check_name(_identity(model).name, "kind", kind)
         with self._lock:
             window = self._window(_identity(model), self._clock())
             window.count_feedback(kind)
@@ -251,7 +251,7 @@ class Recorder:
         classes = (
             TelemetryLayout.of(model.manifest).classes if isinstance(model, LoadedModel) else None
         )
-        self._check_labels(identity.name, classes, label, predicted)
+        check_labels(identity.name, classes, label, predicted)
         with self._lock:
             window = self._window(identity, self._clock())
             window.count_label(label, predicted)
@@ -284,36 +284,12 @@ class Recorder:
         when = check_prediction_time(
             model, predicted_at, self._clock(), self.label_max_age_s, self.label_clock_skew_s
         )
-        self._check_labels(model, found.classes, label, predicted)
+        check_labels(model, found.classes, label, predicted)
         with self._lock:
             identity = ModelIdentity(model, version, found.bundle_sha256)
             window = self._window(identity, when)
             window.count_label(label, predicted)
             self._save([window])
-
-    def _check_labels(
-        self, model: str, classes: frozenset[str] | None, label: str, predicted: str | None
-    ) -> None:
-        for what, value in (("label", label), ("predicted", predicted)):
-            if value is None:
-                continue
-            self._check_name(model, what, value)
-            if classes is not None and value not in classes:
-                if what == "predicted" and value == UNKNOWN_PREDICTION:
-                    continue
-                raise InputError(
-                    model, what, f"one of the model's classes {sorted(classes)}", repr(value)
-                )
-
-    @staticmethod
-    def _check_name(model: str, what: str, value: str) -> None:
-        if not isinstance(value, str) or not _KIND.match(value):
-            raise InputError(
-                model,
-                what,
-                "a name of 1-64 letters, digits or _.:- (starting with a letter or digit)",
-                repr(value),
-            )
 
     # -- aggregation --------------------------------------------------------------------------
 
@@ -529,6 +505,38 @@ def check_prediction_time(
             shown,
         )
     return when
+
+
+def check_labels(
+    model: str, classes: frozenset[str] | None, label: str, predicted: str | None
+) -> None:
+    """Check a late ``label`` and the ``predicted`` class it corrects (when known): short names,
+    and (for a model whose manifest declares class labels) among its ``classes``; a prediction
+    of :data:`UNKNOWN_PREDICTION` is allowed whatever the classes.
+
+    Raises:
+        InputError: Naming the first that is not.
+    """
+    for what, value in (("label", label), ("predicted", predicted)):
+        if value is None:
+            continue
+        _check_name(model, what, value)
+        if classes is not None and value not in classes:
+            if what == "predicted" and value == UNKNOWN_PREDICTION:
+                continue
+            raise InputError(
+                model, what, f"one of the model's classes {sorted(classes)}", repr(value)
+            )
+
+
+def _check_name(model: str, what: str, value: str) -> None:
+    if not isinstance(value, str) or not _KIND.match(value):
+        raise InputError(
+            model,
+            what,
+            "a name of 1-64 letters, digits or _.:- (starting with a letter or digit)",
+            repr(value),
+        )
 
 
 def _span(seconds: float) -> str:

@@ -44,6 +44,11 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}%"
 
 
+def _count_and_rate(figures: dict[str, Any], name: str) -> str:
+    """A count with its rate beside it: ``figures[name]`` and ``figures[name + "_rate"]``."""
+    return f"{figures[name]:,} ({_pct(figures[name + '_rate'])})"
+
+
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{1000 * value:.3f}"
 
@@ -143,9 +148,7 @@ def _print_shadow_and_quality(total: dict[str, Any]) -> None:
             table.add_row(
                 literal(f["name"]),
                 f"{f['values']:,}",
-                f"{f['missing']:,} ({_pct(f['missing_rate'])})",
-                f"{f['out_of_range']:,} ({_pct(f['out_of_range_rate'])})",
-                f"{f['unseen']:,} ({_pct(f['unseen_rate'])})",
+                *(_count_and_rate(f, problem) for problem in ("missing", "out_of_range", "unseen")),
             )
         console.print(table)
         for name, count in sorted((quality.get("refused") or {}).items()):

@@ -11,7 +11,6 @@ pieces the phone relays carry it where it belongs with no change to their format
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -24,19 +23,16 @@ from device_agent.errors import InputError
 from device_agent.telemetry import (
     DEFAULT_LABEL_CLOCK_SKEW_S,
     DEFAULT_LABEL_MAX_AGE_S,
+    check_labels,
     check_prediction_time,
 )
 from firmware_bundles import Manifest
 from firmware_bundles.manifest import Histogram
-from firmware_bundles.messages import TALLY_NAME_PATTERN
 from firmware_bundles.window_builder import (
-    UNKNOWN_PREDICTION,
     TelemetryLayout,
     TelemetryWindowBuilder,
     counted_histograms,
 )
-
-_NAME = re.compile(TALLY_NAME_PATTERN)
 
 
 @dataclass
@@ -120,15 +116,9 @@ class DeviceTelemetry:
                 self.label_max_age_s,
                 self.label_clock_skew_s,
             )
+            check_labels(model, classes, label, predicted)
         except InputError as exc:
             raise ValueError(str(exc)) from exc
-        for what, value in (("label", label), ("predicted", predicted)):
-            if value is None or (what == "predicted" and value == UNKNOWN_PREDICTION):
-                continue
-            if not isinstance(value, str) or not _NAME.match(value):
-                raise ValueError(f"{model}: {what} {value!r} is not a short name")
-            if classes is not None and value not in classes:
-                raise ValueError(f"{model}: {what} {value!r} is not one of {sorted(classes)}")
         start = int(when) // self.window_s * self.window_s
         self._builder(model, version, bundle_sha256, start).count_label(label, predicted)
 

@@ -338,31 +338,63 @@ def _install_gate(t: ArmData, cfg: GateConfig, alpha: float) -> GateResult:
         )
         return _no_data(base, spec.required, f"{reason} ({failures} failed)")
     # A prior centred on small failure rates keeps the bound tight where it matters.
-    lo, hi = beta_binomial_cs(failures, n, alpha, prior=(1.0, 19.0))
-    rate = failures / n
-    figures = f"{failures}/{n} failed ({rate:.3g}, sequence {lo:.3g}..{hi:.3g})"
-    if lo > spec.max_failure_rate:
-        status: Status = "fail"
-        reason = f"install: {figures} above {spec.max_failure_rate:.3g}"
-    elif hi < spec.max_failure_rate:
-        status, reason = "pass", f"{figures} below {spec.max_failure_rate:.3g}"
+    return proportion_gate(
+        "install",
+        failures,
+        n,
+        "failed",
+        threshold=spec.max_failure_rate,
+        alpha=alpha,
+        harm_above=True,
+        devices=n,
+        inferences=base.treatment_inferences,
+        prior=(1.0, 19.0),
+    )
+
+
+def proportion_gate(
+    name: str,
+    hits: int,
+    n: int,
+    what: str,
+    *,
+    threshold: float,
+    alpha: float,
+    harm_above: bool,
+    devices: int,
+    inferences: int,
+    prior: tuple[float, float] = (1.0, 1.0),
+) -> GateResult:
+    """A treatment-only gate on the share ``hits / n`` (``what``: "failed", "agreed"), decided on
+    its confidence sequence against ``threshold``. With ``harm_above`` (a failure rate) it fails
+    when the lower bound is above the threshold and passes when the upper bound is below it;
+    otherwise (an agreement) it fails when the upper bound is below and passes when the lower
+    bound reaches it; else it holds."""
+    lo, hi = beta_binomial_cs(hits, n, alpha, prior)
+    share = hits / n
+    figures = f"{hits}/{n} {what} ({share:.3g}, sequence {lo:.3g}..{hi:.3g})"
+    worse, better = ("above", "below") if harm_above else ("below", "at or above")
+    failed = lo > threshold if harm_above else hi < threshold
+    passed = hi < threshold if harm_above else lo >= threshold
+    status: Status
+    if failed:
+        status, reason = "fail", f"{name}: {figures} {worse} {threshold:.3g}"
+    elif passed:
+        status, reason = "pass", f"{figures}: {better} {threshold:.3g}"
     else:
         status, reason = "hold", f"not yet conclusive: {figures}"
     return GateResult(
-        "install",
+        name,
         status,
         reason,
-        spec.max_failure_rate,
+        threshold,
         alpha,
-        rate,
-        lo,
-        hi,
-        rate,
-        None,
-        n,
-        0,
-        base.treatment_inferences,
-        0,
+        estimate=share,
+        lower=lo,
+        upper=hi,
+        treatment_value=share,
+        treatment_devices=devices,
+        treatment_inferences=inferences,
     )
 
 

@@ -159,11 +159,7 @@ def _assigned(model: str, offer: Offer, confirmed: int | None) -> AssignedBundle
     (docs/check-in.md)."""
     return AssignedBundle(
         model=model,
-        version=offer.version,
-        bundle_sha256=offer.bundle_sha256,
-        bundle_length=offer.length,
-        release_counter=offer.release_counter,
-        download_url=f"/v1/bundles/{offer.bundle_sha256}",
+        **_bundle_fields(offer),
         confirmed_release_counter=confirmed,
         shadow=_shadow(offer.shadow, offer.shadow_fraction),
     )
@@ -173,14 +169,19 @@ def _shadow(candidate: Offer | None, fraction: float) -> ShadowBundle | None:
     """The entry's shadow candidate, when the offer carries one with a bundle."""
     if candidate is None or candidate.bundle_sha256 is None:
         return None
-    return ShadowBundle(
-        version=candidate.version,
-        bundle_sha256=candidate.bundle_sha256,
-        bundle_length=candidate.length,
-        release_counter=candidate.release_counter,
-        download_url=f"/v1/bundles/{candidate.bundle_sha256}",
-        sample_fraction=fraction,
-    )
+    return ShadowBundle(**_bundle_fields(candidate), sample_fraction=fraction)
+
+
+def _bundle_fields(offer: Offer) -> dict[str, Any]:
+    """What an entry and its shadow candidate both say of an offered bundle: its version,
+    SHA-256, length, release counter and where to download it."""
+    return {
+        "version": offer.version,
+        "bundle_sha256": offer.bundle_sha256,
+        "bundle_length": offer.length,
+        "release_counter": offer.release_counter,
+        "download_url": f"/v1/bundles/{offer.bundle_sha256}",
+    }
 
 
 @lru_cache(maxsize=4096)

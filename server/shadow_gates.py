@@ -26,6 +26,7 @@ from server.gates import (
     Status,
     Verdict,
     beta_binomial_cs,
+    proportion_gate,
 )
 from server.gates import _verdict as verdict
 
@@ -58,27 +59,16 @@ def shadow_agreement(
         return GateResult(
             "shadow_agreement", status, reason, threshold, alpha, treatment_devices=devices
         )
-    lo, hi = beta_binomial_cs(agreed, compared, alpha)
-    share = agreed / compared
-    figures = f"{agreed}/{compared} agreed ({share:.3g}, sequence {lo:.3g}..{hi:.3g})"
-    if hi < threshold:
-        status, reason = "fail", f"shadow_agreement: {figures} below {threshold:.3g}"
-    elif lo >= threshold:
-        status, reason = "pass", f"{figures}: at or above {threshold:.3g}"
-    else:
-        status, reason = "hold", f"not yet conclusive: {figures}"
-    return GateResult(
+    return proportion_gate(
         "shadow_agreement",
-        status,
-        reason,
-        threshold,
-        alpha,
-        estimate=share,
-        lower=lo,
-        upper=hi,
-        treatment_value=share,
-        treatment_devices=devices,
-        treatment_inferences=compared,
+        agreed,
+        compared,
+        "agreed",
+        threshold=threshold,
+        alpha=alpha,
+        harm_above=False,
+        devices=devices,
+        inferences=compared,
     )
 
 

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -211,6 +212,24 @@ class ServerProcess:
         )
         assert enrolled.status_code == 201, enrolled.text
         return str(enrolled.json()["credential"])
+
+    def check_in(
+        self,
+        client: httpx.Client,
+        device_id: str,
+        credential: str,
+        firmware_version: str = "14.0.0",
+    ) -> httpx.Response:
+        """One check-in by ``device_id`` over ``client`` with a fresh nonce; the raw answer."""
+        return client.post(
+            f"{self.url}/v1/devices/{device_id}/check-in",
+            headers={"Authorization": f"Bearer {credential}"},
+            json={
+                "device_id": device_id,
+                "nonce": uuid.uuid4().hex,
+                "firmware_version": firmware_version,
+            },
+        )
 
 
 @dataclass

@@ -9,6 +9,7 @@ import pytest
 
 from firmware_bundles.anti_rollback import ReleaseCounters
 from firmware_bundles.messages import AssignedBundle, AssignmentSet, verify_assignments
+from tests.cases import named_cases
 from tests.conftest import NOW, Keys
 
 NONCE = "ab" * 16
@@ -61,11 +62,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("installed", "floor", "counter", "confirmed", "accepted", "floor_after"),
-    [c[1:] for c in CASES],
-    ids=[c[0] for c in CASES],
-)
+@named_cases(("installed", "floor", "counter", "confirmed", "accepted", "floor_after"), CASES)
 def test_floor_rises_to_min_of_confirmed_and_installed_before_entries_are_checked(
     keys: Keys,
     installed: int,

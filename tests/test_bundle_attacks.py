@@ -30,6 +30,7 @@ from firmware_bundles.bundle import file_entries
 from firmware_bundles.manifest import Manifest
 from firmware_bundles.root import Root, sign_root
 from firmware_bundles.signing import Envelope
+from tests.cases import named_cases
 from tests.conftest import MODEL_BYTES, NOW, Keys, manifest_draft
 
 
@@ -135,11 +136,7 @@ BUNDLE_CASES = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("mutate", "error", "message"),
-    [c[1:] for c in BUNDLE_CASES],
-    ids=[c[0] for c in BUNDLE_CASES],
-)
+@named_cases(("mutate", "error", "message"), BUNDLE_CASES)
 def test_bad_bundle_is_refused(
     bundle_bytes: bytes,
     keys: Keys,
@@ -231,9 +228,7 @@ def new_keys() -> Keys:
     )
 
 
-@pytest.mark.parametrize(
-    ("attempt", "error", "message"), [c[1:] for c in ROOT_CASES], ids=[c[0] for c in ROOT_CASES]
-)
+@named_cases(("attempt", "error", "message"), ROOT_CASES)
 def test_bad_root_is_refused(
     keys: Keys,
     new_keys: Keys,

@@ -19,6 +19,7 @@ from firmware_bundles.errors import (
 )
 from firmware_bundles.manifest import Manifest, semver_key
 from firmware_bundles.messages import AssignmentSet, TelemetryBatch, verify_assignments
+from tests.cases import named_cases
 from tests.conftest import MODEL_BYTES, NOW, Keys, manifest_draft
 
 FILES = {"model.onnx": MODEL_BYTES}
@@ -75,9 +76,7 @@ SCHEMA_CASES = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("doc", "message"), [c[1:] for c in SCHEMA_CASES], ids=[c[0] for c in SCHEMA_CASES]
-)
+@named_cases(("doc", "message"), SCHEMA_CASES)
 def test_bad_manifest_names_the_field(doc: dict[str, Any], message: str) -> None:
     with pytest.raises(SchemaError, match=message):
         Manifest.from_dict(doc)
@@ -149,11 +148,7 @@ ASSIGNMENT_CASES = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "error", "message"),
-    [c[1:] for c in ASSIGNMENT_CASES],
-    ids=[c[0] for c in ASSIGNMENT_CASES],
-)
+@named_cases(("kwargs", "error", "message"), ASSIGNMENT_CASES)
 def test_bad_assignment_set_is_refused(
     keys: Keys, kwargs: dict[str, Any], error: type[Exception], message: str
 ) -> None:

@@ -27,6 +27,7 @@ from device_agent.errors import (
 from device_agent.slots import SlotStore
 from tests.agent.conftest import MODEL, PROBE, AgentFactory, BuiltBundle, Bundles, assert_answers
 from tests.agent.simulator import FleetSimulator
+from tests.cases import named_cases
 
 
 def _mode(path: Path) -> int:
@@ -196,7 +197,7 @@ def state_dir(installed: Agent, tmp_path: Path) -> Path:
     return tmp_path / "state"
 
 
-@pytest.mark.parametrize(("crash", "slot_b"), [c[1:] for c in CRASHES], ids=[c[0] for c in CRASHES])
+@named_cases(("crash", "slot_b"), CRASHES)
 def test_a_crash_at_any_step_leaves_the_old_model_answering(
     make_agent: AgentFactory,
     sim: FleetSimulator,

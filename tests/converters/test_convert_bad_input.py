@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from edgefleet.cli import app
 from firmware_bundles import SigningKey
+from tests.cases import named_cases
 
 runner = CliRunner()
 
@@ -65,7 +66,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(("changes", "message"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+@named_cases(("changes", "message"), CASES)
 def test_bad_input_is_named(
     examples: dict[str, Path], bad_files: Path, changes: dict[str, str], message: str
 ) -> None:

@@ -68,8 +68,8 @@ def test_a_late_label_on_the_ring_goes_to_the_version_and_window_that_predicted(
         ("3.0.0", timedelta(0), "walk", "version '3.0.0' is not one this device ran (1.0.0)"),
         ("1.0.0", timedelta(minutes=6), "walk", "no later than the device's clock"),
         ("1.0.0", -timedelta(days=31), "walk", "within 30 days before the device's clock"),
-        ("1.0.0", timedelta(0), "jump", "label 'jump' is not one of ['rest', 'run', 'walk']"),
-        ("1.0.0", timedelta(0), "a b", "label 'a b' is not a short name"),
+        ("1.0.0", timedelta(0), "jump", "classes ['rest', 'run', 'walk'], got 'jump'"),
+        ("1.0.0", timedelta(0), "a b", "'label' expected a name of 1-64 letters"),
     ],
     ids=["never-ran", "future", "too-old", "not-a-class", "not-a-name"],
 )

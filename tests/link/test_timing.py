@@ -15,6 +15,7 @@ from hil.device import EmulatedDevice
 from hil.profiles import profile_for
 from hil.radio import RadioTiming
 from hil.serial_device import UartTiming
+from tests.cases import named_cases
 
 
 def test_ble_ceiling_of_the_acceptance_link() -> None:
@@ -34,11 +35,7 @@ CEILINGS = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("phy", "dle", "interval", "cap", "mtu", "pairs", "ceiling"),
-    [c[1:] for c in CEILINGS],
-    ids=[c[0] for c in CEILINGS],
-)
+@named_cases(("phy", "dle", "interval", "cap", "mtu", "pairs", "ceiling"), CEILINGS)
 def test_ble_ceilings(
     phy: str, dle: int, interval: float, cap: int, mtu: int, pairs: int, ceiling: float
 ) -> None:

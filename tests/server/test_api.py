@@ -15,6 +15,7 @@ from firmware_bundles.messages import verify_assignments
 from firmware_bundles.root import Root
 from server.db import check_schema, make_engine
 from server.errors import SchemaBehindError
+from tests.cases import named_cases
 from tests.server.conftest import CAPS, Fleet
 
 ROLE_DENIALS = [
@@ -97,9 +98,7 @@ BAD_BUNDLES = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("make", "reason"), [c[1:] for c in BAD_BUNDLES], ids=[c[0] for c in BAD_BUNDLES]
-)
+@named_cases(("make", "reason"), BAD_BUNDLES)
 def test_bad_bundles_are_refused_with_their_reason(fleet: Fleet, make, reason: str) -> None:  # type: ignore[no-untyped-def]
     r = fleet.client.post(
         "/v1/bundles", content=make(fleet), headers=fleet.auth(fleet.token("publisher"))

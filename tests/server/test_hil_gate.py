@@ -11,6 +11,7 @@ import pytest
 from firmware_bundles import SigningKey
 from firmware_bundles.messages import HilBundleRef, HilCheck, HilReport, HilRun
 from firmware_bundles.signing import Envelope
+from tests.cases import named_cases
 from tests.server.conftest import Fleet
 
 
@@ -119,11 +120,7 @@ BAD_REPORTS = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("change", "first", "second"),
-    [c[1:] for c in BAD_REPORTS],
-    ids=[c[0] for c in BAD_REPORTS],
-)
+@named_cases(("change", "first", "second"), BAD_REPORTS)
 def test_bad_reports_are_refused_with_their_reason(
     gated: Fleet, change: dict[str, Any], first: str, second: str
 ) -> None:

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import pytest
-
+from tests.cases import named_cases
 from tests.server.conftest import Fleet
 
 Span = Callable[[int], tuple[int, int]]
@@ -39,9 +38,7 @@ CASES: list[tuple[str, Callable[[int], str], int, Span | None]] = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("header", "status", "span"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
-)
+@named_cases(("header", "status", "span"), CASES)
 def test_range_header_table(
     fleet: Fleet, header: Callable[[int], str], status: int, span: Span | None
 ) -> None:

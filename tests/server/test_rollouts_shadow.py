@@ -14,6 +14,7 @@ from firmware_bundles import telemetry as sketch
 from server.arms import in_treatment
 from tests.server.conftest import Fleet
 from tests.server.test_rollouts import MODEL, bulk_enroll, create, evaluate, manual, two_versions
+from tests.server.windows import shadow_counts
 
 
 def assigned(fleet: Fleet, device: str, cred: str, running: str = "1.0.0") -> dict[str, Any]:
@@ -118,18 +119,7 @@ def _window(device: str, sha: str, start: str, n: int = 100, **extra: Any) -> di
 
 
 def _shadow(sha: str, compared: int, agreed: int, **changes: Any) -> dict[str, Any]:
-    latency = sketch.new_sketch(0.01)
-    sketch.add(latency, 0.003, compared)
-    entry = {
-        "version": "2.0.0",
-        "bundle_sha256": sha,
-        "sampled": compared,
-        "dropped": 0,
-        "compared": compared,
-        "agreed": agreed,
-        "errors": 0,
-        "latency": latency,
-    }
+    entry = {"version": "2.0.0", "bundle_sha256": sha, **shadow_counts(compared, agreed)}
     return {**entry, **changes}
 
 

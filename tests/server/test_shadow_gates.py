@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-from firmware_bundles import telemetry as sketch
 from server import shadow_gates
 from server.gates import DeviceSample, GateConfig, GateResult, Verdict
+from tests.server.windows import shadow_counts
 
 
 def sample(
@@ -20,21 +20,10 @@ def sample(
     refused: int = 0,
     missing: int = 0,
 ) -> DeviceSample:
-    latency = sketch.new_sketch(0.01)
-    sketch.add(latency, 0.003, compared)
     agg: dict[str, Any] = {
         "inference_count": calls,
         "quality": {"missing": {"x0": missing}, "refused": {"input": refused}},
-        "shadow": {
-            "2.0.0": {
-                "sampled": compared,
-                "dropped": 0,
-                "compared": compared,
-                "agreed": agreed,
-                "errors": 0,
-                "latency": latency,
-            }
-        },
+        "shadow": {"2.0.0": shadow_counts(compared, agreed)},
     }
     return DeviceSample(device, agg)
 

@@ -8,7 +8,6 @@ every request then stalled for the pool timeout (60 s). Found by the agent's end
 from __future__ import annotations
 
 import threading
-import uuid
 
 import httpx
 
@@ -27,16 +26,7 @@ def test_admin_reads_are_answered_during_device_check_ins(server: ServerProcess)
     def device() -> None:
         with httpx.Client(timeout=LIVENESS_TIMEOUT_S * 4) as client:
             while not stop.is_set():
-                r = client.post(
-                    f"{server.url}/v1/devices/phone-1/check-in",
-                    headers={"Authorization": f"Bearer {credential}"},
-                    json={
-                        "device_id": "phone-1",
-                        "nonce": uuid.uuid4().hex,
-                        "firmware_version": "14.0.0",
-                    },
-                )
-                check_ins.append(r.status_code)
+                check_ins.append(server.check_in(client, "phone-1", credential).status_code)
 
     thread = threading.Thread(target=device)
     thread.start()

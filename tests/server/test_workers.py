@@ -3,7 +3,6 @@ dropping its offer cache when another commits a change (server.invalidation)."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -48,15 +47,7 @@ def _check_ins_from_each_worker(server: ServerProcess, credential: str) -> list[
     before = len(server.requests())
     for _ in range(200):
         with httpx.Client() as client:  # a new connection each time
-            answer = client.post(
-                f"{server.url}/v1/devices/phone-1/check-in",
-                headers={"Authorization": f"Bearer {credential}"},
-                json={
-                    "device_id": "phone-1",
-                    "nonce": uuid.uuid4().hex,
-                    "firmware_version": "14.0.0",
-                },
-            )
+            answer = server.check_in(client, "phone-1", credential)
         assert answer.status_code == 200, answer.text
         seen.append([b["bundle_sha256"] for b in answer.json()["signed"]["bundles"]])
         pids = {r["pid"] for r in server.requests()[before:] if r["path"].endswith("/check-in")}

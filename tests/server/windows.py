@@ -35,6 +35,21 @@ def steady_window(
     }
 
 
+def shadow_counts(compared: int, agreed: int) -> dict[str, Any]:
+    """One shadow version's figures in a window: ``compared`` inferences run on it (all
+    sampled, none dropped, 3 ms each), ``agreed`` of them agreeing with the active model."""
+    latency = sketch.new_sketch(0.01)
+    sketch.add(latency, 0.003, compared)
+    return {
+        "sampled": compared,
+        "dropped": 0,
+        "compared": compared,
+        "agreed": agreed,
+        "errors": 0,
+        "latency": latency,
+    }
+
+
 def batch_text(device_id: str, windows: list[dict[str, Any]], sequence: int = 0) -> str:
     """The body of one telemetry upload (boot epoch 1)."""
     return json.dumps(
