@@ -177,6 +177,7 @@ def serve(
         refuse_unless_shared,
         settings_env,
     )
+    from server.workers import serve as serve_workers
 
     data_dir.mkdir(parents=True, exist_ok=True)
     if init:
@@ -222,14 +223,7 @@ def serve(
         state.engine.dispose()  # the workers open their own connections
         os.environ[SETTINGS_ENV] = settings_env(settings)
         os.environ[LOG_LEVEL_ENV] = log_level
-        uvicorn.run(
-            "server.workers:app",
-            factory=True,
-            workers=workers,
-            host=host,
-            port=port,
-            log_level="warning",
-        )
+        serve_workers(host, port, workers, log_level="warning")
         return
     app = create_app(state)
     # What start-up allocated (app, routes, schemas, trust material) lives as long as the process:

@@ -59,6 +59,33 @@ def settings_env(settings: Settings) -> str:
     return json.dumps(values)
 
 
+def serve(host: str, port: int, workers: int, log_level: str) -> None:
+    """Run ``workers`` processes of :func:`app` on one listening socket until stopped.
+
+    As ``uvicorn.run(..., workers=N)`` does, but the shared socket gets ``TCP_NODELAY`` first:
+    uvicorn binds it with protocol 0, so asyncio does not set the option on the connections it
+    accepts (it checks for ``IPPROTO_TCP``), and every answer written in two pieces waits for the
+    client's delayed ACK: about 40 ms a request (check-in fell from 1,583 to 329 requests/s with
+    two workers). Accepted connections inherit the option from the listening socket.
+    """
+    import socket
+
+    import uvicorn
+    from uvicorn.supervisors import Multiprocess
+
+    config = uvicorn.Config(
+        "server.workers:app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level=log_level,
+    )
+    sock = config.bind_socket()
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    Multiprocess(config, sockets=[sock]).run()
+
+
 def app() -> FastAPI:
     """The application of one worker (uvicorn's factory): state from :data:`SETTINGS_ENV`."""
     from server.app import build_state, create_app
