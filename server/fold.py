@@ -14,9 +14,11 @@ committing between two reads can neither drop nor double a window (:func:`day_ro
 from __future__ import annotations
 
 import logging
+import random
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from datetime import UTC, date, datetime, time, timedelta
+from time import sleep
 from typing import Any, NamedTuple
 
 from sqlalchemy import (
@@ -57,6 +59,10 @@ class Folded(NamedTuple):
     rollups: int
 
 
+#: How often a fold that collided with another folder's new rollup row starts again.
+_ATTEMPTS = 10
+
+
 def fold(session: Session, *, relative_accuracy: float, limit: int) -> Folded:
     """Fold up to ``limit`` windows not yet folded into their rollups, in one transaction.
 
@@ -64,7 +70,7 @@ def fold(session: Session, *, relative_accuracy: float, limit: int) -> Folded:
     PostgreSQL (``SKIP LOCKED``) and queue on SQLite's one writer; if both create the same new
     rollup, one rolls back whole and folds again.
     """
-    for attempt in range(3):
+    for attempt in range(_ATTEMPTS):
         try:
             claimed = _claim(session, limit)
             parts: dict[RollupKey, dict[str, Any]] = {}
@@ -85,8 +91,10 @@ def fold(session: Session, *, relative_accuracy: float, limit: int) -> Folded:
             return Folded(len(claimed), len(changes))
         except IntegrityError:
             session.rollback()
-            if attempt == 2:
+            if attempt == _ATTEMPTS - 1:
                 raise
+            # The other folder may still be creating rows this one needs: let it commit first.
+            sleep(random.uniform(0.01, 0.05) * (attempt + 1))
     raise AssertionError("unreachable")
 
 
