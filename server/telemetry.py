@@ -190,12 +190,13 @@ def check_windows(
                 f"{where}: field 'bundle_sha256': the bundle is for hardware {hardware_id}, device"
                 f" {device.id} is {device.hardware_id}"
             )
-        accuracy = window.latency.relative_accuracy
-        if not math.isclose(accuracy, relative_accuracy):
-            problems.append(
-                f"{where}: field 'latency.relative_accuracy': {accuracy}, but this server merges"
-                f" sketches at {relative_accuracy}"
+        problems.extend(
+            accuracy_problems(
+                f"{where}: field 'latency.relative_accuracy':",
+                window.latency.relative_accuracy,
+                relative_accuracy,
             )
+        )
         problems.extend(f"{where}: {problem}" for problem in layout.problems(window))
         problems.extend(
             f"{where}: {problem}"
@@ -231,13 +232,21 @@ def shadow_problems(
                 f"{field}: names {window.model} {entry.version}, but the bundle is"
                 f" {candidate.model} {candidate.version}"
             )
-        accuracy = entry.latency.relative_accuracy
-        if not math.isclose(accuracy, relative_accuracy):
-            found.append(
-                f"{field}: latency.relative_accuracy {accuracy}, but this server merges"
-                f" sketches at {relative_accuracy}"
+        found.extend(
+            accuracy_problems(
+                f"{field}: latency.relative_accuracy",
+                entry.latency.relative_accuracy,
+                relative_accuracy,
             )
+        )
     return found
+
+
+def accuracy_problems(what: str, accuracy: float, relative_accuracy: float) -> list[str]:
+    """``what`` refused when a sketch's accuracy is not the one this server merges at."""
+    if math.isclose(accuracy, relative_accuracy):
+        return []
+    return [f"{what} {accuracy}, but this server merges sketches at {relative_accuracy}"]
 
 
 def _bundle_layouts(
