@@ -297,8 +297,9 @@ class FleetRollup(SQLModel, table=True):
     inputs: dict[str, Any] = Field(sa_column=Column(JSON))
     feedback: dict[str, Any] = Field(sa_column=Column(JSON))
     labels: dict[str, Any] = Field(sa_column=Column(JSON))
-    #: The aggregate fields migration 0007 (data quality and shadow, another branch) adds to
-    #: ``telemetry_rollup``; NULL until that branch's aggregates fill them, read as empty.
+    #: Data-quality tallies and shadow counts, as in :class:`TelemetryRollup`; NULL reads as
+    #: empty. (The aggregate columns repeat TelemetryRollup's: a SQLAlchemy ``Column`` belongs to
+    #: one table, so SQLModel cannot share them through a base class.)
     quality: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
     shadow: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
 
