@@ -25,7 +25,7 @@ from sqlmodel import Session, select
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from server import invalidation
+from server import ingest_store, invalidation
 from server.auth import hash_token, new_token
 from server.checkin_store import make_store
 from server.config import Settings
@@ -60,6 +60,7 @@ def build_state(settings: Settings) -> ServerState:
         catalogue=load_catalogue(settings),
         blobs=BlobStore(settings.blob_dir),
         check_in_store=make_store(engine),
+        ingest_store=ingest_store.make_store(engine),
     )
 
 
@@ -95,6 +96,7 @@ def create_app(state: ServerState) -> FastAPI:
             listener.stop()
         await jobs.stop()
         await state.check_in_store.close()
+        await state.ingest_store.close()
 
     app = FastAPI(
         title="EdgeFleet fleet server",

@@ -2,9 +2,8 @@
 the highest sequence number, so completeness over thousands of devices reads one row per device
 instead of every batch record.
 
-Kept where batch records are written (:func:`count`, in the upload's transaction) and erased with
-them (:func:`erase`); migration 0008 fills it from the stored records.
-"""
+Kept where batch records are written (:mod:`server.ingest_store`, in the upload's transaction) and
+erased with them (:func:`erase`); migration 0008 fills it from the stored records."""
 
 from __future__ import annotations
 
@@ -15,30 +14,6 @@ from server.models import TelemetryBatchCount, TelemetryBatchRecord
 
 #: Devices named in one query (a longer list reads the whole table instead).
 MAX_NAMED = 500
-
-
-def count(session: Session, device_id: str, boot_epoch: int, sequence: int) -> None:
-    """Count one new batch record (the caller's unique key makes replays never reach here).
-
-    A row two first batches of an epoch create at once raises ``IntegrityError`` on flush, which
-    the ingest retries.
-    """
-    row = session.exec(
-        select(TelemetryBatchCount)
-        .where(
-            TelemetryBatchCount.device_id == device_id,
-            TelemetryBatchCount.boot_epoch == boot_epoch,
-        )
-        .with_for_update()
-    ).first()
-    if row is None:
-        row = TelemetryBatchCount(
-            device_id=device_id, boot_epoch=boot_epoch, received=0, top_sequence=sequence
-        )
-    row.received += 1
-    row.top_sequence = max(row.top_sequence, sequence)
-    session.add(row)
-    session.flush()
 
 
 def counts(session: Session, devices: list[str]) -> dict[str, tuple[int, int]]:

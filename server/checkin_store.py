@@ -2,26 +2,27 @@
 
 One ``UPDATE device ... RETURNING`` per check-in, on the raw driver connection rather than the ORM
 (check-in is the busiest request); it also returns the state hash the event log last recorded for
-the device, so only a changed state costs more (:mod:`server.device_events`). SQLite runs it in
-the event loop on a connection of its own (see :class:`SqliteCheckInStore` for why not the
-pool's). PostgreSQL coalesces the check-ins that arrive while a statement is in flight into the
-next one (``UPDATE ... FROM unnest(...)``) on an asyncio pool, so the loop goes on serving while
-the database works and the driver's per-statement cost is shared; every check-in is still
-recorded before it is answered, with an asynchronous commit (:data:`ASYNC_COMMIT`).
+the device, so only a changed state costs more (:mod:`server.device_events`). SQLite runs it in the
+event loop on a connection of its own (see :class:`SqliteCheckInStore` for why not the pool's).
+PostgreSQL coalesces the check-ins that arrive while a statement is in flight into the next one
+(``UPDATE ... FROM json_to_recordset(...)``) on an asyncio pool, so the loop goes on serving while
+the database works and the driver's per-statement cost is shared; every check-in is still recorded
+before it is answered, with an asynchronous commit (:data:`ASYNC_COMMIT`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import sqlite3
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NamedTuple
 
+import pydantic_core
 from sqlalchemy import Engine, bindparam, select, update
 from sqlmodel import col
 
+from server.coalesce import Coalescer
 from server.errors import ConfigError
 from server.models import Device, DeviceState
 
@@ -153,14 +154,12 @@ UPDATE device AS d SET
   last_seen = v.last_seen,
   last_nonce = v.nonce,
   firmware_version = v.firmware_version,
-  installed = v.installed::json,
+  installed = v.installed,
   free_flash_bytes = COALESCE(v.free_flash_bytes, d.free_flash_bytes),
   free_ram_bytes = COALESCE(v.free_ram_bytes, d.free_ram_bytes)
-FROM unnest(
-  %s::varchar[], %s::varchar[], %s::timestamptz[], %s::varchar[], %s::varchar[], %s::text[],
-  %s::bigint[], %s::bigint[]
-) AS v(credential_hash, id, last_seen, nonce, firmware_version, installed, free_flash_bytes,
-       free_ram_bytes)
+FROM json_to_recordset(%s::json) AS v(credential_hash varchar, id varchar, last_seen timestamptz,
+  nonce varchar, firmware_version varchar, installed json, free_flash_bytes bigint,
+  free_ram_bytes bigint)
 LEFT JOIN device_state AS s ON s.device_id = v.id
 WHERE d.credential_hash = v.credential_hash AND d.id = v.id AND NOT d.revoked
 RETURNING d.credential_hash, d.id, d.hardware_id, d.free_flash_bytes, s.state_hash
@@ -176,70 +175,55 @@ ASYNC_COMMIT = "-c synchronous_commit=off"
 
 
 class PostgresCheckInStore:
-    """Check-ins coalesced into one ``UPDATE ... FROM unnest(...)`` per round trip.
+    """Check-ins coalesced into one ``UPDATE ... FROM json_to_recordset(...)`` per round trip.
 
-    While one statement is in flight, arriving check-ins queue; the next statement takes them all
-    (up to ``max_batch``). A device appearing twice in a batch is recorded once, with its latest
-    contact. The psycopg pool of autocommit connections opens on first use in the serving loop.
+    While statements are in flight, arriving check-ins queue; the next statement takes them all
+    (up to ``max_batch``, :class:`~server.coalesce.Coalescer`). A device appearing twice in a
+    batch is recorded once, with its latest contact. The psycopg pool of autocommit connections
+    opens on first use in the serving loop.
     """
 
     def __init__(self, engine: Engine, max_batch: int = 256, max_in_flight: int = 2) -> None:
         self.engine = engine
-        self.max_batch = max_batch
-        self._pending: list[tuple[Contact, asyncio.Future[DeviceRow | None]]] = []
-        self._slots: asyncio.Semaphore | None = None
+        self._coalescer: Coalescer[Contact, DeviceRow | None] = Coalescer(
+            self._execute, max_batch=max_batch, max_in_flight=max_in_flight
+        )
         self._max_in_flight = max_in_flight
         self._pool: Any = None
         self._pool_lock: asyncio.Lock | None = None
 
     async def record(self, contact: Contact) -> DeviceRow | None:
         """Authenticate and record; the device's hardware id and free flash, or None."""
-        future: asyncio.Future[DeviceRow | None] = asyncio.get_running_loop().create_future()
-        self._pending.append((contact, future))
-        if len(self._pending) == 1:
-            asyncio.get_running_loop().create_task(self._flush())
-        return await future
+        return await self._coalescer.submit(contact)
 
-    async def _flush(self) -> None:
-        if self._slots is None:
-            self._slots = asyncio.Semaphore(self._max_in_flight)
-        async with self._slots:
-            batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
-            if self._pending:
-                asyncio.get_running_loop().create_task(self._flush())
-            if not batch:
-                return
-            try:
-                rows = await self._execute([c for c, _ in batch])
-            except Exception as exc:  # the driver's error reaches each waiting request
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
-                return
-            for contact, future in batch:
-                if not future.done():
-                    future.set_result(rows.get((contact.credential_hash, contact.device_id)))
-
-    async def _execute(self, contacts: list[Contact]) -> dict[tuple[str, str], DeviceRow]:
+    async def _execute(self, contacts: list[Contact]) -> list[DeviceRow | None]:
         latest: dict[tuple[str, str], Contact] = {}
         for contact in contacts:
             latest[(contact.credential_hash, contact.device_id)] = contact
         unique = list(latest.values())
-        params = (
-            [c.credential_hash for c in unique],
-            [c.device_id for c in unique],
-            [c.last_seen for c in unique],
-            [c.nonce for c in unique],
-            [c.firmware_version for c in unique],
-            [json.dumps(c.installed) for c in unique],
-            [c.free_flash_bytes for c in unique],
-            [c.free_ram_bytes for c in unique],
-        )
+        # One JSON document rather than a list per column: psycopg dumps lists element by
+        # element in Python; pydantic-core writes the JSON in Rust.
+        document = pydantic_core.to_json(
+            [
+                {
+                    "credential_hash": c.credential_hash,
+                    "id": c.device_id,
+                    "last_seen": c.last_seen,
+                    "nonce": c.nonce,
+                    "firmware_version": c.firmware_version,
+                    "installed": c.installed,
+                    "free_flash_bytes": c.free_flash_bytes,
+                    "free_ram_bytes": c.free_ram_bytes,
+                }
+                for c in unique
+            ]
+        ).decode()
         pool = await self._open_pool()
         async with pool.connection() as conn:
-            cursor = await conn.execute(_BATCH_UPDATE, params)
+            cursor = await conn.execute(_BATCH_UPDATE, (document,))
             rows = await cursor.fetchall()
-        return {(r[0], r[1]): DeviceRow(r[2], r[3], r[4]) for r in rows}
+        found = {(r[0], r[1]): DeviceRow(r[2], r[3], r[4]) for r in rows}
+        return [found.get((c.credential_hash, c.device_id)) for c in contacts]
 
     async def _open_pool(self) -> Any:
         if self._pool is not None:

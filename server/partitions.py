@@ -54,6 +54,14 @@ def ensure(engine: Engine, days: Iterable[date]) -> None:
         known.update(missing)
 
 
+def unknown(engine: Engine, days: Iterable[date]) -> bool:
+    """Whether any of ``days`` may lack a partition (none this process made or saw yet)."""
+    if not is_partitioned(engine):
+        return False
+    with _lock:
+        return not set(days) <= _known.get(str(engine.url), set())
+
+
 def create_statement(day: date) -> str:
     """The SQL that makes ``day``'s partition unless it exists."""
     return (

@@ -95,6 +95,8 @@ class ServerState:
     blobs: BlobStore
     #: Check-in's single-statement store (raw driver connection; asyncio pool on PostgreSQL).
     check_in_store: Any = None
+    #: Telemetry ingest's lookups and coalesced appends (server.ingest_store).
+    ingest_store: Any = None
     #: What devices are offered, dropped after each commit that changes it (server.offers).
     offers: OfferCache = field(init=False)
     #: Sessions for requests; their commits keep ``offers`` current.

@@ -5,13 +5,14 @@ A batch's key (device, boot epoch, sequence) is unique, so a replay is a no-op; 
 counts (see :mod:`server.aggregate`), so arrival order does not change the totals. Sequence numbers
 start at 0 in each boot epoch; gaps give a device's completeness ratio.
 
-Each accepted window is appended with its device, bundle and event time (``telemetry_window``),
-and the batch answered; a background job later folds windows into their device's rollup for that
+Each accepted window is appended with its device, bundle and event time (``telemetry_window``), and
+the batch answered (:mod:`server.ingest_store` writes; this module checks a batch and says what it
+stores, :class:`Upload`); a background job later folds windows into their device's rollup for that
 version and day (``telemetry_rollup``, :mod:`server.fold`), and every reader adds the windows not
 yet folded to the rollups, so figures are exact at any moment. Windows are kept for
 ``telemetry_retention_days`` (PostgreSQL: day partitions dropped whole, :mod:`server.partitions`),
-rollups for good; erasing a device's telemetry deletes both, so every figure changes by exactly
-its contribution. Fleet figures add rollups up (:mod:`server.metrics`).
+rollups for good; erasing a device's telemetry deletes both, so every figure changes by exactly its
+contribution. Fleet figures add rollups up (:mod:`server.metrics`).
 
 What one device sends can never break the rollups others write or read: every window is checked
 against the manifest of the bundle it names (published here, for the device's hardware id:
@@ -30,10 +31,6 @@ from datetime import UTC, datetime, time, timedelta
 from typing import Any, NamedTuple
 
 from sqlalchemy import delete, func, or_
-from sqlalchemy import insert as sa_insert
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlmodel import Session, col, select
 
 from firmware_bundles import telemetry as sketch
@@ -44,7 +41,6 @@ from server import batch_counts as per_device_batches
 from server.errors import ApiError
 from server.models import (
     Bundle,
-    Device,
     TelemetryBatchRecord,
     TelemetryRollup,
     TelemetryWindowRecord,
@@ -61,34 +57,37 @@ MAX_CACHED_LAYOUTS = 4096
 _layouts: dict[str, tuple[str, TelemetryLayout]] = {}
 
 
-def ingest(
-    *, session: Session, device: Device, batch: TelemetryBatch, relative_accuracy: float
-) -> bool:
-    """Store a batch for ``device``; returns False when it was a replay.
+class Upload(NamedTuple):
+    """A checked batch as it is stored: its record and its windows' rows (what
+    :mod:`server.ingest_store` appends)."""
 
-    The batch's windows are checked (:func:`check_windows`), then its record and its windows are
-    appended (one statement each; PostgreSQL makes a missing day partition first) and committed
-    together. Rollups are not touched here: the fold job adds the windows in later
-    (:mod:`server.fold`) and readers count windows not yet folded, so figures stay exact. A
-    replay meets the batch key's unique constraint and stores nothing.
+    device_id: str
+    boot_epoch: int
+    sequence: int
+    window_count: int
+    dropped_windows: int
+    received_at: datetime
+    #: One dict per window: the ``telemetry_window`` columns but ``id`` and ``batch_id``.
+    windows: list[dict[str, Any]]
 
-    Args:
-        session: The database session.
-        device: The device the batch is for.
-        batch: The parsed batch.
-        relative_accuracy: The latency-sketch accuracy this server merges at.
+    @property
+    def key(self) -> tuple[str, int, int]:
+        return (self.device_id, self.boot_epoch, self.sequence)
+
+
+def upload_of(device_id: str, hardware_id: str, batch: TelemetryBatch) -> Upload:
+    """What storing ``batch`` for the device writes (its windows checked by
+    :func:`windows_problems` first).
 
     Raises:
-        ApiError: 400 if the batch names another device; 422 naming each window and field that
-            disagrees with its bundle's manifest or the server's sketch accuracy.
+        ApiError: 400 if the batch names another device.
     """
-    if batch.device_id != device.id:
-        raise ApiError(400, f"batch is for {batch.device_id}, URL for {device.id}")
-    check_windows(session, device, batch, relative_accuracy)
+    if batch.device_id != device_id:
+        raise ApiError(400, f"batch is for {batch.device_id}, URL for {device_id}")
     windows = [
         {
-            "device_id": device.id,
-            "hardware_id": device.hardware_id,
+            "device_id": device_id,
+            "hardware_id": hardware_id,
             "model": w.model,
             "version": w.version,
             "bundle_sha256": w.bundle_sha256,
@@ -99,81 +98,31 @@ def ingest(
         }
         for w in batch.windows
     ]
-    engine = session.get_bind()
-    days = {w.window_start.date() for w in batch.windows}
-    partitions.ensure(engine, days)  # type: ignore[arg-type]
-    for attempt in range(3):
-        try:
-            return _append(session, device, batch, windows)
-        except DBAPIError as exc:
-            session.rollback()
-            if attempt == 2:
-                raise
-            if isinstance(exc, IntegrityError):
-                continue  # two first batches of a boot epoch made its count row at once
-            if not partitions.is_partitioned(engine):  # type: ignore[arg-type]
-                raise
-            # Retention may have dropped a day partition since this process last saw it.
-            partitions.forget(engine)  # type: ignore[arg-type]
-            partitions.ensure(engine, days)  # type: ignore[arg-type]
-    raise AssertionError("unreachable")
+    return Upload(
+        device_id,
+        batch.boot_epoch,
+        batch.sequence,
+        len(batch.windows),
+        batch.dropped_windows,
+        datetime.now(UTC),
+        windows,
+    )
 
 
-_BATCHES = TelemetryBatchRecord.__table__  # type: ignore[attr-defined]
-#: The batch record's insert per dialect, built once: a replay meets the key and inserts nothing.
-_RECORD_BATCH = {
-    dialect: insert(_BATCHES).on_conflict_do_nothing().returning(_BATCHES.c.id)
-    for dialect, insert in (("postgresql", pg_insert), ("sqlite", sqlite_insert))
-}
-#: With RETURNING, SQLAlchemy sends an executemany as one multi-row INSERT on both dialects
-#: ("insertmanyvalues"; without it psycopg would pipeline one INSERT per window).
-_APPEND_WINDOWS = sa_insert(_WINDOWS).returning(_WINDOWS.c.id)
-
-
-def _append(
-    session: Session, device: Device, batch: TelemetryBatch, windows: list[dict[str, Any]]
-) -> bool:
-    """The batch record (unless its key is stored: then False) and its windows, committed."""
-    conn = session.connection()
-    batch_id = conn.execute(
-        _RECORD_BATCH[conn.dialect.name],
-        {
-            "device_id": device.id,
-            "boot_epoch": batch.boot_epoch,
-            "sequence": batch.sequence,
-            "window_count": len(batch.windows),
-            "dropped_windows": batch.dropped_windows,
-            "received_at": datetime.now(UTC),
-        },
-    ).scalar()
-    if batch_id is None:
-        session.rollback()
-        return False
-    per_device_batches.count(session, device.id, batch.boot_epoch, batch.sequence)
-    if windows:
-        # One statement, compiled once (a multi-row .values() would compile anew per batch).
-        for w in windows:
-            w["batch_id"] = batch_id
-        conn.execute(_APPEND_WINDOWS, windows)
-    session.commit()
-    return True
-
-
-def check_windows(
-    session: Session, device: Device, batch: TelemetryBatch, relative_accuracy: float
-) -> None:
-    """Check each window against its bundle's manifest and the server's sketch accuracy.
+def windows_problems(
+    batch: TelemetryBatch,
+    device_id: str,
+    hardware_id: str,
+    layouts: dict[str, tuple[str, TelemetryLayout]],
+    relative_accuracy: float,
+) -> list[str]:
+    """What is wrong with each window against its bundle's manifest and the server's sketch
+    accuracy (the first few problems; ``layouts`` from :func:`bundle_layouts`).
 
     A window naming a bundle this server has not published (for the device's hardware id) is
     refused: its histograms could not be checked, and a bundle the server never offered has no
     rollout for its figures to inform.
-
-    Raises:
-        ApiError: 422 naming each window and field that disagrees (the first few).
     """
-    named = {w.bundle_sha256 for w in batch.windows}
-    named |= {s.bundle_sha256 for w in batch.windows for s in w.shadow}
-    layouts = _bundle_layouts(session, named)
     problems: list[str] = []
     for i, window in enumerate(batch.windows):
         where = f"window {i} ({window.model} {window.version} at {window.window_start.isoformat()})"
@@ -184,11 +133,11 @@ def check_windows(
                 " server"
             )
             continue
-        hardware_id, layout = found
-        if hardware_id != device.hardware_id:
+        bundle_hardware, layout = found
+        if bundle_hardware != hardware_id:
             problems.append(
-                f"{where}: field 'bundle_sha256': the bundle is for hardware {hardware_id}, device"
-                f" {device.id} is {device.hardware_id}"
+                f"{where}: field 'bundle_sha256': the bundle is for hardware {bundle_hardware},"
+                f" device {device_id} is {hardware_id}"
             )
         problems.extend(
             accuracy_problems(
@@ -200,12 +149,23 @@ def check_windows(
         problems.extend(f"{where}: {problem}" for problem in layout.problems(window))
         problems.extend(
             f"{where}: {problem}"
-            for problem in shadow_problems(window, layouts, device.hardware_id, relative_accuracy)
+            for problem in shadow_problems(window, layouts, hardware_id, relative_accuracy)
         )
         if len(problems) >= MAX_PROBLEMS_REPORTED:
             break
-    if problems:
-        raise ApiError(422, "telemetry refused: " + "; ".join(problems[:MAX_PROBLEMS_REPORTED]))
+    return problems[:MAX_PROBLEMS_REPORTED]
+
+
+def refusal(problems: list[str]) -> ApiError:
+    """The 422 for a batch whose windows have ``problems``."""
+    return ApiError(422, "telemetry refused: " + "; ".join(problems))
+
+
+def bundles_named(batch: TelemetryBatch) -> set[str]:
+    """The bundles a batch's windows and their shadow entries name."""
+    named = {w.bundle_sha256 for w in batch.windows}
+    named |= {s.bundle_sha256 for w in batch.windows for s in w.shadow}
+    return named
 
 
 def shadow_problems(
@@ -249,10 +209,19 @@ def accuracy_problems(what: str, accuracy: float, relative_accuracy: float) -> l
     return [f"{what} {accuracy}, but this server merges sketches at {relative_accuracy}"]
 
 
-def _bundle_layouts(
+def cached_layouts(bundle_sha256s: set[str]) -> dict[str, tuple[str, TelemetryLayout]] | None:
+    """:func:`bundle_layouts` without the database, if every bundle's layout is in memory."""
+    try:
+        return {s: _layouts[s] for s in bundle_sha256s}
+    except KeyError:
+        return None
+
+
+def bundle_layouts(
     session: Session, bundle_sha256s: set[str]
 ) -> dict[str, tuple[str, TelemetryLayout]]:
-    """Per published bundle among ``bundle_sha256s``: its hardware id and its windows' layout."""
+    """Per published bundle among ``bundle_sha256s``: its hardware id and its windows' layout
+    (kept in memory: bundles are immutable)."""
     missing = bundle_sha256s - _layouts.keys()
     if missing:
         rows = session.exec(

@@ -1,0 +1,337 @@
+"""Telemetry ingest's database work: who is uploading, and appending checked batches.
+
+Every phone uploads on a timer and in bursts (a morning sync wave), so ingest avoids the ORM and
+the threadpool where it can, as check-in does (:mod:`server.checkin_store`):
+
+- **Who.** One ``SELECT`` finds the hardware id of the device a credential may upload for (itself,
+  or the ring it relays for). PostgreSQL answers the lookups of all uploads waiting at once in one
+  statement on an asyncio pool; SQLite reads on a connection of its own, in the event loop (WAL:
+  reads never wait for writers). No row means a refusal; the caller works out which
+  (:func:`server.deps.get_acting_for` words them), off the hot path.
+- **Append.** The uploads that arrive while a statement is in flight are appended together
+  (:class:`~server.coalesce.Coalescer`): each batch record (a stored key makes it a replay:
+  nothing of it is written), its device's batch count (:mod:`server.batch_counts`) and its
+  windows, in one transaction that commits durably (a synchronous commit on PostgreSQL: an
+  answered upload survives a crash, and one WAL flush serves every batch in it). PostgreSQL
+  does it in one statement (``INSERT ... SELECT FROM unnest(...)`` for each table, chained by
+  ``RETURNING``); SQLite in a worker thread on the engine's connection, one short transaction.
+  If a group fails, each of its uploads is tried alone, so one device's bad data never fails
+  another's upload.
+
+Windows are not folded into rollups here (:mod:`server.fold` does that later).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Sequence
+from typing import Any
+
+import pydantic_core
+from anyio import to_thread
+from sqlalchemy import Engine, func
+from sqlalchemy import insert as sa_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import DBAPIError
+
+from server import partitions
+from server.coalesce import Coalescer
+from server.errors import ConfigError
+from server.models import TelemetryBatchCount, TelemetryBatchRecord, TelemetryWindowRecord
+from server.telemetry import Upload
+
+_BATCHES = TelemetryBatchRecord.__table__  # type: ignore[attr-defined]
+_COUNTS = TelemetryBatchCount.__table__  # type: ignore[attr-defined]
+_WINDOWS = TelemetryWindowRecord.__table__  # type: ignore[attr-defined]
+
+#: The device a credential may upload for: itself, or the ring it is the paired relay of.
+_WHO = """
+SELECT t.hardware_id FROM device AS c JOIN device AS t ON t.id = ?
+WHERE c.credential_hash = ? AND NOT c.revoked AND NOT t.revoked
+  AND (t.id = c.id OR t.relay_id = c.id)
+"""
+_WHO_MANY = """
+SELECT v.credential_hash, v.id, t.hardware_id
+FROM json_to_recordset(%s::json) AS v(credential_hash varchar, id varchar)
+JOIN device AS c ON c.credential_hash = v.credential_hash
+JOIN device AS t ON t.id = v.id
+WHERE NOT c.revoked AND NOT t.revoked AND (t.id = c.id OR t.relay_id = c.id)
+"""
+
+#: Batch records, their counts and their windows in one statement: the windows join the records
+#: the statement inserted (a replayed key inserts none, so none of its windows), and the counts
+#: add what was inserted. Rows go in key order, so two statements at once lock rows in one order.
+#: The rows travel as two JSON documents (psycopg dumps a list parameter element by element in
+#: Python, several times the cost of the whole statement; pydantic-core writes JSON in Rust).
+_APPEND = """
+WITH b AS (
+  INSERT INTO telemetry_batch
+    (device_id, boot_epoch, sequence, window_count, dropped_windows, received_at)
+  SELECT device_id, boot_epoch, sequence, window_count, dropped_windows, received_at
+  FROM json_to_recordset(%s::json) AS v(device_id varchar, boot_epoch integer, sequence integer,
+    window_count integer, dropped_windows integer, received_at timestamptz)
+  ON CONFLICT (device_id, boot_epoch, sequence) DO NOTHING
+  RETURNING id, device_id, boot_epoch, sequence
+), c AS (
+  INSERT INTO telemetry_batch_count AS n (device_id, boot_epoch, received, top_sequence)
+  SELECT device_id, boot_epoch, count(*), max(sequence) FROM b
+  GROUP BY device_id, boot_epoch ORDER BY device_id, boot_epoch
+  ON CONFLICT (device_id, boot_epoch) DO UPDATE
+  SET received = n.received + excluded.received,
+      top_sequence = greatest(n.top_sequence, excluded.top_sequence)
+), w AS (
+  INSERT INTO telemetry_window (batch_id, device_id, hardware_id, model, version, bundle_sha256,
+    window_start, window_s, aggregate, folded)
+  SELECT b.id, x.device_id, x.hardware_id, x.model, x.version, x.bundle_sha256, x.window_start,
+    x.window_s, x.aggregate, false
+  FROM json_to_recordset(%s::json) AS x(device_id varchar, boot_epoch integer, sequence integer,
+    hardware_id varchar, model varchar, version varchar, bundle_sha256 varchar,
+    window_start timestamptz, window_s integer, aggregate json)
+  JOIN b ON b.device_id = x.device_id AND b.boot_epoch = x.boot_epoch AND b.sequence = x.sequence
+)
+SELECT device_id, boot_epoch, sequence FROM b
+"""
+
+
+def make_store(engine: Engine) -> SqliteIngestStore | PostgresIngestStore:
+    """The store for ``engine``'s database."""
+    if engine.dialect.name == "sqlite":
+        return SqliteIngestStore(engine)
+    return PostgresIngestStore(engine)
+
+
+class _Appends:
+    """What both stores share: coalesced appends, each upload tried alone when its group fails."""
+
+    engine: Engine
+
+    def __init__(self, max_batch: int, max_in_flight: int) -> None:
+        self._appends: Coalescer[Upload, bool] = Coalescer(
+            self._append_group, max_batch=max_batch, max_in_flight=max_in_flight
+        )
+
+    async def append(self, upload: Upload) -> bool:
+        """Store ``upload`` durably; False when its key was stored before (a replay).
+
+        Raises:
+            DBAPIError: If the database refuses it (and only it).
+        """
+        await self._partitions([upload])
+        return await self._appends.submit(upload)
+
+    async def _append_group(self, uploads: list[Upload]) -> list[bool | BaseException]:
+        # One batch sent twice at once (a retry racing its original) goes in once; the copy is
+        # a replay, as it would be a moment later.
+        first: dict[tuple[str, int, int], int] = {}
+        for i, upload in enumerate(uploads):
+            first.setdefault(upload.key, i)
+        unique = [uploads[i] for i in sorted(set(first.values()))]
+        try:
+            stored = await self._write(unique)
+        except DBAPIError:
+            if len(unique) == 1:
+                stored = await self._alone(unique[0])
+            else:
+                stored = set()
+                failed: dict[tuple[str, int, int], BaseException] = {}
+                for upload in unique:
+                    try:
+                        stored |= await self._alone(upload)
+                    except DBAPIError as exc:
+                        failed[upload.key] = exc
+                return [
+                    failed[u.key] if i == first[u.key] and u.key in failed else
+                    (i == first[u.key] and u.key in stored)
+                    for i, u in enumerate(uploads)
+                ]  # fmt: skip
+        return [i == first[u.key] and u.key in stored for i, u in enumerate(uploads)]
+
+    async def _alone(self, upload: Upload) -> set[tuple[str, int, int]]:
+        try:
+            return await self._write([upload])
+        except DBAPIError:
+            if not partitions.is_partitioned(self.engine):
+                raise
+            # Retention may have dropped a day partition since this process last saw it.
+            partitions.forget(self.engine)
+            await self._partitions([upload])
+            return await self._write([upload])
+
+    async def _partitions(self, uploads: Sequence[Upload]) -> None:
+        """Make the day partitions the windows need (PostgreSQL; a thread when one is new)."""
+        if not partitions.is_partitioned(self.engine):
+            return
+        days = {w["window_start"].date() for u in uploads for w in u.windows}
+        if partitions.unknown(self.engine, days):
+            await to_thread.run_sync(partitions.ensure, self.engine, days)
+
+    async def _write(self, uploads: list[Upload]) -> set[tuple[str, int, int]]:
+        raise NotImplementedError
+
+
+class PostgresIngestStore(_Appends):
+    """Lookups and appends on an asyncio pool of autocommit connections (opened on first use in
+    the serving loop); each append statement commits synchronously."""
+
+    def __init__(self, engine: Engine, max_batch: int = 128, max_in_flight: int = 2) -> None:
+        super().__init__(max_batch, max_in_flight)
+        self.engine = engine
+        self._who: Coalescer[tuple[str, str], str | None] = Coalescer(
+            self._who_group, max_batch=256, max_in_flight=1
+        )
+        self._pool: Any = None
+        self._pool_lock: asyncio.Lock | None = None
+
+    async def device(self, credential_hash: str, device_id: str) -> str | None:
+        """The hardware id of ``device_id`` if the credential may upload for it, else None."""
+        return await self._who.submit((credential_hash, device_id))
+
+    async def _who_group(self, asks: list[tuple[str, str]]) -> list[str | None]:
+        pool = await self._open_pool()
+        async with pool.connection() as conn:
+            document = pydantic_core.to_json([{"credential_hash": c, "id": d} for c, d in asks])
+            cursor = await conn.execute(_WHO_MANY, (document.decode(),))
+            found = {(r[0], r[1]): r[2] for r in await cursor.fetchall()}
+        return [found.get(ask) for ask in asks]
+
+    async def _write(self, uploads: list[Upload]) -> set[tuple[str, int, int]]:
+        ordered = sorted(uploads, key=lambda u: u.key)
+        batches = [
+            {
+                "device_id": u.device_id,
+                "boot_epoch": u.boot_epoch,
+                "sequence": u.sequence,
+                "window_count": u.window_count,
+                "dropped_windows": u.dropped_windows,
+                "received_at": u.received_at,
+            }
+            for u in ordered
+        ]
+        windows = [
+            {**w, "boot_epoch": u.boot_epoch, "sequence": u.sequence}
+            for u in ordered
+            for w in u.windows
+        ]
+        params = (pydantic_core.to_json(batches).decode(), pydantic_core.to_json(windows).decode())
+        pool = await self._open_pool()
+        try:
+            async with pool.connection() as conn:
+                cursor = await conn.execute(_APPEND, params)
+                rows = await cursor.fetchall()
+        except Exception as exc:  # psycopg's errors, as the ORM path would raise them
+            import psycopg
+
+            if isinstance(exc, psycopg.Error):
+                raise DBAPIError(_APPEND, None, exc) from exc
+            raise
+        return {(r[0], r[1], r[2]) for r in rows}
+
+    async def _open_pool(self) -> Any:
+        if self._pool is not None:
+            return self._pool
+        if self._pool_lock is None:
+            self._pool_lock = asyncio.Lock()
+        async with self._pool_lock:
+            if self._pool is None:
+                from psycopg_pool import AsyncConnectionPool
+
+                conninfo = self.engine.url.set(drivername="postgresql").render_as_string(
+                    hide_password=False
+                )
+                pool = AsyncConnectionPool(
+                    conninfo, min_size=1, max_size=3, kwargs={"autocommit": True}, open=False
+                )
+                await pool.open()
+                self._pool = pool
+        return self._pool
+
+    async def close(self) -> None:
+        """Close the pool (at application shutdown)."""
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+
+#: SQLite's statements, compiled once.
+_RECORD_BATCH = sqlite_insert(_BATCHES).on_conflict_do_nothing().returning(_BATCHES.c.id)
+_COUNT = sqlite_insert(_COUNTS)
+_COUNT = _COUNT.on_conflict_do_update(
+    index_elements=[_COUNTS.c.device_id, _COUNTS.c.boot_epoch],
+    set_={
+        "received": _COUNTS.c.received + 1,
+        "top_sequence": func.max(_COUNTS.c.top_sequence, _COUNT.excluded.top_sequence),
+    },
+)
+#: With RETURNING, SQLAlchemy sends an executemany as one multi-row INSERT ("insertmanyvalues").
+_APPEND_WINDOWS = sa_insert(_WINDOWS).returning(_WINDOWS.c.id)
+
+
+class SqliteIngestStore(_Appends):
+    """Lookups on a connection of the store's own in the event loop; appends in a worker thread
+    on the engine's one pooled connection (so they queue with every other writer rather than
+    sleeping in SQLite's busy handler), one transaction per group.
+
+    Raises:
+        ConfigError: If the database is not a file (a second connection could not share it).
+    """
+
+    def __init__(self, engine: Engine, max_batch: int = 128) -> None:
+        super().__init__(max_batch, max_in_flight=1)
+        self.engine = engine
+        database = engine.url.database
+        if not database or database == ":memory:" or database.startswith("file:"):
+            raise ConfigError(f"the SQLite database must be a file path, not {database!r}")
+        self._conn: sqlite3.Connection | None = sqlite3.connect(
+            database, isolation_level=None, check_same_thread=False
+        )
+        self._conn.execute("PRAGMA query_only=ON")
+
+    async def device(self, credential_hash: str, device_id: str) -> str | None:
+        """The hardware id of ``device_id`` if the credential may upload for it, else None."""
+        if self._conn is None:
+            raise ConfigError("the ingest store is closed")
+        row = self._conn.execute(_WHO, (device_id, credential_hash)).fetchone()
+        return None if row is None else str(row[0])
+
+    async def _write(self, uploads: list[Upload]) -> set[tuple[str, int, int]]:
+        return await to_thread.run_sync(self._write_now, uploads)
+
+    def _write_now(self, uploads: list[Upload]) -> set[tuple[str, int, int]]:
+        stored = set()
+        with self.engine.begin() as conn:
+            for upload in uploads:
+                batch_id = conn.execute(
+                    _RECORD_BATCH,
+                    {
+                        "device_id": upload.device_id,
+                        "boot_epoch": upload.boot_epoch,
+                        "sequence": upload.sequence,
+                        "window_count": upload.window_count,
+                        "dropped_windows": upload.dropped_windows,
+                        "received_at": upload.received_at,
+                    },
+                ).scalar()
+                if batch_id is None:
+                    continue  # a replay
+                conn.execute(
+                    _COUNT,
+                    {
+                        "device_id": upload.device_id,
+                        "boot_epoch": upload.boot_epoch,
+                        "received": 1,
+                        "top_sequence": upload.sequence,
+                    },
+                )
+                if upload.windows:
+                    conn.execute(
+                        _APPEND_WINDOWS, [{**w, "batch_id": batch_id} for w in upload.windows]
+                    )
+                stored.add(upload.key)
+        return stored
+
+    async def close(self) -> None:
+        """Close the store's own connection."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
