@@ -14,7 +14,8 @@ the threadpool where it can, as check-in does (:mod:`server.checkin_store`):
   windows, in one transaction that commits durably (a synchronous commit on PostgreSQL: an
   answered upload survives a crash, and one WAL flush serves every batch in it). PostgreSQL
   does it in one statement (``INSERT ... SELECT FROM unnest(...)`` for each table, chained by
-  ``RETURNING``); SQLite in a worker thread on the engine's connection, one short transaction.
+  ``RETURNING``); SQLite in a worker thread on a connection of the store's own, one short
+  transaction.
   If a group fails, each of its uploads is tried alone, so one device's bad data never fails
   another's upload.
 
@@ -30,19 +31,16 @@ from typing import Any
 
 import pydantic_core
 from anyio import to_thread
-from sqlalchemy import Engine, func
-from sqlalchemy import insert as sa_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 
 from server import partitions
 from server.coalesce import Coalescer
 from server.errors import ConfigError
-from server.models import TelemetryBatchCount, TelemetryBatchRecord, TelemetryWindowRecord
+from server.models import TelemetryBatchRecord, TelemetryWindowRecord
 from server.telemetry import Upload
 
 _BATCHES = TelemetryBatchRecord.__table__  # type: ignore[attr-defined]
-_COUNTS = TelemetryBatchCount.__table__  # type: ignore[attr-defined]
 _WINDOWS = TelemetryWindowRecord.__table__  # type: ignore[attr-defined]
 
 #: The device a credential may upload for: itself, or the ring it is the paired relay of.
@@ -174,7 +172,7 @@ class PostgresIngestStore(_Appends):
     """Lookups and appends on an asyncio pool of autocommit connections (opened on first use in
     the serving loop); each append statement commits synchronously."""
 
-    def __init__(self, engine: Engine, max_batch: int = 128, max_in_flight: int = 2) -> None:
+    def __init__(self, engine: Engine, max_batch: int = 128, max_in_flight: int = 1) -> None:
         super().__init__(max_batch, max_in_flight)
         self.engine = engine
         self._who: Coalescer[tuple[str, str], str | None] = Coalescer(
@@ -253,30 +251,34 @@ class PostgresIngestStore(_Appends):
             self._pool = None
 
 
-#: SQLite's statements, compiled once.
-_RECORD_BATCH = sqlite_insert(_BATCHES).on_conflict_do_nothing().returning(_BATCHES.c.id)
-_COUNT = sqlite_insert(_COUNTS)
-_COUNT = _COUNT.on_conflict_do_update(
-    index_elements=[_COUNTS.c.device_id, _COUNTS.c.boot_epoch],
-    set_={
-        "received": _COUNTS.c.received + 1,
-        "top_sequence": func.max(_COUNTS.c.top_sequence, _COUNT.excluded.top_sequence),
-    },
+_SQLITE_RECORD = (
+    "INSERT INTO telemetry_batch (device_id, boot_epoch, sequence, window_count, dropped_windows,"
+    " received_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING id"
 )
-#: With RETURNING, SQLAlchemy sends an executemany as one multi-row INSERT ("insertmanyvalues").
-_APPEND_WINDOWS = sa_insert(_WINDOWS).returning(_WINDOWS.c.id)
+_SQLITE_COUNT = (
+    "INSERT INTO telemetry_batch_count (device_id, boot_epoch, received, top_sequence)"
+    " VALUES (?, ?, 1, ?) ON CONFLICT (device_id, boot_epoch) DO UPDATE"
+    " SET received = received + 1, top_sequence = max(top_sequence, excluded.top_sequence)"
+)
+_SQLITE_WINDOWS = (
+    "INSERT INTO telemetry_window (batch_id, device_id, hardware_id, model, version,"
+    " bundle_sha256, window_start, window_s, aggregate, folded)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0)"
+)
 
 
 class SqliteIngestStore(_Appends):
-    """Lookups on a connection of the store's own in the event loop; appends in a worker thread
-    on the engine's one pooled connection (so they queue with every other writer rather than
-    sleeping in SQLite's busy handler), one transaction per group.
+    """Lookups on a read-only connection in the event loop; appends in a worker thread on a
+    write connection, one transaction per group (``BEGIN IMMEDIATE``: it queues for SQLite's
+    write lock in the busy handler, off the event loop). Both connections are the store's own.
+    Times are stored as the ORM stores them (the columns' own bind processors); aggregates as
+    JSON text, which the column's JSON type reads.
 
     Raises:
         ConfigError: If the database is not a file (a second connection could not share it).
     """
 
-    def __init__(self, engine: Engine, max_batch: int = 128) -> None:
+    def __init__(self, engine: Engine, max_batch: int = 128, busy_timeout_s: float = 30.0) -> None:
         super().__init__(max_batch, max_in_flight=1)
         self.engine = engine
         database = engine.url.database
@@ -286,6 +288,16 @@ class SqliteIngestStore(_Appends):
             database, isolation_level=None, check_same_thread=False
         )
         self._conn.execute("PRAGMA query_only=ON")
+        self._writer: sqlite3.Connection | None = sqlite3.connect(
+            database, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
+        )
+        self._writer.execute("PRAGMA journal_mode=WAL")
+        self._writer.execute("PRAGMA synchronous=NORMAL")
+        dialect = engine.dialect
+        self._time = {
+            name: table.c[name].type.dialect_impl(dialect).bind_processor(dialect)
+            for table, name in ((_BATCHES, "received_at"), (_WINDOWS, "window_start"))
+        }
 
     async def device(self, credential_hash: str, device_id: str) -> str | None:
         """The hardware id of ``device_id`` if the credential may upload for it, else None."""
@@ -298,40 +310,57 @@ class SqliteIngestStore(_Appends):
         return await to_thread.run_sync(self._write_now, uploads)
 
     def _write_now(self, uploads: list[Upload]) -> set[tuple[str, int, int]]:
+        conn = self._writer
+        if conn is None:
+            raise ConfigError("the ingest store is closed")
+        received_at = self._time["received_at"] or (lambda v: v)
+        window_start = self._time["window_start"] or (lambda v: v)
         stored = set()
-        with self.engine.begin() as conn:
-            for upload in uploads:
-                batch_id = conn.execute(
-                    _RECORD_BATCH,
-                    {
-                        "device_id": upload.device_id,
-                        "boot_epoch": upload.boot_epoch,
-                        "sequence": upload.sequence,
-                        "window_count": upload.window_count,
-                        "dropped_windows": upload.dropped_windows,
-                        "received_at": upload.received_at,
-                    },
-                ).scalar()
-                if batch_id is None:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for u in uploads:
+                row = conn.execute(
+                    _SQLITE_RECORD,
+                    (
+                        u.device_id,
+                        u.boot_epoch,
+                        u.sequence,
+                        u.window_count,
+                        u.dropped_windows,
+                        received_at(u.received_at),
+                    ),
+                ).fetchone()
+                if row is None:
                     continue  # a replay
-                conn.execute(
-                    _COUNT,
-                    {
-                        "device_id": upload.device_id,
-                        "boot_epoch": upload.boot_epoch,
-                        "received": 1,
-                        "top_sequence": upload.sequence,
-                    },
+                conn.execute(_SQLITE_COUNT, (u.device_id, u.boot_epoch, u.sequence))
+                conn.executemany(
+                    _SQLITE_WINDOWS,
+                    [
+                        (
+                            row[0],
+                            w["device_id"],
+                            w["hardware_id"],
+                            w["model"],
+                            w["version"],
+                            w["bundle_sha256"],
+                            window_start(w["window_start"]),
+                            w["window_s"],
+                            pydantic_core.to_json(w["aggregate"]).decode(),
+                        )
+                        for w in u.windows
+                    ],
                 )
-                if upload.windows:
-                    conn.execute(
-                        _APPEND_WINDOWS, [{**w, "batch_id": batch_id} for w in upload.windows]
-                    )
-                stored.add(upload.key)
+                stored.add(u.key)
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise DBAPIError(_SQLITE_WINDOWS, None, exc) from exc
         return stored
 
     async def close(self) -> None:
-        """Close the store's own connection."""
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        """Close the store's own connections."""
+        for conn in (self._conn, self._writer):
+            if conn is not None:
+                conn.close()
+        self._conn = self._writer = None
