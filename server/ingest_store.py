@@ -45,16 +45,15 @@ _WINDOWS = TelemetryWindowRecord.__table__  # type: ignore[attr-defined]
 
 #: The device a credential may upload for: itself, or the ring it is the paired relay of.
 _WHO = """
-SELECT t.hardware_id FROM device AS c JOIN device AS t ON t.id = ?
-WHERE c.credential_hash = ? AND NOT c.revoked AND NOT t.revoked
-  AND (t.id = c.id OR t.relay_id = c.id)
+SELECT t.hardware_id FROM device AS t JOIN device AS c ON c.id IN (t.id, t.relay_id)
+WHERE t.id = ? AND c.credential_hash = ? AND NOT c.revoked AND NOT t.revoked
 """
 _WHO_MANY = """
 SELECT v.credential_hash, v.id, t.hardware_id
 FROM json_to_recordset(%s::json) AS v(credential_hash varchar, id varchar)
-JOIN device AS c ON c.credential_hash = v.credential_hash
 JOIN device AS t ON t.id = v.id
-WHERE NOT c.revoked AND NOT t.revoked AND (t.id = c.id OR t.relay_id = c.id)
+JOIN device AS c ON c.id IN (t.id, t.relay_id) AND c.credential_hash = v.credential_hash
+WHERE NOT c.revoked AND NOT t.revoked
 """
 
 #: Batch records, their counts and their windows in one statement: the windows join the records
@@ -307,50 +306,54 @@ class SqliteIngestStore(_Appends):
         return None if row is None else str(row[0])
 
     async def _write(self, uploads: list[Upload]) -> set[tuple[str, int, int]]:
-        return await to_thread.run_sync(self._write_now, uploads)
+        # The rows are made here, so the worker thread runs little Python: a thread holding
+        # the GIL would keep the event loop waiting for it at every socket write.
+        received_at = self._time["received_at"] or (lambda v: v)
+        window_start = self._time["window_start"] or (lambda v: v)
+        rows = [
+            (
+                u.key,
+                (
+                    u.device_id,
+                    u.boot_epoch,
+                    u.sequence,
+                    u.window_count,
+                    u.dropped_windows,
+                    received_at(u.received_at),
+                ),
+                (u.device_id, u.boot_epoch, u.sequence),
+                [
+                    (
+                        w["device_id"],
+                        w["hardware_id"],
+                        w["model"],
+                        w["version"],
+                        w["bundle_sha256"],
+                        window_start(w["window_start"]),
+                        w["window_s"],
+                        pydantic_core.to_json(w["aggregate"]).decode(),
+                    )
+                    for w in u.windows
+                ],
+            )
+            for u in uploads
+        ]
+        return await to_thread.run_sync(self._write_rows, rows)
 
-    def _write_now(self, uploads: list[Upload]) -> set[tuple[str, int, int]]:
+    def _write_rows(self, rows: list[tuple[Any, ...]]) -> set[tuple[str, int, int]]:
         conn = self._writer
         if conn is None:
             raise ConfigError("the ingest store is closed")
-        received_at = self._time["received_at"] or (lambda v: v)
-        window_start = self._time["window_start"] or (lambda v: v)
         stored = set()
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for u in uploads:
-                row = conn.execute(
-                    _SQLITE_RECORD,
-                    (
-                        u.device_id,
-                        u.boot_epoch,
-                        u.sequence,
-                        u.window_count,
-                        u.dropped_windows,
-                        received_at(u.received_at),
-                    ),
-                ).fetchone()
-                if row is None:
+            for key, record, count, windows in rows:
+                found = conn.execute(_SQLITE_RECORD, record).fetchone()
+                if found is None:
                     continue  # a replay
-                conn.execute(_SQLITE_COUNT, (u.device_id, u.boot_epoch, u.sequence))
-                conn.executemany(
-                    _SQLITE_WINDOWS,
-                    [
-                        (
-                            row[0],
-                            w["device_id"],
-                            w["hardware_id"],
-                            w["model"],
-                            w["version"],
-                            w["bundle_sha256"],
-                            window_start(w["window_start"]),
-                            w["window_s"],
-                            pydantic_core.to_json(w["aggregate"]).decode(),
-                        )
-                        for w in u.windows
-                    ],
-                )
-                stored.add(u.key)
+                conn.execute(_SQLITE_COUNT, count)
+                conn.executemany(_SQLITE_WINDOWS, [(found[0], *w) for w in windows])
+                stored.add(key)
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             if conn.in_transaction:
