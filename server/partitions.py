@@ -73,11 +73,13 @@ def create_statement(day: date) -> str:
 
 def _create(conn: Connection, day: date) -> None:
     try:
-        # The parent's lock first, as the create would take it only after locking the new
-        # table: an insert already routing rows would then wait on the new table while holding
-        # the parent, and the two deadlock (seen under bench/load_fleet.py). Taken first, the
-        # create waits for inserts in flight and new ones wait for the create's brief commit.
-        conn.execute(text("LOCK TABLE telemetry_window IN SHARE ROW EXCLUSIVE MODE"))
+        # The parent's lock first, in the mode the create takes anyway (ACCESS EXCLUSIVE): an
+        # insert already routing rows would otherwise wait on the new table while holding the
+        # parent, and the two deadlock (seen under bench/load_fleet.py); and taking a weaker mode
+        # first, to be upgraded by the create, deadlocks with a fold that read the parent and
+        # then writes to it. Taken whole, the create waits for transactions in flight and new
+        # ones wait for its brief commit.
+        conn.execute(text("LOCK TABLE telemetry_window IN ACCESS EXCLUSIVE MODE"))
         conn.execute(text(create_statement(day)))
         conn.commit()
     except DBAPIError:
