@@ -12,7 +12,6 @@ before it is answered, with an asynchronous commit (:data:`ASYNC_COMMIT`).
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 from dataclasses import dataclass
 from datetime import datetime
@@ -22,7 +21,7 @@ import pydantic_core
 from sqlalchemy import Engine, bindparam, select, update
 from sqlmodel import col
 
-from server.coalesce import Coalescer
+from server.coalesce import AsyncPool, Coalescer
 from server.errors import ConfigError
 from server.models import Device, DeviceState
 
@@ -188,9 +187,7 @@ class PostgresCheckInStore:
         self._coalescer: Coalescer[Contact, DeviceRow | None] = Coalescer(
             self._execute, max_batch=max_batch, max_in_flight=max_in_flight
         )
-        self._max_in_flight = max_in_flight
-        self._pool: Any = None
-        self._pool_lock: asyncio.Lock | None = None
+        self._pool = AsyncPool(engine, max_size=max_in_flight, options=ASYNC_COMMIT)
 
     async def record(self, contact: Contact) -> DeviceRow | None:
         """Authenticate and record; the device's hardware id and free flash, or None."""
@@ -218,38 +215,13 @@ class PostgresCheckInStore:
                 for c in unique
             ]
         ).decode()
-        pool = await self._open_pool()
+        pool = await self._pool.get()
         async with pool.connection() as conn:
             cursor = await conn.execute(_BATCH_UPDATE, (document,))
             rows = await cursor.fetchall()
         found = {(r[0], r[1]): DeviceRow(r[2], r[3], r[4]) for r in rows}
         return [found.get((c.credential_hash, c.device_id)) for c in contacts]
 
-    async def _open_pool(self) -> Any:
-        if self._pool is not None:
-            return self._pool
-        if self._pool_lock is None:
-            self._pool_lock = asyncio.Lock()
-        async with self._pool_lock:
-            if self._pool is None:
-                from psycopg_pool import AsyncConnectionPool
-
-                conninfo = self.engine.url.set(drivername="postgresql").render_as_string(
-                    hide_password=False
-                )
-                pool = AsyncConnectionPool(
-                    conninfo,
-                    min_size=1,
-                    max_size=self._max_in_flight,
-                    kwargs={"autocommit": True, "options": ASYNC_COMMIT},
-                    open=False,
-                )
-                await pool.open()
-                self._pool = pool
-        return self._pool
-
     async def close(self) -> None:
         """Close the pool (at application shutdown)."""
-        if self._pool is not None:
-            await self._pool.close()
-            self._pool = None
+        await self._pool.close()

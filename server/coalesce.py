@@ -1,4 +1,5 @@
-"""Requests that arrive while a database statement is in flight share the next one.
+"""Requests that arrive while a database statement is in flight share the next one; and the
+asyncio connection pool the hot paths' PostgreSQL statements run on.
 
 Check-in (:mod:`server.checkin_store`) and telemetry ingest (:mod:`server.ingest_store`) write
 one small row set per request; one statement (and, for ingest, one durable commit) per request
@@ -12,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
+
+from sqlalchemy import Engine
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -77,3 +80,44 @@ class Coalescer(Generic[T, R]):
                     future.set_exception(result)
                 else:
                     future.set_result(result)
+
+
+class AsyncPool:
+    """A psycopg asyncio pool of autocommit connections to ``engine``'s PostgreSQL database,
+    opened on first use (in the serving loop, which the pool's tasks belong to) and closed at
+    shutdown. ``options`` are the connections' server settings (``-c name=value``)."""
+
+    def __init__(self, engine: Engine, *, max_size: int, options: str = "") -> None:
+        self.engine = engine
+        self._max_size = max_size
+        self._options = options
+        self._pool: Any = None
+        self._lock: asyncio.Lock | None = None
+
+    async def get(self) -> Any:
+        """The open ``psycopg_pool.AsyncConnectionPool``."""
+        if self._pool is not None:
+            return self._pool
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            if self._pool is None:
+                from psycopg_pool import AsyncConnectionPool
+
+                conninfo = self.engine.url.set(drivername="postgresql").render_as_string(
+                    hide_password=False
+                )
+                kwargs: dict[str, Any] = {"autocommit": True}
+                if self._options:
+                    kwargs["options"] = self._options
+                pool = AsyncConnectionPool(
+                    conninfo, min_size=1, max_size=self._max_size, kwargs=kwargs, open=False
+                )
+                await pool.open()
+                self._pool = pool
+        return self._pool
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None

@@ -24,7 +24,6 @@ Windows are not folded into rollups here (:mod:`server.fold` does that later).
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 from collections.abc import Sequence
 from typing import Any
@@ -35,7 +34,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 
 from server import partitions
-from server.coalesce import Coalescer
+from server.coalesce import AsyncPool, Coalescer
 from server.errors import ConfigError
 from server.models import TelemetryBatchRecord, TelemetryWindowRecord
 from server.telemetry import Upload
@@ -177,15 +176,14 @@ class PostgresIngestStore(_Appends):
         self._who: Coalescer[tuple[str, str], str | None] = Coalescer(
             self._who_group, max_batch=256, max_in_flight=1
         )
-        self._pool: Any = None
-        self._pool_lock: asyncio.Lock | None = None
+        self._pool = AsyncPool(engine, max_size=3)
 
     async def device(self, credential_hash: str, device_id: str) -> str | None:
         """The hardware id of ``device_id`` if the credential may upload for it, else None."""
         return await self._who.submit((credential_hash, device_id))
 
     async def _who_group(self, asks: list[tuple[str, str]]) -> list[str | None]:
-        pool = await self._open_pool()
+        pool = await self._pool.get()
         async with pool.connection() as conn:
             document = pydantic_core.to_json([{"credential_hash": c, "id": d} for c, d in asks])
             cursor = await conn.execute(_WHO_MANY, (document.decode(),))
@@ -211,7 +209,7 @@ class PostgresIngestStore(_Appends):
             for w in u.windows
         ]
         params = (pydantic_core.to_json(batches).decode(), pydantic_core.to_json(windows).decode())
-        pool = await self._open_pool()
+        pool = await self._pool.get()
         try:
             async with pool.connection() as conn:
                 cursor = await conn.execute(_APPEND, params)
@@ -224,30 +222,9 @@ class PostgresIngestStore(_Appends):
             raise
         return {(r[0], r[1], r[2]) for r in rows}
 
-    async def _open_pool(self) -> Any:
-        if self._pool is not None:
-            return self._pool
-        if self._pool_lock is None:
-            self._pool_lock = asyncio.Lock()
-        async with self._pool_lock:
-            if self._pool is None:
-                from psycopg_pool import AsyncConnectionPool
-
-                conninfo = self.engine.url.set(drivername="postgresql").render_as_string(
-                    hide_password=False
-                )
-                pool = AsyncConnectionPool(
-                    conninfo, min_size=1, max_size=3, kwargs={"autocommit": True}, open=False
-                )
-                await pool.open()
-                self._pool = pool
-        return self._pool
-
     async def close(self) -> None:
         """Close the pool (at application shutdown)."""
-        if self._pool is not None:
-            await self._pool.close()
-            self._pool = None
+        await self._pool.close()
 
 
 _SQLITE_RECORD = (

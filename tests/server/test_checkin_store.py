@@ -85,20 +85,23 @@ def test_a_revoked_device_is_not_recorded(fleet: Fleet) -> None:
 
 
 def test_check_in_records_commit_without_waiting_for_the_flush(fleet: Fleet) -> None:
-    """Only the contact record's commits are asynchronous (PostgreSQL); the ORM's stay
-    synchronous."""
-    store = fleet.state.check_in_store
+    """Only the contact record's commits are asynchronous (PostgreSQL); telemetry appends and
+    the ORM's stay synchronous (an answered upload survives a crash)."""
+    stores = (fleet.state.check_in_store, fleet.state.ingest_store)
     if fleet.state.engine.dialect.name != "postgresql":
-        assert not hasattr(store, "_open_pool")  # SQLite: one local connection, no pool
+        assert not any(hasattr(s, "_pool") for s in stores)  # SQLite: local connections
         return
 
-    async def settings() -> tuple[str, str]:
-        pool = await store._open_pool()
-        async with pool.connection() as conn:
-            row = await (await conn.execute("SHOW synchronous_commit")).fetchone()
-        await store.close()
+    async def settings() -> tuple[str, str, str]:
+        found = []
+        for store in stores:
+            pool = await store._pool.get()
+            async with pool.connection() as conn:
+                row = await (await conn.execute("SHOW synchronous_commit")).fetchone()
+            await store.close()
+            found.append(row[0])
         with Session(fleet.state.engine) as session:
             orm = session.connection().exec_driver_sql("SHOW synchronous_commit").scalar()
-        return row[0], orm
+        return found[0], found[1], orm
 
-    assert asyncio.run(settings()) == ("off", "on")
+    assert asyncio.run(settings()) == ("off", "on", "on")
