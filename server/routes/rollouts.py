@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from sqlmodel import Session, col, select
 
 from server import evaluator, rollouts
-from server.arms import in_treatment
+from server.arms import buckets, treatment_buckets
 from server.deps import OperatorDep, ReaderDep, SessionDep, StateDep
 from server.errors import ApiError
 from server.gates import GateConfig
@@ -61,7 +61,8 @@ def detail(session: Session, rollout: Rollout, limit: int) -> RolloutDetail:
     assert rollout.id is not None
     devices = evaluator.selected_ids(session, rollout)
     percent = rollout.stages[rollout.stage]["percent"]
-    treated = sum(1 for d in devices if in_treatment(rollout.id, d, percent))
+    taken = treatment_buckets(percent)
+    treated = sum(1 for b in buckets(rollout.id, devices) if b < taken)
     decisions = session.exec(
         select(RolloutDecision)
         .where(RolloutDecision.rollout_id == rollout.id)

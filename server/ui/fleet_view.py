@@ -13,7 +13,7 @@ from sqlalchemy import func, or_
 from sqlmodel import Session, col, select
 
 from firmware_bundles.manifest import semver_key
-from server import fleet_summary, registry, rollouts
+from server import fleet_summary, installed_counts, registry, rollouts
 from server.config import Settings
 from server.device_events import FAILED_OUTCOMES
 from server.fleet_summary import day_of
@@ -87,7 +87,7 @@ def fleet_page(
             {"hardware_id": h, "firmware_version": f, "devices": int(n)}
             for (h, f), n in sorted(firmware.items(), key=lambda r: (r[0][0], version_key(r[0][1])))
         ],
-        "by_model_version": _by_model_version(session, active),
+        "by_model_version": _by_model_version(session),
         "silent": [
             {
                 "id": device_id,
@@ -206,28 +206,20 @@ def _by_hardware(session: Session, active: Any, groups: list[_Group]) -> list[di
     return rows
 
 
-def _by_model_version(session: Session, active: Any) -> list[dict[str, Any]]:
+def _by_model_version(session: Session) -> list[dict[str, Any]]:
     """Per model, version and hardware id: devices running it and their last install outcome
     (from ``device_installed``, which mirrors each device's reported models)."""
-    rows = session.exec(
-        select(  # type: ignore[call-overload]
-            DeviceInstalled.model,
-            DeviceInstalled.version,
-            DeviceInstalled.hardware_id,
-            DeviceInstalled.last_install,
-            func.count(),
-        )
-        .join(Device, col(Device.id) == col(DeviceInstalled.device_id))
-        .where(active)
-        .group_by(
+    rows = installed_counts.active(
+        session,
+        [
             col(DeviceInstalled.model),
             col(DeviceInstalled.version),
             col(DeviceInstalled.hardware_id),
             col(DeviceInstalled.last_install),
-        )
-    ).all()
+        ],
+    )
     groups: dict[tuple[str, str, str], Counter[str]] = defaultdict(Counter)
-    for model, version, hardware_id, outcome, n in rows:
+    for (model, version, hardware_id, outcome), n in rows.items():
         key = (model or "?", version or "(none)", hardware_id)
         groups[key][outcome or "not reported"] += int(n)
     return [
