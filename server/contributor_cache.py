@@ -31,15 +31,16 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
+from weakref import WeakKeyDictionary
 
-from sqlalchemy import func, update
+from sqlalchemy import Engine, func, update
 from sqlmodel import Session, col, select
 
 from server.models import BatchCountGeneration, FleetRollup, TelemetryBatchCount
 
 #: A span's key: model, version, hardware id (None for all), its whole days.
 Key = tuple[str, str, str | None, tuple[str, ...]]
-#: How many spans each process remembers (the most recently used).
+#: How many spans each process remembers per database (the most recently used).
 KEPT = 64
 
 
@@ -59,8 +60,18 @@ class _Entry:
     answer: Answer
 
 
-_entries: OrderedDict[Key, _Entry] = OrderedDict()
+#: Per engine (a database: tests and the bench open several in one process), newest last.
+_entries: WeakKeyDictionary[Engine, OrderedDict[Key, _Entry]] = WeakKeyDictionary()
 _lock = threading.Lock()
+
+
+def _of(session: Session) -> OrderedDict[Key, _Entry]:
+    bind = session.get_bind()
+    engine = bind if isinstance(bind, Engine) else bind.engine
+    found = _entries.get(engine)
+    if found is None:
+        found = _entries[engine] = OrderedDict()
+    return found
 
 
 def fleet_check(rows: Iterable[FleetRollup]) -> tuple[Any, ...]:
@@ -91,28 +102,26 @@ def batch_check(session: Session) -> tuple[int, int, int, int]:
     return int(rows), int(received), int(top), int(gen)
 
 
-def get(key: Key, checks: tuple[Any, ...]) -> Answer | None:
-    """The answer remembered for ``key`` if it was stored under the same checks."""
+def get(session: Session, key: Key, checks: tuple[Any, ...]) -> Answer | None:
+    """The answer remembered for ``key`` in ``session``'s database if it was stored under the
+    same checks."""
     with _lock:
-        entry = _entries.get(key)
+        entries = _of(session)
+        entry = entries.get(key)
         if entry is None or entry.checks != checks:
             return None
-        _entries.move_to_end(key)
+        entries.move_to_end(key)
         return entry.answer
 
 
-def put(key: Key, checks: tuple[Any, ...], answer: Answer) -> None:
+def put(session: Session, key: Key, checks: tuple[Any, ...], answer: Answer) -> None:
     """Remember ``answer`` (its ``batches`` may be filled in later, by the same request)."""
     with _lock:
-        _entries[key] = _Entry(checks, answer)
-        _entries.move_to_end(key)
-        while len(_entries) > KEPT:
-            _entries.popitem(last=False)
-
-
-def clear() -> None:
-    with _lock:
-        _entries.clear()
+        entries = _of(session)
+        entries[key] = _Entry(checks, answer)
+        entries.move_to_end(key)
+        while len(entries) > KEPT:
+            entries.popitem(last=False)
 
 
 def bump_generation(session: Session) -> None:

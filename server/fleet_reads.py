@@ -144,12 +144,12 @@ def _count_contributors(
             contributor_cache.fleet_check(added.values()),
             contributor_cache.batch_check(session),
         )
-        known = contributor_cache.get(key, checks)
+        known = contributor_cache.get(session, key, checks)
         if known is None:
             known = _contributors(session, span, whole, added)
             if known is None:
                 return False
-            contributor_cache.put(key, checks, known)
+            contributor_cache.put(session, key, checks, known)
         devices, failing, batches = known.devices, known.selftest_failed, known.batches
     found.total.counted = Counted(devices, failing, batches, None, span, whole)
     for day, (n, f) in per_day.items():

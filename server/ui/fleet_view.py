@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
 from sqlalchemy import func, or_
@@ -56,7 +56,8 @@ def fleet_page(
     silent_before = now - timedelta(seconds=settings.ui_silent_after_s)
     is_silent = or_(col(Device.last_seen).is_(None), col(Device.last_seen) < silent_before)
     active = col(Device.revoked).is_(False)
-    groups = _device_groups(session, is_silent)
+    device_days = _device_days(session, is_silent)
+    groups = _device_groups(device_days)
     active_groups = [g for g in groups if not g.revoked]
     by_hardware = _by_hardware(session, active, active_groups)
     active_count = sum(row["devices"] for row in by_hardware)
@@ -114,7 +115,7 @@ def fleet_page(
         "trouble": _trouble(session),
         "charts": {
             "last_seen": _last_seen_chart(
-                session, active, now, [r["hardware_id"] for r in by_hardware]
+                device_days, now, [r["hardware_id"] for r in by_hardware]
             ),
             "install_outcomes": _outcomes_chart(outcomes, start, end),
         },
@@ -143,24 +144,65 @@ class _Group(NamedTuple):
     last_seen: datetime | None
 
 
-def _device_groups(session: Session, is_silent: Any) -> list[_Group]:
-    """The device table in one pass: what the page's device counts are added up from."""
+class _DayGroup(NamedTuple):
+    """Devices of one hardware id, firmware version and revocation state, last seen on one UTC
+    day (None: never)."""
+
+    group: _Group
+    day: str | None
+
+
+def _device_days(session: Session, is_silent: Any) -> list[_DayGroup]:
+    """The device table in one pass, grouped also by the day of last contact: what the page's
+    device counts and its last check-in chart are added up from."""
+    day = fleet_summary.day_of(session, col(Device.last_seen))
     return [
-        _Group(h, f, bool(r), g, p, int(n), int(never), int(silent), last)
-        for h, f, r, g, p, n, never, silent, last in session.exec(
+        _DayGroup(
+            _Group(h, f, bool(r), g, p, int(n), int(never), int(silent), last),
+            None if seen is None else fleet_summary.iso_day(seen),
+        )
+        for h, f, r, seen, g, p, n, never, silent, last in session.exec(
             select(  # type: ignore[call-overload]
                 Device.hardware_id,
                 Device.firmware_version,
                 Device.revoked,
+                day,
                 func.min(Device.generation),
                 func.min(Device.platform),
                 func.count(),
                 func.count().filter(col(Device.last_seen).is_(None)),
                 func.count().filter(is_silent),
                 func.max(Device.last_seen),
-            ).group_by(col(Device.hardware_id), col(Device.firmware_version), col(Device.revoked))
+            ).group_by(
+                col(Device.hardware_id), col(Device.firmware_version), col(Device.revoked), day
+            )
         )
     ]
+
+
+def _device_groups(days: list[_DayGroup]) -> list[_Group]:
+    """The day groups added up per hardware id, firmware version and revocation state."""
+    found: dict[tuple[str, str, bool], _Group] = {}
+    for d in days:
+        g = d.group
+        key = (g.hardware_id, g.firmware_version, g.revoked)
+        have = found.get(key)
+        if have is None:
+            found[key] = g
+            continue
+        seen = [t for t in (have.last_seen, g.last_seen) if t is not None]
+        found[key] = _Group(
+            g.hardware_id,
+            g.firmware_version,
+            g.revoked,
+            min(have.generation, g.generation),
+            min(have.platform, g.platform),
+            have.devices + g.devices,
+            have.never_seen + g.never_seen,
+            have.silent + g.silent,
+            max(seen) if seen else None,
+        )
+    return list(found.values())
 
 
 def _by_hardware(session: Session, active: Any, groups: list[_Group]) -> list[dict[str, Any]]:
@@ -261,20 +303,16 @@ def _active_rollouts(session: Session) -> list[dict[str, Any]]:
 
 
 def _last_seen_chart(
-    session: Session, active: Any, now: datetime, hardware_ids: list[str]
+    device_days: list[_DayGroup], now: datetime, hardware_ids: list[str]
 ) -> dict[str, Any]:
-    """Devices by the UTC day of their last check-in over the last days, per hardware id."""
+    """Devices not revoked by the UTC day of their last check-in over the last days, per
+    hardware id."""
     today = now.astimezone(UTC).date()
     days = [(today - timedelta(days=n)).isoformat() for n in range(LAST_SEEN_DAYS - 1, -1, -1)]
-    since = datetime.combine(date.fromisoformat(days[0]), time(), UTC)
-    day = fleet_summary.day_of(session, col(Device.last_seen))
     counts: dict[str, Counter[str]] = defaultdict(Counter)
-    for hardware_id, seen_day, n in session.exec(
-        select(Device.hardware_id, day, func.count())
-        .where(active, col(Device.last_seen) >= since)
-        .group_by(col(Device.hardware_id), day)
-    ):
-        counts[hardware_id][fleet_summary.iso_day(seen_day)] += int(n)
+    for d in device_days:
+        if not d.group.revoked and d.day is not None and d.day >= days[0]:
+            counts[d.group.hardware_id][d.day] += d.group.devices
     return charts.chart(
         "last_seen",
         f"Devices by day of last check-in (last {LAST_SEEN_DAYS} days; older not shown)",
@@ -334,17 +372,22 @@ def _outcomes_chart(rows: list[dict[str, Any]], start: datetime, end: datetime) 
 
 
 def _trouble(session: Session) -> list[dict[str, Any]]:
-    """The newest failed installs and reverts, with the device they happened on."""
-    found = session.exec(
-        select(DeviceEvent, Device.hardware_id)
-        .join(Device, col(Device.id) == col(DeviceEvent.device_id))
-        .where(
-            (col(DeviceEvent.kind) == "revert")
-            | ((col(DeviceEvent.kind) == "install") & col(DeviceEvent.outcome).in_(FAILED_OUTCOMES))
-        )
-        .order_by(col(DeviceEvent.at).desc(), col(DeviceEvent.id).desc())
-        .limit(TROUBLE_LISTED)
-    )
+    """The newest failed installs and reverts, with the device they happened on: the newest of
+    each kind read apart (each a short walk back along ``ix_device_event_kind_at``), then merged."""
+    newest = []
+    for kind in (
+        col(DeviceEvent.kind) == "revert",
+        (col(DeviceEvent.kind) == "install") & col(DeviceEvent.outcome).in_(FAILED_OUTCOMES),
+    ):
+        newest += session.exec(
+            select(DeviceEvent, Device.hardware_id)
+            .join(Device, col(Device.id) == col(DeviceEvent.device_id))
+            .where(kind)
+            .order_by(col(DeviceEvent.at).desc(), col(DeviceEvent.id).desc())
+            .limit(TROUBLE_LISTED)
+        ).all()
+    newest.sort(key=lambda row: (charts.utc(row[0].at), row[0].id), reverse=True)
+    found = newest[:TROUBLE_LISTED]
     return [
         {
             "device_id": e.device_id,
