@@ -92,7 +92,7 @@ def batch_check(session: Session) -> tuple[int, int, int, int]:
         .scalar_subquery()
     )
     rows, received, top, gen = session.exec(
-        select(  # type: ignore[call-overload]
+        select(
             func.count(),
             func.coalesce(func.sum(TelemetryBatchCount.received), 0),
             func.coalesce(func.sum(TelemetryBatchCount.top_sequence), 0),

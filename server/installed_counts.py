@@ -17,13 +17,13 @@ from server.models import Device, DeviceInstalled
 def active(session: Session, keys: list[Any], *where: Any) -> Counter[tuple[Any, ...]]:
     """Per value of ``keys`` (``device_installed`` columns): rows of devices not revoked, among
     the rows ``where`` picks; groups with none are left out."""
-    grouped = select(*keys, func.count()).where(*where).group_by(*keys)
+    grouped = select(*keys, func.count()).where(*where).group_by(*keys)  # type: ignore[call-overload]
     found: Counter[tuple[Any, ...]] = Counter()
-    for *key, n in session.exec(grouped):  # type: ignore[call-overload]
+    for *key, n in session.exec(grouped):
         found[tuple(key)] += int(n)
     revoked = grouped.join(Device, col(Device.id) == col(DeviceInstalled.device_id)).where(
         col(Device.revoked)
     )
-    for *key, n in session.exec(revoked):  # type: ignore[call-overload]
+    for *key, n in session.exec(revoked):
         found[tuple(key)] -= int(n)
     return Counter({key: n for key, n in found.items() if n > 0})

@@ -395,7 +395,7 @@ def _outcomes_chart(rows: list[dict[str, Any]], start: datetime, end: datetime) 
 def _trouble(session: Session) -> list[dict[str, Any]]:
     """The newest failed installs and reverts, with the device they happened on: the newest of
     each kind read apart (each a short walk back along ``ix_device_event_kind_at``), then merged."""
-    newest = []
+    newest: list[tuple[DeviceEvent, str]] = []
     for kind in (
         col(DeviceEvent.kind) == "revert",
         (col(DeviceEvent.kind) == "install") & col(DeviceEvent.outcome).in_(FAILED_OUTCOMES),
