@@ -212,7 +212,7 @@ def query_costs(url: str, data_dir: Path, today: date) -> dict[str, list[tuple[s
     first, last = today - timedelta(days=7), today - timedelta(days=1)
     whole = {"from": first.isoformat(), "to": last.isoformat()}
     builders: dict[str, Callable[[Session], Any]] = {
-        "Fleet": lambda s: fleet_page(s, state.settings, now=datetime.now(UTC)),
+        "Fleet": lambda s: fleet_page(s, state.settings, now=datetime.now(UTC), params={}),
         "Model (7 whole days)": lambda s: model_page(s, state, who, MODEL, whole),
         "Rollout": lambda s: rollout_page(s, state, who, ROLLOUT),
     }

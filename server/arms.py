@@ -1,14 +1,17 @@
-"""Rollout arms: which devices a rollout's stage takes, and what each arm is offered. Pure.
+"""Rollout arms: which devices a rollout's stage takes, and what each arm is offered.
 
 Membership is a stable hash of (rollout, device): a device's bucket in ``0..9999`` never changes,
 and a stage at ``p`` percent takes the buckets below ``p * 100``, so a device in at 5% stays in at
-25%, and a device enrolled later joins by the same rule (hawkBit #1548).
+25%, and a device enrolled later joins by the same rule (hawkBit #1548). Pure, but
+for a memo of the buckets already computed (:func:`buckets`).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -36,7 +39,37 @@ def bucket(rollout_id: int, device_id: str) -> int:
 
 def in_treatment(rollout_id: int, device_id: str, percent: float) -> bool:
     """Whether the stage at ``percent`` takes the device (given it is in the selector)."""
-    return bucket(rollout_id, device_id) < round(percent * BUCKETS / 100)
+    return bucket(rollout_id, device_id) < treatment_buckets(percent)
+
+
+def treatment_buckets(percent: float) -> int:
+    """How many buckets (from 0) the stage at ``percent`` takes."""
+    return round(percent * BUCKETS / 100)
+
+
+#: Rollouts whose devices' buckets :func:`buckets` remembers (the most recently asked); a
+#: rollout's map holds one entry per device asked about (about 10 MB per 100,000 devices).
+KEPT_ROLLOUTS = 4
+_kept: OrderedDict[int, dict[str, int]] = OrderedDict()
+_kept_lock = threading.Lock()
+
+
+def buckets(rollout_id: int, device_ids: Iterable[str]) -> list[int]:
+    """:func:`bucket` of each device, remembered per rollout: a device's bucket in a rollout
+    never changes, so a remembered one is never stale; only devices not asked about before are
+    hashed (the Rollout page counts the arms of every selected device at each view)."""
+    with _kept_lock:
+        known = _kept.pop(rollout_id, None) or {}
+        _kept[rollout_id] = known
+        while len(_kept) > KEPT_ROLLOUTS:
+            _kept.popitem(last=False)
+    found = []
+    for device_id in device_ids:
+        value = known.get(device_id)
+        if value is None:
+            value = known[device_id] = bucket(rollout_id, device_id)
+        found.append(value)
+    return found
 
 
 @dataclass(frozen=True)

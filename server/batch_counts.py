@@ -10,6 +10,7 @@ from __future__ import annotations
 from sqlalchemy import delete, func
 from sqlmodel import Session, col, select
 
+from server import contributor_cache
 from server.models import TelemetryBatchCount, TelemetryBatchRecord
 
 #: Devices named in one query (a longer list reads the whole table instead).
@@ -37,7 +38,9 @@ def counts(session: Session, devices: list[str]) -> dict[str, tuple[int, int]]:
 
 
 def erase(session: Session, device_id: str) -> None:
+    """Delete the device's counts (and say so to remembered completeness figures)."""
     session.exec(delete(TelemetryBatchCount).where(col(TelemetryBatchCount.device_id) == device_id))
+    contributor_cache.bump_generation(session)
 
 
 def rebuild(session: Session) -> None:

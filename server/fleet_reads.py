@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import func
 from sqlmodel import Session, col, select
 
-from server import aggregate, fold
+from server import aggregate, contributor_cache, fold
 from server.models import FleetRollup, TelemetryBatchCount, TelemetryRollup
 
 if TYPE_CHECKING:
@@ -139,38 +139,57 @@ def _count_contributors(
     if len(whole) == 1:  # a device has one row per version and day: its fleet rollups count it
         devices, failing = per_day.get(whole[0], [0, 0])
     else:
-        # One pass over the rollups' index, a row per device, joined to its batch counts.
-        contributors = (
-            select(
-                TelemetryRollup.device_id,
-                func.count().label("rows"),
-                func.max(TelemetryRollup.selftest_failure_count).label("failures"),
-            )
-            .where(*_rollup_filter(span, whole))
-            .group_by(col(TelemetryRollup.device_id))
-            .subquery()
+        key: contributor_cache.Key = (span.model, span.version, span.hardware_id, tuple(whole))
+        checks = (
+            contributor_cache.fleet_check(added.values()),
+            contributor_cache.batch_check(session),
         )
-        per_device = _batches_per_device()
-        rows, devices, failing, received, expected = session.exec(
-            select(  # type: ignore[call-overload]
-                func.coalesce(func.sum(contributors.c.rows), 0),
-                func.count(),
-                func.count().filter(contributors.c.failures > 0),
-                func.coalesce(func.sum(per_device.c.received), 0),
-                func.coalesce(func.sum(per_device.c.expected), 0),
-            ).select_from(
-                contributors.outerjoin(
-                    per_device, per_device.c.device_id == contributors.c.device_id
-                )
-            )
-        ).one()
-        if rows != sum(r.device_count for r in added.values()):
-            return False
-        batches[None] = (int(received), int(expected))
+        known = contributor_cache.get(session, key, checks)
+        if known is None:
+            known = _contributors(session, span, whole, added)
+            if known is None:
+                return False
+            contributor_cache.put(session, key, checks, known)
+        devices, failing, batches = known.devices, known.selftest_failed, known.batches
     found.total.counted = Counted(devices, failing, batches, None, span, whole)
     for day, (n, f) in per_day.items():
         found.days[day].counted = Counted(n, f, batches, day, span, whole)
     return True
+
+
+def _contributors(
+    session: Session, span: Span, whole: list[str], added: Mapping[tuple[str, str], FleetRollup]
+) -> contributor_cache.Answer | None:
+    """Who contributed to ``whole`` days (more than one), counted by the database; None if the
+    devices' rows disagree with the fleet rollups' device counts."""
+    # One pass over the rollups' index, a row per device, joined to its batch counts.
+    contributors = (
+        select(
+            TelemetryRollup.device_id,
+            func.count().label("rows"),
+            func.max(TelemetryRollup.selftest_failure_count).label("failures"),
+        )
+        .where(*_rollup_filter(span, whole))
+        .group_by(col(TelemetryRollup.device_id))
+        .subquery()
+    )
+    per_device = _batches_per_device()
+    rows, devices, failing, received, expected = session.exec(
+        select(  # type: ignore[call-overload]
+            func.coalesce(func.sum(contributors.c.rows), 0),
+            func.count(),
+            func.count().filter(contributors.c.failures > 0),
+            func.coalesce(func.sum(per_device.c.received), 0),
+            func.coalesce(func.sum(per_device.c.expected), 0),
+        ).select_from(
+            contributors.outerjoin(per_device, per_device.c.device_id == contributors.c.device_id)
+        )
+    ).one()
+    if rows != sum(r.device_count for r in added.values()):
+        return None
+    return contributor_cache.Answer(
+        int(devices), int(failing), {None: (int(received), int(expected))}
+    )
 
 
 def _batches_per_device() -> Any:

@@ -70,6 +70,16 @@ class Device(SQLModel, table=True):
     """An enrolled device, its capabilities, credential and last contact."""
 
     __tablename__ = "device"
+    __table_args__ = (
+        # The few revoked devices, so counts over active ones are all minus these (the Fleet and
+        # Model pages); a partial index, so a check-in (never revoked) writes no entry in it.
+        Index(
+            "ix_device_revoked",
+            "id",
+            postgresql_where=text("revoked"),
+            sqlite_where=text("revoked"),
+        ),
+    )
     id: str = Field(primary_key=True)
     hardware_id: str = Field(index=True)
     generation: str
@@ -175,6 +185,16 @@ class TelemetryBatchCount(SQLModel, table=True):
     boot_epoch: int = Field(primary_key=True)
     received: int
     top_sequence: int
+
+
+class BatchCountGeneration(SQLModel, table=True):
+    """One row (id 1): bumped whenever ``telemetry_batch_count`` loses rows (a device's telemetry
+    erased), so remembered completeness figures know a count changed
+    (:mod:`server.contributor_cache`)."""
+
+    __tablename__ = "telemetry_batch_count_generation"
+    id: int = Field(default=1, primary_key=True)
+    generation: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
 
 
 #: Windows not yet folded into rollups (what the fold job claims and readers add to rollups).

@@ -9,6 +9,7 @@ from typing import Any
 from sqlmodel import Session
 
 from firmware_bundles import TargetCatalogue
+from firmware_bundles.manifest import Manifest
 from server import metrics
 from server.auth import PERMISSIONS, Principal
 from server.config import Settings
@@ -65,15 +66,25 @@ def privileged(who: Principal) -> bool:
 
 
 def version_metrics(
-    session: Session, settings: Settings, span: metrics.Span, who: Principal, *, by_day: bool
+    session: Session,
+    settings: Settings,
+    span: metrics.Span,
+    who: Principal,
+    *,
+    by_day: bool,
+    found: metrics.Collected | None = None,
 ) -> VersionMetrics:
     """Inferences, devices, error and self-test failure rates, latency quantiles, outputs,
     feedback, accuracy from labels and completeness, in total and (``by_day``) per day.
 
+    ``found``: the span's data already collected (:func:`metrics.collect` of ``span``), so a page
+    that also shows the span's drift reads it once.
+
     Raises:
         ApiError: 404 for an unknown version, or one without a bundle for the hardware id.
     """
-    found = metrics.collect(session, span, settings.telemetry_relative_accuracy)
+    if found is None:
+        found = metrics.collect(session, span, settings.telemetry_relative_accuracy)
     manifest = metrics.reference(session, span)
     minimum = settings.min_devices_shown
     allowed = privileged(who)
@@ -106,16 +117,24 @@ def version_metrics(
 
 
 def version_drift(
-    session: Session, settings: Settings, span: metrics.Span, who: Principal, against: str
+    session: Session,
+    settings: Settings,
+    span: metrics.Span,
+    who: Principal,
+    against: str,
+    *,
+    found: metrics.Collected | None = None,
 ) -> VersionDrift:
     """Drift per input feature and output against the manifest's reference (``against`` is
-    ``"reference"``) or another version of the model over the same span.
+    ``"reference"``) or another version of the model over the same span (``found``: the span's
+    data, if already collected).
 
     Raises:
         ApiError: 404 for an unknown version; 409 when the two sides' bins differ.
     """
     accuracy = settings.telemetry_relative_accuracy
-    found = metrics.collect(session, span, accuracy)
+    if found is None:
+        found = metrics.collect(session, span, accuracy)
     manifest = metrics.reference(session, span)
     skipped = found.skipped_rows
     minimum = settings.min_devices_shown
@@ -152,4 +171,21 @@ def version_drift(
         baseline_devices_reporting=baseline_devices,
         skipped_rows=skipped,
         drift=DriftFigures.model_validate(figures),
+    )
+
+
+def day_drift(
+    settings: Settings, manifest: Manifest, day: metrics.Group, who: Principal
+) -> DriftFigures:
+    """Drift against the manifest's reference of one event-time day of a collected span (its
+    group in :class:`metrics.Collected`): what :func:`version_drift` answers for a span of that
+    day alone (cut to the span), whose rows are the same ones, without reading them again."""
+    return DriftFigures.model_validate(
+        metrics.drift_figures(
+            day,
+            metrics.reference_counts(manifest),
+            manifest,
+            min_devices=settings.min_devices_shown,
+            privileged=privileged(who),
+        )
     )

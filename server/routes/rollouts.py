@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from sqlmodel import Session, col, select
 
 from server import evaluator, rollouts
-from server.arms import in_treatment
+from server.arm_counts import arm_counts
 from server.deps import OperatorDep, ReaderDep, SessionDep, StateDep
 from server.errors import ApiError
 from server.gates import GateConfig
@@ -59,9 +59,7 @@ def decision_public(d: RolloutDecision) -> DecisionPublic:
 def detail(session: Session, rollout: Rollout, limit: int) -> RolloutDetail:
     """A rollout with its arms' device counts and its newest decisions."""
     assert rollout.id is not None
-    devices = evaluator.selected_ids(session, rollout)
-    percent = rollout.stages[rollout.stage]["percent"]
-    treated = sum(1 for d in devices if in_treatment(rollout.id, d, percent))
+    selected, treated = arm_counts(session, rollout)
     decisions = session.exec(
         select(RolloutDecision)
         .where(RolloutDecision.rollout_id == rollout.id)
@@ -70,7 +68,7 @@ def detail(session: Session, rollout: Rollout, limit: int) -> RolloutDetail:
     ).all()
     return RolloutDetail(
         **_public(session, rollout).model_dump(),
-        arms=ArmsPublic(selected=len(devices), treatment=treated, control=len(devices) - treated),
+        arms=ArmsPublic(selected=selected, treatment=treated, control=selected - treated),
         decisions=[decision_public(d) for d in decisions],
     )
 

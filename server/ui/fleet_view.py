@@ -6,14 +6,14 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import UTC, datetime, time, timedelta
 from typing import Any, NamedTuple
 
-from sqlalchemy import func, or_
+from sqlalchemy import column, func, or_, values
 from sqlmodel import Session, col, select
 
 from firmware_bundles.manifest import semver_key
-from server import fleet_summary, registry, rollouts
+from server import fleet_summary, installed_counts, registry, rollouts
 from server.config import Settings
 from server.device_events import FAILED_OUTCOMES
 from server.fleet_summary import day_of
@@ -32,6 +32,9 @@ ACTIVE_ROLLOUT_STATES = ("draft", "running", "paused", "waiting-for-approval")
 #: Install outcomes are counted over this many days up to today unless the page asks otherwise
 #: (the fleet summary's span).
 OUTCOME_DAYS = 30
+#: Install outcomes over at most this many days are counted a day at a time (see
+#: :func:`install_outcomes`).
+DAYS_LISTED = 400
 #: How many of the newest failed installs and reverts the page lists.
 TROUBLE_LISTED = 20
 
@@ -56,7 +59,8 @@ def fleet_page(
     silent_before = now - timedelta(seconds=settings.ui_silent_after_s)
     is_silent = or_(col(Device.last_seen).is_(None), col(Device.last_seen) < silent_before)
     active = col(Device.revoked).is_(False)
-    groups = _device_groups(session, is_silent)
+    device_days = _device_days(session, is_silent)
+    groups = _device_groups(device_days)
     active_groups = [g for g in groups if not g.revoked]
     by_hardware = _by_hardware(session, active, active_groups)
     active_count = sum(row["devices"] for row in by_hardware)
@@ -87,7 +91,7 @@ def fleet_page(
             {"hardware_id": h, "firmware_version": f, "devices": int(n)}
             for (h, f), n in sorted(firmware.items(), key=lambda r: (r[0][0], version_key(r[0][1])))
         ],
-        "by_model_version": _by_model_version(session, active),
+        "by_model_version": _by_model_version(session),
         "silent": [
             {
                 "id": device_id,
@@ -114,7 +118,7 @@ def fleet_page(
         "trouble": _trouble(session),
         "charts": {
             "last_seen": _last_seen_chart(
-                session, active, now, [r["hardware_id"] for r in by_hardware]
+                device_days, now, [r["hardware_id"] for r in by_hardware]
             ),
             "install_outcomes": _outcomes_chart(outcomes, start, end),
         },
@@ -143,24 +147,65 @@ class _Group(NamedTuple):
     last_seen: datetime | None
 
 
-def _device_groups(session: Session, is_silent: Any) -> list[_Group]:
-    """The device table in one pass: what the page's device counts are added up from."""
+class _DayGroup(NamedTuple):
+    """Devices of one hardware id, firmware version and revocation state, last seen on one UTC
+    day (None: never)."""
+
+    group: _Group
+    day: str | None
+
+
+def _device_days(session: Session, is_silent: Any) -> list[_DayGroup]:
+    """The device table in one pass, grouped also by the day of last contact: what the page's
+    device counts and its last check-in chart are added up from."""
+    day = fleet_summary.day_of(session, col(Device.last_seen))
     return [
-        _Group(h, f, bool(r), g, p, int(n), int(never), int(silent), last)
-        for h, f, r, g, p, n, never, silent, last in session.exec(
+        _DayGroup(
+            _Group(h, f, bool(r), g, p, int(n), int(never), int(silent), last),
+            None if seen is None else fleet_summary.iso_day(seen),
+        )
+        for h, f, r, seen, g, p, n, never, silent, last in session.exec(
             select(  # type: ignore[call-overload]
                 Device.hardware_id,
                 Device.firmware_version,
                 Device.revoked,
+                day,
                 func.min(Device.generation),
                 func.min(Device.platform),
                 func.count(),
                 func.count().filter(col(Device.last_seen).is_(None)),
                 func.count().filter(is_silent),
                 func.max(Device.last_seen),
-            ).group_by(col(Device.hardware_id), col(Device.firmware_version), col(Device.revoked))
+            ).group_by(
+                col(Device.hardware_id), col(Device.firmware_version), col(Device.revoked), day
+            )
         )
     ]
+
+
+def _device_groups(days: list[_DayGroup]) -> list[_Group]:
+    """The day groups added up per hardware id, firmware version and revocation state."""
+    found: dict[tuple[str, str, bool], _Group] = {}
+    for d in days:
+        g = d.group
+        key = (g.hardware_id, g.firmware_version, g.revoked)
+        have = found.get(key)
+        if have is None:
+            found[key] = g
+            continue
+        seen = [t for t in (have.last_seen, g.last_seen) if t is not None]
+        found[key] = _Group(
+            g.hardware_id,
+            g.firmware_version,
+            g.revoked,
+            min(have.generation, g.generation),
+            min(have.platform, g.platform),
+            have.devices + g.devices,
+            have.never_seen + g.never_seen,
+            have.silent + g.silent,
+            max(seen) if seen else None,
+        )
+    return list(found.values())
 
 
 def _by_hardware(session: Session, active: Any, groups: list[_Group]) -> list[dict[str, Any]]:
@@ -206,28 +251,20 @@ def _by_hardware(session: Session, active: Any, groups: list[_Group]) -> list[di
     return rows
 
 
-def _by_model_version(session: Session, active: Any) -> list[dict[str, Any]]:
+def _by_model_version(session: Session) -> list[dict[str, Any]]:
     """Per model, version and hardware id: devices running it and their last install outcome
     (from ``device_installed``, which mirrors each device's reported models)."""
-    rows = session.exec(
-        select(  # type: ignore[call-overload]
-            DeviceInstalled.model,
-            DeviceInstalled.version,
-            DeviceInstalled.hardware_id,
-            DeviceInstalled.last_install,
-            func.count(),
-        )
-        .join(Device, col(Device.id) == col(DeviceInstalled.device_id))
-        .where(active)
-        .group_by(
+    rows = installed_counts.active(
+        session,
+        [
             col(DeviceInstalled.model),
             col(DeviceInstalled.version),
             col(DeviceInstalled.hardware_id),
             col(DeviceInstalled.last_install),
-        )
-    ).all()
+        ],
+    )
     groups: dict[tuple[str, str, str], Counter[str]] = defaultdict(Counter)
-    for model, version, hardware_id, outcome, n in rows:
+    for (model, version, hardware_id, outcome), n in rows.items():
         key = (model or "?", version or "(none)", hardware_id)
         groups[key][outcome or "not reported"] += int(n)
     return [
@@ -269,20 +306,16 @@ def _active_rollouts(session: Session) -> list[dict[str, Any]]:
 
 
 def _last_seen_chart(
-    session: Session, active: Any, now: datetime, hardware_ids: list[str]
+    device_days: list[_DayGroup], now: datetime, hardware_ids: list[str]
 ) -> dict[str, Any]:
-    """Devices by the UTC day of their last check-in over the last days, per hardware id."""
+    """Devices not revoked by the UTC day of their last check-in over the last days, per
+    hardware id."""
     today = now.astimezone(UTC).date()
     days = [(today - timedelta(days=n)).isoformat() for n in range(LAST_SEEN_DAYS - 1, -1, -1)]
-    since = datetime.combine(date.fromisoformat(days[0]), time(), UTC)
-    day = fleet_summary.day_of(session, col(Device.last_seen))
     counts: dict[str, Counter[str]] = defaultdict(Counter)
-    for hardware_id, seen_day, n in session.exec(
-        select(Device.hardware_id, day, func.count())
-        .where(active, col(Device.last_seen) >= since)
-        .group_by(col(Device.hardware_id), day)
-    ):
-        counts[hardware_id][fleet_summary.iso_day(seen_day)] += int(n)
+    for d in device_days:
+        if not d.group.revoked and d.day is not None and d.day >= days[0]:
+            counts[d.group.hardware_id][d.day] += d.group.devices
     return charts.chart(
         "last_seen",
         f"Devices by day of last check-in (last {LAST_SEEN_DAYS} days; older not shown)",
@@ -295,20 +328,38 @@ def _last_seen_chart(
 
 def install_outcomes(session: Session, start: datetime, end: datetime) -> list[dict[str, Any]]:
     """Per UTC day in ``[start, end)``: install events by outcome (installed, failed) and
-    reverts, counted as the fleet summary counts install outcomes."""
-    day = day_of(session, col(DeviceEvent.at))
-    rows = session.exec(
-        select(day, DeviceEvent.kind, DeviceEvent.outcome, func.count())
-        .where(
-            col(DeviceEvent.kind).in_(("install", "revert")),
-            col(DeviceEvent.at) >= start,
-            col(DeviceEvent.at) < end,
+    reverts, counted as the fleet summary counts install outcomes.
+
+    On PostgreSQL, up to :data:`DAYS_LISTED` days, each day's events are read as a range of the
+    ``(kind, at, outcome)`` index, joined to a list of the days' bounds (no per-event day
+    arithmetic: a third of the time at 260,000 events); longer spans, and SQLite (whose VALUES
+    cannot name its columns), group by each event's day.
+    """
+    kinds = col(DeviceEvent.kind).in_(("install", "revert"))
+    within = (col(DeviceEvent.at) >= start, col(DeviceEvent.at) < end)
+    first = charts.utc(start).date()
+    count = (charts.utc(end - timedelta(microseconds=1)).date() - first).days + 1
+    if count <= DAYS_LISTED and session.get_bind().dialect.name == "postgresql":
+        at_type = DeviceEvent.__table__.c.at.type  # type: ignore[attr-defined]
+        begins = [datetime.combine(first + timedelta(days=i), time(), UTC) for i in range(count)]
+        bounds = values(column("begins", at_type), column("ends", at_type), name="days").data(
+            [(b, b + timedelta(days=1)) for b in begins]
         )
-        .group_by(day, col(DeviceEvent.kind), col(DeviceEvent.outcome))
+        day: Any = bounds.c.begins
+        query = select(day, DeviceEvent.kind, DeviceEvent.outcome, func.count()).join_from(
+            bounds,
+            DeviceEvent,
+            (col(DeviceEvent.at) >= day) & (col(DeviceEvent.at) < bounds.c.ends),
+        )
+    else:
+        day = day_of(session, col(DeviceEvent.at))
+        query = select(day, DeviceEvent.kind, DeviceEvent.outcome, func.count())
+    rows = session.exec(
+        query.where(kinds, *within).group_by(day, col(DeviceEvent.kind), col(DeviceEvent.outcome))
     ).all()
     days: dict[str, Counter[str]] = defaultdict(Counter)
     for when, kind, outcome, n in rows:
-        key = when.astimezone(UTC).date().isoformat() if isinstance(when, datetime) else when
+        key = charts.utc(when).date().isoformat() if isinstance(when, datetime) else when
         if kind == "revert":
             days[key]["reverted"] += int(n)
         elif outcome == "ok":
@@ -342,17 +393,22 @@ def _outcomes_chart(rows: list[dict[str, Any]], start: datetime, end: datetime) 
 
 
 def _trouble(session: Session) -> list[dict[str, Any]]:
-    """The newest failed installs and reverts, with the device they happened on."""
-    found = session.exec(
-        select(DeviceEvent, Device.hardware_id)
-        .join(Device, col(Device.id) == col(DeviceEvent.device_id))
-        .where(
-            (col(DeviceEvent.kind) == "revert")
-            | ((col(DeviceEvent.kind) == "install") & col(DeviceEvent.outcome).in_(FAILED_OUTCOMES))
-        )
-        .order_by(col(DeviceEvent.at).desc(), col(DeviceEvent.id).desc())
-        .limit(TROUBLE_LISTED)
-    )
+    """The newest failed installs and reverts, with the device they happened on: the newest of
+    each kind read apart (each a short walk back along ``ix_device_event_kind_at``), then merged."""
+    newest: list[tuple[DeviceEvent, str]] = []
+    for kind in (
+        col(DeviceEvent.kind) == "revert",
+        (col(DeviceEvent.kind) == "install") & col(DeviceEvent.outcome).in_(FAILED_OUTCOMES),
+    ):
+        newest += session.exec(
+            select(DeviceEvent, Device.hardware_id)
+            .join(Device, col(Device.id) == col(DeviceEvent.device_id))
+            .where(kind)
+            .order_by(col(DeviceEvent.at).desc(), col(DeviceEvent.id).desc())
+            .limit(TROUBLE_LISTED)
+        ).all()
+    newest.sort(key=lambda row: (charts.utc(row[0].at), row[0].id), reverse=True)
+    found = newest[:TROUBLE_LISTED]
     return [
         {
             "device_id": e.device_id,

@@ -10,13 +10,13 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, time, timedelta
 from typing import Any
 
-from sqlalchemy import func
-from sqlmodel import Session, col, select
+from sqlmodel import Session, col
 
-from server import metrics, registry, reports
+from firmware_bundles.manifest import Manifest
+from server import installed_counts, metrics, registry, reports
 from server.auth import Principal
 from server.errors import ApiError
-from server.models import Device, DeviceInstalled
+from server.models import DeviceInstalled
 from server.state import ServerState
 from server.ui import charts
 
@@ -81,15 +81,14 @@ def _running(session: Session, model: str) -> Counter[tuple[str, str]]:
     """Devices running each (version, hardware id) of ``model``, as they last reported (from
     ``device_installed``, which mirrors each device's reported models)."""
     found: Counter[tuple[str, str]] = Counter()
-    rows = session.exec(
-        select(DeviceInstalled.version, DeviceInstalled.hardware_id, func.count())
-        .join(Device, col(Device.id) == col(DeviceInstalled.device_id))
-        .where(DeviceInstalled.model == model, col(Device.revoked).is_(False))
-        .group_by(col(DeviceInstalled.version), col(DeviceInstalled.hardware_id))
+    rows = installed_counts.active(
+        session,
+        [col(DeviceInstalled.version), col(DeviceInstalled.hardware_id)],
+        col(DeviceInstalled.model) == model,
     )
-    for version, hardware_id, n in rows:
+    for (version, hardware_id), n in rows.items():
         if version:
-            found[(version, hardware_id)] += int(n)
+            found[(version, hardware_id)] += n
     return found
 
 
@@ -150,9 +149,14 @@ def model_page(
     shown = _versions_for(model, span.hardware_id)
     focus = focus or (shown[0] if shown else None)
     settings = state.settings
+    # Each version's span is read once: its metrics, and (the focus) its drift in total and per day.
+    collected = {
+        v: metrics.collect(session, _with_version(span, v), settings.telemetry_relative_accuracy)
+        for v in shown
+    }
     per_version = {
         v: reports.version_metrics(
-            session, settings, _with_version(span, v), who, by_day=True
+            session, settings, _with_version(span, v), who, by_day=True, found=collected[v]
         ).model_dump(mode="json")
         for v in shown
     }
@@ -191,11 +195,14 @@ def model_page(
     focus_days = sorted(by_version[focus])
     page["charts"]["version"] = detail_charts([(focus, by_version[focus])], focus_days)
     focus_span = _with_version(span, focus)
+    found = collected[focus]
     page["drift"] = reports.version_drift(
-        session, settings, focus_span, who, "reference"
+        session, settings, focus_span, who, "reference", found=found
     ).model_dump(mode="json")
+    manifest = metrics.reference(session, focus_span)
     page["drift_days"] = [
-        {"day": day, **_day_drift(session, state, who, focus_span, day)} for day in focus_days
+        {"day": day, **_day_drift(state, who, manifest, focus_span, day, found.days[day])}
+        for day in focus_days
     ]
     page["drift_features"] = sorted({n for d in page["drift_days"] for n in d["psi"]})
     page["charts"]["drift"] = [_psi_chart(page["drift_days"])]
@@ -203,9 +210,15 @@ def model_page(
 
 
 def _day_drift(
-    session: Session, state: ServerState, who: Principal, span: metrics.Span, day: str
+    state: ServerState,
+    who: Principal,
+    manifest: Manifest,
+    span: metrics.Span,
+    day: str,
+    group: metrics.Group,
 ) -> dict[str, Any]:
-    """Drift against the reference over one event-time day (cut to the span)."""
+    """Drift against the reference over one event-time day (cut to the span): the API's answer
+    for that one-day span (``/drift?from=..&to=..``), from the day's group of the span's data."""
     begins = datetime.combine(datetime.fromisoformat(day).date(), time(), UTC)
     one_day = metrics.Span(
         span.model,
@@ -214,8 +227,7 @@ def _day_drift(
         max(begins, span.start),
         min(begins + timedelta(days=1), span.end),
     )
-    answer = reports.version_drift(session, state.settings, one_day, who, "reference")
-    drift = answer.drift.model_dump(mode="json")
+    drift = reports.day_drift(state.settings, manifest, group, who).model_dump(mode="json")
     return {
         "from": one_day.start.isoformat(),
         "to": one_day.end.isoformat(),
