@@ -1,0 +1,117 @@
+"""Rows of a table with a unique key, as the fold job adds into them (:mod:`server.fold`,
+:mod:`server.fleet_rollup`): the rows of many keys read at once (locked, in key order, on
+PostgreSQL), rows for new keys inserted unless another transaction made them first, and rows
+updated by id, each a statement for the whole set.
+
+So two writers adding into the same new row never fail on the unique key: the one that inserts
+second gets the key back as taken (``ON CONFLICT DO NOTHING``, which waits for the first to
+commit), reads the row the first made, locked, and adds into it like any stored row. Every writer
+locks existing rows in key order and inserts in key order, so two writers at once wait for each
+other rather than deadlock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from sqlalchemy import Table, bindparam, text, tuple_, update
+from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.sql.elements import TextClause
+from sqlalchemy.types import String
+from sqlmodel import Session
+
+Key = tuple[str, ...]
+
+#: Keys a SQLite read names at once (a row-value IN list; four bound values each).
+_SQLITE_CHUNK = 500
+
+
+def locked(
+    session: Session, table: Table, key: Sequence[str], keys: Iterable[Key], columns: Sequence[str]
+) -> dict[Key, dict[str, Any]]:
+    """The stored rows of ``keys`` (``key`` names the key columns, all strings), each as a dict
+    of the key columns and ``columns``; locked until the transaction ends on PostgreSQL, where
+    they are read in key order. (SQLite's one writer needs no row locks: the caller already
+    holds the database's write lock.)"""
+    wanted = sorted(set(keys))
+    if not wanted:
+        return {}
+    found: dict[Key, dict[str, Any]] = {}
+    if session.get_bind().dialect.name == "postgresql":
+        params = {f"k{i}": [k[i] for k in wanted] for i in range(len(key))}
+        rows = session.connection().execute(
+            _locked_statement(table, tuple(key), tuple(columns)), params
+        )
+        for row in rows.mappings():
+            found[tuple(row[c] for c in key)] = dict(row)
+        return found
+    key_columns = [table.c[c] for c in key]
+    for i in range(0, len(wanted), _SQLITE_CHUNK):
+        query = (
+            table.select()
+            .with_only_columns(*key_columns, *(table.c[c] for c in columns))
+            .where(tuple_(*key_columns).in_(wanted[i : i + _SQLITE_CHUNK]))
+        )
+        for row in session.connection().execute(query).mappings():
+            found[tuple(row[c] for c in key)] = dict(row)
+    return found
+
+
+_statements: dict[tuple[str, tuple[str, ...], tuple[str, ...]], TextClause] = {}
+
+
+def _locked_statement(table: Table, key: tuple[str, ...], columns: tuple[str, ...]) -> TextClause:
+    """PostgreSQL: the table joined to the keys given as one array per key column (one
+    statement however many keys), locked in key order; built once per table and columns."""
+    cache_key = (table.name, key, columns)
+    statement = _statements.get(cache_key)
+    if statement is None:
+        names = ", ".join(key)
+        selected = ", ".join(f"t.{c}" for c in (*key, *columns))
+        arrays = ", ".join(f":k{i}" for i in range(len(key)))
+        statement = (
+            text(
+                f"SELECT {selected} FROM {table.name} t"
+                f" JOIN unnest({arrays}) AS k({names}) USING ({names})"
+                f" ORDER BY {', '.join(f't.{c}' for c in key)} FOR UPDATE OF t"
+            )
+            .bindparams(*(bindparam(f"k{i}", type_=ARRAY(String)) for i in range(len(key))))
+            .columns(*(table.c[c] for c in (*key, *columns)))
+        )
+        _statements[cache_key] = statement
+    return statement
+
+
+def insert_new(
+    session: Session, table: Table, key: Sequence[str], rows: list[dict[str, Any]]
+) -> set[Key]:
+    """Insert ``rows`` (in key order) except those whose key another transaction stored first;
+    returns the keys inserted. A key taken by a transaction still running waits for it."""
+    if not rows:
+        return set()
+    dialect = session.get_bind().dialect.name
+    insert = pg_insert if dialect == "postgresql" else sqlite_insert
+    statement = (
+        insert(table)
+        .on_conflict_do_nothing(index_elements=list(key))
+        .returning(*(table.c[c] for c in key))
+    )
+    ordered = sorted(rows, key=lambda r: tuple(r[c] for c in key))
+    return {tuple(r) for r in session.connection().execute(statement, ordered)}
+
+
+def update_by_id(session: Session, table: Table, rows: list[dict[str, Any]]) -> None:
+    """Set the columns each row names (every row the same ones) on the row of its ``id``."""
+    if not rows:
+        return
+    columns = [c for c in rows[0] if c != "id"]
+    statement = (
+        update(table)
+        .where(table.c.id == bindparam("_id"))
+        .values({c: bindparam(c) for c in columns})
+    )
+    params = [{"_id": r["id"], **{c: r[c] for c in columns}} for r in rows]
+    session.connection().execute(statement, params)
