@@ -12,15 +12,15 @@ other rather than deadlock.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import Table, bindparam, text, tuple_, update
+import orjson
+from sqlalchemy import JSON, Integer, String, Table, TypeDecorator, bindparam, text, tuple_, update
 from sqlalchemy.dialects.postgresql import ARRAY
-from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.sql.elements import TextClause
-from sqlalchemy.types import String
 from sqlmodel import Session
 
 Key = tuple[str, ...]
@@ -92,26 +92,99 @@ def insert_new(
     returns the keys inserted. A key taken by a transaction still running waits for it."""
     if not rows:
         return set()
-    dialect = session.get_bind().dialect.name
-    insert = pg_insert if dialect == "postgresql" else sqlite_insert
+    ordered = sorted(rows, key=lambda r: tuple(r[c] for c in key))
+    conn = session.connection()
+    if conn.dialect.name == "postgresql":
+        columns = tuple(ordered[0])
+        statement = _pg_statement("insert", table, tuple(key), columns)
+        return {tuple(r) for r in conn.execute(statement, _arrays(table, columns, ordered))}
     statement = (
-        insert(table)
+        sqlite_insert(table)
         .on_conflict_do_nothing(index_elements=list(key))
         .returning(*(table.c[c] for c in key))
     )
-    ordered = sorted(rows, key=lambda r: tuple(r[c] for c in key))
-    return {tuple(r) for r in session.connection().execute(statement, ordered)}
+    return {tuple(r) for r in conn.execute(statement, ordered)}
 
 
 def update_by_id(session: Session, table: Table, rows: list[dict[str, Any]]) -> None:
     """Set the columns each row names (every row the same ones) on the row of its ``id``."""
     if not rows:
         return
-    columns = [c for c in rows[0] if c != "id"]
+    conn = session.connection()
+    columns = tuple(rows[0])
+    if conn.dialect.name == "postgresql":
+        statement = _pg_statement("update", table, (), columns)
+        conn.execute(statement, _arrays(table, columns, rows))
+        return
     statement = (
         update(table)
         .where(table.c.id == bindparam("_id"))
-        .values({c: bindparam(c) for c in columns})
+        .values({c: bindparam(c) for c in columns if c != "id"})
     )
-    params = [{"_id": r["id"], **{c: r[c] for c in columns}} for r in rows]
-    session.connection().execute(statement, params)
+    conn.execute(
+        statement, [{"_id": r["id"], **{c: r[c] for c in columns if c != "id"}} for r in rows]
+    )
+
+
+# PostgreSQL: each set of rows goes as one array per column (a statement of a fixed, short text
+# however many rows: a multi-row VALUES list would be parsed anew for every size), JSON columns
+# as text encoded here with orjson.
+
+
+def _pg_type(table: Table, column: str) -> str:
+    kind = table.c[column].type
+    if isinstance(kind, TypeDecorator):  # SQLModel's strings
+        kind = kind.impl_instance
+    if isinstance(kind, JSON):
+        return "json"
+    if isinstance(kind, Integer):
+        return "bigint"
+    if isinstance(kind, String):
+        return "text"
+    raise TypeError(f"{table.name}.{column}: no array type for {kind!r}")
+
+
+def _pg_statement(
+    what: str, table: Table, key: tuple[str, ...], columns: tuple[str, ...]
+) -> TextClause:
+    cache_key = (f"{what}:{table.name}", key, columns)
+    statement = _statements.get(cache_key)
+    if statement is not None:
+        return statement
+    types = {c: _pg_type(table, c) for c in columns}
+    arrays = ", ".join(
+        f"CAST(:{c} AS {'text' if types[c] == 'json' else types[c]}[])" for c in columns
+    )
+    values = ", ".join(f"v.{c}::json" if types[c] == "json" else f"v.{c}" for c in columns)
+    source = f"unnest({arrays}) AS v({', '.join(columns)})"
+    if what == "insert":
+        statement = text(
+            f"INSERT INTO {table.name} ({', '.join(columns)}) SELECT {values} FROM {source}"
+            f" ON CONFLICT ({', '.join(key)}) DO NOTHING RETURNING {', '.join(key)}"
+        ).columns(*(table.c[c] for c in key))
+    else:
+        assigned = ", ".join(
+            f"{c} = v.{c}::json" if types[c] == "json" else f"{c} = v.{c}"
+            for c in columns
+            if c != "id"
+        )
+        statement = text(f"UPDATE {table.name} t SET {assigned} FROM {source} WHERE t.id = v.id")
+    _statements[cache_key] = statement
+    return statement
+
+
+def _arrays(table: Table, columns: tuple[str, ...], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    arrays: dict[str, Any] = {}
+    for c in columns:
+        if isinstance(table.c[c].type, JSON):
+            arrays[c] = [None if r[c] is None else _dumps(r[c]) for r in rows]
+        else:
+            arrays[c] = [r[c] for r in rows]
+    return arrays
+
+
+def _dumps(value: Any) -> str:
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:  # what orjson does not take (say a key not a string): as stored before
+        return json.dumps(value)
