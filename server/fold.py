@@ -81,8 +81,8 @@ def fold_due(session: Session, *, relative_accuracy: float, limit: int, lease_s:
     return folded
 
 
-#: A claimed window: device, hardware id, model, version, start, its aggregate.
-Claimed = tuple[str, str, str, str, datetime, Any]
+#: A claimed window: device, hardware id, model, version, event-time day (UTC, ISO), aggregate.
+Claimed = tuple[str, str, str, str, str, Any]
 
 
 def _claim(session: Session, limit: int) -> list[Claimed]:
@@ -90,34 +90,42 @@ def _claim(session: Session, limit: int) -> list[Claimed]:
 
     One statement: on SQLite it takes the write lock before reading, so no other writer can claim
     the same windows between the read and the mark; on PostgreSQL it locks the slice first,
-    skipping what another folder holds.
+    skipping what another folder holds, and answers with one JSON document (decoded in one call,
+    not row by row).
     """
     conn = session.connection()
     if conn.dialect.name == "postgresql":
-        return [tuple(row) for row in conn.execute(_CLAIM_PG, {"limit": limit})]
+        return conn.execute(_CLAIM_PG, {"limit": limit}).scalar() or []
     pending = select(_WINDOWS.c.id).where(UNFOLDED).limit(limit).scalar_subquery()
+    columns = ("device_id", "hardware_id", "model", "version", "window_start", "aggregate")
     marked = (
         update(_WINDOWS)
         .where(UNFOLDED, _WINDOWS.c.id.in_(pending))
         .values(folded=True)
-        .returning(*_CLAIMED)
+        .returning(*(_WINDOWS.c[c] for c in columns))
     )
-    return [tuple(row) for row in conn.execute(marked)]
+    days: dict[date, str] = {}
+    claimed = []
+    for device_id, hardware_id, model, version, start, values in conn.execute(marked):
+        day = start.astimezone(UTC).date()
+        name = days.get(day)
+        if name is None:
+            name = days[day] = day.isoformat()
+        claimed.append((device_id, hardware_id, model, version, name, values))
+    return claimed
 
 
-_CLAIMED = tuple(
-    _WINDOWS.c[c]
-    for c in ("device_id", "hardware_id", "model", "version", "window_start", "aggregate")
-)
 # The picked rows are joined back on the whole primary key (with the partition column), so each
 # is found by one probe of its own day partition's key index.
 _CLAIM_PG = text(
     "WITH picked AS (SELECT id, window_start FROM telemetry_window WHERE NOT folded"
-    " LIMIT :limit FOR UPDATE SKIP LOCKED)"
-    " UPDATE telemetry_window w SET folded = true FROM picked"
+    " LIMIT :limit FOR UPDATE SKIP LOCKED),"
+    " claimed AS (UPDATE telemetry_window w SET folded = true FROM picked"
     " WHERE w.id = picked.id AND w.window_start = picked.window_start"
-    " RETURNING w.device_id, w.hardware_id, w.model, w.version, w.window_start, w.aggregate"
-).columns(*_CLAIMED)
+    " RETURNING w.device_id, w.hardware_id, w.model, w.version, w.window_start, w.aggregate)"
+    " SELECT json_agg(json_build_array(device_id, hardware_id, model, version,"
+    " to_char(window_start AT TIME ZONE 'UTC', 'YYYY-MM-DD'), aggregate)) FROM claimed"
+)
 
 
 def add_up(
@@ -128,13 +136,8 @@ def add_up(
     and logged."""
     parts: dict[RollupKey, dict[str, Any]] = {}
     hardware: dict[str, str] = {}
-    days: dict[date, str] = {}
-    for device_id, hardware_id, model, version, start, values in claimed:
-        day = start.astimezone(UTC).date()
-        name = days.get(day)
-        if name is None:
-            name = days[day] = day.isoformat()
-        key = (device_id, model, version, name)
+    for device_id, hardware_id, model, version, day, values in claimed:
+        key = (device_id, model, version, day)
         part = parts.get(key)
         if part is None:
             part = parts[key] = aggregate.empty(relative_accuracy)

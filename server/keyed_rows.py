@@ -18,7 +18,6 @@ from typing import Any
 
 import orjson
 from sqlalchemy import JSON, Integer, String, Table, TypeDecorator, bindparam, text, tuple_, update
-from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.sql.elements import TextClause
 from sqlmodel import Session
@@ -40,13 +39,13 @@ def locked(
     if not wanted:
         return {}
     found: dict[Key, dict[str, Any]] = {}
-    if session.get_bind().dialect.name == "postgresql":
-        params = {f"k{i}": [k[i] for k in wanted] for i in range(len(key))}
-        rows = session.connection().execute(
-            _locked_statement(table, tuple(key), tuple(columns)), params
-        )
-        for row in rows.mappings():
-            found[tuple(row[c] for c in key)] = dict(row)
+    conn = session.connection()
+    if conn.dialect.name == "postgresql":
+        statement = _pg_statement("lock", table, tuple(key), tuple(columns))
+        keys_doc = _dumps([dict(zip(key, k, strict=True)) for k in wanted])
+        # One json value: psycopg decodes it (with server.db.json_loads).
+        for row in conn.execute(statement, {"rows": keys_doc}).scalar() or []:
+            found[tuple(row[c] for c in key)] = row
         return found
     key_columns = [table.c[c] for c in key]
     for i in range(0, len(wanted), _SQLITE_CHUNK):
@@ -55,34 +54,9 @@ def locked(
             .with_only_columns(*key_columns, *(table.c[c] for c in columns))
             .where(tuple_(*key_columns).in_(wanted[i : i + _SQLITE_CHUNK]))
         )
-        for row in session.connection().execute(query).mappings():
+        for row in conn.execute(query).mappings():
             found[tuple(row[c] for c in key)] = dict(row)
     return found
-
-
-_statements: dict[tuple[str, tuple[str, ...], tuple[str, ...]], TextClause] = {}
-
-
-def _locked_statement(table: Table, key: tuple[str, ...], columns: tuple[str, ...]) -> TextClause:
-    """PostgreSQL: the table joined to the keys given as one array per key column (one
-    statement however many keys), locked in key order; built once per table and columns."""
-    cache_key = (table.name, key, columns)
-    statement = _statements.get(cache_key)
-    if statement is None:
-        names = ", ".join(key)
-        selected = ", ".join(f"t.{c}" for c in (*key, *columns))
-        arrays = ", ".join(f":k{i}" for i in range(len(key)))
-        statement = (
-            text(
-                f"SELECT {selected} FROM {table.name} t"
-                f" JOIN unnest({arrays}) AS k({names}) USING ({names})"
-                f" ORDER BY {', '.join(f't.{c}' for c in key)} FOR UPDATE OF t"
-            )
-            .bindparams(*(bindparam(f"k{i}", type_=ARRAY(String)) for i in range(len(key))))
-            .columns(*(table.c[c] for c in (*key, *columns)))
-        )
-        _statements[cache_key] = statement
-    return statement
 
 
 def insert_new(
@@ -95,9 +69,8 @@ def insert_new(
     ordered = sorted(rows, key=lambda r: tuple(r[c] for c in key))
     conn = session.connection()
     if conn.dialect.name == "postgresql":
-        columns = tuple(ordered[0])
-        statement = _pg_statement("insert", table, tuple(key), columns)
-        return {tuple(r) for r in conn.execute(statement, _arrays(table, columns, ordered))}
+        statement = _pg_statement("insert", table, tuple(key), tuple(ordered[0]))
+        return {tuple(r) for r in conn.execute(statement, {"rows": _dumps(ordered)})}
     statement = (
         sqlite_insert(table)
         .on_conflict_do_nothing(index_elements=list(key))
@@ -113,8 +86,7 @@ def update_by_id(session: Session, table: Table, rows: list[dict[str, Any]]) -> 
     conn = session.connection()
     columns = tuple(rows[0])
     if conn.dialect.name == "postgresql":
-        statement = _pg_statement("update", table, (), columns)
-        conn.execute(statement, _arrays(table, columns, rows))
+        conn.execute(_pg_statement("update", table, (), columns), {"rows": _dumps(rows)})
         return
     statement = (
         update(table)
@@ -126,9 +98,11 @@ def update_by_id(session: Session, table: Table, rows: list[dict[str, Any]]) -> 
     )
 
 
-# PostgreSQL: each set of rows goes as one array per column (a statement of a fixed, short text
-# however many rows: a multi-row VALUES list would be parsed anew for every size), JSON columns
-# as text encoded here with orjson.
+# PostgreSQL: a set of rows (or keys) goes as one JSON document, encoded here with orjson in one
+# call and taken apart by json_to_recordset, and rows read come back as one (json_agg): one
+# statement of a fixed, short text however many rows, with no per-row work in the driver.
+
+_statements: dict[tuple[str, str, tuple[str, ...], tuple[str, ...]], TextClause] = {}
 
 
 def _pg_type(table: Table, column: str) -> str:
@@ -141,50 +115,41 @@ def _pg_type(table: Table, column: str) -> str:
         return "bigint"
     if isinstance(kind, String):
         return "text"
-    raise TypeError(f"{table.name}.{column}: no array type for {kind!r}")
+    raise TypeError(f"{table.name}.{column}: no PostgreSQL type known for {kind!r}")
 
 
 def _pg_statement(
     what: str, table: Table, key: tuple[str, ...], columns: tuple[str, ...]
 ) -> TextClause:
-    cache_key = (f"{what}:{table.name}", key, columns)
+    cache_key = (what, table.name, key, columns)
     statement = _statements.get(cache_key)
     if statement is not None:
         return statement
-    types = {c: _pg_type(table, c) for c in columns}
-    arrays = ", ".join(
-        f"CAST(:{c} AS {'text' if types[c] == 'json' else types[c]}[])" for c in columns
-    )
-    values = ", ".join(f"v.{c}::json" if types[c] == "json" else f"v.{c}" for c in columns)
-    source = f"unnest({arrays}) AS v({', '.join(columns)})"
-    if what == "insert":
+    given = key if what == "lock" else columns
+    typed = ", ".join(f"{c} {_pg_type(table, c)}" for c in given)
+    source = f"json_to_recordset(CAST(:rows AS json)) AS v({typed})"
+    names = ", ".join(key)
+    if what == "lock":
+        selected = ", ".join(f"t.{c}" for c in (*key, *columns))
         statement = text(
-            f"INSERT INTO {table.name} ({', '.join(columns)}) SELECT {values} FROM {source}"
-            f" ON CONFLICT ({', '.join(key)}) DO NOTHING RETURNING {', '.join(key)}"
-        ).columns(*(table.c[c] for c in key))
-    else:
-        assigned = ", ".join(
-            f"{c} = v.{c}::json" if types[c] == "json" else f"{c} = v.{c}"
-            for c in columns
-            if c != "id"
+            f"SELECT json_agg(r) FROM (SELECT {selected} FROM {table.name} t"
+            f" JOIN {source} USING ({names})"
+            f" ORDER BY {', '.join(f't.{c}' for c in key)} FOR UPDATE OF t) r"
         )
+    elif what == "insert":
+        statement = text(
+            f"INSERT INTO {table.name} ({', '.join(columns)}) SELECT {', '.join(columns)}"
+            f" FROM {source} ON CONFLICT ({names}) DO NOTHING RETURNING {names}"
+        )
+    else:
+        assigned = ", ".join(f"{c} = v.{c}" for c in columns if c != "id")
         statement = text(f"UPDATE {table.name} t SET {assigned} FROM {source} WHERE t.id = v.id")
     _statements[cache_key] = statement
     return statement
 
 
-def _arrays(table: Table, columns: tuple[str, ...], rows: list[dict[str, Any]]) -> dict[str, Any]:
-    arrays: dict[str, Any] = {}
-    for c in columns:
-        if isinstance(table.c[c].type, JSON):
-            arrays[c] = [None if r[c] is None else _dumps(r[c]) for r in rows]
-        else:
-            arrays[c] = [r[c] for r in rows]
-    return arrays
-
-
 def _dumps(value: Any) -> str:
     try:
         return orjson.dumps(value).decode()
-    except TypeError:  # what orjson does not take (say a key not a string): as stored before
+    except TypeError:  # what orjson does not take (say a key not a string): as json writes it
         return json.dumps(value)
