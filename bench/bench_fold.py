@@ -14,17 +14,25 @@ Batch shapes (bench/telemetry.lua, ``EDGEFLEET_BENCH_SHAPE``):
 - ``scattered``: the shape telemetry.lua had first, each batch's windows over 7 days, one per day
   (so nearly every window has a day rollup of its own).
 
+With ``--baseline DIR`` (another checkout of the project, say ``git archive main | tar -x -C
+DIR``), each case is run in a subprocess with that tree's ``server`` package and then with this
+one's, back to back, and the table gives the ratio: the machine is shared, so only figures from
+the same run compare.
+
     python bench/bench_fold.py [--databases sqlite,postgresql] [--shapes hourly,scattered]
         [--devices 10000] [--windows 100000] [--rounds 2] [--limit 5000] [--profile FILE]
+        [--baseline DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import json
 import os
 import pstats
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -36,7 +44,8 @@ from rich.console import Console
 from rich.table import Table
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+# The code measured: this tree, or the baseline's (a subprocess of --baseline).
+sys.path.insert(0, os.environ.get("EDGEFLEET_BENCH_CODE", str(REPO)))
 
 from server.db import make_engine, upgrade  # noqa: E402
 
@@ -88,7 +97,9 @@ def make_database(kind: str, work: Path) -> str:
     import psycopg
 
     name = f"edgefleet_benchfold_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(PG.replace("postgresql+psycopg://", "postgresql://"), autocommit=True) as c:
+    with psycopg.connect(
+        PG.replace("postgresql+psycopg://", "postgresql://"), autocommit=True
+    ) as c:
         c.execute(f'CREATE DATABASE "{name}"')
     return PG.rsplit("/", 1)[0] + "/" + name
 
@@ -98,7 +109,9 @@ def drop_database(url: str) -> None:
         return
     import psycopg
 
-    with psycopg.connect(PG.replace("postgresql+psycopg://", "postgresql://"), autocommit=True) as c:
+    with psycopg.connect(
+        PG.replace("postgresql+psycopg://", "postgresql://"), autocommit=True
+    ) as c:
         c.execute(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)')
 
 
@@ -200,7 +213,9 @@ def check(engine, expected: int) -> None:  # type: ignore[no-untyped-def]
 
     with engine.connect() as conn:
         waiting = conn.execute(text("SELECT count(*) FROM telemetry_window WHERE NOT folded"))
-        rolled = conn.execute(text("SELECT sum(window_count), sum(inference_count) FROM telemetry_rollup"))
+        rolled = conn.execute(
+            text("SELECT sum(window_count), sum(inference_count) FROM telemetry_rollup")
+        )
         fleet = conn.execute(
             text("SELECT sum(window_count), sum(inference_count) FROM telemetry_fleet_rollup")
         )
@@ -210,7 +225,9 @@ def check(engine, expected: int) -> None:  # type: ignore[no-untyped-def]
         raise SystemExit(f"fold lost or doubled windows: got {got}, want {want}")
 
 
-def run(kind: str, shape: str, args: argparse.Namespace, profiler: cProfile.Profile | None) -> list[str]:
+def run(
+    kind: str, shape: str, args: argparse.Namespace, profiler: cProfile.Profile | None
+) -> list[str]:
     work = Path(tempfile.mkdtemp(prefix="edgefleet-benchfold-"))
     url = make_database(kind, work)
     try:
@@ -241,6 +258,22 @@ def run(kind: str, shape: str, args: argparse.Namespace, profiler: cProfile.Prof
     ]
 
 
+def in_subprocess(code: Path, kind: str, shape: str, args: argparse.Namespace) -> list[str]:
+    """One case, run with the ``server`` package of ``code``."""
+    out = subprocess.run(
+        [
+            *(sys.executable, __file__, "--case", f"{kind}:{shape}"),
+            *("--devices", str(args.devices), "--windows", str(args.windows)),
+            *("--rounds", str(args.rounds), "--limit", str(args.limit)),
+        ],
+        env={**os.environ, "EDGEFLEET_BENCH_CODE": str(code)},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return list(json.loads(out.strip().splitlines()[-1]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--databases", default="sqlite,postgresql")
@@ -249,18 +282,35 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=100_000)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--limit", type=int, default=5000, help="Windows a fold transaction.")
-    parser.add_argument("--profile", help="Write cProfile stats of the folds here (and print the top).")
+    parser.add_argument(
+        "--profile", help="Write cProfile stats of the folds here (and print the top)."
+    )
+    parser.add_argument("--baseline", type=Path, help="Another checkout to measure against.")
+    parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.case:  # a subprocess of --baseline: one case, its row as JSON
+        kind, shape = args.case.split(":")
+        print(json.dumps(run(kind, shape, args, None)))
+        return
     profiler = cProfile.Profile() if args.profile else None
     table = Table(
         title=f"Fold job (server.fold.fold, {args.limit:,} windows a transaction): {args.windows:,}"
         f" windows of {args.devices:,} devices in {args.rounds} rounds of append then fold"
     )
-    for col in ("database", "batch shape", "windows", "rollups written", "seconds", "windows/s"):
+    columns = ["database", "batch shape", "windows", "rollups written", "seconds", "windows/s"]
+    if args.baseline:
+        columns += ["baseline seconds", "baseline windows/s", "ratio"]
+    for col in columns:
         table.add_column(col, justify="left" if col in ("database", "batch shape") else "right")
     for kind in args.databases.split(","):
         for shape in args.shapes.split(","):
-            table.add_row(*run(kind, shape, args, profiler))
+            if args.baseline is None:
+                table.add_row(*run(kind, shape, args, profiler))
+                continue
+            base = in_subprocess(args.baseline.resolve(), kind, shape, args)
+            row = in_subprocess(REPO, kind, shape, args)
+            ratio = float(row[5].replace(",", "")) / float(base[5].replace(",", ""))
+            table.add_row(*row, base[4], base[5], f"{ratio:.1f}")
     Console(width=160).print(table)
     if profiler is not None:
         profiler.dump_stats(args.profile)
