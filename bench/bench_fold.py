@@ -186,13 +186,15 @@ def append(engine, shape: str, devices: int, windows: int, first_counter: int) -
             conn.execute(insert(TelemetryWindowRecord), rows[i : i + 20_000])
 
 
-def drain(engine, limit: int, profiler: cProfile.Profile | None) -> tuple[int, int, float]:  # type: ignore[no-untyped-def]
+def drain(engine, limit: int, profiler: cProfile.Profile | None) -> tuple[int, int, float, float]:  # type: ignore[no-untyped-def]
+    """Fold until nothing waits: windows, rollups, seconds, and this process's CPU seconds
+    (the rest of the time it waited on the database, or for a core)."""
     from sqlmodel import Session
 
     from server import fold
 
     windows = rollups = 0
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     with Session(engine) as session:
         while True:
             if profiler is not None:
@@ -204,7 +206,7 @@ def drain(engine, limit: int, profiler: cProfile.Profile | None) -> tuple[int, i
             rollups += done.rollups
             if done.windows == 0:
                 break
-    return windows, rollups, time.perf_counter() - start
+    return windows, rollups, time.perf_counter() - start, time.process_time() - cpu
 
 
 def check(engine, expected: int) -> None:  # type: ignore[no-untyped-def]
@@ -234,26 +236,25 @@ def run(
         upgrade(url)
         engine = make_engine(url)
         seed_devices(engine, args.devices)
-        total = [0, 0, 0.0]
+        total = [0, 0, 0.0, 0.0]
         per_round = args.windows // args.rounds
         for r in range(args.rounds):
             append(engine, shape, args.devices, per_round, r * (per_round // BATCH))
-            windows, rollups, seconds = drain(engine, args.limit, profiler)
-            total[0] += windows
-            total[1] += rollups
-            total[2] += seconds
+            for i, value in enumerate(drain(engine, args.limit, profiler)):
+                total[i] += value
         check(engine, total[0])
         engine.dispose()
     finally:
         drop_database(url)
         shutil.rmtree(work, ignore_errors=True)
-    windows, rollups, seconds = total
+    windows, rollups, seconds, cpu = total
     return [
         kind,
         shape,
         f"{windows:,}",
         f"{rollups:,}",
         f"{seconds:.2f}",
+        f"{cpu:.2f}",
         f"{windows / seconds:,.0f}",
     ]
 
@@ -297,7 +298,8 @@ def main() -> None:
         title=f"Fold job (server.fold.fold, {args.limit:,} windows a transaction): {args.windows:,}"
         f" windows of {args.devices:,} devices in {args.rounds} rounds of append then fold"
     )
-    columns = ["database", "batch shape", "windows", "rollups written", "seconds", "windows/s"]
+    columns = ["database", "batch shape", "windows", "rollups written", "seconds", "CPU s"]
+    columns.append("windows/s")
     if args.baseline:
         columns += ["baseline seconds", "baseline windows/s", "ratio"]
     for col in columns:
@@ -309,8 +311,8 @@ def main() -> None:
                 continue
             base = in_subprocess(args.baseline.resolve(), kind, shape, args)
             row = in_subprocess(REPO, kind, shape, args)
-            ratio = float(row[5].replace(",", "")) / float(base[5].replace(",", ""))
-            table.add_row(*row, base[4], base[5], f"{ratio:.1f}")
+            ratio = float(row[6].replace(",", "")) / float(base[6].replace(",", ""))
+            table.add_row(*row, base[4], base[6], f"{ratio:.1f}")
     Console(width=160).print(table)
     if profiler is not None:
         profiler.dump_stats(args.profile)

@@ -31,7 +31,8 @@ _SQLITE_CHUNK = 500
 def locked(
     session: Session, table: Table, key: Sequence[str], keys: Iterable[Key], columns: Sequence[str]
 ) -> dict[Key, dict[str, Any]]:
-    """The stored rows of ``keys`` (``key`` names the key columns, all strings), each as a dict
+    """The stored rows of ``keys`` (``key`` names the columns of the table's unique constraint, in
+    its order, all strings), each as a dict
     of the key columns and ``columns``; locked until the transaction ends on PostgreSQL, where
     they are read in key order. (SQLite's one writer needs no row locks: the caller already
     holds the database's write lock.)"""
@@ -131,10 +132,16 @@ def _pg_statement(
     names = ", ".join(key)
     if what == "lock":
         selected = ", ".join(f"t.{c}" for c in (*key, *columns))
+        ours = f"({', '.join(f't.{c}' for c in key)})"
+        theirs = f"({', '.join(f'v.{c}' for c in key)})"
+        # Equality written as two row comparisons: only an index on the key's columns in that
+        # order (its unique constraint's) can serve them, so the plan does not hinge on the
+        # statistics (a table never analysed since a burst of new rows had PostgreSQL probe an
+        # index on three of the columns and filter thousands of rows per key).
         statement = text(
             f"SELECT json_agg(r) FROM (SELECT {selected} FROM {table.name} t"
-            f" JOIN {source} USING ({names})"
-            f" ORDER BY {', '.join(f't.{c}' for c in key)} FOR UPDATE OF t) r"
+            f" JOIN {source} ON {ours} >= {theirs} AND {ours} <= {theirs}"
+            f" ORDER BY {ours} FOR UPDATE OF t) r"
         )
     elif what == "insert":
         statement = text(
