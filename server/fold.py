@@ -13,8 +13,11 @@ committing between two reads can neither drop nor double a window (:func:`day_ro
 
 from __future__ import annotations
 
+import gc
 import logging
+import threading
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any, NamedTuple
 
@@ -61,12 +64,43 @@ def fold(session: Session, *, relative_accuracy: float, limit: int) -> Folded:
     PostgreSQL (``SKIP LOCKED``) and queue on SQLite's one writer; if both make the same new
     rollup row, the second adds into the row the first made (:mod:`server.keyed_rows`).
     """
-    claimed = _claim(session, limit)
-    parts, hardware = add_up(claimed, relative_accuracy)
-    changes = write_rollups(session, parts, hardware, relative_accuracy)
-    fleet_rollup.add_changes(session, changes, relative_accuracy)
-    session.commit()
+    with _cyclic_gc_paused():
+        claimed = _claim(session, limit)
+        parts, hardware = add_up(claimed, relative_accuracy)
+        changes = write_rollups(session, parts, hardware, relative_accuracy)
+        fleet_rollup.add_changes(session, changes, relative_accuracy)
+        session.commit()
     return Folded(len(claimed), len(changes))
+
+
+_gc_lock = threading.Lock()
+_gc_pauses = 0
+_gc_was_enabled = False
+
+
+@contextmanager
+def _cyclic_gc_paused() -> Iterator[None]:
+    """Python's cycle collector off while a fold runs (in any thread; on again after the last).
+
+    A fold makes some 30 small dicts and lists per window and keeps them all until it commits;
+    every 700 of those the collector runs, and its older generations walk everything alive, so a
+    fold of 5,000 windows spent as long collecting as decoding (measured: 14 ms to decode the
+    claimed windows without it, 15-150 ms with it). A fold makes no reference cycles; reference
+    counting frees its objects either way.
+    """
+    global _gc_pauses, _gc_was_enabled
+    with _gc_lock:
+        if _gc_pauses == 0:
+            _gc_was_enabled = gc.isenabled()
+            gc.disable()
+        _gc_pauses += 1
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_pauses -= 1
+            if _gc_pauses == 0 and _gc_was_enabled:
+                gc.enable()
 
 
 def fold_due(session: Session, *, relative_accuracy: float, limit: int, lease_s: float) -> int:
