@@ -10,7 +10,12 @@ threadpool), measured in the same run, interleaved with the server.
 
 Telemetry ingest is measured with the server's fold job idle; then the backlog it left is folded
 by the fold job's code in this process (folded windows/s), and ingest measured again while that
-folder drains what arrives (a third table).
+folder drains what arrives (a third table). ``--telemetry-shape`` sets what a batch holds
+(bench/telemetry.lua): ``hourly`` (the default), consecutive hourly windows over one or two
+event-time days, as a device syncing uploads them, so a batch folds into one or two day rollups;
+``scattered``, the shape this bench had first, each batch's windows one per day over seven days,
+so nearly every window folds into a day rollup of its own (the fold's worst case: compare the
+fold figures of the two shapes, never across them).
 
 A second table: check-in requests/s alone, and while distinct ``--publish-mb`` bundles (for
 devboard-rpi4, whose 64 MiB budget allows them; built before the run) are published back to back
@@ -20,7 +25,7 @@ On PostgreSQL, a last table: check-in on `edgefleet serve --workers N` (another 
 database) against the one-worker server measured just before and just after it.
 
     python bench/bench_server.py [--duration 10] [--connections 16] [--assigned 4] [--publish-mb 50]
-        [--workers 2] [--databases sqlite,postgresql]
+        [--workers 2] [--databases sqlite,postgresql] [--telemetry-shape hourly|scattered]
 """
 
 from __future__ import annotations
@@ -564,6 +569,12 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=10)
     parser.add_argument("--databases", default="sqlite,postgresql")
     parser.add_argument(
+        "--telemetry-shape",
+        choices=("hourly", "scattered"),
+        default="hourly",
+        help="What a telemetry batch holds (see above and bench/telemetry.lua).",
+    )
+    parser.add_argument(
         "--publish-mb",
         type=int,
         default=50,
@@ -577,11 +588,13 @@ def main() -> None:
     )
     args = parser.parse_args()
     os.environ["EDGEFLEET_BENCH_WINDOWS"] = str(args.windows)
+    os.environ["EDGEFLEET_BENCH_SHAPE"] = args.telemetry_shape
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is needed: apt-get install wrk")
     table = Table(
         title=f"Fleet server under wrk (-t2 -c{args.connections}, {args.duration}s);"
-        f" {args.devices} devices, {args.models} models, {args.assigned} assigned"
+        f" {args.devices} devices, {args.models} models, {args.assigned} assigned;"
+        f" {args.telemetry_shape} telemetry batches"
     )
     for col in (
         "database",
@@ -613,7 +626,8 @@ def main() -> None:
         publish_table.add_column(col, justify="left" if col == "database" else "right")
     fold_table = Table(
         title="Fold job: the ingest run's backlog folded into day rollups (server.fold.fold,"
-        " 5,000 windows a transaction), and folding while ingest runs"
+        f" 5,000 windows a transaction; {args.telemetry_shape} batches), and folding while"
+        " ingest runs"
     )
     for col in (
         "database",
