@@ -20,8 +20,8 @@ one's, back to back, and the table gives the ratio: the machine is shared, so on
 the same run compare.
 
     python bench/bench_fold.py [--databases sqlite,postgresql] [--shapes hourly,scattered]
-        [--devices 10000] [--windows 100000] [--rounds 2] [--limit 5000] [--profile FILE]
-        [--baseline DIR]
+        [--devices 10000] [--windows 100000] [--rounds 2] [--limit 5000] [--folders 1]
+        [--profile FILE] [--baseline DIR]
 """
 
 from __future__ import annotations
@@ -186,7 +186,9 @@ def append(engine, shape: str, devices: int, windows: int, first_counter: int) -
             conn.execute(insert(TelemetryWindowRecord), rows[i : i + 20_000])
 
 
-def drain(engine, limit: int, profiler: cProfile.Profile | None) -> tuple[int, int, float, float]:  # type: ignore[no-untyped-def]
+def drain(
+    engine, limit: int, folders: int, profiler: cProfile.Profile | None
+) -> tuple[int, int, float, float]:  # type: ignore[no-untyped-def]
     """Fold until nothing waits: windows, rollups, seconds, and this process's CPU seconds
     (the rest of the time it waited on the database, or for a core)."""
     from sqlmodel import Session
@@ -199,12 +201,17 @@ def drain(engine, limit: int, profiler: cProfile.Profile | None) -> tuple[int, i
         while True:
             if profiler is not None:
                 profiler.enable()
-            done = fold.fold(session, relative_accuracy=0.01, limit=limit)
+            if folders > 1:  # the job's rounds of folds at once (not in the first fold.py)
+                done = fold.fold_round(
+                    session, relative_accuracy=0.01, limit=limit, folders=folders
+                )
+            else:
+                folded = fold.fold(session, relative_accuracy=0.01, limit=limit)
+                done, rollups = folded.windows, rollups + folded.rollups
             if profiler is not None:
                 profiler.disable()
-            windows += done.windows
-            rollups += done.rollups
-            if done.windows == 0:
+            windows += done
+            if done == 0:
                 break
     return windows, rollups, time.perf_counter() - start, time.process_time() - cpu
 
@@ -240,7 +247,7 @@ def run(
         per_round = args.windows // args.rounds
         for r in range(args.rounds):
             append(engine, shape, args.devices, per_round, r * (per_round // BATCH))
-            for i, value in enumerate(drain(engine, args.limit, profiler)):
+            for i, value in enumerate(drain(engine, args.limit, args.folders, profiler)):
                 total[i] += value
         check(engine, total[0])
         engine.dispose()
@@ -259,13 +266,16 @@ def run(
     ]
 
 
-def in_subprocess(code: Path, kind: str, shape: str, args: argparse.Namespace) -> list[str]:
+def in_subprocess(
+    code: Path, kind: str, shape: str, args: argparse.Namespace, folders: int
+) -> list[str]:
     """One case, run with the ``server`` package of ``code``."""
     out = subprocess.run(
         [
             *(sys.executable, __file__, "--case", f"{kind}:{shape}"),
             *("--devices", str(args.devices), "--windows", str(args.windows)),
             *("--rounds", str(args.rounds), "--limit", str(args.limit)),
+            *("--folders", str(folders)),
         ],
         env={**os.environ, "EDGEFLEET_BENCH_CODE": str(code)},
         capture_output=True,
@@ -286,6 +296,12 @@ def main() -> None:
     parser.add_argument(
         "--profile", help="Write cProfile stats of the folds here (and print the top)."
     )
+    parser.add_argument(
+        "--folders",
+        type=int,
+        default=1,
+        help="Folds at once (server.fold.fold_round; PostgreSQL); rollups are not counted then.",
+    )
     parser.add_argument("--baseline", type=Path, help="Another checkout to measure against.")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -296,7 +312,8 @@ def main() -> None:
     # CPU time: what this process spends, not its waits on the database.
     profiler = cProfile.Profile(time.process_time) if args.profile else None
     table = Table(
-        title=f"Fold job (server.fold.fold, {args.limit:,} windows a transaction): {args.windows:,}"
+        title=f"Fold job (server.fold, {args.limit:,} windows a transaction, {args.folders} at once"
+        f" on PostgreSQL; the baseline one): {args.windows:,}"
         f" windows of {args.devices:,} devices in {args.rounds} rounds of append then fold"
     )
     columns = ["database", "batch shape", "windows", "rollups written", "seconds", "CPU s"]
@@ -310,8 +327,8 @@ def main() -> None:
             if args.baseline is None:
                 table.add_row(*run(kind, shape, args, profiler))
                 continue
-            base = in_subprocess(args.baseline.resolve(), kind, shape, args)
-            row = in_subprocess(REPO, kind, shape, args)
+            base = in_subprocess(args.baseline.resolve(), kind, shape, args, 1)
+            row = in_subprocess(REPO, kind, shape, args, args.folders)
             ratio = float(row[6].replace(",", "")) / float(base[6].replace(",", ""))
             table.add_row(*row, base[4], base[6], f"{ratio:.1f}")
     Console(width=160).print(table)

@@ -359,31 +359,34 @@ def unfolded_windows(url: str) -> int:
 
 
 class Folder(threading.Thread):
-    """The fold job's work (``server.fold.fold``, 5,000 windows a transaction) in a thread of
-    this process, until nothing waits or it is stopped; counts windows, rollups and seconds."""
+    """The fold job's work (``server.fold.fold_round``: 5,000 windows a transaction, as many
+    folds at once as the server's default ``telemetry_fold_folders`` on PostgreSQL, one on
+    SQLite) in a thread of this process, until nothing waits or it is stopped; counts windows
+    and seconds."""
 
     def __init__(self, url: str, *, until_empty: bool) -> None:
         super().__init__(daemon=True)
         self.url, self.until_empty = url, until_empty
         self.stop = threading.Event()
-        self.windows = self.rollups = 0
+        self.windows = 0
         self.elapsed_s = 0.0
 
     def run(self) -> None:
         from sqlmodel import Session
 
         from server import fold
+        from server.config import Settings
         from server.db import make_engine
 
+        folders = Settings.model_fields["telemetry_fold_folders"].default
         engine = make_engine(self.url)
         with Session(engine) as session:
             session.connection()  # connected before the clock starts, as the job's pool is
             start = time.perf_counter()
             while not self.stop.is_set():
-                done = fold.fold(session, relative_accuracy=0.01, limit=5000)
-                self.windows += done.windows
-                self.rollups += done.rollups
-                if done.windows == 0:
+                done = fold.fold_round(session, relative_accuracy=0.01, limit=5000, folders=folders)
+                self.windows += done
+                if done == 0:
                     if self.until_empty:
                         break
                     time.sleep(0.2)
@@ -403,7 +406,6 @@ def fold_case(
         kind,
         f"{backlog:,}",
         f"{drain.windows:,}",
-        f"{drain.rollups:,}",
         f"{drain.elapsed_s:.1f}",
         f"{drain.windows / max(drain.elapsed_s, 1e-9):,.0f}",
     ]
@@ -626,15 +628,14 @@ def main() -> None:
     ):
         publish_table.add_column(col, justify="left" if col == "database" else "right")
     fold_table = Table(
-        title="Fold job: the ingest run's backlog folded into day rollups (server.fold.fold,"
-        f" 5,000 windows a transaction; {args.telemetry_shape} batches), and folding while"
-        " ingest runs"
+        title="Fold job: the ingest run's backlog folded into day rollups (server.fold.fold_round:"
+        " 5,000 windows a transaction, two at once on PostgreSQL;"
+        f" {args.telemetry_shape} batches), and folding while ingest runs"
     )
     for col in (
         "database",
         "backlog windows",
         "folded",
-        "rollups written",
         "seconds",
         "folded windows/s",
         "windows/s folded during ingest",

@@ -88,7 +88,7 @@ def add_changes(session: Session, changes: list[Change], relative_accuracy: floa
             )
     while inserts:
         made = keyed_rows.insert_new(session, _FLEET, _KEY, inserts)
-        taken = [row for row in inserts if tuple(row[c] for c in _KEY) not in made]
+        taken = [row for row in inserts if _row_key(row) not in made]
         # Another folder made these rows since the read: add into them like the others.
         found = keyed_rows.locked(session, _FLEET, _KEY, [_row_key(r) for r in taken], _READ)
         updates += [_plus(row, sums[key], tallies[key]) for key, row in found.items()]
@@ -231,10 +231,6 @@ def _lines_up(into: dict[str, Any], part: dict[str, Any]) -> bool:
 
 def _columns(table: Any) -> list[Any]:
     return [col(getattr(table, f)) for f in aggregate.FIELDS]
-
-
-def _key(row: FleetRollup) -> Key:
-    return (row.model, row.version, row.day, row.hardware_id)
 
 
 def _empty_row(key: Key, relative_accuracy: float) -> FleetRollup:

@@ -17,6 +17,7 @@ import gc
 import logging
 import threading
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any, NamedTuple
@@ -103,16 +104,44 @@ def _cyclic_gc_paused() -> Iterator[None]:
                 gc.enable()
 
 
-def fold_due(session: Session, *, relative_accuracy: float, limit: int, lease_s: float) -> int:
+def fold_due(
+    session: Session, *, relative_accuracy: float, limit: int, lease_s: float, folders: int = 1
+) -> int:
     """The periodic job: if this process holds the fold lease, fold until no window waits
-    (renewing the lease between folds); returns how many windows were folded."""
+    (renewing the lease between rounds of :func:`fold_round`); returns how many windows were
+    folded."""
+    if session.get_bind().dialect.name != "postgresql":
+        folders = 1
     folded = 0
     while evaluator.take_lease(session, LEASE, now=datetime.now(UTC), ttl_s=lease_s):
-        done = fold(session, relative_accuracy=relative_accuracy, limit=limit)
-        folded += done.windows
-        if done.windows < limit:
+        done = fold_round(
+            session, relative_accuracy=relative_accuracy, limit=limit, folders=folders
+        )
+        folded += done
+        if done < limit * folders:
             break
     return folded
+
+
+def fold_round(session: Session, *, relative_accuracy: float, limit: int, folders: int) -> int:
+    """``folders`` folds at once on PostgreSQL, each in its own transaction on its own
+    connection (one on SQLite, whose one writer would queue them); returns the windows folded.
+
+    PostgreSQL spends about as long marking a fold's windows as Python spends adding them up, so
+    while one fold waits on the database another adds up: two folders fold up to twice as fast
+    on a machine with a core to spare. They claim disjoint windows, and lock the rows they add
+    into in one order (:mod:`server.keyed_rows`), so neither counts anything twice or fails.
+    """
+    engine = session.get_bind()
+    if folders <= 1 or engine.dialect.name != "postgresql":
+        return fold(session, relative_accuracy=relative_accuracy, limit=limit).windows
+
+    def one() -> int:
+        with Session(engine) as own:
+            return fold(own, relative_accuracy=relative_accuracy, limit=limit).windows
+
+    with ThreadPoolExecutor(max_workers=folders, thread_name_prefix="fold") as pool:
+        return sum(pool.map(lambda _: one(), range(folders)))
 
 
 #: A claimed window: device, hardware id, model, version, event-time day (UTC, ISO), aggregate.

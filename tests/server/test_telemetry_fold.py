@@ -261,3 +261,20 @@ def _wait_for_a_lock_wait(engine: Any) -> None:
             conn.rollback()
             time.sleep(0.05)
     raise AssertionError("the second folder never waited on the first")
+
+
+def test_the_job_folding_two_at_once_counts_each_window_once(unfolded_fleet: Fleet) -> None:
+    # Small folds, two at once on PostgreSQL (one on SQLite), round after round until none wait.
+    fleet = unfolded_fleet
+    _, raws = _upload(fleet, "pair", devices=6)
+    waiting = _figures(fleet, "pair")
+    with Session(fleet.state.engine) as session:
+        done = fold.fold_due(session, relative_accuracy=0.01, limit=5, lease_s=60, folders=2)
+    assert done == len(raws)
+    assert _unfolded(fleet) == 0
+    with Session(fleet.state.engine) as session:
+        in_rollups = session.exec(select(func.sum(TelemetryRollup.window_count))).one()
+        in_fleet = session.exec(select(func.sum(FleetRollup.window_count))).one()
+    assert in_rollups == in_fleet == len(raws)
+    for before, after in zip(waiting, _figures(fleet, "pair"), strict=True):
+        _same_figures(before, after)
