@@ -42,6 +42,7 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+from sqlalchemy import Engine
 
 REPO = Path(__file__).resolve().parent.parent
 # The code measured: this tree, or the baseline's (a subprocess of --baseline).
@@ -115,7 +116,7 @@ def drop_database(url: str) -> None:
         c.execute(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)')
 
 
-def seed_devices(engine, devices: int) -> None:  # type: ignore[no-untyped-def]
+def seed_devices(engine: Engine, devices: int) -> None:
     from sqlalchemy import insert
 
     from server.models import Device
@@ -140,9 +141,10 @@ def seed_devices(engine, devices: int) -> None:  # type: ignore[no-untyped-def]
         conn.execute(insert(Device), rows)
 
 
-def append(engine, shape: str, devices: int, windows: int, first_counter: int) -> None:  # type: ignore[no-untyped-def]
+def append(engine: Engine, shape: str, devices: int, windows: int, first_counter: int) -> None:
     """``windows`` windows in batches, as ingest appends them (unfolded)."""
     from sqlalchemy import insert
+    from sqlmodel import col
 
     from server import partitions
     from server.models import TelemetryBatchRecord, TelemetryWindowRecord
@@ -153,7 +155,7 @@ def append(engine, shape: str, devices: int, windows: int, first_counter: int) -
     counters = range(first_counter, first_counter + batches)
     with engine.begin() as conn:
         ids = conn.execute(
-            insert(TelemetryBatchRecord).returning(TelemetryBatchRecord.id),
+            insert(TelemetryBatchRecord).returning(col(TelemetryBatchRecord.id)),
             [
                 {
                     "device_id": device_of(c, devices),
@@ -187,8 +189,8 @@ def append(engine, shape: str, devices: int, windows: int, first_counter: int) -
 
 
 def drain(
-    engine, limit: int, folders: int, profiler: cProfile.Profile | None
-) -> tuple[int, int, float, float]:  # type: ignore[no-untyped-def]
+    engine: Engine, limit: int, folders: int, profiler: cProfile.Profile | None
+) -> tuple[int, int, float, float]:
     """Fold until nothing waits: windows, rollups, seconds, and this process's CPU seconds
     (the rest of the time it waited on the database, or for a core)."""
     from sqlmodel import Session
@@ -216,7 +218,7 @@ def drain(
     return windows, rollups, time.perf_counter() - start, time.process_time() - cpu
 
 
-def check(engine, expected: int) -> None:  # type: ignore[no-untyped-def]
+def check(engine: Engine, expected: int) -> None:
     """Every window folded, once: the rollups and the fleet rollups hold exactly them."""
     from sqlalchemy import text
 
@@ -243,13 +245,13 @@ def run(
         upgrade(url)
         engine = make_engine(url)
         seed_devices(engine, args.devices)
-        total = [0, 0, 0.0, 0.0]
+        total: list[float] = [0, 0, 0.0, 0.0]
         per_round = args.windows // args.rounds
         for r in range(args.rounds):
             append(engine, shape, args.devices, per_round, r * (per_round // BATCH))
             for i, value in enumerate(drain(engine, args.limit, args.folders, profiler)):
                 total[i] += value
-        check(engine, total[0])
+        check(engine, int(total[0]))
         engine.dispose()
     finally:
         drop_database(url)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import orjson
 from sqlalchemy import JSON, Integer, String, Table, TypeDecorator, bindparam, text, tuple_, update
@@ -23,14 +23,16 @@ from sqlalchemy.sql.elements import TextClause
 from sqlmodel import Session
 
 Key = tuple[str, ...]
+#: The key type of a caller's rows (say four strings).
+K = TypeVar("K", bound=Key)
 
 #: Keys a SQLite read names at once (a row-value IN list; four bound values each).
 _SQLITE_CHUNK = 500
 
 
 def locked(
-    session: Session, table: Table, key: Sequence[str], keys: Iterable[Key], columns: Sequence[str]
-) -> dict[Key, dict[str, Any]]:
+    session: Session, table: Table, key: Sequence[str], keys: Iterable[K], columns: Sequence[str]
+) -> dict[K, dict[str, Any]]:
     """The stored rows of ``keys`` (``key`` names the columns of the table's unique constraint, in
     its order, all strings), each as a dict
     of the key columns and ``columns``; locked until the transaction ends on PostgreSQL, where
@@ -39,14 +41,14 @@ def locked(
     wanted = sorted(set(keys))
     if not wanted:
         return {}
-    found: dict[Key, dict[str, Any]] = {}
+    found: dict[K, dict[str, Any]] = {}
     conn = session.connection()
     if conn.dialect.name == "postgresql":
         statement = _pg_statement("lock", table, tuple(key), tuple(columns))
         keys_doc = _dumps([dict(zip(key, k, strict=True)) for k in wanted])
         # One json value: psycopg decodes it (with server.db.json_loads).
         for row in conn.execute(statement, {"rows": keys_doc}).scalar() or []:
-            found[tuple(row[c] for c in key)] = row
+            found[cast(K, tuple(row[c] for c in key))] = row
         return found
     key_columns = [table.c[c] for c in key]
     for i in range(0, len(wanted), _SQLITE_CHUNK):
@@ -56,7 +58,7 @@ def locked(
             .where(tuple_(*key_columns).in_(wanted[i : i + _SQLITE_CHUNK]))
         )
         for row in conn.execute(query).mappings():
-            found[tuple(row[c] for c in key)] = dict(row)
+            found[cast(K, tuple(row[c] for c in key))] = dict(row)
     return found
 
 
@@ -72,12 +74,12 @@ def insert_new(
     if conn.dialect.name == "postgresql":
         statement = _pg_statement("insert", table, tuple(key), tuple(ordered[0]))
         return {tuple(r) for r in conn.execute(statement, {"rows": _dumps(ordered)})}
-    statement = (
+    one_by_one = (
         sqlite_insert(table)
         .on_conflict_do_nothing(index_elements=list(key))
         .returning(*(table.c[c] for c in key))
     )
-    return {tuple(r) for r in conn.execute(statement, ordered)}
+    return {tuple(r) for r in conn.execute(one_by_one, ordered)}
 
 
 def update_by_id(session: Session, table: Table, rows: list[dict[str, Any]]) -> None:
