@@ -10,7 +10,12 @@ threadpool), measured in the same run, interleaved with the server.
 
 Telemetry ingest is measured with the server's fold job idle; then the backlog it left is folded
 by the fold job's code in this process (folded windows/s), and ingest measured again while that
-folder drains what arrives (a third table).
+folder drains what arrives (a third table). ``--telemetry-shape`` sets what a batch holds
+(bench/telemetry.lua): ``hourly`` (the default), consecutive hourly windows over one or two
+event-time days, as a device syncing uploads them, so a batch folds into one or two day rollups;
+``scattered``, the shape this bench had first, each batch's windows one per day over seven days,
+so nearly every window folds into a day rollup of its own (the fold's worst case: compare the
+fold figures of the two shapes, never across them).
 
 A second table: check-in requests/s alone, and while distinct ``--publish-mb`` bundles (for
 devboard-rpi4, whose 64 MiB budget allows them; built before the run) are published back to back
@@ -20,7 +25,7 @@ On PostgreSQL, a last table: check-in on `edgefleet serve --workers N` (another 
 database) against the one-worker server measured just before and just after it.
 
     python bench/bench_server.py [--duration 10] [--connections 16] [--assigned 4] [--publish-mb 50]
-        [--workers 2] [--databases sqlite,postgresql]
+        [--workers 2] [--databases sqlite,postgresql] [--telemetry-shape hourly|scattered]
 """
 
 from __future__ import annotations
@@ -354,34 +359,38 @@ def unfolded_windows(url: str) -> int:
 
 
 class Folder(threading.Thread):
-    """The fold job's work (``server.fold.fold``, 5,000 windows a transaction) in a thread of
-    this process, until nothing waits or it is stopped; counts windows, rollups and seconds."""
+    """The fold job's work (``server.fold.fold_round``: 5,000 windows a transaction, as many
+    folds at once as the server's default ``telemetry_fold_folders`` on PostgreSQL, one on
+    SQLite) in a thread of this process, until nothing waits or it is stopped; counts windows
+    and seconds."""
 
     def __init__(self, url: str, *, until_empty: bool) -> None:
         super().__init__(daemon=True)
         self.url, self.until_empty = url, until_empty
         self.stop = threading.Event()
-        self.windows = self.rollups = 0
+        self.windows = 0
         self.elapsed_s = 0.0
 
     def run(self) -> None:
         from sqlmodel import Session
 
         from server import fold
+        from server.config import Settings
         from server.db import make_engine
 
+        folders = Settings.model_fields["telemetry_fold_folders"].default
         engine = make_engine(self.url)
-        start = time.perf_counter()
         with Session(engine) as session:
+            session.connection()  # connected before the clock starts, as the job's pool is
+            start = time.perf_counter()
             while not self.stop.is_set():
-                done = fold.fold(session, relative_accuracy=0.01, limit=5000)
-                self.windows += done.windows
-                self.rollups += done.rollups
-                if done.windows == 0:
+                done = fold.fold_round(session, relative_accuracy=0.01, limit=5000, folders=folders)
+                self.windows += done
+                if done == 0:
                     if self.until_empty:
                         break
                     time.sleep(0.2)
-        self.elapsed_s = time.perf_counter() - start
+            self.elapsed_s = time.perf_counter() - start
         engine.dispose()
 
 
@@ -397,7 +406,6 @@ def fold_case(
         kind,
         f"{backlog:,}",
         f"{drain.windows:,}",
-        f"{drain.rollups:,}",
         f"{drain.elapsed_s:.1f}",
         f"{drain.windows / max(drain.elapsed_s, 1e-9):,.0f}",
     ]
@@ -564,6 +572,12 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=10)
     parser.add_argument("--databases", default="sqlite,postgresql")
     parser.add_argument(
+        "--telemetry-shape",
+        choices=("hourly", "scattered"),
+        default="hourly",
+        help="What a telemetry batch holds (see above and bench/telemetry.lua).",
+    )
+    parser.add_argument(
         "--publish-mb",
         type=int,
         default=50,
@@ -577,11 +591,13 @@ def main() -> None:
     )
     args = parser.parse_args()
     os.environ["EDGEFLEET_BENCH_WINDOWS"] = str(args.windows)
+    os.environ["EDGEFLEET_BENCH_SHAPE"] = args.telemetry_shape
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is needed: apt-get install wrk")
     table = Table(
         title=f"Fleet server under wrk (-t2 -c{args.connections}, {args.duration}s);"
-        f" {args.devices} devices, {args.models} models, {args.assigned} assigned"
+        f" {args.devices} devices, {args.models} models, {args.assigned} assigned;"
+        f" {args.telemetry_shape} telemetry batches"
     )
     for col in (
         "database",
@@ -612,14 +628,14 @@ def main() -> None:
     ):
         publish_table.add_column(col, justify="left" if col == "database" else "right")
     fold_table = Table(
-        title="Fold job: the ingest run's backlog folded into day rollups (server.fold.fold,"
-        " 5,000 windows a transaction), and folding while ingest runs"
+        title="Fold job: the ingest run's backlog folded into day rollups (server.fold.fold_round:"
+        " 5,000 windows a transaction, two at once on PostgreSQL;"
+        f" {args.telemetry_shape} batches), and folding while ingest runs"
     )
     for col in (
         "database",
         "backlog windows",
         "folded",
-        "rollups written",
         "seconds",
         "folded windows/s",
         "windows/s folded during ingest",

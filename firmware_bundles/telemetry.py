@@ -106,19 +106,21 @@ def merge(into: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
     Raises:
         ValueError: If the two sketches use different relative accuracies.
     """
-    if not math.isclose(float(into["relative_accuracy"]), float(other["relative_accuracy"])):
+    ours, theirs = into["relative_accuracy"], other["relative_accuracy"]
+    if ours != theirs and not math.isclose(float(ours), float(theirs)):
         raise ValueError("cannot merge sketches of different relative accuracy")
     bins = into["bins"]
     for key, count in other.get("bins", {}).items():
-        k = str(key)
+        k = key if type(key) is str else str(key)
         bins[k] = bins.get(k, 0) + int(count)
     into["zero_count"] += int(other.get("zero_count", 0))
     into["count"] += int(other.get("count", 0))
     into["sum"] += float(other.get("sum", 0.0))
-    for field, pick in (("min", min), ("max", max)):
-        theirs = other.get(field)
-        if theirs is not None:
-            into[field] = theirs if into[field] is None else pick(into[field], theirs)
+    low, high = other.get("min"), other.get("max")
+    if low is not None:
+        into["min"] = low if into["min"] is None else min(into["min"], low)
+    if high is not None:
+        into["max"] = high if into["max"] is None else max(into["max"], high)
     return into
 
 

@@ -76,18 +76,29 @@ def add(into: dict[str, Any], part: dict[str, Any]) -> None:
     Raises:
         ValueError: If histograms or sketches do not line up.
     """
-    for field in COUNT_FIELDS:
-        into[field] += part[field]
+    into["inference_count"] += part["inference_count"]
+    into["error_count"] += part["error_count"]
+    into["selftest_failure_count"] += part["selftest_failure_count"]
+    into["window_count"] += part["window_count"]
     sketch.merge(into["latency"], part["latency"])
-    sketch.merge_named_counts(into["outputs"], part["outputs"].items())
-    sketch.merge_named_counts(into["inputs"], part["inputs"].items())
-    sketch.merge_tallies(into["feedback"], part["feedback"])
+    # (Each merge below only when there is something to merge: the fold adds every window.)
+    if part["outputs"]:
+        sketch.merge_named_counts(into["outputs"], part["outputs"].items())
+    if part["inputs"]:
+        sketch.merge_named_counts(into["inputs"], part["inputs"].items())
+    if part["feedback"]:
+        sketch.merge_tallies(into["feedback"], part["feedback"])
     for predicted, counts in part["labels"].items():
         sketch.merge_tallies(into["labels"].setdefault(predicted, {}), counts)
-    quality = part.get("quality") or {}
-    for kind in ("missing", "refused"):
-        sketch.merge_tallies(into["quality"][kind], quality.get(kind) or {})
-    for version, theirs in (part.get("shadow") or {}).items():
+    quality = part.get("quality")
+    if quality:
+        for kind in ("missing", "refused"):
+            if quality.get(kind):
+                sketch.merge_tallies(into["quality"][kind], quality[kind])
+    shadow = part.get("shadow")
+    if not shadow:
+        return
+    for version, theirs in shadow.items():
         ours = into["shadow"].get(version)
         if ours is None:
             ours = into["shadow"][version] = {

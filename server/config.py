@@ -48,6 +48,8 @@ class Settings(BaseSettings):
     #: time, under a lease), and the most windows one fold transaction takes.
     telemetry_fold_s: float = Field(default=1.0, gt=0)
     telemetry_fold_max_windows: int = Field(default=5000, ge=1)
+    #: Folds the job runs at once on PostgreSQL (each its own transaction; SQLite runs one).
+    telemetry_fold_folders: int = Field(default=2, ge=1)
     #: How often the rollout evaluator runs (one process at a time, under a lease).
     rollout_evaluation_s: float = Field(default=60.0, gt=0)
     enrollment_token_ttl_s: int = 7 * 24 * 3600

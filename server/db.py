@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import orjson
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
@@ -17,8 +20,19 @@ from server.errors import SchemaBehindError
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
 
+def json_loads(data: str | bytes) -> Any:
+    """JSON columns as read: orjson (several times the standard library's speed: the fold job
+    reads every window's aggregate), and the standard library for what orjson refuses (``NaN``,
+    integers past 64 bits), which an older row written by ``json.dumps`` could hold."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return json.loads(data)
+
+
 def make_engine(url: str) -> Engine:
-    """An engine; SQLite gets WAL, a busy timeout and foreign keys."""
+    """An engine; SQLite gets WAL, a busy timeout and foreign keys; JSON columns are read with
+    :func:`json_loads`."""
     if url.startswith("sqlite"):
         # One connection: SQLite has one writer, and threads contending for it hit the busy
         # handler, which sleeps; queueing for the pooled connection does not.
@@ -28,6 +42,7 @@ def make_engine(url: str) -> Engine:
             pool_size=1,
             max_overflow=0,
             pool_timeout=60,
+            json_deserializer=json_loads,
         )
 
         @event.listens_for(engine, "connect")
@@ -40,7 +55,9 @@ def make_engine(url: str) -> Engine:
 
         return engine
     # pool_recycle rather than pool_pre_ping: pre-ping costs a round trip on every checkout.
-    return create_engine(url, pool_size=10, max_overflow=20, pool_recycle=1800)
+    return create_engine(
+        url, pool_size=10, max_overflow=20, pool_recycle=1800, json_deserializer=json_loads
+    )
 
 
 def alembic_config(url: str) -> Config:

@@ -20,7 +20,7 @@ from typing import Any, Literal, NamedTuple
 from sqlalchemy import delete
 from sqlmodel import Session, col, select
 
-from server import aggregate
+from server import aggregate, keyed_rows
 from server.models import FleetRollup, TelemetryRollup
 
 #: A fleet rollup's key: model, version, event-time day (UTC, ISO date), hardware id.
@@ -44,46 +44,83 @@ class Change(NamedTuple):
 def add_changes(session: Session, changes: list[Change], relative_accuracy: float) -> None:
     """Add a fold's changes into the fleet rollups (in the caller's transaction).
 
-    The fleet rows are read locked, in id order; a row two folders create at once raises
-    ``IntegrityError`` on flush, which the fold retries like its own.
+    The changes are added up per fleet key first; the fleet rows of those keys are then read at
+    once (locked on PostgreSQL), updated in one statement and the missing ones inserted in
+    another. A row another folder made meanwhile is read and added into like the others
+    (:mod:`server.keyed_rows`), so two folders at once never fail on the unique key.
     """
     if not changes:
         return
-    keys = {c.key for c in changes}
-    rows = session.exec(
-        select(FleetRollup)
-        .where(
-            col(FleetRollup.model).in_({k[0] for k in keys}),
-            col(FleetRollup.day).in_({k[2] for k in keys}),
-            col(FleetRollup.hardware_id).in_({k[3] for k in keys}),
-        )
-        .order_by(col(FleetRollup.id))
-        .with_for_update()
-    ).all()
-    existing = {_key(r): r for r in rows}
-    again: list[Key] = []
-    for change in sorted(changes, key=lambda c: c.key):
-        if change.was == "replaced":
-            again.append(change.key)
+    again = {c.key for c in changes if c.was == "replaced"}
+    sums: dict[Key, dict[str, Any]] = {}
+    # Per key: devices added, devices newly reporting a self-test failure, rows no longer skipped.
+    tallies: dict[Key, list[int]] = {}
+    for change in changes:
+        if change.key in again:
             continue
-        row = existing.get(change.key)
-        if row is None:
-            row = existing[change.key] = _empty_row(change.key, relative_accuracy)
-        current = aggregate.copy(aggregate.values(row))
-        aggregate.add(current, change.part)
-        for field, value in current.items():
-            setattr(row, field, value)
+        into = sums.get(change.key)
+        if into is None:
+            into = sums[change.key] = aggregate.empty(relative_accuracy)
+            tallies[change.key] = [0, 0, 0]
+        aggregate.add(into, change.part)
+        tally = tallies[change.key]
         failed_now = change.part["selftest_failure_count"] > 0
         if change.was == "valid":
-            row.selftest_failed_devices += int(failed_now and not change.failed_before)
+            tally[1] += int(failed_now and not change.failed_before)
         else:
-            row.device_count += 1
-            row.skipped_rows -= int(change.was == "skipped")
-            row.selftest_failed_devices += int(failed_now)
-        session.add(row)
-        session.flush()
+            tally[0] += 1
+            tally[1] += int(failed_now)
+            tally[2] += int(change.was == "skipped")
+    rows = keyed_rows.locked(session, _FLEET, _KEY, sums, _READ)
+    updates = [_plus(rows[key], sums[key], tallies[key]) for key in rows]
+    inserts = []
+    for key in sums:
+        if key not in rows:
+            devices, failed, unskipped = tallies[key]
+            inserts.append(
+                {
+                    **dict(zip(_KEY, key, strict=True)),
+                    **sums[key],
+                    "device_count": devices,
+                    "selftest_failed_devices": failed,
+                    "skipped_rows": -unskipped,
+                }
+            )
+    while inserts:
+        made = keyed_rows.insert_new(session, _FLEET, _KEY, inserts)
+        taken = [row for row in inserts if _row_key(row) not in made]
+        # Another folder made these rows since the read: add into them like the others.
+        found = keyed_rows.locked(session, _FLEET, _KEY, [_row_key(r) for r in taken], _READ)
+        updates += [_plus(row, sums[key], tallies[key]) for key, row in found.items()]
+        inserts = [row for row in taken if _row_key(row) not in found]
+    keyed_rows.update_by_id(session, _FLEET, updates)
     if again:
         recompute(session, again, relative_accuracy)
+
+
+_FLEET = FleetRollup.__table__  # type: ignore[attr-defined]
+_KEY = ("model", "version", "day", "hardware_id")
+_TALLIES = ("device_count", "selftest_failed_devices", "skipped_rows")
+#: What adding into a stored fleet row reads (besides its key).
+_READ = ("id", *_TALLIES, *aggregate.FIELDS)
+
+
+def _row_key(row: dict[str, Any]) -> Key:
+    return (row["model"], row["version"], row["day"], row["hardware_id"])
+
+
+def _plus(row: dict[str, Any], part: dict[str, Any], tally: list[int]) -> dict[str, Any]:
+    """A stored fleet row's new values: ``part`` added, and the devices it tallies."""
+    current = aggregate.copy({f: row[f] for f in aggregate.FIELDS})
+    aggregate.add(current, part)
+    devices, failed, unskipped = tally
+    return {
+        "id": row["id"],
+        **current,
+        "device_count": row["device_count"] + devices,
+        "selftest_failed_devices": row["selftest_failed_devices"] + failed,
+        "skipped_rows": row["skipped_rows"] - unskipped,
+    }
 
 
 def recompute(session: Session, keys: Iterable[Key], relative_accuracy: float) -> None:
@@ -194,10 +231,6 @@ def _lines_up(into: dict[str, Any], part: dict[str, Any]) -> bool:
 
 def _columns(table: Any) -> list[Any]:
     return [col(getattr(table, f)) for f in aggregate.FIELDS]
-
-
-def _key(row: FleetRollup) -> Key:
-    return (row.model, row.version, row.day, row.hardware_id)
 
 
 def _empty_row(key: Key, relative_accuracy: float) -> FleetRollup:

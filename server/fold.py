@@ -13,33 +13,31 @@ committing between two reads can neither drop nor double a window (:func:`day_ro
 
 from __future__ import annotations
 
+import gc
 import logging
-import random
-from collections import defaultdict
+import threading
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from datetime import UTC, date, datetime, time, timedelta
-from time import sleep
 from typing import Any, NamedTuple
 
 from sqlalchemy import (
     JSON,
     BigInteger,
     String,
-    bindparam,
     cast,
-    insert,
     literal,
     null,
     select,
-    tuple_,
+    text,
     union_all,
     update,
 )
-from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col
 from sqlmodel.sql.sqltypes import UTCDateTime
 
-from server import aggregate, evaluator, fleet_rollup
+from server import aggregate, evaluator, fleet_rollup, keyed_rows
 from server.models import UNFOLDED, Device, TelemetryRollup, TelemetryWindowRecord
 
 log = logging.getLogger("edgefleet.server.fold")
@@ -50,6 +48,7 @@ _ROLLUPS = TelemetryRollup.__table__  # type: ignore[attr-defined]
 
 #: A device's rollup key: device, model, version, event-time day (UTC, ISO date).
 RollupKey = tuple[str, str, str, str]
+_KEY = ("device_id", "model", "version", "day")
 
 
 class Folded(NamedTuple):
@@ -59,101 +58,158 @@ class Folded(NamedTuple):
     rollups: int
 
 
-#: How often a fold that collided with another folder's new rollup row starts again.
-_ATTEMPTS = 10
-
-
 def fold(session: Session, *, relative_accuracy: float, limit: int) -> Folded:
     """Fold up to ``limit`` windows not yet folded into their rollups, in one transaction.
 
     Two folders at once (say the lease expired under a slow one) claim disjoint windows on
-    PostgreSQL (``SKIP LOCKED``) and queue on SQLite's one writer; if both create the same new
-    rollup, one rolls back whole and folds again.
+    PostgreSQL (``SKIP LOCKED``) and queue on SQLite's one writer; if both make the same new
+    rollup row, the second adds into the row the first made (:mod:`server.keyed_rows`).
     """
-    for attempt in range(_ATTEMPTS):
-        try:
-            claimed = _claim(session, limit)
-            parts: dict[RollupKey, dict[str, Any]] = {}
-            hardware: dict[str, str] = {}
-            for device_id, hardware_id, model, version, start, values in claimed:
-                key = (device_id, model, version, start.astimezone(UTC).date().isoformat())
-                part = parts.get(key)
-                if part is None:
-                    part = parts[key] = aggregate.empty(relative_accuracy)
-                try:
-                    aggregate.add(part, values)
-                except (ValueError, KeyError, TypeError) as exc:  # stored by an earlier bug
-                    log.warning("telemetry window %s %s skipped by the fold: %s", key, values, exc)
-                hardware[device_id] = hardware_id
-            changes = write_rollups(session, parts, hardware, relative_accuracy)
-            fleet_rollup.add_changes(session, changes, relative_accuracy)
-            session.commit()
-            return Folded(len(claimed), len(changes))
-        except IntegrityError:
-            session.rollback()
-            if attempt == _ATTEMPTS - 1:
-                raise
-            # The other folder may still be creating rows this one needs: let it commit first.
-            sleep(random.uniform(0.01, 0.05) * (attempt + 1))
-    raise AssertionError("unreachable")
+    with _cyclic_gc_paused():
+        claimed = _claim(session, limit)
+        parts, hardware = add_up(claimed, relative_accuracy)
+        changes = write_rollups(session, parts, hardware, relative_accuracy)
+        fleet_rollup.add_changes(session, changes, relative_accuracy)
+        session.commit()
+    return Folded(len(claimed), len(changes))
 
 
-def fold_due(session: Session, *, relative_accuracy: float, limit: int, lease_s: float) -> int:
+_gc_lock = threading.Lock()
+_gc_pauses = 0
+_gc_was_enabled = False
+
+
+@contextmanager
+def _cyclic_gc_paused() -> Iterator[None]:
+    """Python's cycle collector off while a fold runs (in any thread; on again after the last).
+
+    A fold makes some 30 small dicts and lists per window and keeps them all until it commits;
+    every 700 of those the collector runs, and its older generations walk everything alive, so a
+    fold of 5,000 windows spent as long collecting as decoding (measured: 14 ms to decode the
+    claimed windows without it, 15-150 ms with it). A fold makes no reference cycles; reference
+    counting frees its objects either way.
+    """
+    global _gc_pauses, _gc_was_enabled
+    with _gc_lock:
+        if _gc_pauses == 0:
+            _gc_was_enabled = gc.isenabled()
+            gc.disable()
+        _gc_pauses += 1
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_pauses -= 1
+            if _gc_pauses == 0 and _gc_was_enabled:
+                gc.enable()
+
+
+def fold_due(
+    session: Session, *, relative_accuracy: float, limit: int, lease_s: float, folders: int = 1
+) -> int:
     """The periodic job: if this process holds the fold lease, fold until no window waits
-    (renewing the lease between folds); returns how many windows were folded."""
+    (renewing the lease between rounds of :func:`fold_round`); returns how many windows were
+    folded."""
+    if session.get_bind().dialect.name != "postgresql":
+        folders = 1
     folded = 0
     while evaluator.take_lease(session, LEASE, now=datetime.now(UTC), ttl_s=lease_s):
-        done = fold(session, relative_accuracy=relative_accuracy, limit=limit)
-        folded += done.windows
-        if done.windows < limit:
+        done = fold_round(
+            session, relative_accuracy=relative_accuracy, limit=limit, folders=folders
+        )
+        folded += done
+        if done < limit * folders:
             break
     return folded
 
 
-def _claim(session: Session, limit: int) -> list[tuple[str, str, str, str, datetime, Any]]:
-    """Mark up to ``limit`` unfolded windows folded (uncommitted); returns what they hold."""
-    columns = (
-        _WINDOWS.c.device_id,
-        _WINDOWS.c.hardware_id,
-        _WINDOWS.c.model,
-        _WINDOWS.c.version,
-        _WINDOWS.c.window_start,
-        _WINDOWS.c.aggregate,
+def fold_round(session: Session, *, relative_accuracy: float, limit: int, folders: int) -> int:
+    """``folders`` folds at once on PostgreSQL, each in its own transaction on its own
+    connection (one on SQLite, whose one writer would queue them); returns the windows folded.
+
+    PostgreSQL spends about as long marking a fold's windows as Python spends adding them up, so
+    while one fold waits on the database another adds up: two folders fold up to twice as fast
+    on a machine with a core to spare. They claim disjoint windows, and lock the rows they add
+    into in one order (:mod:`server.keyed_rows`), so neither counts anything twice or fails.
+    """
+    engine = session.get_bind()
+    if folders <= 1 or engine.dialect.name != "postgresql":
+        return fold(session, relative_accuracy=relative_accuracy, limit=limit).windows
+
+    def one() -> int:
+        with Session(engine) as own:
+            return fold(own, relative_accuracy=relative_accuracy, limit=limit).windows
+
+    with ThreadPoolExecutor(max_workers=folders, thread_name_prefix="fold") as pool:
+        return sum(pool.map(lambda _: one(), range(folders)))
+
+
+#: A claimed window: device, hardware id, model, version, event-time day (UTC, ISO), aggregate.
+Claimed = tuple[str, str, str, str, str, Any]
+
+
+def _claim(session: Session, limit: int) -> list[Claimed]:
+    """Mark up to ``limit`` unfolded windows folded (uncommitted); returns what they hold.
+
+    One statement: on SQLite it takes the write lock before reading, so no other writer can claim
+    the same windows between the read and the mark; on PostgreSQL it locks the slice first,
+    skipping what another folder holds, and answers with one JSON document (decoded in one call,
+    not row by row).
+    """
+    conn = session.connection()
+    if conn.dialect.name == "postgresql":
+        return conn.execute(_CLAIM_PG, {"limit": limit}).scalar() or []
+    pending = select(_WINDOWS.c.id).where(UNFOLDED).limit(limit).scalar_subquery()
+    columns = ("device_id", "hardware_id", "model", "version", "window_start", "aggregate")
+    marked = (
+        update(_WINDOWS)
+        .where(UNFOLDED, _WINDOWS.c.id.in_(pending))
+        .values(folded=True)
+        .returning(*(_WINDOWS.c[c] for c in columns))
     )
-    if session.get_bind().dialect.name != "postgresql":
-        # One statement: it takes SQLite's write lock before reading, so no other writer can
-        # claim the same windows between the read and the mark.
-        pending = select(_WINDOWS.c.id).where(UNFOLDED).limit(limit).scalar_subquery()
-        marked = (
-            update(_WINDOWS)
-            .where(UNFOLDED, _WINDOWS.c.id.in_(pending))
-            .values(folded=True)
-            .returning(*columns)
-        )
-        return [tuple(row) for row in session.execute(marked)]
-    # Lock the slice (skipping what another folder holds), then mark it one day partition at
-    # a time, so each update touches one partition's key index.
-    rows = session.execute(
-        select(_WINDOWS.c.id, *columns)
-        .where(UNFOLDED)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-    ).all()
-    by_day: dict[date, list[int]] = defaultdict(list)
-    for row in rows:
-        by_day[row.window_start.astimezone(UTC).date()].append(row.id)
-    for day, ids in by_day.items():
-        begins = datetime.combine(day, time(), UTC)
-        session.execute(
-            update(_WINDOWS)
-            .where(
-                _WINDOWS.c.window_start >= begins,
-                _WINDOWS.c.window_start < begins + timedelta(days=1),
-                _WINDOWS.c.id.in_(ids),
-            )
-            .values(folded=True)
-        )
-    return [tuple(row[1:]) for row in rows]
+    days: dict[date, str] = {}
+    claimed = []
+    for device_id, hardware_id, model, version, start, values in conn.execute(marked):
+        day = start.astimezone(UTC).date()
+        name = days.get(day)
+        if name is None:
+            name = days[day] = day.isoformat()
+        claimed.append((device_id, hardware_id, model, version, name, values))
+    return claimed
+
+
+# The picked rows are joined back on the whole primary key (with the partition column), so each
+# is found by one probe of its own day partition's key index.
+_CLAIM_PG = text(
+    "WITH picked AS (SELECT id, window_start FROM telemetry_window WHERE NOT folded"
+    " LIMIT :limit FOR UPDATE SKIP LOCKED),"
+    " claimed AS (UPDATE telemetry_window w SET folded = true FROM picked"
+    " WHERE w.id = picked.id AND w.window_start = picked.window_start"
+    " RETURNING w.device_id, w.hardware_id, w.model, w.version, w.window_start, w.aggregate)"
+    " SELECT json_agg(json_build_array(device_id, hardware_id, model, version,"
+    " to_char(window_start AT TIME ZONE 'UTC', 'YYYY-MM-DD'), aggregate)) FROM claimed"
+)
+
+
+def add_up(
+    claimed: list[Claimed], relative_accuracy: float
+) -> tuple[dict[RollupKey, dict[str, Any]], dict[str, str]]:
+    """The claimed windows added up per rollup key, and each device's hardware id (as its
+    windows recorded it). A window that cannot be added (stored by an earlier bug) is skipped
+    and logged."""
+    parts: dict[RollupKey, dict[str, Any]] = {}
+    hardware: dict[str, str] = {}
+    for device_id, hardware_id, model, version, day, values in claimed:
+        key = (device_id, model, version, day)
+        part = parts.get(key)
+        if part is None:
+            part = parts[key] = aggregate.empty(relative_accuracy)
+        try:
+            aggregate.add(part, values)
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("telemetry window %s %s skipped by the fold: %s", key, values, exc)
+        hardware[device_id] = hardware_id
+    return parts, hardware
 
 
 def write_rollups(
@@ -166,48 +222,72 @@ def write_rollups(
     each row written, for the fleet rollups (:func:`server.fleet_rollup.add_changes`, which the
     caller runs in the same transaction).
 
-    The rows for the keys are read once (locked on PostgreSQL) and written in two statements
-    (updates, inserts). A row that fails the checks (which reads skip) is replaced by the part, so
-    one bad row never makes correct data bounce; what it held is logged. ``hardware`` gives each
-    device's hardware id, as its windows recorded it.
+    The rows for the keys are read at once (locked on PostgreSQL), updated in one statement and
+    the missing ones inserted in another; a row another folder made meanwhile is read and added
+    into like the others (:mod:`server.keyed_rows`). A row that fails the checks (which reads
+    skip) is replaced by the part, so one bad row never makes correct data bounce; what it held
+    is logged. ``hardware`` gives each device's hardware id, as its windows recorded it.
     """
     if not parts:
         return []
-    existing = _rollup_rows(session, list(parts))
-    devices = device_platforms(session, {key[0] for key in parts if key not in existing})
-    updates, inserts = [], []
+    existing = keyed_rows.locked(session, _ROLLUPS, _KEY, parts, _READ)
     changes: list[fleet_rollup.Change] = []
-    for key in sorted(parts):
-        part = parts[key]
-        row = existing.get(key)
+    updates = _updates(existing, parts, relative_accuracy, changes)
+    new = [key for key in parts if key not in existing]
+    devices = device_platforms(session, {key[0] for key in new})
+    inserts = []
+    for key in new:
         device_id, model, version, day = key
-        if row is None:
-            changes.append(
-                fleet_rollup.Change((model, version, day, hardware[device_id]), part, "new", False)
-            )
-            generation, platform = devices.get(key[0], ("", ""))
-            inserts.append(
-                {
-                    "device_id": key[0],
-                    "hardware_id": hardware[key[0]],
-                    "generation": generation,
-                    "platform": platform,
-                    "model": key[1],
-                    "version": key[2],
-                    "day": key[3],
-                    **part,
-                }
-            )
-            continue
-        values, was, failed_before = _added(row, key, part, relative_accuracy)
-        updates.append({"_id": row["id"], **values})
-        fleet_key = (model, version, day, row["hardware_id"])
-        changes.append(fleet_rollup.Change(fleet_key, part, was, failed_before))
-    if updates:
-        session.execute(update(_ROLLUPS).where(_ROLLUPS.c.id == bindparam("_id")), updates)
-    if inserts:
-        session.execute(insert(_ROLLUPS), inserts)
+        generation, platform = devices.get(device_id, ("", ""))
+        inserts.append(
+            {
+                "device_id": device_id,
+                "hardware_id": hardware[device_id],
+                "generation": generation,
+                "platform": platform,
+                "model": model,
+                "version": version,
+                "day": day,
+                **parts[key],
+            }
+        )
+    while inserts:
+        made = keyed_rows.insert_new(session, _ROLLUPS, _KEY, inserts)
+        taken = {}
+        for row in inserts:
+            key = (row["device_id"], row["model"], row["version"], row["day"])
+            if key in made:
+                fleet_key = (key[1], key[2], key[3], row["hardware_id"])
+                changes.append(fleet_rollup.Change(fleet_key, parts[key], "new", False))
+            else:
+                taken[key] = row
+        # Another folder made these rows since the read: add into them like the others.
+        rows = keyed_rows.locked(session, _ROLLUPS, _KEY, taken, _READ)
+        updates += _updates(rows, parts, relative_accuracy, changes)
+        inserts = [row for key, row in taken.items() if key not in rows]
+    keyed_rows.update_by_id(session, _ROLLUPS, updates)
     return changes
+
+
+#: The columns of a stored rollup that adding into it reads (besides its key).
+_READ = ("id", "hardware_id", *aggregate.FIELDS)
+
+
+def _updates(
+    rows: dict[RollupKey, dict[str, Any]],
+    parts: dict[RollupKey, dict[str, Any]],
+    relative_accuracy: float,
+    changes: list[fleet_rollup.Change],
+) -> list[dict[str, Any]]:
+    """Each stored row with its part added (appending what changed to ``changes``)."""
+    updates = []
+    for key, row in rows.items():
+        part = parts[key]
+        values, was, failed_before = _added(row, key, part, relative_accuracy)
+        updates.append({"id": row["id"], **values})
+        fleet_key = (key[1], key[2], key[3], row["hardware_id"])
+        changes.append(fleet_rollup.Change(fleet_key, part, was, failed_before))
+    return updates
 
 
 def _added(
@@ -238,28 +318,6 @@ def _added(
 
 def _values(row: dict[str, Any]) -> dict[str, Any]:
     return {f: row[f] for f in aggregate.FIELDS}
-
-
-def _rollup_rows(session: Session, keys: list[RollupKey]) -> dict[RollupKey, dict[str, Any]]:
-    """The stored rollups of ``keys``, as dicts (locked on PostgreSQL, in id order)."""
-    found: dict[RollupKey, dict[str, Any]] = {}
-    key_columns = (_ROLLUPS.c.device_id, _ROLLUPS.c.model, _ROLLUPS.c.version, _ROLLUPS.c.day)
-    for i in range(0, len(keys), 500):
-        chunk = keys[i : i + 500]
-        query = (
-            select(
-                _ROLLUPS.c.id,
-                _ROLLUPS.c.hardware_id,
-                *key_columns,
-                *(_ROLLUPS.c[f] for f in aggregate.FIELDS),
-            )
-            .where(tuple_(*key_columns).in_(chunk))
-            .order_by(_ROLLUPS.c.id)
-            .with_for_update()
-        )
-        for row in session.execute(query).mappings():
-            found[(row["device_id"], row["model"], row["version"], row["day"])] = dict(row)
-    return found
 
 
 def device_platforms(session: Session, device_ids: set[str]) -> dict[str, tuple[str, str]]:

@@ -65,6 +65,7 @@ def jobs_for(state: ServerState) -> list[Job]:
                 relative_accuracy=settings.telemetry_relative_accuracy,
                 limit=settings.telemetry_fold_max_windows,
                 lease_s=max(60.0, 10 * settings.telemetry_fold_s),
+                folders=settings.telemetry_fold_folders,
             )
 
     def check_thresholds() -> int:

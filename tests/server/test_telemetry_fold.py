@@ -5,16 +5,23 @@ of the fold, and retention drops whole days (PostgreSQL: their partitions) once 
 from __future__ import annotations
 
 import threading
+import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from sqlalchemy import text
 from sqlmodel import Session, func, select
 
-from server import fold, telemetry
-from server.models import TelemetryBatchCount, TelemetryRollup, TelemetryWindowRecord
-from tests.server.conftest import Fleet
+from server import fleet_rollup, fold, telemetry
+from server.models import (
+    FleetRollup,
+    TelemetryBatchCount,
+    TelemetryRollup,
+    TelemetryWindowRecord,
+)
+from tests.server.conftest import Fleet, running_fleet
 from tests.server.test_metrics import (
     DAY0,
     Raw,
@@ -195,3 +202,79 @@ def test_retention_drops_folded_days_and_their_partitions(unfolded_fleet: Fleet)
     if postgresql:
         assert f"telemetry_window_p{days[0]}" in _partitions(fleet)
     assert late.start < datetime(2026, 3, 3, tzinfo=UTC)
+
+
+def test_a_folder_making_a_rollup_another_has_just_made_adds_into_it(
+    pg_database_url: str, tmp_path: Path
+) -> None:
+    # One device's windows of one day: one rollup key, new to both folders. The first makes the
+    # rows and holds its transaction open; the second, folding the other windows, reads no row,
+    # goes to insert it and must wait, then add into the first's row (no unique violation, no
+    # start again), leaving one rollup and one fleet rollup holding every window once.
+    with running_fleet(pg_database_url, tmp_path, telemetry_fold_s=3600.0) as fleet:
+        _, raws = _upload(fleet, "same", devices=1, days=1)
+        assert len(raws) == 3
+        engine = fleet.state.engine
+        second: dict[str, Any] = {}
+
+        def fold_the_rest() -> None:
+            try:
+                with Session(engine) as session:
+                    second["done"] = fold.fold(session, relative_accuracy=0.01, limit=10)
+            except BaseException as exc:  # reported by the test thread
+                second["error"] = exc
+
+        with Session(engine) as first:
+            parts, hardware = fold.add_up(fold._claim(first, 1), 0.01)
+            changes = fold.write_rollups(first, parts, hardware, 0.01)
+            assert [c.was for c in changes] == ["new"]
+            fleet_rollup.add_changes(first, changes, 0.01)
+            thread = threading.Thread(target=fold_the_rest)
+            thread.start()
+            _wait_for_a_lock_wait(engine)
+            first.commit()
+        thread.join(timeout=60)
+        assert "error" not in second, second
+        assert second["done"].windows == 2
+        with Session(engine) as session:
+            rollups = session.exec(select(TelemetryRollup)).all()
+            fleet_rows = session.exec(select(FleetRollup)).all()
+        assert [(r.window_count, r.inference_count) for r in rollups] == [
+            (3, sum(len(r.x0) for r in raws))
+        ]
+        assert [(f.window_count, f.device_count) for f in fleet_rows] == [(3, 1)]
+
+
+def _wait_for_a_lock_wait(engine: Any) -> None:
+    """Until a session of this database waits on a lock another holds."""
+    deadline = time.monotonic() + 30
+    with engine.connect() as conn:
+        while time.monotonic() < deadline:
+            waiting = conn.execute(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND wait_event_type = 'Lock'"
+                )
+            ).scalar_one()
+            if waiting:
+                return
+            conn.rollback()
+            time.sleep(0.05)
+    raise AssertionError("the second folder never waited on the first")
+
+
+def test_the_job_folding_two_at_once_counts_each_window_once(unfolded_fleet: Fleet) -> None:
+    # Small folds, two at once on PostgreSQL (one on SQLite), round after round until none wait.
+    fleet = unfolded_fleet
+    _, raws = _upload(fleet, "pair", devices=6)
+    waiting = _figures(fleet, "pair")
+    with Session(fleet.state.engine) as session:
+        done = fold.fold_due(session, relative_accuracy=0.01, limit=5, lease_s=60, folders=2)
+    assert done == len(raws)
+    assert _unfolded(fleet) == 0
+    with Session(fleet.state.engine) as session:
+        in_rollups = session.exec(select(func.sum(TelemetryRollup.window_count))).one()
+        in_fleet = session.exec(select(func.sum(FleetRollup.window_count))).one()
+    assert in_rollups == in_fleet == len(raws)
+    for before, after in zip(waiting, _figures(fleet, "pair"), strict=True):
+        _same_figures(before, after)
