@@ -1,7 +1,7 @@
 """Folding appended telemetry windows into the per-device day rollups, and reading the two
 together so every figure stays exact while windows wait.
 
-Ingest appends windows with ``folded`` false (:func:`server.telemetry.ingest`). The fold job
+Ingest appends windows with ``folded`` false (:mod:`server.ingest_store`). The fold job
 (:func:`fold`, under the ``telemetry-fold`` lease, so one process at a time) claims a slice of
 them, adds them up per (device, model, version, event-time day), adds each sum into its rollup
 (:func:`write_rollups`) and the fleet rollups over it (:func:`server.fleet_rollup.add_changes`)

@@ -73,12 +73,14 @@ def create_statement(day: date) -> str:
 
 def _create(conn: Connection, day: date) -> None:
     try:
-        # The parent's lock first, in the mode the create takes anyway (ACCESS EXCLUSIVE): an
-        # insert already routing rows would otherwise wait on the new table while holding the
-        # parent, and the two deadlock (seen under bench/load_fleet.py); and taking a weaker mode
-        # first, to be upgraded by the create, deadlocks with a fold that read the parent and
-        # then writes to it. Taken whole, the create waits for transactions in flight and new
-        # ones wait for its brief commit.
+        # The create's locks taken first, in the order every upload's append takes them
+        # (batch records, then windows), each in the mode the create needs anyway: SHARE ROW
+        # EXCLUSIVE on telemetry_batch (the new partition's foreign key) and ACCESS EXCLUSIVE on
+        # the parent. Taken by the create itself, in its own order or by upgrading a weaker
+        # lock, they deadlocked with appends in flight (seen under bench/bench_server.py and
+        # bench/load_fleet.py) and with a fold. Taken this way, the create waits for the
+        # transactions in flight and new ones wait for its brief commit.
+        conn.execute(text("LOCK TABLE telemetry_batch IN SHARE ROW EXCLUSIVE MODE"))
         conn.execute(text("LOCK TABLE telemetry_window IN ACCESS EXCLUSIVE MODE"))
         conn.execute(text(create_statement(day)))
         conn.commit()
@@ -122,7 +124,7 @@ def drop_before(engine: Engine, cutoff: date) -> tuple[int, list[date]]:
 
     Each partition is locked before it is checked, so no window can arrive in it between the
     check and the drop (a late upload waiting on the lock fails and is retried by its device:
-    see :func:`server.telemetry.ingest`).
+    see :mod:`server.ingest_store`).
     """
     dropped, waiting = 0, []
     with engine.connect() as conn:

@@ -5,6 +5,7 @@ upload the database refuses fails alone."""
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
 import pytest
@@ -150,3 +151,24 @@ def test_refusals_name_the_reason_over_http(fleet: Fleet) -> None:
     assert post("efd_wrong") == (401, "a valid device credential is required")
     assert post(stranger) == (403, "device phone-2 may not act for device phone-1")
     assert post(phone, "phone-2") == (403, "device phone-1 may not act for device phone-2")
+
+
+def test_uploads_making_new_day_partitions_at_once_all_land(fleet: Fleet) -> None:
+    """Each upload names a day no partition holds yet while others append (PostgreSQL makes the
+    partitions then; a create that took its locks in another order than the appends deadlocked
+    with them)."""
+    for i in range(8):
+        fleet.enroll(f"phone-{i}")
+    store = fleet.state.ingest_store
+    uploads = []
+    for n in range(48):
+        u = upload(f"phone-{n % 8}", n, windows=1)
+        day = date(2026, 4, 1) + timedelta(days=n)
+        u.windows[0]["window_start"] = datetime.combine(day, time(10), UTC)
+        uploads.append(u)
+
+    async def together() -> list[object]:
+        return list(await asyncio.gather(*(store.append(u) for u in uploads)))
+
+    assert fleet.client.portal.call(together) == [True] * 48  # type: ignore[union-attr]
+    assert len(stored(fleet)["windows per batch"]) == 48
