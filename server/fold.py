@@ -76,32 +76,38 @@ def fold(session: Session, *, relative_accuracy: float, limit: int) -> Folded:
 
 _gc_lock = threading.Lock()
 _gc_pauses = 0
-_gc_was_enabled = False
+_gc_thresholds = gc.get_threshold()
+#: The young generation's threshold while a fold runs (Python's default is 700 allocations).
+FOLD_GC_THRESHOLD = 50_000
 
 
 @contextmanager
 def _cyclic_gc_paused() -> Iterator[None]:
-    """Python's cycle collector off while a fold runs (in any thread; on again after the last).
+    """Python's cycle collector runs rarely while a fold runs (in any thread; as before after
+    the last).
 
     A fold makes some 30 small dicts and lists per window and keeps them all until it commits;
     every 700 of those the collector runs, and its older generations walk everything alive, so a
     fold of 5,000 windows spent as long collecting as decoding (measured: 14 ms to decode the
     claimed windows without it, 15-150 ms with it). A fold makes no reference cycles; reference
-    counting frees its objects either way.
+    counting frees its objects either way. The collector is slowed, not turned off: the
+    setting is the whole process's, so turned off during back-to-back folds under load it also
+    let the serving thread's garbage pile up, for one long collection later in whichever
+    thread came next (a suspect in bench/load_fleet.py's check-in p99 stalls).
     """
-    global _gc_pauses, _gc_was_enabled
+    global _gc_pauses, _gc_thresholds
     with _gc_lock:
         if _gc_pauses == 0:
-            _gc_was_enabled = gc.isenabled()
-            gc.disable()
+            _gc_thresholds = gc.get_threshold()
+            gc.set_threshold(FOLD_GC_THRESHOLD, *_gc_thresholds[1:])
         _gc_pauses += 1
     try:
         yield
     finally:
         with _gc_lock:
             _gc_pauses -= 1
-            if _gc_pauses == 0 and _gc_was_enabled:
-                gc.enable()
+            if _gc_pauses == 0:
+                gc.set_threshold(*_gc_thresholds)
 
 
 def fold_due(
