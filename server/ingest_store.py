@@ -118,30 +118,25 @@ class _Appends:
 
     async def _append_group(self, uploads: list[Upload]) -> list[bool | BaseException]:
         # One batch sent twice at once (a retry racing its original) goes in once; the copy is
-        # a replay, as it would be a moment later.
+        # a replay, as it would be a moment later (or fails with it).
         first: dict[tuple[str, int, int], int] = {}
         for i, upload in enumerate(uploads):
             first.setdefault(upload.key, i)
         unique = [uploads[i] for i in sorted(set(first.values()))]
+        failed: dict[tuple[str, int, int], BaseException] = {}
         try:
             stored = await self._write(unique)
         except DBAPIError:
-            if len(unique) == 1:
-                stored = await self._alone(unique[0])
-            else:
-                stored = set()
-                failed: dict[tuple[str, int, int], BaseException] = {}
-                for upload in unique:
-                    try:
-                        stored |= await self._alone(upload)
-                    except DBAPIError as exc:
-                        failed[upload.key] = exc
-                return [
-                    failed[u.key] if i == first[u.key] and u.key in failed else
-                    (i == first[u.key] and u.key in stored)
-                    for i, u in enumerate(uploads)
-                ]  # fmt: skip
-        return [i == first[u.key] and u.key in stored for i, u in enumerate(uploads)]
+            stored = set()
+            for upload in unique:
+                try:
+                    stored |= await self._alone(upload)
+                except DBAPIError as exc:
+                    failed[upload.key] = exc
+        return [
+            failed[u.key] if u.key in failed else (i == first[u.key] and u.key in stored)
+            for i, u in enumerate(uploads)
+        ]
 
     async def _alone(self, upload: Upload) -> set[tuple[str, int, int]]:
         try:

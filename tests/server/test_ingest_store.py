@@ -94,7 +94,7 @@ def test_an_upload_the_database_refuses_fails_alone(fleet: Fleet) -> None:
     async def together() -> list[object]:
         return list(
             await asyncio.gather(
-                *(store.append(u) for u in [good[0], bad, good[1], good[2]]),
+                *(store.append(u) for u in [good[0], bad, good[1], good[2], bad]),
                 return_exceptions=True,
             )
         )
@@ -102,6 +102,7 @@ def test_an_upload_the_database_refuses_fails_alone(fleet: Fleet) -> None:
     results = fleet.client.portal.call(together)  # type: ignore[union-attr]
     assert results[0] is True and results[2] is True and results[3] is True
     assert isinstance(results[1], DBAPIError)
+    assert isinstance(results[4], DBAPIError)  # its copy in the same burst is no "replay"
     found = stored(fleet)
     assert found["windows per batch"] == {(f"phone-{i}", 0): 2 for i in range(3)}
     assert ("phone-1", 5) not in found["windows per batch"]  # nothing of it, not even its record
