@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Hashable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -95,6 +95,8 @@ class OfferCache:
         self._rules: dict[str, _Fresh[tuple[ArmRule, ...]]] = {}
         self._pinned: _Fresh[frozenset[str]] | None = None
         self._confirmed: dict[str, _Fresh[ConfirmedCounters]] = {}
+        #: Reads in flight (touched on the event loop only): key -> (generation, task).
+        self._flights: dict[Hashable, tuple[int, asyncio.Future[Any]]] = {}
         #: Says whether a device is in a rollout, for rollout-scoped confirmations.
         self.rollout_member: RolloutMembership | None = self.in_rollout
 
@@ -114,6 +116,36 @@ class OfferCache:
     def rules(self, hardware_id: str) -> tuple[ArmRule, ...] | None:
         """The rollouts' rules for ``hardware_id``, if read within the TTL."""
         return self._fresh(self._rules.get(hardware_id))
+
+    def holds(self, hardware_id: str) -> bool:
+        """Whether every entry a check-in of ``hardware_id`` reads is fresh."""
+        return (
+            self.pinned() is not None
+            and self.released(hardware_id) is not None
+            and self.rules(hardware_id) is not None
+        )
+
+    def shared(self, key: Hashable, read: Callable[[], T]) -> Awaitable[T]:
+        """Run ``read`` in a worker thread, once for all the callers that miss ``key`` together.
+
+        When the cache expires, every device then checking in misses at once; without this each
+        would read the same rows (a burst of threads and queries just when the fleet is busy).
+        A caller joins a read only if it started in the current generation, so it began after
+        the last commit the cache was told of and sees it. Shielded: a caller that goes away
+        does not cancel the others' read.
+        """
+        flight = self._flights.get(key)
+        if flight is None or flight[0] != self.generation:
+            task = asyncio.ensure_future(asyncio.to_thread(read))
+            flight = (self.generation, task)
+            self._flights[key] = flight
+
+            def landed(_: asyncio.Future[Any], key: Hashable = key, mine: Any = flight) -> None:
+                if self._flights.get(key) is mine:
+                    del self._flights[key]
+
+            task.add_done_callback(landed)
+        return asyncio.shield(flight[1])
 
     def lookup(
         self, device_id: str, hardware_id: str, firmware: str, running: Mapping[str, str]
@@ -201,10 +233,16 @@ async def offers_for_device(
     """Per model, what ``device_id`` (of ``hardware_id``, on ``firmware``, reporting
     ``running``: model -> version) is offered now.
 
-    From the cache on the event loop when it can answer; otherwise read in a worker thread.
+    From the cache on the event loop when it can answer; after it expires, the entries of
+    ``hardware_id`` are read once for all the devices then checking in (:meth:`OfferCache.shared`);
+    a pinned device's pins are read for it in a worker thread.
     """
     running = running or {}
-    cached = state.offers.lookup(device_id, hardware_id, firmware, running)
+    cache = state.offers
+    cached = cache.lookup(device_id, hardware_id, firmware, running)
+    if cached is None and not cache.holds(hardware_id):
+        await cache.shared(("offers", hardware_id), lambda: _read_hardware(state, hardware_id))
+        cached = cache.lookup(device_id, hardware_id, firmware, running)
     if cached is not None:
         return cached
     return await asyncio.to_thread(read_offers, state, device_id, hardware_id, firmware, running)
@@ -215,7 +253,9 @@ async def confirmed_for_hardware(state: ServerState, hardware_id: str) -> Confir
     cached = state.offers.confirmed(hardware_id)
     if cached is not None:
         return cached
-    return await asyncio.to_thread(_read_confirmed, state, hardware_id)
+    return await state.offers.shared(
+        ("confirmed", hardware_id), lambda: _read_confirmed(state, hardware_id)
+    )
 
 
 def _read_confirmed(state: ServerState, hardware_id: str) -> ConfirmedCounters:
@@ -226,25 +266,37 @@ def _read_confirmed(state: ServerState, hardware_id: str) -> ConfirmedCounters:
     return value
 
 
+def _read_hardware(
+    state: ServerState, hardware_id: str, session: Session | None = None
+) -> tuple[frozenset[str], Offers, tuple[ArmRule, ...]]:
+    """The pinned devices, and what is released and what rollouts decide for ``hardware_id``:
+    from the cache where fresh, else read (and stored unless the cache was dropped meanwhile)."""
+    if session is None:
+        with Session(state.engine) as own:
+            return _read_hardware(state, hardware_id, own)
+    cache = state.offers
+    generation = cache.generation
+    pinned = cache.pinned()
+    if pinned is None:
+        pinned = frozenset(session.exec(select(Pin.device_id).distinct()).all())
+        cache.put_pinned(generation, pinned)
+    released = cache.released(hardware_id)
+    if released is None:
+        released = _released(session, hardware_id)
+        cache.put_released(generation, hardware_id, released)
+    rules = cache.rules(hardware_id)
+    if rules is None:
+        rules = rollout_rules(session, hardware_id)
+        cache.put_rules(generation, hardware_id, rules)
+    return pinned, released, rules
+
+
 def read_offers(
     state: ServerState, device_id: str, hardware_id: str, firmware: str, running: Mapping[str, str]
 ) -> Offers:
     """:func:`offers_for_device` from the database (refreshing the cache's entries)."""
-    cache = state.offers
-    generation = cache.generation
     with Session(state.engine) as session:
-        pinned = cache.pinned()
-        if pinned is None:
-            pinned = frozenset(session.exec(select(Pin.device_id).distinct()).all())
-            cache.put_pinned(generation, pinned)
-        released = cache.released(hardware_id)
-        if released is None:
-            released = _released(session, hardware_id)
-            cache.put_released(generation, hardware_id, released)
-        rules = cache.rules(hardware_id)
-        if rules is None:
-            rules = rollout_rules(session, hardware_id)
-            cache.put_rules(generation, hardware_id, rules)
+        pinned, released, rules = _read_hardware(state, hardware_id, session)
         offers = apply_rules(released, list(rules), device_id, firmware, running)
         if device_id not in pinned:
             return offers

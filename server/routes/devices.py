@@ -14,6 +14,7 @@ from fastapi import APIRouter, Query, Request, Response
 from firmware_bundles.messages import CapabilityReport, CheckInRequest, DeviceId
 from server import device_events, device_history, fleet, fleet_summary, hotpath, registry, telemetry
 from server.auth import bearer
+from server.bodies import json_body, json_body_openapi
 from server.deps import DeviceDep, OperatorDep, PrincipalDep, ReaderDep, SessionDep, StateDep
 from server.errors import ApiError
 from server.event_schemas import DeviceEvents, DeviceHistory
@@ -48,14 +49,16 @@ class EnrollRequest(RequestBody):
     "/{device_id}/check-in",
     response_class=Response,
     responses={200: {"model": CheckInAnswer, "description": "A director-signed assignment set."}},
+    openapi_extra=json_body_openapi(CheckInRequest),
 )
-async def check_in(device_id: DeviceId, body: CheckInRequest, request: Request) -> Response:
+async def check_in(device_id: DeviceId, request: Request) -> Response:
     """Report state with a fresh nonce; get one director-signed assignment set carrying it.
 
     Authorised by the device's credential (``Authorization: Bearer``), or its paired relay's.
     Runs on the event loop (no threadpool hop); see :mod:`server.hotpath`.
     """
     state = request.app.state.fleet
+    body = await json_body(request, CheckInRequest)
     credential = bearer(request.headers.get("authorization"))
     answer = await hotpath.check_in(state, credential, device_id, body)
     return Response(answer, media_type="application/json")

@@ -80,6 +80,46 @@ def test_a_device_cannot_touch_another_devices_assignment_or_telemetry(fleet: Fl
     assert r.status_code == 403
 
 
+_CHECK_IN_HEAD = b'{"device_id": "phone-a", "nonce": "%s", "firmware_version": "1"' % (b"0" * 32)
+
+
+@pytest.mark.parametrize(
+    ("body", "loc", "kind"),
+    [
+        (b"\xff\xfe not utf-8", ["body"], "json_invalid"),
+        (b'{"device_id": "phone-a", "nonce": ', ["body"], "json_invalid"),
+        (b"[]", ["body"], "model_type"),
+        (
+            b'{"device_id": "phone-a", "nonce": "0123456789abcdef0123456789abcdef"}',
+            ["body", "firmware_version"],
+            "missing",
+        ),
+        (
+            _CHECK_IN_HEAD + b', "installed": [{"model": 5}]}',
+            ["body", "installed", 0, "model"],
+            "string_type",
+        ),
+        (
+            _CHECK_IN_HEAD + b', "extra": 1}',
+            ["body", "extra"],
+            "extra_forbidden",
+        ),
+    ],
+)
+def test_a_bad_check_in_body_is_a_422_naming_where(
+    fleet: Fleet, body: bytes, loc: list[object], kind: str
+) -> None:
+    credential = fleet.enroll("phone-a")
+    r = fleet.client.post(
+        "/v1/devices/phone-a/check-in",
+        content=body,
+        headers={**fleet.auth(credential), "Content-Type": "application/json"},
+    )
+    assert r.status_code == 422, r.text
+    [error] = r.json()["detail"]
+    assert (error["loc"], error["type"]) == (loc, kind)
+
+
 BAD_BUNDLES = [
     (
         "unsigned",
