@@ -64,7 +64,8 @@ def wave(t: float, length: float) -> float:
 
 def schedule(peak: float, length: float, rng: random.Random) -> list[float]:
     """Due times of syncs (a Poisson process whose rate follows :func:`wave`, by thinning)."""
-    due, t = [], 0.0
+    due: list[float] = []
+    t = 0.0
     while True:
         t += rng.expovariate(peak)
         if t >= length:
@@ -121,9 +122,11 @@ class Tally:
         self.errors[route][what] = self.errors[route].get(what, 0) + 1
 
 
-def requests_of(
-    args: argparse.Namespace, due: list[float], rng: random.Random
-) -> list[tuple[dict[str, str], tuple[tuple[str, str, bytes], ...]]]:
+#: One sync: its headers, and each request's route, path and body.
+Sync = tuple[dict[str, str], tuple[tuple[str, str, bytes], ...]]
+
+
+def requests_of(args: argparse.Namespace, due: list[float], rng: random.Random) -> list[Sync]:
     """Each due sync's headers and its two requests (route, path, body), built before the clock
     starts so the generator's CPU goes to sending, not to JSON."""
     creds = [line.split() for line in Path(args.creds).read_text().split("\n") if line]
@@ -132,7 +135,7 @@ def requests_of(
     order = list(range(len(creds)))
     rng.shuffle(order)
     boot_epoch = int(time.time())
-    syncs = []
+    syncs: list[Sync] = []
     for k in range(len(due)):
         device_id, credential = creds[order[k % len(order)]]
         check_in = {
