@@ -114,6 +114,8 @@ def batch_body(device_id: str, bundle: str, boot_epoch: int, sequence: int) -> b
 @dataclass
 class Tally:
     latencies: dict[str, list[float]] = field(default_factory=lambda: {r: [] for r in ROUTES})
+    #: Per check-in: the second of the run it was due in, and its latency.
+    check_ins: list[tuple[int, float]] = field(default_factory=list)
     errors: dict[str, dict[str, int]] = field(default_factory=lambda: {r: {} for r in ROUTES})
     due: int = 0
     done: int = 0
@@ -185,7 +187,10 @@ async def generate(args: argparse.Namespace) -> dict[str, Any]:
             except (aiohttp.ClientError, TimeoutError) as exc:
                 tally.error(route, type(exc).__name__)
                 return
-            tally.latencies[route].append(time.perf_counter() - began)
+            latency = time.perf_counter() - began
+            tally.latencies[route].append(latency)
+            if route == "check-in":
+                tally.check_ins.append((int(at), latency))
             if status >= 400:
                 tally.error(route, str(status))
                 return
@@ -210,6 +215,7 @@ async def generate(args: argparse.Namespace) -> dict[str, Any]:
         "due": tally.due,
         "done": tally.done,
         "latencies": tally.latencies,
+        "check_ins": tally.check_ins,
         "errors": tally.errors,
         "generator_cpu_s": usage.ru_utime + usage.ru_stime - before.ru_utime - before.ru_stime,
         "seconds": args.seconds,
@@ -327,6 +333,11 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=128)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument(
+        "--timeline",
+        action="store_true",
+        help="also print, per second of the final run, syncs due and check-in p50/p99",
+    )
     args = parser.parse_args()
 
     if args.command == "generate":
@@ -389,11 +400,29 @@ def main() -> None:
         "generator_cpu_s": final["generator_cpu_s"],
         "seconds": args.run_s,
     }
+    if args.timeline:
+        result["timeline"] = timeline(final)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         print_table(result)
     shutil.rmtree(work, ignore_errors=True)
+
+
+def timeline(step: dict[str, Any]) -> list[dict[str, float]]:
+    """Per second of a run: the check-ins due in it, and their p50 and p99 latency (ms)."""
+    seconds: dict[int, list[float]] = {}
+    for second, latency in step["check_ins"]:
+        seconds.setdefault(second, []).append(latency)
+    return [
+        {
+            "second": second,
+            "check_ins": len(values),
+            "p50_ms": quantile(values, 0.5) * 1e3,
+            "p99_ms": quantile(values, 0.99) * 1e3,
+        }
+        for second, values in sorted(seconds.items())
+    ]
 
 
 def print_table(result: dict[str, Any]) -> None:
@@ -425,6 +454,11 @@ def print_table(result: dict[str, Any]) -> None:
         )
     Console().print(table)
     print(f"generator CPU: {result['generator_cpu_s']:.1f} s over {result['seconds']:.0f} s")
+    for row in result.get("timeline", []):
+        print(
+            f"  second {row['second']:3.0f}: {row['check_ins']:4.0f} check-ins,"
+            f" p50 {row['p50_ms']:7.1f} ms, p99 {row['p99_ms']:7.1f} ms"
+        )
 
 
 if __name__ == "__main__":
