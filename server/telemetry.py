@@ -125,32 +125,31 @@ def windows_problems(
     """
     problems: list[str] = []
     for i, window in enumerate(batch.windows):
-        where = f"window {i} ({window.model} {window.version} at {window.window_start.isoformat()})"
         found = layouts.get(window.bundle_sha256)
         if found is None:
-            problems.append(
-                f"{where}: field 'bundle_sha256': {window.bundle_sha256} is not published on this"
-                " server"
+            own = [f"field 'bundle_sha256': {window.bundle_sha256} is not published on this server"]
+        else:
+            bundle_hardware, layout = found
+            own = []
+            if bundle_hardware != hardware_id:
+                own.append(
+                    f"field 'bundle_sha256': the bundle is for hardware {bundle_hardware},"
+                    f" device {device_id} is {hardware_id}"
+                )
+            own.extend(
+                accuracy_problems(
+                    "field 'latency.relative_accuracy':",
+                    window.latency.relative_accuracy,
+                    relative_accuracy,
+                )
             )
-            continue
-        bundle_hardware, layout = found
-        if bundle_hardware != hardware_id:
-            problems.append(
-                f"{where}: field 'bundle_sha256': the bundle is for hardware {bundle_hardware},"
-                f" device {device_id} is {hardware_id}"
+            own.extend(layout.problems(window))
+            own.extend(shadow_problems(window, layouts, hardware_id, relative_accuracy))
+        if own:  # the window named only when it has problems (most have none)
+            where = (
+                f"window {i} ({window.model} {window.version} at {window.window_start.isoformat()})"
             )
-        problems.extend(
-            accuracy_problems(
-                f"{where}: field 'latency.relative_accuracy':",
-                window.latency.relative_accuracy,
-                relative_accuracy,
-            )
-        )
-        problems.extend(f"{where}: {problem}" for problem in layout.problems(window))
-        problems.extend(
-            f"{where}: {problem}"
-            for problem in shadow_problems(window, layouts, hardware_id, relative_accuracy)
-        )
+            problems.extend(f"{where}: {problem}" for problem in own)
         if len(problems) >= MAX_PROBLEMS_REPORTED:
             break
     return problems[:MAX_PROBLEMS_REPORTED]
