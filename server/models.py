@@ -183,6 +183,9 @@ class TelemetryBatchCount(SQLModel, table=True):
     __tablename__ = "telemetry_batch_count"
     device_id: str = Field(primary_key=True)
     boot_epoch: int = Field(primary_key=True)
+    #: The device's (which never changes): the Fleet page adds completeness up per hardware id
+    #: from this table alone, without joining ``device`` (migration 0011).
+    hardware_id: str
     received: int
     top_sequence: int
 

@@ -16,7 +16,7 @@ from firmware_bundles.manifest import semver_key
 from server import fleet_summary, installed_counts, registry, rollouts
 from server.config import Settings
 from server.device_events import FAILED_OUTCOMES
-from server.fleet_summary import day_of
+from server.fleet_summary import day_of, iso_day
 from server.models import Device, DeviceEvent, DeviceInstalled, Rollout, TelemetryBatchCount
 from server.ui import charts
 from server.ui.device_view import check_order, days_between, span_of
@@ -62,7 +62,7 @@ def fleet_page(
     device_days = _device_days(session, is_silent)
     groups = _device_groups(device_days)
     active_groups = [g for g in groups if not g.revoked]
-    by_hardware = _by_hardware(session, active, active_groups)
+    by_hardware = _by_hardware(session, active_groups)
     active_count = sum(row["devices"] for row in by_hardware)
     revoked = sum(g.devices for g in groups if g.revoked)
     never_seen = sum(g.never_seen for g in active_groups)
@@ -208,25 +208,13 @@ def _device_groups(days: list[_DayGroup]) -> list[_Group]:
     return list(found.values())
 
 
-def _by_hardware(session: Session, active: Any, groups: list[_Group]) -> list[dict[str, Any]]:
+def _by_hardware(session: Session, groups: list[_Group]) -> list[dict[str, Any]]:
     """Per hardware id: its devices, those never or not lately seen, the last contact, and the
     telemetry completeness of its devices (batches received against those sent)."""
     per_hardware: dict[str, list[_Group]] = defaultdict(list)
     for g in groups:
         per_hardware[g.hardware_id].append(g)
-    batches = {
-        hardware_id: (int(received), int(expected))
-        for hardware_id, received, expected in session.exec(
-            select(
-                Device.hardware_id,
-                func.sum(TelemetryBatchCount.received),
-                func.sum(TelemetryBatchCount.top_sequence + 1),
-            )
-            .join(TelemetryBatchCount, col(TelemetryBatchCount.device_id) == col(Device.id))
-            .where(active)
-            .group_by(col(Device.hardware_id))
-        )
-    }
+    batches = _batches_by_hardware(session)
     rows = []
     for hardware_id, members in sorted(per_hardware.items()):
         seen = [g.last_seen for g in members if g.last_seen is not None]
@@ -249,6 +237,27 @@ def _by_hardware(session: Session, active: Any, groups: list[_Group]) -> list[di
             }
         )
     return rows
+
+
+def _batches_by_hardware(session: Session) -> dict[str, tuple[int, int]]:
+    """Per hardware id: batches received and expected of its devices not revoked, as all the
+    batch counts (each carries its device's hardware id) minus the revoked devices' (a few rows
+    through ``ix_device_revoked``): no pass over ``device``."""
+    grouped = select(
+        TelemetryBatchCount.hardware_id,
+        func.sum(TelemetryBatchCount.received),
+        func.sum(TelemetryBatchCount.top_sequence + 1),
+    ).group_by(col(TelemetryBatchCount.hardware_id))
+    found: dict[str, list[int]] = {}
+    for hardware_id, received, expected in session.exec(grouped):
+        found[hardware_id] = [int(received), int(expected)]
+    revoked = grouped.join(Device, col(Device.id) == col(TelemetryBatchCount.device_id)).where(
+        col(Device.revoked)
+    )
+    for hardware_id, received, expected in session.exec(revoked):
+        found[hardware_id][0] -= int(received)
+        found[hardware_id][1] -= int(expected)
+    return {h: (received, expected) for h, (received, expected) in found.items()}
 
 
 def _by_model_version(session: Session) -> list[dict[str, Any]]:
@@ -359,7 +368,7 @@ def install_outcomes(session: Session, start: datetime, end: datetime) -> list[d
     ).all()
     days: dict[str, Counter[str]] = defaultdict(Counter)
     for when, kind, outcome, n in rows:
-        key = charts.utc(when).date().isoformat() if isinstance(when, datetime) else when
+        key = charts.utc(when).date().isoformat() if isinstance(when, datetime) else iso_day(when)
         if kind == "revert":
             days[key]["reverted"] += int(n)
         elif outcome == "ok":
