@@ -1,9 +1,11 @@
 """Telemetry batches per device and boot epoch (``telemetry_batch_count``): how many arrived and
 the highest sequence number, so completeness over thousands of devices reads one row per device
-instead of every batch record.
+instead of every batch record; each row carries its device's hardware id, so completeness per
+hardware id reads this table alone (the Fleet page).
 
 Kept where batch records are written (:mod:`server.ingest_store`, in the upload's transaction) and
-erased with them (:func:`erase`); migration 0008 fills it from the stored records."""
+erased with them (:func:`erase`); migration 0008 fills it from the stored records, 0011 gives
+the stored rows their hardware ids."""
 
 from __future__ import annotations
 
