@@ -68,7 +68,7 @@ def rebuild(session: Session) -> None:
     session.exec(
         target.insert().from_select(
             ["device_id", "boot_epoch", "hardware_id", "received", "top_sequence"],
-            select(
+            select(  # type: ignore[call-overload]
                 per_epoch.c.device_id,
                 per_epoch.c.boot_epoch,
                 func.coalesce(hardware_id, ""),

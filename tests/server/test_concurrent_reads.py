@@ -33,15 +33,13 @@ def _connection_of(session: Session) -> int:
     return id(session.connection().connection.dbapi_connection)
 
 
+def _doubled(n: int) -> concurrent_reads.Part:
+    return lambda session: (n, session.execute(text(f"SELECT {n} * 2")).scalar_one())
+
+
 def test_each_part_answers_under_its_name(engine: Engine) -> None:
     with Session(engine) as session:
-        found = concurrent_reads.read_all(
-            session,
-            {
-                f"part {n}": lambda s, n=n: (n, s.execute(text(f"SELECT {n} * 2")).scalar_one())
-                for n in range(6)
-            },
-        )
+        found = concurrent_reads.read_all(session, {f"part {n}": _doubled(n) for n in range(6)})
         assert found == {f"part {n}": (n, n * 2) for n in range(6)}
         on_sqlite = engine.dialect.name == "sqlite"
         connections = concurrent_reads.read_all(session, {"a": _connection_of, "b": _connection_of})
