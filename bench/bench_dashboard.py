@@ -9,7 +9,9 @@ telemetry windows with their rollups (``bench/seed_fleet.py``), served by a real
   until every chart on the page has its uPlot canvas and two animation frames have passed
   (``performance.now()`` in the page). Baseline: the login page.
 - Query costs: each page's builder run once in this process on the same database, every SQL
-  statement timed with SQLAlchemy's cursor events (grouped by statement, slowest first).
+  statement timed with SQLAlchemy's cursor events (grouped by statement, slowest first). The
+  Fleet page reads on several connections at once, so its statements overlap: their times add
+  up to more than the page's.
 
 The Model page is asked for whole days (``from``/``to`` as dates: the seven days before today),
 read from the fleet rollups. Its default span (the last 7 x 24 hours) cuts two days, which are
@@ -199,15 +201,16 @@ def query_costs(url: str, data_dir: Path, today: date) -> dict[str, list[tuple[s
     state = build_state(Settings(data_dir=data_dir, database_url=url))
     who = Principal(kind="api", name="bench", role="operator")
     timings: dict[str, list[float]] = defaultdict(list)
-    started: list[float] = []
 
+    # Per connection: a page may read on several at once (server/concurrent_reads.py).
     @event.listens_for(state.engine, "before_cursor_execute")
-    def _before(*_: Any) -> None:
-        started.append(time.perf_counter())
+    def _before(conn: Any, *_: Any) -> None:
+        conn.info["bench_started"] = time.perf_counter()
 
     @event.listens_for(state.engine, "after_cursor_execute")
-    def _after(_conn: Any, _cursor: Any, statement: str, *__: Any) -> None:
-        timings[" ".join(statement.split())].append(time.perf_counter() - started.pop())
+    def _after(conn: Any, _cursor: Any, statement: str, *__: Any) -> None:
+        elapsed = time.perf_counter() - conn.info.pop("bench_started")
+        timings[" ".join(statement.split())].append(elapsed)
 
     first, last = today - timedelta(days=7), today - timedelta(days=1)
     whole = {"from": first.isoformat(), "to": last.isoformat()}

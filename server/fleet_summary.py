@@ -9,11 +9,11 @@ change), outcomes from ``device_event`` through its ``(kind, at, outcome)`` inde
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from pydantic import BaseModel
-from sqlalchemy import String, cast, func, or_
+from sqlalchemy import Date, String, cast, func, or_
 from sqlmodel import Session, col, select
 
 from server.models import Device, DeviceEvent, DeviceInstalled
@@ -140,16 +140,20 @@ def versions(session: Session, model: str | None = None) -> list[VersionCount]:
 
 
 def day_of(session: Session, column: Any) -> Any:
-    """A stored timestamp's UTC day, in the database's dialect: PostgreSQL truncates (cheaper
-    per row than formatting, which the grouping then does for a few dozen days), SQLite keeps
-    UTC as ISO text."""
+    """A stored timestamp's UTC day, in the database's dialect: PostgreSQL takes the date of the
+    UTC wall time (cheaper per row than formatting, which the grouping then does for a few dozen
+    days, and than ``date_trunc`` in a named zone: a third of the Fleet page's pass over
+    ``device``), SQLite keeps UTC as ISO text."""
     if session.get_bind().dialect.name == "postgresql":
-        return func.date_trunc("day", column, "UTC")
+        return cast(func.timezone("UTC", column), Date)
     return func.substr(cast(column, String), 1, 10)
 
 
-def iso_day(value: datetime | str) -> str:
-    return value.astimezone(UTC).date().isoformat() if isinstance(value, datetime) else value
+def iso_day(value: date | str) -> str:
+    """A day as :func:`day_of` gives it, as ISO text."""
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).date().isoformat()
+    return value.isoformat() if isinstance(value, date) else value
 
 
 def install_outcomes(session: Session, *, since: datetime) -> list[OutcomeCount]:

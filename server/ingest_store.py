@@ -61,18 +61,22 @@ WHERE NOT c.revoked AND NOT t.revoked
 #: The rows travel as two JSON documents (psycopg dumps a list parameter element by element in
 #: Python, several times the cost of the whole statement; pydantic-core writes JSON in Rust).
 _APPEND = """
-WITH b AS (
+WITH v AS (
+  SELECT * FROM json_to_recordset(%s::json) AS v(device_id varchar, hardware_id varchar,
+    boot_epoch integer, sequence integer, window_count integer, dropped_windows integer,
+    received_at timestamptz)
+), b AS (
   INSERT INTO telemetry_batch
     (device_id, boot_epoch, sequence, window_count, dropped_windows, received_at)
-  SELECT device_id, boot_epoch, sequence, window_count, dropped_windows, received_at
-  FROM json_to_recordset(%s::json) AS v(device_id varchar, boot_epoch integer, sequence integer,
-    window_count integer, dropped_windows integer, received_at timestamptz)
+  SELECT device_id, boot_epoch, sequence, window_count, dropped_windows, received_at FROM v
   ON CONFLICT (device_id, boot_epoch, sequence) DO NOTHING
   RETURNING id, device_id, boot_epoch, sequence
 ), c AS (
-  INSERT INTO telemetry_batch_count AS n (device_id, boot_epoch, received, top_sequence)
-  SELECT device_id, boot_epoch, count(*), max(sequence) FROM b
-  GROUP BY device_id, boot_epoch ORDER BY device_id, boot_epoch
+  INSERT INTO telemetry_batch_count AS n (device_id, boot_epoch, hardware_id, received,
+    top_sequence)
+  SELECT b.device_id, b.boot_epoch, min(v.hardware_id), count(*), max(b.sequence)
+  FROM b JOIN v USING (device_id, boot_epoch, sequence)
+  GROUP BY b.device_id, b.boot_epoch ORDER BY b.device_id, b.boot_epoch
   ON CONFLICT (device_id, boot_epoch) DO UPDATE
   SET received = n.received + excluded.received,
       top_sequence = greatest(n.top_sequence, excluded.top_sequence)
@@ -190,6 +194,7 @@ class PostgresIngestStore(_Appends):
         batches = [
             {
                 "device_id": u.device_id,
+                "hardware_id": u.hardware_id,
                 "boot_epoch": u.boot_epoch,
                 "sequence": u.sequence,
                 "window_count": u.window_count,
@@ -227,8 +232,8 @@ _SQLITE_RECORD = (
     " received_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING id"
 )
 _SQLITE_COUNT = (
-    "INSERT INTO telemetry_batch_count (device_id, boot_epoch, received, top_sequence)"
-    " VALUES (?, ?, 1, ?) ON CONFLICT (device_id, boot_epoch) DO UPDATE"
+    "INSERT INTO telemetry_batch_count (device_id, boot_epoch, hardware_id, received,"
+    " top_sequence) VALUES (?, ?, ?, 1, ?) ON CONFLICT (device_id, boot_epoch) DO UPDATE"
     " SET received = received + 1, top_sequence = max(top_sequence, excluded.top_sequence)"
 )
 _SQLITE_WINDOWS = (
@@ -293,7 +298,7 @@ class SqliteIngestStore(_Appends):
                     u.dropped_windows,
                     received_at(u.received_at),
                 ),
-                (u.device_id, u.boot_epoch, u.sequence),
+                (u.device_id, u.boot_epoch, u.hardware_id, u.sequence),
                 [
                     (
                         w["device_id"],

@@ -183,6 +183,9 @@ class TelemetryBatchCount(SQLModel, table=True):
     __tablename__ = "telemetry_batch_count"
     device_id: str = Field(primary_key=True)
     boot_epoch: int = Field(primary_key=True)
+    #: The device's (which never changes): the Fleet page adds completeness up per hardware id
+    #: from this table alone, without joining ``device`` (migration 0011).
+    hardware_id: str
     received: int
     top_sequence: int
 
@@ -508,7 +511,14 @@ class DeviceInstalled(SQLModel, table=True):
     and hardware id from, without reading every device's JSON."""
 
     __tablename__ = "device_installed"
-    __table_args__ = (Index("ix_device_installed_version", "model", "version", "hardware_id"),)
+    __table_args__ = (
+        # With the install outcome: the Fleet page's devices per version, hardware id and outcome,
+        # and the Model page's per version and hardware id, are index-only scans (written on
+        # change only, so its pages stay all-visible).
+        Index(
+            "ix_device_installed_version_outcome", "model", "version", "hardware_id", "last_install"
+        ),
+    )
     device_id: str = Field(primary_key=True)
     model: str = Field(primary_key=True)
     hardware_id: str

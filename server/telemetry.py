@@ -62,6 +62,8 @@ class Upload(NamedTuple):
     :mod:`server.ingest_store` appends)."""
 
     device_id: str
+    #: The device's: its batch count carries it (the Fleet page's completeness per hardware id).
+    hardware_id: str
     boot_epoch: int
     sequence: int
     window_count: int
@@ -100,6 +102,7 @@ def upload_of(device_id: str, hardware_id: str, batch: TelemetryBatch) -> Upload
     ]
     return Upload(
         device_id,
+        hardware_id,
         batch.boot_epoch,
         batch.sequence,
         len(batch.windows),

@@ -13,10 +13,10 @@ from sqlalchemy import column, func, or_, values
 from sqlmodel import Session, col, select
 
 from firmware_bundles.manifest import semver_key
-from server import fleet_summary, installed_counts, registry, rollouts
+from server import concurrent_reads, fleet_summary, installed_counts, registry, rollouts
 from server.config import Settings
 from server.device_events import FAILED_OUTCOMES
-from server.fleet_summary import day_of
+from server.fleet_summary import day_of, iso_day
 from server.models import Device, DeviceEvent, DeviceInstalled, Rollout, TelemetryBatchCount
 from server.ui import charts
 from server.ui.device_view import check_order, days_between, span_of
@@ -43,7 +43,8 @@ def fleet_page(
     session: Session, settings: Settings, *, now: datetime, params: Mapping[str, str]
 ) -> dict[str, Any]:
     """Everything the Fleet page shows (its JSON twin), each part one aggregate query (the page
-    costs the same round trips at any fleet size; see docs/dashboard.md, "Scale"); ``from`` and
+    costs the same round trips at any fleet size), the parts read at once on connections of
+    their own (:mod:`server.concurrent_reads`; see docs/dashboard.md, "Scale"); ``from`` and
     ``to`` bound the install outcomes (default the last 30 days).
 
     Raises:
@@ -55,14 +56,26 @@ def fleet_page(
     end = end or tomorrow
     start = start or min(end, tomorrow) - timedelta(days=OUTCOME_DAYS)
     check_order(start, end)
-    outcomes = install_outcomes(session, start, end)
     silent_before = now - timedelta(seconds=settings.ui_silent_after_s)
     is_silent = or_(col(Device.last_seen).is_(None), col(Device.last_seen) < silent_before)
-    active = col(Device.revoked).is_(False)
-    device_days = _device_days(session, is_silent)
+    # Slowest first, so they start together.
+    read = concurrent_reads.read_all(
+        session,
+        {
+            "outcomes": lambda s: install_outcomes(s, start, end),
+            "device_days": lambda s: _device_days(s, is_silent),
+            "by_model_version": _by_model_version,
+            "batches": _batches_by_hardware,
+            "silent": lambda s: _silent(s, is_silent),
+            "trouble": _trouble,
+            "models": _models,
+            "rollouts": _active_rollouts,
+        },
+    )
+    outcomes, device_days = read["outcomes"], read["device_days"]
     groups = _device_groups(device_days)
     active_groups = [g for g in groups if not g.revoked]
-    by_hardware = _by_hardware(session, active, active_groups)
+    by_hardware = _by_hardware(read["batches"], active_groups)
     active_count = sum(row["devices"] for row in by_hardware)
     revoked = sum(g.devices for g in groups if g.revoked)
     never_seen = sum(g.never_seen for g in active_groups)
@@ -70,12 +83,6 @@ def fleet_page(
     firmware = Counter[tuple[str, str]]()
     for g in active_groups:
         firmware[(g.hardware_id, g.firmware_version)] += g.devices
-    silent_rows = session.exec(
-        select(Device.id, Device.hardware_id, Device.firmware_version, Device.last_seen)
-        .where(active, is_silent)
-        .order_by(col(Device.last_seen).asc().nulls_first(), col(Device.id))
-        .limit(SILENT_LISTED)
-    ).all()
     return {
         "generated_at": now.isoformat(),
         "devices": {
@@ -91,31 +98,13 @@ def fleet_page(
             {"hardware_id": h, "firmware_version": f, "devices": int(n)}
             for (h, f), n in sorted(firmware.items(), key=lambda r: (r[0][0], version_key(r[0][1])))
         ],
-        "by_model_version": _by_model_version(session),
-        "silent": [
-            {
-                "id": device_id,
-                "hardware_id": hardware_id,
-                "firmware_version": firmware_version,
-                "last_seen": last_seen and charts.utc(last_seen).isoformat(),
-            }
-            for device_id, hardware_id, firmware_version, last_seen in silent_rows
-        ],
-        "models": [
-            {
-                "name": m["name"],
-                "versions": len(m["versions"]),
-                "newest": m["versions"][0]["version"] if m["versions"] else None,
-                "released": sorted(
-                    {f"{v['version']} on {t}" for v in m["versions"] for t in v["released_for"]}
-                ),
-            }
-            for m in registry.list_models(session)
-        ],
-        "rollouts": _active_rollouts(session),
+        "by_model_version": read["by_model_version"],
+        "silent": read["silent"],
+        "models": read["models"],
+        "rollouts": read["rollouts"],
         "outcomes_span": {"from": start.isoformat(), "to": end.isoformat()},
         "install_outcomes": outcomes,
-        "trouble": _trouble(session),
+        "trouble": read["trouble"],
         "charts": {
             "last_seen": _last_seen_chart(
                 device_days, now, [r["hardware_id"] for r in by_hardware]
@@ -208,25 +197,14 @@ def _device_groups(days: list[_DayGroup]) -> list[_Group]:
     return list(found.values())
 
 
-def _by_hardware(session: Session, active: Any, groups: list[_Group]) -> list[dict[str, Any]]:
+def _by_hardware(
+    batches: Mapping[str, tuple[int, int]], groups: list[_Group]
+) -> list[dict[str, Any]]:
     """Per hardware id: its devices, those never or not lately seen, the last contact, and the
-    telemetry completeness of its devices (batches received against those sent)."""
+    telemetry completeness of its devices (``batches``: received against those sent)."""
     per_hardware: dict[str, list[_Group]] = defaultdict(list)
     for g in groups:
         per_hardware[g.hardware_id].append(g)
-    batches = {
-        hardware_id: (int(received), int(expected))
-        for hardware_id, received, expected in session.exec(
-            select(
-                Device.hardware_id,
-                func.sum(TelemetryBatchCount.received),
-                func.sum(TelemetryBatchCount.top_sequence + 1),
-            )
-            .join(TelemetryBatchCount, col(TelemetryBatchCount.device_id) == col(Device.id))
-            .where(active)
-            .group_by(col(Device.hardware_id))
-        )
-    }
     rows = []
     for hardware_id, members in sorted(per_hardware.items()):
         seen = [g.last_seen for g in members if g.last_seen is not None]
@@ -249,6 +227,61 @@ def _by_hardware(session: Session, active: Any, groups: list[_Group]) -> list[di
             }
         )
     return rows
+
+
+def _batches_by_hardware(session: Session) -> dict[str, tuple[int, int]]:
+    """Per hardware id: batches received and expected of its devices not revoked, as all the
+    batch counts (each carries its device's hardware id) minus the revoked devices' (a few rows
+    through ``ix_device_revoked``): no pass over ``device``."""
+    grouped = select(
+        TelemetryBatchCount.hardware_id,
+        func.sum(TelemetryBatchCount.received),
+        func.sum(TelemetryBatchCount.top_sequence + 1),
+    ).group_by(col(TelemetryBatchCount.hardware_id))
+    found: dict[str, list[int]] = {}
+    for hardware_id, received, expected in session.exec(grouped):
+        found[hardware_id] = [int(received), int(expected)]
+    revoked = grouped.join(Device, col(Device.id) == col(TelemetryBatchCount.device_id)).where(
+        col(Device.revoked)
+    )
+    for hardware_id, received, expected in session.exec(revoked):
+        found[hardware_id][0] -= int(received)
+        found[hardware_id][1] -= int(expected)
+    return {h: (received, expected) for h, (received, expected) in found.items()}
+
+
+def _silent(session: Session, is_silent: Any) -> list[dict[str, Any]]:
+    """The devices not revoked that have been silent longest (never seen first)."""
+    rows = session.exec(
+        select(Device.id, Device.hardware_id, Device.firmware_version, Device.last_seen)
+        .where(col(Device.revoked).is_(False), is_silent)
+        .order_by(col(Device.last_seen).asc().nulls_first(), col(Device.id))
+        .limit(SILENT_LISTED)
+    ).all()
+    return [
+        {
+            "id": device_id,
+            "hardware_id": hardware_id,
+            "firmware_version": firmware_version,
+            "last_seen": last_seen and charts.utc(last_seen).isoformat(),
+        }
+        for device_id, hardware_id, firmware_version, last_seen in rows
+    ]
+
+
+def _models(session: Session) -> list[dict[str, Any]]:
+    """Each model's count of versions, its newest, and where each version is released."""
+    return [
+        {
+            "name": m["name"],
+            "versions": len(m["versions"]),
+            "newest": m["versions"][0]["version"] if m["versions"] else None,
+            "released": sorted(
+                {f"{v['version']} on {t}" for v in m["versions"] for t in v["released_for"]}
+            ),
+        }
+        for m in registry.list_models(session)
+    ]
 
 
 def _by_model_version(session: Session) -> list[dict[str, Any]]:
@@ -359,7 +392,7 @@ def install_outcomes(session: Session, start: datetime, end: datetime) -> list[d
     ).all()
     days: dict[str, Counter[str]] = defaultdict(Counter)
     for when, kind, outcome, n in rows:
-        key = charts.utc(when).date().isoformat() if isinstance(when, datetime) else when
+        key = charts.utc(when).date().isoformat() if isinstance(when, datetime) else iso_day(when)
         if kind == "revert":
             days[key]["reverted"] += int(n)
         elif outcome == "ok":

@@ -73,11 +73,19 @@ def test_counts_erased_and_refilled_to_the_same_sums_still_change_the_check(
     seeded: Seeded,  # noqa: F811
 ) -> None:
     with Session(seeded.fleet.state.engine) as session:
-        session.add(TelemetryBatchCount(device_id="gone", boot_epoch=1, received=3, top_sequence=4))
+        session.add(
+            TelemetryBatchCount(
+                device_id="gone", hardware_id="ring-gen3", boot_epoch=1, received=3, top_sequence=4
+            )
+        )
         session.commit()
         before = contributor_cache.batch_check(session)
         batch_counts.erase(session, "gone")
-        session.add(TelemetryBatchCount(device_id="new", boot_epoch=1, received=3, top_sequence=4))
+        session.add(
+            TelemetryBatchCount(
+                device_id="new", hardware_id="ring-gen3", boot_epoch=1, received=3, top_sequence=4
+            )
+        )
         session.commit()
         after = contributor_cache.batch_check(session)
     assert before[:3] == after[:3]  # rows and sums alone would not tell

@@ -21,7 +21,9 @@ from tests.server.test_api import relay_enroll
 from tests.server.windows import batch_text, steady_window
 
 
-def upload(device_id: str, sequence: int, windows: int = 2) -> Upload:
+def upload(
+    device_id: str, sequence: int, windows: int = 2, hardware_id: str = "phone-android"
+) -> Upload:
     days = [f"2026-03-0{1 + w % 7}T10:00:00+00:00" for w in range(windows)]
     body = batch_text(
         device_id,
@@ -31,7 +33,7 @@ def upload(device_id: str, sequence: int, windows: int = 2) -> Upload:
         ],
         sequence=sequence,
     )
-    return upload_of(device_id, "phone-android", TelemetryBatch.from_bytes(body.encode()))
+    return upload_of(device_id, hardware_id, TelemetryBatch.from_bytes(body.encode()))
 
 
 def stored(fleet: Fleet) -> dict[str, Any]:
@@ -46,6 +48,7 @@ def stored(fleet: Fleet) -> dict[str, Any]:
     return {
         "windows per batch": per_batch,
         "counts": {(c.device_id, c.boot_epoch): (c.received, c.top_sequence) for c in counts},
+        "hardware ids": {(c.device_id, c.boot_epoch): c.hardware_id for c in counts},
     }
 
 
@@ -55,7 +58,11 @@ def test_uploads_arriving_together_are_each_stored_once(fleet: Fleet) -> None:
     store = fleet.state.ingest_store
     earlier = upload("phone-0", 0)
     assert fleet.client.portal.call(store.append, earlier) is True  # type: ignore[union-attr]
-    burst = [upload(f"phone-{i}", 1, windows=1 + i) for i in range(4)]
+    ios = "phone-ios"  # phone-3's uploads name another hardware id: its counts keep it
+    burst = [
+        upload(f"phone-{i}", 1, windows=1 + i, hardware_id=ios if i == 3 else "phone-android")
+        for i in range(4)
+    ]
     burst.append(upload("phone-1", 1, windows=2))  # the same key again, in one burst
     burst.append(upload("phone-0", 0))  # a replay of a stored batch
     burst.append(upload("phone-2", 7, windows=3))
@@ -80,6 +87,10 @@ def test_uploads_arriving_together_are_each_stored_once(fleet: Fleet) -> None:
         ("phone-1", 1): (1, 1),
         ("phone-2", 1): (2, 7),
         ("phone-3", 1): (1, 1),
+    }
+    assert found["hardware ids"] == {
+        **{(f"phone-{i}", 1): "phone-android" for i in range(3)},
+        ("phone-3", 1): "phone-ios",
     }
 
 

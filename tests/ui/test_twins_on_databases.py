@@ -65,3 +65,36 @@ def test_fleet_device_and_lineage_twins_equal_the_api(
         for found in (lineage, answer):
             found["field"].pop("span")
         assert lineage == answer
+
+
+def test_fleet_twin_counts_completeness_per_hardware_id_of_devices_not_revoked(
+    database_url: str,  # noqa: F811 (the fixture imported above)
+    tmp_path: Path,
+) -> None:
+    """Batches received against those sent, per hardware id, over the devices not revoked: each
+    batch count carries its hardware id, and the revoked devices' counts are taken out."""
+    with running_fleet(database_url, tmp_path) as app:
+        sent = {  # device -> (hardware id, sequence numbers that arrive)
+            "p-1": ("phone-android", [0, 1, 3]),  # 3 of 4
+            "p-2": ("phone-android", [0, 1]),  # 2 of 2
+            "p-gone": ("phone-android", [5]),  # 1 of 6, then revoked
+            "r-1": ("ring-gen3", [0, 2]),  # 2 of 3
+        }
+        for device, (hardware_id, sequences) in sent.items():
+            credential = app.enroll(device, target=hardware_id)
+            for sequence in sequences:
+                body = {"device_id": device, "boot_epoch": 1, "sequence": sequence, "windows": []}
+                r = app.client.post(
+                    f"/v1/devices/{device}/telemetry", json=body, headers=app.auth(credential)
+                )
+                assert r.status_code == 200, r.text
+        r = app.client.post("/v1/devices/p-gone/revoke", headers=app.auth(app.token("operator")))
+        assert r.status_code == 200, r.text
+
+        twin = _get(app, "/ui/index.json")
+        found = {row["hardware_id"]: row["completeness"] for row in twin["by_hardware"]}
+        assert found == {
+            "phone-android": {"batches_received": 5, "batches_expected": 6, "ratio": 5 / 6},
+            "ring-gen3": {"batches_received": 2, "batches_expected": 3, "ratio": 2 / 3},
+        }
+        assert twin["devices"]["revoked"] == 1

@@ -65,13 +65,19 @@ def upgrade() -> None:
 
 
 def _add_up_stored_rows() -> None:
-    from server import batch_counts, fleet_rollup
+    from server import fleet_rollup
     from server.config import Settings
 
     session = Session(bind=op.get_bind())
     fleet_rollup.rebuild(session, Settings.model_fields["telemetry_relative_accuracy"].default)
-    batch_counts.rebuild(session)
     session.flush()
+    # The batch counts as this revision's table holds them (0011 adds the hardware id), so not
+    # server.batch_counts.rebuild, which fills today's table.
+    op.execute(
+        "INSERT INTO telemetry_batch_count (device_id, boot_epoch, received, top_sequence)"
+        " SELECT device_id, boot_epoch, count(*), max(sequence) FROM telemetry_batch"
+        " WHERE sequence >= 0 GROUP BY device_id, boot_epoch"
+    )
 
 
 def downgrade() -> None:
