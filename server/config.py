@@ -50,6 +50,10 @@ class Settings(BaseSettings):
     telemetry_fold_max_windows: int = Field(default=5000, ge=1)
     #: Folds the job runs at once on PostgreSQL (each its own transaction; SQLite runs one).
     telemetry_fold_folders: int = Field(default=2, ge=1)
+    #: Fold in a child process of the server (started when windows first wait), so the fold's
+    #: CPU never holds the interpreter lock the API's event loop needs (server/fold_worker.py);
+    #: off, the fold runs in a worker thread of the server.
+    telemetry_fold_in_child: bool = True
     #: How often the rollout evaluator runs (one process at a time, under a lease).
     rollout_evaluation_s: float = Field(default=60.0, gt=0)
     enrollment_token_ttl_s: int = 7 * 24 * 3600

@@ -15,25 +15,20 @@ and never rolls back; a stage thin past its deadline waits for a person.
 from __future__ import annotations
 
 import logging
-import os
-import socket
-import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, update
-from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from firmware_bundles.manifest import FirmwareRange
 from server import aggregate, gate_config, gates, rollouts, shadow_gates, telemetry
 from server.arms import in_treatment
 from server.fleet import cohorts_members
+from server.leases import take_lease
 from server.models import (
     Device,
-    JobLock,
     Release,
     Rollout,
     RolloutDecision,
@@ -392,46 +387,7 @@ def _release(session: Session, rollout: Rollout, now: datetime) -> None:
 
 # -- the periodic job ---------------------------------------------------------------------------
 
-#: Who holds a lease: host, process id and a random tag (a new process never reuses a holder).
-_HOLDER = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
 LEASE = "rollout-evaluator"
-
-
-def take_lease(session: Session, name: str, *, now: datetime, ttl_s: float) -> bool:
-    """Take or renew the lease ``name`` for this process; False while another holds it."""
-    expires = now + timedelta(seconds=ttl_s)
-    taken = session.exec(
-        update(JobLock)
-        .where(
-            col(JobLock.name) == name,
-            (col(JobLock.holder) == _HOLDER) | (col(JobLock.expires_at) < now),
-        )
-        .values(holder=_HOLDER, expires_at=expires)
-    ).rowcount
-    if taken:
-        session.commit()
-        return True
-    try:
-        session.add(JobLock(name=name, holder=_HOLDER, expires_at=expires))
-        session.commit()
-        return True
-    except IntegrityError:
-        session.rollback()
-        return False
-
-
-def release_leases(session: Session, names: Iterable[str]) -> int:
-    """Give up the leases ``names`` where this process holds them (at shutdown), so another
-    process, or this server started again, takes their jobs over at once rather than when the
-    leases expire. Returns how many were held."""
-    wanted = list(names)
-    if not wanted:
-        return 0
-    released = session.exec(
-        delete(JobLock).where(col(JobLock.name).in_(wanted), col(JobLock.holder) == _HOLDER)
-    ).rowcount
-    session.commit()
-    return int(released)
 
 
 def evaluate_due(session: Session, *, relative_accuracy: float, lease_s: float) -> int:

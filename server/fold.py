@@ -37,7 +37,7 @@ from sqlalchemy import (
 from sqlmodel import Session, col
 from sqlmodel.sql.sqltypes import UTCDateTime
 
-from server import aggregate, evaluator, fleet_rollup, keyed_rows
+from server import aggregate, fleet_rollup, keyed_rows, leases
 from server.models import UNFOLDED, Device, TelemetryRollup, TelemetryWindowRecord
 
 log = logging.getLogger("edgefleet.server.fold")
@@ -119,7 +119,7 @@ def fold_due(
     if session.get_bind().dialect.name != "postgresql":
         folders = 1
     folded = 0
-    while evaluator.take_lease(session, LEASE, now=datetime.now(UTC), ttl_s=lease_s):
+    while leases.take_lease(session, LEASE, now=datetime.now(UTC), ttl_s=lease_s):
         done = fold_round(
             session, relative_accuracy=relative_accuracy, limit=limit, folders=folders
         )

@@ -15,7 +15,8 @@ from datetime import UTC, datetime
 from sqlalchemy import Engine
 from sqlmodel import Session
 
-from server import evaluator, fold, outbound, telemetry, triggers
+from server import evaluator, fold, leases, outbound, telemetry, triggers
+from server.fold_worker import FoldWorker
 from server.outbound import Deliverer
 from server.state import ServerState
 
@@ -29,6 +30,8 @@ class Job:
     run: Callable[[], object]
     #: The lease each run takes (one process at a time does the job), given up at shutdown.
     lease: str | None = None
+    #: Called when the server stops (after the job's last run was cancelled or left running).
+    close: Callable[[], None] | None = None
 
 
 def jobs_for(state: ServerState) -> list[Job]:
@@ -58,13 +61,31 @@ def jobs_for(state: ServerState) -> list[Job]:
                 lease_s=3 * settings.rollout_evaluation_s,
             )
 
+    fold_limit, fold_lease_s = (
+        settings.telemetry_fold_max_windows,
+        max(60.0, 10 * settings.telemetry_fold_s),
+    )
+    folder = (
+        FoldWorker(
+            state.engine,
+            relative_accuracy=settings.telemetry_relative_accuracy,
+            limit=fold_limit,
+            lease_s=fold_lease_s,
+            folders=settings.telemetry_fold_folders,
+        )
+        if settings.telemetry_fold_in_child
+        else None
+    )
+
     def fold_windows() -> int:
+        if folder is not None:
+            return folder.run()
         with state.sessions() as session:
             return fold.fold_due(
                 session,
                 relative_accuracy=settings.telemetry_relative_accuracy,
-                limit=settings.telemetry_fold_max_windows,
-                lease_s=max(60.0, 10 * settings.telemetry_fold_s),
+                limit=fold_limit,
+                lease_s=fold_lease_s,
                 folders=settings.telemetry_fold_folders,
             )
 
@@ -80,7 +101,14 @@ def jobs_for(state: ServerState) -> list[Job]:
     deliver = Deliverer(state.engine, settings).run
     return [
         Job("telemetry-retention", settings.telemetry_retention_check_s, drop_expired),
-        Job("telemetry-fold", settings.telemetry_fold_s, fold_windows, fold.LEASE),
+        Job(
+            "telemetry-fold",
+            settings.telemetry_fold_s,
+            fold_windows,
+            # In a child, the child gives the lease up after each run.
+            None if folder is not None else fold.LEASE,
+            None if folder is None else folder.close,
+        ),
         Job("rollout-evaluator", settings.rollout_evaluation_s, evaluate_rollouts, evaluator.LEASE),
         Job("threshold-checks", settings.threshold_check_s, check_thresholds, triggers.LEASE),
         Job("outbound-delivery", settings.outbound_poll_s, deliver, outbound.LEASE),
@@ -121,6 +149,9 @@ class Jobs:
             with suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
+        for job in self._jobs:
+            if job.close is not None:
+                job.close()
         idle = [j.lease for j in self._jobs if j.lease and j.name not in self._running]
         try:
             await asyncio.to_thread(self._release, idle)
@@ -129,4 +160,4 @@ class Jobs:
 
     def _release(self, names: list[str]) -> None:
         with Session(self._engine) as session:
-            evaluator.release_leases(session, names)
+            leases.release_leases(session, names)

@@ -24,7 +24,7 @@ from sqlmodel import Session, col, select
 from firmware_bundles import webhook_signature as signature
 from server import mlflow_tags
 from server.config import Settings
-from server.evaluator import take_lease
+from server.leases import take_lease
 from server.models import Outbound, Webhook
 from server.webhooks import url_problem
 

@@ -21,7 +21,7 @@ from firmware_bundles.manifest import Manifest
 from firmware_bundles.window_builder import UNKNOWN_PREDICTION
 from server import drift, metrics, notify, quality, references
 from server.errors import ApiError
-from server.evaluator import take_lease
+from server.leases import take_lease
 from server.models import UNFOLDED, TelemetryRollup, TelemetryWindowRecord, TriggerState, Webhook
 from server.webhooks import Thresholds
 

@@ -8,6 +8,9 @@ must equal the sum of what the devices recorded: nothing lost, nothing counted t
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -223,11 +226,23 @@ def _rollup_sums(db: sa.Engine) -> dict[str, tuple[int, int, int]]:
     return found
 
 
+def _children(pid: int) -> list[int]:
+    """The processes ``pid`` started (the fold's child among them), from /proc (listed per
+    thread: the fold's child is started from a job's thread)."""
+    return [
+        int(child)
+        for listed in Path(f"/proc/{pid}/task").glob("*/children")
+        for child in listed.read_text().split()
+    ]
+
+
 def test_server_sigkilled_mid_fold_loses_and_doubles_nothing(
     cluster: PrivateCluster, tmp_path: Path
 ) -> None:
     # One window a fold transaction, folds back to back: the kill lands inside a fold's
     # transaction while windows still wait (checked below), which PostgreSQL rolls back whole.
+    # The fold runs in the server's child process (server/fold_worker.py): both are killed, as
+    # a crash of their host or container would.
     env = {"EDGEFLEET_TELEMETRY_FOLD_S": "0.05", "EDGEFLEET_TELEMETRY_FOLD_MAX_WINDOWS": "1"}
     db = sa.create_engine(cluster.url())
     seen: dict[str, tuple[int, int]] = {}
@@ -235,7 +250,12 @@ def test_server_sigkilled_mid_fold_loses_and_doubles_nothing(
     def kill_server_mid_fold(server: ServerProcess, _: PrivateCluster) -> None:
         wait_for(lambda: min(_windows(db)) > 0, "windows both folded and waiting", timeout_s=60)
         assert server.proc is not None
+        children = _children(server.proc.pid)
+        assert children, "the fold's child process was not running"
         server.proc.kill()
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
         server.proc.wait(10)
         seen["killed"] = _windows(db)
         time.sleep(1)

@@ -10,8 +10,8 @@ from datetime import UTC, datetime
 from sqlmodel import Session, select
 
 from server.db import make_engine, upgrade
-from server.evaluator import take_lease
 from server.jobs import Job, Jobs
+from server.leases import take_lease
 from server.models import JobLock
 
 

@@ -1,0 +1,133 @@
+"""The telemetry fold in a child process of the server, so its CPU never holds the API's GIL.
+
+Folding is Python work (adding windows up) beside the database's; in a thread of the server it
+takes the interpreter lock from the event loop that answers check-ins and uploads in turns, and
+a morning sync wave, which brings the most windows to fold, then answered its slowest: in
+``bench/load_fleet.py`` at 300 syncs/s on two cores, check-in p99 was 286 ms with the fold in a
+thread, 91 ms with the same fold in its own process, 29 ms with no fold during the run
+(docs/scaling.md, "Folding").
+
+The server's fold job (:mod:`server.jobs`) hands each run to one child (``spawn``: a fresh
+interpreter that imports only the fold, about 1 s once; nothing inherited from the server's
+threads or connections) and waits for its count. The child is started at the first run that
+finds a window waiting, so a server that is sent no telemetry never starts one. In the child, a
+run is :func:`server.fold.fold_due` under the fold's lease, which the child gives up when the run
+ends: any process may take the next run, one at a time. A child that dies is replaced at the
+next run; its transaction rolled back, so nothing was counted. If the server dies, the child
+ends its run (it commits or rolls back whole) and exits when it finds the server gone.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import threading
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any
+
+from sqlalchemy import Engine
+from sqlmodel import Session, col, select
+
+from server import fold, leases
+from server.models import TelemetryWindowRecord
+
+log = logging.getLogger("edgefleet.server.fold_worker")
+
+
+def windows_waiting(session: Session) -> bool:
+    """Whether any stored window is not yet folded (the fold's partial index answers)."""
+    first = session.exec(
+        select(col(TelemetryWindowRecord.id)).where(col(TelemetryWindowRecord.folded).is_(False))
+    ).first()
+    return first is not None
+
+
+class FoldWorker:
+    """Runs the fold job in one child process; :meth:`run` is called from the job's thread."""
+
+    def __init__(
+        self, engine: Engine, *, relative_accuracy: float, limit: int, lease_s: float, folders: int
+    ) -> None:
+        self._engine = engine
+        self._relative_accuracy = relative_accuracy
+        self._limit = limit
+        self._lease_s = lease_s
+        self._folders = folders
+        self._pool: ProcessPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def run(self) -> int:
+        """One fold run in the child (started first if need be); the windows it folded."""
+        with self._lock:
+            if self._pool is None:
+                with Session(self._engine) as session:
+                    if not windows_waiting(session):
+                        return 0
+                self._pool = ProcessPoolExecutor(
+                    max_workers=1,
+                    mp_context=multiprocessing.get_context("spawn"),
+                    initializer=_start_child,
+                    initargs=(
+                        self._engine.url.render_as_string(hide_password=False),
+                        logging.getLogger("edgefleet").getEffectiveLevel(),
+                    ),
+                )
+            pool = self._pool
+        try:
+            done = pool.submit(
+                _fold_in_child,
+                relative_accuracy=self._relative_accuracy,
+                limit=self._limit,
+                lease_s=self._lease_s,
+                folders=self._folders,
+            )
+            return int(done.result())
+        except BrokenProcessPool:
+            with self._lock:
+                if self._pool is pool:
+                    self._pool = None  # the next run starts a new child
+            raise
+
+    def close(self) -> None:
+        """Stop taking runs; a run in progress ends in the child, which then exits."""
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def child_pids(self) -> list[int]:
+        """The child's process id, once started (for tests and diagnostics)."""
+        pool = self._pool
+        processes: dict[int, Any] = getattr(pool, "_processes", None) or {}
+        return list(processes)
+
+
+# -- in the child ---------------------------------------------------------------------------------
+
+_engine: Engine | None = None
+
+
+def _start_child(database_url: str, log_level: int) -> None:
+    global _engine
+    from server.db import make_engine
+
+    logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s")
+    _engine = make_engine(database_url)
+
+
+def _fold_in_child(*, relative_accuracy: float, limit: int, lease_s: float, folders: int) -> int:
+    assert _engine is not None, "the fold child was not started"
+    with Session(_engine) as session:
+        try:
+            return fold.fold_due(
+                session,
+                relative_accuracy=relative_accuracy,
+                limit=limit,
+                lease_s=lease_s,
+                folders=folders,
+            )
+        finally:
+            session.rollback()
+            leases.release_leases(session, [fold.LEASE])
