@@ -13,15 +13,18 @@ threads or connections) and waits for its count. The child is started at the fir
 finds a window waiting, so a server that is sent no telemetry never starts one. In the child, a
 run is :func:`server.fold.fold_due` under the fold's lease, which the child gives up when the run
 ends: any process may take the next run, one at a time. A child that dies is replaced at the
-next run; its transaction rolled back, so nothing was counted. If the server dies, the child
-ends its run (it commits or rolls back whole) and exits when it finds the server gone.
+next run; its transaction rolled back, so nothing was counted. When the server stops or dies,
+the child exits within a second (it watches its parent): a fold transaction in flight rolls
+back whole, and its lease expires as after a crash.
 """
 
 from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
@@ -115,6 +118,16 @@ def _start_child(database_url: str, log_level: int) -> None:
 
     logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s")
     _engine = make_engine(database_url)
+    parent = os.getppid()
+    threading.Thread(target=_exit_with, args=(parent,), name="watch-server", daemon=True).start()
+
+
+def _exit_with(parent: int) -> None:
+    # The pool's queue never reports a dead server to its workers (each worker holds both ends
+    # of its pipe), so a child would otherwise outlive the server, idle, holding connections.
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(0)
 
 
 def _fold_in_child(*, relative_accuracy: float, limit: int, lease_s: float, folders: int) -> int:

@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
+import time
 from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
 
 import pytest
 from sqlmodel import Session, func, select
@@ -72,3 +76,36 @@ def test_a_dead_child_is_replaced_and_nothing_counts_twice(unfolded_fleet: Fleet
         assert _in_rollups(fleet) == len(first) + len(second)
     finally:
         worker.close()
+
+
+_SERVER_STAND_IN = """
+import sys, time
+from server.db import make_engine
+from server.fold_worker import FoldWorker
+worker = FoldWorker(make_engine(sys.argv[1]), relative_accuracy=0.01, limit=10_000, lease_s=60,
+                    folders=1)
+print(worker.run(), worker.child_pids[0], flush=True)
+time.sleep(600)
+"""
+
+
+def test_the_child_exits_when_its_server_dies(unfolded_fleet: Fleet) -> None:
+    """A process standing in for the server starts the child, folds, and is SIGKILLed."""
+    fleet = unfolded_fleet
+    _, raws = _upload(fleet, "orphan", devices=1)
+    url = fleet.state.engine.url.render_as_string(hide_password=False)
+    server = subprocess.Popen(
+        [sys.executable, "-c", _SERVER_STAND_IN, url], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert server.stdout is not None
+        folded, child = (int(v) for v in server.stdout.readline().split())
+        assert folded == len(raws)
+        assert Path(f"/proc/{child}").exists()
+    finally:
+        server.kill()
+        server.wait(10)
+    deadline = time.monotonic() + 20
+    while Path(f"/proc/{child}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not Path(f"/proc/{child}").exists(), "the fold child outlived its server"
