@@ -74,6 +74,7 @@ class FoldWorker:
                     initargs=(
                         self._engine.url.render_as_string(hide_password=False),
                         logging.getLogger("edgefleet").getEffectiveLevel(),
+                        os.getpid(),
                     ),
                 )
             pool = self._pool
@@ -112,14 +113,16 @@ class FoldWorker:
 _engine: Engine | None = None
 
 
-def _start_child(database_url: str, log_level: int) -> None:
+def _start_child(database_url: str, log_level: int, server_pid: int) -> None:
     global _engine
     from server.db import make_engine
 
     logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s")
     _engine = make_engine(database_url)
-    parent = os.getppid()
-    threading.Thread(target=_exit_with, args=(parent,), name="watch-server", daemon=True).start()
+    # The server's id from the server: it may have died while this child was starting.
+    threading.Thread(
+        target=_exit_with, args=(server_pid,), name="watch-server", daemon=True
+    ).start()
 
 
 def _exit_with(parent: int) -> None:
