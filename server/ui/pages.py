@@ -74,6 +74,8 @@ def _environment() -> Environment:
     env.filters["pct"] = lambda v: MISSING if v is None else f"{100 * v:.1f}%"
     env.filters["short"] = lambda sha: sha[:12] if sha else MISSING
     env.filters["when"] = _when
+    #: Decisions a rollout's page lists unless asked for all (``?decisions=all``).
+    env.globals["decisions_shown"] = 20
     return env
 
 

@@ -21,7 +21,7 @@ from tests.ui.checks import (
     series_of,
     table,
 )
-from tests.ui.fleet import MODEL, SeededFleet, Visitor
+from tests.ui.fleet import MODEL, SeededFleet, Visitor, _post
 
 DETAIL_CHARTS = ("rates", "latency", "outputs0", "feedback", "accuracy", "inferences")
 
@@ -203,7 +203,8 @@ def test_rollout_page_draws_each_gate_against_its_threshold_from_the_decision_lo
         f"Selected devices: {arms['selected']}; treatment arm {arms['treatment']},"
         f" control arm {arms['control']}."
     )
-    assert operator.page.locator("#decisions > tbody > tr").count() == len(rollout["decisions"])
+    listed = min(len(rollout["decisions"]), 20)  # the newest 20 unless asked for all
+    assert operator.page.locator("#decisions > tbody > tr").count() == listed
     _clean(operator)
 
 
@@ -263,4 +264,29 @@ def test_an_operator_pauses_and_resumes_from_the_page(
     newest = after["decisions"][:2]
     assert [d["action"] for d in newest] == ["resume", "pause"]
     assert {d["actor"] for d in newest} == {"operator:operator-1"}
+    _clean(operator)
+
+
+def test_a_long_decision_log_lists_the_newest_and_links_to_every_decision(
+    operator: Visitor, fleet: SeededFleet
+) -> None:
+    path = f"/v1/rollouts/{fleet.rollout_id}"
+    shown = 20  # server/ui/pages.py: decisions_shown
+    decisions = fleet.api(path, limit=1000)["decisions"]
+    while len(decisions) <= shown:  # an operator's pauses and resumes lengthen the log
+        for action in ("pause", "resume"):
+            _post(fleet.client, f"{path}/{action}", fleet.tokens["operator"], {})
+        decisions = fleet.api(path, limit=1000)["decisions"]
+    operator.goto(f"/ui/rollouts/{fleet.rollout_id}")
+    rows = operator.page.locator("#decisions > tbody > tr")
+    newest = [str(d["id"]) for d in decisions[:shown]]
+    assert [rows.nth(i).get_attribute("data-decision") for i in range(rows.count())] == newest
+    assert operator.page.inner_text("#decisions-shown").startswith(
+        f"The newest {shown} of {len(decisions)} decisions."
+    )
+    operator.page.click("#all-decisions")
+    operator.page.wait_for_url(f"**/ui/rollouts/{fleet.rollout_id}?decisions=all#decisions")
+    every = [str(d["id"]) for d in decisions]
+    assert [rows.nth(i).get_attribute("data-decision") for i in range(rows.count())] == every
+    assert operator.page.locator("#decisions-shown").count() == 0
     _clean(operator)
