@@ -48,6 +48,10 @@ class Settings(BaseSettings):
     #: time, under a lease), and the most windows one fold transaction takes.
     telemetry_fold_s: float = Field(default=1.0, gt=0)
     telemetry_fold_max_windows: int = Field(default=5000, ge=1)
+    #: How long the fold's lease outlives a holder that died mid-run (at least 10 fold
+    #: intervals; renewed between rounds of at most telemetry_fold_max_windows windows each, and
+    #: given up after each run).
+    telemetry_fold_lease_s: float = Field(default=60.0, gt=0)
     #: Folds the job runs at once on PostgreSQL (each its own transaction; SQLite runs one).
     telemetry_fold_folders: int = Field(default=2, ge=1)
     #: Fold in a child process of the server (started when windows first wait), so the fold's

@@ -63,7 +63,7 @@ def jobs_for(state: ServerState) -> list[Job]:
 
     fold_limit, fold_lease_s = (
         settings.telemetry_fold_max_windows,
-        max(60.0, 10 * settings.telemetry_fold_s),
+        max(settings.telemetry_fold_lease_s, 10 * settings.telemetry_fold_s),
     )
     folder = (
         FoldWorker(

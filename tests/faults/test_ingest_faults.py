@@ -243,7 +243,12 @@ def test_server_sigkilled_mid_fold_loses_and_doubles_nothing(
     # transaction while windows still wait (checked below), which PostgreSQL rolls back whole.
     # The fold runs in the server's child process (server/fold_worker.py): both are killed, as
     # a crash of their host or container would.
-    env = {"EDGEFLEET_TELEMETRY_FOLD_S": "0.05", "EDGEFLEET_TELEMETRY_FOLD_MAX_WINDOWS": "1"}
+    # The killed child's lease (a round of one window is short) lapses after 5 s, not 60.
+    env = {
+        "EDGEFLEET_TELEMETRY_FOLD_S": "0.05",
+        "EDGEFLEET_TELEMETRY_FOLD_MAX_WINDOWS": "1",
+        "EDGEFLEET_TELEMETRY_FOLD_LEASE_S": "5",
+    }
     db = sa.create_engine(cluster.url())
     seen: dict[str, tuple[int, int]] = {}
 
