@@ -33,16 +33,14 @@ from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 
 from server import fold, leases
-from server.models import TelemetryWindowRecord
-
-log = logging.getLogger("edgefleet.server.fold_worker")
+from server.models import UNFOLDED, TelemetryWindowRecord
 
 
 def windows_waiting(session: Session) -> bool:
-    """Whether any stored window is not yet folded (the fold's partial index answers)."""
-    first = session.exec(
-        select(col(TelemetryWindowRecord.id)).where(col(TelemetryWindowRecord.folded).is_(False))
-    ).first()
+    """Whether any stored window is not yet folded. ``NOT folded``, the partial index's own
+    condition, so the index answers (``folded IS false`` scanned every partition: 2.3 s on ten
+    million windows, every second while none waited)."""
+    first = session.exec(select(col(TelemetryWindowRecord.id)).where(UNFOLDED)).first()
     return first is not None
 
 
