@@ -38,6 +38,8 @@ if TYPE_CHECKING:  # the catalogue imports the manifest, as this module does
     from firmware_bundles.catalogue import DeviceTarget
 
 _ID = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+#: The one rule for ids, as a regular expression (match it whole: ``re.fullmatch``).
+DEVICE_ID_PATTERN = _ID
 #: A device id, wherever one enters (enrollment, pairing, a URL path): the one rule for ids.
 DeviceId = Annotated[str, StringConstraints(pattern=_ID)]
 _NONCE = r"^[0-9a-f]{32,128}$"

@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
 
-from fastapi import FastAPI, Request, Response
+from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -23,7 +23,7 @@ from prometheus_client import (
 from sqlalchemy import text
 from sqlmodel import Session, select
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
+from starlette.routing import BaseRoute, Match
 
 from server import ingest_store, invalidation
 from server.auth import hash_token, new_token
@@ -31,6 +31,7 @@ from server.checkin_store import make_store
 from server.config import Settings
 from server.db import check_schema, make_engine
 from server.errors import ApiError
+from server.hot_routes import HotRoutes
 from server.jobs import Jobs, jobs_for
 from server.models import ApiToken
 from server.routes import admin, devices, registry, rollouts, telemetry, webhooks
@@ -38,6 +39,7 @@ from server.routes import metrics as metrics_routes
 from server.schemas import Health, NotReady, Problem, Ready, RootEnvelope
 from server.state import BlobStore, ServerState, load_catalogue, load_trust
 from server.ui.routes import install as install_dashboard
+from server.ui.routes import router as ui_router
 
 log = logging.getLogger("edgefleet.server")
 
@@ -123,11 +125,13 @@ def create_app(state: ServerState) -> FastAPI:
         if exc.status_code == 405:
             # Starlette names the methods of the first route on the path; a path has one route
             # per method here, so name them all.
-            headers["Allow"] = ", ".join(sorted(_allowed_methods(app, request)))
+            routes = [*app.router.routes, *(r for router in routers for r in router.routes)]
+            headers["Allow"] = ", ".join(sorted(_allowed_methods(routes, request)))
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
 
-    # Devices first: check-in is the busiest route, and routes are matched in order.
-    for router in (
+    # Devices first: routes are matched in order (check-in and upload skip the matching:
+    # server.hot_routes).
+    routers: tuple[APIRouter, ...] = (
         devices.router,
         devices.fleet_router,
         telemetry.router,
@@ -137,9 +141,11 @@ def create_app(state: ServerState) -> FastAPI:
         registry.downloads,
         admin.router,
         webhooks.router,
-    ):
+    )
+    for router in routers:
         app.include_router(router)
     install_dashboard(app)
+    routers += (ui_router,)
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> Health:
@@ -189,14 +195,19 @@ def create_app(state: ServerState) -> FastAPI:
             raise ApiError(404, f"no root version {version}; newest is {max(state.root_chain)}")
         return Response(data, media_type="application/json")
 
+    # Added first, so it runs inside the request log (which labels by route).
+    app.add_middleware(
+        HotRoutes, fastapi_app=app, check_in=devices.check_in, upload=telemetry.upload
+    )
     app.add_middleware(ObserveMiddleware, requests=requests, latency=latency)
     return app
 
 
-def _allowed_methods(app: FastAPI, request: Request) -> set[str]:
-    """Every method some route serves on the request's path."""
+def _allowed_methods(routes: list[BaseRoute], request: Request) -> set[str]:
+    """Every method some route serves on the request's path (``routes``: the app's own and each
+    included router's, since an included router's entry on the app names no methods)."""
     methods: set[str] = set()
-    for route in app.router.routes:
+    for route in routes:
         match, _ = route.matches(request.scope)
         if match != Match.NONE:
             methods |= getattr(route, "methods", None) or set()

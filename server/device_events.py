@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import orjson
 from sqlalchemy import Engine, delete, tuple_
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlmodel import Session, col, select
@@ -66,10 +67,24 @@ class Change:
 
 
 def state_hash(firmware_version: str, installed: list[dict[str, Any]]) -> str:
-    """The hash check-in compares: firmware and models (in model order), canonical JSON."""
+    """The hash check-in compares: firmware and models (in model order), canonical JSON
+    (``installed`` as :class:`~firmware_bundles.messages.InstalledModel` dumps them: no floats)."""
     ordered = sorted(installed, key=lambda m: str(m.get("model")))
-    text = json.dumps([firmware_version, ordered], sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()
+    return hashlib.sha256(_ascii_json([firmware_version, ordered])).hexdigest()
+
+
+def _ascii_json(value: Any) -> bytes:
+    """``json.dumps(value, sort_keys=True, separators=(",", ":"))``, the hash's input since the
+    first stored state, at orjson's speed where orjson writes the same: for float-free values
+    whose output is printable ASCII (orjson leaves non-ASCII and DEL unescaped, which json
+    escapes; every other escape is the same)."""
+    try:
+        out = orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+    except TypeError:  # an integer past 64 bits, a lone surrogate: json's way
+        out = b"\x7f"
+    if out.isascii() and b"\x7f" not in out:
+        return out
+    return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
 
 
 def summary(entry: Mapping[str, Any]) -> ModelSummary:

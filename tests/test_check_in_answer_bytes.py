@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from firmware_bundles import SigningKey
+from firmware_bundles import SigningKey, check_in
 from firmware_bundles.check_in import check_in_answer
 from firmware_bundles.messages import (
     MAX_NEXT_CHECK_IN_S,
@@ -17,8 +17,8 @@ from firmware_bundles.messages import (
     ShadowBundle,
 )
 
-#: Characters JSON escapes or that are multi-byte in UTF-8, beside plain ones.
-_AWKWARD = '"\\/\n\t\u00e9\u4e2d\U0001f600<>&'
+#: Characters JSON escapes (or, DEL, that one encoder might), or that are multi-byte in UTF-8.
+_AWKWARD = '"\\/\n\t\x01\x1f\x7f\u00e9\u4e2d\U0001f600<>&'
 
 
 def _text(rng: random.Random, n: int) -> str:
@@ -81,7 +81,12 @@ def _random_set(rng: random.Random) -> dict[str, object]:
 
 
 @pytest.mark.parametrize("seed", range(10))
-def test_fast_answer_equals_the_signed_model(seed: int) -> None:
+@pytest.mark.parametrize("encoder", ["orjson", "json"])
+def test_fast_answer_equals_the_signed_model(
+    seed: int, encoder: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if encoder == "json":  # as where orjson is not installed
+        monkeypatch.setattr(check_in, "orjson", None)
     rng = random.Random(seed)
     key = SigningKey.generate()
     for _ in range(50):

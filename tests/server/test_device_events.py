@@ -4,6 +4,9 @@ built from them."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import random
 import threading
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -353,6 +356,29 @@ def test_state_hash_ignores_model_order_but_not_an_error_text() -> None:
     other = {**failed, "last_error": "y"}
     assert device_events.state_hash("1.0.0", [failed]) != device_events.state_hash("1.0.0", [other])
     assert device_events.state_hash("1.0.0", [a]) != device_events.state_hash("1.0.1", [a])
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_state_hash_is_the_hash_of_what_json_writes(seed: int) -> None:
+    """Stored hashes were made from ``json.dumps``: the faster encoding must give the same ones,
+    for any error text (escaped characters, DEL, non-ASCII) and any counter."""
+    rng = random.Random(seed)
+    awkward = 'ab"\\/\n\t\x01\x1f\x7f \u00e9\u4e2d\U0001f600'
+    for _ in range(100):
+        installed = [
+            entry(
+                model="".join(rng.choice(awkward) for _ in range(rng.randint(1, 8))),
+                release_counter=rng.choice([0, 7, 2**40, 2**70]),
+                last_install="verify-failed",
+                last_error="".join(rng.choice(awkward) for _ in range(rng.randint(0, 30))),
+            )
+            for _ in range(rng.randint(0, 4))
+        ]
+        ordered = sorted(installed, key=lambda m: str(m.get("model")))
+        text = json.dumps(["1.0.0", ordered], sort_keys=True, separators=(",", ":"))
+        assert device_events.state_hash("1.0.0", installed) == (
+            hashlib.sha256(text.encode()).hexdigest()
+        )
 
 
 def summary(fleet: Fleet, **params: Any) -> dict[str, Any]:
