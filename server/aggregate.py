@@ -51,7 +51,7 @@ def of_window(window: TelemetryWindow) -> dict[str, Any]:
         "error_count": window.error_count,
         "selftest_failure_count": window.selftest_failure_count,
         "window_count": 1,
-        "latency": window.latency.model_dump(),
+        "latency": sketch_of(window.latency),
         "outputs": {h.name: list(h.counts) for h in window.outputs},
         "inputs": {h.name: list(h.counts) for h in window.inputs},
         "feedback": dict(window.feedback),
@@ -63,10 +63,24 @@ def of_window(window: TelemetryWindow) -> dict[str, Any]:
         "shadow": {
             s.version: {
                 **{f: getattr(s, f) for f in SHADOW_COUNTS},
-                "latency": s.latency.model_dump(),
+                "latency": sketch_of(s.latency),
             }
             for s in window.shadow
         },
+    }
+
+
+def sketch_of(latency: LatencySketch) -> dict[str, Any]:
+    """A window's latency sketch as an aggregate holds it: ``model_dump()``'s dict, read field
+    by field (a fifth of its cost, once per window on the ingest path)."""
+    return {
+        "relative_accuracy": latency.relative_accuracy,
+        "bins": dict(latency.bins),
+        "zero_count": latency.zero_count,
+        "count": latency.count,
+        "sum": latency.sum,
+        "min": latency.min,
+        "max": latency.max,
     }
 
 

@@ -203,11 +203,7 @@ class PostgresIngestStore(_Appends):
             }
             for u in ordered
         ]
-        windows = [
-            {**w, "boot_epoch": u.boot_epoch, "sequence": u.sequence}
-            for u in ordered
-            for w in u.windows
-        ]
+        windows = [w for u in ordered for w in u.windows]
         params = (pydantic_core.to_json(batches).decode(), pydantic_core.to_json(windows).decode())
         pool = await self._pool.get()
         try:

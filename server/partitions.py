@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import weakref
 from collections.abc import Iterable
 from datetime import date, timedelta
 
@@ -22,6 +23,18 @@ _NAME = re.compile(r"^telemetry_window_p(\d{8})$")
 #: Days known to have a partition, per engine URL (a process makes each at most once, unless
 #: retention dropped it since; :func:`forget` clears the memory after an insert finds one gone).
 _known: dict[str, set[date]] = {}
+#: Each engine's key in ``_known`` (its URL as text, so engines on one database share what they
+#: know), kept: rendering a URL costs as much as the rest of a lookup, once per upload.
+_keys: weakref.WeakKeyDictionary[Engine, str] = weakref.WeakKeyDictionary()
+
+
+def _key(engine: Engine) -> str:
+    key = _keys.get(engine)
+    if key is None:
+        key = _keys[engine] = str(engine.url)
+    return key
+
+
 _lock = threading.Lock()
 
 
@@ -41,7 +54,7 @@ def ensure(engine: Engine, days: Iterable[date]) -> None:
     """
     if not is_partitioned(engine):
         return
-    key = str(engine.url)
+    key = _key(engine)
     with _lock:
         known = _known.setdefault(key, set())
         missing = sorted(set(days) - known)
@@ -59,7 +72,7 @@ def unknown(engine: Engine, days: Iterable[date]) -> bool:
     if not is_partitioned(engine):
         return False
     with _lock:
-        return not set(days) <= _known.get(str(engine.url), set())
+        return not set(days) <= _known.get(_key(engine), set())
 
 
 def create_statement(day: date) -> str:
@@ -99,7 +112,7 @@ def _exists(conn: Connection, day: date) -> bool:
 def forget(engine: Engine) -> None:
     """Forget which partitions exist (one was dropped under us: the next insert makes it again)."""
     with _lock:
-        _known.pop(str(engine.url), None)
+        _known.pop(_key(engine), None)
 
 
 def days(conn: Connection) -> list[date]:

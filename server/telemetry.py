@@ -69,7 +69,8 @@ class Upload(NamedTuple):
     window_count: int
     dropped_windows: int
     received_at: datetime
-    #: One dict per window: the ``telemetry_window`` columns but ``id`` and ``batch_id``.
+    #: One dict per window: the ``telemetry_window`` columns but ``id`` and ``batch_id``, and
+    #: the batch's ``boot_epoch`` and ``sequence``.
     windows: list[dict[str, Any]]
 
     @property
@@ -97,6 +98,9 @@ def upload_of(device_id: str, hardware_id: str, batch: TelemetryBatch) -> Upload
             "window_s": w.window_s,
             "aggregate": aggregate.of_window(w),
             "folded": False,
+            # The batch's key, which PostgreSQL's append joins each window to its record by.
+            "boot_epoch": batch.boot_epoch,
+            "sequence": batch.sequence,
         }
         for w in batch.windows
     ]
