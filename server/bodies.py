@@ -59,16 +59,18 @@ async def read_body(request: Request, max_bytes: int, what: str) -> bytes:
     return body.getvalue()
 
 
-async def json_body(request: Request, model: type[M]) -> M:
-    """The request's JSON body as ``model``, parsed and validated in one pass (pydantic's JSON
-    parser), for a hot route that declares its body with :func:`json_body_openapi` rather than
-    as a parameter (FastAPI's way decodes with :mod:`json`, then validates the Python objects).
+async def json_body(request: Request, model: type[M], max_bytes: int, what: str) -> M:
+    """The request's JSON body as ``model``, at most ``max_bytes`` of it (see
+    :func:`body_pieces`), parsed and validated in one pass (pydantic's JSON parser), for a hot
+    route that declares its body with :func:`json_body_openapi` rather than as a parameter
+    (FastAPI's way decodes with :mod:`json`, then validates the Python objects).
 
     Raises:
+        ApiError: As :func:`body_pieces`, for a body over the cap.
         RequestValidationError: As FastAPI raises for a body parameter (a 422 whose ``detail``
             lists each error, its ``loc`` starting with ``"body"``).
     """
-    body = await request.body()
+    body = await read_body(request, max_bytes, what)
     try:
         return model.model_validate_json(body)
     except ValidationError as exc:

@@ -33,6 +33,8 @@ class Settings(BaseSettings):
     next_check_in_s: int = Field(default=3600, ge=1, le=MAX_NEXT_CHECK_IN_S)
     max_bundle_upload_bytes: int = 256 * 1024 * 1024
     max_telemetry_batch_bytes: int = 4 * 1024 * 1024
+    #: A check-in's body (its installed models, with their last errors): refused past this.
+    max_check_in_bytes: int = Field(default=64 * 1024, ge=1024)
     max_windows_per_batch: int = 1000
     #: The latency-sketch relative accuracy rollups merge at; windows at another are refused.
     telemetry_relative_accuracy: float = Field(

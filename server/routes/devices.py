@@ -23,6 +23,7 @@ from server.metrics import parse_time
 from server.routes.metrics import FromQuery, ToQuery
 from server.schemas import (
     REFUSALS,
+    TOO_LARGE,
     CheckInAnswer,
     DeviceDetail,
     DevicePublic,
@@ -48,7 +49,10 @@ class EnrollRequest(RequestBody):
 @router.post(
     "/{device_id}/check-in",
     response_class=Response,
-    responses={200: {"model": CheckInAnswer, "description": "A director-signed assignment set."}},
+    responses={
+        200: {"model": CheckInAnswer, "description": "A director-signed assignment set."},
+        **TOO_LARGE,
+    },
     openapi_extra=json_body_openapi(CheckInRequest),
 )
 async def check_in(device_id: DeviceId, request: Request) -> Response:
@@ -58,7 +62,7 @@ async def check_in(device_id: DeviceId, request: Request) -> Response:
     Runs on the event loop (no threadpool hop); see :mod:`server.hotpath`.
     """
     state = request.app.state.fleet
-    body = await json_body(request, CheckInRequest)
+    body = await json_body(request, CheckInRequest, state.settings.max_check_in_bytes, "check-in")
     credential = bearer(request.headers.get("authorization"))
     answer = await hotpath.check_in(state, credential, device_id, body)
     return Response(answer, media_type="application/json")

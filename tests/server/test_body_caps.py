@@ -100,6 +100,7 @@ def _routes(server: ServerProcess) -> dict[str, tuple[str, str, int]]:
     device = server.enroll("phone-1", CAPS["phone-android"])
     admin = server.admin_token
     return {
+        "check-in": ("/v1/devices/phone-1/check-in", device, 64 * 1024),
         "telemetry": ("/v1/devices/phone-1/telemetry", device, 4 * MiB),
         "publish": ("/v1/bundles", admin, PUBLISH_CAP_BYTES),
         "hil-report": ("/v1/bundles/" + "a" * 64 + "/hil-report", admin, 4 * MiB),
