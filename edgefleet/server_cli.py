@@ -225,9 +225,10 @@ def serve(
         os.environ[LOG_LEVEL_ENV] = log_level
         serve_workers(host, port, workers, log_level="warning")
         return
-    app = create_app(state)
+    app = create_app(state, freeze_when_settled=True)
     # What start-up allocated (app, routes, schemas, trust material) lives as long as the process:
-    # move it out of the collector's view so collections under load scan only request garbage.
+    # move it out of the collector's view so collections under load scan only request garbage
+    # (and what the first seconds add, once they have passed: create_app).
     gc.collect()
     gc.freeze()
     uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -92,7 +92,7 @@ def app() -> FastAPI:
 
     configure_logging(os.environ.get(LOG_LEVEL_ENV, "info"))
     settings = Settings.model_validate(json.loads(os.environ[SETTINGS_ENV]))
-    application = create_app(build_state(settings))
+    application = create_app(build_state(settings), freeze_when_settled=True)
     # What start-up allocated lives as long as the process: keep it out of the collector's scans.
     gc.collect()
     gc.freeze()
