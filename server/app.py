@@ -227,14 +227,19 @@ async def _freeze_after(seconds: float) -> None:
 
 
 def _allowed_methods(routes: list[BaseRoute], request: Request) -> set[str]:
-    """Every method some route serves on the request's path (``routes``: the app's own and each
-    included router's, since an included router's entry on the app names no methods)."""
-    methods: set[str] = set()
+    """The methods the request's path is declared with (``routes``: the app's own and each
+    included router's, since an included router's entry on the app names no methods).
+
+    Of the routes whose path matches, those with the fewest parameters: ``/v1/devices/enroll``
+    is declared for ``POST``, though ``GET /v1/devices/{device_id}`` matches it too.
+    """
+    matching: dict[int, set[str]] = {}
     for route in routes:
-        match, _ = route.matches(request.scope)
-        if match != Match.NONE:
-            methods |= getattr(route, "methods", None) or set()
-    return methods
+        methods = getattr(route, "methods", None)
+        if methods and route.matches(request.scope)[0] != Match.NONE:
+            parameters = getattr(route, "path", "").count("{")
+            matching.setdefault(parameters, set()).update(methods)
+    return matching[min(matching)] if matching else set()
 
 
 class PrometheusResponse(Response):

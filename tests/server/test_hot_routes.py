@@ -140,3 +140,11 @@ def test_a_hot_request_never_reaches_the_router(fleet: Fleet) -> None:
     ):
         assert client.request(method, path).status_code == 418
     assert len(passed_on) == 4
+
+
+def test_a_405_names_the_methods_its_path_is_declared_with(fleet: Fleet) -> None:
+    # /v1/devices/enroll is declared for POST; GET /v1/devices/{device_id} matches it too.
+    r = fleet.client.request("OPTIONS", "/v1/devices/enroll")
+    assert (r.status_code, r.headers["allow"]) == (405, "POST")
+    r = fleet.client.delete("/v1/devices/phone-1/pins/m", headers=fleet.auth(fleet.admin))
+    assert (r.status_code, r.headers["allow"]) == (405, "PUT")
