@@ -140,8 +140,8 @@ def create_app(state: ServerState, *, freeze_when_settled: bool = False) -> Fast
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
         headers = dict(exc.headers or {})
         if exc.status_code == 405:
-            # Starlette names the methods of the first route on the path; a path has one route
-            # per method here, so name them all.
+            # Starlette names the methods of the first route that matched; name those the
+            # path is declared with (_allowed_methods).
             routes = [*app.router.routes, *(r for router in routers for r in router.routes)]
             headers["Allow"] = ", ".join(sorted(_allowed_methods(routes, request)))
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
