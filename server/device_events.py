@@ -80,10 +80,10 @@ def _ascii_json(value: Any) -> bytes:
     escapes; every other escape is the same)."""
     try:
         out = orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+        if out.isascii() and b"\x7f" not in out:
+            return out
     except TypeError:  # an integer past 64 bits, a lone surrogate: json's way
-        out = b"\x7f"
-    if out.isascii() and b"\x7f" not in out:
-        return out
+        pass
     return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
 
 
