@@ -6,7 +6,10 @@ serve` process (uvicorn, one worker, loopback), and wrk at fixed concurrency sen
 (nonce, one director-signed assignment set, compatibility, last-seen write) and telemetry batches.
 Baselines: a bare FastAPI endpoint on the same uvicorn answering the same requests with a body of
 the same size, declared ``async def`` (as the server's routes are) and ``def`` (run in FastAPI's
-threadpool), measured in the same run, interleaved with the server.
+threadpool), measured in the same run, interleaved with the server. A third, the floor, does only
+what no implementation of the route can skip (check-in: read the body and sign the answer with
+Ed25519; telemetry: read the body and validate it as a batch; bench/bare_app.py): its ratio to
+the bare ``async def`` endpoint is the highest ratio the server could reach.
 
 Telemetry ingest is measured with the server's fold job idle; then the backlog it left is folded
 by the fold job's code in this process (folded windows/s), and ingest measured again while that
@@ -228,7 +231,8 @@ def wrk(url: str, script: str, creds: Path, duration: int, connections: int) -> 
 
 
 def start_bare(mode: str, size: int) -> tuple[subprocess.Popen[bytes], str]:
-    """The bare endpoint (``async def`` or ``def`` routes) with a ``size``-byte body."""
+    """The bare endpoint (``async``, ``sync`` or ``floor`` routes: bench/bare_app.py) with a
+    ``size``-byte body."""
     bare_port = port()
     process = subprocess.Popen(
         [
@@ -424,6 +428,8 @@ def fold_case(
         f"{real:,.0f}",
         f"{real / bare:.2f}",
         "",
+        "",
+        "",
         str(bad),
         f"{real * args.windows:,.0f}",
     ]
@@ -513,7 +519,7 @@ def run_database(
     try:
         wait(server_url)
         size = response_size(server_url, creds)
-        bares = {mode: start_bare(mode, size) for mode in ("async", "sync")}
+        bares = {mode: start_bare(mode, size) for mode in ("async", "sync", "floor")}
         try:
             for script, label in (
                 ("checkin.lua", "check-in"),
@@ -522,6 +528,11 @@ def run_database(
                 base_async = wrk(bares["async"][1], script, creds, args.duration, args.connections)
                 real, bad = wrk(server_url, script, creds, args.duration, args.connections)
                 base_sync = wrk(bares["sync"][1], script, creds, args.duration, args.connections)
+                floor, floor_bad = wrk(
+                    bares["floor"][1], script, creds, args.duration, args.connections
+                )
+                if floor_bad:
+                    raise SystemExit(f"the floor baseline refused {floor_bad} {label} requests")
                 windows = real * args.windows if script == "telemetry.lua" else None
                 table.add_row(
                     kind,
@@ -532,6 +543,8 @@ def run_database(
                     f"{real:,.0f}",
                     f"{real / base_async[0]:.2f}",
                     f"{real / base_sync[0]:.2f}",
+                    f"{floor:,.0f}",
+                    f"{floor / base_async[0]:.2f}",
                     str(bad),
                     "" if windows is None else f"{windows:,.0f}",
                 )
@@ -608,6 +621,8 @@ def main() -> None:
         "server req/s",
         "vs async",
         "vs def",
+        "floor req/s",
+        "floor vs async",
         "non-2xx",
         "windows/s",
     ):
@@ -649,7 +664,7 @@ def main() -> None:
         workers_table.add_column(col, justify="right")
     for kind in args.databases.split(","):
         run_database(kind, args, table, publish_table, fold_table, workers_table)
-    console = Console(width=160)
+    console = Console(width=190)
     console.print(table)
     console.print(fold_table)
     if args.publish_mb:

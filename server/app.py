@@ -254,6 +254,10 @@ class ObserveMiddleware:
         self.app = app
         self.requests = requests
         self.latency = latency
+        # Each label set's child, kept: ``labels()`` checks and joins its values on every call,
+        # a few microseconds a request. Routes and status codes are few, so these stay small.
+        self._counted: dict[tuple[str, str], Any] = {}
+        self._timed: dict[str, Any] = {}
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -281,8 +285,15 @@ class ObserveMiddleware:
             route = scope.get("route")
             path = getattr(route, "path", "unmatched")
             elapsed = time.perf_counter() - start
-            self.requests.labels(path, str(status["code"])).inc()
-            self.latency.labels(path).observe(elapsed)
+            key = (path, str(status["code"]))
+            counted = self._counted.get(key)
+            if counted is None:
+                counted = self._counted[key] = self.requests.labels(*key)
+            counted.inc()
+            timed = self._timed.get(path)
+            if timed is None:
+                timed = self._timed[path] = self.latency.labels(path)
+            timed.observe(elapsed)
             if log.isEnabledFor(logging.INFO):
                 headers = dict(scope.get("headers", []))
                 log.info(

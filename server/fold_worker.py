@@ -27,7 +27,6 @@ import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any
 
 from sqlalchemy import Engine
 from sqlmodel import Session, col, select
@@ -56,6 +55,9 @@ class FoldWorker:
         self._lease_s = lease_s
         self._folders = folders
         self._pool: ProcessPoolExecutor | None = None
+        #: The child's process id, as its last run reported it (None: no run finished since it
+        #: started).
+        self._child_pid: int | None = None
         self._lock = threading.Lock()
 
     def run(self) -> int:
@@ -84,26 +86,30 @@ class FoldWorker:
                 lease_s=self._lease_s,
                 folders=self._folders,
             )
-            return int(done.result())
+            child_pid, folded = done.result()
         except BrokenProcessPool:
             with self._lock:
                 if self._pool is pool:
                     self._pool = None  # the next run starts a new child
+                    self._child_pid = None
             raise
+        with self._lock:
+            if self._pool is pool:
+                self._child_pid = child_pid
+        return folded
 
     def close(self) -> None:
         """Stop taking runs; a run in progress ends in the child, which then exits."""
         with self._lock:
-            pool, self._pool = self._pool, None
+            pool, self._pool, self._child_pid = self._pool, None, None
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
 
     @property
     def child_pids(self) -> list[int]:
-        """The child's process id, once started (for tests and diagnostics)."""
-        pool = self._pool
-        processes: dict[int, Any] = getattr(pool, "_processes", None) or {}
-        return list(processes)
+        """The child's process id, once a run in it has finished (for tests and diagnostics)."""
+        child_pid = self._child_pid
+        return [] if child_pid is None else [child_pid]
 
 
 # -- in the child ---------------------------------------------------------------------------------
@@ -131,11 +137,14 @@ def _exit_with(parent: int) -> None:
     os._exit(0)
 
 
-def _fold_in_child(*, relative_accuracy: float, limit: int, lease_s: float, folders: int) -> int:
+def _fold_in_child(
+    *, relative_accuracy: float, limit: int, lease_s: float, folders: int
+) -> tuple[int, int]:
+    """One run; the child's process id, and the windows it folded."""
     assert _engine is not None, "the fold child was not started"
     with Session(_engine) as session:
         try:
-            return fold.fold_due(
+            return os.getpid(), fold.fold_due(
                 session,
                 relative_accuracy=relative_accuracy,
                 limit=limit,

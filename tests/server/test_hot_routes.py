@@ -44,9 +44,18 @@ def _counted(fleet: Fleet) -> dict[tuple[str, str], float]:
     return {(route, status): float(n) for route, status, n in found}
 
 
+def _timed(fleet: Fleet) -> dict[str, float]:
+    text = fleet.client.get("/metrics").text
+    found = re.findall(
+        r'^edgefleet_http_request_seconds_count\{route="([^"]+)"\} (\S+)$', text, re.M
+    )
+    return {route: float(n) for route, n in found}
+
+
 def test_each_hot_request_is_counted_under_its_route(fleet: Fleet) -> None:
     credential = fleet.enroll("phone-1")
-    assert fleet.check_in("phone-1", credential).status_code == 200
+    for _ in range(3):  # the same labels again and again: each request counts
+        assert fleet.check_in("phone-1", credential).status_code == 200
     assert fleet.check_in("phone-1", "efd_wrong").status_code == 401
     batch = {"device_id": "phone-1", "boot_epoch": 1, "sequence": 0, "windows": []}
     r = fleet.client.post(
@@ -54,10 +63,13 @@ def test_each_hot_request_is_counted_under_its_route(fleet: Fleet) -> None:
     )
     assert r.status_code == 200, r.text
     counted = _counted(fleet)
-    assert counted[(HOT_PATHS[0], "200")] == 1
+    assert counted[(HOT_PATHS[0], "200")] == 3
     assert counted[(HOT_PATHS[0], "401")] == 1
     assert counted[(HOT_PATHS[1], "200")] == 1
     assert not any(route == "unmatched" for route, _ in counted)
+    timed = _timed(fleet)
+    assert timed[HOT_PATHS[0]] == 4
+    assert timed[HOT_PATHS[1]] == 1
 
 
 def test_errors_on_the_hot_paths_keep_the_apps_shapes(fleet: Fleet) -> None:
