@@ -115,17 +115,24 @@ def fold_due(
 ) -> int:
     """The periodic job: if this process holds the fold lease, fold until no window waits
     (renewing the lease between rounds of :func:`fold_round`); returns how many windows were
-    folded."""
+    folded.
+
+    A run's first round has one folder; only when it comes back full (a backlog: more windows
+    wait than one round takes) do the rounds after it use all ``folders``. Keeping up with a
+    steady stream takes one folder, and the core the second would take stays with the requests
+    (``bench/load_fleet.py --at 600``: check-in p99 114-217 ms with two folders from the start,
+    97-107 ms this way; docs/scaling.md, "Folding"); a backlog still folds at full width.
+    """
     if session.get_bind().dialect.name != "postgresql":
         folders = 1
     folded = 0
+    width = 1
     while leases.take_lease(session, LEASE, now=datetime.now(UTC), ttl_s=lease_s):
-        done = fold_round(
-            session, relative_accuracy=relative_accuracy, limit=limit, folders=folders
-        )
+        done = fold_round(session, relative_accuracy=relative_accuracy, limit=limit, folders=width)
         folded += done
-        if done < limit * folders:
+        if done < limit * width:
             break
+        width = folders  # a full round: a backlog, folded with every folder
     return folded
 
 

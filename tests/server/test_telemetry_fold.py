@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from sqlalchemy import text
 from sqlmodel import Session, func, select
 
@@ -261,6 +262,38 @@ def _wait_for_a_lock_wait(engine: Any) -> None:
             conn.rollback()
             time.sleep(0.05)
     raise AssertionError("the second folder never waited on the first")
+
+
+def test_the_job_widens_to_every_folder_only_behind_a_backlog(
+    unfolded_fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One folder keeps up with a steady stream; a round that comes back full means more wait,
+    and the rounds after it use every folder (on PostgreSQL; SQLite folds with one)."""
+    fleet = unfolded_fleet
+    widths: list[int] = []
+    real_round = fold.fold_round
+
+    def recorded(session: Session, *, relative_accuracy: float, limit: int, folders: int) -> int:
+        widths.append(folders)
+        return real_round(
+            session, relative_accuracy=relative_accuracy, limit=limit, folders=folders
+        )
+
+    monkeypatch.setattr(fold, "fold_round", recorded)
+    _, few = _upload(fleet, "steady", devices=1, days=1)
+    limit = len(few) + 1
+    with Session(fleet.state.engine) as session:
+        assert fold.fold_due(session, relative_accuracy=0.01, limit=limit, lease_s=60, folders=2)
+    assert widths == [1]  # fewer than a round waited: one folder, once
+    widths.clear()
+    _, many = _upload(fleet, "backlog", devices=6)
+    with Session(fleet.state.engine) as session:
+        done = fold.fold_due(session, relative_accuracy=0.01, limit=limit, lease_s=60, folders=2)
+    assert done == len(many) > 3 * limit
+    wide = 2 if fleet.state.engine.dialect.name == "postgresql" else 1
+    assert widths[0] == 1 and len(widths) > 1
+    assert set(widths[1:]) == {wide}
+    assert _unfolded(fleet) == 0
 
 
 def test_the_job_folding_two_at_once_counts_each_window_once(unfolded_fleet: Fleet) -> None:
