@@ -60,7 +60,7 @@ typecheck: $(STAMP)
 	$(BIN)/mypy $(PACKAGES)
 
 pytest: $(STAMP) $(TFLITE_STAMP) chromium
-	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 
 test: lint typecheck pytest
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import struct
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -292,6 +293,9 @@ _ONE_WORKER_DIRS = ("converters", "ui")
 #: Tests that use it (directly or through another fixture) share one worker, whatever their
 #: directory, so one MLflow server starts.
 _MLFLOW = "mlflow_registry"
+#: The longest single test (the live demo, 7 minutes alone and more beside other tests): given
+#: to a worker first, so the run never ends with one worker waiting for it alone.
+_FIRST = "test_live_demo.py"
 
 
 def _group(item: pytest.Item, name: str) -> None:
@@ -321,3 +325,21 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         where = item.path.relative_to(tests).parts
         if len(where) > 1 and where[0] in _ONE_WORKER_DIRS:
             _group(item, where[0])
+    _schedule_longest_first(items)
+
+
+def _schedule_longest_first(items: list[pytest.Item]) -> None:
+    """Order ``items`` as ``make test``'s scheduler hands out their work units: the live demo,
+    then the groups, largest first, then the other tests as collected.
+
+    ``make test`` passes ``--no-loadscope-reorder``, so pytest-xdist hands out work units in
+    this order (its own reordering would put a one-test unit like the demo last).
+    """
+    groups = Counter(m.args[0] for item in items for m in item.iter_markers("xdist_group"))
+
+    def rank(indexed: tuple[int, pytest.Item]) -> tuple[int, int, int]:
+        index, item = indexed
+        group = next((m.args[0] for m in item.iter_markers("xdist_group")), None)
+        return (item.path.name != _FIRST, -groups[group] if group else 0, index)
+
+    items[:] = [item for _, item in sorted(enumerate(items), key=rank)]

@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-#: CI allows 10 minutes for the demo; the demo's own deadline is inside that.
-DEMO_TIMEOUT_S = 600
+#: The demo's own deadline (demo/live_fleet.py's ONCE_DEADLINE_S, 14 minutes) is inside this.
+DEMO_TIMEOUT_S = 900
 
 
-@pytest.mark.xdist_group("live-demo")
+@pytest.mark.timeout(DEMO_TIMEOUT_S + 60)
 def test_the_live_demo_tells_its_story_by_the_evaluators_decisions(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(
