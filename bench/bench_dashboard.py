@@ -47,7 +47,7 @@ from rich.table import Table
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.bench_server import port, wait  # noqa: E402
+from bench.server_harness import port, wait  # noqa: E402
 from tests.ui.fleet import CHROMIUM, CHROMIUM_ARGS  # noqa: E402
 
 #: The operator token the bench logs in with (its hash is put in the database if missing).

@@ -53,7 +53,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.bench_server import PG, port, seed, wait  # noqa: E402
+from bench.server_harness import PG, port, seed, wait  # noqa: E402
 from edgefleet.server_cli import init_trust  # noqa: E402
 
 ROUTES = ("check-in", "telemetry")

@@ -14,7 +14,7 @@ from typing import Any, Literal
 from xml.etree import ElementTree as ET
 
 from firmware_bundles import BundleError, SigningKey
-from firmware_bundles.messages import HilReport, verify_hil_report
+from firmware_bundles.rig_report import HilReport, verify_hil_report
 from firmware_bundles.root import Root
 from firmware_bundles.signing import Envelope
 from hil.errors import RigError

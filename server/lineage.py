@@ -17,8 +17,8 @@ from sqlmodel import Session, col, select
 
 from firmware_bundles import BundleError
 from firmware_bundles.manifest import Manifest, Provenance
-from firmware_bundles.messages import HilReport, verify_hil_report
 from firmware_bundles.provenance import MlflowSource
+from firmware_bundles.rig_report import HilReport, verify_hil_report
 from firmware_bundles.root import Root
 from firmware_bundles.signing import Envelope
 from server import fold, metrics

@@ -8,7 +8,7 @@ from datetime import datetime
 from pydantic import BaseModel
 
 from firmware_bundles.manifest import Calibration, Provenance
-from firmware_bundles.messages import HilCheck
+from firmware_bundles.rig_report import HilCheck
 from server.schemas import Figures, SpanPublic
 
 

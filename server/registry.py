@@ -10,8 +10,8 @@ from sqlmodel import Session, col, select
 from firmware_bundles import ArchiveLimits, BundleError, BundleReader, VerifiedBundle
 from firmware_bundles.errors import CatalogueError
 from firmware_bundles.manifest import semver_key
-from firmware_bundles.messages import HilReport, verify_hil_report
 from firmware_bundles.reference import ReferenceFile
+from firmware_bundles.rig_report import HilReport, verify_hil_report
 from server import notify
 from server.arms import OWNING
 from server.errors import ApiError

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from firmware_bundles import SigningKey
-from firmware_bundles.messages import HilBundleRef, HilCheck, HilReport, HilRun
+from firmware_bundles.rig_report import HilBundleRef, HilCheck, HilReport, HilRun
 from firmware_bundles.signing import Envelope
 from tests.cases import named_cases
 from tests.server.conftest import Fleet
