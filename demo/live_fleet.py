@@ -349,7 +349,10 @@ class Story:
             lambda: fleet.active_versions().get("3.0.0", 0) == 0,
             "the treatment devices to be back on 2.0.0",
             120,
-            status=lambda: f"devices running each version: {dict(fleet.active_versions())}",
+            status=lambda: (
+                f"devices running each version: {dict(fleet.active_versions())}; recent device"
+                f" errors: {fleet.recent_errors() or 'none'}"
+            ),
         )
         say(f"devices running each version: {dict(fleet.active_versions())}")
         if self.args.screenshot:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -48,3 +49,33 @@ def test_the_live_demo_tells_its_story_by_the_evaluators_decisions(tmp_path: Pat
     assert "devices are back online after two days away" in log
     assert "v2 completed and v3 halted and rolled back, each by the server's evaluator" in log
     assert "MISSING" not in log
+    # Each step shows the story's clock.
+    assert re.search(r"\n== 6\. Roll out 3\.0\.0.*  \[\d+:\d\d\]\n", log)
+
+
+def test_a_story_out_of_time_names_the_wait_the_limit_and_what_it_found(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(
+        [
+            *(sys.executable, str(REPO / "demo" / "live_fleet.py"), "--once"),
+            *("--devices", "20", "--deadline-s", "1", "--out", str(tmp_path)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        check=False,
+    )
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 1, log[-3000:]
+    # The first wait is for the history's upload; the one-second deadline has run out by then.
+    assert re.search(
+        r"demo failed at \d+:\d\d: waited \d+ s for the fleet's history on the server, the"
+        r" story's deadline of 1 s ran out; \d+ of \d+ on the server\n",
+        log,
+    ), log[-3000:]
+    # Everything it started was stopped: no server is left answering.
+    port = re.search(r"Dashboard: http://127\.0\.0\.1:(\d+)/ui/", log)
+    assert port, log[-3000:]
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", int(port.group(1))), timeout=2).close()
