@@ -318,7 +318,7 @@ class Story:
         self.links.publish()
         self.links.open(self.stop)
         fleet = self.enroll()
-        self.narrator = Narrator(self.url, self.token, say)
+        narrator = self.narrator = Narrator(self.url, self.token, say)
         offline = self.history(fleet)
         self.links.start(fleet)
 
@@ -328,8 +328,7 @@ class Story:
 
         def v2_done() -> bool:
             nonlocal back
-            assert self.narrator is not None
-            detail = self.narrator.watched[v2]
+            detail = narrator.watched[v2]
             if not back and any(d["action"] == "advance" for d in detail.decisions):
                 back = True
                 fleet.set_online(offline, True)
@@ -339,12 +338,17 @@ class Story:
                 )
             return detail.state != "running"
 
-        self.wait(v2_done, "2.0.0 to finish its rollout", 480)
+        self.wait(v2_done, "2.0.0 to finish its rollout", 480, status=lambda: narrator.status(v2))
         say(f"devices running each version: {dict(fleet.active_versions())}")
 
         step("6. Roll out 3.0.0, into which the demo injected a regression: slower, wrong on 8s/9s")
         v3 = self.roll_out("3.0.0", stage_s=self.args.stage_s)
-        self.wait(lambda: self.narrator.state(v3) != "running", "3.0.0 to be judged", 300)  # type: ignore[union-attr]
+        self.wait(
+            lambda: narrator.state(v3) != "running",
+            "3.0.0 to be judged",
+            300,
+            status=lambda: narrator.status(v3),
+        )
         self.wait(
             lambda: fleet.active_versions().get("3.0.0", 0) == 0,
             "the treatment devices to be back on 2.0.0",
@@ -362,7 +366,7 @@ class Story:
         self.links.report()
 
         step("The story's decisions, as the server's decision logs record them")
-        problems = check_story(self.narrator, v2, v3) + self.links.problems()
+        problems = check_story(narrator, v2, v3) + self.links.problems()
         for problem in problems:
             say(f"MISSING: {problem}")
         if not problems:
@@ -373,7 +377,7 @@ class Story:
             return 1 if problems else 0
         say(f"\nThe fleet keeps running. Dashboard: {self.url}/ui/ ; Ctrl-C to stop.")
         while True:
-            self.narrator.poll()
+            narrator.poll()
             time.sleep(2)
 
     def close(self) -> None:

@@ -99,6 +99,13 @@ class Narrator:
     def state(self, rollout_id: int) -> str:
         return self.watched[rollout_id].state
 
+    def status(self, rollout_id: int) -> str:
+        """The rollout's state and its last decision, in a line (what a failed wait found)."""
+        w = self.watched[rollout_id]
+        last = w.decisions[-1] if w.decisions else None
+        said = f"{last['actor']}: {last['action']}: {last['reason']}" if last else "none yet"
+        return f"v{w.version} is {w.state}; its last decision: {said}"
+
     def close(self) -> None:
         self.http.close()
 
