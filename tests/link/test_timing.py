@@ -70,7 +70,10 @@ def test_a_response_leaves_in_the_connection_event_after_its_request(
     delivered = asyncio.run(scenario())
     requests = [event for event, sender in delivered if sender == "phone"]
     responses = [event for event, sender in delivered if sender == "ring"]
-    assert len(requests) == 3 and len(set(requests)) == 1, delivered
+    # Three writes, in order (on an idle machine all in one event; on a busy one the client may
+    # queue the last after that event has closed, so they can span two).
+    assert len(requests) == 3 and requests == sorted(requests), delivered
     assert len(responses) == 3, delivered
-    # No earlier than the next event (on an idle machine exactly the next one).
-    assert min(responses) > requests[-1], delivered
+    # No earlier than the event after the request's last write (on an idle machine exactly the
+    # next one).
+    assert min(responses) > max(requests), delivered
