@@ -28,11 +28,13 @@ def _holder(cluster: PrivateCluster) -> tuple[int, datetime] | None:
 
 
 def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs: a killed worker its parent has not reaped yet (a zombie, state
+    ``Z``, which ``kill(pid, 0)`` still finds) is dead."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
         return False
-    return True
+    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
 
 
 def test_a_worker_killed_holding_the_evaluator_lease_is_taken_over(
