@@ -75,7 +75,11 @@ def test_a_read_begun_before_an_invalidation_is_not_shared_after_it(fleet: Fleet
 
     first, joined, after = fleet.client.portal.call(scenario)  # type: ignore[union-attr]
     assert len(reads) == 2
-    assert reads[0] + 1 == reads[1]
+    # The second read began in a later generation: later by one on an idle machine, by more when
+    # another invalidation came in between (on PostgreSQL the listener drops the cache when it
+    # starts listening and on each notification, those of this process's own earlier commits
+    # included, which a busy host delivers late).
+    assert reads[0] < reads[1]
     assert first == joined
     assert after == 2
 
